@@ -1,0 +1,91 @@
+"""rlmflow: Recursive Language Models on asyncio.
+
+A root model writes Python over a long ``context`` held in a sandbox; sub-LLM calls fan out
+through one Dispatcher under rate and budget control.
+
+    async with RLM(root="local:qwen2.5-coder-0.5b") as rlm:
+        result = await rlm.run(document, "Who wrote the letter?")
+"""
+
+from ._exceptions import (
+    BatchError,
+    BudgetExceededError,
+    ConfigurationError,
+    ContextError,
+    ContextOverflowError,
+    FatalModelError,
+    ModelError,
+    ModelNotReadyError,
+    NoAnswerError,
+    QuotaExhaustedError,
+    RLMError,
+    SandboxCrashedError,
+    SandboxError,
+    SandboxProtocolError,
+    ThrottledError,
+    TransientModelError,
+    UnknownModelError,
+)
+from .context import load_context_files, validate_context
+from .dispatch.budget import Budget, BudgetLedger, Spend
+from .dispatch.dispatcher import CallRecord, Dispatcher
+from .dispatch.limits import Limits, Priority
+from .dispatch.pricing import Price, Pricing
+from .engine import RLM, RLMResult, RunProgress, Turn
+from .models.base import LanguageModel, Message, ModelRequest, ModelResponse, Usage
+from .models.local import LocalModel
+from .models.openai import OpenAIModel
+from .models.scripted import ScriptedModel
+from .sandbox.base import CellResult, Sandbox, SandboxSession
+from .sandbox.local import LocalSandbox
+from .sync import run_sync
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RLM",
+    "BatchError",
+    "Budget",
+    "BudgetExceededError",
+    "BudgetLedger",
+    "CallRecord",
+    "CellResult",
+    "ConfigurationError",
+    "ContextError",
+    "ContextOverflowError",
+    "Dispatcher",
+    "FatalModelError",
+    "LanguageModel",
+    "Limits",
+    "LocalModel",
+    "LocalSandbox",
+    "Message",
+    "ModelError",
+    "ModelNotReadyError",
+    "ModelRequest",
+    "ModelResponse",
+    "NoAnswerError",
+    "OpenAIModel",
+    "Price",
+    "Pricing",
+    "Priority",
+    "QuotaExhaustedError",
+    "RLMError",
+    "RLMResult",
+    "RunProgress",
+    "Sandbox",
+    "SandboxCrashedError",
+    "SandboxError",
+    "SandboxProtocolError",
+    "SandboxSession",
+    "ScriptedModel",
+    "Spend",
+    "ThrottledError",
+    "TransientModelError",
+    "Turn",
+    "UnknownModelError",
+    "Usage",
+    "load_context_files",
+    "run_sync",
+    "validate_context",
+]

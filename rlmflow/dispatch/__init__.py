@@ -1,0 +1,1 @@
+"""The fan-out engine: lanes, limits, budgets and pricing for every model call."""

@@ -1,0 +1,186 @@
+"""Budgets and the hierarchical ledger that enforces them before money is spent.
+
+A call reserves its worst case (one call, the input estimate, ``max_tokens`` of output) before
+it is sent, and settles to its real usage afterwards; a failed or cancelled call releases its
+reservation. Because the check and the reservation happen together, concurrent calls can never
+spend past a cap. A child ledger (``rlm_query``) has its own caps and forwards every reservation
+to its parent, so a child can never spend what its parent does not have, and whatever it does
+not use stays with the parent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+
+from .._exceptions import BudgetExceededError
+from ..models.base import Usage
+
+__all__ = ["Budget", "BudgetLedger", "Reservation", "Spend"]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Caps of one run; ``None`` means unlimited.
+
+    ``deadline`` is in seconds from the start of the run; ``max_depth`` is the deepest
+    ``rlm_query`` nesting (0: no children); ``max_turns`` caps root turns (it overrides
+    ``RLM(max_turns=...)`` when smaller).
+    """
+
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_calls: int | None = None
+    deadline: float | None = None
+    max_depth: int | None = None
+    max_turns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """Quantities tracked by a ledger."""
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def __add__(self, other: Spend) -> Spend:
+        return Spend(
+            self.calls + other.calls,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cost_usd + other.cost_usd,
+        )
+
+    def __sub__(self, other: Spend) -> Spend:
+        return Spend(
+            self.calls - other.calls,
+            self.input_tokens - other.input_tokens,
+            self.output_tokens - other.output_tokens,
+            self.cost_usd - other.cost_usd,
+        )
+
+
+_CAPS = (
+    ("calls", "max_calls"),
+    ("input_tokens", "max_input_tokens"),
+    ("output_tokens", "max_output_tokens"),
+    ("cost_usd", "max_cost_usd"),
+)
+
+
+class Reservation:
+    """A worst-case hold on a ledger (and its ancestors); settle or release it exactly once."""
+
+    __slots__ = ("_done", "amount", "ledger")
+
+    def __init__(self, ledger: BudgetLedger, amount: Spend) -> None:
+        self.ledger = ledger
+        self.amount = amount
+        self._done = False
+
+    def settle(self, usage: Usage, cost_usd: float = 0.0) -> None:
+        """Replace the hold by the real spend of the call."""
+        if self._done:
+            return
+        self._done = True
+        actual = Spend(usage.calls or 1, usage.input_tokens, usage.output_tokens, cost_usd)
+        self.ledger._settle(self.amount, actual)
+
+    def release(self) -> None:
+        """Drop the hold: nothing was spent (the call failed before the provider charged it)."""
+        if self._done:
+            return
+        self._done = True
+        self.ledger._settle(self.amount, Spend())
+
+
+class BudgetLedger:
+    """Tracks spent and reserved quantities against a :class:`Budget`."""
+
+    def __init__(self, budget: Budget | None = None, *, parent: BudgetLedger | None = None) -> None:
+        self.budget = budget or Budget()
+        self.parent = parent
+        self.spent = Spend()
+        self.reserved = Spend()
+
+    def child(self, allotment: Budget | None = None) -> BudgetLedger:
+        """A ledger for a child run that draws from this one."""
+        return BudgetLedger(allotment, parent=self)
+
+    def _chain(self) -> list[BudgetLedger]:
+        chain: list[BudgetLedger] = []
+        ledger: BudgetLedger | None = self
+        while ledger is not None:
+            chain.append(ledger)
+            ledger = ledger.parent
+        return chain
+
+    def _shortfall(self, amount: Spend) -> tuple[str, str] | None:
+        """The first cap that ``amount`` would cross, as (quantity, message); None if it fits."""
+        for ledger in self._chain():
+            committed = ledger.spent + ledger.reserved + amount
+            for quantity, cap_name in _CAPS:
+                cap = getattr(ledger.budget, cap_name)
+                if cap is not None and getattr(committed, quantity) > cap:
+                    used = getattr(ledger.spent + ledger.reserved, quantity)
+                    return cap_name, f"{cap_name}={cap} (already used or reserved: {used:g})"
+        return None
+
+    def fits(self, amount: Spend) -> bool:
+        return self._shortfall(amount) is None
+
+    def reserve(self, amount: Spend) -> Reservation:
+        """Hold ``amount`` or raise :class:`BudgetExceededError` without holding anything."""
+        return self.reserve_many([amount])[0]
+
+    def reserve_many(self, amounts: Sequence[Spend]) -> list[Reservation]:
+        """All or nothing: hold every amount, or raise saying how many would have fit."""
+        total = Spend()
+        for amount in amounts:
+            total = total + amount
+        problem = self._shortfall(total)
+        if problem is not None:
+            fitting, running = 0, Spend()
+            for amount in amounts:
+                if not self.fits(running + amount):
+                    break
+                running = running + amount
+                fitting += 1
+            cap_name, detail = problem
+            if len(amounts) > 1:
+                message = (
+                    f"budget: only {fitting} of these {len(amounts)} calls fit under {detail}. "
+                    "Nothing was sent. Aggregate more text per call, send fewer calls, or check budget()."
+                )
+            else:
+                message = f"budget: this call does not fit under {detail}. Nothing was sent."
+            raise BudgetExceededError(message, limit=cap_name, spent=asdict(self.spent))
+        for ledger in self._chain():
+            ledger.reserved = ledger.reserved + total
+        return [Reservation(self, amount) for amount in amounts]
+
+    def _settle(self, held: Spend, actual: Spend) -> None:
+        for ledger in self._chain():
+            ledger.reserved = ledger.reserved - held
+            ledger.spent = ledger.spent + actual
+
+    def remaining(self) -> dict[str, float | None]:
+        """What may still be spent on each capped quantity, counting this ledger's ancestors."""
+        result: dict[str, float | None] = {}
+        for quantity, cap_name in _CAPS:
+            left: float | None = None
+            for ledger in self._chain():
+                cap = getattr(ledger.budget, cap_name)
+                if cap is None:
+                    continue
+                committed = getattr(ledger.spent + ledger.reserved, quantity)
+                left = cap - committed if left is None else min(left, cap - committed)
+            result[quantity] = left
+        return result
+
+    def __repr__(self) -> str:
+        caps = {f.name: getattr(self.budget, f.name) for f in fields(self.budget) if getattr(self.budget, f.name)}
+        return f"BudgetLedger(spent={self.spent}, reserved={self.reserved}, caps={caps})"

@@ -1,0 +1,66 @@
+"""Cost of a call in USD, from the offline ``genai-prices`` tables with user overrides.
+
+A price is ``None`` when it is unknown: an unknown price is reported as unknown, never as zero.
+Local models cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..models.base import Usage
+
+__all__ = ["Price", "Pricing"]
+
+# rlmflow provider names -> genai-prices provider ids
+_PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "aws.bedrock": "aws"}
+_FREE_PROVIDERS = {"llama.cpp", "scripted"}
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million input and output tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def cost(self, usage: Usage) -> float:
+        return (usage.input_tokens * self.input_per_mtok + usage.output_tokens * self.output_per_mtok) / 1e6
+
+
+class Pricing:
+    """Looks up prices: ``overrides`` (by model name) first, then genai-prices.
+
+    ``Pricing(overrides={"my-vllm-model": Price(0.1, 0.2)})`` prices a self-hosted model.
+    """
+
+    def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
+        self._overrides = dict(overrides or {})
+        self._unknown: set[tuple[str, str]] = set()
+
+    def cost(self, provider: str, model: str, usage: Usage) -> float | None:
+        """The cost of ``usage`` on ``model``, or ``None`` if no price is known."""
+        override = self._overrides.get(model)
+        if override is not None:
+            return override.cost(usage)
+        if provider in _FREE_PROVIDERS:
+            return 0.0
+        if (provider, model) in self._unknown:
+            return None
+        try:
+            from genai_prices import Usage as PriceUsage
+            from genai_prices import calc_price
+        except ImportError:  # pragma: no cover - genai-prices is optional
+            self._unknown.add((provider, model))
+            return None
+        try:
+            calculation = calc_price(
+                PriceUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
+                model_ref=model,
+                provider_id=_PROVIDER_IDS.get(provider, provider),
+            )
+        except LookupError:
+            self._unknown.add((provider, model))
+            return None
+        return float(calculation.total_price)

@@ -1,0 +1,542 @@
+"""The root loop: turns of root-model code run in a sandbox until ``FINAL``.
+
+One :class:`RLM` holds configuration and shared resources (models, dispatcher); each ``run``
+is an independent :class:`_Run` with its own sandbox session, ledger and transcript. A child
+run (``rlm_query``) is a ``_Run`` one level deeper that draws on its parent's ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from opentelemetry import trace
+from opentelemetry.context import Context as OtelContext
+
+from . import prompts
+from ._exceptions import BatchError, BudgetExceededError, ConfigurationError, NoAnswerError, RLMError
+from ._util import single_exception
+from .context import validate_context
+from .dispatch.budget import Budget, BudgetLedger, Spend
+from .dispatch.dispatcher import CallRecord, Dispatcher
+from .dispatch.limits import Priority
+from .models.base import LanguageModel, Message, ModelRequest, Usage
+from .models.registry import DEFAULT_MODEL, ModelRegistry
+from .sandbox.base import CellResult, Context, Sandbox
+from .sandbox.local import LocalSandbox
+from .telemetry import attributes as attr
+
+__all__ = ["RLM", "RLMResult", "RunProgress", "Turn"]
+
+_logger = logging.getLogger("rlmflow")
+
+
+@dataclass
+class Turn:
+    """One root turn: the model's reply and what its code printed."""
+
+    index: int
+    reply: str
+    code: list[str]
+    feedback: str
+    duration: float
+    cells: list[CellResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RLMResult:
+    """The outcome of a run.
+
+    ``usage`` is per model name; ``cost_usd`` is ``None`` if any call's price is unknown;
+    ``calls`` lists every model call (root and sub, all depths) in completion order.
+    """
+
+    answer: str
+    turns: int
+    usage: dict[str, Usage]
+    cost_usd: float | None
+    duration: float
+    trace_id: str | None
+    run_id: str
+    calls: list[CallRecord]
+    transcript: list[Turn]
+    spent: Spend
+    budget: Budget
+
+    @property
+    def total_usage(self) -> Usage:
+        total = Usage()
+        for usage in self.usage.values():
+            total = total + usage
+        return total
+
+
+@dataclass
+class RunProgress:
+    """Live counters of a run, for progress displays; updated by the engine, read by anyone."""
+
+    turn: int = 0
+    max_turns: int = 0
+    phase: str = "starting"
+    calls_done: int = 0
+    calls_failed: int = 0
+    calls_in_flight: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    sandbox_restarts: int = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _summarise_usage(calls: list[CallRecord]) -> tuple[dict[str, Usage], float | None]:
+    usage: dict[str, Usage] = {}
+    cost: float | None = 0.0
+    for call in calls:
+        usage[call.model] = usage.get(call.model, Usage()) + Usage(
+            call.input_tokens, call.output_tokens, 1 if call.error is None else 0
+        )
+        if call.error is None:
+            cost = None if cost is None or call.cost_usd is None else cost + call.cost_usd
+    return usage, cost
+
+
+class RLM:
+    """A Recursive Language Model: ``await RLM(...).run(context, query)``.
+
+    - ``root``: the model that writes code (a model string or a ``LanguageModel``);
+    - ``sub``: the model behind ``llm_query`` (default: the root model);
+    - ``sandbox``: where code runs (default :class:`LocalSandbox`);
+    - ``dispatcher``: share one between RLMs of a service so they share rate limits;
+    - ``budget``: caps on tokens, cost, calls, time, depth and turns (see :class:`Budget`);
+    - ``max_turns``: root turns before the run must answer; ``max_depth``: ``rlm_query``
+      nesting (0 makes ``rlm_query`` a plain ``llm_query``);
+    - ``root_max_tokens`` / ``sub_max_tokens``: generation caps per call;
+    - ``max_feedback_chars``: how much of a cell's output the root sees;
+    - ``history_chars``: the root's transcript is trimmed (oldest turns first) to this size.
+
+    Use as ``async with RLM(...) as rlm`` to close models created from strings.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | LanguageModel = DEFAULT_MODEL,
+        sub: str | LanguageModel | None = None,
+        sandbox: Sandbox | None = None,
+        dispatcher: Dispatcher | None = None,
+        budget: Budget | None = None,
+        max_turns: int = 12,
+        max_depth: int = 1,
+        root_max_tokens: int = 1024,
+        sub_max_tokens: int = 512,
+        max_feedback_chars: int = 4000,
+        history_chars: int = 24_000,
+        max_repeated_errors: int = 4,
+        system_prompt: str | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        if max_turns < 1:
+            raise ConfigurationError("max_turns must be at least 1")
+        if max_depth < 0:
+            raise ConfigurationError("max_depth must be >= 0")
+        self._registry = ModelRegistry()
+        self.root = self._registry.resolve(root)
+        self.sub = self._registry.resolve(sub) if sub is not None else self.root
+        self.sandbox: Sandbox = sandbox or LocalSandbox()
+        self.dispatcher = dispatcher or Dispatcher(tracer_provider=tracer_provider)
+        self.budget = budget or Budget()
+        self.max_turns = min(max_turns, self.budget.max_turns or max_turns)
+        self.max_depth = min(max_depth, self.budget.max_depth if self.budget.max_depth is not None else max_depth)
+        self.root_max_tokens = root_max_tokens
+        self.sub_max_tokens = sub_max_tokens
+        self.max_feedback_chars = max_feedback_chars
+        self.history_chars = history_chars
+        self.max_repeated_errors = max_repeated_errors
+        self.system_prompt = system_prompt or prompts.SYSTEM_PROMPT
+        self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
+
+    async def __aenter__(self) -> RLM:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the models this RLM created from model strings."""
+        await self._registry.aclose()
+
+    def resolve_model(self, model: str | LanguageModel) -> LanguageModel:
+        return self._registry.resolve(model)
+
+    async def run(self, context: Context, query: str, *, progress: RunProgress | None = None) -> RLMResult:
+        """Answer ``query`` over ``context``.
+
+        Raises :class:`ContextError` for an unusable context, :class:`NoAnswerError` when the
+        turns run out without ``FINAL``, :class:`BudgetExceededError` when the budget stops the
+        root, :class:`SandboxError` when no sandbox can run. Each of these carries the work
+        done so far on ``.partial`` (an :class:`RLMResult` with an empty answer).
+        """
+        context = validate_context(context)
+        if not isinstance(query, str) or not query.strip():
+            raise ConfigurationError("the query is empty: ask a question")
+        ledger = BudgetLedger(self.budget)
+        run = _Run(self, context, query, depth=0, ledger=ledger, progress=progress or RunProgress())
+        return await run.execute(parent=None)
+
+
+class _Run:
+    """The state of one run (root or child)."""
+
+    def __init__(
+        self,
+        rlm: RLM,
+        context: Context,
+        query: str,
+        *,
+        depth: int,
+        ledger: BudgetLedger,
+        progress: RunProgress,
+        calls: list[CallRecord] | None = None,
+    ) -> None:
+        self.rlm = rlm
+        self.context = context
+        self.query = query
+        self.depth = depth
+        self.ledger = ledger
+        self.progress = progress
+        self.calls: list[CallRecord] = calls if calls is not None else []
+        self.run_id = uuid.uuid4().hex[:16]
+        self.transcript: list[Turn] = []
+        self.cell_span_context: OtelContext | None = None
+        self.started = time.monotonic()
+        self.trace_id: str | None = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def record(self, call: CallRecord) -> None:
+        self.calls.append(call)
+        progress = self.progress
+        if call.error is None:
+            progress.calls_done += 1
+        else:
+            progress.calls_failed += 1
+        progress.input_tokens += call.input_tokens
+        progress.output_tokens += call.output_tokens
+        progress.cost_usd += call.cost_usd or 0.0
+
+    def result(self, answer: str) -> RLMResult:
+        usage, cost = _summarise_usage(self.calls)
+        return RLMResult(
+            answer=answer,
+            turns=len(self.transcript),
+            usage=usage,
+            cost_usd=cost,
+            duration=time.monotonic() - self.started,
+            trace_id=self.trace_id,
+            run_id=self.run_id,
+            calls=list(self.calls),
+            transcript=list(self.transcript),
+            spent=self.ledger.spent,
+            budget=self.ledger.budget,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def execute(self, parent: OtelContext | None) -> RLMResult:
+        rlm = self.rlm
+        text_for_hash = self.context if isinstance(self.context, str) else repr(self.context)
+        context_chars = (
+            len(self.context) if isinstance(self.context, str)
+            else sum(len(v) for v in (self.context.values() if isinstance(self.context, Mapping) else self.context))
+        )
+        with rlm._tracer.start_as_current_span(
+            attr.SPAN_RUN,
+            context=parent,
+            kind=trace.SpanKind.INTERNAL,
+            attributes={
+                attr.GEN_AI_OPERATION_NAME: attr.OPERATION_INVOKE_AGENT,
+                attr.GEN_AI_AGENT_NAME: "rlm",
+                attr.GEN_AI_REQUEST_MODEL: rlm.root.name,
+                attr.RLM_RUN_ID: self.run_id,
+                attr.RLM_DEPTH: self.depth,
+                attr.RLM_CONTEXT_CHARS: context_chars,
+                attr.RLM_CONTEXT_SHA256: hashlib.sha256(text_for_hash.encode("utf-8", "replace")).hexdigest(),
+            },
+        ) as span:
+            span_context = span.get_span_context()
+            if span_context.is_valid:
+                self.trace_id = format(span_context.trace_id, "032x")
+            deadline = self.ledger.budget.deadline
+            try:
+                with single_exception():
+                    if deadline is not None:
+                        with anyio.fail_after(deadline):
+                            return await self._loop()
+                    return await self._loop()
+            except TimeoutError:
+                error = BudgetExceededError(
+                    f"the run's deadline of {deadline:g} s passed; in-flight calls were cancelled",
+                    limit="deadline",
+                    spent={"seconds": time.monotonic() - self.started},
+                )
+                error.partial = self.result("")
+                raise error from None
+            except RLMError as exc:
+                if exc.partial is None:
+                    exc.partial = self.result("")
+                raise
+
+    async def _loop(self) -> RLMResult:
+        rlm = self.rlm
+        progress = self.progress
+        max_turns = rlm.max_turns
+        if self.depth == 0:
+            progress.max_turns = max_turns
+        messages: list[Message] = [
+            Message(
+                "system",
+                rlm.system_prompt.format(
+                    context_kind=prompts.context_kind(self.context),
+                    chunk_hint=4 * rlm.sub_max_tokens * 4,
+                    output_cap=rlm.max_feedback_chars,
+                ),
+            ),
+            Message(
+                "user",
+                f"{prompts.describe_context(self.context)}\n\nQuestion: {self.query}\n\n"
+                "Start by looking at `context` with code in a ```repl block.",
+            ),
+        ]
+        last_error: str | None = None
+        repeats = 0
+        async with rlm.sandbox.session(self.context, self._bridge) as session:
+            for turn_index in range(1, max_turns + 1):
+                if self.depth == 0:
+                    progress.turn = turn_index
+                if turn_index == max_turns:
+                    messages.append(Message("user", prompts.LAST_TURN))
+                turn_started = time.monotonic()
+                with rlm._tracer.start_as_current_span(
+                    attr.SPAN_TURN, attributes={attr.RLM_TURN: turn_index, attr.RLM_DEPTH: self.depth}
+                ):
+                    progress.phase = "root model thinking"
+                    response = await rlm.dispatcher.call(
+                        rlm.root,
+                        ModelRequest(messages=tuple(self._trimmed(messages)), max_tokens=rlm.root_max_tokens),
+                        ledger=self.ledger,
+                        priority=Priority.ROOT,
+                        depth=self.depth,
+                        record=self.record,
+                    )
+                    reply = response.text
+                    messages.append(Message("assistant", reply))
+                    blocks = prompts.extract_code_blocks(reply)
+                    if not blocks:
+                        self.transcript.append(
+                            Turn(turn_index, reply, [], prompts.NO_CODE_NUDGE, time.monotonic() - turn_started)
+                        )
+                        messages.append(Message("user", prompts.NO_CODE_NUDGE))
+                        continue
+                    feedback: list[str] = []
+                    cells: list[CellResult] = []
+                    answer: str | None = None
+                    progress.phase = "running code"
+                    for block in blocks:
+                        cell = await self._execute_cell(session, block)
+                        cells.append(cell)
+                        feedback.append(prompts.format_cell_feedback(cell, limit=rlm.max_feedback_chars))
+                        if cell.final is not None:
+                            answer = cell.final
+                            break
+                        if cell.error:
+                            break  # later blocks usually depend on this one
+                    text = "\n".join(feedback)
+                    self.transcript.append(
+                        Turn(turn_index, reply, blocks, text, time.monotonic() - turn_started, cells)
+                    )
+                    if answer is not None:
+                        progress.phase = "done"
+                        return self.result(answer)
+                    error_signature = next((c.error.strip().splitlines()[-1] for c in cells if c.error), None)
+                    if error_signature is not None and error_signature == last_error:
+                        repeats += 1
+                    else:
+                        repeats = 1 if error_signature else 0
+                    last_error = error_signature
+                    if repeats >= rlm.max_repeated_errors:
+                        raise NoAnswerError(
+                            f"stopped after the same error {repeats} times in a row: {error_signature}",
+                            partial=self.result(""),
+                        )
+                    if repeats >= 2:
+                        text += (
+                            f"\nThis is the same error as before ({repeats} times). Change your approach "
+                            "instead of repeating the code."
+                        )
+                    left = max_turns - turn_index
+                    messages.append(Message("user", f"{text}\n\n[{left} turn(s) left]"))
+        raise NoAnswerError(
+            f"no answer after {max_turns} turns: the root model never called FINAL",
+            partial=self.result(""),
+        )
+
+    def _trimmed(self, messages: list[Message]) -> list[Message]:
+        """System and first user message always; then the newest turns that fit the history size."""
+        head, rest = messages[:2], messages[2:]
+        budget = self.rlm.history_chars - sum(len(m.content) for m in head)
+        kept: list[Message] = []
+        for message in reversed(rest):
+            budget -= len(message.content)
+            if budget < 0 and len(kept) >= 2:
+                break
+            kept.append(message)
+        kept.reverse()
+        if len(kept) < len(rest):
+            if kept and kept[0].role == "user":  # keep assistant/user alternation after the note
+                kept = kept[1:]
+            omitted = len(rest) - len(kept)
+            note = Message("user", f"[{omitted} earlier messages omitted; variables in the sandbox are kept]")
+            return [*head, Message("assistant", "(earlier work)"), note, *kept]
+        return [*head, *kept]
+
+    async def _execute_cell(self, session: Any, code: str) -> CellResult:
+        with self.rlm._tracer.start_as_current_span(attr.SPAN_EXECUTE, attributes={attr.RLM_DEPTH: self.depth}) as span:
+            self.cell_span_context = trace.set_span_in_context(span)
+            try:
+                cell: CellResult = await session.execute(code)
+            finally:
+                self.cell_span_context = None
+            span.set_attribute(attr.RLM_CELL_DURATION_S, cell.duration)
+            span.set_attribute(attr.RLM_CELL_OUTPUT_CHARS, cell.output_chars)
+            span.set_attribute(attr.RLM_SANDBOX_RESTARTS, session.restarts)
+            if cell.error:
+                span.set_attribute(attr.ERROR_TYPE, cell.error.strip().splitlines()[-1].split(":")[0][:100])
+            self.progress.sandbox_restarts = max(self.progress.sandbox_restarts, session.restarts)
+            return cell
+
+    # -- the host functions sandbox code calls -------------------------------------------------
+    async def _bridge(self, fn: str, args: dict[str, Any]) -> Any:
+        if fn == "llm_query_many":
+            return await self._llm_query_many(
+                [str(p) for p in args.get("prompts") or []], args.get("model"), args.get("max_tokens")
+            )
+        if fn == "rlm_query_many":
+            return await self._rlm_query_many(list(args.get("items") or []))
+        if fn == "budget":
+            return self._budget_view()
+        raise RLMError(f"unknown host function {fn!r}")
+
+    async def _llm_query_many(self, prompts_: list[str], model: str | None, max_tokens: int | None) -> list[str]:
+        rlm = self.rlm
+        sub = rlm.resolve_model(model) if model else rlm.sub
+        limit = int(max_tokens) if max_tokens else rlm.sub_max_tokens
+        requests = [ModelRequest.from_prompt(p, max_tokens=limit) for p in prompts_]
+        with rlm._tracer.start_as_current_span(
+            attr.SPAN_BATCH,
+            context=self.cell_span_context,
+            attributes={attr.RLM_BATCH_SIZE: len(requests), attr.RLM_DEPTH: self.depth},
+        ) as span:
+            self.progress.calls_in_flight += len(requests)
+            try:
+                outcomes = await rlm.dispatcher.call_many(
+                    sub,
+                    requests,
+                    ledger=self.ledger,
+                    priority=Priority.SUB,
+                    depth=self.depth,
+                    record=self.record,
+                    parent=trace.set_span_in_context(span),
+                )
+            finally:
+                self.progress.calls_in_flight -= len(requests)
+            results: list[str | None] = []
+            errors: dict[int, RLMError] = {}
+            for index, outcome in enumerate(outcomes):
+                if isinstance(outcome, RLMError):
+                    errors[index] = outcome
+                    results.append(None)
+                else:
+                    results.append(outcome.text)
+            if errors:
+                span.set_attribute(attr.RLM_BATCH_FAILED, len(errors))
+                first = errors[min(errors)]
+                raise BatchError(
+                    f"{len(errors)} of {len(requests)} calls failed (first, item {min(errors)}: "
+                    f"{type(first).__name__}: {first.message}); the other results are in .results",
+                    results=results,
+                    errors=errors,
+                )
+            return [r or "" for r in results]
+
+    async def _rlm_query_many(self, items: list[dict[str, Any]]) -> list[str]:
+        rlm = self.rlm
+        if self.depth + 1 > rlm.max_depth:  # at the limit a child is a plain sub-call
+            prompts_ = []
+            for item in items:
+                child_context = item.get("context")
+                prompt = str(item.get("prompt", ""))
+                if isinstance(child_context, str) and child_context:
+                    prompt = f"{child_context}\n\n{prompt}"
+                prompts_.append(prompt)
+            return await self._llm_query_many(prompts_, None, None)
+        results: list[str | None] = [None] * len(items)
+        errors: dict[int, RLMError] = {}
+
+        async def child(index: int, item: dict[str, Any]) -> None:
+            raw_context = item.get("context")
+            try:
+                child_context = validate_context(raw_context) if raw_context is not None else self.context
+                child_run = _Run(
+                    rlm,
+                    child_context,
+                    str(item.get("prompt", "")),
+                    depth=self.depth + 1,
+                    ledger=self.ledger.child(),
+                    progress=self.progress,
+                    calls=self.calls,
+                )
+                outcome = await child_run.execute(parent=self.cell_span_context)
+                results[index] = outcome.answer
+            except RLMError as exc:
+                errors[index] = exc
+
+        with single_exception():
+            async with anyio.create_task_group() as tg:
+                for index, item in enumerate(items):
+                    tg.start_soon(child, index, item)
+        if errors:
+            raise BatchError(
+                f"{len(errors)} of {len(items)} child runs failed; the other answers are in .results",
+                results=results,
+                errors=errors,
+            )
+        return [r or "" for r in results]
+
+    def _budget_view(self) -> dict[str, Any]:
+        remaining = self.ledger.remaining()
+        deadline = self.ledger.budget.deadline
+        view: dict[str, Any] = {
+            "calls_left": remaining["calls"],
+            "input_tokens_left": remaining["input_tokens"],
+            "output_tokens_left": remaining["output_tokens"],
+            "cost_usd_left": remaining["cost_usd"],
+            "seconds_left": None if deadline is None else max(0.0, deadline - (time.monotonic() - self.started)),
+            "turns_left": self.rlm.max_turns - len(self.transcript) - 1,
+            "depth": self.depth,
+            "max_depth": self.rlm.max_depth,
+            "spent": {
+                "calls": self.ledger.spent.calls,
+                "input_tokens": self.ledger.spent.input_tokens,
+                "output_tokens": self.ledger.spent.output_tokens,
+                "cost_usd": round(self.ledger.spent.cost_usd, 6),
+            },
+        }
+        return view

@@ -1,0 +1,146 @@
+"""What the root model reads: the system prompt, the context's metadata, and cell feedback."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from .sandbox.base import CellResult, Context
+
+__all__ = [
+    "LAST_TURN",
+    "NO_CODE_NUDGE",
+    "SYSTEM_PROMPT",
+    "cap_text",
+    "describe_context",
+    "extract_code_blocks",
+    "format_cell_feedback",
+]
+
+SYSTEM_PROMPT = """\
+You answer a question about a document that is too long to read. The document is NOT shown to
+you. It is stored in the variable `context` inside a Python sandbox, and you work on it by writing
+Python code in a ```repl block. After each reply the code runs and you see what it printed.
+
+Available in the sandbox (variables persist between your replies):
+- `context`: the document ({context_kind}).
+- `llm_query(prompt) -> str`: ask a helper language model about a piece of text (about
+  {chunk_hint:,} characters at most per prompt).
+- `llm_query_many(prompts) -> list[str]`: ask many prompts at once, in parallel; answers come back
+  in the same order. Much faster than calling llm_query in a loop.
+- `rlm_query(prompt, context=None) -> str`: give a sub-task to a helper that works like you, with
+  its own sandbox (use it for big sub-documents).
+- `FINAL(answer)`: submit the final answer. Call it once you know the answer.
+- `budget() -> dict`: what calls, tokens, turns and time you have left.
+- `re`, `json`, `collections` and the rest of the standard library can be imported.
+
+How to work:
+1. Look first: print sizes, a few lines, or search with `re` for words from the question.
+2. Narrow down: slice the text around the matches, e.g. `context[i-1500:i+1500]`.
+3. Ask the helper about the slices with llm_query_many, keep the answers in variables, and
+   combine them in Python.
+4. Call FINAL(answer) with the answer. Do not guess: the answer must come from the document.
+
+Example:
+```repl
+import re
+hits = [m.start() for m in re.finditer(r"(?i)treasure", context)]
+print(len(hits), hits[:10])
+```
+Then, in a later reply:
+```repl
+snippets = [context[max(0, i - 1500): i + 1500] for i in hits[:8]]
+answers = llm_query_many([f"{{s}}\\n\\nQuestion: where is the treasure? Answer briefly, or say NONE." for s in snippets])
+print(answers)
+```
+And when the answer is clear:
+```repl
+FINAL(answers[0])
+```
+
+Write one ```repl block per reply, keep it short, and print what you need to see.
+Printed output is cut to {output_cap:,} characters, so print summaries, not whole texts.
+"""
+
+NO_CODE_NUDGE = (
+    "Your reply had no ```repl code block, so nothing ran. Write Python in a ```repl block to "
+    "inspect `context`, or call FINAL(answer) in a ```repl block if you know the answer."
+)
+
+LAST_TURN = (
+    "This is your last turn. Call FINAL(answer) now in a ```repl block with your best answer from "
+    "what you found (you may compute it from variables you already have)."
+)
+
+_FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code_blocks(reply: str) -> list[str]:
+    """All ```repl / ```python blocks of a reply, in order; an unclosed last block counts."""
+    return [block.strip("\n") for block in _FENCE.findall(reply) if block.strip()]
+
+
+def cap_text(text: str, limit: int, *, total: int | None = None) -> str:
+    """Head and tail of ``text`` within ``limit`` characters, saying how much was left out."""
+    total = len(text) if total is None else total
+    if len(text) <= limit and total <= len(text):
+        return text
+    half = max(1, limit // 2)
+    head, tail = text[:half], text[-half:] if len(text) > half else ""
+    omitted = max(0, total - len(head) - len(tail))
+    return f"{head}\n[... output cut: {omitted:,} of {total:,} characters not shown ...]\n{tail}"
+
+
+def _preview(text: str, limit: int = 240) -> str:
+    snippet = text[:limit].replace("\n", "\\n")
+    return snippet + ("..." if len(text) > limit else "")
+
+
+def describe_context(context: Context, *, max_documents: int = 20) -> str:
+    """Metadata of the context for the root model: type, sizes, names and a short preview."""
+    if isinstance(context, str):
+        lines = context.count("\n") + 1
+        return (
+            f"`context` is a str of {len(context):,} characters ({lines:,} lines).\n"
+            f"It begins: {_preview(context)}"
+        )
+    if isinstance(context, Mapping):
+        total = sum(len(v) for v in context.values())
+        rows = [f"  {name!r}: {len(text):,} characters" for name, text in list(context.items())[:max_documents]]
+        more = len(context) - len(rows)
+        first = next(iter(context.values()), "")
+        return (
+            f"`context` is a dict of {len(context)} named documents, {total:,} characters in all "
+            f"(context[name] is a str):\n" + "\n".join(rows) + (f"\n  ... and {more} more" if more > 0 else "")
+            + f"\nThe first begins: {_preview(first)}"
+        )
+    documents: Sequence[str] = context
+    total = sum(len(d) for d in documents)
+    rows = [f"  context[{i}]: {len(d):,} characters" for i, d in enumerate(documents[:max_documents])]
+    more = len(documents) - len(rows)
+    return (
+        f"`context` is a list of {len(documents)} documents, {total:,} characters in all:\n"
+        + "\n".join(rows) + (f"\n  ... and {more} more" if more > 0 else "")
+        + f"\ncontext[0] begins: {_preview(documents[0] if documents else '')}"
+    )
+
+
+def context_kind(context: Context) -> str:
+    if isinstance(context, str):
+        return "a str"
+    if isinstance(context, Mapping):
+        return "a dict of named str documents"
+    return "a list of str documents"
+
+
+def format_cell_feedback(result: CellResult, *, limit: int) -> str:
+    """What the root sees after a cell ran: output (capped), error and sandbox notes."""
+    parts: list[str] = []
+    if result.output:
+        parts.append(cap_text(result.output, limit, total=result.output_chars))
+    if result.error:
+        parts.append(cap_text(result.error.rstrip(), max(400, limit // 2)))
+    parts.extend(result.notes)
+    if not parts:
+        parts.append("(no output)")
+    return "\n".join(parts)

@@ -1,0 +1,158 @@
+"""Isolation layers the worker applies to itself before it reads the context.
+
+Standard library only (the worker loads this file by path). Each layer is probed and reported;
+a layer the kernel lacks is skipped and named in the report, never silently assumed:
+
+- ``rlimits``: address space, open files, file size, no core dumps. Always.
+- ``no_new_privs``: set-uid binaries cannot raise privileges. Linux.
+- ``landlock``: the filesystem becomes read-only except the scratch directory, and only the
+  Python installation, the context and a few device files are readable at all (so the worker
+  cannot read ``/proc/<host>/environ`` or the user's home); ``execve`` is denied; from ABI 4
+  TCP bind/connect are denied; from ABI 6 signals and abstract Unix sockets are scoped to the
+  sandbox. Linux >= 5.13, no privileges needed.
+
+The environment allowlist and ``python -I`` are applied by the host when it spawns the worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+from typing import Any
+
+_PR_SET_NO_NEW_PRIVS = 38
+_SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446  # same on x86_64 and arm64
+_RULE_PATH_BENEATH = 1
+_CREATE_RULESET_VERSION = 1
+
+_FS_EXECUTE = 1 << 0
+_FS_WRITE_FILE = 1 << 1
+_FS_READ_FILE = 1 << 2
+_FS_READ_DIR = 1 << 3
+_FS_ALL_V1 = (1 << 13) - 1
+_FS_REFER = 1 << 13  # ABI 2
+_FS_TRUNCATE = 1 << 14  # ABI 3
+_FS_IOCTL_DEV = 1 << 15  # ABI 5
+_FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
+_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
+
+_DEVICE_FILES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 when unavailable."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    version = int(libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION))
+    return max(version, 0)
+
+
+def _apply_rlimits(config: dict[str, Any]) -> list[str]:
+    import resource
+
+    applied = []
+    limits = {
+        "RLIMIT_AS": config.get("memory_bytes"),
+        "RLIMIT_NOFILE": config.get("max_open_files"),
+        "RLIMIT_FSIZE": config.get("max_file_bytes"),
+        "RLIMIT_CORE": 0,
+    }
+    for name, value in limits.items():
+        if value is None or not hasattr(resource, name):
+            continue
+        which = getattr(resource, name)
+        _, hard = resource.getrlimit(which)
+        value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
+        resource.setrlimit(which, (value, value))
+        applied.append(f"{name}={value}")
+    return applied
+
+
+def _landlock(read_paths: list[str], write_paths: list[str]) -> str | None:
+    abi = landlock_abi()
+    if abi < 1:
+        return None
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    handled_fs = _FS_ALL_V1
+    if abi >= 2:
+        handled_fs |= _FS_REFER
+    if abi >= 3:
+        handled_fs |= _FS_TRUNCATE
+    if abi >= 5:
+        handled_fs |= _FS_IOCTL_DEV
+    handled_net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
+    scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0
+    if abi >= 6:
+        attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)
+    elif abi >= 4:
+        attr = struct.pack("=QQ", handled_fs, handled_net)
+    else:
+        attr = struct.pack("=Q", handled_fs)
+    buffer = ctypes.create_string_buffer(attr, len(attr))
+    ruleset = int(libc.syscall(_SYS_CREATE_RULESET, buffer, ctypes.c_size_t(len(attr)), 0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    read_access = _FS_READ_FILE | _FS_READ_DIR
+    write_access = handled_fs & ~_FS_EXECUTE
+    try:
+        for paths, access in ((read_paths, read_access), (write_paths, write_access)):
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    continue  # a path that does not exist needs no rule
+                try:
+                    rule_access = access
+                    if not os.path.isdir(path):  # file rules may only carry file rights
+                        rule_access &= _FILE_RIGHTS
+                    rule = struct.pack("=Qi", rule_access, fd)
+                    rule_buffer = ctypes.create_string_buffer(rule, len(rule))
+                    if libc.syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, rule_buffer, 0) < 0:
+                        raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
+                finally:
+                    os.close(fd)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(NO_NEW_PRIVS) failed")
+        if libc.syscall(_SYS_RESTRICT_SELF, ruleset, 0) < 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    finally:
+        os.close(ruleset)
+    parts = [f"landlock(abi={abi}, fs"]
+    if handled_net:
+        parts.append("tcp-deny")
+    if scoped:
+        parts.append("signal+unix-scope")
+    return ", ".join(parts) + ")"
+
+
+def python_read_paths() -> list[str]:
+    """Directories the interpreter needs to import modules, plus shared libraries."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.update(p for p in sys.path if p and os.path.exists(p))
+    paths.update(("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo", "/etc/localtime"))
+    return sorted(paths)
+
+
+def harden(config: dict[str, Any]) -> list[str]:
+    """Apply the configured layers to this process; return a description of each applied layer.
+
+    Call from the main thread before any other thread starts (Landlock binds the calling thread
+    and the threads it creates afterwards).
+    """
+    applied = _apply_rlimits(config.get("rlimits") or {})
+    if config.get("landlock", True) and sys.platform.startswith("linux"):
+        read_paths = python_read_paths() + list(config.get("read_paths") or []) + list(_DEVICE_FILES)
+        write_paths = list(config.get("write_paths") or []) + ["/dev/null"]
+        described = _landlock(read_paths, write_paths)
+        applied.append(described or "landlock unavailable")
+    return applied

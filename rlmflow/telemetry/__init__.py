@@ -1,0 +1,1 @@
+"""Tracing and logging helpers. Attribute names live in :mod:`rlmflow.telemetry.attributes`."""
