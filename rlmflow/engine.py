@@ -225,7 +225,9 @@ class _Run:
     def record(self, call: CallRecord) -> None:
         self.calls.append(call)
         progress = self.progress
-        if call.error is None:
+        if call.role == "root":
+            pass
+        elif call.error is None:
             progress.calls_done += 1
         else:
             progress.calls_failed += 1
@@ -317,6 +319,7 @@ class _Run:
         ]
         last_error: str | None = None
         repeats = 0
+        previous_code: list[str] = []
         async with rlm.sandbox.session(self.context, self._bridge) as session:
             for turn_index in range(1, max_turns + 1):
                 if self.depth == 0:
@@ -349,6 +352,7 @@ class _Run:
                     cells: list[CellResult] = []
                     answer: str | None = None
                     progress.phase = "running code"
+                    calls_before = progress.calls_done
                     for block in blocks:
                         cell = await self._execute_cell(session, block)
                         cells.append(cell)
@@ -381,8 +385,14 @@ class _Run:
                             f"\nThis is the same error as before ({repeats} times). Change your approach "
                             "instead of repeating the code."
                         )
+                    if previous_code == blocks:
+                        text += "\n" + prompts.REPEAT_NUDGE
+                    previous_code = blocks
                     left = max_turns - turn_index
-                    messages.append(Message("user", f"{text}\n\n[{left} turn(s) left]"))
+                    asked_helper = self.progress.calls_done > calls_before and not any(c.error for c in cells)
+                    messages.append(
+                        Message("user", prompts.continue_message(text, self.query, left, asked_helper=asked_helper))
+                    )
         raise NoAnswerError(
             f"no answer after {max_turns} turns: the root model never called FINAL",
             partial=self.result(""),

@@ -10,8 +10,10 @@ from .sandbox.base import CellResult, Context
 __all__ = [
     "LAST_TURN",
     "NO_CODE_NUDGE",
+    "REPEAT_NUDGE",
     "SYSTEM_PROMPT",
     "cap_text",
+    "continue_message",
     "describe_context",
     "extract_code_blocks",
     "format_cell_feedback",
@@ -49,8 +51,8 @@ print(len(hits), hits[:10])
 ```
 Then, in a later reply:
 ```repl
-snippets = [context[max(0, i - 1500): i + 1500] for i in hits[:8]]
-answers = llm_query_many([f"{{s}}\\n\\nQuestion: where is the treasure? Answer briefly, or say NONE." for s in snippets])
+snippets = [context[max(0, i - 1000): i + 1000] for i in hits[:8]]
+answers = llm_query_many([f"{{s}}\\n\\nQuestion: Where is the treasure? Answer briefly." for s in snippets])
 print(answers)
 ```
 And when the answer is clear:
@@ -67,10 +69,43 @@ NO_CODE_NUDGE = (
     "inspect `context`, or call FINAL(answer) in a ```repl block if you know the answer."
 )
 
+REPEAT_NUDGE = (
+    "You ran exactly the same code as in your previous turn and got the same result. Do not repeat "
+    "it. If the output above answers the question, call FINAL(answer) now; otherwise try something else."
+)
+
 LAST_TURN = (
     "This is your last turn. Call FINAL(answer) now in a ```repl block with your best answer from "
     "what you found (you may compute it from variables you already have)."
 )
+
+CONTINUE = """\
+Output of your code:
+```text
+{output}
+```
+The question is still: {query}
+Next: {next_step} You have {left} turn(s) left."""
+
+_NEXT_SEARCH = (
+    "if you have positions of matches, slice the text around them and ask llm_query_many about "
+    "the slices; once the answer is clear, call FINAL(answer)."
+)
+_NEXT_AFTER_SUBCALLS = (
+    "the helper model answered above. If its answer answers the question, call FINAL with it now "
+    "(for example FINAL(answers[0])); if not, search differently."
+)
+
+
+def continue_message(output: str, query: str, turns_left: int, *, asked_helper: bool = False) -> str:
+    """The user message after a turn: the output, the question again, and the next step.
+
+    Small root models imitate the last thing they read, so the next step is spelled out, and it
+    changes once sub-calls have answered (otherwise they re-run the same query forever).
+    """
+    next_step = _NEXT_AFTER_SUBCALLS if asked_helper else _NEXT_SEARCH
+    return CONTINUE.format(output=output, query=query, left=turns_left, next_step=next_step)
+
 
 _FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
