@@ -89,8 +89,10 @@ class PrioritySlots:
         return False
 
     async def acquire(self, priority: int = Priority.SUB) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if self.acquire_nowait(priority):
-            await anyio.lowlevel.checkpoint()
+            # yield without being cancellable: a slot taken must reach the caller
+            await anyio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _Waiter()
         heapq.heappush(self._queue, (priority, next(self._seq), waiter))

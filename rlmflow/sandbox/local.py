@@ -344,9 +344,16 @@ class LocalSandboxSession:
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         unexpected = not incarnation.expected_exit
-        incarnation.kill()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await incarnation.process.wait()
+        # Let a dying worker exit on its own first: signalling a just-exited child makes Popen
+        # reap it behind asyncio's back, and its exit status is lost.
+        with anyio.CancelScope(shield=True):
+            if incarnation.failure is None:
+                with anyio.move_on_after(2):
+                    await incarnation.process.wait()
+            if incarnation.process.returncode is None:
+                incarnation.kill()
+                with anyio.move_on_after(5):
+                    await incarnation.process.wait()
         cell = self._cell
         if cell is not None and unexpected:
             reason = incarnation.failure or f"the worker {incarnation.describe_exit()}"

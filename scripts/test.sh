@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install everything, then run the linters and the whole test suite (the slow tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+.venv/bin/ruff check rlmflow tests benchmarks
+.venv/bin/mypy rlmflow
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests" >&2
+  exit 1
+fi
+exit "$status"
