@@ -121,7 +121,8 @@ def _print_summary(result: RLMResult, show_transcript: bool) -> None:
             print(turn.feedback, file=sys.stderr)
     print(result.answer)
     usage = ", ".join(
-        f"{model}: {u.calls} calls, {u.input_tokens:,} in / {u.output_tokens:,} out" for model, u in result.usage.items()
+        f"{model}: {u.calls} calls, {u.input_tokens:,} in / {u.output_tokens:,} out"
+        for model, u in result.usage.items()
     )
     cost = "unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
     print(f"[{result.turns} turns, {result.duration:.1f}s, cost {cost}; {usage}]", file=sys.stderr)

@@ -6,6 +6,7 @@ import pytest
 
 from rlmflow import (
     RLM,
+    Budget,
     BudgetExceededError,
     ConfigurationError,
     ContextError,
@@ -13,7 +14,6 @@ from rlmflow import (
     NoAnswerError,
     RLMResult,
     ScriptedModel,
-    Budget,
 )
 
 from .helpers import repl

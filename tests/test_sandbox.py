@@ -85,7 +85,9 @@ async def test_crash_leaves_host_alive_and_restarts(code: str, expected: str) ->
 async def test_host_environment_is_not_visible(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RLMFLOW_PLANTED_SECRET", "hunter2")
     async with LocalSandbox().session(CONTEXT, echo_bridge) as sandbox:
-        env = await sandbox.execute("import os\nprint(sorted(os.environ))\nprint(os.environ.get('RLMFLOW_PLANTED_SECRET'))")
+        env = await sandbox.execute(
+            "import os\nprint(sorted(os.environ))\nprint(os.environ.get('RLMFLOW_PLANTED_SECRET'))"
+        )
         proc = await sandbox.execute(
             "try:\n    print(open(f'/proc/{os.getppid()}/environ', 'rb').read().count(b'hunter2'))\n"
             "except OSError as e:\n    print('denied', type(e).__name__)"
@@ -122,7 +124,10 @@ async def test_isolation_denies_network_and_exec_where_landlock_is_available() -
     ],
 )
 async def test_malformed_frames_restart_the_worker(payload: bytes) -> None:
-    code = f"import socket, sys\ns = socket.socket(fileno=int(sys.argv[1]))\ns.sendall({payload!r})\nimport time\ntime.sleep(5)"
+    code = (
+        "import socket, sys, time\ns = socket.socket(fileno=int(sys.argv[1]))\n"
+        f"s.sendall({payload!r})\ntime.sleep(5)"
+    )
     async with LocalSandbox().session(CONTEXT, echo_bridge) as sandbox:
         bad = await sandbox.execute(code)
         after = await sandbox.execute("1 + 1")

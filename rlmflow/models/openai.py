@@ -90,7 +90,7 @@ class OpenAIModel:
         )
 
     def _translate(self, exc: openai.APIError) -> ModelError:
-        where = {"provider": self._provider, "model": self._model}
+        where: dict[str, Any] = {"provider": self._provider, "model": self._model}
         if isinstance(exc, openai.APITimeoutError):
             return TransientModelError(f"timeout: {exc}", **where)
         if isinstance(exc, openai.APIConnectionError):

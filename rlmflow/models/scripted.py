@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Union
 
 import anyio
 
 from .._exceptions import FatalModelError
 from .base import ModelRequest, ModelResponse, Usage, estimate_tokens
 
-ScriptReply = Union[str, ModelResponse, BaseException]
-ScriptFunction = Callable[[ModelRequest], Union[ScriptReply, Awaitable[ScriptReply]]]
+ScriptReply = str | ModelResponse | BaseException
+ScriptFunction = Callable[[ModelRequest], ScriptReply | Awaitable[ScriptReply]]
 
 
 class ScriptedModel:

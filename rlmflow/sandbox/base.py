@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
-Context = Union[str, Sequence[str], Mapping[str, str]]
+Context = str | Sequence[str] | Mapping[str, str]
 """A document, a list of documents, or named documents."""
 
 Bridge = Callable[[str, dict[str, Any]], Awaitable[Any]]

@@ -151,8 +151,8 @@ def harden(config: dict[str, Any]) -> list[str]:
     """
     applied = _apply_rlimits(config.get("rlimits") or {})
     if config.get("landlock", True) and sys.platform.startswith("linux"):
-        read_paths = python_read_paths() + list(config.get("read_paths") or []) + list(_DEVICE_FILES)
-        write_paths = list(config.get("write_paths") or []) + ["/dev/null"]
+        read_paths = [*python_read_paths(), *(config.get("read_paths") or []), *_DEVICE_FILES]
+        write_paths = [*(config.get("write_paths") or []), "/dev/null"]
         described = _landlock(read_paths, write_paths)
         applied.append(described or "landlock unavailable")
     return applied

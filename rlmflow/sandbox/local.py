@@ -32,8 +32,8 @@ import anyio.abc
 import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from .._util import single_exception
 from .._exceptions import BatchError, RLMError, SandboxCrashedError
+from .._util import single_exception
 from . import wire
 from .base import Bridge, CellResult, Context
 

@@ -28,8 +28,8 @@ import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import isolation  # noqa: E402  (sibling module, loaded by path)
-import wire  # noqa: E402
+import isolation
+import wire
 
 # ---------------------------------------------------------------- errors seen by model code
 
@@ -206,11 +206,12 @@ class Worker:
         def rlm_query_many(prompts: list[str], contexts: list[Any] | None = None) -> list[str]:
             """Run one child RLM per prompt, concurrently; answers in input order."""
             prompts = list(prompts)
-            items = [{"prompt": p, "context": c} for p, c in zip(prompts, contexts or [None] * len(prompts))]
+            contexts = list(contexts) if contexts is not None else [None] * len(prompts)
+            items = [{"prompt": p, "context": c} for p, c in zip(prompts, contexts, strict=True)]
             result: list[str] = worker.call_host("rlm_query_many", items=items)
             return result
 
-        def FINAL(value: Any) -> None:  # noqa: N802 - the name the paper and the model use
+        def FINAL(value: Any) -> None:
             """Submit the final answer of the run."""
             worker._final[:] = [value]
 
@@ -254,7 +255,8 @@ class Worker:
             tree = ast.parse(code, filename=filename)
             last_expr = None
             if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last_expr = ast.Expression(tree.body.pop().value)
+                last_expr = ast.Expression(tree.body[-1].value)
+                tree.body.pop()
             exec(compile(tree, filename, "exec"), self.namespace)
             if last_expr is not None:  # show the value of a trailing expression, like a REPL
                 value = eval(compile(last_expr, filename, "eval"), self.namespace)
