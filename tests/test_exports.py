@@ -22,3 +22,9 @@ def test_errors_survive_pickling_with_their_fields() -> None:
     assert clone.errors[1].retry_after == 2.0
     budget = pickle.loads(pickle.dumps(BudgetExceededError("over", limit="max_calls", spent={"calls": 3})))
     assert budget.limit == "max_calls" and budget.spent == {"calls": 3}
+
+
+def test_run_sync_answers_outside_an_event_loop() -> None:
+    root = rlmflow.ScriptedModel(["```repl\nFINAL(context.upper())\n```"])
+    result = rlmflow.run_sync("abc", "shout it", root=root)
+    assert result.answer == "ABC" and result.turns == 1
