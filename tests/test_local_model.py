@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from rlmflow import RLM, LocalModel, ModelRequest
@@ -16,9 +18,11 @@ DOCUMENT = Path(__file__).parents[1] / "examples" / "data" / "shakespeare_plays.
 
 
 @pytest.fixture(scope="module")
-def local_model() -> LocalModel:
+def local_model() -> Iterator[LocalModel]:
     pytest.importorskip("llama_cpp", reason="the 'local' extra is installed by scripts/install.sh")
-    return LocalModel("qwen2.5-coder-0.5b", context_window=4096)
+    model = LocalModel("qwen2.5-coder-0.5b", context_window=4096)
+    yield model
+    anyio.run(model.aclose)
 
 
 async def test_embedded_model_reads_chunks_found_by_search(local_model: LocalModel) -> None:
