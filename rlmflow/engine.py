@@ -25,6 +25,7 @@ from ._util import single_exception
 from .context import validate_context
 from .dispatch.budget import Budget, BudgetLedger, Spend
 from .dispatch.dispatcher import CallRecord, Dispatcher
+from .dispatch.lane import RunShare
 from .dispatch.limits import Priority
 from .models.base import LanguageModel, Message, ModelRequest, Usage
 from .models.registry import DEFAULT_MODEL, ModelRegistry
@@ -122,7 +123,10 @@ class RLM:
       nesting (0 makes ``rlm_query`` a plain ``llm_query``);
     - ``root_max_tokens`` / ``sub_max_tokens``: generation caps per call;
     - ``max_feedback_chars``: how much of a cell's output the root sees;
-    - ``history_chars``: the root's transcript is trimmed (oldest turns first) to this size.
+    - ``history_chars``: the root's transcript is trimmed (oldest turns first) to this size;
+    - ``run_weight`` / ``run_max_concurrency``: this RLM's runs' fair share of shared lanes and
+      their own cap on sub-calls in flight;
+    - ``dedup``: send identical sub-prompts of a run once and reuse the answer.
 
     Use as ``async with RLM(...) as rlm`` to close models created from strings.
     """
@@ -142,6 +146,9 @@ class RLM:
         max_feedback_chars: int = 4000,
         history_chars: int = 24_000,
         max_repeated_errors: int = 4,
+        run_weight: float = 1.0,
+        run_max_concurrency: int | None = None,
+        dedup: bool = True,
         system_prompt: str | None = None,
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
@@ -162,6 +169,9 @@ class RLM:
         self.max_feedback_chars = max_feedback_chars
         self.history_chars = history_chars
         self.max_repeated_errors = max_repeated_errors
+        self.run_weight = run_weight
+        self.run_max_concurrency = run_max_concurrency
+        self.dedup = dedup
         self.system_prompt = system_prompt or prompts.SYSTEM_PROMPT
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
 
@@ -190,7 +200,8 @@ class RLM:
         if not isinstance(query, str) or not query.strip():
             raise ConfigurationError("the query is empty: ask a question")
         ledger = BudgetLedger(self.budget)
-        run = _Run(self, context, query, depth=0, ledger=ledger, progress=progress or RunProgress())
+        share = RunShare(weight=self.run_weight, max_concurrency=self.run_max_concurrency)
+        run = _Run(self, context, query, depth=0, ledger=ledger, share=share, progress=progress or RunProgress())
         return await run.execute(parent=None)
 
 
@@ -205,6 +216,7 @@ class _Run:
         *,
         depth: int,
         ledger: BudgetLedger,
+        share: RunShare,
         progress: RunProgress,
         calls: list[CallRecord] | None = None,
     ) -> None:
@@ -213,7 +225,9 @@ class _Run:
         self.query = query
         self.depth = depth
         self.ledger = ledger
+        self.share = share
         self.progress = progress
+        self.answers: dict[tuple[str, str, int], str] = {}  # dedup: (lane, prompt, max_tokens) -> answer
         self.calls: list[CallRecord] = calls if calls is not None else []
         self.run_id = uuid.uuid4().hex[:16]
         self.transcript: list[Turn] = []
@@ -335,6 +349,7 @@ class _Run:
                         rlm.root,
                         ModelRequest(messages=tuple(self._trimmed(messages)), max_tokens=rlm.root_max_tokens),
                         ledger=self.ledger,
+                        share=self.share,
                         priority=Priority.ROOT,
                         depth=self.depth,
                         record=self.record,
@@ -448,11 +463,27 @@ class _Run:
         rlm = self.rlm
         sub = rlm.resolve_model(model) if model else rlm.sub
         limit = int(max_tokens) if max_tokens else rlm.sub_max_tokens
-        requests = [ModelRequest.from_prompt(p, max_tokens=limit) for p in prompts_]
+        lane_key = rlm.dispatcher.lane_key(sub)
+        # Dedup: each distinct prompt not answered before in this run is sent once.
+        keys = [(lane_key, p, limit) for p in prompts_]
+        to_send: list[tuple[str, str, int]] = []
+        if rlm.dedup:
+            seen: set[tuple[str, str, int]] = set()
+            for key in keys:
+                if key not in self.answers and key not in seen:
+                    seen.add(key)
+                    to_send.append(key)
+        else:
+            to_send = keys
+        requests = [ModelRequest.from_prompt(key[1], max_tokens=limit) for key in to_send]
         with rlm._tracer.start_as_current_span(
             attr.SPAN_BATCH,
             context=self.cell_span_context,
-            attributes={attr.RLM_BATCH_SIZE: len(requests), attr.RLM_DEPTH: self.depth},
+            attributes={
+                attr.RLM_BATCH_SIZE: len(prompts_),
+                attr.RLM_DEDUPLICATED: len(prompts_) - len(requests),
+                attr.RLM_DEPTH: self.depth,
+            },
         ) as span:
             self.progress.calls_in_flight += len(requests)
             try:
@@ -460,6 +491,7 @@ class _Run:
                     sub,
                     requests,
                     ledger=self.ledger,
+                    share=self.share,
                     priority=Priority.SUB,
                     depth=self.depth,
                     record=self.record,
@@ -467,19 +499,28 @@ class _Run:
                 )
             finally:
                 self.progress.calls_in_flight -= len(requests)
+            failures: dict[tuple[str, str, int], RLMError] = {}
+            fresh: dict[tuple[str, str, int], str] = {}
+            for key, outcome in zip(to_send, outcomes, strict=True):
+                if isinstance(outcome, RLMError):
+                    failures[key] = outcome
+                else:
+                    fresh[key] = outcome.text
+            if rlm.dedup:
+                self.answers.update(fresh)
             results: list[str | None] = []
             errors: dict[int, RLMError] = {}
-            for index, outcome in enumerate(outcomes):
-                if isinstance(outcome, RLMError):
-                    errors[index] = outcome
+            for index, key in enumerate(keys):
+                if key in failures:
+                    errors[index] = failures[key]
                     results.append(None)
                 else:
-                    results.append(outcome.text)
+                    results.append(fresh[key] if key in fresh else self.answers[key])
             if errors:
                 span.set_attribute(attr.RLM_BATCH_FAILED, len(errors))
                 first = errors[min(errors)]
                 raise BatchError(
-                    f"{len(errors)} of {len(requests)} calls failed (first, item {min(errors)}: "
+                    f"{len(errors)} of {len(prompts_)} calls failed (first, item {min(errors)}: "
                     f"{type(first).__name__}: {first.message}); the other results are in .results",
                     results=results,
                     errors=errors,
@@ -510,6 +551,7 @@ class _Run:
                     str(item.get("prompt", "")),
                     depth=self.depth + 1,
                     ledger=self.ledger.child(),
+                    share=self.share,
                     progress=self.progress,
                     calls=self.calls,
                 )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlmflow import Budget, BudgetExceededError, BudgetLedger, Spend, Usage
-from rlmflow.dispatch.limits import PrioritySlots
 
 spends = st.builds(
     Spend,
@@ -91,45 +89,3 @@ def test_reserve_many_is_all_or_nothing() -> None:
     holds[0].settle(Usage(1, 1, 1))
     assert ledger.spent.calls == 1 and child.spent.calls == 1
     assert ledger.remaining()["calls"] == 2 and child.remaining()["calls"] == 0
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    total=st.integers(1, 4),
-    jobs=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 3), st.booleans()), min_size=1, max_size=25),
-)
-def test_priority_slots_never_exceed_total_and_serve_root_first(total: int, jobs: list) -> None:
-    async def scenario() -> None:
-        slots = PrioritySlots(total)
-        holding = 0
-        peak = 0
-        order: list[int] = []
-        gate = anyio.Event()
-
-        async def job(priority: int, hold: int, cancel: bool) -> None:
-            nonlocal holding, peak
-            with anyio.move_on_after(0 if cancel else 10):
-                await slots.acquire(priority)
-                try:
-                    holding += 1
-                    peak = max(peak, holding)
-                    order.append(priority)
-                    await gate.wait()
-                    for _ in range(hold):
-                        await anyio.lowlevel.checkpoint()
-                finally:
-                    holding -= 1
-                    slots.release()
-
-        async with anyio.create_task_group() as tg:
-            for priority, hold, cancel in jobs:
-                tg.start_soon(job, priority, hold, cancel)
-            await anyio.wait_all_tasks_blocked()
-            gate.set()
-        assert peak <= total
-        assert slots.statistics().in_use == 0 and slots.statistics().waiting == 0
-        # after the first `total` grants, everyone waiting was served in priority order
-        queued = order[total:]
-        assert queued == sorted(queued)
-
-    anyio.run(scenario)

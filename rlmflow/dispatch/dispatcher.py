@@ -1,32 +1,45 @@
 """The Dispatcher: the single door every model call, root or sub, passes through.
 
-Per (provider, model) it keeps a lane with a priority-ordered pool of slots, so a root turn is
-served before any queued sub-call and a local model runs one call at a time. Every call reserves
-its worst case on the run's ledger before it is sent and settles afterwards, is traced as a
-``chat {model}`` span and is reported to the caller as a :class:`CallRecord`.
+For each call it: reserves the worst case on the run's budget ledger (refusing what cannot fit,
+before anything is sent); waits for admission on the model's :class:`Lane` (priority, fair share,
+adaptive concurrency, RPM/TPM windows, server pauses); sends; retries what is retryable with
+jittered backoff; feeds the outcome back to the lane; settles the ledger to the real usage; and
+records a ``chat {model}`` span and a :class:`CallRecord`. Cancellation at any point releases the
+reservation and the lane slot, and cancels the request in flight.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 
-from .._exceptions import ModelError, RLMError
+from .._exceptions import ConfigurationError, ModelError, RLMError, ThrottledError
 from .._util import single_exception
-from ..models.base import LanguageModel, ModelRequest, ModelResponse
+from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 from ..telemetry import attributes as attr
 from .budget import BudgetLedger, Reservation, Spend
-from .limits import Limits, Priority, PrioritySlots, SlotStatistics
+from .headers import pause_from_headers
+from .lane import Lane, LaneStatistics, RunShare
+from .limits import Limits, Priority
 from .pricing import Pricing
+from .retry import RetryPolicy
 
-__all__ = ["CallRecord", "Dispatcher", "LaneStatistics"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["DEFAULT_LIMITS", "CallRecord", "Dispatcher", "LaneStatistics", "RunShare"]
 
 _logger = logging.getLogger("rlmflow.dispatch")
 
@@ -34,7 +47,7 @@ _logger = logging.getLogger("rlmflow.dispatch")
 DEFAULT_LIMITS: dict[str, Limits] = {
     "llama.cpp": Limits(max_concurrency=1),
     "scripted": Limits(max_concurrency=64),
-    "openai": Limits(max_concurrency=16),
+    "openai": Limits(max_concurrency=32),
     "aws.bedrock": Limits(max_concurrency=16),
     "anthropic": Limits(max_concurrency=16),
 }
@@ -42,7 +55,7 @@ DEFAULT_LIMITS: dict[str, Limits] = {
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
-    """What one model call cost and how long it took; ``error`` names the exception type."""
+    """What one model call cost and how long it took; ``error`` names the final exception type."""
 
     model: str
     provider: str
@@ -53,82 +66,101 @@ class CallRecord:
     cost_usd: float | None
     queue_wait: float
     duration: float
+    attempts: int = 1
+    throttles: int = 0
     error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LaneStatistics:
-    key: str
-    limits: Limits
-    slots: SlotStatistics
-    completed: int
-    failed: int
-
-
-class _Lane:
-    def __init__(self, key: str, limits: Limits) -> None:
-        self.key = key
-        self.limits = limits
-        self.slots = PrioritySlots(limits.max_concurrency)
-        self.completed = 0
-        self.failed = 0
 
 
 Recorder = Callable[[CallRecord], None]
 
 
 class Dispatcher:
-    """Sends model calls under per-lane limits and a run's budget.
+    """Sends model calls under per-lane limits, a retry policy and each run's budget.
 
-    One Dispatcher per process (or per service) is the intent: every :class:`rlmflow.RLM`
-    sharing it shares its lanes. ``limits`` maps a lane key (``"provider:model"``) or a
-    provider name to :class:`Limits`; unlisted lanes use the provider defaults.
+    Share one Dispatcher between every :class:`rlmflow.RLM` of a process: they then share lanes,
+    so concurrent runs split the provider's limits fairly. ``limits`` maps a lane key
+    (``"provider:model"``) or a provider name to :class:`Limits`; other lanes use
+    :data:`DEFAULT_LIMITS`. Load an operator's policy file with :meth:`from_policy`.
     """
 
     def __init__(
         self,
         *,
         limits: Mapping[str, Limits] | None = None,
+        retry: RetryPolicy | None = None,
         pricing: Pricing | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._limits = dict(limits or {})
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[str, Lane] = {}
+        self.retry = retry or RetryPolicy()
         self.pricing = pricing or Pricing()
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
+        self._clock = clock or anyio.current_time
 
+    @classmethod
+    def from_policy(cls, path: str | Path, **kwargs: Any) -> Dispatcher:
+        """A Dispatcher configured from a TOML policy file (see ``docs/policies.md``).
+
+        ``[lanes."<provider>:<model>"]`` and ``[lanes.<provider>]`` tables hold :class:`Limits`
+        fields; ``[retry]`` holds :class:`RetryPolicy` fields. Unknown keys are errors.
+        """
+        try:
+            policy = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"cannot read the policy file {path}: {exc}") from exc
+        unknown = set(policy) - {"lanes", "retry"}
+        if unknown:
+            raise ConfigurationError(f"unknown sections in {path}: {sorted(unknown)}")
+        try:
+            limits = {key: Limits(**table) for key, table in (policy.get("lanes") or {}).items()}
+            retry = RetryPolicy(**policy["retry"]) if "retry" in policy else None
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"invalid policy in {path}: {exc}") from exc
+        return cls(limits=limits, retry=retry, **kwargs)
+
+    # -- lanes ------------------------------------------------------------------------------------
     def lane_key(self, model: LanguageModel) -> str:
         return f"{model.provider}:{model.name}"
 
-    def _lane(self, model: LanguageModel) -> _Lane:
+    def lane(self, model: LanguageModel) -> Lane:
+        """The lane of ``model``, created with its configured limits on first use."""
         key = self.lane_key(model)
         lane = self._lanes.get(key)
         if lane is None:
             limits = self._limits.get(key) or self._limits.get(model.provider) or DEFAULT_LIMITS.get(
                 model.provider, Limits()
             )
-            lane = self._lanes[key] = _Lane(key, limits)
+            lane = self._lanes[key] = Lane(key, limits, clock=self._clock)
         return lane
 
     def estimate(self, model: LanguageModel, request: ModelRequest) -> Spend:
-        """The worst case a request can spend: its input tokens plus ``max_tokens``."""
+        """The worst case a request can spend: its input tokens, ``max_tokens``, and their price."""
         input_tokens = sum(model.count_tokens(m.content) for m in request.messages)
-        return Spend(calls=1, input_tokens=input_tokens, output_tokens=request.max_tokens)
+        worst = Usage(input_tokens, request.max_tokens, 1)
+        cost = self.pricing.cost(model.provider, model.name, worst)
+        return Spend(calls=1, input_tokens=input_tokens, output_tokens=request.max_tokens, cost_usd=cost or 0.0)
 
+    # -- calls --------------------------------------------------------------------------------------
     async def call(
         self,
         model: LanguageModel,
         request: ModelRequest,
         *,
         ledger: BudgetLedger,
+        share: RunShare | None = None,
         priority: Priority = Priority.SUB,
         depth: int = 0,
         record: Recorder | None = None,
         parent: otel_context.Context | None = None,
     ) -> ModelResponse:
         """Send one request. Raises ``BudgetExceededError`` before sending if it cannot fit."""
-        (reservation,) = ledger.reserve_many([self.estimate(model, request)])
-        return await self._send(model, request, reservation, priority, depth, record, parent)
+        estimate = self.estimate(model, request)
+        (reservation,) = ledger.reserve_many([estimate])
+        return await self._send(
+            model, request, estimate, reservation, share or RunShare(), priority, depth, record, parent
+        )
 
     async def call_many(
         self,
@@ -136,24 +168,28 @@ class Dispatcher:
         requests: Sequence[ModelRequest],
         *,
         ledger: BudgetLedger,
+        share: RunShare | None = None,
         priority: Priority = Priority.SUB,
         depth: int = 0,
         record: Recorder | None = None,
         parent: otel_context.Context | None = None,
     ) -> list[ModelResponse | RLMError]:
-        """Send requests concurrently; results in input order, a failure in its own slot.
+        """Send requests concurrently; results in input order, a failure in its own place.
 
         The whole batch is reserved first: if it cannot fit, ``BudgetExceededError`` is raised
         and nothing is sent. Each item's failure is returned in place, after every other item
         has finished.
         """
-        reservations = ledger.reserve_many([self.estimate(model, r) for r in requests])
+        share = share or RunShare()
+        estimates = [self.estimate(model, r) for r in requests]
+        reservations = ledger.reserve_many(estimates)
         outcomes: list[ModelResponse | RLMError | None] = [None] * len(requests)
 
         async def one(index: int) -> None:
             try:
                 outcomes[index] = await self._send(
-                    model, requests[index], reservations[index], priority, depth, record, parent
+                    model, requests[index], estimates[index], reservations[index], share, priority, depth,
+                    record, parent,
                 )
             except RLMError as exc:
                 outcomes[index] = exc
@@ -172,15 +208,21 @@ class Dispatcher:
         self,
         model: LanguageModel,
         request: ModelRequest,
+        estimate: Spend,
         reservation: Reservation,
+        share: RunShare,
         priority: Priority,
         depth: int,
         record: Recorder | None,
         parent: otel_context.Context | None,
     ) -> ModelResponse:
-        lane = self._lane(model)
+        lane = self.lane(model)
         role = "root" if priority == Priority.ROOT else "sub"
-        queued = time.perf_counter()
+        weight = lane.limits.output_weight
+        window_tokens = estimate.input_tokens + request.max_tokens * weight
+        first_queued = self._clock()
+        attempts = throttles = 0
+        queue_wait = 0.0
         with self._tracer.start_as_current_span(
             attr.chat_span_name(model.name),
             context=parent,
@@ -198,60 +240,101 @@ class Dispatcher:
             set_status_on_exception=False,
         ) as span:
             try:
-                await lane.slots.acquire(priority)
-            except BaseException:
-                reservation.release()
-                raise
-            started = time.perf_counter()
-            span.set_attribute(attr.RLM_QUEUE_WAIT_S, started - queued)
-            try:
-                response = await model.request(request)
+                while True:
+                    attempts += 1
+                    ticket = await lane.acquire(priority=priority, share=share, tokens=window_tokens)
+                    queue_wait += ticket.admitted_at - ticket.queued_at
+                    started = time.perf_counter()
+                    try:
+                        response = await model.request(request)
+                    except RLMError as exc:
+                        throttled = isinstance(exc, ThrottledError)
+                        throttles += throttled
+                        retry_after = getattr(exc, "retry_after", None) or 0.0
+                        lane.release(ticket, outcome="throttled" if throttled else "error", pause=retry_after)
+                        delay = self.retry.delay(attempts, exc)
+                        elapsed = self._clock() - first_queued
+                        if (
+                            not self.retry.retryable(exc)
+                            or attempts >= self.retry.max_attempts
+                            or elapsed + delay > self.retry.deadline
+                        ):
+                            raise
+                        lane.retries += 1
+                        span.add_event(
+                            "retry",
+                            {"attempt": attempts, attr.ERROR_TYPE: type(exc).__name__, "delay_s": delay},
+                        )
+                        await anyio.sleep(delay)
+                        continue
+                    except Exception as exc:  # an SDK error a model failed to translate
+                        lane.release(ticket, outcome="error")
+                        raise ModelError(
+                            f"{model.provider}:{model.name} failed: {type(exc).__name__}: {exc}",
+                            provider=model.provider,
+                            model=model.name,
+                        ) from exc
+                    except BaseException:  # cancelled in flight
+                        lane.release(ticket, outcome="cancelled")
+                        raise
+                    usage = response.usage
+                    lane.release(
+                        ticket,
+                        outcome="success",
+                        tokens_used=usage.input_tokens + usage.output_tokens * weight,
+                        pause=pause_from_headers(response.headers) if response.headers else 0.0,
+                    )
+                    break
             except BaseException as exc:
-                lane.slots.release()
                 reservation.release()
-                lane.failed += 1
-                span.set_attribute(attr.ERROR_TYPE, type(exc).__name__)
-                span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+                self._finish_failed(span, exc, attempts, throttles, queue_wait)
                 if record is not None and isinstance(exc, Exception):
                     record(
                         CallRecord(
-                            model.name, model.provider, role, depth, 0, 0, 0.0,
-                            started - queued, time.perf_counter() - started, type(exc).__name__,
+                            model.name, model.provider, role, depth, 0, 0, 0.0, queue_wait,
+                            self._clock() - first_queued, attempts, throttles, type(exc).__name__,
                         )
                     )
-                if isinstance(exc, Exception) and not isinstance(exc, RLMError):
-                    raise ModelError(
-                        f"{model.provider}:{model.name} failed: {type(exc).__name__}: {exc}",
-                        provider=model.provider,
-                        model=model.name,
-                    ) from exc
                 raise
-            lane.slots.release()
-            lane.completed += 1
-            cost = self.pricing.cost(model.provider, model.name, response.usage)
-            reservation.settle(response.usage, cost or 0.0)
-            span.set_attribute(attr.GEN_AI_RESPONSE_MODEL, response.model)
-            span.set_attribute(attr.GEN_AI_USAGE_INPUT_TOKENS, response.usage.input_tokens)
-            span.set_attribute(attr.GEN_AI_USAGE_OUTPUT_TOKENS, response.usage.output_tokens)
-            if response.finish_reason:
-                span.set_attribute(attr.GEN_AI_RESPONSE_FINISH_REASONS, (response.finish_reason,))
-            if cost is not None:
-                span.set_attribute(attr.RLM_COST_USD, cost)
+            duration = time.perf_counter() - started
+            cost = self.pricing.cost(model.provider, model.name, usage)
+            reservation.settle(usage, cost or 0.0)
+            self._finish_ok(span, response, cost, attempts, throttles, queue_wait)
             if record is not None:
                 record(
                     CallRecord(
-                        model.name, model.provider, role, depth,
-                        response.usage.input_tokens, response.usage.output_tokens, cost,
-                        started - queued, time.perf_counter() - started,
+                        model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens,
+                        cost, queue_wait, duration, attempts, throttles,
                     )
                 )
             return response
 
+    @staticmethod
+    def _finish_ok(
+        span: Span, response: ModelResponse, cost: float | None, attempts: int, throttles: int, queue_wait: float
+    ) -> None:
+        span.set_attribute(attr.GEN_AI_RESPONSE_MODEL, response.model)
+        span.set_attribute(attr.GEN_AI_USAGE_INPUT_TOKENS, response.usage.input_tokens)
+        span.set_attribute(attr.GEN_AI_USAGE_OUTPUT_TOKENS, response.usage.output_tokens)
+        if response.finish_reason:
+            span.set_attribute(attr.GEN_AI_RESPONSE_FINISH_REASONS, (response.finish_reason,))
+        if cost is not None:
+            span.set_attribute(attr.RLM_COST_USD, cost)
+        span.set_attribute(attr.RLM_ATTEMPTS, attempts)
+        span.set_attribute(attr.RLM_THROTTLES, throttles)
+        span.set_attribute(attr.RLM_QUEUE_WAIT_S, queue_wait)
+
+    @staticmethod
+    def _finish_failed(span: Span, exc: BaseException, attempts: int, throttles: int, queue_wait: float) -> None:
+        span.set_attribute(attr.ERROR_TYPE, type(exc).__name__)
+        span.set_attribute(attr.RLM_ATTEMPTS, attempts)
+        span.set_attribute(attr.RLM_THROTTLES, throttles)
+        span.set_attribute(attr.RLM_QUEUE_WAIT_S, queue_wait)
+        span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+
     def statistics(self) -> list[LaneStatistics]:
-        return [
-            LaneStatistics(lane.key, lane.limits, lane.slots.statistics(), lane.completed, lane.failed)
-            for lane in self._lanes.values()
-        ]
+        """A snapshot of every lane."""
+        return [lane.statistics() for lane in self._lanes.values()]
 
     def __repr__(self) -> str:
-        return f"Dispatcher(lanes={[repr(lane.slots) for lane in self._lanes.values()]})"
+        return f"Dispatcher(lanes={list(self._lanes.values())!r})"

@@ -1,0 +1,251 @@
+"""A lane: the admission scheduler of one (provider, model).
+
+A call is admitted when all of these hold: a concurrency slot is free (the adaptive AIMD
+limit), the request and token windows have room (RPM, TPM), the lane is not paused by a
+``retry-after``, and the call is next in line. "Next in line" is decided in one place so that
+limits never reorder it: root turns first (in arrival order), then sub-calls of the run that has
+the fewest calls in flight for its weight (fair share between concurrent runs), each run's calls
+in arrival order and never more than its own cap in flight.
+
+The lane never sleeps on its own: the waiter at the head of the line holds the timer for the
+moment capacity frees; everyone else waits to be woken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.lowlevel
+
+from .concurrency import AIMDLimit, AIMDStatistics
+from .limits import Limits, Priority
+from .ratelimit import Admission, SlidingWindowLimiter
+
+__all__ = ["Lane", "LaneStatistics", "RunShare", "Ticket"]
+
+
+class RunShare:
+    """A run's claim on shared lanes: its fair-share ``weight`` and its own in-flight cap."""
+
+    def __init__(self, *, weight: float = 1.0, max_concurrency: int | None = None, name: str = "") -> None:
+        if weight <= 0:
+            raise ValueError("weight must be > 0")
+        self.weight = weight
+        self.max_concurrency = max_concurrency
+        self.name = name
+        self.in_flight = 0
+
+    def __repr__(self) -> str:
+        return f"RunShare({self.name!r}, weight={self.weight}, in_flight={self.in_flight})"
+
+
+class _Waiter:
+    __slots__ = ("event", "granted", "priority", "seq", "share", "tokens")
+
+    def __init__(self, priority: int, share: RunShare, tokens: float, seq: int) -> None:
+        self.priority = priority
+        self.share = share
+        self.tokens = tokens
+        self.seq = seq
+        self.event = anyio.Event()
+        self.granted: Ticket | None = None
+
+
+@dataclass
+class Ticket:
+    """An admitted call; hand it back to :meth:`Lane.release` exactly once."""
+
+    share: RunShare
+    requests: Admission | None
+    tokens: Admission | None
+    queued_at: float
+    admitted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStatistics:
+    key: str
+    limits: Limits
+    concurrency: AIMDStatistics
+    in_flight: int
+    waiting: int
+    requests_in_window: float
+    tokens_in_window: float
+    paused_for: float
+    completed: int
+    failed: int
+    throttled: int
+    retries: int
+
+
+class Lane:
+    """Admission control for one model. Created by the Dispatcher; one per lane key."""
+
+    def __init__(self, key: str, limits: Limits, *, clock: Callable[[], float] = anyio.current_time) -> None:
+        self.key = key
+        self.limits = limits
+        self._clock = clock
+        self.concurrency = AIMDLimit(limits.max_concurrency, initial=limits.initial_concurrency)
+        margin = limits.window * 0.01
+        self.requests = (
+            SlidingWindowLimiter(limits.rpm, window=limits.window, margin=margin, clock=clock) if limits.rpm else None
+        )
+        self.tokens = (
+            SlidingWindowLimiter(limits.tpm, window=limits.window, margin=margin, clock=clock) if limits.tpm else None
+        )
+        self.in_flight = 0
+        self._root: deque[_Waiter] = deque()
+        self._sub: dict[RunShare, deque[_Waiter]] = {}
+        self._seq = itertools.count()
+        self._paused_until = -math.inf
+        self._timer_owner: _Waiter | None = None
+        self._timer_delay = math.inf
+        self.completed = self.failed = self.throttled = self.retries = 0
+
+    # -- choosing who is next ---------------------------------------------------------------------
+    def _next(self) -> _Waiter | None:
+        if self._root:
+            return self._root[0]
+        best: _Waiter | None = None
+        best_key: tuple[float, int] = (math.inf, 0)
+        for share, queue in self._sub.items():
+            if not queue or (share.max_concurrency is not None and share.in_flight >= share.max_concurrency):
+                continue
+            key = (share.in_flight / share.weight, queue[0].seq)
+            if key < best_key:
+                best, best_key = queue[0], key
+        return best
+
+    def _pop(self, waiter: _Waiter) -> None:
+        if waiter.priority == Priority.ROOT:
+            self._root.popleft()
+        else:
+            queue = self._sub[waiter.share]
+            queue.popleft()
+            if not queue:
+                del self._sub[waiter.share]
+
+    def _dispatch(self) -> None:
+        """Admit as many waiters as the limits allow; arm the head waiter's timer if time blocks."""
+        self._timer_owner, self._timer_delay = None, math.inf
+        while self.in_flight < self.concurrency.limit:
+            waiter = self._next()
+            if waiter is None:
+                return
+            now = self._clock()
+            delay = max(0.0, self._paused_until - now)
+            if self.requests is not None:
+                delay = max(delay, self.requests.delay(1))
+            if self.tokens is not None:
+                delay = max(delay, self.tokens.delay(waiter.tokens))
+            if delay > 0:
+                self._timer_owner, self._timer_delay = waiter, delay
+                waiter.event.set()  # the head re-arms its wait with the timer
+                return
+            self._pop(waiter)
+            waiter.granted = Ticket(
+                share=waiter.share,
+                requests=self.requests.acquire_nowait(1) if self.requests else None,
+                tokens=self.tokens.acquire_nowait(waiter.tokens) if self.tokens else None,
+                queued_at=now,
+                admitted_at=now,
+            )
+            self.in_flight += 1
+            waiter.share.in_flight += 1
+            waiter.event.set()
+
+    def _remove(self, waiter: _Waiter) -> None:
+        queue = self._root if waiter.priority == Priority.ROOT else self._sub.get(waiter.share)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if queue is not self._root and not queue:
+                del self._sub[waiter.share]
+
+    # -- public -------------------------------------------------------------------------------------
+    async def acquire(self, *, priority: Priority, share: RunShare, tokens: float) -> Ticket:
+        """Wait until this call may be sent; cancellation leaves no trace in the lane."""
+        queued_at = self._clock()
+        waiter = _Waiter(priority, share, tokens, next(self._seq))
+        if priority == Priority.ROOT:
+            self._root.append(waiter)
+        else:
+            self._sub.setdefault(share, deque()).append(waiter)
+        try:
+            self._dispatch()
+            while waiter.granted is None:
+                delay = self._timer_delay if self._timer_owner is waiter else math.inf
+                if waiter.event.is_set():
+                    waiter.event = anyio.Event()
+                with anyio.move_on_after(delay):
+                    await waiter.event.wait()
+                if waiter.granted is None:
+                    self._dispatch()
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            if waiter.granted is not None:
+                self.release(waiter.granted, outcome="cancelled")
+            else:
+                self._remove(waiter)
+                self._dispatch()
+            raise
+        ticket = waiter.granted
+        ticket.queued_at = queued_at
+        return ticket
+
+    def release(
+        self,
+        ticket: Ticket,
+        *,
+        outcome: str,
+        tokens_used: float | None = None,
+        pause: float = 0.0,
+    ) -> None:
+        """Return a slot. ``outcome``: ``success``, ``throttled``, ``error`` or ``cancelled``.
+
+        ``tokens_used`` replaces the token estimate (weighted like the reservation); ``pause``
+        holds the lane for that many seconds (a ``retry-after`` or an exhausted-quota header).
+        """
+        self.in_flight -= 1
+        ticket.share.in_flight -= 1
+        if tokens_used is not None and self.tokens is not None and ticket.tokens is not None:
+            self.tokens.adjust(ticket.tokens, tokens_used)
+        if outcome == "success":
+            self.completed += 1
+            self.concurrency.on_success(self.in_flight + 1)
+        elif outcome == "throttled":
+            self.throttled += 1
+            self.concurrency.on_throttle()
+        elif outcome == "error":
+            self.failed += 1
+        if pause > 0:
+            self._paused_until = max(self._paused_until, self._clock() + pause)
+        self._dispatch()
+
+    def statistics(self) -> LaneStatistics:
+        waiting = len(self._root) + sum(len(q) for q in self._sub.values())
+        return LaneStatistics(
+            key=self.key,
+            limits=self.limits,
+            concurrency=self.concurrency.statistics(),
+            in_flight=self.in_flight,
+            waiting=waiting,
+            requests_in_window=self.requests.statistics().used if self.requests else 0.0,
+            tokens_in_window=self.tokens.statistics().used if self.tokens else 0.0,
+            paused_for=max(0.0, self._paused_until - self._clock()),
+            completed=self.completed,
+            failed=self.failed,
+            throttled=self.throttled,
+            retries=self.retries,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"Lane({self.key!r}, limit={s.concurrency.limit}/{s.concurrency.maximum}, in_flight={s.in_flight}, "
+            f"waiting={s.waiting}, rpm_used={s.requests_in_window:g}, tpm_used={s.tokens_in_window:g})"
+        )
