@@ -46,7 +46,7 @@ class RetryPolicy:
     def delay(self, attempt: int, error: RLMError | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         backoff = ExponentialBackoff(max_backoff=self.max_delay / self.base_delay, random=self._random.random)
-        wait = backoff.delay_amount(_Attempt(attempt)) * self.base_delay
+        wait = float(backoff.delay_amount(_Attempt(attempt))) * self.base_delay
         retry_after = getattr(error, "retry_after", None)
         if retry_after:
             wait = max(wait, float(retry_after))
