@@ -29,8 +29,10 @@ from ._exceptions import (
 from .context import load_context_files, validate_context
 from .dispatch.budget import Budget, BudgetLedger, Spend
 from .dispatch.dispatcher import CallRecord, Dispatcher
+from .dispatch.lane import LaneStatistics, RunShare
 from .dispatch.limits import Limits, Priority
 from .dispatch.pricing import Price, Pricing
+from .dispatch.retry import RetryPolicy
 from .engine import RLM, RLMResult, RunProgress, Turn
 from .models.base import LanguageModel, Message, ModelRequest, ModelResponse, Usage
 from .models.local import LocalModel
@@ -55,6 +57,7 @@ __all__ = [
     "ContextOverflowError",
     "Dispatcher",
     "FatalModelError",
+    "LaneStatistics",
     "LanguageModel",
     "Limits",
     "LocalModel",
@@ -72,7 +75,9 @@ __all__ = [
     "QuotaExhaustedError",
     "RLMError",
     "RLMResult",
+    "RetryPolicy",
     "RunProgress",
+    "RunShare",
     "Sandbox",
     "SandboxCrashedError",
     "SandboxError",

@@ -91,7 +91,9 @@ class Lane:
         self.limits = limits
         self._clock = clock
         self.concurrency = AIMDLimit(limits.max_concurrency, initial=limits.initial_concurrency)
-        margin = limits.window * 0.01
+        # Requests admitted together reach the provider spread over some tens of milliseconds; a
+        # slightly longer window keeps two of our windows from landing in one of the provider's.
+        margin = max(limits.window * 0.01, 0.25)
         self.requests = (
             SlidingWindowLimiter(limits.rpm, window=limits.window, margin=margin, clock=clock) if limits.rpm else None
         )

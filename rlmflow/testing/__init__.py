@@ -1,0 +1,6 @@
+"""Offline doubles for tests and benchmarks: scripted models and a fake provider server."""
+
+from ..models.scripted import ScriptedModel
+from .fake_openai import FakeOpenAIServer, FaultPlan
+
+__all__ = ["FakeOpenAIServer", "FaultPlan", "ScriptedModel"]

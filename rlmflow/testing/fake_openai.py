@@ -1,0 +1,276 @@
+"""A local server speaking the OpenAI chat-completions protocol, with limits and faults.
+
+For tests and benchmarks only; it binds to 127.0.0.1. It enforces RPM and TPM over a sliding
+window the way providers do: tokens are counted at admission as prompt estimate + ``max_tokens``
+and corrected to the real output when the call ends, as Bedrock does. Past the limits it answers
+429 with ``retry-after``; it injects faults at given rates and logs what it admitted, so tests
+can check limits from the provider's side.
+
+Answers are deterministic: ``answer:<first 12 hex of sha1(prompt)>``, so a test can tell
+whether every prompt got its own answer.
+
+    async with FakeOpenAIServer(latency=0.2, rpm=600) as server:
+        model = OpenAIModel("fake", base_url=server.base_url)
+
+Run standalone (for benchmarks in another process): ``python -m rlmflow.testing.fake_openai``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import random
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["Admitted", "FakeOpenAIServer", "FaultPlan", "answer_for"]
+
+
+def answer_for(prompt: str) -> str:
+    """The fake server's answer to ``prompt``."""
+    return "answer:" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Probabilities of each injected fault per request (drawn independently of limits)."""
+
+    throttle: float = 0.0  # a 429 although within limits
+    server_error: float = 0.0  # 500 or 503
+    reset: float = 0.0  # the connection is dropped without a response
+    timeout: float = 0.0  # the response is delayed past ``timeout_delay``
+    timeout_delay: float = 30.0
+    throttle_retry_after: float = 0.05
+
+    @property
+    def total(self) -> float:
+        return self.throttle + self.server_error + self.reset + self.timeout
+
+
+@dataclass
+class Admitted:
+    at: float
+    tokens: int
+    prompt: str
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    admitted: int = 0
+    limited: int = 0
+    faults: dict[str, int] = field(default_factory=lambda: {"throttle": 0, "server_error": 0, "reset": 0,
+                                                             "timeout": 0})
+
+
+class FakeOpenAIServer:
+    """An aiohttp server on 127.0.0.1 answering ``POST /v1/chat/completions``."""
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        latency_jitter: float = 0.0,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        window: float = 60.0,
+        faults: FaultPlan | None = None,
+        output_tokens: int = 8,
+        seed: int = 0,
+        port: int = 0,
+    ) -> None:
+        self.latency = latency
+        self.latency_jitter = latency_jitter
+        self.rpm = rpm
+        self.tpm = tpm
+        self.window = window
+        self.faults = faults or FaultPlan()
+        self.output_tokens = output_tokens
+        self._random = random.Random(seed)
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._recent: deque[Admitted] = deque()
+        self._recent_tokens = 0
+        self.admitted: list[Admitted] = []
+        self.counters = _Counters()
+        self.base_url = ""
+
+    @staticmethod
+    def count_tokens(text: str) -> int:
+        return max(1, (len(text) + 3) // 4)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _expire(self, now: float) -> None:
+        while self._recent and self._recent[0].at <= now - self.window:
+            self._recent_tokens -= self._recent.popleft().tokens
+
+    def _retry_after(self, now: float, tokens: int) -> float:
+        """Seconds until a request of ``tokens`` would fit."""
+        waits = [0.0]
+        if self.rpm is not None and len(self._recent) >= self.rpm:
+            waits.append(self._recent[len(self._recent) - self.rpm].at + self.window - now)
+        if self.tpm is not None and self._recent_tokens + tokens > self.tpm:
+            excess, freed = self._recent_tokens + tokens - self.tpm, 0
+            for item in self._recent:
+                freed += item.tokens
+                if freed >= excess:
+                    waits.append(item.at + self.window - now)
+                    break
+        return max(waits)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.counters.requests += 1
+        body = await request.json()
+        messages = body.get("messages") or []
+        prompt = "".join(str(m.get("content", "")) for m in messages)
+        last = str(messages[-1].get("content", "")) if messages else ""
+        max_tokens = int(body.get("max_tokens") or 16)
+        tokens = self.count_tokens(prompt) + max_tokens
+        now = self._now()
+        self._expire(now)
+        wait = self._retry_after(now, tokens)
+        if wait > 0:
+            self.counters.limited += 1
+            return self._error(429, "rate limit reached", "rate_limit_exceeded", retry_after=wait)
+        fault = self._draw_fault()
+        if fault == "throttle":
+            return self._error(
+                429, "slow down (injected)", "rate_limit_exceeded", retry_after=self.faults.throttle_retry_after
+            )
+        admitted = Admitted(now, tokens, last)
+        self._recent.append(admitted)
+        self._recent_tokens += tokens
+        self.admitted.append(admitted)
+        self.counters.admitted += 1
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # nothing more is written
+        if fault == "timeout":
+            await asyncio.sleep(self.faults.timeout_delay)
+        delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if fault == "server_error":
+            return self._error(self._random.choice((500, 503)), "internal error (injected)", None)
+        # as Bedrock does: max_tokens is held at admission, the unused part returned at the end
+        output = min(self.output_tokens, max_tokens)
+        used = self.count_tokens(prompt) + output
+        if any(item is admitted for item in self._recent):
+            self._recent_tokens += used - admitted.tokens
+        admitted.tokens = used
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{self.counters.admitted}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model", "fake"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_for(last)},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": self.count_tokens(prompt), "completion_tokens": output,
+                          "total_tokens": used},
+            }
+        )
+
+    def _draw_fault(self) -> str | None:
+        plan = self.faults
+        if plan.total <= 0:
+            return None
+        draw = self._random.random()
+        for name in ("throttle", "server_error", "reset", "timeout"):
+            draw -= getattr(plan, name)
+            if draw < 0:
+                self.counters.faults[name] += 1
+                return name
+        return None
+
+    @staticmethod
+    def _error(status: int, message: str, code: str | None, retry_after: float | None = None) -> web.Response:
+        headers = {"retry-after-ms": str(math.ceil(retry_after * 1000))} if retry_after else {}
+        return web.json_response(
+            {"error": {"message": message, "type": "fake", "code": code}}, status=status, headers=headers
+        )
+
+    def max_in_window(self, *, tokens: bool = False) -> int:
+        """The most requests (or tokens) the server admitted within any window."""
+        best, total, start = 0, 0, 0
+        log = self.admitted
+        for item in log:
+            total += item.tokens if tokens else 1
+            while log[start].at <= item.at - self.window:
+                total -= log[start].tokens if tokens else 1
+                start += 1
+            best = max(best, total)
+        return best
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self.base_url
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeOpenAIServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.counters.requests,
+            "admitted": self.counters.admitted,
+            "rate_limited": self.counters.limited,
+            "faults": dict(self.counters.faults),
+            "admitted_tokens": sum(a.tokens for a in self.admitted),
+            "max_requests_in_window": self.max_in_window(),
+            "max_tokens_in_window": self.max_in_window(tokens=True),
+        }
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = FakeOpenAIServer(
+        latency=args.latency, latency_jitter=args.jitter, rpm=args.rpm, tpm=args.tpm, window=args.window,
+        port=args.port,
+    )
+    async with server:
+        print(json.dumps({"base_url": server.base_url}), flush=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_reader(sys.stdin.fileno(), stop.set)  # ends when the parent closes stdin
+        await stop.wait()
+        print(json.dumps(server.summary()), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible server on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--jitter", type=float, default=0.0)
+    parser.add_argument("--rpm", type=int, default=None)
+    parser.add_argument("--tpm", type=int, default=None)
+    parser.add_argument("--window", type=float, default=60.0)
+    asyncio.run(_serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
