@@ -56,8 +56,8 @@ class SlidingWindowLimiter:
         self._used = 0.0
 
     def _expire(self, now: float) -> None:
-        horizon = now - self.window
-        while self._log and self._log[0].at <= horizon:
+        # an entry leaves exactly one window after it was admitted (with float slack)
+        while self._log and now - self._log[0].at >= self.window - 1e-9:
             self._used -= self._log.popleft().amount
         if not self._log:
             self._used = 0.0  # forget float drift
