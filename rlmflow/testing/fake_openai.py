@@ -12,7 +12,9 @@ whether every prompt got its own answer.
     async with FakeOpenAIServer(latency=0.2, rpm=600) as server:
         model = OpenAIModel("fake", base_url=server.base_url)
 
-Run standalone (for benchmarks in another process): ``python -m rlmflow.testing.fake_openai``.
+Run standalone (for benchmarks in another process):
+``python -c "from rlmflow.testing.fake_openai import main; main()" --latency 0.2 --rpm 600``; it
+prints its base URL as JSON and, when its stdin closes, a summary of what it saw.
 """
 
 from __future__ import annotations
