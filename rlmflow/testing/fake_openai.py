@@ -87,6 +87,8 @@ class FakeOpenAIServer:
         output_tokens: int = 8,
         seed: int = 0,
         port: int = 0,
+        root_marker: str | None = None,
+        root_reply: str = "",
     ) -> None:
         self.latency = latency
         self.latency_jitter = latency_jitter
@@ -95,6 +97,9 @@ class FakeOpenAIServer:
         self.window = window
         self.faults = faults or FaultPlan()
         self.output_tokens = output_tokens
+        # Plays a root model for peer benchmarks: a request mentioning the marker gets this reply.
+        self.root_marker = root_marker
+        self.root_reply = root_reply
         self._random = random.Random(seed)
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -165,6 +170,8 @@ class FakeOpenAIServer:
         if fault == "server_error":
             return self._error(self._random.choice((500, 503)), "internal error (injected)", None)
         # as Bedrock does: max_tokens is held at admission, the unused part returned at the end
+        is_root = bool(self.root_marker) and self.root_marker in prompt
+        content = self.root_reply if is_root else answer_for(last)
         output = min(self.output_tokens, max_tokens)
         used = self.count_tokens(prompt) + output
         if any(item is admitted for item in self._recent):
@@ -176,7 +183,7 @@ class FakeOpenAIServer:
                 "object": "chat.completion",
                 "created": 0,
                 "model": body.get("model", "fake"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_for(last)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": self.count_tokens(prompt), "completion_tokens": output,
                           "total_tokens": used},
@@ -252,7 +259,8 @@ class FakeOpenAIServer:
 async def _serve(args: argparse.Namespace) -> None:
     server = FakeOpenAIServer(
         latency=args.latency, latency_jitter=args.jitter, rpm=args.rpm, tpm=args.tpm, window=args.window,
-        port=args.port,
+        port=args.port, root_marker=args.root_marker,
+        root_reply=args.root_reply_text,
     )
     async with server:
         print(json.dumps({"base_url": server.base_url}), flush=True)
@@ -271,7 +279,14 @@ def main() -> None:
     parser.add_argument("--rpm", type=int, default=None)
     parser.add_argument("--tpm", type=int, default=None)
     parser.add_argument("--window", type=float, default=60.0)
-    asyncio.run(_serve(parser.parse_args()))
+    parser.add_argument("--root-marker", default=None, help="requests containing it get --root-reply")
+    parser.add_argument("--root-reply", default=None, metavar="FILE", help="the scripted root reply")
+    args = parser.parse_args()
+    args.root_reply_text = ""
+    if args.root_reply:
+        with open(args.root_reply, encoding="utf-8") as fh:
+            args.root_reply_text = fh.read()
+    asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":
