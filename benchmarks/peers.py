@@ -1,23 +1,24 @@
-"""The same 1,000-chunk fan-out run by rlmflow and by the official `rlms` package, side by side.
+"""The same 1,000-chunk fan-out run by rlmflow, the official `rlms` package and DSPy's RLM.
 
     .venv/bin/python benchmarks/peers.py [--prompts 1000] [--rpm 600] [--tpm 400000]
 
 Each contender gets a fresh fake OpenAI-compatible provider (its own process, 200 ms latency,
 RPM/TPM over 60 s windows) that also plays the root model: a request carrying the job's marker
 gets a scripted reply whose code fans the chunks out with the contender's batched call. `rlms`
-is installed into a throwaway virtual environment (benchmarks/.peers/) by this script, with its
-defaults (its own batch concurrency, the openai SDK's own retries). Prints wall time, the ratio to
+and `dspy` are installed into a throwaway virtual environment (benchmarks/.peers/) by this script
+and run with their defaults (their own batch concurrency and client retries). Prints wall time, the ratio to
 rlmflow, what the provider refused, lost calls, and tokens each one accounted against the tokens
 the provider saw; writes benchmarks/results/peers.json.
 
-DSPy's `dspy.RLM` is not included: its interpreter needs Deno and Pyodide fetched from outside
-the package registries reachable here.
+DSPy's `dspy.RLM` runs with its `LocalInterpreter`: its default Deno/Pyodide interpreter imports
+a module from deno.land, outside the package registries reachable here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ PEERS = HERE / ".peers"
 RESULTS = HERE / "results"
 MARKER = "FANOUT-JOB-7f3a"
 RLMS_VERSION = "0.1.3"
+DSPY_VERSION = "3.4.1"
 
 
 def chunk_code(n: int) -> str:
@@ -96,17 +98,38 @@ print(json.dumps({"wall_s": wall, "answer": str(getattr(result, "response", resu
 """
 
 
+DSPY_DRIVER = """
+import json, os, sys, time
+import dspy
+from dspy.primitives.local_interpreter import LocalInterpreter
+base_url, marker, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lm = dspy.LM("openai/fake-sub", api_base=base_url, api_key="x", cache=False, max_tokens=64)
+dspy.configure(lm=lm)
+rlm = dspy.RLM("context, query -> answer", max_iters=3, max_llm_calls=n + 10, interpreter_factory=LocalInterpreter)
+started = time.perf_counter()
+result = rlm(context="a small document", query=marker + " fan out")
+wall = time.perf_counter() - started
+tokens = sum((h.get("usage") or {}).get("total_tokens", 0) for h in lm.history)
+print(json.dumps({"wall_s": wall, "answer": str(result.answer), "accounted_tokens": tokens,
+                  "accounted_calls": len(lm.history)}))
+"""
+
+
 def ensure_rlms() -> Path:
     python = PEERS / "venv" / "bin" / "python"
     if not python.exists():
         print("installing rlms into benchmarks/.peers/venv (once)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(PEERS / "venv")], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"rlms=={RLMS_VERSION}"], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", f"rlms=={RLMS_VERSION}", f"dspy=={DSPY_VERSION}"], check=True
+        )
     return python
 
 
 def run_driver(python: str, driver: str, *argv: str) -> dict[str, Any]:
-    done = subprocess.run([python, "-c", driver, *argv], capture_output=True, text=True, timeout=1800)
+    # litellm (under dspy) fetches a price table from the internet unless told to use its own copy
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DSPY_CACHEDIR": str(PEERS / "dspy-cache")}
+    done = subprocess.run([python, "-c", driver, *argv], capture_output=True, text=True, timeout=1800, env=env)
     if done.returncode != 0:
         return {"error": done.stderr[-2000:]}
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -127,6 +150,14 @@ def run_scenario(args: argparse.Namespace, rlms_python: Path) -> dict[str, dict[
     server, url = start_server(args, rlms_reply)
     contenders[f"rlms {RLMS_VERSION}"] = run_driver(str(rlms_python), RLMS_DRIVER, url, MARKER)
     contenders[f"rlms {RLMS_VERSION}"]["server"] = stop_server(server)
+    dspy_reply = (
+        "[[ ## reasoning ## ]]\nFan the chunks out.\n\n[[ ## code ## ]]\n```python\n" + job
+        + "answers = llm_query_batched(prompts)\n"
+        "SUBMIT(answer=str(sum(str(a).startswith('answer:') for a in answers)))\n```\n\n[[ ## completed ## ]]"
+    )
+    server, url = start_server(args, dspy_reply)
+    contenders[f"dspy {DSPY_VERSION}"] = run_driver(str(rlms_python), DSPY_DRIVER, url, MARKER, str(args.prompts))
+    contenders[f"dspy {DSPY_VERSION}"]["server"] = stop_server(server)
     return contenders
 
 
