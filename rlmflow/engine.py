@@ -8,15 +8,15 @@ run (``rlm_query``) is a ``_Run`` one level deeper that draws on its parent's le
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
-from opentelemetry import trace
+import anyio.to_thread
+from opentelemetry import metrics, trace
 from opentelemetry.context import Context as OtelContext
 
 from . import prompts
@@ -32,10 +32,12 @@ from .models.registry import DEFAULT_MODEL, ModelRegistry
 from .sandbox.base import CellResult, Context, Sandbox
 from .sandbox.local import LocalSandbox
 from .telemetry import attributes as attr
+from .telemetry.logs import bound_contextvars, get_logger
+from .telemetry.trajectory import Trajectory
 
 __all__ = ["RLM", "RLMResult", "RunProgress", "Turn"]
 
-_logger = logging.getLogger("rlmflow")
+_logger = get_logger("rlmflow")
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Turn:
     feedback: str
     duration: float
     cells: list[CellResult] = field(default_factory=list)
+    started_at: float = 0.0  # wall clock
+    cell_spans: list[tuple[float, float]] = field(default_factory=list)  # (wall start, seconds) per cell
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,12 @@ class RLM:
     - ``history_chars``: the root's transcript is trimmed (oldest turns first) to this size;
     - ``run_weight`` / ``run_max_concurrency``: this RLM's runs' fair share of shared lanes and
       their own cap on sub-calls in flight;
-    - ``dedup``: send identical sub-prompts of a run once and reuse the answer.
+    - ``dedup``: send identical sub-prompts of a run once and reuse the answer;
+    - ``trajectory``: a :class:`Trajectory` that records every run as JSONL (``rlmflow trace``);
+    - ``capture_content``: put prompts, replies, code and outputs into span attributes, each cut
+      to this many characters (0, the default, records lengths and hashes only);
+    - ``tracer_provider`` / ``meter_provider``: where spans and metrics go (default: the global
+      OpenTelemetry providers, which do nothing until the application configures them).
 
     Use as ``async with RLM(...) as rlm`` to close models created from strings.
     """
@@ -150,7 +159,10 @@ class RLM:
         run_max_concurrency: int | None = None,
         dedup: bool = True,
         system_prompt: str | None = None,
+        trajectory: Trajectory | None = None,
+        capture_content: int = 0,
         tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         if max_turns < 1:
             raise ConfigurationError("max_turns must be at least 1")
@@ -160,7 +172,7 @@ class RLM:
         self.root = self._registry.resolve(root)
         self.sub = self._registry.resolve(sub) if sub is not None else self.root
         self.sandbox: Sandbox = sandbox or LocalSandbox()
-        self.dispatcher = dispatcher or Dispatcher(tracer_provider=tracer_provider)
+        self.dispatcher = dispatcher or Dispatcher(tracer_provider=tracer_provider, meter_provider=meter_provider)
         self.budget = budget or Budget()
         self.max_turns = min(max_turns, self.budget.max_turns or max_turns)
         self.max_depth = min(max_depth, self.budget.max_depth if self.budget.max_depth is not None else max_depth)
@@ -173,6 +185,8 @@ class RLM:
         self.run_max_concurrency = run_max_concurrency
         self.dedup = dedup
         self.system_prompt = system_prompt or prompts.SYSTEM_PROMPT
+        self.trajectory = trajectory
+        self.capture_content = capture_content
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
 
     async def __aenter__(self) -> RLM:
@@ -182,8 +196,10 @@ class RLM:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the models this RLM created from model strings."""
+        """Close the models this RLM created from model strings, and the trajectory file."""
         await self._registry.aclose()
+        if self.trajectory is not None:
+            await anyio.to_thread.run_sync(self.trajectory.close)
 
     def resolve_model(self, model: str | LanguageModel) -> LanguageModel:
         return self._registry.resolve(model)
@@ -219,8 +235,10 @@ class _Run:
         share: RunShare,
         progress: RunProgress,
         calls: list[CallRecord] | None = None,
+        parent_run_id: str | None = None,
     ) -> None:
         self.rlm = rlm
+        self.parent_run_id = parent_run_id
         self.context = context
         self.query = query
         self.depth = depth
@@ -238,6 +256,8 @@ class _Run:
     # -- bookkeeping ---------------------------------------------------------------------------
     def record(self, call: CallRecord) -> None:
         self.calls.append(call)
+        if self.rlm.trajectory is not None:
+            self.rlm.trajectory.event("call", run_id=self.run_id, **asdict(call))
         progress = self.progress
         if call.role == "root":
             pass
@@ -284,31 +304,73 @@ class _Run:
                 attr.RLM_RUN_ID: self.run_id,
                 attr.RLM_DEPTH: self.depth,
                 attr.RLM_CONTEXT_CHARS: context_chars,
-                attr.RLM_CONTEXT_SHA256: hashlib.sha256(text_for_hash.encode("utf-8", "replace")).hexdigest(),
             },
         ) as span:
             span_context = span.get_span_context()
             if span_context.is_valid:
                 self.trace_id = format(span_context.trace_id, "032x")
+            context_hash = hashlib.sha256(text_for_hash.encode("utf-8", "replace")).hexdigest()
+            span.set_attribute(attr.RLM_CONTEXT_SHA256, context_hash)
             deadline = self.ledger.budget.deadline
-            try:
-                with single_exception():
-                    if deadline is not None:
-                        with anyio.fail_after(deadline):
-                            return await self._loop()
-                    return await self._loop()
-            except TimeoutError:
-                error = BudgetExceededError(
-                    f"the run's deadline of {deadline:g} s passed; in-flight calls were cancelled",
-                    limit="deadline",
-                    spent={"seconds": time.monotonic() - self.started},
-                )
-                error.partial = self.result("")
-                raise error from None
-            except RLMError as exc:
-                if exc.partial is None:
-                    exc.partial = self.result("")
-                raise
+            with bound_contextvars(run_id=self.run_id, depth=self.depth):
+                self._start_record(context_hash, context_chars)
+                try:
+                    with single_exception():
+                        if deadline is not None:
+                            with anyio.fail_after(deadline):
+                                result = await self._loop()
+                        else:
+                            result = await self._loop()
+                except TimeoutError:
+                    error = BudgetExceededError(
+                        f"the run's deadline of {deadline:g} s passed; in-flight calls were cancelled",
+                        limit="deadline",
+                        spent={"seconds": time.monotonic() - self.started},
+                    )
+                    error.partial = self.result("")
+                    self._end_record(None, error)
+                    raise error from None
+                except RLMError as exc:
+                    if exc.partial is None:
+                        exc.partial = self.result("")
+                    self._end_record(None, exc)
+                    raise
+                except BaseException as exc:
+                    self._end_record(None, exc)
+                    raise
+                self._end_record(result, None)
+                return result
+
+    def _start_record(self, context_hash: str, context_chars: int) -> None:
+        _logger.info("run started", query_chars=len(self.query), context_chars=context_chars,
+                     root=self.rlm.root.name, sub=self.rlm.sub.name)
+        trajectory = self.rlm.trajectory
+        if trajectory is not None:
+            kind = "str" if isinstance(self.context, str) else "dict" if isinstance(self.context, Mapping) else "list"
+            documents = 1 if isinstance(self.context, str) else len(self.context)
+            trajectory.context(context_hash, {"chars": context_chars, "kind": kind, "documents": documents})
+            trajectory.event(
+                "run_start", run_id=self.run_id, parent_run_id=self.parent_run_id, depth=self.depth,
+                t=time.time(), query=trajectory.cap(self.query), context_sha256=context_hash,
+                root_model=self.rlm.root.name, sub_model=self.rlm.sub.name, trace_id=self.trace_id,
+            )
+
+    def _end_record(self, result: RLMResult | None, error: BaseException | None) -> None:
+        duration = time.monotonic() - self.started
+        if error is None:
+            _logger.info("run finished", turns=len(self.transcript), duration_s=round(duration, 3))
+        else:
+            _logger.warning("run failed", error=type(error).__name__, turns=len(self.transcript))
+        trajectory = self.rlm.trajectory
+        if trajectory is not None:
+            usage, cost = _summarise_usage(self.calls)
+            trajectory.event(
+                "run_end", run_id=self.run_id, depth=self.depth, t=time.time(), duration=duration,
+                answer=trajectory.cap(result.answer) if result else None,
+                error=type(error).__name__ if error else None, turns=len(self.transcript),
+                usage={model: asdict(u) for model, u in usage.items()}, cost_usd=cost,
+            )
+            trajectory.flush()
 
     async def _loop(self) -> RLMResult:
         rlm = self.rlm
@@ -341,6 +403,8 @@ class _Run:
                 if turn_index == max_turns:
                     messages.append(Message("user", prompts.LAST_TURN))
                 turn_started = time.monotonic()
+                turn_wall = time.time()
+                cell_spans: list[tuple[float, float]] = []
                 with rlm._tracer.start_as_current_span(
                     attr.SPAN_TURN, attributes={attr.RLM_TURN: turn_index, attr.RLM_DEPTH: self.depth}
                 ):
@@ -353,13 +417,15 @@ class _Run:
                         priority=Priority.ROOT,
                         depth=self.depth,
                         record=self.record,
+                        capture=rlm.capture_content,
                     )
                     reply = response.text
                     messages.append(Message("assistant", reply))
                     blocks = prompts.extract_code_blocks(reply)
                     if not blocks:
-                        self.transcript.append(
-                            Turn(turn_index, reply, [], prompts.NO_CODE_NUDGE, time.monotonic() - turn_started)
+                        self._add_turn(
+                            Turn(turn_index, reply, [], prompts.NO_CODE_NUDGE, time.monotonic() - turn_started,
+                                 started_at=turn_wall)
                         )
                         messages.append(Message("user", prompts.NO_CODE_NUDGE))
                         continue
@@ -369,7 +435,9 @@ class _Run:
                     progress.phase = "running code"
                     calls_before = progress.calls_done
                     for block in blocks:
+                        cell_wall = time.time()
                         cell = await self._execute_cell(session, block)
+                        cell_spans.append((cell_wall, time.time() - cell_wall))
                         cells.append(cell)
                         feedback.append(prompts.format_cell_feedback(cell, limit=rlm.max_feedback_chars))
                         if cell.final is not None:
@@ -378,8 +446,9 @@ class _Run:
                         if cell.error:
                             break  # later blocks usually depend on this one
                     text = "\n".join(feedback)
-                    self.transcript.append(
-                        Turn(turn_index, reply, blocks, text, time.monotonic() - turn_started, cells)
+                    self._add_turn(
+                        Turn(turn_index, reply, blocks, text, time.monotonic() - turn_started, cells,
+                             started_at=turn_wall, cell_spans=cell_spans)
                     )
                     if answer is not None:
                         progress.phase = "done"
@@ -413,6 +482,26 @@ class _Run:
             partial=self.result(""),
         )
 
+    def _add_turn(self, turn: Turn) -> None:
+        self.transcript.append(turn)
+        _logger.info("turn finished", turn=turn.index, cells=len(turn.cells), duration_s=round(turn.duration, 3),
+                     error=next((c.error.strip().splitlines()[-1][:200] for c in turn.cells if c.error), None))
+        trajectory = self.rlm.trajectory
+        if trajectory is None:
+            return
+        trajectory.event(
+            "turn", run_id=self.run_id, depth=self.depth, turn=turn.index, t=turn.started_at,
+            duration=turn.duration, reply=trajectory.cap(turn.reply), code=turn.code,
+            cells=[
+                {
+                    "t": start, "duration": wall, "compute": cell.duration, "output": trajectory.cap(cell.output),
+                    "output_chars": cell.output_chars, "error": trajectory.cap(cell.error), "final": cell.final,
+                    "restarted": cell.restarted, "timed_out": cell.timed_out,
+                }
+                for cell, (start, wall) in zip(turn.cells, turn.cell_spans, strict=False)
+            ],
+        )
+
     def _trimmed(self, messages: list[Message]) -> list[Message]:
         """System and first user message always; then the newest turns that fit the history size."""
         head, rest = messages[:2], messages[2:]
@@ -440,6 +529,10 @@ class _Run:
             finally:
                 self.cell_span_context = None
             span.set_attribute(attr.RLM_CELL_DURATION_S, cell.duration)
+            if self.rlm.capture_content:
+                limit = self.rlm.capture_content
+                span.set_attribute(attr.RLM_CELL_CODE, code[:limit])
+                span.set_attribute(attr.RLM_CELL_OUTPUT, (cell.output + (cell.error or ""))[:limit])
             span.set_attribute(attr.RLM_CELL_OUTPUT_CHARS, cell.output_chars)
             span.set_attribute(attr.RLM_SANDBOX_RESTARTS, session.restarts)
             if cell.error:
@@ -496,6 +589,7 @@ class _Run:
                     depth=self.depth,
                     record=self.record,
                     parent=trace.set_span_in_context(span),
+                    capture=rlm.capture_content,
                 )
             finally:
                 self.progress.calls_in_flight -= len(requests)
@@ -554,6 +648,7 @@ class _Run:
                     share=self.share,
                     progress=self.progress,
                     calls=self.calls,
+                    parent_run_id=self.run_id,
                 )
                 outcome = await child_run.execute(parent=self.cell_span_context)
                 results[index] = outcome.answer

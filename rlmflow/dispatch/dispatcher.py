@@ -10,7 +10,7 @@ reservation and the lane slot, and cancels the request in flight.
 
 from __future__ import annotations
 
-import logging
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,13 +20,15 @@ from typing import Any
 
 import anyio
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from .._exceptions import ConfigurationError, ModelError, RLMError, ThrottledError
 from .._util import single_exception
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 from ..telemetry import attributes as attr
+from ..telemetry.logs import get_logger
+from ..telemetry.metrics import CallMetrics
 from .budget import BudgetLedger, Reservation, Spend
 from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
@@ -41,7 +43,7 @@ else:  # pragma: no cover
 
 __all__ = ["DEFAULT_LIMITS", "CallRecord", "Dispatcher", "LaneStatistics", "RunShare"]
 
-_logger = logging.getLogger("rlmflow.dispatch")
+_logger = get_logger("rlmflow.dispatch")
 
 #: Defaults by provider: a local model computes on this machine's cores, one call at a time.
 DEFAULT_LIMITS: dict[str, Limits] = {
@@ -69,9 +71,15 @@ class CallRecord:
     attempts: int = 1
     throttles: int = 0
     error: str | None = None
+    started_at: float = 0.0  # wall clock (time.time()) when the call was queued
 
 
 Recorder = Callable[[CallRecord], None]
+
+
+def _capture_messages(request: ModelRequest, limit: int) -> str:
+    """Messages as the GenAI conventions' JSON, each content cut to ``limit`` characters."""
+    return json.dumps([{"role": m.role, "content": m.content[:limit]} for m in request.messages], ensure_ascii=False)
 
 
 class Dispatcher:
@@ -90,6 +98,7 @@ class Dispatcher:
         retry: RetryPolicy | None = None,
         pricing: Pricing | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._limits = dict(limits or {})
@@ -97,6 +106,7 @@ class Dispatcher:
         self.retry = retry or RetryPolicy()
         self.pricing = pricing or Pricing()
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
+        self._metrics = CallMetrics(meter_provider, self.statistics)
         self._clock = clock or anyio.current_time
 
     @classmethod
@@ -154,12 +164,13 @@ class Dispatcher:
         depth: int = 0,
         record: Recorder | None = None,
         parent: otel_context.Context | None = None,
+        capture: int = 0,
     ) -> ModelResponse:
         """Send one request. Raises ``BudgetExceededError`` before sending if it cannot fit."""
         estimate = self.estimate(model, request)
         (reservation,) = ledger.reserve_many([estimate])
         return await self._send(
-            model, request, estimate, reservation, share or RunShare(), priority, depth, record, parent
+            model, request, estimate, reservation, share or RunShare(), priority, depth, record, parent, capture
         )
 
     async def call_many(
@@ -173,6 +184,7 @@ class Dispatcher:
         depth: int = 0,
         record: Recorder | None = None,
         parent: otel_context.Context | None = None,
+        capture: int = 0,
     ) -> list[ModelResponse | RLMError]:
         """Send requests concurrently; results in input order, a failure in its own place.
 
@@ -189,7 +201,7 @@ class Dispatcher:
             try:
                 outcomes[index] = await self._send(
                     model, requests[index], estimates[index], reservations[index], share, priority, depth,
-                    record, parent,
+                    record, parent, capture,
                 )
             except RLMError as exc:
                 outcomes[index] = exc
@@ -215,12 +227,14 @@ class Dispatcher:
         depth: int,
         record: Recorder | None,
         parent: otel_context.Context | None,
+        capture: int = 0,
     ) -> ModelResponse:
         lane = self.lane(model)
         role = "root" if priority == Priority.ROOT else "sub"
         weight = lane.limits.output_weight
         window_tokens = estimate.input_tokens + request.max_tokens * weight
         first_queued = self._clock()
+        started_at = time.time()
         attempts = throttles = 0
         queue_wait = 0.0
         with self._tracer.start_as_current_span(
@@ -239,6 +253,8 @@ class Dispatcher:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
+            if capture:
+                span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, _capture_messages(request, capture))
             try:
                 while True:
                     attempts += 1
@@ -261,6 +277,8 @@ class Dispatcher:
                         ):
                             raise
                         lane.retries += 1
+                        _logger.info("retrying model call", lane=lane.key, attempt=attempts,
+                                     error=type(exc).__name__, delay_s=round(delay, 3))
                         span.add_event(
                             "retry",
                             {"attempt": attempts, attr.ERROR_TYPE: type(exc).__name__, "delay_s": delay},
@@ -288,26 +306,36 @@ class Dispatcher:
             except BaseException as exc:
                 reservation.release()
                 self._finish_failed(span, exc, attempts, throttles, queue_wait)
-                if record is not None and isinstance(exc, Exception):
-                    record(
+                if isinstance(exc, Exception):
+                    self._emit(
                         CallRecord(
                             model.name, model.provider, role, depth, 0, 0, 0.0, queue_wait,
-                            self._clock() - first_queued, attempts, throttles, type(exc).__name__,
-                        )
+                            self._clock() - first_queued, attempts, throttles, type(exc).__name__, started_at,
+                        ),
+                        record,
                     )
                 raise
             duration = time.perf_counter() - started
             cost = self.pricing.cost(model.provider, model.name, usage)
             reservation.settle(usage, cost or 0.0)
             self._finish_ok(span, response, cost, attempts, throttles, queue_wait)
-            if record is not None:
-                record(
-                    CallRecord(
-                        model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens,
-                        cost, queue_wait, duration, attempts, throttles,
-                    )
-                )
+            if capture:
+                span.set_attribute(attr.GEN_AI_OUTPUT_MESSAGES, json.dumps(
+                    [{"role": "assistant", "content": response.text[:capture]}], ensure_ascii=False
+                ))
+            self._emit(
+                CallRecord(
+                    model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens,
+                    cost, queue_wait, duration, attempts, throttles, None, started_at,
+                ),
+                record,
+            )
             return response
+
+    def _emit(self, call: CallRecord, record: Recorder | None) -> None:
+        self._metrics.record(call)
+        if record is not None:
+            record(call)
 
     @staticmethod
     def _finish_ok(

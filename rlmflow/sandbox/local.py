@@ -12,7 +12,6 @@ timeout: the watchdog pauses while any host call of the cell is in flight.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -34,13 +33,14 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .._exceptions import BatchError, RLMError, SandboxCrashedError
 from .._util import single_exception
+from ..telemetry.logs import get_logger
 from . import wire
 from .base import Bridge, CellResult, Context
 
 __all__ = ["LocalSandbox", "LocalSandboxSession", "error_to_wire"]
 
 _WORKER = Path(__file__).with_name("worker.py")
-_logger = logging.getLogger("rlmflow.sandbox")
+_logger = get_logger("rlmflow.sandbox")
 
 
 class LocalSandbox:
@@ -289,7 +289,7 @@ class LocalSandboxSession:
             old.kill()
             await self._reap(old)
         self.restarts += 1
-        _logger.warning("sandbox worker restarted (%d so far)", self.restarts)
+        _logger.warning("sandbox worker restarted", restarts=self.restarts)
         await self._spawn()
 
     async def _reap(self, incarnation: _Incarnation) -> None:
@@ -386,7 +386,7 @@ class LocalSandboxSession:
         except RLMError as exc:
             reply = _error_reply(call_id, exc)
         except Exception as exc:  # a bug on the host side must still answer the waiting thread
-            _logger.exception("host call %r failed", message.get("fn"))
+            _logger.exception("host call failed", fn=message.get("fn"))
             reply = _error_reply(call_id, RLMError(f"internal error in the host: {type(exc).__name__}: {exc}"))
         finally:
             if cell is not None:

@@ -17,6 +17,7 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_AGENT_NAME = "gen_ai.agent.name"
 ERROR_TYPE = "error.type"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
 
 OPERATION_CHAT = "chat"
 OPERATION_INVOKE_AGENT = "invoke_agent"
@@ -39,6 +40,23 @@ RLM_SANDBOX_RESTARTS = "rlm.sandbox.restarts"
 RLM_CONTEXT_CHARS = "rlm.context.chars"
 RLM_CONTEXT_SHA256 = "rlm.context.sha256"
 RLM_PROMPT_CHARS = "rlm.prompt.chars"
+RLM_PROMPT_SHA256 = "rlm.prompt.sha256"
+RLM_LANE = "rlm.lane"
+# opt-in content capture (RLM(capture_content=N)): truncated to N characters
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
+RLM_CELL_CODE = "rlm.cell.code"
+RLM_CELL_OUTPUT = "rlm.cell.output"
+
+# metrics
+METRIC_TOKEN_USAGE = "gen_ai.client.token.usage"
+METRIC_OPERATION_DURATION = "gen_ai.client.operation.duration"
+METRIC_QUEUE_WAIT = "rlm.client.queue_wait"
+METRIC_COST = "rlm.client.cost"
+METRIC_THROTTLES = "rlm.client.throttles"
+METRIC_RETRIES = "rlm.client.retries"
+METRIC_LANE_IN_FLIGHT = "rlm.lane.in_flight"
+METRIC_LANE_LIMIT = "rlm.lane.concurrency_limit"
 
 # span names
 SPAN_RUN = "invoke_agent rlm"

@@ -170,7 +170,7 @@ class FakeOpenAIServer:
         if fault == "server_error":
             return self._error(self._random.choice((500, 503)), "internal error (injected)", None)
         # as Bedrock does: max_tokens is held at admission, the unused part returned at the end
-        is_root = bool(self.root_marker) and self.root_marker in prompt
+        is_root = self.root_marker is not None and self.root_marker in prompt
         content = self.root_reply if is_root else answer_for(last)
         output = min(self.output_tokens, max_tokens)
         used = self.count_tokens(prompt) + output

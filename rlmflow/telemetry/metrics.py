@@ -1,0 +1,80 @@
+"""OpenTelemetry metrics of model calls and lanes.
+
+GenAI metric names where the conventions have them (``gen_ai.client.token.usage``,
+``gen_ai.client.operation.duration``), ours otherwise. Instruments come from the meter provider
+the application passes, or the global one (a no-op until the application configures an SDK).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from . import attributes as attr
+
+if TYPE_CHECKING:
+    from ..dispatch.dispatcher import CallRecord
+    from ..dispatch.lane import LaneStatistics
+
+__all__ = ["CallMetrics"]
+
+
+class CallMetrics:
+    """Records every finished call; observes lanes when the metric reader collects."""
+
+    def __init__(
+        self,
+        meter_provider: metrics.MeterProvider | None = None,
+        lanes: Callable[[], Iterable[LaneStatistics]] | None = None,
+    ) -> None:
+        meter = metrics.get_meter("rlmflow", meter_provider=meter_provider)
+        self._tokens = meter.create_histogram(
+            attr.METRIC_TOKEN_USAGE, unit="{token}", description="Tokens per call, by gen_ai.token.type"
+        )
+        self._duration = meter.create_histogram(
+            attr.METRIC_OPERATION_DURATION, unit="s", description="Duration of model calls"
+        )
+        self._queue_wait = meter.create_histogram(
+            attr.METRIC_QUEUE_WAIT, unit="s", description="Time calls waited for admission on their lane"
+        )
+        self._cost = meter.create_counter(attr.METRIC_COST, unit="USD", description="Cost of model calls")
+        self._throttles = meter.create_counter(attr.METRIC_THROTTLES, description="Calls refused for rate")
+        self._retries = meter.create_counter(attr.METRIC_RETRIES, description="Retried attempts")
+        self._lanes = lanes
+        if lanes is not None:
+            meter.create_observable_gauge(attr.METRIC_LANE_IN_FLIGHT, callbacks=[self._observe_in_flight],
+                                          description="Calls in flight per lane")
+            meter.create_observable_gauge(attr.METRIC_LANE_LIMIT, callbacks=[self._observe_limit],
+                                          description="Adaptive concurrency limit per lane")
+
+    def record(self, call: CallRecord) -> None:
+        common = {
+            attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
+            attr.GEN_AI_PROVIDER_NAME: call.provider,
+            attr.GEN_AI_REQUEST_MODEL: call.model,
+            attr.RLM_ROLE: call.role,
+        }
+        if call.error is not None:
+            common[attr.ERROR_TYPE] = call.error
+        self._duration.record(call.duration, common)
+        self._queue_wait.record(call.queue_wait, common)
+        if call.error is None:
+            self._tokens.record(call.input_tokens, {**common, attr.GEN_AI_TOKEN_TYPE: "input"})
+            self._tokens.record(call.output_tokens, {**common, attr.GEN_AI_TOKEN_TYPE: "output"})
+            if call.cost_usd:
+                self._cost.add(call.cost_usd, common)
+        if call.throttles:
+            self._throttles.add(call.throttles, common)
+        if call.attempts > 1:
+            self._retries.add(call.attempts - 1, common)
+
+    def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        for lane in self._lanes() if self._lanes else ():
+            yield Observation(lane.in_flight, {attr.RLM_LANE: lane.key})
+
+    def _observe_limit(self, options: CallbackOptions) -> Iterable[Observation]:
+        for lane in self._lanes() if self._lanes else ():
+            yield Observation(lane.concurrency.limit, {attr.RLM_LANE: lane.key})
