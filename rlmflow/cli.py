@@ -1,4 +1,4 @@
-"""``rlmflow run``: answer a question over files from the command line.
+"""``rlmflow run`` answers a question over files; ``rlmflow trace`` reports on a recorded run.
 
 This module is an application, not library code: it configures logging and prints.
 
@@ -9,9 +9,12 @@ Exit codes: 0 answered; 1 no answer (turns ran out or a loop); 2 bad arguments o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,6 +35,9 @@ from .dispatch.budget import Budget
 from .engine import RLM, RLMResult, RunProgress
 from .models.registry import DEFAULT_MODEL
 from .sandbox.local import LocalSandbox
+from .telemetry.html import render_html
+from .telemetry.report import analyse, format_text, load_trace
+from .telemetry.trajectory import Trajectory
 
 EXIT_CODES: list[tuple[type[RLMError], int]] = [
     (NoAnswerError, 1),
@@ -58,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", type=float, default=None, help="budget: seconds for the whole run")
     run.add_argument("--cell-timeout", type=float, default=120.0, help="seconds of compute per cell")
     run.add_argument("--show-transcript", action="store_true", help="print every turn's code and output")
+    run.add_argument("--trajectory", metavar="PATH", help="record the run as JSONL (read it with rlmflow trace)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
+    trace_cmd = commands.add_parser("trace", help="report on a recorded run (trajectory JSONL or OTLP-JSON spans)")
+    trace_cmd.add_argument("file", help="a trajectory written with --trajectory, or an OTLP JSON span export")
+    trace_cmd.add_argument("--html", metavar="PATH", help="also write a self-contained page with a timeline")
+    trace_cmd.add_argument("--json", action="store_true", help="print the analysis as JSON")
     return parser
 
 
@@ -141,6 +152,7 @@ async def _run(args: argparse.Namespace) -> int:
         max_depth=args.max_depth,
         budget=budget,
         sandbox=LocalSandbox(cell_timeout=args.cell_timeout),
+        trajectory=Trajectory(args.trajectory) if args.trajectory else None,
     ) as rlm:
         with _Display(progress, sys.stderr) as display:
             result: RLMResult | None = None
@@ -163,9 +175,28 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace(args: argparse.Namespace) -> int:
+    try:
+        data = load_trace(args.file)
+        analysis = analyse(data)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(asdict(analysis), indent=2))
+    else:
+        print(format_text(analysis))
+    if args.html:
+        Path(args.html).write_text(render_html(data, analysis, title=f"rlmflow run: {args.file}"), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rlmflow`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "trace":
+        return _trace(args)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
