@@ -23,6 +23,9 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from rlmflow import RLM, BudgetLedger, Dispatcher, Limits, ModelRequest, OpenAIModel, ScriptedModel
 
@@ -61,10 +64,17 @@ class LoopLag:
             self.lags.append(time.perf_counter() - started - 0.01)
 
 
-async def dispatcher_overhead(n: int = 5000) -> float:
-    """CPU seconds per call through the Dispatcher alone (a scripted model that answers at once)."""
+async def dispatcher_overhead(n: int = 5000, *, tracing: bool = False) -> float:
+    """CPU seconds per call through the Dispatcher alone (a scripted model that answers at once).
+
+    With ``tracing``, spans go to an SDK tracer provider with an in-memory exporter.
+    """
     model = ScriptedModel(lambda r: "ok")
-    dispatcher = Dispatcher(limits={"scripted": Limits(max_concurrency=64)})
+    provider = None
+    if tracing:
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    dispatcher = Dispatcher(limits={"scripted": Limits(max_concurrency=64)}, tracer_provider=provider)
     requests = [ModelRequest.from_prompt(f"p{i}", max_tokens=8) for i in range(n)]
     await dispatcher.call_many(model, requests[:200], ledger=BudgetLedger())  # warm up
     started = time.process_time()
@@ -116,6 +126,7 @@ async def main(args: argparse.Namespace, server: subprocess.Popen[str], base_url
     ideal = windowed_ideal(args.prompts, args.rpm, args.tpm, tokens_per_call, args.concurrency, args.latency)
     steady_bound = min(args.rpm / 60, args.tpm / 60 / tokens_per_call, args.concurrency / args.latency)
     overhead = await dispatcher_overhead()
+    traced = await dispatcher_overhead(tracing=True)
     report = {
         "config": vars(args),
         "wall_s": wall,
@@ -133,6 +144,8 @@ async def main(args: argparse.Namespace, server: subprocess.Popen[str], base_url
         "server": summary,
         "host_cpu_per_call_us_end_to_end": cpu / len(subs) * 1e6,
         "dispatcher_cpu_per_call_us": overhead * 1e6,
+        "dispatcher_cpu_per_call_traced_us": traced * 1e6,
+        "tracing_on_off_ratio": traced / overhead,
         "loop_lag_p99_ms": percentile(lag.lags, 0.99) * 1000,
         "loop_lag_mean_ms": statistics.mean(lag.lags) * 1000 if lag.lags else 0.0,
     }
@@ -147,6 +160,8 @@ async def main(args: argparse.Namespace, server: subprocess.Popen[str], base_url
     print(f"  host CPU per sub-call: {report['host_cpu_per_call_us_end_to_end']:.0f} us end to end (openai SDK + "
           f"HTTP), {report['dispatcher_cpu_per_call_us']:.0f} us in the Dispatcher alone "
           f"-> ratio to 100 us target {report['dispatcher_cpu_per_call_us'] / 100:.2f}")
+    print(f"  tracing on (SDK, in-memory exporter): {traced * 1e6:.0f} us per call vs {overhead * 1e6:.0f} us off "
+          f"-> ratio {traced / overhead:.2f}")
     print(f"  event-loop lag p99 {report['loop_lag_p99_ms']:.2f} ms -> ratio to 10 ms target "
           f"{report['loop_lag_p99_ms'] / 10:.2f}")
     RESULTS.mkdir(exist_ok=True)
