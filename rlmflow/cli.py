@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from . import __version__
 from ._exceptions import (
@@ -139,12 +141,52 @@ def _print_summary(result: RLMResult, show_transcript: bool) -> None:
     print(f"[{result.turns} turns, {result.duration:.1f}s, cost {cost}; {usage}]", file=sys.stderr)
 
 
+def _configure_telemetry() -> tuple[Any, Any]:
+    """OTLP export when the standard OTEL_EXPORTER_OTLP_* variables ask for it (the CLI is an app).
+
+    Returns (tracer_provider, meter_provider), both ``None`` when nothing is configured.
+    """
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return None, None
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        print("warning: OTEL_EXPORTER_OTLP_ENDPOINT is set but the 'cli' extra is not installed", file=sys.stderr)
+        return None, None
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "rlmflow")})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    return tracer_provider, meter_provider
+
+
 async def _run(args: argparse.Namespace) -> int:
     loaded = load_context_files(args.context)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     budget = Budget(max_calls=args.max_calls, deadline=args.deadline)
     progress = RunProgress()
+    tracer_provider, meter_provider = _configure_telemetry()
+    try:
+        return await _answer(args, loaded.context, budget, progress, tracer_provider, meter_provider)
+    finally:
+        for provider in (tracer_provider, meter_provider):
+            if provider is not None:
+                await anyio.to_thread.run_sync(provider.shutdown)  # flushes the exporters
+
+
+async def _answer(
+    args: argparse.Namespace, context: Any, budget: Budget, progress: RunProgress, tracer_provider: Any,
+    meter_provider: Any,
+) -> int:
     async with RLM(
         root=args.root,
         sub=args.sub,
@@ -153,6 +195,8 @@ async def _run(args: argparse.Namespace) -> int:
         budget=budget,
         sandbox=LocalSandbox(cell_timeout=args.cell_timeout),
         trajectory=Trajectory(args.trajectory) if args.trajectory else None,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
     ) as rlm:
         with _Display(progress, sys.stderr) as display:
             result: RLMResult | None = None
@@ -166,7 +210,7 @@ async def _run(args: argparse.Namespace) -> int:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(refresher)
                     try:
-                        result = await rlm.run(loaded.context, args.query, progress=progress)
+                        result = await rlm.run(context, args.query, progress=progress)
                     finally:
                         tg.cancel_scope.cancel()
             display.refresh()

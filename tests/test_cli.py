@@ -44,3 +44,49 @@ def test_non_utf8_is_decoded_with_a_warning(tmp_path: Path) -> None:
     loaded = load_context_files([path, path])
     assert isinstance(loaded.context, dict) and list(loaded.context) == ["latin1.txt", "latin1.txt#2"]
     assert "not valid UTF-8" in loaded.warnings[0] and "\ufffd" in loaded.context["latin1.txt"]
+
+
+@pytest.mark.anyio
+async def test_cli_answers_over_the_wire_and_exports_otlp(tmp_path: Path) -> None:
+    """The installed command against a fake OpenAI server, exporting spans to a fake OTLP collector."""
+    import os
+    import sys
+
+    import anyio
+    from aiohttp import web
+
+    from rlmflow.testing import FakeOpenAIServer
+
+    received: list[bytes] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(status=200, content_type="application/x-protobuf", body=b"")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    app.router.add_post("/v1/metrics", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    collector = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta " * 1000)
+    trajectory = tmp_path / "run.jsonl"
+    reply = "```repl\nFINAL(str(context.count('beta')))\n```"
+    try:
+        async with FakeOpenAIServer(root_marker="COUNT-BETA", root_reply=reply) as server:
+            env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_SERVICE_NAME": "rlmflow-test"}
+            done = await anyio.run_process(
+                [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(doc), "--query", "COUNT-BETA please",
+                 "--root", f"openai:fake@{server.base_url}", "--trajectory", str(trajectory)],
+                env=env, check=False,
+            )
+    finally:
+        await runner.cleanup()
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "1000"
+    assert any(b"invoke_agent rlm" in body for body in received)  # spans arrived as OTLP protobuf
+    assert any(b"gen_ai.client.token.usage" in body for body in received)  # and metrics
+    assert trajectory.read_text().count('"type": "run_end"') == 1
