@@ -76,12 +76,11 @@ class _Run:
         if self.rlm.trajectory is not None:
             self.rlm.trajectory.event("call", run_id=self.run_id, **asdict(call))
         progress = self.progress
-        if call.role == "root":
-            pass
-        elif call.error is None:
-            progress.calls_done += 1
-        else:
-            progress.calls_failed += 1
+        if call.role != "root":  # the display counts sub-calls; root turns have their own counter
+            if call.error is None:
+                progress.calls_done += 1
+            else:
+                progress.calls_failed += 1
         progress.input_tokens += call.input_tokens
         progress.output_tokens += call.output_tokens
         progress.cost_usd += call.cost_usd or 0.0
