@@ -109,6 +109,15 @@ async def test_errors_are_typed(fake_server: tuple[str, FakeOpenAI], prompt: str
     assert len(fake.received) == 1  # the SDK's own retries are off
 
 
+async def test_requests_beyond_loopback_are_refused_in_tests() -> None:
+    model = OpenAIModel("gpt-4o-mini", base_url="https://api.openai.com/v1")
+    try:
+        with pytest.raises(FatalModelError, match="ALLOW_MODEL_REQUESTS"):
+            await model.request(ModelRequest.from_prompt("hi"))
+    finally:
+        await model.aclose()
+
+
 async def test_connection_refused_is_transient() -> None:
     model = OpenAIModel("m", base_url="http://127.0.0.1:9/v1")
     try:

@@ -16,6 +16,7 @@ from .._exceptions import (
     ThrottledError,
     TransientModelError,
 )
+from . import guard
 from .base import ModelRequest, ModelResponse, Usage, estimate_tokens
 
 __all__ = ["OpenAIModel"]
@@ -71,6 +72,7 @@ class OpenAIModel:
         }
         if request.stop:
             kwargs["stop"] = list(request.stop)
+        guard.check_request_allowed(str(self._client.base_url))
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
             completion = raw.parse()
