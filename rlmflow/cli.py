@@ -169,7 +169,7 @@ def _configure_telemetry() -> tuple[Any, Any]:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    loaded = load_context_files(args.context)
+    loaded = await anyio.to_thread.run_sync(load_context_files, args.context)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     budget = Budget(max_calls=args.max_calls, deadline=args.deadline)
@@ -241,8 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "trace":
         return _trace(args)
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.verbose:  # only rlmflow's own logger: the root logger stays as the environment set it
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger = logging.getLogger("rlmflow")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         return anyio.run(_run, args)
     except KeyboardInterrupt:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 from ._exceptions import ContextError
 from .sandbox.base import Context
 
-__all__ = ["LoadedContext", "load_context_files", "validate_context"]
+__all__ = ["LoadedContext", "context_digest", "context_size", "load_context_files", "validate_context"]
 
 
 def validate_context(context: object) -> Context:
@@ -40,6 +42,21 @@ def validate_context(context: object) -> Context:
     if isinstance(context, (bytes, bytearray)):
         raise ContextError("the context is bytes: decode it to str first (e.g. data.decode('utf-8', 'replace'))")
     raise ContextError(f"unsupported context type {type(context).__name__}: use str, list[str] or dict[str, str]")
+
+
+def context_size(context: Context) -> int:
+    """Characters in all documents of ``context``."""
+    if isinstance(context, str):
+        return len(context)
+    documents = context.values() if isinstance(context, Mapping) else context
+    return sum(len(text) for text in documents)
+
+
+def context_digest(context: Context) -> str:
+    """sha256 of the context (its JSON form for several documents). Hashes 100 MB in ~0.2 s:
+    call it from a worker thread in async code."""
+    text = context if isinstance(context, str) else json.dumps(context, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 
 
 @dataclass

@@ -8,7 +8,6 @@ shares its fair-share slot on the lanes.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections.abc import Mapping
@@ -16,13 +15,14 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
 
 from . import prompts
 from ._exceptions import BatchError, BudgetExceededError, NoAnswerError, RLMError
 from ._util import single_exception
-from .context import validate_context
+from .context import context_digest, context_size, validate_context
 from .dispatch.budget import BudgetLedger
 from .dispatch.dispatcher import CallRecord
 from .dispatch.lane import RunShare
@@ -104,11 +104,9 @@ class _Run:
     # -- the loop ------------------------------------------------------------------------------
     async def execute(self, parent: OtelContext | None) -> RLMResult:
         rlm = self.rlm
-        text_for_hash = self.context if isinstance(self.context, str) else repr(self.context)
-        context_chars = (
-            len(self.context) if isinstance(self.context, str)
-            else sum(len(v) for v in (self.context.values() if isinstance(self.context, Mapping) else self.context))
-        )
+        context_chars = context_size(self.context)
+        # hashing a large document takes a while: not on the event loop
+        context_hash = await anyio.to_thread.run_sync(context_digest, self.context)
         with rlm._tracer.start_as_current_span(
             attr.SPAN_RUN,
             context=parent,
@@ -125,7 +123,6 @@ class _Run:
             span_context = span.get_span_context()
             if span_context.is_valid:
                 self.trace_id = format(span_context.trace_id, "032x")
-            context_hash = hashlib.sha256(text_for_hash.encode("utf-8", "replace")).hexdigest()
             span.set_attribute(attr.RLM_CONTEXT_SHA256, context_hash)
             deadline = self.ledger.budget.deadline
             with bound_contextvars(run_id=self.run_id, depth=self.depth):
