@@ -23,18 +23,14 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from _common import percentile, write_result
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from rlmflow import RLM, BudgetLedger, Dispatcher, Limits, ModelRequest, OpenAIModel, ScriptedModel
 
-RESULTS = Path(__file__).with_name("results")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+FAKE_PROVIDER = Path(__file__).with_name("fake_provider.py")
 
 
 def windowed_ideal(n: int, rpm: float | None, tpm: float | None, tokens: float, concurrency: int,
@@ -84,7 +80,7 @@ async def dispatcher_overhead(n: int = 5000, *, tracing: bool = False) -> float:
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     server = subprocess.Popen(
-        [sys.executable, "-c", "from rlmflow.testing.fake_openai import main; main()", "--latency", str(args.latency),
+        [sys.executable, str(FAKE_PROVIDER), "--latency", str(args.latency),
          "--rpm", str(args.rpm), "--tpm", str(args.tpm)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
@@ -164,9 +160,7 @@ async def main(args: argparse.Namespace, server: subprocess.Popen[str], base_url
           f"-> ratio {traced / overhead:.2f}")
     print(f"  event-loop lag p99 {report['loop_lag_p99_ms']:.2f} ms -> ratio to 10 ms target "
           f"{report['loop_lag_p99_ms'] / 10:.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fanout.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {RESULTS / 'fanout.json'}")
+    write_result("fanout", report)
     return report
 
 

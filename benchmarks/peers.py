@@ -25,9 +25,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _common import write_result
+
 HERE = Path(__file__).parent
 PEERS = HERE / ".peers"
-RESULTS = HERE / "results"
+FAKE_PROVIDER = Path(__file__).with_name("fake_provider.py")
 MARKER = "FANOUT-JOB-7f3a"
 RLMS_VERSION = "0.1.3"
 DSPY_VERSION = "3.4.1"
@@ -42,7 +44,7 @@ def start_server(args: argparse.Namespace, root_reply: str) -> tuple[subprocess.
         reply_file.write(root_reply)
     limits = ["--rpm", str(args.rpm), "--tpm", str(args.tpm)] if args.rpm else []
     server = subprocess.Popen(
-        [sys.executable, "-c", "from rlmflow.testing.fake_openai import main; main()",
+        [sys.executable, str(FAKE_PROVIDER),
          "--latency", str(args.latency), *limits, "--root-marker", MARKER, "--root-reply", reply_file.name],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
@@ -195,9 +197,7 @@ def main() -> None:
         contenders = run_scenario(scenario, rlms_python)
         report(scenario, title, contenders)
         results["scenarios"][title] = contenders
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peers.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS / 'peers.json'}")
+    write_result("peers", results)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,16 @@ benchmarks/results/sandbox.json.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
+from _common import percentile, write_result
 
 from rlmflow import LocalSandbox
 
-RESULTS = Path(__file__).with_name("results")
 TARGETS = {"round_trip_p50_ms": 1.0, "load_100mb_s": 0.5}
 
 
@@ -70,9 +68,9 @@ async def batch_frame_cost(prompts: int = 1000, size: int = 2048) -> dict[str, f
 async def main() -> None:
     ten_mb = document(10 * 1024 * 1024)
     hundred_mb = document(100 * 1024 * 1024)
-    rt = sorted(await round_trips(ten_mb))
-    p50 = rt[len(rt) // 2] * 1000
-    p99 = rt[int(len(rt) * 0.99)] * 1000
+    rt = await round_trips(ten_mb)
+    p50 = percentile(rt, 0.5) * 1000
+    p99 = percentile(rt, 0.99) * 1000
     load10 = await load_time(ten_mb)
     load100 = await load_time(hundred_mb)
     batch = await batch_frame_cost()
@@ -98,9 +96,7 @@ async def main() -> None:
           f"{load100['session_start_s'] / TARGETS['load_100mb_s']:.2f}")
     print(f"llm_query_many frame, 1000 x 2 KB prompts, host answering at once: "
           f"{batch['batch_round_trip_ms']:.1f} ms per batch")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sandbox.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS / 'sandbox.json'}")
+    write_result("sandbox", result)
 
 
 if __name__ == "__main__":

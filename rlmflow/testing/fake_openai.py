@@ -12,20 +12,16 @@ whether every prompt got its own answer.
     async with FakeOpenAIServer(latency=0.2, rpm=600) as server:
         model = OpenAIModel("fake", base_url=server.base_url)
 
-Run standalone (for benchmarks in another process):
-``python -c "from rlmflow.testing.fake_openai import main; main()" --latency 0.2 --rpm 600``; it
-prints its base URL as JSON and, when its stdin closes, a summary of what it saw.
+``benchmarks/fake_provider.py`` runs it as a process of its own (for benchmarks, so its CPU is
+not the host's).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
-import json
 import math
 import random
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,40 +250,3 @@ class FakeOpenAIServer:
             "max_requests_in_window": self.max_in_window(),
             "max_tokens_in_window": self.max_in_window(tokens=True),
         }
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    server = FakeOpenAIServer(
-        latency=args.latency, latency_jitter=args.jitter, rpm=args.rpm, tpm=args.tpm, window=args.window,
-        port=args.port, root_marker=args.root_marker,
-        root_reply=args.root_reply_text,
-    )
-    async with server:
-        print(json.dumps({"base_url": server.base_url}), flush=True)
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_reader(sys.stdin.fileno(), stop.set)  # ends when the parent closes stdin
-        await stop.wait()
-        print(json.dumps(server.summary()), flush=True)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible server on 127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--jitter", type=float, default=0.0)
-    parser.add_argument("--rpm", type=int, default=None)
-    parser.add_argument("--tpm", type=int, default=None)
-    parser.add_argument("--window", type=float, default=60.0)
-    parser.add_argument("--root-marker", default=None, help="requests containing it get --root-reply")
-    parser.add_argument("--root-reply", default=None, metavar="FILE", help="the scripted root reply")
-    args = parser.parse_args()
-    args.root_reply_text = ""
-    if args.root_reply:
-        with open(args.root_reply, encoding="utf-8") as fh:
-            args.root_reply_text = fh.read()
-    asyncio.run(_serve(args))
-
-
-if __name__ == "__main__":
-    main()
