@@ -19,6 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
+from ..prompts import cap_text
+
 __all__ = ["Trajectory"]
 
 
@@ -51,10 +53,7 @@ class Trajectory:
         self._write({"type": kind, **fields})
 
     def cap(self, text: str | None) -> str | None:
-        if text is None or len(text) <= self.max_output_chars:
-            return text
-        half = self.max_output_chars // 2
-        return f"{text[:half]}\n[... {len(text) - 2 * half:,} characters not recorded ...]\n{text[-half:]}"
+        return None if text is None else cap_text(text, self.max_output_chars)
 
     def flush(self) -> None:
         with self._lock:

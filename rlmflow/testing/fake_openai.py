@@ -28,6 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..models.base import estimate_tokens
+
 __all__ = ["Admitted", "FakeOpenAIServer", "FaultPlan", "answer_for"]
 
 
@@ -107,7 +109,7 @@ class FakeOpenAIServer:
 
     @staticmethod
     def count_tokens(text: str) -> int:
-        return max(1, (len(text) + 3) // 4)
+        return estimate_tokens(text)  # the same estimate the host uses for remote models
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
