@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+for setup in scripts/setup/test-*.sh; do
+  [ -e "$setup" ] && bash "$setup"
+done
 .venv/bin/ruff check rlmflow tests benchmarks
 .venv/bin/mypy rlmflow
 status=0
