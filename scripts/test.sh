@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 for setup in scripts/setup/test-*.sh; do
-  [ -e "$setup" ] && bash "$setup"
+  if [ -e "$setup" ]; then bash "$setup"; fi
 done
 .venv/bin/ruff check rlmflow tests benchmarks
 .venv/bin/mypy rlmflow
