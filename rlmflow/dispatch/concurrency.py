@@ -26,10 +26,11 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
      refused, and every refused slot is refilled at once and refused again.
 - **Multiplicative decrease, once per round trip.** A load-related refusal multiplies the
   limit by ``backoff_ratio`` only when the refused call was sent after the previous decrease
-  (as TCP cuts its window once per window). The cut never goes below the floor minus one: the
+  (as TCP cuts its window once per window). The cut never goes below the floor: the
   floor is the highest in-flight level of a call that succeeded within the last two round
-  trips, since the provider just showed it can take that many (minus one because a level
-  counts refusals still on their way back).
+  trips, since the provider just showed it can take that many. Levels are counted as the
+  provider saw them: calls refused before a call was sent, whose refusal was still on its way
+  back, do not count.
 - **Refused slots are held.** The slot of a load-related refusal stays taken for one round
   trip instead of being refilled at once: a refusal takes milliseconds, so refilling it would
   turn an overload into a storm of refusals (TCP is clocked by acknowledgements for the same
@@ -37,9 +38,10 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
 - **Probing backoff.** After a decrease, the level that failed is probed again after one round
   trip, then 2, 4, ... up to ``max_probe_wait`` round trips while probes keep failing there, so
   a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
-- **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), or when
-  the lane sees refusals and no success for a whole round trip (an RPM window is full: every
-  call is refused, whatever the level). :meth:`on_refusal` then returns ``pause=True`` and the
+- **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
+  load-related refusal hits a call sent at or below the floor (a level the provider just
+  served: not concurrency, but a full RPM or TPM window refuses it), or when the lane sees
+  refusals and no success for a whole round trip. :meth:`on_refusal` then returns ``pause=True`` and the
   lane stops sending until the ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
   and slow-starts back to where it was, so the reopening window is not met by a burst.
@@ -67,6 +69,7 @@ class SendStamp:
     at: float
     above_floor: bool = False
     refused: bool = False
+    refused_at: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,7 @@ class AdaptiveLimit:
         self._refusals = 2.0
         self._srtt: float | None = None
         self._successes: deque[tuple[float, int]] = deque()  # (completed at, level); levels decrease
+        self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
         self._last_success = -math.inf
         self._first_send = math.inf
         self._refusals_since_success = 0
@@ -209,7 +213,7 @@ class AdaptiveLimit:
         self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         self._last_success = now
         self._refusals_since_success = 0
-        self._remember_success(now, stamp.level)
+        self._remember_success(now, self._served_level(stamp))
         if self._holds:
             self._holds.popleft()  # a success clocks one held slot back in
         if stamp.level * 2 < self._limit:
@@ -227,7 +231,8 @@ class AdaptiveLimit:
     def on_refusal(self, stamp: SendStamp, *, exhausted: bool = False) -> RefusalVerdict:
         """A call was refused for rate or quota; ``exhausted``: the provider said the quota is spent."""
         now = self._clock()
-        stamp.refused = True
+        stamp.refused, stamp.refused_at = True, now
+        self._recent_refusals.append(stamp)
         self._refusals_since_success += 1
         k = self.run_length()
         load_related = exhausted or self._run_through(stamp) >= k or (
@@ -237,7 +242,9 @@ class AdaptiveLimit:
             self._count_outcome(refused=True)
         quiet_since = max(self._last_success, self._first_send)
         pause = exhausted or (
-            load_related and self._refusals_since_success >= 2 and now - quiet_since >= self.round_trip
+            # refused at a level the provider just served, or nothing but refusals for a round trip
+            load_related and (not stamp.above_floor or (
+                self._refusals_since_success >= 2 and now - quiet_since >= self.round_trip))
         )
         decreased = False
         if pause:
@@ -275,6 +282,19 @@ class AdaptiveLimit:
                 at += step
         return run
 
+    def _served_level(self, stamp: SendStamp) -> int:
+        """The level of a successful call as the provider saw it: calls refused before it was sent
+        but whose refusal had not come back yet were counted in its level, though not being served."""
+        horizon = self._clock() - 2 * self.round_trip
+        while self._recent_refusals and self._recent_refusals[0].refused_at < horizon:
+            self._recent_refusals.popleft()
+        phantom = 0
+        for refused in reversed(self._recent_refusals):
+            if refused.refused_at <= stamp.at:
+                break
+            phantom += refused.seq < stamp.seq
+        return max(1, stamp.level - phantom)
+
     def _excess_above_floor(self) -> bool:
         """Whether recent calls above the floor were refused beyond what the background rate explains."""
         since = self._clock() - self.round_trip
@@ -305,7 +325,7 @@ class AdaptiveLimit:
         self._probe_level = max(2, min(stamp.level, int(self._limit)))
         wait = min(2**self._probe_failures, self.max_probe_wait)
         self._probe_after = now + wait * self.round_trip
-        self._set_limit(max(float(self.floor() - 1), math.floor(self._limit * self.backoff_ratio), 1.0))
+        self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))
 
     def _pause(self) -> None:
         self._pauses += 1
