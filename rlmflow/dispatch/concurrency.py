@@ -3,12 +3,12 @@
 One :class:`AdaptiveLimit` per lane holds the number of calls it may have in flight. Its rules
 (``docs/policies.md`` explains them with plots from ``benchmarks/fanout.py``):
 
-- **Slow start.** The limit starts at ``initial`` and grows by one for each success of a call
-  sent while the lane was busy, which doubles it every round trip, up to ``maximum``. A
-  load-related throttle ends slow start; the limit then grows by one per round trip
-  (``1/limit`` per success). Four round trips without a cut resume slow start (the cut was a
-  fluke, or the provider's capacity grew); the probing backoff below still holds the limit
-  under a level that failed.
+- **Slow start.** The limit starts at ``initial`` and grows by one for each success while the
+  lane is busy (at least half the limit in flight within the last round trips), which doubles
+  it every round trip, up to ``maximum``. A load-related throttle ends slow start; the limit
+  then grows by one per round trip (``1/limit`` per success). Four round trips without a cut
+  resume slow start (the cut was a fluke, or the provider's capacity grew); the probing
+  backoff below still holds the limit under a level that failed.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
   (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
   call still in flight as not refused (a refusal comes back in milliseconds, a success only
@@ -41,8 +41,9 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
 - **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
   load-related refusal hits a call sent at or below the floor (a level the provider just
   served: not concurrency, but a full RPM or TPM window refuses it), or when the lane sees
-  refusals and no success for a whole round trip. :meth:`on_refusal` then returns ``pause=True`` and the
-  lane stops sending until the ``retry-after``. The cuts of that episode are undone (the quota,
+  refusals and no success for a whole round trip, with no level known to be served.
+  :meth:`on_refusal` then returns ``pause=True`` and the lane stops sending until the
+  ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
   and slow-starts back to where it was, so the reopening window is not met by a burst.
 
@@ -138,6 +139,7 @@ class AdaptiveLimit:
         self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
         self._last_success = -math.inf
         self._first_send = math.inf
+        self._peak_level, self._peak_at = 0, -math.inf  # the most calls in flight lately
         self._refusals_since_success = 0
         self._holds: deque[float] = deque()  # when each held slot frees
         self._probe_level: int | None = None  # the level that failed last
@@ -181,13 +183,18 @@ class AdaptiveLimit:
             waits.append(self._probe_after - now)
         return max(0.0, min(waits))
 
+    def probe_due_in(self) -> float:
+        """Seconds until the level that failed last may be tried again (0: it may now)."""
+        return max(0.0, self._probe_after - self._clock()) if self._probe_level is not None else 0.0
+
     def floor(self) -> int:
         """The highest in-flight level of a call that succeeded within the last two round trips."""
         self._forget_old_successes(self._clock())
         return self._successes[0][1] if self._successes else 1
 
     def refusal_rate(self) -> float:
-        """The background refusal rate: refusals not judged load-related, of calls at or below the floor."""
+        """The background refusal rate, of calls at or below the floor: refusals not judged
+        load-related, a run of refusals counted once."""
         return self._refusals / self._outcomes
 
     def run_length(self) -> int:
@@ -201,6 +208,8 @@ class AdaptiveLimit:
         self._seq += 1
         now = self._clock()
         self._first_send = min(self._first_send, now)
+        if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
+            self._peak_level, self._peak_at = in_flight, now
         stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > self.floor())
         self._sends.append(stamp)
         return stamp
@@ -216,7 +225,7 @@ class AdaptiveLimit:
         self._remember_success(now, self._served_level(stamp))
         if self._holds:
             self._holds.popleft()  # a success clocks one held slot back in
-        if stamp.level * 2 < self._limit:
+        if now - self._peak_at > 2 * self.round_trip or self._peak_level * 2 < self._limit:
             return  # the lane was not busy: this success says nothing about a higher limit
         if not self._slow_start and now - self._decreased_at > 4 * self.round_trip:
             self._slow_start = True  # quiet for a while: the cut was a fluke or the provider grew
@@ -235,16 +244,15 @@ class AdaptiveLimit:
         self._recent_refusals.append(stamp)
         self._refusals_since_success += 1
         k = self.run_length()
-        load_related = exhausted or self._run_through(stamp) >= k or (
-            stamp.above_floor and self._excess_above_floor()
-        )
-        if not load_related and not stamp.above_floor:
-            self._count_outcome(refused=True)
+        run = self._run_through(stamp)
+        load_related = exhausted or run >= k or (stamp.above_floor and self._excess_above_floor())
+        if run == 1 and not load_related and not stamp.above_floor:
+            self._count_outcome(refused=True)  # the background rate counts a run once, not per member
         quiet_since = max(self._last_success, self._first_send)
         pause = exhausted or (
             # refused at a level the provider just served, or nothing but refusals for a round trip
             load_related and (not stamp.above_floor or (
-                self._refusals_since_success >= 2 and now - quiet_since >= self.round_trip))
+                self._refusals_since_success >= 2 and now - quiet_since >= self.round_trip and self.floor() <= 1))
         )
         decreased = False
         if pause:
@@ -311,10 +319,12 @@ class AdaptiveLimit:
         now = self._clock()
         if now - self._decreased_at > 4 * self.round_trip:
             self._limit_before_cuts = self._limit  # a new episode of cuts begins
-        if self._probe_level is not None and now - self._decreased_at < (
-            min(2**self._probe_failures, self.max_probe_wait) + 4
-        ) * self.round_trip:
-            self._probe_failures += 1  # the last probe failed again
+        if (
+            self._probe_level is not None
+            and stamp.level >= self._probe_level - 1
+            and now - self._decreased_at < (self.max_probe_wait + 8) * self.round_trip
+        ):
+            self._probe_failures += 1  # the level that failed last failed again
         else:
             self._probe_failures = 0
         self._decreases += 1
