@@ -40,8 +40,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
 - **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
   load-related refusal hits a call sent at or below the floor (a level the provider just
-  served: not concurrency, but a full RPM or TPM window refuses it), or when the lane sees
-  refusals and no success for a whole round trip, with no level known to be served.
+  served: not concurrency, but a full RPM or TPM window refuses it), or when a busy lane has
+  seen nothing but load-related refusals for a whole round trip.
   :meth:`on_refusal` then returns ``pause=True`` and the lane stops sending until the
   ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
@@ -137,10 +137,9 @@ class AdaptiveLimit:
         self._srtt: float | None = None
         self._successes: deque[tuple[float, int]] = deque()  # (completed at, level); levels decrease
         self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
-        self._last_success = -math.inf
-        self._first_send = math.inf
         self._peak_level, self._peak_at = 0, -math.inf  # the most calls in flight lately
-        self._refusals_since_success = 0
+        self._last_success = -math.inf
+        self._active_since = -math.inf  # the first call sent after the lane was idle
         self._holds: deque[float] = deque()  # when each held slot frees
         self._probe_level: int | None = None  # the level that failed last
         self._probe_failures = 0
@@ -207,7 +206,8 @@ class AdaptiveLimit:
         """A call is sent with ``in_flight`` calls (itself included) out."""
         self._seq += 1
         now = self._clock()
-        self._first_send = min(self._first_send, now)
+        if in_flight == 1:
+            self._active_since = now
         if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
             self._peak_level, self._peak_at = in_flight, now
         stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > self.floor())
@@ -219,9 +219,8 @@ class AdaptiveLimit:
         if not stamp.above_floor:
             self._count_outcome(refused=False)
         rtt = now - stamp.at
-        self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         self._last_success = now
-        self._refusals_since_success = 0
+        self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         self._remember_success(now, self._served_level(stamp))
         if self._holds:
             self._holds.popleft()  # a success clocks one held slot back in
@@ -242,17 +241,16 @@ class AdaptiveLimit:
         now = self._clock()
         stamp.refused, stamp.refused_at = True, now
         self._recent_refusals.append(stamp)
-        self._refusals_since_success += 1
         k = self.run_length()
-        run = self._run_through(stamp)
+        first, last = self._run_through(stamp)
+        run = last - first + 1
         load_related = exhausted or run >= k or (stamp.above_floor and self._excess_above_floor())
         if run == 1 and not load_related and not stamp.above_floor:
             self._count_outcome(refused=True)  # the background rate counts a run once, not per member
-        quiet_since = max(self._last_success, self._first_send)
+        quiet_since = max(self._last_success, self._active_since)
         pause = exhausted or (
             # refused at a level the provider just served, or nothing but refusals for a round trip
-            load_related and (not stamp.above_floor or (
-                self._refusals_since_success >= 2 and now - quiet_since >= self.round_trip and self.floor() <= 1))
+            load_related and (not stamp.above_floor or (now - quiet_since >= self.round_trip and self.floor() <= 1))
         )
         decreased = False
         if pause:
@@ -270,25 +268,22 @@ class AdaptiveLimit:
         self._successes.clear()
         self._holds.clear()
         self._decreased_at_seq = self._seq
-        self._first_send = self._clock()  # a new quiet period starts with the first call
-        self._last_success = -math.inf
-        self._refusals_since_success = 0
+        self._active_since = self._clock()
         self._set_limit(1.0)
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _run_through(self, stamp: SendStamp) -> int:
-        """Length of the run of refused calls, in send order, that ``stamp`` belongs to."""
+    def _run_through(self, stamp: SendStamp) -> tuple[int, int]:
+        """First and last seq of the run of refused calls, in send order, that ``stamp`` belongs to."""
         sends = self._sends
         if not sends or not sends[0].seq <= stamp.seq <= sends[-1].seq:
-            return 1
+            return stamp.seq, stamp.seq
         index = stamp.seq - sends[0].seq  # seqs in the deque are consecutive
-        run = 1
-        for step in (-1, 1):
-            at = index + step
-            while 0 <= at < len(sends) and sends[at].refused:
-                run += 1
-                at += step
-        return run
+        first = last = index
+        while first > 0 and sends[first - 1].refused:
+            first -= 1
+        while last + 1 < len(sends) and sends[last + 1].refused:
+            last += 1
+        return sends[first].seq, sends[last].seq
 
     def _served_level(self, stamp: SendStamp) -> int:
         """The level of a successful call as the provider saw it: calls refused before it was sent

@@ -324,6 +324,10 @@ class Dispatcher:
                     )
                 raise
             usage = response.usage
+            if usage.input_tokens <= 0 < estimate.input_tokens:
+                # no usage in the answer: charge the reservation rather than nothing
+                usage = Usage(estimate.input_tokens, estimate.output_tokens, usage.calls or 1)
+                span.add_event("usage_unknown", {"rlm.usage.charged": "reservation"})
             cost = self.cost(model, usage)
             overrun = reservation.settle(usage, cost or 0.0)
             if overrun != Spend():
