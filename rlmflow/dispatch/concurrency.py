@@ -26,11 +26,11 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
      refused, and every refused slot is refilled at once and refused again.
 - **Multiplicative decrease, once per round trip.** A load-related refusal multiplies the
   limit by ``backoff_ratio`` only when the refused call was sent after the previous decrease
-  (as TCP cuts its window once per window). The cut never goes below the floor: the
-  floor is the highest in-flight level of a call that succeeded within the last two round
-  trips, since the provider just showed it can take that many. Levels are counted as the
-  provider saw them: calls refused before a call was sent, whose refusal was still on its way
-  back, do not count.
+  (as TCP cuts its window once per window). The cut never goes below the floor, what the
+  provider just showed it serves at once: the successes of the last round trip times the
+  shortest round trip seen (Little's law on the provider's service time; the client's own
+  delays would inflate a count of calls in flight), capped by the highest in-flight level
+  that succeeded within two round trips.
 - **Refused slots are held.** The slot of a load-related refusal stays taken for one round
   trip instead of being refilled at once: a refusal takes milliseconds, so refilling it would
   turn an overload into a storm of refusals (TCP is clocked by acknowledgements for the same
@@ -40,8 +40,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
 - **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
   load-related refusal hits a call sent at or below the floor (a level the provider just
-  served: not concurrency, but a full RPM or TPM window refuses it), or when a busy lane has
-  seen nothing but load-related refusals for a whole round trip.
+  served), or when a busy lane has seen load-related refusals and no success for a whole round
+  trip: a full RPM or TPM window refuses every call, whatever the concurrency.
   :meth:`on_refusal` then returns ``pause=True`` and the lane stops sending until the
   ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
@@ -140,6 +140,9 @@ class AdaptiveLimit:
         self._peak_level, self._peak_at = 0, -math.inf  # the most calls in flight lately
         self._last_success = -math.inf
         self._active_since = -math.inf  # the first call sent after the lane was idle
+        self._last_send = -math.inf
+        self._served: deque[float] = deque()  # when recent successes came back
+        self._min_rtt = math.inf
         self._holds: deque[float] = deque()  # when each held slot frees
         self._probe_level: int | None = None  # the level that failed last
         self._probe_failures = 0
@@ -187,9 +190,17 @@ class AdaptiveLimit:
         return max(0.0, self._probe_after - self._clock()) if self._probe_level is not None else 0.0
 
     def floor(self) -> int:
-        """The highest in-flight level of a call that succeeded within the last two round trips."""
-        self._forget_old_successes(self._clock())
-        return self._successes[0][1] if self._successes else 1
+        """What recent success shows the provider serves at once: the successes of the last round
+        trip times the shortest round trip (Little's law, with the provider's own service time, so
+        a slow client does not inflate it), and no more than the highest level that succeeded."""
+        now = self._clock()
+        self._forget_old_successes(now)
+        if not self._successes:
+            return 1
+        while self._served and now - self._served[0] > self.round_trip:
+            self._served.popleft()
+        served = math.ceil(len(self._served) * self._min_rtt / self.round_trip)
+        return max(1, min(self._successes[0][1], served))
 
     def refusal_rate(self) -> float:
         """The background refusal rate, of calls at or below the floor: refusals not judged
@@ -206,8 +217,9 @@ class AdaptiveLimit:
         """A call is sent with ``in_flight`` calls (itself included) out."""
         self._seq += 1
         now = self._clock()
-        if in_flight == 1:
-            self._active_since = now
+        if now - self._last_send > self.round_trip:
+            self._active_since = now  # the lane was idle: quiet counts from now
+        self._last_send = now
         if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
             self._peak_level, self._peak_at = in_flight, now
         stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > self.floor())
@@ -220,6 +232,8 @@ class AdaptiveLimit:
             self._count_outcome(refused=False)
         rtt = now - stamp.at
         self._last_success = now
+        self._served.append(now)
+        self._min_rtt = min(self._min_rtt, max(rtt, 1e-4))
         self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         self._remember_success(now, self._served_level(stamp))
         if self._holds:
@@ -248,10 +262,9 @@ class AdaptiveLimit:
         if run == 1 and not load_related and not stamp.above_floor:
             self._count_outcome(refused=True)  # the background rate counts a run once, not per member
         quiet_since = max(self._last_success, self._active_since)
-        pause = exhausted or (
-            # refused at a level the provider just served, or nothing but refusals for a round trip
-            load_related and (not stamp.above_floor or (now - quiet_since >= self.round_trip and self.floor() <= 1))
-        )
+        # refused at a level the provider just served, or nothing but refusals for a round trip on
+        # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
+        pause = exhausted or (load_related and (not stamp.above_floor or now - quiet_since >= self.round_trip))
         decreased = False
         if pause:
             self._pause()
@@ -266,6 +279,7 @@ class AdaptiveLimit:
         """The lane reopens after a pause: one call first, then slow start back to the old limit."""
         self._slow_start = True
         self._successes.clear()
+        self._served.clear()
         self._holds.clear()
         self._decreased_at_seq = self._seq
         self._active_since = self._clock()
