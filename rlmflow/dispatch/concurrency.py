@@ -7,8 +7,9 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   lane is busy (at least half the limit in flight within the last round trips), which doubles
   it every round trip, up to ``maximum``. A load-related throttle ends slow start; the limit
   then grows by one per round trip (``1/limit`` per success). Four round trips without a cut
-  resume slow start (the cut was a fluke, or the provider's capacity grew); the probing
-  backoff below still holds the limit under a level that failed.
+  resume slow start, up to just below the level that failed (as TCP's ``ssthresh``; lifted
+  once four calls succeed at that level); above it the limit grows by one per round trip and
+  the probing backoff below applies.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
   (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
   call still in flight as not refused (a refusal comes back in milliseconds, a success only
@@ -125,7 +126,7 @@ class AdaptiveLimit:
         self._decreases = 0
         self._pauses = 0
         self._slow_start = True
-        self._ssthresh = float(maximum)  # slow start (after a pause) stops here
+        self._ssthresh = float(maximum)  # slow start stops here: below the level that failed last
         self._seq = 0
         self._decreased_at_seq = -1  # calls sent before this seq cannot cause another cut
         self._decreased_at = -math.inf
@@ -146,6 +147,7 @@ class AdaptiveLimit:
         self._holds: deque[float] = deque()  # when each held slot frees
         self._probe_level: int | None = None  # the level that failed last
         self._probe_failures = 0
+        self._probe_passes = 0  # successes at or above the level that failed, since it failed
         self._probe_after = -math.inf
         self.history: list[tuple[float, int]] = []  # (time, limit) at each change, for plots
 
@@ -235,7 +237,12 @@ class AdaptiveLimit:
         self._served.append(now)
         self._min_rtt = min(self._min_rtt, max(rtt, 1e-4))
         self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
-        self._remember_success(now, self._served_level(stamp))
+        level = self._served_level(stamp)
+        self._remember_success(now, level)
+        if self._probe_level is not None and level >= self._probe_level:
+            self._probe_passes += 1
+            if self._probe_passes >= 4:  # the level that failed is served now: the cut was a fluke
+                self._probe_level, self._probe_failures, self._ssthresh = None, 0, float(self.maximum)
         if self._holds:
             self._holds.popleft()  # a success clocks one held slot back in
         if now - self._peak_at > 2 * self.round_trip or self._peak_level * 2 < self._limit:
@@ -340,8 +347,9 @@ class AdaptiveLimit:
         self._decreased_at_seq = self._seq
         self._decreased_at = now
         self._slow_start = False
-        self._ssthresh = float(self.maximum)
         self._probe_level = max(2, min(stamp.level, int(self._limit)))
+        self._probe_passes = 0
+        self._ssthresh = float(self._probe_level - 1)
         wait = min(2**self._probe_failures, self.max_probe_wait)
         self._probe_after = now + wait * self.round_trip
         self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))
