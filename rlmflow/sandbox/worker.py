@@ -50,6 +50,10 @@ class ModelCallError(RLMError):
     """A model call failed after the host's retries."""
 
 
+class SandboxRequestError(RLMError):
+    """The host refused the request (an unknown model name, a batch or prompt too large...)."""
+
+
 class BatchError(RLMError):
     """Some prompts of a batch failed. ``results`` has ``None`` at ``failed_indices``."""
 
@@ -63,6 +67,7 @@ class BatchError(RLMError):
 _ERROR_TYPES: dict[str, type[RLMError]] = {
     "BudgetExceededError": BudgetExceededError,
     "ContextOverflowError": ContextOverflowError,
+    "SandboxRequestError": SandboxRequestError,
 }
 
 
@@ -236,6 +241,7 @@ class Worker:
                 "BudgetExceededError": BudgetExceededError,
                 "ContextOverflowError": ContextOverflowError,
                 "ModelCallError": ModelCallError,
+                "SandboxRequestError": SandboxRequestError,
             }
         )
 
