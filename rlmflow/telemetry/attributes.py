@@ -84,7 +84,7 @@ RLM_QUERY_CHARS = "rlm.query.chars"
 RLM_QUERY_SHA256 = "rlm.query.sha256"
 RLM_ANSWER_CHARS = "rlm.answer.chars"
 RLM_ANSWER_SHA256 = "rlm.answer.sha256"
-RLM_CELL_CODE_CHARS = "rlm.cell.code.chars"
+RLM_CELL_CODE_CHARS = "rlm.cell.code_chars"
 # opt-in content capture (RLM(capture_content=N)): every text truncated to N characters.
 # Messages are JSON in the GenAI "parts" shape: [{"role": ..., "parts": [{"type": "text", "content": ...}]}]
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
