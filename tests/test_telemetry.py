@@ -108,7 +108,7 @@ async def test_content_capture_is_opt_in_and_capped() -> None:
     captured = json.loads(chat["gen_ai.input.messages"])
     assert captured[0]["role"] == "user" and captured[0]["parts"][0]["type"] == "text"
     assert len(captured[0]["parts"][0]["content"]) == 50
-    assert "llm_query_many" in named["execute_code"][0].attributes["rlm.cell.code"]
+    assert "llm_query_many" in json.loads(named["execute_code"][0].attributes["gen_ai.tool.call.arguments"])["code"]
 
 
 async def test_parent_links_hold_for_concurrent_runs() -> None:

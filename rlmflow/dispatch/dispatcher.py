@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -102,7 +103,7 @@ class Dispatcher:
         self.retry = retry or RetryPolicy()
         self.pricing = pricing or Pricing()
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
-        self._metrics = CallMetrics(meter_provider, self._lanes)
+        self._metrics = CallMetrics(meter_provider, self.lanes)
         self._clock = clock or anyio.current_time
 
     @classmethod
@@ -351,6 +352,11 @@ class Dispatcher:
         span.set_attribute(attr.RLM_THROTTLES, throttles)
         span.set_attribute(attr.RLM_QUEUE_WAIT_S, queue_wait)
         span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+
+    @property
+    def lanes(self) -> Mapping[str, Lane]:
+        """A live read-only view of the lanes by key (what the lane gauges read, from any thread)."""
+        return MappingProxyType(self._lanes)
 
     def statistics(self) -> list[LaneStatistics]:
         """A snapshot of every lane."""

@@ -85,13 +85,12 @@ RLM_QUERY_SHA256 = "rlm.query.sha256"
 RLM_ANSWER_CHARS = "rlm.answer.chars"
 RLM_ANSWER_SHA256 = "rlm.answer.sha256"
 RLM_CELL_CODE_CHARS = "rlm.cell.code_chars"
+RLM_METADATA_PREFIX = "rlm.metadata."  # + the key of a run(metadata=...) pair
 # opt-in content capture (RLM(capture_content=N)): every text truncated to N characters.
 # Messages are JSON in the GenAI "parts" shape: [{"role": ..., "parts": [{"type": "text", "content": ...}]}]
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
 GEN_AI_SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"  # [{"type": "text", "content": ...}]
-RLM_CELL_CODE = "rlm.cell.code"
-RLM_CELL_OUTPUT = "rlm.cell.output"
 
 # metrics
 METRIC_TOKEN_USAGE = "gen_ai.client.token.usage"
@@ -112,4 +111,3 @@ SPAN_BATCH = "llm_query_many"
 
 def chat_span_name(model: str) -> str:
     return f"{OPERATION_CHAT} {model}"
-RLM_METADATA_PREFIX = "rlm.metadata."  # + the key of a run(metadata=...) pair

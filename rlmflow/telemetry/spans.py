@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from .._text import sanitize_text
 from . import attributes as attr
 
 __all__ = [
@@ -164,7 +165,7 @@ def cell_end(
     if error:
         out[attr.ERROR_TYPE] = error.strip().splitlines()[-1].split(":")[0][:100] if error.strip() else "Error"
     if capture > 0:
-        result = (output + (error or ""))[:capture]
+        result = sanitize_text(output + (error or ""))[:capture]  # sandbox output may hold terminal escapes
         out[attr.GEN_AI_TOOL_CALL_RESULT] = result
         out[attr.OUTPUT_VALUE] = result
         out[attr.OUTPUT_MIME_TYPE] = attr.MIME_TEXT
