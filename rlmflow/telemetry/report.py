@@ -156,9 +156,10 @@ def _attributes(span: dict[str, Any]) -> dict[str, Any]:
     for item in span.get("attributes") or []:
         value = item.get("value") or {}
         for key in ("stringValue", "intValue", "doubleValue", "boolValue"):
-            if key in value:
-                raw = value[key]
+            raw = value.get(key)
+            if raw is not None:  # Phoenix's export writes every field, the unset ones as null
                 values[item["key"]] = int(raw) if key == "intValue" else raw
+                break
     return values
 
 
