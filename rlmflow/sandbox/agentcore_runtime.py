@@ -52,6 +52,10 @@ class ModelCallError(RLMError):
     """A model call failed after the host's retries."""
 
 
+class SandboxRequestError(RLMError):
+    """The host refused the request (unknown model alias, too many or too long prompts)."""
+
+
 class BatchError(RLMError):
     """Some prompts of a batch failed. ``results`` has ``None`` at ``failed_indices``."""
 
@@ -66,6 +70,7 @@ _ERROR_TYPES: dict[str, type[RLMError]] = {
     "BudgetExceededError": BudgetExceededError,
     "ContextOverflowError": ContextOverflowError,
     "RLMError": RLMError,
+    "SandboxRequestError": SandboxRequestError,
 }
 
 
@@ -263,6 +268,7 @@ class _Runtime:
                 "BudgetExceededError": BudgetExceededError,
                 "ContextOverflowError": ContextOverflowError,
                 "ModelCallError": ModelCallError,
+                "SandboxRequestError": SandboxRequestError,
             }
         )
 
@@ -309,6 +315,8 @@ class _Runtime:
     # -- control calls, from the interpreter's own thread ------------------------------------------
     def start(self, cell_id: int, code: str, wait: float) -> dict[str, Any]:
         previous = self.cell
+        if previous is not None and previous.id == cell_id:  # a retried start: do not run it twice
+            return self.wait(cell_id, wait)
         if previous is not None:  # threads left blocked by an earlier cell get an error, not silence
             for call in list(previous.pending.values()):
                 call.reply = {"ok": False, "error": {"type": "RLMError", "message": "the cell ended"}}
