@@ -52,6 +52,7 @@ _MARKER = "\x1erlmflow-status:"
 _SESSION_ID = re.compile(r"[0-9a-zA-Z]{1,40}")
 _HOST_FUNCTIONS = frozenset({"llm_query_many", "rlm_query_many", "budget"})
 _MAX_CALLS_PER_STATUS = 1024
+_ENVELOPE = 2048  # room for the JSON around a request's payload
 _LOST = ("ResourceNotFoundException",)
 _logger = get_logger("rlmflow.sandbox")
 
@@ -80,9 +81,9 @@ class AgentCoreSandbox:
       free), and how long an interrupted cell has to stop before the session is replaced;
     - ``max_output_chars``: cap of a cell's printed output (head and tail kept);
     - ``poll_wait``: the longest a control call waits in the remote session for an event;
-    - ``context_chunk_chars``: characters per ``writeFiles`` request;
-    - ``inline_reply_chars``: answers up to this size ride in the resuming call, larger ones are
-      written with ``writeFiles`` first;
+    - ``max_request_bytes``: the largest request body sent (aiohttp warns past 1 MiB); the
+      context goes in ``writeFiles`` chunks of this size, and a control call whose arguments
+      (the cell's code, the answers) would not fit has them written to files first;
     - ``max_response_chars``: the most text the host reads from one call's event stream;
     - ``max_request_chars``: the largest host request the remote runtime sends (checked there);
     - ``retry``: backoff for throttled API calls; ``sleep``: how to wait (tests inject one);
@@ -101,8 +102,7 @@ class AgentCoreSandbox:
         interrupt_grace: float = 2.0,
         max_output_chars: int = 20_000,
         poll_wait: float = 2.0,
-        context_chunk_chars: int = 4_000_000,
-        inline_reply_chars: int = 256_000,
+        max_request_bytes: int = 1_000_000,
         max_response_chars: int = 64 << 20,
         max_request_chars: int = 32 << 20,
         retry: RetryPolicy | None = None,
@@ -114,8 +114,8 @@ class AgentCoreSandbox:
             raise ValueError("session_timeout must be between 1 and 28800 seconds")
         if cell_timeout <= 0 or interrupt_grace < 0 or poll_wait <= 0:
             raise ValueError("cell_timeout and poll_wait must be > 0, interrupt_grace >= 0")
-        if context_chunk_chars < 1 or inline_reply_chars < 0 or max_response_chars < 1024:
-            raise ValueError("context_chunk_chars >= 1, inline_reply_chars >= 0, max_response_chars >= 1024")
+        if max_request_bytes < 16384 or max_response_chars < 1024:
+            raise ValueError("max_request_bytes must be >= 16384 and max_response_chars >= 1024")
         self._session = session
         self.region_name = region_name
         self.endpoint_url = endpoint_url
@@ -125,8 +125,7 @@ class AgentCoreSandbox:
         self.interrupt_grace = interrupt_grace
         self.max_output_chars = max_output_chars
         self.poll_wait = poll_wait
-        self.context_chunk_chars = context_chunk_chars
-        self.inline_reply_chars = inline_reply_chars
+        self.max_request_bytes = max_request_bytes
         self.max_response_chars = max_response_chars
         self.max_request_chars = max_request_chars
         self.retry = retry or RetryPolicy(max_attempts=5, base_delay=0.2, max_delay=5.0)
@@ -182,6 +181,7 @@ class AgentCoreSandboxSession:
         self._context_sha = ""
         self._cell_ids = 0
         self._files = 0
+        self._cell_started = False
         self.restarts = 0
         self.session_ids: list[str] = []
         self.load_seconds = 0.0
@@ -298,10 +298,12 @@ class AgentCoreSandboxSession:
                 "max_output_chars": self._config.max_output_chars,
                 "max_request_chars": self._config.max_request_chars,
             }
-            install = (
+            runtime_paths = await self._write_parts("runtime", source)
+            install = (  # the runtime becomes a module of the remote interpreter, apart from model code
                 "import sys as _rlmflow_sys, types as _rlmflow_types\n"
                 "_rlmflow_module = _rlmflow_types.ModuleType('_rlmflow_runtime')\n"
-                f"exec(compile({source!r}, '<rlmflow runtime>', 'exec'), _rlmflow_module.__dict__)\n"
+                f"_rlmflow_source = ''.join(open(p, encoding='utf-8').read() for p in {runtime_paths!r})\n"
+                "exec(compile(_rlmflow_source, '<rlmflow runtime>', 'exec'), _rlmflow_module.__dict__)\n"
                 "_rlmflow_sys.modules['_rlmflow_runtime'] = _rlmflow_module\n"
             )
             status = await self._control("boot", config, prefix=install)
@@ -316,13 +318,15 @@ class AgentCoreSandboxSession:
             raise
 
     async def _write_parts(self, kind: str, text: str) -> list[str]:
-        """Write ``text`` in files of at most ``context_chunk_chars`` characters; their paths, in order."""
-        size = self._config.context_chunk_chars
+        """Write ``text`` in files whose requests stay under ``max_request_bytes``; their paths, in order.
+
+        The paths are the host's own choice: nothing from the remote side names a file.
+        """
         self._files += 1
         paths = []
-        for index, offset in enumerate(range(0, max(len(text), 1), size)):
+        for index, piece in enumerate(_pieces(text, self._config.max_request_bytes - _ENVELOPE)):
             path = f".rlmflow/{kind}/{self._files:06d}-{index:05d}.txt"
-            block = {"path": path, "text": text[offset : offset + size]}
+            block = {"path": path, "text": piece}
             result = await self._invoke("writeFiles", {"content": [block]})
             if result["is_error"]:
                 raise SandboxError(f"writeFiles failed in the remote session: {result['stdout'][:300]}")
@@ -339,7 +343,11 @@ class AgentCoreSandboxSession:
                     codeInterpreterIdentifier=self._config.identifier, sessionId=session_id
                 )
                 self.api_calls += 1
-            except (ClientError, BotoCoreError) as exc:  # it times out on its own; say so and go on
+            except ClientError as exc:  # it times out on its own; say so and go on
+                if exc.response.get("Error", {}).get("Code") not in _LOST:
+                    _logger.warning("could not stop the AgentCore session", session_id=session_id,
+                                    error=str(exc)[:200])
+            except BotoCoreError as exc:
                 _logger.warning("could not stop the AgentCore session", session_id=session_id, error=str(exc)[:200])
 
     async def _restart(self) -> None:
@@ -351,7 +359,11 @@ class AgentCoreSandboxSession:
 
     # -- control calls -----------------------------------------------------------------------------
     async def _control(self, method: str, args: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
-        payload = base64.b64encode(json.dumps(args, ensure_ascii=False).encode("utf-8")).decode("ascii")
+        text = json.dumps(args, ensure_ascii=False, default=str)
+        payload = base64.b64encode(text.encode("utf-8")).decode("ascii")
+        if len(payload) + len(prefix) + _ENVELOPE > self._config.max_request_bytes:
+            spilled = {"args_paths": await self._write_parts("args", text)}
+            payload = base64.b64encode(json.dumps(spilled).encode("utf-8")).decode("ascii")
         code = (
             prefix + "import sys as _rlmflow_sys\n"
             "_rlmflow_rt = _rlmflow_sys.modules.get('_rlmflow_runtime')\n"
@@ -374,8 +386,21 @@ class AgentCoreSandboxSession:
                 await self._restart()
                 notes.append("The sandbox had stopped and was restarted: variables were lost, context is reloaded.")
             self._cell_ids += 1
+            self._cell_started = False
+            lost_before = False
             try:
-                reply, timed_out = await self._run_cell(self._cell_ids, code)
+                try:
+                    reply, timed_out = await self._run_cell(self._cell_ids, code)
+                except _SessionLost:
+                    if self._cell_started:
+                        raise
+                    # gone before the cell began (expired, stopped): a new session runs it
+                    with anyio.CancelScope(shield=True):
+                        await self._restart()
+                    notes.append("The sandbox had stopped and was restarted: variables were lost, "
+                                 "context is reloaded.")
+                    reply, timed_out = await self._run_cell(self._cell_ids, code)
+                    lost_before = True
             except (_SessionLost, _Malformed) as exc:
                 reason = "the remote session ended" if isinstance(exc, _SessionLost) else "a malformed response"
                 _logger.warning("AgentCore cell failed", reason=str(exc)[:200])
@@ -399,7 +424,7 @@ class AgentCoreSandboxSession:
                 final=final if isinstance(final, str) else None,
                 duration=_number(reply.get("duration")),
                 timed_out=timed_out,
-                restarted=restarted,
+                restarted=restarted or lost_before,
                 notes=tuple(notes),
             )
 
@@ -426,6 +451,7 @@ class AgentCoreSandboxSession:
             args["wait"] = min(config.poll_wait, max(remaining, 0.0))
             started = anyio.current_time()
             status = await self._control(method, args)
+            self._cell_started = True
             remaining -= anyio.current_time() - started  # compute time: the remote ran during the call
             state = status.get("state")
             if state == "done":
@@ -452,7 +478,7 @@ class AgentCoreSandboxSession:
             if remaining <= 0:
                 return await self._interrupt(cell_id), True
             if replies:
-                method, args = "resume", await self._reply_args(cell_id, replies)
+                method, args = "resume", {"cell": cell_id, "replies": replies}
             else:
                 method, args = "poll", {"cell": cell_id}
 
@@ -468,12 +494,6 @@ class AgentCoreSandboxSession:
                 reply = {"ok": False, "error": {"type": "RLMError",
                                                 "message": f"internal error in the host: {type(exc).__name__}"}}
             await send.send((call_id, reply))
-
-    async def _reply_args(self, cell_id: int, replies: dict[str, Any]) -> dict[str, Any]:
-        text = json.dumps(replies, ensure_ascii=False, default=str)
-        if len(text) <= self._config.inline_reply_chars:
-            return {"cell": cell_id, "replies": replies}
-        return {"cell": cell_id, "reply_paths": await self._write_parts("replies", text)}
 
     async def _interrupt(self, cell_id: int) -> dict[str, Any]:
         timeout = self._config.cell_timeout
@@ -547,6 +567,24 @@ def _capped(output: Any, chars: Any, cap: int) -> tuple[str, int]:
         half = max(1, cap // 2)
         text = f"{text[:half]}\n[... output cut by the host: {total:,} characters in all ...]\n{text[-half:]}"
     return text, total
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """``text`` cut so that each piece, JSON-encoded as botocore sends it, is at most ``limit`` bytes."""
+    pieces = []
+    offset = 0
+    size = limit
+    while True:
+        piece = text[offset : offset + size]
+        encoded = len(json.dumps(piece))
+        if encoded > limit and size > 1:  # escapes of non-ASCII text: shrink to fit
+            size = max(1, size * limit // encoded - 16)
+            continue
+        pieces.append(piece)
+        offset += len(piece)
+        if offset >= len(text):
+            return pieces
+        size = limit
 
 
 def _number(value: Any) -> float:

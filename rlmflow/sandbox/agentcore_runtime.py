@@ -417,6 +417,11 @@ def _boot(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dispatch(method: str, args: dict[str, Any]) -> dict[str, Any]:
+    paths = args.get("args_paths")
+    if paths:  # arguments too large for one request came as files
+        args = json.loads(_read_parts(list(paths)))
+        for path in paths:
+            os.remove(path)
     if method == "boot":
         return _boot(args)
     runtime = _RUNTIME
@@ -428,13 +433,7 @@ def _dispatch(method: str, args: dict[str, Any]) -> dict[str, Any]:
     if method == "start":
         return runtime.start(cell_id, str(args["code"]), wait)
     if method == "resume":
-        replies = dict(args.get("replies") or {})
-        paths = list(args.get("reply_paths") or [])
-        if paths:
-            replies.update(json.loads(_read_parts(paths)))
-            for path in paths:
-                os.remove(path)
-        runtime.deliver(replies)
+        runtime.deliver(dict(args.get("replies") or {}))
         return runtime.wait(cell_id, wait)
     if method == "poll":
         return runtime.wait(cell_id, wait)

@@ -111,6 +111,7 @@ class FakeAgentCoreServer:
 
     - ``access_key`` / ``secret_key`` / ``region``: the credentials requests must be signed with;
     - ``throttle``: operation name -> how many of the next requests get a ``ThrottlingException``;
+    - ``max_session_timeout``: larger ``sessionTimeoutSeconds`` get a ``ValidationException``;
     - ``python``: the interpreter of the session processes (default: this one).
     """
 
@@ -127,6 +128,7 @@ class FakeAgentCoreServer:
         self.region = region
         self.python = python or sys.executable
         self.throttle: dict[str, int] = {}
+        self.max_session_timeout = 28800
         self.requests: list[RecordedRequest] = []
         self.sessions: dict[str, FakeSession] = {}
         self.rejected_signatures = 0
@@ -160,6 +162,10 @@ class FakeAgentCoreServer:
     @property
     def live_sessions(self) -> list[FakeSession]:
         return [s for s in self.sessions.values() if not s.stopped]
+
+    async def expire(self, session_id: str) -> None:
+        """End a session as its timeout would: later requests for it get ResourceNotFoundException."""
+        await self._end(self.sessions[session_id])
 
     def tool_calls(self, tool: str | None = None) -> list[RecordedRequest]:
         return [r for r in self.requests if r.operation == "InvokeCodeInterpreter" and tool in (None, r.tool)]
@@ -224,8 +230,9 @@ class FakeAgentCoreServer:
                                              headers=dict(request.headers)))
         self._throttled("StartCodeInterpreterSession")
         timeout = body.get("sessionTimeoutSeconds", 900)
-        if not isinstance(timeout, int) or not 1 <= timeout <= 28800:
-            raise _validation("sessionTimeoutSeconds must be between 1 and 28800", "sessionTimeoutSeconds")
+        if not isinstance(timeout, int) or not 1 <= timeout <= self.max_session_timeout:
+            raise _validation(f"sessionTimeoutSeconds must be between 1 and {self.max_session_timeout}",
+                              "sessionTimeoutSeconds")
         session_id = uuid.uuid4().hex[:26].upper()
         directory = self._root / session_id
         directory.mkdir()
