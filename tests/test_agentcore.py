@@ -90,8 +90,8 @@ async def test_context_written_in_chunks_reads_back_equal(server: FakeAgentCoreS
     text = "".join(f"{i}: naïve café — 東京 🚀 line\n" for i in range(4000))
     sandbox = make_sandbox(server, max_request_bytes=16384)
     async with sandbox.session(text, no_calls) as session:
-        cell = await session.execute("import hashlib\nprint(len(context), hashlib.sha256(context.encode()).hexdigest())"
-                                     )
+        code = "import hashlib\nprint(len(context), hashlib.sha256(context.encode()).hexdigest())"
+        cell = await session.execute(code)
     assert cell.error is None
     assert cell.output.split() == [str(len(text)), hashlib.sha256(text.encode()).hexdigest()]
     assert context_written(server) == text

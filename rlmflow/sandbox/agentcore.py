@@ -324,7 +324,12 @@ class AgentCoreSandboxSession:
         """
         self._files += 1
         paths = []
-        for index, piece in enumerate(_pieces(text, self._config.max_request_bytes - _ENVELOPE)):
+        limit = self._config.max_request_bytes - _ENVELOPE
+        if len(text) < limit // 8:
+            pieces = _pieces(text, limit)
+        else:  # encoding megabytes to measure them: not on the event loop
+            pieces = await anyio.to_thread.run_sync(_pieces, text, limit)
+        for index, piece in enumerate(pieces):
             path = f".rlmflow/{kind}/{self._files:06d}-{index:05d}.txt"
             block = {"path": path, "text": piece}
             result = await self._invoke("writeFiles", {"content": [block]})

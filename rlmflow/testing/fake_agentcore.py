@@ -112,6 +112,7 @@ class FakeAgentCoreServer:
     - ``access_key`` / ``secret_key`` / ``region``: the credentials requests must be signed with;
     - ``throttle``: operation name -> how many of the next requests get a ``ThrottlingException``;
     - ``max_session_timeout``: larger ``sessionTimeoutSeconds`` get a ``ValidationException``;
+    - ``latency``: seconds added to every request (a network round trip, for benchmarks);
     - ``python``: the interpreter of the session processes (default: this one).
     """
 
@@ -122,6 +123,7 @@ class FakeAgentCoreServer:
         secret_key: str = "fake-secret-key",
         region: str = "us-east-1",
         python: str | None = None,
+        latency: float = 0.0,
         port: int = 0,
     ) -> None:
         self.credentials = Credentials(access_key, secret_key)
@@ -129,6 +131,7 @@ class FakeAgentCoreServer:
         self.python = python or sys.executable
         self.throttle: dict[str, int] = {}
         self.max_session_timeout = 28800
+        self.latency = latency
         self.requests: list[RecordedRequest] = []
         self.sessions: dict[str, FakeSession] = {}
         self.rejected_signatures = 0
@@ -175,6 +178,8 @@ class FakeAgentCoreServer:
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             body = await request.read()
+            if self.latency:
+                await anyio.sleep(self.latency)
             self._check_signature(request, body)
             response: web.StreamResponse = await handler(request)
             return response
