@@ -6,7 +6,7 @@ The fake data-plane server (rlmflow.testing.fake_agentcore) runs in a process of
 CPU is not the host's; ``--rtt-ms`` adds that much delay to every API call to model the network
 round trip to AWS. The host answers every batch at once (no model latency), so the figures are
 pure sandbox overhead. Prints the per-batch cost of each backend and their ratio, and writes
-benchmarks/results/agentcore.json.
+benchmarks/results/agentcore.json (agentcore-rtt<N>ms.json with a simulated round trip).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ async def main(rtt_ms: float) -> None:
     for size_label, pair in results.items():
         print(f"session start with a {size_label} context: local {pair['local']['session_start_s'] * 1000:.0f} ms, "
               f"AgentCore (fake) {pair['agentcore']['session_start_s'] * 1000:.0f} ms")
-    write_result("agentcore", report)
+    write_result("agentcore" if not rtt_ms else f"agentcore-rtt{rtt_ms:g}ms", report)
 
 
 if __name__ == "__main__":

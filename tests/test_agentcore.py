@@ -136,17 +136,24 @@ async def test_session_stopped_when_a_run_is_cancelled_in_a_host_call(server: Fa
 
 
 async def test_session_stopped_when_cancelled_during_an_api_call(server: FakeAgentCoreServer) -> None:
-    sandbox = make_sandbox(server, poll_wait=30.0)
-    with anyio.move_on_after(0.5) as scope:  # the remote cell computes; the start call waits 30 s for it
+    sandbox = make_sandbox(server, poll_wait=30.0)  # the start call waits in the remote session for the cell
+
+    async def run() -> None:
         async with sandbox.session("ctx", no_calls) as session:
             await session.execute("while True:\n    pass")
-    assert scope.cancelled_caught
-    assert not server.live_sessions
+
+    cell_started = anyio.Event()
+    server.on_request = lambda r: ".control('start'" in r.arguments.get("code", "") and cell_started.set()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await cell_started.wait()
+        tg.cancel_scope.cancel()
+    assert len(server.sessions) == 1 and not server.live_sessions
     assert server.requests[-1].operation == "StopCodeInterpreterSession"
 
 
 async def test_timeout_interrupts_and_keeps_variables_or_replaces_the_session(server: FakeAgentCoreServer) -> None:
-    sandbox = make_sandbox(server, cell_timeout=0.4, interrupt_grace=0.3, poll_wait=0.1)
+    sandbox = make_sandbox(server, cell_timeout=1.0, interrupt_grace=0.5, poll_wait=0.2)
     async with sandbox.session("ctx", no_calls) as session:
         await session.execute("kept = 'yes'")
         loop = await session.execute("while True:\n    pass")
@@ -169,6 +176,9 @@ async def test_expired_session_is_restarted_with_a_note(server: FakeAgentCoreSer
     assert cell.restarted and cell.output == "False ctx\n"
     assert any("variables" in note.lower() for note in cell.notes)
     assert len(server.sessions) == 2 and not server.live_sessions
+    with pytest.raises(SandboxError, match="closed"):  # no session is started behind a closed one's back
+        await session.execute("1")
+    assert len(server.sessions) == 2
 
 
 FORGE = "import sys\nrt = sys.modules['_rlmflow_runtime']\nrt._dispatch = lambda method, args: STATUS\n"

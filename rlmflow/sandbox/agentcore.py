@@ -32,6 +32,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -87,7 +88,8 @@ class AgentCoreSandbox:
     - ``max_response_chars``: the most text the host reads from one call's event stream;
     - ``max_request_chars``: the largest host request the remote runtime sends (checked there);
     - ``retry``: backoff for throttled API calls; ``sleep``: how to wait (tests inject one);
-    - ``client_config``: a ``botocore.config.Config`` merged over the defaults.
+    - ``client_config``: a ``botocore.config.Config`` merged over the defaults;
+    - ``start_timeout`` / ``stop_timeout``: bounds of the (shielded) start and stop calls.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class AgentCoreSandbox:
         sleep: Sleep | None = None,
         client_config: Config | None = None,
         stop_timeout: float = 10.0,
+        start_timeout: float = 60.0,
     ) -> None:
         if not 1 <= session_timeout <= 28800:
             raise ValueError("session_timeout must be between 1 and 28800 seconds")
@@ -131,6 +134,7 @@ class AgentCoreSandbox:
         self.retry = retry or RetryPolicy(max_attempts=5, base_delay=0.2, max_delay=5.0)
         self.sleep: Sleep = sleep or anyio.sleep
         self.stop_timeout = stop_timeout
+        self.start_timeout = start_timeout
         # botocore's own retries off: throttles are retried here, where a test can inject the sleep
         config = Config(retries={"total_max_attempts": 1}, read_timeout=max(60.0, 4 * poll_wait), connect_timeout=10)
         self.client_config = config.merge(client_config) if client_config is not None else config
@@ -160,7 +164,7 @@ class AgentCoreSandbox:
                     yield session
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await session._stop()
+                        await session._close()
 
     def __repr__(self) -> str:
         return (f"AgentCoreSandbox(identifier={self.identifier!r}, region_name={self.region_name!r}, "
@@ -182,6 +186,7 @@ class AgentCoreSandboxSession:
         self._cell_ids = 0
         self._files = 0
         self._cell_started = False
+        self._closed = False
         self.restarts = 0
         self.session_ids: list[str] = []
         self.load_seconds = 0.0
@@ -228,8 +233,9 @@ class AgentCoreSandboxSession:
                 "invoke_code_interpreter", codeInterpreterIdentifier=self._config.identifier,
                 sessionId=self._session_id, name=tool, arguments=arguments,
             )
+            stream = response["stream"]
             try:
-                return await self._read_stream(response["stream"])
+                return await self._read_stream(stream)
             except ClientError as exc:  # an exception event inside the stream
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code.lower() == "throttlingexception" and attempt < self._config.retry.max_attempts:
@@ -238,6 +244,8 @@ class AgentCoreSandboxSession:
                 if code.lower() == "resourcenotfoundexception":
                     raise _SessionLost(code) from exc
                 raise SandboxError(_explain(tool, code, str(exc)[:500], attempt)) from exc
+            finally:
+                stream.close()  # a response left unread (oversized) must not hold its connection
 
     async def _read_stream(self, stream: Any) -> dict[str, Any]:
         limit = self._config.max_response_chars
@@ -281,10 +289,15 @@ class AgentCoreSandboxSession:
 
     async def _start_remote(self) -> None:
         started = anyio.current_time()
-        response = await self._api(
-            "start_code_interpreter_session", codeInterpreterIdentifier=self._config.identifier,
-            name=f"rlmflow-{uuid.uuid4().hex[:12]}", sessionTimeoutSeconds=self._config.session_timeout,
-        )
+        # Shielded: a start cancelled in flight would leave a session nobody knows the id of to stop.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._config.start_timeout) as deadline:
+            response = await self._api(
+                "start_code_interpreter_session", codeInterpreterIdentifier=self._config.identifier,
+                name=f"rlmflow-{uuid.uuid4().hex[:12]}", sessionTimeoutSeconds=self._config.session_timeout,
+            )
+        if deadline.cancelled_caught:
+            raise SandboxError(f"StartCodeInterpreterSession did not answer within {self._config.start_timeout:g} s")
+        await anyio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here, and stops it
         session_id = response.get("sessionId") if isinstance(response, dict) else None
         if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
             raise SandboxProtocolError("StartCodeInterpreterSession returned no valid sessionId")
@@ -338,6 +351,10 @@ class AgentCoreSandboxSession:
             paths.append(path)
         return paths
 
+    async def _close(self) -> None:
+        self._closed = True
+        await self._stop()
+
     async def _stop(self) -> None:
         session_id, self._session_id = self._session_id, None
         if session_id is None:
@@ -345,7 +362,7 @@ class AgentCoreSandboxSession:
         with anyio.move_on_after(self._config.stop_timeout):
             try:
                 await self._client.stop_code_interpreter_session(
-                    codeInterpreterIdentifier=self._config.identifier, sessionId=session_id
+                    codeInterpreterIdentifier=self._config.identifier, sessionId=session_id, **self._trace_headers()
                 )
                 self.api_calls += 1
             except ClientError as exc:  # it times out on its own; say so and go on
@@ -386,6 +403,8 @@ class AgentCoreSandboxSession:
         denied, throttled past the retries, unreachable endpoint).
         """
         async with self._lock:
+            if self._closed:
+                raise SandboxError("this AgentCore sandbox session is closed")
             notes: list[str] = []
             if self._session_id is None:
                 await self._restart()
@@ -400,8 +419,7 @@ class AgentCoreSandboxSession:
                     if self._cell_started:
                         raise
                     # gone before the cell began (expired, stopped): a new session runs it
-                    with anyio.CancelScope(shield=True):
-                        await self._restart()
+                    await self._restart()
                     notes.append("The sandbox had stopped and was restarted: variables were lost, "
                                  "context is reloaded.")
                     reply, timed_out = await self._run_cell(self._cell_ids, code)
@@ -409,8 +427,7 @@ class AgentCoreSandboxSession:
             except (_SessionLost, _Malformed) as exc:
                 reason = "the remote session ended" if isinstance(exc, _SessionLost) else "a malformed response"
                 _logger.warning("AgentCore cell failed", reason=str(exc)[:200])
-                with anyio.CancelScope(shield=True):
-                    await self._restart()
+                await self._restart()
                 reply, timed_out = {"error": f"SandboxCrash: {reason} ({str(exc)[:300]}) while running this cell.",
                                     "restart": True}, False
             restarted = bool(reply.get("restart"))
@@ -511,8 +528,7 @@ class AgentCoreSandboxSession:
                     "Variables are kept. Work on smaller slices or use llm_query_many for slow steps."
                 )
             return reply
-        with anyio.CancelScope(shield=True):
-            await self._restart()
+        await self._restart()
         return {
             "error": f"TimeoutError: the cell ran past its {timeout:g} s limit and did not stop on interrupt "
             "(a C-level loop or sleep?); the session was replaced.",

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ class FakeAgentCoreServer:
     - ``throttle``: operation name -> how many of the next requests get a ``ThrottlingException``;
     - ``max_session_timeout``: larger ``sessionTimeoutSeconds`` get a ``ValidationException``;
     - ``latency``: seconds added to every request (a network round trip, for benchmarks);
+    - ``on_request``: called with each request as it is recorded (tests wait on it);
     - ``python``: the interpreter of the session processes (default: this one).
     """
 
@@ -132,6 +134,7 @@ class FakeAgentCoreServer:
         self.throttle: dict[str, int] = {}
         self.max_session_timeout = 28800
         self.latency = latency
+        self.on_request: Callable[[RecordedRequest], None] | None = None
         self.requests: list[RecordedRequest] = []
         self.sessions: dict[str, FakeSession] = {}
         self.rejected_signatures = 0
@@ -206,6 +209,11 @@ class FakeAgentCoreServer:
             self.rejected_signatures += 1
             raise _Error(403, "AccessDeniedException", {"message": "the request signature does not match"})
 
+    def _record(self, request: RecordedRequest) -> None:
+        self.requests.append(request)
+        if self.on_request is not None:
+            self.on_request(request)
+
     def _throttled(self, operation: str) -> None:
         left = self.throttle.get(operation, 0)
         if left > 0:
@@ -231,7 +239,7 @@ class FakeAgentCoreServer:
     # -- operations -----------------------------------------------------------------------------
     async def _start(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
-        self.requests.append(RecordedRequest("StartCodeInterpreterSession", None, body=body,
+        self._record(RecordedRequest("StartCodeInterpreterSession", None, body=body,
                                              headers=dict(request.headers)))
         self._throttled("StartCodeInterpreterSession")
         timeout = body.get("sessionTimeoutSeconds", 900)
@@ -259,7 +267,7 @@ class FakeAgentCoreServer:
 
     async def _stop(self, request: web.Request) -> web.StreamResponse:
         session_id = request.query.get("sessionId")
-        self.requests.append(RecordedRequest("StopCodeInterpreterSession", session_id, headers=dict(request.headers)))
+        self._record(RecordedRequest("StopCodeInterpreterSession", session_id, headers=dict(request.headers)))
         self._throttled("StopCodeInterpreterSession")
         session = self._session(request, session_id)
         await self._end(session)
@@ -281,7 +289,7 @@ class FakeAgentCoreServer:
         body = await self._json(request)
         tool = body.get("name")
         arguments = body.get("arguments") or {}
-        self.requests.append(RecordedRequest("InvokeCodeInterpreter", session_id, str(tool), arguments, body,
+        self._record(RecordedRequest("InvokeCodeInterpreter", session_id, str(tool), arguments, body,
                                              dict(request.headers)))
         self._throttled("InvokeCodeInterpreter")
         if tool not in _TOOLS:
