@@ -18,13 +18,13 @@ import anyio.lowlevel
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from rlmflow import RLM, SandboxError, ScriptedModel
+from rlmflow import RLM, ModelRequest, SandboxError, ScriptedModel
 from rlmflow.dispatch.retry import RetryPolicy
 from rlmflow.sandbox import AgentCoreSandbox
 from rlmflow.sandbox.base import Context
 from rlmflow.testing.fake_agentcore import FakeAgentCoreServer, encode_event
 
-from .helpers import turn_script
+from .helpers import repl, turn_script
 
 pytestmark = pytest.mark.anyio
 
@@ -84,6 +84,21 @@ async def test_full_run_fans_out_through_the_host_and_finishes(server: FakeAgent
     (session,) = server.sessions.values()
     assert session.traceparent is not None and result.trace_id in session.traceparent
     assert all(result.trace_id in r.headers.get("traceparent", "") for r in server.tool_calls())
+
+
+async def test_rlm_query_children_get_sessions_of_their_own(server: FakeAgentCoreServer) -> None:
+    def reply(request: ModelRequest) -> str:
+        task = request.messages[1].content
+        if "Question: child" in task:
+            return repl("FINAL('leaf:' + context[:5] + ':' + llm_query('q'))")
+        return repl("FINAL(' '.join(rlm_query_many(['child a', 'child b'], ['alpha doc', 'beta doc'])))")
+
+    sub = ScriptedModel(lambda r: "sub", name="sub")
+    root = ScriptedModel(reply, name="root")
+    async with RLM(root=root, sub=sub, sandbox=make_sandbox(server), max_depth=1) as rlm:
+        result = await rlm.run("parent document", "top")
+    assert result.answer == "leaf:alpha:sub leaf:beta :sub"
+    assert len(server.sessions) == 3 and not server.live_sessions
 
 
 async def test_context_written_in_chunks_reads_back_equal(server: FakeAgentCoreServer) -> None:

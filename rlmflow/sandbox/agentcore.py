@@ -442,7 +442,7 @@ class AgentCoreSandboxSession:
             return CellResult(
                 output=output,
                 output_chars=output_chars,
-                error=error[: self._config.max_response_chars] if isinstance(error, str) else None,
+                error=_cut(error, max(20_000, 4 * self._config.max_output_chars)) if isinstance(error, str) else None,
                 final=final if isinstance(final, str) else None,
                 duration=_number(reply.get("duration")),
                 timed_out=timed_out,
@@ -606,6 +606,13 @@ def _pieces(text: str, limit: int) -> list[str]:
         if offset >= len(text):
             return pieces
         size = limit
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - limit:,} characters cut by the host ...]\n{text[-half:]}"
 
 
 def _number(value: Any) -> float:
