@@ -84,6 +84,7 @@ async def test_full_run_fans_out_through_the_host_and_finishes(server: FakeAgent
     (session,) = server.sessions.values()
     assert session.traceparent is not None and result.trace_id in session.traceparent
     assert all(result.trace_id in r.headers.get("traceparent", "") for r in server.tool_calls())
+    assert result.sandbox is not None and result.sandbox.backend == "agentcore" and result.sandbox.filesystem
 
 
 async def test_rlm_query_children_get_sessions_of_their_own(server: FakeAgentCoreServer) -> None:

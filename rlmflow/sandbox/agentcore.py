@@ -42,7 +42,7 @@ from .._exceptions import RLMError, SandboxError, SandboxProtocolError
 from .._util import single_exception
 from ..dispatch.retry import RetryPolicy
 from ..telemetry.logs import get_logger
-from .base import Bridge, CellResult, Context
+from .base import Bridge, CellResult, Context, SandboxReport
 from .local import error_to_wire
 
 __all__ = ["DEFAULT_IDENTIFIER", "AgentCoreSandbox", "AgentCoreSandboxSession"]
@@ -191,6 +191,25 @@ class AgentCoreSandboxSession:
         self.session_ids: list[str] = []
         self.load_seconds = 0.0
         self.api_calls = 0
+
+    @property
+    def report(self) -> SandboxReport:
+        """What confines the code: a remote microVM that has no host files, processes or credentials.
+
+        Inside it, programs can run and the network is what the code interpreter's network mode
+        allows (the system interpreter: S3 and DNS); rlmflow's runtime needs none of it.
+        """
+        return SandboxReport(
+            backend="agentcore",
+            mode="remote",
+            layers=(f"AgentCore Code Interpreter {self._config.identifier} (remote microVM, no credentials)",),
+            missing=("exec: programs can run inside the remote session",
+                     "network: set by the code interpreter's network mode, not by rlmflow"),
+            filesystem=True,
+            network=False,
+            exec=False,
+            processes=True,
+        )
 
     @property
     def session_id(self) -> str | None:
