@@ -184,13 +184,26 @@ async def test_timeout_interrupts_and_keeps_variables_or_replaces_the_session(se
         assert after.output == "3 False\n"
 
 
-async def test_expired_session_is_restarted_with_a_note(server: FakeAgentCoreServer) -> None:
+async def test_a_cell_that_kills_the_interpreter_is_reported_and_replaced(server: FakeAgentCoreServer) -> None:
+    async with make_sandbox(server, max_request_bytes=16384).session("ctx", no_calls) as session:
+        await session.execute("import os\nos.chdir('/')\nv = 1")
+        big = await session.execute("x = '" + "y" * 30_000 + "'\nprint(len(x), os.getcwd())")  # args as files
+        assert big.output == "30000 /\n"
+        dead = await session.execute("import os\nos._exit(3)")
+        assert dead.restarted and dead.error is not None and dead.error.startswith("SandboxCrash")
+        assert (await session.execute("print('v' in globals(), context)")).output == "False ctx\n"
+    assert len(server.sessions) == 2 and not server.live_sessions
+
+
+async def test_expired_session_is_replaced_and_the_cell_reported(server: FakeAgentCoreServer) -> None:
     async with make_sandbox(server).session("ctx", no_calls) as session:
         await session.execute("v = 1")
         await server.expire(str(session.session_id))
+        lost = await session.execute("print('v' in globals(), context)")
+        assert lost.restarted and lost.error is not None and "ResourceNotFoundException" in lost.error
+        assert any("variables" in note.lower() for note in lost.notes)
         cell = await session.execute("print('v' in globals(), context)")
-    assert cell.restarted and cell.output == "False ctx\n"
-    assert any("variables" in note.lower() for note in cell.notes)
+    assert cell.output == "False ctx\n" and not cell.restarted
     assert len(server.sessions) == 2 and not server.live_sessions
     with pytest.raises(SandboxError, match="closed"):  # no session is started behind a closed one's back
         await session.execute("1")

@@ -47,11 +47,13 @@ from .agentcore_protocol import (
     Malformed,
     SessionLost,
     capped,
+    check_done,
     cut,
     explain,
     number,
     parse_status,
     pieces,
+    read_result,
     sha256,
     short,
     valid_calls,
@@ -188,7 +190,7 @@ class AgentCoreSandboxSession:
         self._context_sha = ""
         self._cell_ids = 0
         self._files = 0
-        self._cell_started = False
+        self._started_at = 0.0
         self._closed = False
         self.restarts = 0
         self.session_ids: list[str] = []
@@ -257,7 +259,7 @@ class AgentCoreSandboxSession:
             )
             stream = response["stream"]
             try:
-                return await self._read_stream(stream)
+                return await read_result(stream, self._config.max_response_chars)
             except ClientError as exc:  # an exception event inside the stream
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code.lower() == "throttlingexception" and attempt < self._config.retry.max_attempts:
@@ -268,38 +270,6 @@ class AgentCoreSandboxSession:
                 raise SandboxError(explain(tool, code, str(exc)[:500], attempt)) from exc
             finally:
                 stream.close()  # a response left unread (oversized) must not hold its connection
-
-    async def _read_stream(self, stream: Any) -> dict[str, Any]:
-        limit = self._config.max_response_chars
-        seen = 0
-        stdout: list[str] = []
-        other: list[str] = []
-        is_error = False
-        async for event in stream:
-            result = event.get("result") if isinstance(event, dict) else None
-            if not isinstance(result, dict):
-                continue
-            is_error = is_error or bool(result.get("isError"))
-            structured = result.get("structuredContent")
-            texts: list[tuple[list[str], Any]] = []
-            if isinstance(structured, dict) and isinstance(structured.get("stdout"), str):
-                texts.append((stdout, structured["stdout"]))
-                texts.append((other, structured.get("stderr")))
-            else:
-                for block in result.get("content") or []:
-                    if isinstance(block, dict):
-                        texts.append((stdout, block.get("text")))
-                        resource = block.get("resource")
-                        if isinstance(resource, dict):
-                            texts.append((stdout, resource.get("text")))
-            for sink, text in texts:
-                if not isinstance(text, str):
-                    continue
-                seen += len(text)
-                if seen > limit:
-                    raise Malformed(f"the remote session sent more than {limit:,} characters in one response")
-                sink.append(text)
-        return {"stdout": "".join(stdout), "stderr": "".join(other), "is_error": is_error}
 
     # -- session lifecycle -------------------------------------------------------------------------
     async def _open(self, context: Context) -> None:
@@ -323,6 +293,7 @@ class AgentCoreSandboxSession:
         if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
             raise SandboxProtocolError("StartCodeInterpreterSession returned no valid sessionId")
         self._session_id = session_id
+        self._started_at = started
         self.session_ids.append(session_id)
         try:
             await anyio.lowlevel.checkpoint()  # a cancellation that came during the start lands here
@@ -428,25 +399,16 @@ class AgentCoreSandboxSession:
             if self._closed:
                 raise SandboxError("this AgentCore sandbox session is closed")
             notes: list[str] = []
-            if self._session_id is None:
+            expired = anyio.current_time() - self._started_at >= self._config.session_timeout - 5
+            if self._session_id is None or expired:  # a cell must not start in a session known to be gone
                 await self._restart()
-                notes.append("The sandbox had stopped and was restarted: variables were lost, context is reloaded.")
+                notes.append("The sandbox session had ended and was restarted: variables were lost, context is "
+                             "reloaded.")
             self._cell_ids += 1
-            self._cell_started = False
-            lost_before = False
             try:
-                try:
-                    reply, timed_out = await self._run_cell(self._cell_ids, code)
-                except SessionLost:
-                    if self._cell_started:
-                        raise
-                    # gone before the cell began (expired, stopped): a new session runs it
-                    await self._restart()
-                    notes.append("The sandbox had stopped and was restarted: variables were lost, "
-                                 "context is reloaded.")
-                    reply, timed_out = await self._run_cell(self._cell_ids, code)
-                    lost_before = True
+                reply, timed_out = await self._run_cell(self._cell_ids, code)
             except (SessionLost, Malformed) as exc:
+                # Not run again: the cell itself may be what ended the session (os._exit, memory).
                 reason = "the remote session ended" if isinstance(exc, SessionLost) else "a malformed response"
                 _logger.warning("AgentCore cell failed", reason=str(exc)[:200])
                 await self._restart()
@@ -468,7 +430,7 @@ class AgentCoreSandboxSession:
                 final=final if isinstance(final, str) else None,
                 duration=number(reply.get("duration")),
                 timed_out=timed_out,
-                restarted=restarted or lost_before,
+                restarted=restarted or bool(notes),
                 notes=tuple(notes),
             )
 
@@ -495,11 +457,10 @@ class AgentCoreSandboxSession:
             args["wait"] = min(config.poll_wait, max(remaining, 0.0))
             started = anyio.current_time()
             status = await self._control(method, args)
-            self._cell_started = True
             remaining -= anyio.current_time() - started  # compute time: the remote ran during the call
             state = status.get("state")
             if state == "done":
-                return self._check_done(status, cell_id), False
+                return check_done(status, cell_id), False
             if state == "lost":
                 raise SessionLost("the remote interpreter lost the rlmflow runtime")
             if state == "calls":
@@ -543,7 +504,7 @@ class AgentCoreSandboxSession:
         timeout = self._config.cell_timeout
         status = await self._control("interrupt", {"cell": cell_id, "wait": self._config.interrupt_grace})
         if status.get("state") == "done":
-            reply = self._check_done(status, cell_id)
+            reply = check_done(status, cell_id)
             if reply.get("interrupted"):
                 reply["error"] = (
                     f"TimeoutError: the cell ran past its {timeout:g} s limit and was interrupted. "
@@ -556,12 +517,3 @@ class AgentCoreSandboxSession:
             "(a C-level loop or sleep?); the session was replaced.",
             "restart": True,
         }
-
-    @staticmethod
-    def _check_done(status: dict[str, Any], cell_id: int) -> dict[str, Any]:
-        if status.get("cell") != cell_id:
-            raise Malformed(f"a result for cell {status.get('cell')!r} while running cell {cell_id}")
-        for key, kind in (("output", str), ("error", (str, type(None))), ("final", (str, type(None)))):
-            if not isinstance(status.get(key), kind):
-                raise Malformed(f"the result's {key!r} has the wrong type")
-        return status

@@ -115,3 +115,50 @@ def explain(operation: str, code: str, message: str, attempts: int) -> str:
     elif code == "ServiceQuotaExceededException":
         hint = " (too many concurrent sessions: lower the run concurrency or ask for a higher quota)"
     return f"AgentCore {operation} failed: {code}: {message}{hint}"
+
+
+async def read_result(stream: Any, limit: int) -> dict[str, Any]:
+    """The text of an InvokeCodeInterpreter event stream, at most ``limit`` characters of it.
+
+    Prefers ``structuredContent.stdout``/``stderr``; falls back on the text of ``content``
+    blocks. botocore has already bounded each event (24 MB) before decoding it.
+    """
+    seen = 0
+    stdout: list[str] = []
+    other: list[str] = []
+    is_error = False
+    async for event in stream:
+        result = event.get("result") if isinstance(event, dict) else None
+        if not isinstance(result, dict):
+            continue
+        is_error = is_error or bool(result.get("isError"))
+        structured = result.get("structuredContent")
+        texts: list[tuple[list[str], Any]] = []
+        if isinstance(structured, dict) and isinstance(structured.get("stdout"), str):
+            texts.append((stdout, structured["stdout"]))
+            texts.append((other, structured.get("stderr")))
+        else:
+            for block in result.get("content") or []:
+                if isinstance(block, dict):
+                    texts.append((stdout, block.get("text")))
+                    resource = block.get("resource")
+                    if isinstance(resource, dict):
+                        texts.append((stdout, resource.get("text")))
+        for sink, text in texts:
+            if not isinstance(text, str):
+                continue
+            seen += len(text)
+            if seen > limit:
+                raise Malformed(f"the remote session sent more than {limit:,} characters in one response")
+            sink.append(text)
+    return {"stdout": "".join(stdout), "stderr": "".join(other), "is_error": is_error}
+
+
+def check_done(status: dict[str, Any], cell_id: int) -> dict[str, Any]:
+    """A cell's result status, if it is the current cell's and its fields have the right types."""
+    if status.get("cell") != cell_id:
+        raise Malformed(f"a result for cell {status.get('cell')!r} while running cell {cell_id}")
+    for key, kind in (("output", str), ("error", (str, type(None))), ("final", (str, type(None)))):
+        if not isinstance(status.get(key), kind):
+            raise Malformed(f"the result's {key!r} has the wrong type")
+    return status

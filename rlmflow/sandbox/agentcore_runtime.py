@@ -391,10 +391,15 @@ def _format_user_traceback(exc: BaseException, filename: str) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+# writeFiles paths are relative to the interpreter's working directory when the runtime is installed;
+# model code may chdir later, so the runtime keeps the directory it started in.
+_BASE = os.getcwd()
+
+
 def _read_parts(paths: list[str]) -> str:
     parts = []
     for path in paths:
-        with open(path, encoding="utf-8") as fh:
+        with open(os.path.join(_BASE, path), encoding="utf-8") as fh:
             parts.append(fh.read())
     return "".join(parts)
 
@@ -421,7 +426,7 @@ def _dispatch(method: str, args: dict[str, Any]) -> dict[str, Any]:
     if paths:  # arguments too large for one request came as files
         args = json.loads(_read_parts(list(paths)))
         for path in paths:
-            os.remove(path)
+            os.remove(os.path.join(_BASE, path))
     if method == "boot":
         return _boot(args)
     runtime = _RUNTIME
