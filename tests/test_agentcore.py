@@ -16,11 +16,14 @@ import aioboto3
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 
 from rlmflow import RLM, ModelRequest, SandboxError, ScriptedModel
 from rlmflow.dispatch.retry import RetryPolicy
 from rlmflow.sandbox import AgentCoreSandbox
+from rlmflow.sandbox.agentcore_protocol import MARKER, Malformed, check_done, parse_status, pieces, valid_calls
 from rlmflow.sandbox.base import Context
 from rlmflow.testing.fake_agentcore import FakeAgentCoreServer, encode_event
 
@@ -337,3 +340,36 @@ def test_event_frames_parse_with_botocore() -> None:
     assert len(messages) == 2 and messages[0].headers[":event-type"] == "result"
     assert messages[1].payload == b'{"content": []}'
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=0, max_size=3000), limit=st.integers(min_value=16, max_value=700))
+def test_pieces_fit_the_request_bound_and_rebuild_the_text(text: str, limit: int) -> None:
+    parts = pieces(text, limit)
+    assert "".join(parts) == text
+    assert all(len(json.dumps(part)) <= limit for part in parts)
+    assert all(parts) or parts == [""]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(status=st.dictionaries(st.sampled_from(["state", "cell", "calls", "output", "error", "final", "x"]),
+                              json_values, max_size=6))
+def test_any_status_is_accepted_in_shape_or_refused(status: dict[str, Any]) -> None:
+    line = MARKER + json.dumps(status)
+    try:
+        parsed = parse_status({"stdout": "noise\n" + line + "\n", "stderr": "", "is_error": False}, 10_000)
+        calls = valid_calls(parsed, 1) if parsed.get("state") == "calls" else []
+        done = check_done(parsed, 1) if parsed.get("state") == "done" else None
+    except Malformed:
+        return
+    for call_id, fn, args in calls:
+        assert type(call_id) is int and fn in {"llm_query_many", "rlm_query_many", "budget"} and isinstance(args, dict)
+    if done is not None:
+        assert isinstance(done["output"], str) and done["cell"] == 1
