@@ -128,9 +128,10 @@ async def test_lists_and_dicts_arrive_as_python_values(server: FakeAgentCoreServ
 async def test_state_persists_errors_and_output_cap(server: FakeAgentCoreServer) -> None:
     async with make_sandbox(server, max_output_chars=1000).session("ctx", no_calls) as session:
         assert (await session.execute("x = 20\ndef double(v):\n    return 2 * v")).error is None
+        assert (await session.execute("len(chunks(1)), len(grep('ct'))")).output == "(1, 1)\n"  # the helpers
         assert (await session.execute("double(x) + 2")).output == "42\n"
         failed = await session.execute("undefined_name")
-        assert failed.error is not None and "NameError" in failed.error and "<cell 3>" in failed.error
+        assert failed.error is not None and "NameError" in failed.error and "<cell 4>" in failed.error
         flood = await session.execute("print('y' * 100_000)")
         assert flood.output_chars == 100_001 and len(flood.output) < 1200 and "omitted" in flood.output
         assert (await session.execute("import threading\nthreading.Thread(target=print, args=('bg',)).start()\n"

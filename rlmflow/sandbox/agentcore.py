@@ -64,7 +64,10 @@ from .local import error_to_wire
 __all__ = ["DEFAULT_IDENTIFIER", "AgentCoreSandbox", "AgentCoreSandboxSession"]
 
 DEFAULT_IDENTIFIER = "aws.codeinterpreter.v1"
-_RUNTIME_SOURCE = Path(__file__).with_name("agentcore_runtime.py")
+_REMOTE_MODULES = (  # (module name in the remote interpreter, source file); helpers first: the runtime uses them
+    ("_rlmflow_helpers", Path(__file__).with_name("helpers_prelude.py")),
+    ("_rlmflow_runtime", Path(__file__).with_name("agentcore_runtime.py")),
+)
 _SESSION_ID = re.compile(r"[0-9a-zA-Z]{1,40}")
 _ENVELOPE = 2048  # room for the JSON around a request's payload
 _LOST = ("ResourceNotFoundException",)
@@ -298,20 +301,23 @@ class AgentCoreSandboxSession:
         try:
             await anyio.lowlevel.checkpoint()  # a cancellation that came during the start lands here
             paths = await self._write_parts("context", self._context_text)
-            source = await anyio.to_thread.run_sync(_RUNTIME_SOURCE.read_text, "utf-8")
             config = {
                 "context_paths": paths, "context_kind": self._context_kind,
                 "max_output_chars": self._config.max_output_chars,
                 "max_request_chars": self._config.max_request_chars,
             }
-            runtime_paths = await self._write_parts("runtime", source)
-            install = (  # the runtime becomes a module of the remote interpreter, apart from model code
-                "import sys as _rlmflow_sys, types as _rlmflow_types\n"
-                "_rlmflow_module = _rlmflow_types.ModuleType('_rlmflow_runtime')\n"
-                f"_rlmflow_source = ''.join(open(p, encoding='utf-8').read() for p in {runtime_paths!r})\n"
-                "exec(compile(_rlmflow_source, '<rlmflow runtime>', 'exec'), _rlmflow_module.__dict__)\n"
-                "_rlmflow_sys.modules['_rlmflow_runtime'] = _rlmflow_module\n"
-            )
+            install = "import sys as _rlmflow_sys, types as _rlmflow_types\n"
+            # The helpers model code may call (grep, chunks) and the runtime become modules of the
+            # remote interpreter, apart from the namespace model code runs in.
+            for module, path in _REMOTE_MODULES:
+                source = await anyio.to_thread.run_sync(path.read_text, "utf-8")
+                module_paths = await self._write_parts("runtime", source)
+                install += (
+                    f"_rlmflow_module = _rlmflow_types.ModuleType({module!r})\n"
+                    f"_rlmflow_source = ''.join(open(p, encoding='utf-8').read() for p in {module_paths!r})\n"
+                    f"exec(compile(_rlmflow_source, {path.name!r}, 'exec'), _rlmflow_module.__dict__)\n"
+                    f"_rlmflow_sys.modules[{module!r}] = _rlmflow_module\n"
+                )
             status = await self._control("boot", config, prefix=install)
             if status.get("state") != "ready":
                 raise SandboxError(f"the remote session did not load the context: {short(status)}")

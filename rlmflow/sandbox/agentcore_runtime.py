@@ -271,6 +271,9 @@ class _Runtime:
                 "SandboxRequestError": SandboxRequestError,
             }
         )
+        helpers = sys.modules.get("_rlmflow_helpers")  # grep(), chunks(), shipped beside this runtime
+        if helpers is not None:
+            helpers.install(self.namespace)
 
     # -- the cell thread ----------------------------------------------------------------------
     def run_cell(self, cell: _Cell, code: str) -> None:
