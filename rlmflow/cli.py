@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "trace":
         return _trace(args)
     try:
-        args.capture_content = _capture_limit(args.capture_content)
+        args.capture_content = _capture_limit(getattr(args, "capture_content", None))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
