@@ -285,6 +285,30 @@ async def test_large_answers_and_cells_travel_as_files(server: FakeAgentCoreServ
     assert max(len(json.dumps(r.body)) for r in server.requests) <= 16384
 
 
+async def test_host_calls_from_several_threads_of_a_cell(server: FakeAgentCoreServer) -> None:
+    in_flight, most = 0, 0
+    release = anyio.Event()
+
+    async def slow_bridge(fn: str, args: dict[str, Any]) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        if most == 4:
+            release.set()
+        with anyio.move_on_after(2):  # served together when the remote reports them together
+            await release.wait()
+        in_flight -= 1
+        return [p.upper() for p in args["prompts"]]
+
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "with ThreadPoolExecutor(4) as pool:\n"
+            "    print(sorted(pool.map(llm_query, ['a', 'b', 'c', 'd'])))")
+    async with make_sandbox(server).session("ctx", slow_bridge) as session:
+        cell = await session.execute(code)
+    assert cell.error is None and cell.output == "['A', 'B', 'C', 'D']\n"
+    assert most >= 2  # at least some calls of different threads were in flight at once
+
+
 async def test_host_errors_reach_model_code_as_exceptions(server: FakeAgentCoreServer) -> None:
     from rlmflow import BatchError, ThrottledError
 

@@ -33,6 +33,8 @@ import traceback
 from typing import Any
 
 MARKER = "\x1erlmflow-status:"
+_GATHER = 0.002  # seconds between looks for more calls from a cell's other threads
+_GATHER_MAX = 0.05  # the longest a status waits for them after the last new call
 _HOST_FUNCTIONS = ("llm_query_many", "rlm_query_many", "budget")
 
 
@@ -163,6 +165,9 @@ class _Cell:
         self.pending: dict[int, _Call] = {}
         self.result: dict[str, Any] | None = None
         self.thread: threading.Thread | None = None
+        self.threads_before = 0
+        self.gathered = 0
+        self.gather_until = 0.0
 
 
 class _Runtime:
@@ -326,6 +331,7 @@ class _Runtime:
                 call.event.set()
             previous.pending.clear()
         cell = _Cell(cell_id, self.max_output_chars)
+        cell.threads_before = threading.active_count()
         self.cell = cell
         cell.thread = threading.Thread(target=self.run_cell, args=(cell, code), name=f"cell-{cell_id}", daemon=True)
         cell.thread.start()
@@ -352,7 +358,11 @@ class _Runtime:
                 if cell.result is not None:
                     return cell.result
                 fresh = [call for call in cell.pending.values() if not call.reported]
+                if fresh and self._more_may_come(cell, len(fresh)):
+                    self.cond.wait(_GATHER)
+                    continue
                 if fresh:
+                    cell.gathered = 0
                     for call in fresh:
                         call.reported = True
                     return {
@@ -364,6 +374,22 @@ class _Runtime:
                 if left <= 0:
                     return {"state": "running", "cell": cell.id}
                 self.cond.wait(left)
+
+    def _more_may_come(self, cell: _Cell, fresh: int) -> bool:
+        """Whether threads the cell started are still running and not all waiting for the host.
+
+        Calls of a thread pool arrive a few milliseconds apart; collecting them for one status lets
+        the host serve them together (it does not poll while it serves). A cell without threads of
+        its own never waits here.
+        """
+        others = threading.active_count() - cell.threads_before - 1
+        if others <= 0:
+            return False
+        if fresh > cell.gathered:  # new calls keep arriving: give the rest a moment
+            cell.gathered = fresh
+            cell.gather_until = time.monotonic() + _GATHER_MAX
+        waiting = len([c for c in cell.pending.values() if c.reply is None])
+        return waiting < others + 1 and time.monotonic() < cell.gather_until
 
     def interrupt(self, cell_id: int, wait: float) -> dict[str, Any]:
         cell = self.cell
