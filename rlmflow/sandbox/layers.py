@@ -17,26 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import SandboxError
 from ..telemetry.logs import get_logger
 from . import isolation, seccomp
 from .base import SandboxReport
 
-__all__ = ["HostLayers", "IsolationUnavailableError", "bwrap_command", "host_layers", "make_report", "warn_once"]
+__all__ = ["HostLayers", "bwrap_command", "host_layers", "make_report", "warn_once"]
 
 _logger = get_logger("rlmflow.sandbox")
 _warned: set[tuple[str, ...]] = set()
-
-
-class IsolationUnavailableError(SandboxError):
-    """``isolation="strict"`` was asked for and a required confinement does not hold here.
-
-    ``report`` is what the platform offers (:class:`SandboxReport`).
-    """
-
-    def __init__(self, message: str, *, report: SandboxReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,13 +35,13 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from .._exceptions import BatchError, RLMError, SandboxCrashedError
+from .._exceptions import BatchError, IsolationUnavailableError, RLMError, SandboxCrashedError
 from .._text import sanitize_text
 from .._util import single_exception
 from ..telemetry.logs import get_logger
 from . import scratch, wire
 from .base import Bridge, CellResult, Context, Isolation, SandboxReport
-from .layers import IsolationUnavailableError, bwrap_command, host_layers, make_report, warn_once
+from .layers import bwrap_command, host_layers, make_report, warn_once
 
 __all__ = ["IsolationUnavailableError", "LocalSandbox", "LocalSandboxSession", "error_to_wire"]
 
@@ -69,6 +69,8 @@ class LocalSandbox:
       under bubblewrap; otherwise checked after each cell and the directory emptied past it);
     - ``max_sessions``: sessions running at once per nesting depth; more wait in a queue;
     - ``bubblewrap``: use bubblewrap where it works (``isolation="none"`` never does);
+    - ``seccomp``: load the seccomp filter (off: code may start processes and open sockets
+      again, so ``strict`` refuses to run);
     - ``env``: extra environment variables for the worker (nothing of the host's is passed);
     - ``python``: the interpreter (default: the host's).
     """
@@ -88,6 +90,7 @@ class LocalSandbox:
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME,
         max_sessions: int = 8,
         bubblewrap: bool = True,
+        seccomp: bool = True,
         env: Mapping[str, str] | None = None,
         python: str | None = None,
         start_timeout: float = 120.0,
@@ -110,6 +113,7 @@ class LocalSandbox:
         self.max_frame_bytes = max_frame_bytes
         self.max_sessions = max_sessions
         self.bubblewrap = bubblewrap and isolation != "none"
+        self.seccomp = seccomp and isolation != "none"
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.start_timeout = start_timeout
@@ -262,6 +266,8 @@ class LocalSandboxSession:
                 self._bwrap = host.bwrap
             elif config.bubblewrap and host.bwrap_problem:
                 self._missing.append(host.bwrap_problem)
+            if not config.seccomp:
+                self._missing.append("seccomp (disabled by seccomp=False)")
         self._dir = await anyio.to_thread.run_sync(scratch.make_scratch)
         self._context = await anyio.to_thread.run_sync(scratch.acquire_context, context)
         await self._spawn()
@@ -338,7 +344,7 @@ class LocalSandboxSession:
                 # inside bubblewrap the worker's parent is the namespace's init, not this process
                 "parent_pid": None if self._bwrap else os.getpid(),
                 "capabilities": confine,
-                "seccomp": confine,
+                "seccomp": confine and config.seccomp,
                 "landlock": confine,
                 "read_paths": [str(self._context.path.parent), str(_WORKER.parent)],
                 "write_paths": [str(work)],
@@ -525,7 +531,7 @@ class LocalSandboxSession:
                     "The sandbox worker was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
                     "recompute what you need."
                 )
-            if not restarted and self._bwrap is None:
+            if not restarted:
                 quota_note = await self._check_quota()
                 if quota_note:
                     notes.append(quota_note)
@@ -542,11 +548,16 @@ class LocalSandboxSession:
             )
 
     async def _check_quota(self) -> str | None:
-        """Outside bubblewrap (whose tmpfs is size-capped) the scratch quota is checked after each
-        cell; past it the scratch directory is emptied. Returns a note for the model, if any."""
-        assert self._dir is not None
+        """The scratch quota (files and bytes; bubblewrap's tmpfs also caps bytes itself) is checked
+        after each cell; past it the scratch directory is emptied. Returns a note for the model."""
+        assert self._dir is not None and self._incarnation is not None
         config = self._config
         work = self._dir / "work"
+        if self._incarnation.bwrap:  # the tmpfs lives in the namespace: seen through its init's root
+            inner = await anyio.to_thread.run_sync(_first_child, self._incarnation.process.pid)
+            if inner is None:
+                return None
+            work = Path(f"/proc/{inner}/root") / work.relative_to("/")
         usage = await anyio.to_thread.run_sync(
             lambda: scratch.measure(work, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
         )
@@ -604,6 +615,16 @@ class LocalSandboxSession:
             }
         )
         incarnation.kill()
+
+
+def _first_child(pid: int) -> int | None:
+    """The first child of ``pid`` (bubblewrap's namespace init), if the kernel lists it."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as fh:
+            children = fh.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
 
 
 def _python_paths() -> list[str]:
