@@ -128,7 +128,7 @@ class LocalSandbox:
         ``SandboxCrashedError`` when the worker cannot start.
         """
         depth = _DEPTH.get()
-        key = (id(anyio.lowlevel.current_token()), depth)  # limiters belong to one event loop
+        key = (id(anyio.lowlevel.current_token().native_token), depth)  # limiters belong to one loop
         limiter = self._limiters.get(key)
         if limiter is None:
             limiter = self._limiters[key] = anyio.CapacityLimiter(self.max_sessions)
