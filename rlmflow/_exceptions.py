@@ -18,6 +18,7 @@ Every error the library raises derives from :class:`RLMError`::
     │   ├── SandboxCrashedError     the worker died (segfault, os._exit, OOM)
     │   ├── SandboxProtocolError    an oversized or malformed frame
     │   └── IsolationUnavailableError  isolation="strict" and a confinement is missing
+    ├── SandboxRequestError         sandbox code asked for something the host refuses
     ├── BatchError                  some items of an llm_query_many failed (carries partial results)
     └── NoAnswerError               the run ended without FINAL (carries the transcript)
 
@@ -45,6 +46,7 @@ __all__ = [
     "SandboxCrashedError",
     "SandboxError",
     "SandboxProtocolError",
+    "SandboxRequestError",
     "ThrottledError",
     "TransientModelError",
     "UnknownModelError",
@@ -189,6 +191,14 @@ class IsolationUnavailableError(SandboxError):
     def __init__(self, message: str, *, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class SandboxRequestError(RLMError):
+    """Sandbox code asked the host for something it refuses: a model that is not one of the
+    RLM's aliases, an oversized batch or prompt, more sub-calls than the run may send.
+
+    Raised inside the model's code, with a message saying what is allowed; the run goes on.
+    """
 
 
 class BatchError(RLMError):

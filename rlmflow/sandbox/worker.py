@@ -30,6 +30,7 @@ import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import helpers_prelude
 import isolation
 import wire
 
@@ -52,6 +53,10 @@ class ModelCallError(RLMError):
     """A model call failed after the host's retries."""
 
 
+class SandboxRequestError(RLMError):
+    """The host refused the request (an unknown model name, a batch or prompt too large...)."""
+
+
 class BatchError(RLMError):
     """Some prompts of a batch failed. ``results`` has ``None`` at ``failed_indices``."""
 
@@ -65,6 +70,7 @@ class BatchError(RLMError):
 _ERROR_TYPES: dict[str, type[RLMError]] = {
     "BudgetExceededError": BudgetExceededError,
     "ContextOverflowError": ContextOverflowError,
+    "SandboxRequestError": SandboxRequestError,
 }
 
 
@@ -240,8 +246,10 @@ class Worker:
                 "BudgetExceededError": BudgetExceededError,
                 "ContextOverflowError": ContextOverflowError,
                 "ModelCallError": ModelCallError,
+                "SandboxRequestError": SandboxRequestError,
             }
         )
+        helpers_prelude.install(self.namespace)  # grep(), chunks(): vetted helpers for small models
 
     # -- cells ---------------------------------------------------------------------
     def run_cell(self, code: str) -> dict[str, Any]:
