@@ -256,6 +256,8 @@ def _check_phoenix(url: str, log: Path, project: str, answer: str, tmp_path: Pat
     assert [s["name"] for s in subs] == [f"chat {SUB_MODEL}"] * 2
     assert [s["name"] for s in _filtered(url, project, "span_kind == 'TOOL' and 'llm_query_many' in input.value")] \
         == ["execute_code"]
+    assert [s["name"] for s in _filtered(url, project, "llm.token_count.total > 300")] == ["chat gpt-4o-mini"]
+    assert _filtered(url, project, "rlm.depth >= 1") == []  # valid syntax; this run has no rlm_query child
     # the custom price applies to the sub-calls; Phoenix's own table prices the root model
     sub_tokens = [(int(c["attributes"]["llm.token_count.prompt"]), int(c["attributes"]["llm.token_count.completion"]))
                   for c in chats if c is not root_chat]
