@@ -35,6 +35,7 @@ from ._util import single_exception
 from .context import load_context_files
 from .dispatch.budget import Budget
 from .engine import RLM, RLMResult, RunProgress
+from .eval.cli import add_eval_parser, eval_main
 from .models.registry import DEFAULT_MODEL
 from .sandbox.local import LocalSandbox
 from .telemetry.export import Export, ExportConfigurationError, export_from_environment
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     trace_cmd.add_argument("--trace-id", help="the trace to read from Phoenix (default: its newest rlmflow run)")
     trace_cmd.add_argument("--html", metavar="PATH", help="also write a self-contained page with a timeline")
     trace_cmd.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    add_eval_parser(commands)
     return parser
 
 
@@ -267,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger = logging.getLogger("rlmflow")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    if args.command == "eval":
+        return eval_main(args)
     try:
         return anyio.run(_run, args)
     except KeyboardInterrupt:

@@ -64,6 +64,7 @@ class RunStream:
         try:
             return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._receive.close()
             raise StopAsyncIteration from None
 
     async def wait(self) -> RLMResult:
