@@ -174,19 +174,6 @@ def _print_summary(result: RLMResult, show_transcript: bool) -> None:
     print(f"[{result.turns} turns, {result.duration:.1f}s, cost {cost}; {usage}]", file=sys.stderr)
 
 
-def _configure_telemetry() -> tuple[Any, Any]:
-    """(tracer_provider, meter_provider) as the OTEL_* environment asks, for subcommands (eval).
-
-    Either is ``None`` when that signal goes nowhere. Raises ``ConfigurationError`` when the
-    environment asks for an exporter that is not installed.
-    """
-    try:
-        export = export_from_environment()
-    except ExportConfigurationError as exc:
-        raise ConfigurationError(str(exc)) from exc
-    return export.tracer_provider, export.meter_provider
-
-
 async def _run(args: argparse.Namespace) -> int:
     loaded = await anyio.to_thread.run_sync(load_context_files, args.context)
     for warning in loaded.warnings:
@@ -266,13 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "trace":
         return _trace(args)
-    if args.command == "run":
-        try:
-            args.capture_content = _capture_limit(args.capture_content)
-            args.export = export_from_environment()  # the CLI is an application: OTEL_* decides the export
-        except (ValueError, ExportConfigurationError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        args.capture_content = _capture_limit(getattr(args, "capture_content", None))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:  # the CLI is an application: it exports what the standard OTEL_* environment asks for
+        args.export = export_from_environment()
+    except ExportConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.verbose:  # only rlmflow's own logger: the root logger stays as the environment set it
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
