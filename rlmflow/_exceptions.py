@@ -17,6 +17,7 @@ Every error the library raises derives from :class:`RLMError`::
     ├── SandboxError                the sandbox process failed
     │   ├── SandboxCrashedError     the worker died (segfault, os._exit, OOM)
     │   └── SandboxProtocolError    an oversized or malformed frame
+    ├── SandboxRequestError         sandbox code asked for something the host refuses
     ├── BatchError                  some items of an llm_query_many failed (carries partial results)
     └── NoAnswerError               the run ended without FINAL (carries the transcript)
 
@@ -43,6 +44,7 @@ __all__ = [
     "SandboxCrashedError",
     "SandboxError",
     "SandboxProtocolError",
+    "SandboxRequestError",
     "ThrottledError",
     "TransientModelError",
     "UnknownModelError",
@@ -176,6 +178,14 @@ class SandboxCrashedError(SandboxError):
 
 class SandboxProtocolError(SandboxError):
     """The worker sent an oversized or malformed frame."""
+
+
+class SandboxRequestError(RLMError):
+    """Sandbox code asked the host for something it refuses: a model that is not one of the
+    RLM's aliases, an oversized batch or prompt, more sub-calls than the run may send.
+
+    Raised inside the model's code, with a message saying what is allowed; the run goes on.
+    """
 
 
 class BatchError(RLMError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .dispatch.budget import Budget, Spend
 from .dispatch.dispatcher import CallRecord
@@ -32,7 +33,9 @@ class RLMResult:
     """The outcome of a run.
 
     ``usage`` is per model name; ``cost_usd`` is ``None`` if any call's price is unknown;
-    ``calls`` lists every model call (root and sub, all depths) in completion order.
+    ``calls`` lists every model call (root and sub, all depths) in completion order;
+    ``metadata`` is what the caller passed to ``run``; ``sandbox`` is the sandbox's report of
+    the isolation it applied (``None`` for sandboxes that give none).
     """
 
     answer: str
@@ -46,6 +49,8 @@ class RLMResult:
     transcript: list[Turn]
     spent: Spend
     budget: Budget
+    metadata: dict[str, str] = field(default_factory=dict)
+    sandbox: Any = None
 
     @property
     def total_usage(self) -> Usage:

@@ -29,6 +29,7 @@ from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 from ..telemetry import attributes as attr
 from ..telemetry.logs import get_logger
 from ..telemetry.metrics import CallMetrics
+from ..telemetry.scope import current_telemetry
 from .budget import BudgetLedger, Reservation, Spend
 from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
@@ -248,7 +249,9 @@ class Dispatcher:
         started_at = time.time()
         attempts = throttles = 0
         queue_wait = 0.0
-        with self._tracer.start_as_current_span(
+        telemetry = current_telemetry()
+        tracer = telemetry.tracer if telemetry is not None else self._tracer
+        with tracer.start_as_current_span(
             attr.chat_span_name(model.name),
             context=parent,
             kind=trace.SpanKind.CLIENT,
@@ -344,7 +347,8 @@ class Dispatcher:
             return response
 
     def _emit(self, call: CallRecord, record: Recorder | None) -> None:
-        self._metrics.record(call)
+        telemetry = current_telemetry()
+        (telemetry.metrics if telemetry is not None else self._metrics).record(call)
         if record is not None:
             record(call)
 

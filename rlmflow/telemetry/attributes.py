@@ -67,3 +67,4 @@ SPAN_BATCH = "llm_query_many"
 
 def chat_span_name(model: str) -> str:
     return f"{OPERATION_CHAT} {model}"
+RLM_METADATA_PREFIX = "rlm.metadata."  # + the key of a run(metadata=...) pair
