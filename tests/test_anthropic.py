@@ -19,6 +19,7 @@ from rlmflow import (
     ThrottledError,
     TransientModelError,
 )
+from rlmflow.models import parse_model_string
 from rlmflow.models.anthropic import AnthropicModel
 from rlmflow.testing.fake_anthropic import FakeAnthropicServer
 from rlmflow.testing.fake_openai import answer_for
@@ -175,3 +176,15 @@ async def test_a_run_with_anthropic_sub_calls_and_cost(server: FakeAnthropicServ
     assert len(sub_calls) == 5 == server.counters.admitted
     assert all(c.provider == "anthropic" and c.output_tokens == 8 for c in sub_calls)
     assert all(c.cost_usd is not None and c.cost_usd > 0 for c in sub_calls)
+
+
+async def test_a_run_from_an_anthropic_model_string(
+    server: FakeAnthropicServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", server.api_key)
+    server.reply = lambda prompt: "```repl\nFINAL('from claude')\n```"
+    assert parse_model_string(f"anthropic:{MODEL}") == ("anthropic", MODEL, None)
+    async with RLM(root=f"anthropic:{MODEL}@{server.base_url}") as rlm:
+        assert isinstance(rlm.root, AnthropicModel)
+        result = await rlm.run("some text", "what?")
+    assert result.answer == "from claude" and result.calls[0].provider == "anthropic"

@@ -19,7 +19,9 @@ from rlmflow import (
     RetryPolicy,
     ThrottledError,
     TransientModelError,
+    UnknownModelError,
 )
+from rlmflow.models import parse_model_string
 from rlmflow.models.bedrock import BedrockModel
 from rlmflow.testing.fake_bedrock import FakeBedrockServer, encode_event
 from rlmflow.testing.fake_openai import answer_for
@@ -234,3 +236,32 @@ def test_event_stream_frames_parse_with_botocore() -> None:
     (message,) = list(buffer)
     assert message.headers[":event-type"] == "messageStop" and message.payload == b'{"stopReason":"end_turn"}'
 
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        (f"bedrock:{CLAUDE}", ("bedrock", CLAUDE, None)),
+        (f"bedrock:{CLAUDE}@eu-west-1", ("bedrock", CLAUDE, "eu-west-1")),
+        ("bedrock:amazon.nova-pro-v1:0@us-gov-west-1", ("bedrock", "amazon.nova-pro-v1:0", "us-gov-west-1")),
+    ],
+)
+def test_bedrock_model_strings(spec: str, parsed: tuple[str, str, str | None]) -> None:
+    assert parse_model_string(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["bedrock:", f"bedrock:{CLAUDE}@not a region", "bedrock:@us-east-1"])
+def test_malformed_bedrock_strings(spec: str) -> None:
+    with pytest.raises(UnknownModelError):
+        parse_model_string(spec)
+
+
+async def test_a_run_from_a_bedrock_model_string(server: FakeBedrockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint comes from botocore's own AWS_ENDPOINT_URL_BEDROCK_RUNTIME, the region from the string."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", server.base_url)
+    server.reply = lambda prompt: "```repl\nFINAL('from bedrock')\n```"
+    async with RLM(root=f"bedrock:{CLAUDE}@us-east-1") as rlm:
+        assert isinstance(rlm.root, BedrockModel) and rlm.root.region == "us-east-1"
+        result = await rlm.run("some text", "what?")
+    assert result.answer == "from bedrock" and server.bad_signatures == 0
+    assert result.calls[0].provider == "aws.bedrock" and result.calls[0].cost_usd is not None

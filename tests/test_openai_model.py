@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -275,3 +277,10 @@ async def test_a_run_with_openai_sub_calls_priced_and_pooled_to_the_lane() -> No
     assert len(sub_calls) == 40 and server.peak == 40
     for call in sub_calls:
         assert call.cost_usd == pytest.approx((call.input_tokens * 1.0 + call.output_tokens * 2.0) / 1e6)
+
+
+def test_importing_rlmflow_loads_no_provider_client() -> None:
+    code = ("import sys, rlmflow; loaded = [m for m in ('openai', 'anthropic', 'aioboto3', 'aiohttp', 'httpx') "
+            "if m in sys.modules]; print(loaded); rlmflow.OpenAIModel; print('aiohttp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "True"]  # nothing until a remote model is named

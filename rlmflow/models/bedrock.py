@@ -13,6 +13,7 @@ container roles), optionally through a named ``profile``: rlmflow never takes ke
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -122,8 +123,11 @@ class BedrockModel:
             raise ConfigurationError(
                 f"no AWS region for bedrock:{model_id}: write bedrock:{model_id}@<region>, or set AWS_REGION"
             )
-        self._endpoint_url = endpoint_url
-        self._key = (self._region, endpoint_url, profile, id(session) if session is not None else None)
+        # botocore reads these too; known here so the test guard sees where calls go
+        self._endpoint_url = (
+            endpoint_url or os.environ.get("AWS_ENDPOINT_URL_BEDROCK_RUNTIME") or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        self._key = (self._region, self._endpoint_url, profile, id(session) if session is not None else None)
         self._pool = max_pool_connections
         self._read_timeout = read_timeout
         self._connect_timeout = connect_timeout
