@@ -78,7 +78,8 @@ class FakeAnthropicServer(FakeProviderBase):
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         self.enter()
         try:
-            if request.headers.get("x-api-key") != self.api_key or not request.headers.get("anthropic-version"):
+            keys = {request.headers.get("x-api-key"), request.headers.get("Authorization", "").removeprefix("Bearer ")}
+            if self.api_key not in keys or not request.headers.get("anthropic-version"):
                 return self._refuse("denied")
             body = await request.json()
             self.requests_seen.append(body)
