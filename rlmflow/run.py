@@ -190,4 +190,8 @@ class _Run:
     async def _in_sandbox(self) -> RLMResult:
         async with self.rlm.sandbox.session(self.context, self.bridge) as session:
             self._session_report = getattr(session, "report", None)
+            if self.rlm.root_style == "strands":
+                from .strands import StrandsRootLoop
+
+                return await StrandsRootLoop(self)(session)
             return await RootLoop(self)(session)

@@ -41,7 +41,7 @@ from .base import (
     split_system,
 )
 
-__all__ = ["DEFAULT_POOL_CONNECTIONS", "BedrockModel"]
+__all__ = ["DEFAULT_POOL_CONNECTIONS", "BedrockModel", "translate_botocore"]
 
 #: Connections per shared client unless a lane asks for more (>= the Dispatcher's default ceiling).
 DEFAULT_POOL_CONNECTIONS = 256
@@ -286,45 +286,49 @@ class BedrockModel:
         return arguments
 
     def _translate(self, exc: Exception) -> ModelError:
-        """Map a botocore failure to the Dispatcher's error classes."""
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            ConnectionError,
-            HTTPClientError,
-            NoCredentialsError,
-        )
+        return translate_botocore(exc, provider=self.provider, model=self._model_id)
 
-        where: dict[str, Any] = {"provider": self.provider, "model": self._model_id}
-        if isinstance(exc, ModelError):
-            return exc
-        if isinstance(exc, ClientError):
-            error = exc.response.get("Error") or {}
-            code = str(error.get("Code") or "")
-            code = code[:1].upper() + code[1:]  # stream events name them in lowerCamelCase
-            message = str(error.get("Message") or exc)
-            status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            detail: dict[str, Any] = {**where, "status_code": status}
-            if code == "ThrottlingException":
-                return ThrottledError(f"throttled by Bedrock: {message}", **detail)
-            if code == "ServiceQuotaExceededException":
-                return QuotaExhaustedError(f"Bedrock service quota exceeded: {message}", **detail)
-            if code == "ModelNotReadyException":
-                return ModelNotReadyError(f"model not ready: {message}", **detail)
-            if code == "ValidationException" and _TOO_LONG.search(message):
-                return ContextOverflowError(f"input too long for {self._model_id}: {message}", **detail)
-            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
-                return TransientModelError(f"Bedrock {code or status}: {message}", **detail)
-            if code in _FATAL_CODES:
-                return FatalModelError(f"Bedrock refused the call ({code}): {message}", **detail)
-            return FatalModelError(f"Bedrock {code or status}: {message}", **detail)
-        if isinstance(exc, NoCredentialsError):
-            return FatalModelError(f"no AWS credentials in the standard chain: {exc}", **where)
-        if isinstance(exc, ConnectionError | HTTPClientError):
-            return TransientModelError(f"connection to Bedrock failed: {exc}", **where)
-        if isinstance(exc, BotoCoreError):
-            return FatalModelError(f"botocore: {exc}", **where)
-        return TransientModelError(f"{type(exc).__name__}: {exc}", **where)
+
+def translate_botocore(exc: BaseException, *, provider: str, model: str) -> ModelError:
+    """Map a botocore failure (also one raised inside a strands model) to the Dispatcher's error classes."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+    )
+
+    where: dict[str, Any] = {"provider": provider, "model": model}
+    if isinstance(exc, ModelError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error") or {}
+        code = str(error.get("Code") or "")
+        code = code[:1].upper() + code[1:]  # stream events name them in lowerCamelCase
+        message = str(error.get("Message") or exc)
+        status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        detail: dict[str, Any] = {**where, "status_code": status}
+        if code == "ThrottlingException":
+            return ThrottledError(f"throttled by Bedrock: {message}", **detail)
+        if code == "ServiceQuotaExceededException":
+            return QuotaExhaustedError(f"Bedrock service quota exceeded: {message}", **detail)
+        if code == "ModelNotReadyException":
+            return ModelNotReadyError(f"model not ready: {message}", **detail)
+        if code == "ValidationException" and _TOO_LONG.search(message):
+            return ContextOverflowError(f"input too long for {model}: {message}", **detail)
+        if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+            return TransientModelError(f"Bedrock {code or status}: {message}", **detail)
+        if code in _FATAL_CODES:
+            return FatalModelError(f"Bedrock refused the call ({code}): {message}", **detail)
+        return FatalModelError(f"Bedrock {code or status}: {message}", **detail)
+    if isinstance(exc, NoCredentialsError):
+        return FatalModelError(f"no AWS credentials in the standard chain: {exc}", **where)
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return TransientModelError(f"connection to Bedrock failed: {exc}", **where)
+    if isinstance(exc, BotoCoreError):
+        return FatalModelError(f"botocore: {exc}", **where)
+    return TransientModelError(f"{type(exc).__name__}: {exc}", **where)
 
 
 def _converse_messages(messages: list[Message]) -> list[dict[str, Any]]:
