@@ -265,3 +265,27 @@ async def test_a_run_from_a_bedrock_model_string(server: FakeBedrockServer, monk
         result = await rlm.run("some text", "what?")
     assert result.answer == "from bedrock" and server.bad_signatures == 0
     assert result.calls[0].provider == "aws.bedrock" and result.calls[0].cost_usd is not None
+
+
+async def test_errors_surface_in_sandbox_code_after_retries(server: FakeBedrockServer) -> None:
+    """Retried throttles succeed; a refused call and a too-long prompt reach the code as typed errors."""
+    server.context_window = 200
+    root = turn_script([
+        "try:\n"
+        "    llm_query_many(['[[throttle x2]] fine', '[[denied]] no', 'long ' * 400, 'plain'])\n"
+        "except BatchError as e:\n"
+        "    kinds = {i: type(err).__name__ for i, err in e.errors.items()}\n"
+        "    FINAL(f'{e.failed_indices} {kinds} {e.results[0]} {e.results[3]}')",
+    ])
+    sub = bedrock(server)
+    dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01))
+    try:
+        async with RLM(root=root, sub=sub, dispatcher=dispatcher) as rlm:
+            result = await rlm.run("doc", "q?")
+    finally:
+        await sub.aclose()
+    kinds = "{1: 'ModelCallError', 2: 'ContextOverflowError'}"
+    assert result.answer == f"[1, 2] {kinds} {answer_for('[[throttle x2]] fine')} {answer_for('plain')}"
+    failed = sorted((c.error, c.attempts) for c in result.calls if c.error)
+    assert failed == [("ContextOverflowError", 1), ("FatalModelError", 1)]
+    assert [c.throttles for c in result.calls if c.role == "sub" and c.error is None] in ([2, 0], [0, 2])
