@@ -197,9 +197,10 @@ async def test_claude_output_weighs_five_on_bedrock(server: FakeBedrockServer) -
     dispatcher = Dispatcher()
     claude, llama = bedrock(server), bedrock(server, "meta.llama3-70b-instruct-v1:0")
     try:
-        assert dispatcher.output_weight(claude) == 5.0
-        assert dispatcher.output_weight(llama) == 1.0
-        assert Dispatcher(limits={"aws.bedrock": Limits(output_weight=2.0)}).output_weight(claude) == 2.0
+        assert dispatcher.lane(claude).limits.output_weight == 5.0
+        assert dispatcher.lane(llama).limits.output_weight == 1.0
+        configured = Dispatcher(limits={f"aws.bedrock:{CLAUDE}": Limits(rpm=50, output_weight=5.0)})
+        assert configured.lane(claude).limits == Limits(rpm=50, output_weight=5.0)  # by provider:model
         assert dispatcher.lane_key(claude) == f"aws.bedrock:{CLAUDE}@{server.base_url}"
     finally:
         await claude.aclose()

@@ -33,7 +33,7 @@ from ..telemetry.scope import current_telemetry
 from .budget import BudgetLedger, Reservation, Spend
 from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
-from .limits import Limits, Priority, default_output_weight
+from .limits import Limits, Priority
 from .pricing import Pricing
 from .retry import RetryPolicy
 
@@ -138,24 +138,28 @@ class Dispatcher:
         return f"{model.provider}:{model.name}@{endpoint}" if endpoint else f"{model.provider}:{model.name}"
 
     def lane(self, model: LanguageModel) -> Lane:
-        """The lane of ``model``, created with its configured limits on first use."""
+        """The lane of ``model``, created with its configured limits on first use.
+
+        Limits are looked up by lane key, then ``provider:model``, then provider; else the
+        model's own ``lane_limits``, else :data:`DEFAULT_LIMITS`. A model with a connection pool
+        (``reserve_connections``) is told the lane's ceiling before its first call.
+        """
         key = self.lane_key(model)
         lane = self._lanes.get(key)
         if lane is None:
+            declared = getattr(model, "lane_limits", None)
             limits = (
-                self._limits.get(key) or self._limits.get(f"{model.provider}:{model.name}")
-                or self._limits.get(model.provider) or DEFAULT_LIMITS.get(model.provider, Limits())
+                self._limits.get(key)
+                or self._limits.get(f"{model.provider}:{model.name}")
+                or self._limits.get(model.provider)
+                or (declared if isinstance(declared, Limits) else None)
+                or DEFAULT_LIMITS.get(model.provider, Limits())
             )
             reserve = getattr(model, "reserve_connections", None)
-            if callable(reserve):  # size the client's connection pool to the lane's ceiling
+            if callable(reserve):
                 reserve(limits.max_concurrency)
             lane = self._lanes[key] = Lane(key, limits, clock=self._clock)
         return lane
-
-    def output_weight(self, model: LanguageModel) -> float:
-        """Quota tokens per output token on ``model``'s lane: its limits', else the provider's known weight."""
-        configured = self.lane(model).limits.output_weight
-        return configured if configured is not None else default_output_weight(model.provider, model.name)
 
     def estimate(self, model: LanguageModel, request: ModelRequest) -> Spend:
         """The worst case a request can spend: its input tokens, ``max_tokens``, and their price."""
@@ -243,7 +247,7 @@ class Dispatcher:
     ) -> ModelResponse:
         lane = self.lane(model)
         role = "root" if priority == Priority.ROOT else "sub"
-        weight = self.output_weight(model)
+        weight = lane.limits.output_weight
         window_tokens = estimate.input_tokens + request.max_tokens * weight
         first_queued = self._clock()
         started_at = time.time()

@@ -29,6 +29,7 @@ from .._exceptions import (
     ThrottledError,
     TransientModelError,
 )
+from ..dispatch.limits import Limits
 from . import guard
 from .base import (
     Message,
@@ -51,6 +52,9 @@ _TOO_LONG = re.compile(
     r"too long|context (window|length|limit)|maximum context|exceeds? .*(context|max(imum)? tokens|token limit)",
     re.IGNORECASE,
 )
+# Bedrock counts each output token of these Claude models as 5 tokens against the TPM quota
+# (Claude 3.7 Sonnet and the Claude 4 generation on); other models 1:1.
+_HEAVY_OUTPUT = re.compile(r"anthropic\.claude-(3-7-|(sonnet|opus|haiku)-[4-9])")
 _TRANSIENT_CODES = {
     "InternalServerException", "ServiceUnavailableException", "ModelStreamErrorException",
     "ModelTimeoutException", "ModelErrorException", "RequestTimeout", "RequestTimeoutException",
@@ -156,6 +160,14 @@ class BedrockModel:
 
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)
+
+    @property
+    def lane_limits(self) -> Limits | None:
+        """Default limits of this model's lane: ``output_weight=5`` where Bedrock weighs output 5x.
+
+        Limits configured on the Dispatcher take precedence: give them the same ``output_weight``.
+        """
+        return Limits(output_weight=5.0) if _HEAVY_OUTPUT.search(self._model_id) else None
 
     def reserve_connections(self, count: int) -> None:
         """Make the client's connection pool hold at least ``count`` connections.
