@@ -31,6 +31,7 @@ from .dispatch.limits import Priority
 from .events import BatchFinished, BatchStarted
 from .models.base import LanguageModel, ModelRequest
 from .telemetry import attributes as attr
+from .telemetry import spans as span_attributes
 
 if TYPE_CHECKING:
     from .run import _Run
@@ -204,11 +205,10 @@ class HostBridge:
         with rlm._tracer.start_as_current_span(
             attr.SPAN_BATCH,
             context=run.cell_span_context,
-            attributes={
-                attr.RLM_BATCH_SIZE: len(prompts),
-                attr.RLM_DEDUPLICATED: len(prompts) - len(requests),
-                attr.RLM_DEPTH: run.depth,
-            },
+            attributes=span_attributes.batch_start(
+                size=len(prompts), deduplicated=len(prompts) - len(requests), depth=run.depth, prompts=prompts,
+                capture=rlm.capture_content,
+            ),
         ) as span:
             run.progress.calls_in_flight += len(requests)
             try:
@@ -243,8 +243,10 @@ class HostBridge:
                 else:
                     results.append(fresh[key] if key in fresh else self._answers[key])
             run.recorder.emit(BatchFinished, size=len(prompts), failed=len(errors), duration=time.monotonic() - started)
+            span.set_attributes(
+                span_attributes.batch_end(answers=results, failed=len(errors), capture=rlm.capture_content)
+            )
             if errors:
-                span.set_attribute(attr.RLM_BATCH_FAILED, len(errors))
                 first = errors[min(errors)]
                 raise BatchError(
                     f"{len(errors)} of {len(prompts)} calls failed (first, item {min(errors)}: "

@@ -152,7 +152,7 @@ class RLM:
         # Calls of this RLM's runs report to its own providers even on a shared Dispatcher.
         self._telemetry: CallTelemetry | None = None
         if tracer_provider is not None or meter_provider is not None:
-            self._telemetry = CallTelemetry(self._tracer, CallMetrics(meter_provider, self.dispatcher.statistics))
+            self._telemetry = CallTelemetry(self._tracer, CallMetrics(meter_provider, self.dispatcher.lanes))
         self._children: dict[int, anyio.CapacityLimiter] = {}
 
     async def __aenter__(self) -> RLM:

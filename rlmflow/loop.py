@@ -22,6 +22,7 @@ from .models.base import Message, ModelRequest
 from .result import RLMResult, Turn
 from .sandbox.base import CellResult, SandboxSession
 from .telemetry import attributes as attr
+from .telemetry import spans as span_attributes
 
 if TYPE_CHECKING:
     from .run import _Run
@@ -76,7 +77,7 @@ class RootLoop:
             turn_wall = time.time()
             cell_spans: list[tuple[float, float]] = []
             with rlm._tracer.start_as_current_span(
-                attr.SPAN_TURN, attributes={attr.RLM_TURN: turn_index, attr.RLM_DEPTH: run.depth}
+                attr.SPAN_TURN, attributes=span_attributes.turn_start(turn=turn_index, depth=run.depth)
             ):
                 progress.phase = "root model thinking"
                 response = await rlm.dispatcher.call(
@@ -188,20 +189,18 @@ class RootLoop:
     async def _execute_cell(self, session: SandboxSession, code: str) -> CellResult:
         run = self._run
         rlm = run.rlm
-        with rlm._tracer.start_as_current_span(attr.SPAN_EXECUTE, attributes={attr.RLM_DEPTH: run.depth}) as span:
+        with rlm._tracer.start_as_current_span(
+            attr.SPAN_EXECUTE,
+            attributes=span_attributes.cell_start(depth=run.depth, code=code, capture=rlm.capture_content),
+        ) as span:
             run.cell_span_context = trace.set_span_in_context(span)
             try:
                 cell = await session.execute(code)
             finally:
                 run.cell_span_context = None
-            span.set_attribute(attr.RLM_CELL_DURATION_S, cell.duration)
-            if rlm.capture_content:
-                limit = rlm.capture_content
-                span.set_attribute(attr.RLM_CELL_CODE, code[:limit])
-                span.set_attribute(attr.RLM_CELL_OUTPUT, sanitize_text(cell.output + (cell.error or ""))[:limit])
-            span.set_attribute(attr.RLM_CELL_OUTPUT_CHARS, cell.output_chars)
-            span.set_attribute(attr.RLM_SANDBOX_RESTARTS, session.restarts)
-            if cell.error:
-                span.set_attribute(attr.ERROR_TYPE, cell.error.strip().splitlines()[-1].split(":")[0][:100])
+            span.set_attributes(span_attributes.cell_end(
+                output=cell.output, error=cell.error, duration=cell.duration, output_chars=cell.output_chars,
+                restarts=session.restarts, capture=rlm.capture_content,
+            ))
             run.progress.sandbox_restarts = max(run.progress.sandbox_restarts, session.restarts)
             return cell

@@ -32,6 +32,7 @@ from .recording import EventSink, RunRecorder
 from .result import RLMResult, RunProgress, Turn, summarise_usage
 from .sandbox.base import Context
 from .telemetry import attributes as attr
+from .telemetry import spans as span_attributes
 from .telemetry.logs import bound_contextvars
 
 if TYPE_CHECKING:
@@ -137,14 +138,10 @@ class _Run:
         context_chars = context_size(self.context)
         # hashing a large document takes a while: not on the event loop
         context_hash = await anyio.to_thread.run_sync(context_digest, self.context)
-        attributes: dict[str, Any] = {
-            attr.GEN_AI_OPERATION_NAME: attr.OPERATION_INVOKE_AGENT,
-            attr.GEN_AI_AGENT_NAME: "rlm",
-            attr.GEN_AI_REQUEST_MODEL: rlm.root.name,
-            attr.RLM_RUN_ID: self.run_id,
-            attr.RLM_DEPTH: self.depth,
-            attr.RLM_CONTEXT_CHARS: context_chars,
-        }
+        attributes = span_attributes.run_start(
+            run_id=self.run_id, depth=self.depth, root_model=rlm.root.name, context_chars=context_chars,
+            context_sha256=context_hash, query=self.query, capture=rlm.capture_content,
+        )
         for key, value in self.options.metadata.items():
             attributes[f"{attr.RLM_METADATA_PREFIX}{key}"] = value
         with rlm._tracer.start_as_current_span(
@@ -153,7 +150,6 @@ class _Run:
             span_context = span.get_span_context()
             if span_context.is_valid:
                 self.trace_id = format(span_context.trace_id, "032x")
-            span.set_attribute(attr.RLM_CONTEXT_SHA256, context_hash)
             deadline = self.options.deadline
             with bound_contextvars(run_id=self.run_id, depth=self.depth):
                 self.recorder.started(context_hash, context_chars)
@@ -185,6 +181,7 @@ class _Run:
                     self.recorder.finished(None, exc)
                     raise
                 self.recorder.finished(result, None)
+                span.set_attributes(span_attributes.run_end(answer=result.answer, capture=rlm.capture_content))
                 return result
 
     async def _in_sandbox(self) -> RLMResult:

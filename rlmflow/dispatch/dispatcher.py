@@ -10,12 +10,12 @@ reservation and the lane slot, and cancels the request in flight.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -27,6 +27,7 @@ from .._exceptions import ConfigurationError, ModelError, RLMError, ThrottledErr
 from .._util import single_exception
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 from ..telemetry import attributes as attr
+from ..telemetry import spans as span_attributes
 from ..telemetry.logs import get_logger
 from ..telemetry.metrics import CallMetrics
 from ..telemetry.scope import current_telemetry
@@ -78,11 +79,6 @@ class CallRecord:
 Recorder = Callable[[CallRecord], None]
 
 
-def _capture_messages(request: ModelRequest, limit: int) -> str:
-    """Messages as the GenAI conventions' JSON, each content cut to ``limit`` characters."""
-    return json.dumps([{"role": m.role, "content": m.content[:limit]} for m in request.messages], ensure_ascii=False)
-
-
 class Dispatcher:
     """Sends model calls under per-lane limits, a retry policy and each run's budget.
 
@@ -107,7 +103,7 @@ class Dispatcher:
         self.retry = retry or RetryPolicy()
         self.pricing = pricing or Pricing()
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
-        self._metrics = CallMetrics(meter_provider, self.statistics)
+        self._metrics = CallMetrics(meter_provider, self.lanes)
         self._clock = clock or anyio.current_time
 
     @classmethod
@@ -259,20 +255,13 @@ class Dispatcher:
             attr.chat_span_name(model.name),
             context=parent,
             kind=trace.SpanKind.CLIENT,
-            attributes={
-                attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
-                attr.GEN_AI_PROVIDER_NAME: model.provider,
-                attr.GEN_AI_REQUEST_MODEL: model.name,
-                attr.GEN_AI_REQUEST_MAX_TOKENS: request.max_tokens,
-                attr.RLM_DEPTH: depth,
-                attr.RLM_ROLE: role,
-                attr.RLM_PROMPT_CHARS: request.prompt_chars,
-            },
+            attributes=span_attributes.chat_start(
+                provider=model.provider, model=model.name, max_tokens=request.max_tokens, depth=depth, role=role,
+                prompt_chars=request.prompt_chars, messages=request.messages, capture=capture,
+            ),
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            if capture:
-                span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, _capture_messages(request, capture))
             try:
                 while True:
                     attempts += 1
@@ -337,10 +326,10 @@ class Dispatcher:
             cost = self.pricing.cost(model.provider, model.name, usage)
             reservation.settle(usage, cost or 0.0)
             self._finish_ok(span, response, cost, attempts, throttles, queue_wait)
-            if capture:
-                span.set_attribute(attr.GEN_AI_OUTPUT_MESSAGES, json.dumps(
-                    [{"role": "assistant", "content": response.text[:capture]}], ensure_ascii=False
-                ))
+            span.set_attributes(span_attributes.chat_end(
+                response_model=response.model, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                text=response.text, finish_reason=response.finish_reason, capture=capture,
+            ))
             self._emit(
                 CallRecord(
                     model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens,
@@ -378,6 +367,11 @@ class Dispatcher:
         span.set_attribute(attr.RLM_THROTTLES, throttles)
         span.set_attribute(attr.RLM_QUEUE_WAIT_S, queue_wait)
         span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+
+    @property
+    def lanes(self) -> Mapping[str, Lane]:
+        """A live read-only view of the lanes by key (what the lane gauges read, from any thread)."""
+        return MappingProxyType(self._lanes)
 
     def statistics(self) -> list[LaneStatistics]:
         """A snapshot of every lane."""

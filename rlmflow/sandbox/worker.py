@@ -30,6 +30,7 @@ import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import helpers_prelude
 import isolation
 import wire
 
@@ -248,6 +249,7 @@ class Worker:
                 "SandboxRequestError": SandboxRequestError,
             }
         )
+        helpers_prelude.install(self.namespace)  # grep(), chunks(): vetted helpers for small models
 
     # -- cells ---------------------------------------------------------------------
     def run_cell(self, code: str) -> dict[str, Any]:
