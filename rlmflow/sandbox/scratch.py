@@ -112,6 +112,8 @@ def _sweep_stale(parent: Path) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
+        except OverflowError:
+            pass  # not a pid (a name like ours with a larger number): not ours to remove
 
 
 @dataclass(frozen=True, slots=True)
