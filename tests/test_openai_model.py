@@ -284,3 +284,17 @@ def test_importing_rlmflow_loads_no_provider_client() -> None:
             "if m in sys.modules]; print(loaded); rlmflow.OpenAIModel; print('aiohttp' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["[]", "True"]  # nothing until a remote model is named
+
+
+def test_one_model_across_two_event_loops() -> None:
+    """run_sync starts a loop per call: the model's session follows the running loop."""
+    import asyncio
+
+    async def ask(model: OpenAIModel) -> str:
+        async with CountingServer() as server:
+            model._base_url, model._url = server.base_url, server.base_url + "/chat/completions"
+            return (await model.request(ModelRequest.from_prompt("same model"))).text
+
+    model = OpenAIModel("m", base_url="http://127.0.0.1:9/v1")
+    assert asyncio.run(ask(model)) == asyncio.run(ask(model)) == answer_for("same model")
+    asyncio.run(model.aclose())

@@ -57,18 +57,24 @@ class JSONTransport:
                  connect_timeout: float = 10.0) -> None:
         self.pool = pool
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
     def reserve(self, count: int) -> None:
         """Keep at least ``count`` connections (before the session exists; later calls only widen new ones)."""
         self.pool = max(self.pool, count)
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+        """This loop's session: one per event loop (``run_sync`` runs each call in a new loop)."""
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            for other in [other for other in self._sessions if other.is_closed()]:
+                self._forget(self._sessions.pop(other))  # its connections died with its loop
             connector = aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool, keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
-                                                  json_serialize=json.dumps)
-        return self._session
+            session = self._sessions[loop] = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, json_serialize=json.dumps
+            )
+        return session
 
     async def post(
         self, url: str, payload: dict[str, Any], headers: Mapping[str, str]
@@ -111,10 +117,25 @@ class JSONTransport:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise HTTPFailure(f"{type(exc).__name__}: {exc}") from exc
 
+    @staticmethod
+    def _forget(session: aiohttp.ClientSession) -> None:
+        """Mark a session of a finished loop closed without awaiting (that loop cannot run again)."""
+        connector = session.connector
+        if connector is not None:
+            connector._close()  # the synchronous part of close(); the loop that owned it is gone
+        session.detach()
+
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+        """Close this loop's session; forget those of loops that are closed."""
+        loop = asyncio.get_running_loop()
+        sessions, self._sessions = self._sessions, {}
+        for owner, session in sessions.items():
+            if owner is loop:
+                await session.close()
+            elif owner.is_closed():
+                self._forget(session)
+            else:
+                self._sessions[owner] = session  # another thread's running loop closes its own
 
 
 def _decode(raw: bytes) -> Any:
