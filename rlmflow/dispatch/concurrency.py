@@ -161,6 +161,12 @@ class AdaptiveLimit:
             limit = self._probe_level - 1
         return max(1, min(self.maximum, limit))
 
+    @property
+    def level(self) -> int:
+        """The limit as last set, without the probe's temporary cap: needs no clock, so gauges
+        can read it from any thread, with or without a running event loop."""
+        return max(1, min(self.maximum, int(self._limit)))
+
     def held(self) -> int:
         """Slots held by recent load-related refusals (they count as in flight)."""
         now = self._clock()

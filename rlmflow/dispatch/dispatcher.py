@@ -11,13 +11,13 @@ reservation and the lane slot, and cancels the request in flight.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -29,8 +29,10 @@ from .._exceptions import ConfigurationError, ModelError, QuotaExhaustedError, R
 from .._util import single_exception
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 from ..telemetry import attributes as attr
+from ..telemetry import spans as span_attributes
 from ..telemetry.logs import get_logger
 from ..telemetry.metrics import CallMetrics
+from ..telemetry.scope import current_telemetry
 from .budget import Budget, BudgetLedger, Reservation, Spend
 from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
@@ -96,11 +98,6 @@ class _Tally:
     duration: float = 0.0
 
 
-def _capture_messages(request: ModelRequest, limit: int) -> str:
-    """Messages as the GenAI conventions' JSON, each content cut to ``limit`` characters."""
-    return json.dumps([{"role": m.role, "content": m.content[:limit]} for m in request.messages], ensure_ascii=False)
-
-
 class Dispatcher:
     """Sends model calls under per-lane limits, a retry policy and each run's budget.
 
@@ -125,7 +122,7 @@ class Dispatcher:
         self.retry = retry or RetryPolicy()
         self.pricing = pricing or Pricing()
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
-        self._metrics = CallMetrics(meter_provider, self.statistics)
+        self._metrics = CallMetrics(meter_provider, self.lanes)
         self._overrun = metrics.get_meter("rlmflow", meter_provider=meter_provider).create_counter(
             attr.METRIC_BUDGET_OVERRUN, description="What calls spent beyond their budget reservation, by quantity"
         )
@@ -154,20 +151,31 @@ class Dispatcher:
 
     # -- lanes ------------------------------------------------------------------------------------
     def lane_key(self, model: LanguageModel) -> str:
-        return f"{model.provider}:{model.name}"
+        """``provider:model``, with ``@endpoint`` for models that name one (two servers, two lanes)."""
+        endpoint = getattr(model, "endpoint", None)
+        return f"{model.provider}:{model.name}@{endpoint}" if endpoint else f"{model.provider}:{model.name}"
 
     def lane(self, model: LanguageModel) -> Lane:
-        """The lane of ``model``, created with its configured limits on first use."""
+        """The lane of ``model``, created with its configured limits on first use.
+
+        Limits are looked up by lane key, then ``provider:model``, then provider; else the
+        model's own ``lane_limits``, else :data:`DEFAULT_LIMITS`. A model with a connection pool
+        (``reserve_connections``) is told the lane's ceiling before its first call.
+        """
         key = self.lane_key(model)
         lane = self._lanes.get(key)
         if lane is None:
             declared = getattr(model, "lane_limits", None)
             limits = (
                 self._limits.get(key)
+                or self._limits.get(f"{model.provider}:{model.name}")
                 or self._limits.get(model.provider)
                 or (declared if isinstance(declared, Limits) else None)
                 or DEFAULT_LIMITS.get(model.provider, Limits())
             )
+            reserve = getattr(model, "reserve_connections", None)
+            if callable(reserve):
+                reserve(limits.max_concurrency)
             lane = self._lanes[key] = Lane(key, limits, clock=self._clock)
         return lane
 
@@ -289,24 +297,19 @@ class Dispatcher:
         first_queued = self._clock()
         started_at = time.time()
         tally = _Tally()
-        with self._tracer.start_as_current_span(
+        telemetry = current_telemetry()
+        tracer = telemetry.tracer if telemetry is not None else self._tracer
+        with tracer.start_as_current_span(
             attr.chat_span_name(model.name),
             context=parent,
             kind=trace.SpanKind.CLIENT,
-            attributes={
-                attr.GEN_AI_OPERATION_NAME: attr.OPERATION_CHAT,
-                attr.GEN_AI_PROVIDER_NAME: model.provider,
-                attr.GEN_AI_REQUEST_MODEL: model.name,
-                attr.GEN_AI_REQUEST_MAX_TOKENS: request.max_tokens,
-                attr.RLM_DEPTH: depth,
-                attr.RLM_ROLE: role,
-                attr.RLM_PROMPT_CHARS: request.prompt_chars,
-            },
+            attributes=span_attributes.chat_start(
+                provider=model.provider, model=model.name, max_tokens=request.max_tokens, depth=depth, role=role,
+                prompt_chars=request.prompt_chars, messages=request.messages, capture=capture,
+            ),
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            if capture:
-                span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, _capture_messages(request, capture))
             try:
                 response = await self._attempts(model, request, lane, span, share, priority, window_tokens,
                                                 first_queued, tally)
@@ -333,10 +336,10 @@ class Dispatcher:
             if overrun != Spend():
                 self._report_overrun(span, model, overrun, reservation.amount)
             self._finish_ok(span, response, cost, tally.attempts, tally.throttles, tally.queue_wait)
-            if capture:
-                span.set_attribute(attr.GEN_AI_OUTPUT_MESSAGES, json.dumps(
-                    [{"role": "assistant", "content": response.text[:capture]}], ensure_ascii=False
-                ))
+            span.set_attributes(span_attributes.chat_end(
+                response_model=response.model, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                text=response.text, finish_reason=response.finish_reason, capture=capture,
+            ))
             self._emit(
                 CallRecord(
                     model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens,
@@ -424,7 +427,8 @@ class Dispatcher:
                         overrun=excess, reserved=asdict(reserved))
 
     def _emit(self, call: CallRecord, record: Recorder | None) -> None:
-        self._metrics.record(call)
+        telemetry = current_telemetry()
+        (telemetry.metrics if telemetry is not None else self._metrics).record(call)
         if record is not None:
             record(call)
 
@@ -450,6 +454,11 @@ class Dispatcher:
         span.set_attribute(attr.RLM_THROTTLES, throttles)
         span.set_attribute(attr.RLM_QUEUE_WAIT_S, queue_wait)
         span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+
+    @property
+    def lanes(self) -> Mapping[str, Lane]:
+        """A live read-only view of the lanes by key (what the lane gauges read, from any thread)."""
+        return MappingProxyType(self._lanes)
 
     def statistics(self) -> list[LaneStatistics]:
         """A snapshot of every lane."""

@@ -1,0 +1,236 @@
+"""The approaches compared on the same items: a direct call (``base``, ``long-context``) and ``rlm``.
+
+A direct call sends the whole context in one prompt. An input beyond the model's window is a
+failure, never truncated: it is detected before sending from the model's known window (its
+``context_window`` attribute, or ``window=`` given by the caller) and otherwise from the
+provider's own error (:class:`ContextOverflowError`). ``long-context`` is the same call made on a
+long-window model.
+
+Outcome semantics (the reference tables'): ``success`` is false when the item could not be
+processed (input over the window, a model, sandbox or budget error); a run that ends without an
+answer (turns spent, ``NoAnswerError``) was processed, so it succeeds, and scores as wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio.to_thread
+
+from .._exceptions import ContextOverflowError, NoAnswerError, RLMError
+from ..dispatch.budget import Budget, BudgetLedger
+from ..dispatch.dispatcher import CallRecord, Dispatcher
+from ..dispatch.limits import Priority
+from ..engine import RLM
+from ..models.base import LanguageModel, Message, ModelRequest
+from ..result import RLMResult
+from .items import EvalItem
+
+__all__ = ["Approach", "DirectApproach", "Outcome", "RLMApproach", "model_window"]
+
+DIRECT_SYSTEM = (
+    "You answer a question about the document the user gives. Read it carefully; answer from the "
+    "document only."
+)
+
+
+@dataclass
+class Outcome:
+    """What one approach produced on one item, before scoring."""
+
+    reply: str | None
+    success: bool
+    error_type: str | None = None
+    error: str | None = None
+    turns: int = 0
+    sub_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0
+    trace_id: str | None = None
+    calls: list[CallRecord] = field(default_factory=list)
+
+    def add_calls(self, calls: list[CallRecord]) -> None:
+        self.calls.extend(calls)
+        for call in calls:
+            self.input_tokens += call.input_tokens
+            self.output_tokens += call.output_tokens
+            if call.role != "root":
+                self.sub_calls += 1
+            if call.error is None:
+                known = self.cost_usd is not None and call.cost_usd is not None
+                self.cost_usd = self.cost_usd + call.cost_usd if known else None  # type: ignore[operator]
+
+
+class Approach(Protocol):
+    """One way of answering an item. ``name`` goes in the results (``base``, ``rlm``...)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def model_label(self) -> str:
+        """The model(s) as the report shows them."""
+        ...
+
+    async def answer(self, item: EvalItem, context: str, *, dispatcher: Dispatcher, budget: Budget) -> Outcome:
+        """Answer ``item`` over ``context``; failures are returned in the outcome, not raised."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+_PRICE_PROVIDERS = {"aws.bedrock": "aws", "anthropic": "anthropic", "openai": "openai"}
+
+
+def model_window(model: LanguageModel) -> int | None:
+    """The model's context window in tokens, or ``None`` when unknown.
+
+    The model object's own ``context_window`` first (local models know theirs), then the offline
+    ``genai-prices`` tables, which list windows for hosted models (Bedrock ids included).
+    """
+    window = getattr(model, "context_window", None)
+    if isinstance(window, int) and window > 0:
+        return window
+    provider = _PRICE_PROVIDERS.get(model.provider)
+    if provider is None:
+        return None
+    try:
+        from genai_prices import data_snapshot
+
+        _, info = data_snapshot.get_snapshot().find_provider_model(model.name, None, provider, None)
+    except (ImportError, LookupError):
+        return None
+    found = getattr(info, "context_window", None)
+    return found if isinstance(found, int) and found > 0 else None
+
+
+class DirectApproach:
+    """One direct call with the whole context (``base``; ``long-context`` on a long-window model).
+
+    ``window`` overrides the model's declared window (tokens); with neither, only the provider's
+    error can tell an overflow. ``max_tokens`` leaves room for a short explanation before the letter.
+    """
+
+    def __init__(
+        self, model: LanguageModel, *, name: str = "base", window: int | None = None, max_tokens: int = 256
+    ) -> None:
+        self._model = model
+        self._name = name
+        self._window = window if window is not None else model_window(model)
+        self._max_tokens = max_tokens
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def model_label(self) -> str:
+        return self._model.name
+
+    def request(self, item: EvalItem, context: str) -> ModelRequest:
+        user = f"<document>\n{context}\n</document>\n\nQuestion: {item.prompt()}"
+        return ModelRequest(messages=(Message("system", DIRECT_SYSTEM), Message("user", user)),
+                            max_tokens=self._max_tokens)
+
+    async def _prompt_tokens(self, request: ModelRequest) -> int:
+        chars = request.prompt_chars
+        if self._window is not None and (chars + 3) // 4 > 2 * self._window:
+            return chars // 4  # far over the window: no need to tokenize megabytes to know it
+        text = "\n".join(m.content for m in request.messages)
+        return await anyio.to_thread.run_sync(self._model.count_tokens, text)
+
+    async def answer(self, item: EvalItem, context: str, *, dispatcher: Dispatcher, budget: Budget) -> Outcome:
+        request = self.request(item, context)
+        if self._window is not None:
+            tokens = await self._prompt_tokens(request)
+            if tokens + self._max_tokens > self._window:
+                return Outcome(
+                    None, False, "ContextOverflowError",
+                    f"the prompt (~{tokens:,} tokens) plus max_tokens={self._max_tokens} exceeds the "
+                    f"{self._window:,}-token window of {self._model.name}; not sent",
+                )
+        calls: list[CallRecord] = []
+        outcome: Outcome
+        try:
+            response = await dispatcher.call(
+                self._model, request, ledger=BudgetLedger(budget), priority=Priority.ROOT, record=calls.append
+            )
+            outcome = Outcome(response.text, True, turns=1)
+        except ContextOverflowError as exc:  # the provider said so
+            outcome = Outcome(None, False, "ContextOverflowError", exc.message)
+        except RLMError as exc:
+            outcome = Outcome(None, False, type(exc).__name__, exc.message)
+        outcome.add_calls(calls)
+        return outcome
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RLMApproach:
+    """An :class:`RLM` (root + sub pair) answering each item; one RLM serves every item.
+
+    The RLM is built on the runner's Dispatcher, so every item shares its lanes and limits.
+    ``options`` are further :class:`RLM` keyword arguments (``max_turns``, ``sandbox``...).
+    """
+
+    def __init__(
+        self,
+        root: str | LanguageModel,
+        sub: str | LanguageModel | None = None,
+        *,
+        name: str = "rlm",
+        **options: object,
+    ) -> None:
+        self._root = root
+        self._sub = sub
+        self._name = name
+        self._options = options
+        self._rlm: RLM | None = None
+        self._lock = anyio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def model_label(self) -> str:
+        def label(model: str | LanguageModel) -> str:
+            return model if isinstance(model, str) else model.name
+
+        root = label(self._root)
+        sub = label(self._sub) if self._sub is not None else root
+        return root if sub == root else f"{root} + {sub}"
+
+    async def _get(self, dispatcher: Dispatcher, budget: Budget) -> RLM:
+        async with self._lock:
+            if self._rlm is None:
+                self._rlm = RLM(
+                    root=self._root, sub=self._sub, dispatcher=dispatcher, budget=budget,
+                    **self._options,  # type: ignore[arg-type]
+                )
+            return self._rlm
+
+    async def answer(self, item: EvalItem, context: str, *, dispatcher: Dispatcher, budget: Budget) -> Outcome:
+        rlm = await self._get(dispatcher, budget)
+        result: RLMResult | None
+        try:
+            result = await rlm.run(context, item.prompt())
+            outcome = Outcome(result.answer, True, turns=result.turns, trace_id=result.trace_id)
+        except NoAnswerError as exc:  # processed, unanswered: a wrong answer, not a failure
+            result = exc.partial if isinstance(exc.partial, RLMResult) else None
+            outcome = Outcome(None, True, "NoAnswerError", exc.message)
+        except RLMError as exc:
+            result = exc.partial if isinstance(exc.partial, RLMResult) else None
+            outcome = Outcome(None, False, type(exc).__name__, exc.message)
+        if result is not None:
+            outcome.turns = result.turns
+            outcome.trace_id = result.trace_id
+            outcome.add_calls(result.calls)
+        return outcome
+
+    async def aclose(self) -> None:
+        if self._rlm is not None:
+            await self._rlm.aclose()

@@ -1,0 +1,139 @@
+"""Vetted helpers for model code in the sandbox: ``grep`` and ``chunks``.
+
+Small root models (0.5B-1.5B) often write the search-and-slice code of an RLM turn wrongly (an
+off-by-one slice, a regex that fails on a special character, a print that dumps megabytes);
+they call a documented helper correctly far more often. Both helpers read ``context`` from the
+namespace at call time, and both return plain lists (of str) whose ``repr`` is a short summary,
+so a bare ``grep("key")`` as the last line of a cell shows something useful and never floods.
+
+Standard library only: the worker (stdlib + msgpack) imports this file by path, like its other
+siblings, and :func:`install` adds the helpers to the namespace. It never imports ``rlmflow``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+__all__ = ["Chunks", "Hits", "install"]
+
+_PREVIEW = 160
+
+
+class Hits(list):  # type: ignore[type-arg]
+    """Snippets around matches (a list of str); ``positions`` holds (document, offset) per hit."""
+
+    def __init__(self, snippets: list[str], positions: list[tuple[Any, int]], total: int, pattern: str) -> None:
+        super().__init__(snippets)
+        self.positions = positions
+        self.total = total
+        self.pattern = pattern
+
+    def __repr__(self) -> str:
+        if not self:
+            return f"grep({self.pattern!r}): no match"
+        shown = f" (first {len(self)} shown)" if self.total > len(self) else ""
+        lines = [f"grep({self.pattern!r}): {self.total} match(es){shown}"]
+        for index, snippet in enumerate(self):
+            lines.append(f"[{index}] {snippet}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+class Chunks(list):  # type: ignore[type-arg]
+    """Consecutive pieces of the context (a list of str) that together hold all of it."""
+
+    def __repr__(self) -> str:
+        sizes = [len(c) for c in self]
+        head = f"{len(self)} chunk(s), {min(sizes, default=0):,}-{max(sizes, default=0):,} characters each"
+        previews = [f"[{i}] begins: {c[:80]!r}" for i, c in enumerate(self[:5])]
+        more = [f"... and {len(self) - 5} more"] if len(self) > 5 else []
+        return "\n".join([head, *previews, *more])
+
+    __str__ = __repr__
+
+
+def _documents(context: Any) -> Iterator[tuple[Any, str]]:
+    if isinstance(context, str):
+        yield None, context
+    elif isinstance(context, Mapping):
+        yield from ((name, str(text)) for name, text in context.items())
+    elif isinstance(context, (list, tuple)):
+        yield from enumerate(str(text) for text in context)
+    else:
+        yield None, str(context)
+
+
+def _compile(pattern: str, ignore_case: bool) -> re.Pattern[str]:
+    flags = re.IGNORECASE if ignore_case else 0
+    try:
+        return re.compile(pattern, flags)
+    except re.error:  # "what is $5?" or "f(x" : search for the words as written
+        return re.compile(re.escape(pattern), flags)
+
+
+def install(namespace: dict[str, Any]) -> None:
+    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``)."""
+
+    def grep(pattern: str, window: int = 300, max_hits: int = 20, ignore_case: bool = True) -> Hits:
+        """Find ``pattern`` (a regex, or plain words) in ``context``.
+
+        Returns up to ``max_hits`` snippets: each match with ``window`` characters on each side,
+        prefixed by its position ("@12,345: ..."). Use ``grep(...).positions`` for the offsets.
+        """
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError("grep(pattern): give the text or regex to search for, as a non-empty str")
+        window = max(0, int(window))
+        compiled = _compile(pattern, ignore_case)
+        snippets: list[str] = []
+        positions: list[tuple[Any, int]] = []
+        total = 0
+        for name, text in _documents(namespace.get("context", "")):
+            for match in compiled.finditer(text):
+                total += 1
+                if len(snippets) < max_hits:
+                    start, end = max(0, match.start() - window), min(len(text), match.end() + window)
+                    where = f"@{match.start():,}" if name is None else f"{name!r} @{match.start():,}"
+                    snippets.append(f"{where}: {text[start:end]}")
+                    positions.append((name, match.start()))
+        return Hits(snippets, positions, total, pattern)
+
+    def chunks(n: int = 10) -> Chunks:
+        """Split ``context`` into pieces, cutting at line ends where possible.
+
+        ``chunks(10)``: ten pieces of about equal size; ``chunks(20000)`` (1000 or more): pieces of
+        about 20,000 characters each. Several documents are joined, each headed by its name.
+        """
+        n = int(n)
+        if n < 1:
+            raise ValueError("chunks(n): n must be at least 1")
+        parts = list(_documents(namespace.get("context", "")))
+        text = parts[0][1] if len(parts) == 1 and parts[0][0] is None else "\n\n".join(
+            f"=== document {name!r} ===\n{body}" for name, body in parts
+        )
+        if n >= 1000:  # a size: cut at the last line end before it
+            cuts, start = [], 0
+            while start < len(text):
+                end = min(len(text), start + n)
+                if end < len(text):
+                    newline = text.rfind("\n", start + n // 2, end)
+                    end = newline + 1 if newline != -1 else end
+                cuts.append(end)
+                start = end
+        else:  # a count: n equal targets, each moved to the next line end nearby
+            step = len(text) / n
+            cuts = []
+            for index in range(1, n):
+                target = int(index * step)
+                newline = text.find("\n", target, target + max(1, int(step) // 2))
+                cut = newline + 1 if newline != -1 else target
+                if (not cuts or cut > cuts[-1]) and cut < len(text):
+                    cuts.append(cut)
+            cuts.append(len(text))
+        pieces = [text[a:b] for a, b in zip([0, *cuts[:-1]], cuts, strict=True) if b > a]
+        return Chunks(pieces)
+
+    namespace["grep"] = grep
+    namespace["chunks"] = chunks
