@@ -215,7 +215,7 @@ async def test_streaming_with_cached_usage(fake_server: tuple[str, FakeOpenAI]) 
 async def test_billing_exhaustion_is_not_retried(fake_server: tuple[str, FakeOpenAI]) -> None:
     base_url, fake = fake_server
     fake.retry_after = "0"
-    dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01))
+    dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01, max_throttles=5))
     model = OpenAIModel("m", base_url=base_url)
     try:
         with pytest.raises(QuotaExhaustedError, match="insufficient_quota"):
@@ -265,7 +265,7 @@ async def test_a_run_with_openai_sub_calls_priced_and_pooled_to_the_lane() -> No
     ])
     async with CountingServer(latency=0.3) as server:
         sub = OpenAIModel("my-vllm", base_url=server.base_url, max_pool_connections=4)
-        dispatcher = Dispatcher(limits={"openai": Limits(max_concurrency=40)},
+        dispatcher = Dispatcher(limits={"openai": Limits(max_concurrency=40, initial_concurrency=40)},
                                 pricing=Pricing(overrides={"openai:my-vllm": Price(1.0, 2.0)}))
         try:
             async with RLM(root=root, sub=sub, dispatcher=dispatcher) as rlm:
