@@ -125,12 +125,14 @@ class AdaptiveLimit:
         self._lowest = int(self._limit)
         self._decreases = 0
         self._pauses = 0
+        self._paused_at = -math.inf
         self._slow_start = True
         self._ssthresh = float(maximum)  # slow start stops here: below the level that failed last
         self._seq = 0
         self._decreased_at_seq = -1  # calls sent before this seq cannot cause another cut
         self._decreased_at = -math.inf
         self._limit_before_cuts = self._limit  # restored when a pause shows the quota was the cause
+        self._probe_before_cuts: tuple[int | None, int, float, float] = (None, 0, -math.inf, float(maximum))
         self._sends: deque[SendStamp] = deque(maxlen=4 * maximum + 64)  # the latest calls sent
         # background refusal rate (calls at or below the floor), with a prior of 2 in 10
         self._outcomes = 10.0
@@ -340,7 +342,9 @@ class AdaptiveLimit:
     def _decrease(self, stamp: SendStamp) -> None:
         now = self._clock()
         if now - self._decreased_at > 4 * self.round_trip:
-            self._limit_before_cuts = self._limit  # a new episode of cuts begins
+            # a new episode of cuts begins: remember what to restore if it turns out to be the quota
+            self._limit_before_cuts = self._limit
+            self._probe_before_cuts = (self._probe_level, self._probe_failures, self._probe_after, self._ssthresh)
         if (
             self._probe_level is not None
             and stamp.level >= self._probe_level - 1
@@ -361,12 +365,18 @@ class AdaptiveLimit:
         self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))
 
     def _pause(self) -> None:
+        if self._pauses and self._clock() < self._paused_at + self.round_trip:
+            return  # the same pause, seen by another refused call
         self._pauses += 1
+        self._paused_at = self._clock()
         if self._clock() - self._decreased_at <= 4 * self.round_trip:
-            self._set_limit(max(self._limit, self._limit_before_cuts))  # undo this episode's cuts
-        self._ssthresh = max(1.0, self._limit)
-        self._probe_level = None
-        self._probe_failures = 0
+            # undo this episode's cuts, and what they taught about concurrency: the quota refused
+            self._set_limit(max(self._limit, self._limit_before_cuts))
+            self._probe_level, self._probe_failures, self._probe_after, ssthresh = self._probe_before_cuts
+        else:
+            ssthresh = self._ssthresh
+        # slow start back to where the lane was, but not past a level that failed for concurrency
+        self._ssthresh = max(1.0, min(self._limit, ssthresh))
 
     def _set_limit(self, value: float) -> None:
         value = min(float(self.maximum), max(1.0, value))
