@@ -8,7 +8,7 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   it every round trip, up to ``maximum``. A load-related throttle ends slow start; the limit
   then grows by one per round trip (``1/limit`` per success). Four round trips without a cut
   resume slow start, up to just below the level that failed (as TCP's ``ssthresh``; lifted
-  once four calls succeed at that level); above it the limit grows by one per round trip and
+  once the floor below reaches that level); above it the limit grows by one per round trip and
   the probing backoff below applies.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
   (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
@@ -149,7 +149,6 @@ class AdaptiveLimit:
         self._holds: deque[float] = deque()  # when each held slot frees
         self._probe_level: int | None = None  # the level that failed last
         self._probe_failures = 0
-        self._probe_passes = 0  # successes at or above the level that failed, since it failed
         self._probe_after = -math.inf
         self.history: list[tuple[float, int]] = []  # (time, limit) at each change, for plots
 
@@ -247,10 +246,10 @@ class AdaptiveLimit:
         self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         level = self._served_level(stamp)
         self._remember_success(now, level)
-        if self._probe_level is not None and level >= self._probe_level:
-            self._probe_passes += 1
-            if self._probe_passes >= 4:  # the level that failed is served now: the cut was a fluke
-                self._probe_level, self._probe_failures, self._ssthresh = None, 0, float(self.maximum)
+        if self._probe_level is not None and level >= self._probe_level and self.floor() >= self._probe_level:
+            # the provider now serves the level that failed (by Little's law, which a slow client
+            # does not inflate): the cut was a fluke, or its capacity grew
+            self._probe_level, self._probe_failures, self._ssthresh = None, 0, float(self.maximum)
         if self._holds:
             self._holds.popleft()  # a success clocks one held slot back in
         if now - self._peak_at > 2 * self.round_trip or self._peak_level * 2 < self._limit:
@@ -358,7 +357,6 @@ class AdaptiveLimit:
         self._decreased_at = now
         self._slow_start = False
         self._probe_level = max(2, min(stamp.level, int(self._limit)))
-        self._probe_passes = 0
         self._ssthresh = float(self._probe_level - 1)
         wait = min(2**self._probe_failures, self.max_probe_wait)
         self._probe_after = now + wait * self.round_trip
