@@ -8,8 +8,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   it every round trip, up to ``maximum``. A load-related throttle ends slow start; the limit
   then grows by one per round trip (``1/limit`` per success). Four round trips without a cut
   resume slow start, up to just below the level that failed (as TCP's ``ssthresh``; lifted
-  once the floor below reaches that level); above it the limit grows by one per round trip and
-  the probing backoff below applies.
+  once the floor below passes that level by two, beyond the noise of counting); above it the
+  limit grows by one per round trip and the probing backoff below applies.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
   (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
   call still in flight as not refused (a refusal comes back in milliseconds, a success only
@@ -246,7 +246,7 @@ class AdaptiveLimit:
         self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         level = self._served_level(stamp)
         self._remember_success(now, level)
-        if self._probe_level is not None and level >= self._probe_level and self.floor() >= self._probe_level:
+        if self._probe_level is not None and level >= self._probe_level and self.floor() >= self._probe_level + 2:
             # the provider now serves the level that failed (by Little's law, which a slow client
             # does not inflate): the cut was a fluke, or its capacity grew
             self._probe_level, self._probe_failures, self._ssthresh = None, 0, float(self.maximum)
@@ -290,8 +290,11 @@ class AdaptiveLimit:
         return RefusalVerdict(load_related, decreased, pause)
 
     def on_resume(self) -> None:
-        """The lane reopens after a pause: one call first, then slow start back to the old limit."""
+        """The lane reopens after a pause: one call first, then slow start back to the old limit
+        (and not past a level that failed for concurrency)."""
         self._slow_start = True
+        if self._probe_level is not None:
+            self._ssthresh = min(self._ssthresh, float(self._probe_level - 1))
         self._successes.clear()
         self._served.clear()
         self._holds.clear()
