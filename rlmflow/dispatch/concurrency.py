@@ -40,8 +40,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   trip, then 2, 4, ... up to ``max_probe_wait`` round trips while probes keep failing there, so
   a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
 - **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
-  load-related refusal hits a call sent at or below the floor (a level the provider just
-  served), or when a busy lane has seen load-related refusals and no success for a whole round
+  load-related refusal hits a call sent two or more below the floor (a level the provider
+  surely serves), or when a busy lane has seen load-related refusals and no success for a whole round
   trip: a full RPM or TPM window refuses every call, whatever the concurrency.
   :meth:`on_refusal` then returns ``pause=True`` and the lane stops sending until the
   ``retry-after``. The cuts of that episode are undone (the quota,
@@ -70,6 +70,7 @@ class SendStamp:
     level: int
     at: float
     above_floor: bool = False
+    well_below_floor: bool = False  # two or more under the floor: surely a level the provider serves
     refused: bool = False
     refused_at: float = math.inf
 
@@ -182,7 +183,7 @@ class AdaptiveLimit:
     @property
     def round_trip(self) -> float:
         """Smoothed duration of a successful call (0.2 s before the first one)."""
-        return self._srtt if self._srtt is not None else 0.2
+        return max(self._srtt, 1e-3) if self._srtt is not None else 0.2
 
     def next_change_in(self) -> float:
         """Seconds until time alone raises what :meth:`available` allows (inf: only outcomes will)."""
@@ -231,7 +232,9 @@ class AdaptiveLimit:
         self._last_send = now
         if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
             self._peak_level, self._peak_at = in_flight, now
-        stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > self.floor())
+        floor = self.floor()
+        stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > floor,
+                          well_below_floor=in_flight <= floor - 2)
         self._sends.append(stamp)
         return stamp
 
@@ -278,7 +281,7 @@ class AdaptiveLimit:
         quiet_since = max(self._last_success, self._active_since)
         # refused at a level the provider just served, or nothing but refusals for a round trip on
         # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
-        pause = exhausted or (load_related and (not stamp.above_floor or now - quiet_since >= self.round_trip))
+        pause = exhausted or (load_related and (stamp.well_below_floor or now - quiet_since >= self.round_trip))
         decreased = False
         if pause:
             self._pause()
