@@ -227,8 +227,8 @@ class AdaptiveLimit:
         """A call is sent with ``in_flight`` calls (itself included) out."""
         self._seq += 1
         now = self._clock()
-        if now - self._last_send > self.round_trip:
-            self._active_since = now  # the lane was idle: quiet counts from now
+        if in_flight == 1 and not self.held() and now - self._last_send > self.round_trip:
+            self._active_since = now  # the lane was idle (not merely held back): quiet counts from now
         self._last_send = now
         if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
             self._peak_level, self._peak_at = in_flight, now
