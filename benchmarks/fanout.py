@@ -258,18 +258,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     shown = [name for name in titles if name in results]
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.6 * len(shown)), squeeze=False)
     for ax, name in zip(axes[:, 0], shown, strict=True):
-        history = results[name]["limit_history"]
-        times = [0.0] + [t for t, _ in history] + [results[name]["run_wall_s"]]
+        result = results[name]
+        start = result["run_wall_s"] - result["fanout_s"]  # the first sub-call, after the run's first turn
+        history = [(t - start, limit) for t, limit in result["limit_history"] if t >= start]
+        times = [0.0] + [t for t, _ in history] + [result["fanout_s"]]
         limits = [8] + [limit for _, limit in history]
         limits.append(limits[-1])
         ax.step(times, limits, where="post")
-        ax.set_title(f"{titles[name]}: {results[name]['fanout_s']:.1f} s, ratio {results[name]['ratio']:.2f}",
-                     fontsize=9)
+        ax.set_title(f"{titles[name]}: fan-out {result['fanout_s']:.1f} s, ratio {result['ratio']:.2f}", fontsize=9)
         ax.set_ylabel("limit (calls in flight)")
         ax.set_ylim(bottom=0)
         if name == "hidden":
             ax.axhline(32, color="grey", linestyle=":", linewidth=1)
-    axes[-1, 0].set_xlabel("seconds since the run started")
+    axes[-1, 0].set_xlabel("seconds since the fan-out started")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -282,7 +283,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     existing = RESULTS / "fanout.json"
     if existing.exists() and args.keep:
         results = json.loads(existing.read_text())
-    for name in args.regimes.split(","):
+    for name in filter(None, args.regimes.split(",")):
         if name == "cpu":
             results["cpu_10k"] = await regime_cpu(args.cpu_prompts)
         else:
