@@ -449,14 +449,21 @@ class LocalSandboxSession:
         assert self._dir is not None and self._incarnation is not None
         config = self._config
         work = self._dir / "work"
-        if self._incarnation.bwrap:  # the tmpfs lives in the namespace: seen through its init's root
-            inner = await anyio.to_thread.run_sync(first_child, self._incarnation.process.pid)
-            if inner is None:
-                return None
-            work = Path(f"/proc/{inner}/root") / work.relative_to("/")
-        usage = await anyio.to_thread.run_sync(
-            lambda: scratch.measure(work, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
-        )
+        bwrap_pid = self._incarnation.process.pid if self._incarnation.bwrap else None
+
+        def check() -> tuple[Path, scratch.ScratchUsage] | None:  # one thread hop per cell
+            where = work
+            if bwrap_pid is not None:  # the tmpfs lives in the namespace: seen through its init's root
+                inner = first_child(bwrap_pid)
+                if inner is None:
+                    return None
+                where = Path(f"/proc/{inner}/root") / work.relative_to("/")
+            return where, scratch.measure(where, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
+
+        checked = await anyio.to_thread.run_sync(check)
+        if checked is None:
+            return None
+        work, usage = checked
         if usage.files <= config.scratch_files and usage.bytes <= config.scratch_bytes:
             return None
         await anyio.to_thread.run_sync(scratch.empty, work)
