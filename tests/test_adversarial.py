@@ -225,8 +225,26 @@ _SYSCALL = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.sy
         _SYSCALL + "assert libc.syscall(298, ctypes.create_string_buffer(128), 0, -1, -1, 0) >= 0, "
         "ctypes.get_errno()",  # perf_event_open
         _SYSCALL + "assert libc.syscall(323, 0) >= 0, ctypes.get_errno()",  # userfaultfd
+        # the kernel reads int arguments' low 32 bits: high bits must not slip past the filter
+        _SYSCALL + "assert libc.syscall(157, ctypes.c_ulong((1 << 32) | 1), 0) == 0, ctypes.get_errno()",
+        _SYSCALL + "assert libc.syscall(62, ctypes.c_ulong((1 << 32) | os.getppid()), 0) == 0, ctypes.get_errno()",
+        _SYSCALL + "fd = os.open('.', os.O_RDONLY)\n"
+        "assert libc.syscall(16, fd, ctypes.c_ulong((1 << 32) | 0x40086602), ctypes.byref(ctypes.c_long(0x10))) == 0, "
+        "ctypes.get_errno()",
     ],
-    ids=["mknod", "bpf", "mount", "unshare", "io_uring", "keyctl", "perf_event_open", "userfaultfd"],
+    ids=[
+        "mknod",
+        "bpf",
+        "mount",
+        "unshare",
+        "io_uring",
+        "keyctl",
+        "perf_event_open",
+        "userfaultfd",
+        "prctl-high-bits",
+        "kill-high-bits",
+        "chattr-high-bits",
+    ],
 )
 async def test_root_capabilities_are_gone(sandbox: LocalSandboxSession, code: str) -> None:
     need(sandbox.report, "seccomp", "capabilities")

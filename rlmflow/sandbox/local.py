@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -114,7 +115,9 @@ class LocalSandbox:
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.start_timeout = start_timeout
-        self._limiters: dict[tuple[int, int], anyio.CapacityLimiter] = {}
+        self._limiters: weakref.WeakKeyDictionary[Any, dict[int, anyio.CapacityLimiter]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @asynccontextmanager
     async def session(self, context: Context, bridge: Bridge) -> AsyncIterator[LocalSandboxSession]:
@@ -125,10 +128,13 @@ class LocalSandbox:
         ``SandboxCrashedError`` when the worker cannot start.
         """
         depth = _DEPTH.get()
-        key = (id(anyio.lowlevel.current_token().native_token), depth)  # limiters belong to one loop
-        limiter = self._limiters.get(key)
+        loop = anyio.lowlevel.current_token().native_token  # a limiter belongs to one event loop
+        per_depth = self._limiters.get(loop)
+        if per_depth is None:
+            per_depth = self._limiters[loop] = {}
+        limiter = per_depth.get(depth)
         if limiter is None:
-            limiter = self._limiters[key] = anyio.CapacityLimiter(self.max_sessions)
+            limiter = per_depth[depth] = anyio.CapacityLimiter(self.max_sessions)
         async with limiter:
             token = _DEPTH.set(depth + 1)
             try:
