@@ -45,6 +45,7 @@ async def run(session: LocalSandboxSession, body: str) -> str:
 
 
 async def assert_denied(session: LocalSandboxSession, body: str) -> str:
+    await session.execute("canary = 'alive'")  # an earlier case may have replaced the worker
     output = await run(session, body)
     assert output.startswith("DENIED"), output
     kept = await session.execute("canary")
@@ -307,15 +308,20 @@ async def test_planted_secrets_and_host_process_files_are_unreadable(
     sandbox: LocalSandboxSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     need(sandbox.report, "filesystem")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "PLANTED-ENV")
+    monkeypatch.setenv("OPENAI_API_KEY", "PLANTED-ENV")
+    respawned = await sandbox.execute("import os\nos._exit(0)")  # the next worker starts with them planted
+    assert respawned.restarted
     credentials = tmp_path / ".aws" / "credentials"
     credentials.parent.mkdir()
     credentials.write_text("[default]\naws_secret_access_key = PLANTED\n")
     for target in (str(credentials), "/proc/{ppid}/environ", "/proc/{ppid}/mem", "/proc/{ppid}/cmdline", "/etc/shadow"):
-        code = f"import os\nopen({target!r}.format(ppid=os.getppid()), 'rb').read(64)"
+        code = f"import os\nprint(open({target!r}.format(ppid=os.getppid()), 'rb').read(64))"
         output = await assert_denied(sandbox, code)
         assert "PLANTED" not in output
-    env = await sandbox.execute("import os\nprint(sorted(os.environ))")
-    assert "AWS" not in env.output and "OPENAI" not in env.output
+    env = await sandbox.execute("import os\nprint(dict(os.environ))")
+    assert "PLANTED" not in env.output and "AWS" not in env.output and "OPENAI" not in env.output
+    await sandbox.execute("canary = 'alive'")
 
 
 async def test_inherited_descriptors_reveal_nothing(sandbox: LocalSandboxSession, tmp_path: Path) -> None:
