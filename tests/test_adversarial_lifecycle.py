@@ -15,17 +15,19 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from rlmflow import IsolationUnavailableError, LocalSandbox
+from rlmflow import RLM, IsolationUnavailableError, LocalSandbox, ModelRequest, ScriptedModel
 from rlmflow.sandbox import scratch
 from rlmflow.sandbox.local import LocalSandboxSession
 
 from .adversarial_helpers import CONTEXT, bridge, need, processes_with_env
+from .helpers import repl
 
 pytestmark = pytest.mark.anyio
 
@@ -367,3 +369,39 @@ async def test_the_report_names_every_layer_and_none_is_explicit() -> None:
     async with LocalSandbox(isolation="none").session("ctx", bridge) as session:
         assert session.report.mode == "none" and not session.report.confined
         assert not any(layer.startswith(("seccomp", "landlock", "bubblewrap")) for layer in session.report.layers)
+
+
+class CountingSandbox:
+    """A LocalSandbox seen from outside: how many of its sessions are open at once."""
+
+    def __init__(self, inner: LocalSandbox) -> None:
+        self.inner = inner
+        self.open = self.peak = self.total = 0
+
+    @asynccontextmanager
+    async def session(self, context: Any, bridge: Any) -> AsyncIterator[LocalSandboxSession]:
+        async with self.inner.session(context, bridge) as session:
+            self.open += 1
+            self.total += 1
+            self.peak = max(self.peak, self.open)
+            try:
+                yield session
+            finally:
+                self.open -= 1
+
+
+async def test_twenty_children_never_mean_twenty_one_workers_at_once() -> None:
+    def root_reply(request: ModelRequest) -> str:
+        if "child-" in request.messages[1].content:  # each child computes a little, then answers
+            return repl("import time\ntime.sleep(0.05)\nFINAL(context[:5])")
+        if sum(1 for m in request.messages if m.role == "assistant") == 0:
+            return repl("answers = rlm_query_many([f'child-{i}' for i in range(20)])\nprint(len(answers), answers[0])")
+        return repl("FINAL('parent done')")
+
+    sandbox = CountingSandbox(LocalSandbox(max_sessions=3))
+    async with RLM(root=ScriptedModel(root_reply, name="root"), sandbox=sandbox, max_turns=3) as rlm:
+        result = await rlm.run("abcdefgh", "parent")
+    assert result.answer == "parent done"
+    assert "20 abcde" in result.transcript[0].feedback
+    assert sandbox.total == 21
+    assert sandbox.peak <= 1 + 3  # the parent and at most max_sessions children (a queue, not a failure)
