@@ -24,6 +24,7 @@ import pytest
 
 from rlmflow import RLM, IsolationUnavailableError, LocalSandbox, ModelRequest, ScriptedModel
 from rlmflow.sandbox import scratch
+from rlmflow.sandbox.incarnation import MAX_CALLS_IN_FLIGHT
 from rlmflow.sandbox.local import LocalSandboxSession
 
 from .adversarial_helpers import CONTEXT, bridge, need, processes_with_env
@@ -405,3 +406,32 @@ async def test_twenty_children_never_mean_twenty_one_workers_at_once() -> None:
     assert "20 abcde" in result.transcript[0].feedback
     assert sandbox.total == 21
     assert sandbox.peak <= 1 + 3  # the parent and at most max_sessions children (a queue, not a failure)
+
+
+async def test_a_flood_of_calls_keeps_the_host_s_tasks_bounded() -> None:
+    in_flight = peak = served = 0
+
+    async def slow_bridge(fn: str, args: dict[str, Any]) -> Any:
+        nonlocal in_flight, peak, served
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await anyio.sleep(0.01)  # keeps calls in flight so that they pile up
+            served += 1
+            return {"calls_left": 1}
+        finally:
+            in_flight -= 1
+
+    flood = (
+        "import msgpack, os, socket, struct, sys, time\ns = socket.socket(fileno=os.dup(int(sys.argv[1])))\n"
+        "payload = msgpack.packb({})\n"
+        "frame = msgpack.packb({'op': 'call', 'id': 10**9, 'fn': 'budget', 'payload': payload})\n"
+        "s.sendall((struct.pack('>I', len(frame)) + frame) * 2000)\ns.close()\n"
+        "print(budget())"  # answered once the flood has drained
+    )
+    async with LocalSandbox(cell_timeout=20).session("ctx", slow_bridge) as session:
+        result = await session.execute(flood)
+        after = await session.execute("1 + 1")
+    assert result.error is None and "calls_left" in result.output, result
+    assert served == 2001 and peak <= MAX_CALLS_IN_FLIGHT
+    assert after.output.strip() == "2"

@@ -337,6 +337,8 @@ class LocalSandboxSession:
                     if cell is not None and cell.id == message.get("id"):
                         cell.finish(message)
                 elif op == "call":
+                    # backpressure: a worker flooding calls waits (and times out), the host's tasks stay bounded
+                    await incarnation.calls.acquire()
                     self._tg.start_soon(self._serve_call, incarnation, self._cell, message)
         except wire.FrameError as exc:
             incarnation.failure = f"the worker sent a bad frame ({exc})"
@@ -398,6 +400,8 @@ class LocalSandboxSession:
             await incarnation.send(reply)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the worker is gone; its cell already reports that
+        finally:
+            incarnation.calls.release()
 
     # -- cells -------------------------------------------------------------------------------
     async def execute(self, code: str) -> CellResult:
