@@ -151,20 +151,31 @@ class Dispatcher:
 
     # -- lanes ------------------------------------------------------------------------------------
     def lane_key(self, model: LanguageModel) -> str:
-        return f"{model.provider}:{model.name}"
+        """``provider:model``, with ``@endpoint`` for models that name one (two servers, two lanes)."""
+        endpoint = getattr(model, "endpoint", None)
+        return f"{model.provider}:{model.name}@{endpoint}" if endpoint else f"{model.provider}:{model.name}"
 
     def lane(self, model: LanguageModel) -> Lane:
-        """The lane of ``model``, created with its configured limits on first use."""
+        """The lane of ``model``, created with its configured limits on first use.
+
+        Limits are looked up by lane key, then ``provider:model``, then provider; else the
+        model's own ``lane_limits``, else :data:`DEFAULT_LIMITS`. A model with a connection pool
+        (``reserve_connections``) is told the lane's ceiling before its first call.
+        """
         key = self.lane_key(model)
         lane = self._lanes.get(key)
         if lane is None:
             declared = getattr(model, "lane_limits", None)
             limits = (
                 self._limits.get(key)
+                or self._limits.get(f"{model.provider}:{model.name}")
                 or self._limits.get(model.provider)
                 or (declared if isinstance(declared, Limits) else None)
                 or DEFAULT_LIMITS.get(model.provider, Limits())
             )
+            reserve = getattr(model, "reserve_connections", None)
+            if callable(reserve):
+                reserve(limits.max_concurrency)
             lane = self._lanes[key] = Lane(key, limits, clock=self._clock)
         return lane
 

@@ -24,7 +24,8 @@ from .base import Context
 __all__ = ["ContextFile", "ScratchUsage", "acquire_context", "make_scratch", "measure", "release_context"]
 
 _PREFIX = "rlmflow-"
-_STALE = re.compile(rf"^{_PREFIX}(\d+)-(\d+)-")  # rlmflow-<pid namespace>-<pid>-
+# only what mkdtemp below names: rlmflow-<pid namespace>-<pid>-[contexts-]<8 random characters>
+_STALE = re.compile(rf"^{_PREFIX}(\d+)-(\d+)-(?:contexts-)?[a-z0-9_]{{8}}$")
 _lock = threading.Lock()
 _contexts: dict[str, tuple[Path, int]] = {}  # sha256 -> (directory, references)
 _root: Path | None = None
@@ -120,14 +121,14 @@ def _sweep_stale(parent: Path) -> None:
         if int(match.group(1)) != namespace:
             continue
         pid = int(match.group(2))
-        if pid == os.getpid():
+        if pid == os.getpid() or not 0 < pid < 1 << 22:  # beyond the kernel's largest pid: not ours
             continue
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(entry.path, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
+        except OSError:
+            pass  # alive (someone else's), or not a pid we may ask about
 
 
 @dataclass(frozen=True, slots=True)
