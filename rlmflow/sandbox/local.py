@@ -156,7 +156,12 @@ class LocalSandbox:
 
 
 class LocalSandboxSession:
-    """A live local sandbox. Created by :meth:`LocalSandbox.session`."""
+    """A live local sandbox. Created by :meth:`LocalSandbox.session`.
+
+    ``report`` is the :class:`SandboxReport` of the current worker (probed when it started),
+    ``isolation`` its layers as strings, ``restarts`` how many times the worker was replaced,
+    ``load_seconds`` how long the worker took to read the context.
+    """
 
     def __init__(self, config: LocalSandbox, bridge: Bridge, tg: anyio.abc.TaskGroup) -> None:
         self._config = config
