@@ -327,6 +327,11 @@ class Dispatcher:
                     )
                 raise
             usage = response.usage
+            if usage.estimated or usage.input_tokens <= 0 < estimate.input_tokens:
+                # the provider reported no usage: charge at least the (conservative) reservation
+                usage = Usage(max(usage.input_tokens, estimate.input_tokens),
+                              max(usage.output_tokens, estimate.output_tokens), usage.calls or 1, estimated=True)
+                span.add_event("usage_unknown", {"rlm.usage.charged": "reservation"})
             cost = self.cost(model, usage)
             overrun = reservation.settle(usage, cost or 0.0)
             if overrun != Spend():
