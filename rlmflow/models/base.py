@@ -144,3 +144,35 @@ def estimated_usage(request: ModelRequest, text: str) -> Usage:
 def estimate_tokens(text: str) -> int:
     """A tokenizer-free estimate: about four characters a token for English and code."""
     return max(1, (len(text) + 3) // 4)
+
+
+class StreamingView:
+    """``model`` whose :meth:`request` streams, handing each piece of text to ``on_text``.
+
+    For a root model shown live: ``dispatcher.call(StreamingView(root, on_text), ...)`` goes
+    through the same lane as ``root`` (every other attribute is the model's own).
+    """
+
+    def __init__(self, model: StreamingLanguageModel, on_text: TextCallback) -> None:
+        self.model = model
+        self.on_text = on_text
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def count_tokens(self, text: str) -> int:
+        return self.model.count_tokens(text)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self.model.request_stream(request, self.on_text)
+
+    async def aclose(self) -> None:
+        return None  # the model belongs to whoever made it
+
+    def __getattr__(self, name: str) -> object:  # endpoint, lane_limits, reserve_connections...
+        return getattr(self.model, name)
