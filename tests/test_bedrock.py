@@ -38,10 +38,6 @@ async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeBedrockSe
     async with FakeBedrockServer() as fake:
         for name, value in fake.credentials_env().items():
             monkeypatch.setenv(name, value)
-        # nothing but the environment in the credential chain: no files, no instance metadata
-        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         yield fake
 
 

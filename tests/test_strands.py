@@ -45,9 +45,6 @@ async def bedrock(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeBedrockS
     async with FakeBedrockServer() as fake:
         for name, value in fake.credentials_env().items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         yield fake
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from .._exceptions import ModelError
 
 Role = Literal["system", "user", "assistant"]
 ReasoningEffort = Literal["minimal", "low", "medium", "high"]
 #: Receives each piece of text as a streaming model produces it (the live display of a root turn).
 TextCallback = Callable[[str], None]
+E = TypeVar("E", bound="ModelError")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,14 @@ def split_system(request: ModelRequest) -> tuple[list[str], list[Message]]:
 def estimated_usage(request: ModelRequest, text: str) -> Usage:
     """Usage estimated from the text, for a provider that reported none; marked ``estimated``."""
     return Usage(sum(estimate_tokens(m.content) for m in request.messages), estimate_tokens(text), 1, estimated=True)
+
+
+def note_partial_output(error: E, parts: Sequence[str]) -> E:
+    """``error`` with the length of the output streamed before it failed added to its message."""
+    if parts:
+        error.message = f"{error.message} (after {sum(map(len, parts))} characters of output)"
+        error.args = (error.message,)
+    return error
 
 
 def estimate_tokens(text: str) -> int:

@@ -106,8 +106,10 @@ class FakeBedrockServer(FakeProviderBase):
 
     def credentials_env(self) -> dict[str, str]:
         """Environment variables that make the standard AWS chain find this fake's credentials."""
+        # nothing else in the chain: no shared files, no instance metadata
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region}
+                "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, "AWS_CONFIG_FILE": "/nonexistent",
+                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/model/{model_id}/converse", self._converse)
