@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from .._exceptions import ModelError
+from . import guard
 from .base import ModelRequest, ModelResponse, TextCallback, estimate_tokens
 
 __all__ = ["DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPModel", "HTTPStatus", "JSONTransport", "ServerEvent"]
@@ -153,6 +155,8 @@ class HTTPModel:
         self._http = JSONTransport(pool=pool, timeout=timeout)
         self._stream = stream
         self._on_text = on_text
+        self._url = self._base_url  # the subclass's endpoint path
+        self._headers: dict[str, str] = {}
 
     @property
     def provider(self) -> str:
@@ -180,6 +184,17 @@ class HTTPModel:
 
     async def _request(self, request: ModelRequest) -> ModelResponse:
         raise NotImplementedError
+
+    def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
+        raise NotImplementedError
+
+    async def _post(self, payload: dict[str, Any]) -> tuple[Any, Mapping[str, str]]:
+        """POST to this model's URL; a failure comes out as the provider's ModelError."""
+        guard.check_request_allowed(self._url)
+        try:
+            return await self._http.post(self._url, payload, self._headers)
+        except (HTTPStatus, HTTPFailure) as exc:
+            raise self._translate(exc) from exc
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
         raise NotImplementedError

@@ -90,11 +90,7 @@ class AnthropicModel(HTTPModel):
         return body
 
     async def _request(self, request: ModelRequest) -> ModelResponse:
-        guard.check_request_allowed(self._url)
-        try:
-            reply, headers = await self._http.post(self._url, self.payload(request), self._headers)
-        except (HTTPStatus, HTTPFailure) as exc:
-            raise self._translate(exc) from exc
+        reply, headers = await self._post(self.payload(request))
         text = "".join(b.get("text", "") for b in reply.get("content") or [] if b.get("type") == "text")
         return ModelResponse(
             text=text,

@@ -92,11 +92,7 @@ class OpenAIModel(HTTPModel):
         return body
 
     async def _request(self, request: ModelRequest) -> ModelResponse:
-        guard.check_request_allowed(self._url)
-        try:
-            reply, headers = await self._http.post(self._url, self.payload(request), self._headers)
-        except (HTTPStatus, HTTPFailure) as exc:
-            raise self._translate(exc) from exc
+        reply, headers = await self._post(self.payload(request))
         choices = reply.get("choices") or []
         if not choices:
             raise TransientModelError("the server returned no choices", provider=self._provider, model=self._model)
