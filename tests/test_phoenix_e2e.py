@@ -44,6 +44,8 @@ print(answers)
 FINAL('two halves: ' + ' | '.join(answers))
 ```"""
 QUERY = "HALVES: what do the two halves of the report say?"
+SUB_MODEL = "acme-mini"  # a model Phoenix has no price for until the docs' custom-price recipe adds one
+PRICES = {"input": 50.0, "output": 150.0}  # USD per million tokens
 
 
 def _free_port() -> int:
@@ -113,6 +115,64 @@ def _spans(url: str, project: str, expected: int) -> list[dict[str, Any]]:
     raise AssertionError(f"Phoenix holds {len(spans)} spans of {project}, expected {expected}")
 
 
+def _graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
+    response = httpx.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=30)
+    body: dict[str, Any] = response.json()
+    assert not body.get("errors"), body["errors"]
+    return body["data"]  # type: ignore[no-any-return]
+
+
+def _project_id(url: str, name: str) -> str:
+    projects = httpx.get(f"{url}/v1/projects", timeout=10).json()["data"]
+    return next(str(p["id"]) for p in projects if p["name"] == name)
+
+
+SPANS_QUERY = """query($id: ID!, $filter: String) { node(id: $id) { ... on Project {
+  spans(first: 100, filterCondition: $filter) { edges { node { name costSummary { total { cost } } } } } } } }"""
+
+
+def _filtered(url: str, project: str, condition: str) -> list[dict[str, Any]]:
+    data = _graphql(url, SPANS_QUERY, id=_project_id(url, project), filter=condition)
+    return [edge["node"] for edge in data["node"]["spans"]["edges"]]
+
+
+def _add_custom_price(url: str) -> None:
+    """The docs' recipe: a custom model price, then wait until Phoenix's price table has loaded it.
+
+    Phoenix prices spans as they arrive, from a table it reloads every few seconds; probe spans
+    (in a project of their own) show when the new price is in force.
+    """
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    _graphql(url, """mutation($input: CreateModelMutationInput!) { createModel(input: $input) { model { id } } }""",
+             input={"name": SUB_MODEL, "namePattern": f"^{SUB_MODEL}$", "provider": "openai", "costs": [
+                 {"tokenType": "input", "costPerMillionTokens": PRICES["input"], "kind": "PROMPT"},
+                 {"tokenType": "output", "costPerMillionTokens": PRICES["output"], "kind": "COMPLETION"},
+             ]})
+    provider = TracerProvider(resource=Resource.create({"openinference.project.name": "price-probe"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{url}/v1/traces")))
+    tracer = provider.get_tracer("probe")
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            tracer.start_span("probe", attributes={
+                "openinference.span.kind": "LLM", "llm.model_name": SUB_MODEL, "llm.provider": "openai",
+                "llm.token_count.prompt": 1000, "llm.token_count.completion": 0,
+            }).end()
+            time.sleep(1)  # polling a real server's background reload
+            try:
+                if any(s["costSummary"]["total"]["cost"] for s in _filtered(url, "price-probe", "span_kind == 'LLM'")):
+                    return
+            except StopIteration:  # the probe project is not there yet
+                continue
+        raise AssertionError("Phoenix never priced the custom model")
+    finally:
+        provider.shutdown()
+
+
 def _clean_otel_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PHOENIX_", "RLMFLOW_CAPTURE"))}
 
@@ -120,6 +180,7 @@ def _clean_otel_environment() -> dict[str, str]:
 async def test_cli_run_lands_in_phoenix_as_a_readable_tree(phoenix: tuple[str, Path], tmp_path: Path) -> None:
     url, log = phoenix
     project = "rlmflow-e2e"
+    await anyio.to_thread.run_sync(_add_custom_price, url)
     document = tmp_path / "report.txt"
     document.write_text("The quick brown fox jumps over the lazy dog. " * 30 + "Sales rose in the north. " * 30)
     async with FakeOpenAIServer(root_marker="HALVES", root_reply=ROOT_REPLY) as server:
@@ -132,7 +193,7 @@ async def test_cli_run_lands_in_phoenix_as_a_readable_tree(phoenix: tuple[str, P
         }
         done = await anyio.run_process(
             [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(document), "--query", QUERY,
-             "--root", f"openai:gpt-4o-mini@{server.base_url}"],
+             "--root", f"openai:gpt-4o-mini@{server.base_url}", "--sub", f"openai:{SUB_MODEL}@{server.base_url}"],
             env=env, check=False,
         )
     stderr = done.stderr.decode()
@@ -151,8 +212,8 @@ def _check_phoenix(url: str, log: Path, project: str, answer: str, tmp_path: Pat
     kinds = sorted((s["name"], s["span_kind"]) for s in spans)
     assert kinds == sorted([
         ("invoke_agent rlm", "AGENT"), ("rlm.turn", "CHAIN"), ("chat gpt-4o-mini", "LLM"),
-        ("execute_code", "TOOL"), ("llm_query_many", "CHAIN"), ("chat gpt-4o-mini", "LLM"),
-        ("chat gpt-4o-mini", "LLM"),
+        ("execute_code", "TOOL"), ("llm_query_many", "CHAIN"),
+        (f"chat {SUB_MODEL}", "LLM"), (f"chat {SUB_MODEL}", "LLM"),
     ])
 
     def parent(span: dict[str, Any]) -> str | None:
@@ -173,11 +234,11 @@ def _check_phoenix(url: str, log: Path, project: str, answer: str, tmp_path: Pat
     (batch,) = [s for s in spans if s["name"] == "llm_query_many"]
     assert parent(batch) == "execute_code"
 
-    chats = [s for s in spans if s["name"] == "chat gpt-4o-mini"]
+    chats = [s for s in spans if s["name"].startswith("chat ")]
     assert sorted(parent(c) or "" for c in chats) == ["llm_query_many", "llm_query_many", "rlm.turn"]
     for chat in chats:
         a = chat["attributes"]
-        assert a["llm.model_name"] == "gpt-4o-mini" and a["llm.provider"] == "openai"
+        assert chat["name"] == f"chat {a['llm.model_name']}" and a["llm.provider"] == "openai"
         assert int(a["llm.token_count.prompt"]) > 0 and int(a["llm.token_count.completion"]) > 0
         assert a["llm.output_messages.0.message.role"] == "assistant"
         assert a["output.value"] == a["llm.output_messages.0.message.content"]
@@ -189,6 +250,21 @@ def _check_phoenix(url: str, log: Path, project: str, answer: str, tmp_path: Pat
     for chat in chats:
         if chat is not root_chat:
             assert chat["attributes"]["llm.input_messages.0.message.content"].startswith("Summarise in five words: ")
+
+    # the docs' filters: Phoenix's condition syntax (== , and, in) over our attributes
+    subs = _filtered(url, project, "rlm.call.role == 'sub'")
+    assert [s["name"] for s in subs] == [f"chat {SUB_MODEL}"] * 2
+    assert [s["name"] for s in _filtered(url, project, "span_kind == 'TOOL' and 'llm_query_many' in input.value")] \
+        == ["execute_code"]
+    assert [s["name"] for s in _filtered(url, project, "llm.token_count.total > 300")] == ["chat gpt-4o-mini"]
+    assert _filtered(url, project, "rlm.depth >= 1") == []  # valid syntax; this run has no rlm_query child
+    # the custom price applies to the sub-calls; Phoenix's own table prices the root model
+    sub_tokens = [(int(c["attributes"]["llm.token_count.prompt"]), int(c["attributes"]["llm.token_count.completion"]))
+                  for c in chats if c is not root_chat]
+    expected = sorted((i * PRICES["input"] + o * PRICES["output"]) / 1e6 for i, o in sub_tokens)
+    assert sorted(s["costSummary"]["total"]["cost"] for s in subs) == pytest.approx(expected)
+    (priced_root,) = _filtered(url, project, "span_kind == 'LLM' and rlm.call.role == 'root'")
+    assert priced_root["costSummary"]["total"]["cost"] > 0
 
     log_text = log.read_text(errors="replace")
     assert "POST /v1/traces" in log_text and "/v1/metrics" not in log_text  # no metrics sent anywhere

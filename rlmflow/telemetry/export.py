@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,10 +53,19 @@ class Export:
     exporters: dict[str, list[str]] = field(default_factory=dict)  # signal -> exporter names, for messages
 
     def shutdown(self) -> None:
-        """Flush and stop both providers (blocking: call it off the event loop)."""
-        for provider in (self.tracer_provider, self.meter_provider):
-            if provider is not None:
-                provider.shutdown()
+        """Flush and stop both providers, side by side (blocking: call it off the event loop).
+
+        An unreachable collector makes each exporter retry until its timeout
+        (``OTEL_EXPORTER_OTLP_TIMEOUT``, 10 s): in parallel the two waits overlap.
+        """
+        providers: list[Any] = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
+        threads = [threading.Thread(target=p.shutdown, name="rlmflow-otel-shutdown") for p in providers[1:]]
+        for thread in threads:
+            thread.start()
+        if providers:
+            providers[0].shutdown()
+        for thread in threads:
+            thread.join()
 
 
 def _names(env: Mapping[str, str], variable: str) -> list[str] | None:
