@@ -61,13 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="answer a question over one or more documents")
     run.add_argument("--context", nargs="+", required=True, metavar="PATH", help="document file(s)")
     run.add_argument("--query", required=True, help="the question")
-    run.add_argument("--root", default=DEFAULT_MODEL, help=f"root model (default {DEFAULT_MODEL})")
+    run.add_argument("--root", default=DEFAULT_MODEL, help=(
+        f"root model (default {DEFAULT_MODEL}): local:<name>, openai:<model>[@url], anthropic:<model>, "
+        "bedrock:<model-id>[@region], or strands:bedrock:<model-id>[@region] for a Strands Agent root "
+        "(docs/providers.md)"))
     run.add_argument("--sub", default=None, help="sub-call model (default: the root model)")
     run.add_argument("--max-turns", type=int, default=12)
     run.add_argument("--max-depth", type=int, default=1)
     run.add_argument("--max-calls", type=int, default=None, help="budget: most model calls")
     run.add_argument("--deadline", type=float, default=None, help="budget: seconds for the whole run")
     run.add_argument("--cell-timeout", type=float, default=120.0, help="seconds of compute per cell")
+    run.add_argument("--isolation", choices=("auto", "strict", "none"), default="auto",
+                     help="sandbox isolation: the strongest available (auto), refuse to run unconfined "
+                     "(strict), or none; -v prints what held")
     run.add_argument("--show-transcript", action="store_true", help="print every turn's code and output")
     run.add_argument("--trajectory", metavar="PATH", help="record the run as JSONL (read it with rlmflow trace)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
@@ -197,7 +203,7 @@ async def _answer(
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,
-        sandbox=LocalSandbox(cell_timeout=args.cell_timeout),
+        sandbox=LocalSandbox(cell_timeout=args.cell_timeout, isolation=args.isolation),
         trajectory=Trajectory(args.trajectory) if args.trajectory else None,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
@@ -220,6 +226,8 @@ async def _answer(
                         tg.cancel_scope.cancel()
             display.refresh()
     assert result is not None
+    if args.verbose and result.sandbox is not None:
+        print(f"sandbox: {result.sandbox.summary()}", file=sys.stderr)
     _print_summary(result, args.show_transcript)
     return 0
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from .dispatch.budget import Budget, Spend
 from .dispatch.dispatcher import CallRecord
 from .models.base import Usage
-from .sandbox.base import CellResult
+from .sandbox.base import CellResult, SandboxReport
 
 __all__ = ["RLMResult", "RunProgress", "Turn", "summarise_usage"]
 
@@ -50,7 +49,7 @@ class RLMResult:
     spent: Spend
     budget: Budget
     metadata: dict[str, str] = field(default_factory=dict)
-    sandbox: Any = None
+    sandbox: SandboxReport | None = None
 
     @property
     def total_usage(self) -> Usage:

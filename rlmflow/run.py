@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -30,7 +30,7 @@ from .dispatch.lane import RunShare
 from .loop import RootLoop
 from .recording import EventSink, RunRecorder
 from .result import RLMResult, RunProgress, Turn, summarise_usage
-from .sandbox.base import Context
+from .sandbox.base import Context, SandboxReport
 from .telemetry import attributes as attr
 from .telemetry import spans as span_attributes
 from .telemetry.logs import bound_contextvars
@@ -94,7 +94,7 @@ class _Run:
         self.recorder = RunRecorder(self, events)
         self.bridge = HostBridge(self)
         self._events = events
-        self._session_report: Any = None
+        self._session_report: SandboxReport | None = None
 
     def result(self, answer: str) -> RLMResult:
         """The run so far as a result (an empty answer for the ``.partial`` of an error)."""
@@ -186,5 +186,12 @@ class _Run:
 
     async def _in_sandbox(self) -> RLMResult:
         async with self.rlm.sandbox.session(self.context, self.bridge) as session:
-            self._session_report = getattr(session, "report", None)
+            report = getattr(session, "report", None)
+            if isinstance(report, SandboxReport):
+                self._session_report = report
+                trace.get_current_span().set_attributes(report.attributes())  # the run's span
+            if self.rlm.root_style == "strands":
+                from .strands import StrandsRootLoop
+
+                return await StrandsRootLoop(self)(session)
             return await RootLoop(self)(session)

@@ -16,11 +16,14 @@ import aioboto3
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 
 from rlmflow import RLM, ModelRequest, SandboxError, ScriptedModel
 from rlmflow.dispatch.retry import RetryPolicy
 from rlmflow.sandbox import AgentCoreSandbox
+from rlmflow.sandbox.agentcore_protocol import MARKER, Malformed, check_done, parse_status, pieces, valid_calls
 from rlmflow.sandbox.base import Context
 from rlmflow.testing.fake_agentcore import FakeAgentCoreServer, encode_event
 
@@ -84,6 +87,7 @@ async def test_full_run_fans_out_through_the_host_and_finishes(server: FakeAgent
     (session,) = server.sessions.values()
     assert session.traceparent is not None and result.trace_id in session.traceparent
     assert all(result.trace_id in r.headers.get("traceparent", "") for r in server.tool_calls())
+    assert result.sandbox is not None and result.sandbox.backend == "agentcore" and result.sandbox.filesystem
 
 
 async def test_rlm_query_children_get_sessions_of_their_own(server: FakeAgentCoreServer) -> None:
@@ -124,9 +128,10 @@ async def test_lists_and_dicts_arrive_as_python_values(server: FakeAgentCoreServ
 async def test_state_persists_errors_and_output_cap(server: FakeAgentCoreServer) -> None:
     async with make_sandbox(server, max_output_chars=1000).session("ctx", no_calls) as session:
         assert (await session.execute("x = 20\ndef double(v):\n    return 2 * v")).error is None
+        assert (await session.execute("len(chunks(1)), len(grep('ct'))")).output == "(1, 1)\n"  # the helpers
         assert (await session.execute("double(x) + 2")).output == "42\n"
         failed = await session.execute("undefined_name")
-        assert failed.error is not None and "NameError" in failed.error and "<cell 3>" in failed.error
+        assert failed.error is not None and "NameError" in failed.error and "<cell 4>" in failed.error
         flood = await session.execute("print('y' * 100_000)")
         assert flood.output_chars == 100_001 and len(flood.output) < 1200 and "omitted" in flood.output
         assert (await session.execute("import threading\nthreading.Thread(target=print, args=('bg',)).start()\n"
@@ -183,13 +188,26 @@ async def test_timeout_interrupts_and_keeps_variables_or_replaces_the_session(se
         assert after.output == "3 False\n"
 
 
-async def test_expired_session_is_restarted_with_a_note(server: FakeAgentCoreServer) -> None:
+async def test_a_cell_that_kills_the_interpreter_is_reported_and_replaced(server: FakeAgentCoreServer) -> None:
+    async with make_sandbox(server, max_request_bytes=16384).session("ctx", no_calls) as session:
+        await session.execute("import os\nos.chdir('/')\nv = 1")
+        big = await session.execute("x = '" + "y" * 30_000 + "'\nprint(len(x), os.getcwd())")  # args as files
+        assert big.output == "30000 /\n"
+        dead = await session.execute("import os\nos._exit(3)")
+        assert dead.restarted and dead.error is not None and dead.error.startswith("SandboxCrash")
+        assert (await session.execute("print('v' in globals(), context)")).output == "False ctx\n"
+    assert len(server.sessions) == 2 and not server.live_sessions
+
+
+async def test_expired_session_is_replaced_and_the_cell_reported(server: FakeAgentCoreServer) -> None:
     async with make_sandbox(server).session("ctx", no_calls) as session:
         await session.execute("v = 1")
         await server.expire(str(session.session_id))
+        lost = await session.execute("print('v' in globals(), context)")
+        assert lost.restarted and lost.error is not None and "ResourceNotFoundException" in lost.error
+        assert any("variables" in note.lower() for note in lost.notes)
         cell = await session.execute("print('v' in globals(), context)")
-    assert cell.restarted and cell.output == "False ctx\n"
-    assert any("variables" in note.lower() for note in cell.notes)
+    assert cell.output == "False ctx\n" and not cell.restarted
     assert len(server.sessions) == 2 and not server.live_sessions
     with pytest.raises(SandboxError, match="closed"):  # no session is started behind a closed one's back
         await session.execute("1")
@@ -267,6 +285,30 @@ async def test_large_answers_and_cells_travel_as_files(server: FakeAgentCoreServ
     assert max(len(json.dumps(r.body)) for r in server.requests) <= 16384
 
 
+async def test_host_calls_from_several_threads_of_a_cell(server: FakeAgentCoreServer) -> None:
+    in_flight, most = 0, 0
+    release = anyio.Event()
+
+    async def slow_bridge(fn: str, args: dict[str, Any]) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        if most == 4:
+            release.set()
+        with anyio.move_on_after(2):  # served together when the remote reports them together
+            await release.wait()
+        in_flight -= 1
+        return [p.upper() for p in args["prompts"]]
+
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "with ThreadPoolExecutor(4) as pool:\n"
+            "    print(sorted(pool.map(llm_query, ['a', 'b', 'c', 'd'])))")
+    async with make_sandbox(server).session("ctx", slow_bridge) as session:
+        cell = await session.execute(code)
+    assert cell.error is None and cell.output == "['A', 'B', 'C', 'D']\n"
+    assert most >= 2  # at least some calls of different threads were in flight at once
+
+
 async def test_host_errors_reach_model_code_as_exceptions(server: FakeAgentCoreServer) -> None:
     from rlmflow import BatchError, ThrottledError
 
@@ -323,3 +365,36 @@ def test_event_frames_parse_with_botocore() -> None:
     assert len(messages) == 2 and messages[0].headers[":event-type"] == "result"
     assert messages[1].payload == b'{"content": []}'
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=0, max_size=3000), limit=st.integers(min_value=16, max_value=700))
+def test_pieces_fit_the_request_bound_and_rebuild_the_text(text: str, limit: int) -> None:
+    parts = pieces(text, limit)
+    assert "".join(parts) == text
+    assert all(len(json.dumps(part)) <= limit for part in parts)
+    assert all(parts) or parts == [""]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(status=st.dictionaries(st.sampled_from(["state", "cell", "calls", "output", "error", "final", "x"]),
+                              json_values, max_size=6))
+def test_any_status_is_accepted_in_shape_or_refused(status: dict[str, Any]) -> None:
+    line = MARKER + json.dumps(status)
+    try:
+        parsed = parse_status({"stdout": "noise\n" + line + "\n", "stderr": "", "is_error": False}, 10_000)
+        calls = valid_calls(parsed, 1) if parsed.get("state") == "calls" else []
+        done = check_done(parsed, 1) if parsed.get("state") == "done" else None
+    except Malformed:
+        return
+    for call_id, fn, args in calls:
+        assert type(call_id) is int and fn in {"llm_query_many", "rlm_query_many", "budget"} and isinstance(args, dict)
+    if done is not None:
+        assert isinstance(done["output"], str) and done["cell"] == 1

@@ -30,8 +30,10 @@ class Price:
 
 
 class Pricing:
-    """Looks up prices: ``overrides`` (by model name) first, then genai-prices.
+    """Looks up prices: ``overrides`` first, then genai-prices.
 
+    An override is keyed by ``"provider:model"`` (the same model name priced apart per provider:
+    ``"openai:llama-3-70b"``) or by the model name alone (any provider):
     ``Pricing(overrides={"my-vllm-model": Price(0.1, 0.2)})`` prices a self-hosted model.
     """
 
@@ -41,7 +43,7 @@ class Pricing:
 
     def cost(self, provider: str, model: str, usage: Usage) -> float | None:
         """The cost of ``usage`` on ``model``, or ``None`` if no price is known."""
-        override = self._overrides.get(model)
+        override = self._overrides.get(f"{provider}:{model}") or self._overrides.get(model)
         if override is not None:
             return override.cost(usage)
         if provider in _FREE_PROVIDERS:
@@ -56,7 +58,12 @@ class Pricing:
             return None
         try:
             calculation = calc_price(
-                PriceUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
+                PriceUsage(
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cache_read_tokens=usage.cache_read_tokens or None,
+                    cache_write_tokens=usage.cache_write_tokens or None,
+                ),
                 model_ref=model,
                 provider_id=_PROVIDER_IDS.get(provider, provider),
             )

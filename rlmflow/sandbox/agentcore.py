@@ -21,7 +21,6 @@ and never used to build a URL, a path, a credential or a client.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 import uuid
@@ -42,30 +41,39 @@ from .._exceptions import RLMError, SandboxError, SandboxProtocolError
 from .._util import single_exception
 from ..dispatch.retry import RetryPolicy
 from ..telemetry.logs import get_logger
-from .base import Bridge, CellResult, Context
+from .agentcore_protocol import (
+    MARKER,
+    MAX_CALLS_PER_STATUS,
+    Malformed,
+    SessionLost,
+    capped,
+    check_done,
+    cut,
+    explain,
+    number,
+    parse_status,
+    pieces,
+    read_result,
+    sha256,
+    short,
+    valid_calls,
+)
+from .base import Bridge, CellResult, Context, SandboxReport
 from .local import error_to_wire
 
 __all__ = ["DEFAULT_IDENTIFIER", "AgentCoreSandbox", "AgentCoreSandboxSession"]
 
 DEFAULT_IDENTIFIER = "aws.codeinterpreter.v1"
-_RUNTIME_SOURCE = Path(__file__).with_name("agentcore_runtime.py")
-_MARKER = "\x1erlmflow-status:"
+_REMOTE_MODULES = (  # (module name in the remote interpreter, source file); helpers first: the runtime uses them
+    ("_rlmflow_helpers", Path(__file__).with_name("helpers_prelude.py")),
+    ("_rlmflow_runtime", Path(__file__).with_name("agentcore_runtime.py")),
+)
 _SESSION_ID = re.compile(r"[0-9a-zA-Z]{1,40}")
-_HOST_FUNCTIONS = frozenset({"llm_query_many", "rlm_query_many", "budget"})
-_MAX_CALLS_PER_STATUS = 1024
 _ENVELOPE = 2048  # room for the JSON around a request's payload
 _LOST = ("ResourceNotFoundException",)
 _logger = get_logger("rlmflow.sandbox")
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-class _SessionLost(Exception):
-    """The remote session or its interpreter is gone: a restart can go on."""
-
-
-class _Malformed(Exception):
-    """The remote side sent something the host does not accept."""
 
 
 class AgentCoreSandbox:
@@ -185,12 +193,31 @@ class AgentCoreSandboxSession:
         self._context_sha = ""
         self._cell_ids = 0
         self._files = 0
-        self._cell_started = False
+        self._started_at = 0.0
         self._closed = False
         self.restarts = 0
         self.session_ids: list[str] = []
         self.load_seconds = 0.0
         self.api_calls = 0
+
+    @property
+    def report(self) -> SandboxReport:
+        """What confines the code: a remote microVM that has no host files, processes or credentials.
+
+        Inside it, programs can run and the network is what the code interpreter's network mode
+        allows (the system interpreter: S3 and DNS); rlmflow's runtime needs none of it.
+        """
+        return SandboxReport(
+            backend="agentcore",
+            mode="remote",
+            layers=(f"AgentCore Code Interpreter {self._config.identifier} (remote microVM, no credentials)",),
+            missing=("exec: programs can run inside the remote session",
+                     "network: set by the code interpreter's network mode, not by rlmflow"),
+            filesystem=True,
+            network=False,
+            exec=False,
+            processes=True,
+        )
 
     @property
     def session_id(self) -> str | None:
@@ -204,7 +231,7 @@ class AgentCoreSandboxSession:
         return {"traceParent": carrier["traceparent"]} if "traceparent" in carrier else {}
 
     async def _api(self, operation: str, **kwargs: Any) -> Any:
-        """One API call, retried when throttled; errors become SandboxError or _SessionLost."""
+        """One API call, retried when throttled; errors become SandboxError or SessionLost."""
         attempt = 0
         while True:
             attempt += 1
@@ -218,8 +245,8 @@ class AgentCoreSandboxSession:
                     await self._config.sleep(self._config.retry.delay(attempt))
                     continue
                 if code in _LOST and self._session_id is not None:
-                    raise _SessionLost(f"{code}: {message}") from exc
-                raise SandboxError(_explain(operation, code, message, attempt)) from exc
+                    raise SessionLost(f"{code}: {message}") from exc
+                raise SandboxError(explain(operation, code, message, attempt)) from exc
             except BotoCoreError as exc:
                 raise SandboxError(f"AgentCore {operation} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -235,56 +262,24 @@ class AgentCoreSandboxSession:
             )
             stream = response["stream"]
             try:
-                return await self._read_stream(stream)
+                return await read_result(stream, self._config.max_response_chars)
             except ClientError as exc:  # an exception event inside the stream
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code.lower() == "throttlingexception" and attempt < self._config.retry.max_attempts:
                     await self._config.sleep(self._config.retry.delay(attempt))
                     continue
                 if code.lower() == "resourcenotfoundexception":
-                    raise _SessionLost(code) from exc
-                raise SandboxError(_explain(tool, code, str(exc)[:500], attempt)) from exc
+                    raise SessionLost(code) from exc
+                raise SandboxError(explain(tool, code, str(exc)[:500], attempt)) from exc
             finally:
                 stream.close()  # a response left unread (oversized) must not hold its connection
-
-    async def _read_stream(self, stream: Any) -> dict[str, Any]:
-        limit = self._config.max_response_chars
-        seen = 0
-        stdout: list[str] = []
-        other: list[str] = []
-        is_error = False
-        async for event in stream:
-            result = event.get("result") if isinstance(event, dict) else None
-            if not isinstance(result, dict):
-                continue
-            is_error = is_error or bool(result.get("isError"))
-            structured = result.get("structuredContent")
-            texts: list[tuple[list[str], Any]] = []
-            if isinstance(structured, dict) and isinstance(structured.get("stdout"), str):
-                texts.append((stdout, structured["stdout"]))
-                texts.append((other, structured.get("stderr")))
-            else:
-                for block in result.get("content") or []:
-                    if isinstance(block, dict):
-                        texts.append((stdout, block.get("text")))
-                        resource = block.get("resource")
-                        if isinstance(resource, dict):
-                            texts.append((stdout, resource.get("text")))
-            for sink, text in texts:
-                if not isinstance(text, str):
-                    continue
-                seen += len(text)
-                if seen > limit:
-                    raise _Malformed(f"the remote session sent more than {limit:,} characters in one response")
-                sink.append(text)
-        return {"stdout": "".join(stdout), "stderr": "".join(other), "is_error": is_error}
 
     # -- session lifecycle -------------------------------------------------------------------------
     async def _open(self, context: Context) -> None:
         self._context_kind = "text" if isinstance(context, str) else "json"
         text = context if isinstance(context, str) else json.dumps(context, ensure_ascii=False)
         self._context_text = text
-        self._context_sha = await anyio.to_thread.run_sync(_sha256, text)
+        self._context_sha = await anyio.to_thread.run_sync(sha256, text)
         await self._start_remote()
 
     async def _start_remote(self) -> None:
@@ -297,31 +292,35 @@ class AgentCoreSandboxSession:
             )
         if deadline.cancelled_caught:
             raise SandboxError(f"StartCodeInterpreterSession did not answer within {self._config.start_timeout:g} s")
-        await anyio.lowlevel.checkpoint()  # a cancellation that came meanwhile lands here, and stops it
         session_id = response.get("sessionId") if isinstance(response, dict) else None
         if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
             raise SandboxProtocolError("StartCodeInterpreterSession returned no valid sessionId")
         self._session_id = session_id
+        self._started_at = started
         self.session_ids.append(session_id)
         try:
+            await anyio.lowlevel.checkpoint()  # a cancellation that came during the start lands here
             paths = await self._write_parts("context", self._context_text)
-            source = await anyio.to_thread.run_sync(_RUNTIME_SOURCE.read_text, "utf-8")
             config = {
                 "context_paths": paths, "context_kind": self._context_kind,
                 "max_output_chars": self._config.max_output_chars,
                 "max_request_chars": self._config.max_request_chars,
             }
-            runtime_paths = await self._write_parts("runtime", source)
-            install = (  # the runtime becomes a module of the remote interpreter, apart from model code
-                "import sys as _rlmflow_sys, types as _rlmflow_types\n"
-                "_rlmflow_module = _rlmflow_types.ModuleType('_rlmflow_runtime')\n"
-                f"_rlmflow_source = ''.join(open(p, encoding='utf-8').read() for p in {runtime_paths!r})\n"
-                "exec(compile(_rlmflow_source, '<rlmflow runtime>', 'exec'), _rlmflow_module.__dict__)\n"
-                "_rlmflow_sys.modules['_rlmflow_runtime'] = _rlmflow_module\n"
-            )
+            install = "import sys as _rlmflow_sys, types as _rlmflow_types\n"
+            # The helpers model code may call (grep, chunks) and the runtime become modules of the
+            # remote interpreter, apart from the namespace model code runs in.
+            for module, path in _REMOTE_MODULES:
+                source = await anyio.to_thread.run_sync(path.read_text, "utf-8")
+                module_paths = await self._write_parts("runtime", source)
+                install += (
+                    f"_rlmflow_module = _rlmflow_types.ModuleType({module!r})\n"
+                    f"_rlmflow_source = ''.join(open(p, encoding='utf-8').read() for p in {module_paths!r})\n"
+                    f"exec(compile(_rlmflow_source, {path.name!r}, 'exec'), _rlmflow_module.__dict__)\n"
+                    f"_rlmflow_sys.modules[{module!r}] = _rlmflow_module\n"
+                )
             status = await self._control("boot", config, prefix=install)
             if status.get("state") != "ready":
-                raise SandboxError(f"the remote session did not load the context: {_short(status)}")
+                raise SandboxError(f"the remote session did not load the context: {short(status)}")
             if status.get("chars") != len(self._context_text) or status.get("sha256") != self._context_sha:
                 raise SandboxError("the context read back in the remote session differs from the one written")
             self.load_seconds = anyio.current_time() - started
@@ -339,10 +338,10 @@ class AgentCoreSandboxSession:
         paths = []
         limit = self._config.max_request_bytes - _ENVELOPE
         if len(text) < limit // 8:
-            pieces = _pieces(text, limit)
+            parts = pieces(text, limit)
         else:  # encoding megabytes to measure them: not on the event loop
-            pieces = await anyio.to_thread.run_sync(_pieces, text, limit)
-        for index, piece in enumerate(pieces):
+            parts = await anyio.to_thread.run_sync(pieces, text, limit)
+        for index, piece in enumerate(parts):
             path = f".rlmflow/{kind}/{self._files:06d}-{index:05d}.txt"
             block = {"path": path, "text": piece}
             result = await self._invoke("writeFiles", {"content": [block]})
@@ -389,11 +388,11 @@ class AgentCoreSandboxSession:
         code = (
             prefix + "import sys as _rlmflow_sys\n"
             "_rlmflow_rt = _rlmflow_sys.modules.get('_rlmflow_runtime')\n"
-            f"if _rlmflow_rt is None: print({_MARKER!r} + '{{\"state\": \"lost\"}}')\n"
+            f"if _rlmflow_rt is None: print({MARKER!r} + '{{\"state\": \"lost\"}}')\n"
             f"else: _rlmflow_rt.control({method!r}, {payload!r})\n"
         )
         result = await self._invoke("executeCode", {"code": code, "language": "python", "clearContext": False})
-        return _parse_status(result, self._config.max_response_chars)
+        return parse_status(result, self._config.max_response_chars)
 
     # -- cells -----------------------------------------------------------------------------------
     async def execute(self, code: str) -> CellResult:
@@ -406,26 +405,17 @@ class AgentCoreSandboxSession:
             if self._closed:
                 raise SandboxError("this AgentCore sandbox session is closed")
             notes: list[str] = []
-            if self._session_id is None:
+            expired = anyio.current_time() - self._started_at >= self._config.session_timeout - 5
+            if self._session_id is None or expired:  # a cell must not start in a session known to be gone
                 await self._restart()
-                notes.append("The sandbox had stopped and was restarted: variables were lost, context is reloaded.")
+                notes.append("The sandbox session had ended and was restarted: variables were lost, context is "
+                             "reloaded.")
             self._cell_ids += 1
-            self._cell_started = False
-            lost_before = False
             try:
-                try:
-                    reply, timed_out = await self._run_cell(self._cell_ids, code)
-                except _SessionLost:
-                    if self._cell_started:
-                        raise
-                    # gone before the cell began (expired, stopped): a new session runs it
-                    await self._restart()
-                    notes.append("The sandbox had stopped and was restarted: variables were lost, "
-                                 "context is reloaded.")
-                    reply, timed_out = await self._run_cell(self._cell_ids, code)
-                    lost_before = True
-            except (_SessionLost, _Malformed) as exc:
-                reason = "the remote session ended" if isinstance(exc, _SessionLost) else "a malformed response"
+                reply, timed_out = await self._run_cell(self._cell_ids, code)
+            except (SessionLost, Malformed) as exc:
+                # Not run again: the cell itself may be what ended the session (os._exit, memory).
+                reason = "the remote session ended" if isinstance(exc, SessionLost) else "a malformed response"
                 _logger.warning("AgentCore cell failed", reason=str(exc)[:200])
                 await self._restart()
                 reply, timed_out = {"error": f"SandboxCrash: {reason} ({str(exc)[:300]}) while running this cell.",
@@ -436,22 +426,22 @@ class AgentCoreSandboxSession:
                     "The sandbox session was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
                     "recompute what you need."
                 )
-            output, output_chars = _capped(reply.get("output"), reply.get("output_chars"),
+            output, output_chars = capped(reply.get("output"), reply.get("output_chars"),
                                            self._config.max_output_chars)
             error, final = reply.get("error"), reply.get("final")
             return CellResult(
                 output=output,
                 output_chars=output_chars,
-                error=_cut(error, max(20_000, 4 * self._config.max_output_chars)) if isinstance(error, str) else None,
+                error=cut(error, max(20_000, 4 * self._config.max_output_chars)) if isinstance(error, str) else None,
                 final=final if isinstance(final, str) else None,
-                duration=_number(reply.get("duration")),
+                duration=number(reply.get("duration")),
                 timed_out=timed_out,
-                restarted=restarted or lost_before,
+                restarted=restarted or bool(notes),
                 notes=tuple(notes),
             )
 
     async def _run_cell(self, cell_id: int, code: str) -> tuple[dict[str, Any], bool]:
-        send, receive = anyio.create_memory_object_stream[tuple[int, dict[str, Any]]](_MAX_CALLS_PER_STATUS * 4)
+        send, receive = anyio.create_memory_object_stream[tuple[int, dict[str, Any]]](MAX_CALLS_PER_STATUS * 4)
         with single_exception():
             async with send, receive, anyio.create_task_group() as tg:
                 try:
@@ -473,19 +463,18 @@ class AgentCoreSandboxSession:
             args["wait"] = min(config.poll_wait, max(remaining, 0.0))
             started = anyio.current_time()
             status = await self._control(method, args)
-            self._cell_started = True
             remaining -= anyio.current_time() - started  # compute time: the remote ran during the call
             state = status.get("state")
             if state == "done":
-                return self._check_done(status, cell_id), False
+                return check_done(status, cell_id), False
             if state == "lost":
-                raise _SessionLost("the remote interpreter lost the rlmflow runtime")
+                raise SessionLost("the remote interpreter lost the rlmflow runtime")
             if state == "calls":
-                for call_id, fn, call_args in _valid_calls(status, cell_id):
+                for call_id, fn, call_args in valid_calls(status, cell_id):
                     in_flight += 1
                     tg.start_soon(self._serve, send.clone(), call_id, fn, call_args)
             elif state != "running" or status.get("cell") != cell_id:
-                raise _Malformed(f"unexpected status {_short(status)}")
+                raise Malformed(f"unexpected status {short(status)}")
             replies: dict[str, Any] = {}
             if in_flight and remaining > 0:
                 call_id, reply = await receive.receive()  # the cell waits for the host: no polling
@@ -521,7 +510,7 @@ class AgentCoreSandboxSession:
         timeout = self._config.cell_timeout
         status = await self._control("interrupt", {"cell": cell_id, "wait": self._config.interrupt_grace})
         if status.get("state") == "done":
-            reply = self._check_done(status, cell_id)
+            reply = check_done(status, cell_id)
             if reply.get("interrupted"):
                 reply["error"] = (
                     f"TimeoutError: the cell ran past its {timeout:g} s limit and was interrupted. "
@@ -534,106 +523,3 @@ class AgentCoreSandboxSession:
             "(a C-level loop or sleep?); the session was replaced.",
             "restart": True,
         }
-
-    @staticmethod
-    def _check_done(status: dict[str, Any], cell_id: int) -> dict[str, Any]:
-        if status.get("cell") != cell_id:
-            raise _Malformed(f"a result for cell {status.get('cell')!r} while running cell {cell_id}")
-        for key, kind in (("output", str), ("error", (str, type(None))), ("final", (str, type(None)))):
-            if not isinstance(status.get(key), kind):
-                raise _Malformed(f"the result's {key!r} has the wrong type")
-        return status
-
-
-def _parse_status(result: dict[str, Any], limit: int) -> dict[str, Any]:
-    text: str = result["stdout"]
-    at = text.rfind(_MARKER)
-    if at < 0:
-        detail = (result["stderr"] or text)[-500:]
-        raise _Malformed(f"no status from the remote runtime (error={result['is_error']}): {detail}")
-    line = text[at + len(_MARKER) :].split("\n", 1)[0]
-    if len(line) > limit:
-        raise _Malformed(f"a status line of {len(line):,} characters")
-    try:
-        status = json.loads(line)
-    except ValueError:
-        raise _Malformed("a status line that is not JSON") from None
-    if not isinstance(status, dict) or not isinstance(status.get("state"), str):
-        raise _Malformed("a status that is not an object with a state")
-    return status
-
-
-def _valid_calls(status: dict[str, Any], cell_id: int) -> list[tuple[int, str, dict[str, Any]]]:
-    calls = status.get("calls")
-    if status.get("cell") != cell_id or not isinstance(calls, list) or not 0 < len(calls) <= _MAX_CALLS_PER_STATUS:
-        raise _Malformed("a malformed list of host calls")
-    valid = []
-    for call in calls:
-        if not isinstance(call, dict):
-            raise _Malformed("a host call that is not an object")
-        call_id, fn, args = call.get("id"), call.get("fn"), call.get("args")
-        if type(call_id) is not int or not 0 < call_id < 2**53:
-            raise _Malformed("a host call without a valid id")
-        if fn not in _HOST_FUNCTIONS or not isinstance(args, dict):
-            raise _Malformed(f"a request for an unknown host function {str(fn)[:40]!r}")
-        valid.append((call_id, str(fn), args))
-    return valid
-
-
-def _capped(output: Any, chars: Any, cap: int) -> tuple[str, int]:
-    text = output if isinstance(output, str) else ""
-    total = chars if type(chars) is int and chars >= len(text) else len(text)
-    limit = cap + 200  # room for the remote's own "[... omitted ...]" line
-    if len(text) > limit:
-        half = max(1, cap // 2)
-        text = f"{text[:half]}\n[... output cut by the host: {total:,} characters in all ...]\n{text[-half:]}"
-    return text, total
-
-
-def _pieces(text: str, limit: int) -> list[str]:
-    """``text`` cut so that each piece, JSON-encoded as botocore sends it, is at most ``limit`` bytes."""
-    pieces = []
-    offset = 0
-    size = limit
-    while True:
-        piece = text[offset : offset + size]
-        encoded = len(json.dumps(piece))
-        if encoded > limit and size > 1:  # escapes of non-ASCII text: shrink to fit
-            size = max(1, size * limit // encoded - 16)
-            continue
-        pieces.append(piece)
-        offset += len(piece)
-        if offset >= len(text):
-            return pieces
-        size = limit
-
-
-def _cut(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n[... {len(text) - limit:,} characters cut by the host ...]\n{text[-half:]}"
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
-def _short(status: dict[str, Any]) -> str:
-    return json.dumps(status, default=str)[:300]
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _explain(operation: str, code: str, message: str, attempts: int) -> str:
-    hint = ""
-    if code == "ThrottlingException":
-        hint = f" (still throttled after {attempts} attempts)"
-    elif code == "AccessDeniedException":
-        hint = (" (the caller needs bedrock-agentcore:StartCodeInterpreterSession, InvokeCodeInterpreter and "
-                "StopCodeInterpreterSession)")
-    elif code == "ServiceQuotaExceededException":
-        hint = " (too many concurrent sessions: lower the run concurrency or ask for a higher quota)"
-    return f"AgentCore {operation} failed: {code}: {message}{hint}"

@@ -33,6 +33,8 @@ import traceback
 from typing import Any
 
 MARKER = "\x1erlmflow-status:"
+_GATHER = 0.002  # seconds between looks for more calls from a cell's other threads
+_GATHER_MAX = 0.05  # the longest a status waits for them after the last new call
 _HOST_FUNCTIONS = ("llm_query_many", "rlm_query_many", "budget")
 
 
@@ -163,6 +165,9 @@ class _Cell:
         self.pending: dict[int, _Call] = {}
         self.result: dict[str, Any] | None = None
         self.thread: threading.Thread | None = None
+        self.threads_before = 0
+        self.gathered = 0
+        self.gather_until = 0.0
 
 
 class _Runtime:
@@ -271,6 +276,9 @@ class _Runtime:
                 "SandboxRequestError": SandboxRequestError,
             }
         )
+        helpers = sys.modules.get("_rlmflow_helpers")  # grep(), chunks(), shipped beside this runtime
+        if helpers is not None:
+            helpers.install(self.namespace)
 
     # -- the cell thread ----------------------------------------------------------------------
     def run_cell(self, cell: _Cell, code: str) -> None:
@@ -323,6 +331,7 @@ class _Runtime:
                 call.event.set()
             previous.pending.clear()
         cell = _Cell(cell_id, self.max_output_chars)
+        cell.threads_before = threading.active_count()
         self.cell = cell
         cell.thread = threading.Thread(target=self.run_cell, args=(cell, code), name=f"cell-{cell_id}", daemon=True)
         cell.thread.start()
@@ -349,7 +358,11 @@ class _Runtime:
                 if cell.result is not None:
                     return cell.result
                 fresh = [call for call in cell.pending.values() if not call.reported]
+                if fresh and self._more_may_come(cell, len(fresh)):
+                    self.cond.wait(_GATHER)
+                    continue
                 if fresh:
+                    cell.gathered = 0
                     for call in fresh:
                         call.reported = True
                     return {
@@ -361,6 +374,22 @@ class _Runtime:
                 if left <= 0:
                     return {"state": "running", "cell": cell.id}
                 self.cond.wait(left)
+
+    def _more_may_come(self, cell: _Cell, fresh: int) -> bool:
+        """Whether threads the cell started are still running and not all waiting for the host.
+
+        Calls of a thread pool arrive a few milliseconds apart; collecting them for one status lets
+        the host serve them together (it does not poll while it serves). A cell without threads of
+        its own never waits here.
+        """
+        others = threading.active_count() - cell.threads_before - 1
+        if others <= 0:
+            return False
+        if fresh > cell.gathered:  # new calls keep arriving: give the rest a moment
+            cell.gathered = fresh
+            cell.gather_until = time.monotonic() + _GATHER_MAX
+        waiting = len([c for c in cell.pending.values() if c.reply is None])
+        return waiting < others + 1 and time.monotonic() < cell.gather_until
 
     def interrupt(self, cell_id: int, wait: float) -> dict[str, Any]:
         cell = self.cell
@@ -391,10 +420,15 @@ def _format_user_traceback(exc: BaseException, filename: str) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+# writeFiles paths are relative to the interpreter's working directory when the runtime is installed;
+# model code may chdir later, so the runtime keeps the directory it started in.
+_BASE = os.getcwd()
+
+
 def _read_parts(paths: list[str]) -> str:
     parts = []
     for path in paths:
-        with open(path, encoding="utf-8") as fh:
+        with open(os.path.join(_BASE, path), encoding="utf-8") as fh:
             parts.append(fh.read())
     return "".join(parts)
 
@@ -421,7 +455,7 @@ def _dispatch(method: str, args: dict[str, Any]) -> dict[str, Any]:
     if paths:  # arguments too large for one request came as files
         args = json.loads(_read_parts(list(paths)))
         for path in paths:
-            os.remove(path)
+            os.remove(os.path.join(_BASE, path))
     if method == "boot":
         return _boot(args)
     runtime = _RUNTIME

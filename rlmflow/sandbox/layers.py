@@ -12,31 +12,19 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import SandboxError
 from ..telemetry.logs import get_logger
 from . import isolation, seccomp
 from .base import SandboxReport
 
-__all__ = ["HostLayers", "IsolationUnavailableError", "bwrap_command", "host_layers", "make_report", "warn_once"]
+__all__ = ["HostLayers", "bwrap_command", "host_layers", "make_report", "warn_once", "worker_command", "worker_env"]
 
 _logger = get_logger("rlmflow.sandbox")
 _warned: set[tuple[str, ...]] = set()
-
-
-class IsolationUnavailableError(SandboxError):
-    """``isolation="strict"`` was asked for and a required confinement does not hold here.
-
-    ``report`` is what the platform offers (:class:`SandboxReport`).
-    """
-
-    def __init__(self, message: str, *, report: SandboxReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +89,45 @@ def bwrap_command(
         command += ["--size", str(scratch_bytes)]
     command += ["--tmpfs", scratch, "--chdir", scratch]
     return command
+
+
+def worker_command(
+    *,
+    python: str,
+    worker: Path,
+    fd: int,
+    bwrap: str | None,
+    read_only: Sequence[str],
+    scratch: str,
+    scratch_bytes: int | None,
+) -> list[str]:
+    """The worker's command line: ``python -I worker.py FD``, inside bubblewrap when given."""
+    command = [python, "-I", "-X", "faulthandler", str(worker), str(fd)]
+    if bwrap is None:
+        return command
+    prefix = bwrap_command(
+        bwrap, python=python, read_only=[*_python_paths(), *read_only], scratch=scratch, scratch_bytes=scratch_bytes
+    )
+    return [*prefix, "--", *command]
+
+
+def worker_env(work: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    """The worker's whole environment: nothing of the host's but what is listed here."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def _python_paths() -> list[str]:
+    """Where the interpreter and its packages live (bound read-only under bubblewrap)."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    return sorted(p for p in paths if p and os.path.isdir(p))
 
 
 def make_report(mode: str, worker: dict[str, Any], *, bwrap: bool, missing: Sequence[str]) -> SandboxReport:

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +30,15 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
-from anyio.streams.buffered import BufferedByteReceiveStream
 
-from .._exceptions import BatchError, RLMError, SandboxCrashedError
+from .._exceptions import IsolationUnavailableError, RLMError, SandboxCrashedError
 from .._text import sanitize_text
 from .._util import single_exception
 from ..telemetry.logs import get_logger
 from . import scratch, wire
 from .base import Bridge, CellResult, Context, Isolation, SandboxReport
-from .layers import IsolationUnavailableError, bwrap_command, host_layers, make_report, warn_once
+from .incarnation import Cell, Incarnation, call_args, error_reply, error_to_wire, first_child, number
+from .layers import host_layers, make_report, warn_once, worker_command, worker_env
 
 __all__ = ["IsolationUnavailableError", "LocalSandbox", "LocalSandboxSession", "error_to_wire"]
 
@@ -69,6 +66,8 @@ class LocalSandbox:
       under bubblewrap; otherwise checked after each cell and the directory emptied past it);
     - ``max_sessions``: sessions running at once per nesting depth; more wait in a queue;
     - ``bubblewrap``: use bubblewrap where it works (``isolation="none"`` never does);
+    - ``seccomp``: load the seccomp filter (off: code may start processes and open sockets
+      again, so ``strict`` refuses to run);
     - ``env``: extra environment variables for the worker (nothing of the host's is passed);
     - ``python``: the interpreter (default: the host's).
     """
@@ -88,6 +87,7 @@ class LocalSandbox:
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME,
         max_sessions: int = 8,
         bubblewrap: bool = True,
+        seccomp: bool = True,
         env: Mapping[str, str] | None = None,
         python: str | None = None,
         start_timeout: float = 120.0,
@@ -110,6 +110,7 @@ class LocalSandbox:
         self.max_frame_bytes = max_frame_bytes
         self.max_sessions = max_sessions
         self.bubblewrap = bubblewrap and isolation != "none"
+        self.seccomp = seccomp and isolation != "none"
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.start_timeout = start_timeout
@@ -124,7 +125,7 @@ class LocalSandbox:
         ``SandboxCrashedError`` when the worker cannot start.
         """
         depth = _DEPTH.get()
-        key = (id(anyio.lowlevel.current_token()), depth)  # limiters belong to one event loop
+        key = (id(anyio.lowlevel.current_token().native_token), depth)  # limiters belong to one loop
         limiter = self._limiters.get(key)
         if limiter is None:
             limiter = self._limiters[key] = anyio.CapacityLimiter(self.max_sessions)
@@ -148,91 +149,6 @@ class LocalSandbox:
         return f"LocalSandbox(isolation={self.isolation!r}, cell_timeout={self.cell_timeout})"
 
 
-@dataclass
-class _Cell:
-    """One executing cell: the watchdog's view of it."""
-
-    id: int
-    in_flight: int = 0
-    reply: dict[str, Any] | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
-    changed: anyio.Event = field(default_factory=anyio.Event)
-    call_scopes: set[anyio.CancelScope] = field(default_factory=set)
-
-    def bump(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
-
-    def finish(self, reply: dict[str, Any]) -> None:
-        if self.reply is None:  # the first outcome wins (a reply racing a kill)
-            self.reply = reply
-            self.done.set()
-            self.bump()
-
-
-class _Incarnation:
-    """One worker process and its socket."""
-
-    def __init__(
-        self, process: anyio.abc.Process, stream: anyio.abc.SocketStream, max_frame: int, *, bwrap: bool
-    ) -> None:
-        self.process = process
-        self.bwrap = bwrap
-        self.stream = stream
-        self.receiver = BufferedByteReceiveStream(stream)
-        self.max_frame = max_frame
-        self.send_lock = anyio.Lock()
-        self.stderr_tail: deque[bytes] = deque(maxlen=64)
-        self.dead = anyio.Event()
-        self.stderr_done = anyio.Event()
-        self.expected_exit = False
-        self.failure: str | None = None
-
-    async def send(self, message: dict[str, Any]) -> None:
-        data = wire.encode(message)
-        async with self.send_lock:
-            await self.stream.send(data)
-
-    async def receive(self) -> dict[str, Any] | None:
-        try:
-            header = await self.receiver.receive_exactly(wire.HEADER.size)
-        except (anyio.IncompleteRead, anyio.EndOfStream):
-            return None
-        (length,) = wire.HEADER.unpack(header)
-        wire.check_length(length, self.max_frame)
-        try:
-            body = await self.receiver.receive_exactly(length)
-        except (anyio.IncompleteRead, anyio.EndOfStream):
-            raise wire.FrameError("stream ended inside a frame") from None
-        return wire.decode_untrusted(body)
-
-    def kill(self) -> None:
-        """SIGKILL the worker's whole process group (bubblewrap's namespace dies with it)."""
-        self.expected_exit = True
-        if self.process.returncode is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def describe_exit(self) -> str:
-        code = self.process.returncode
-        if code is None:
-            return "worker unresponsive"
-        if self.bwrap and code > 128:  # bubblewrap exits with 128 + the signal that ended the worker
-            code = 128 - code
-        if code < 0:
-            try:
-                return f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"exited with status {code}"
-
-    def stderr_text(self, limit: int = 1500) -> str:
-        text = b"".join(self.stderr_tail).decode("utf-8", "replace").strip()
-        return text[-limit:]
-
-
 class LocalSandboxSession:
     """A live local sandbox. Created by :meth:`LocalSandbox.session`."""
 
@@ -241,9 +157,9 @@ class LocalSandboxSession:
         self._bridge = bridge
         self._tg = tg
         self._lock = anyio.Lock()
-        self._cell: _Cell | None = None
+        self._cell: Cell | None = None
         self._cell_ids = 0
-        self._incarnation: _Incarnation | None = None
+        self._incarnation: Incarnation | None = None
         self._dir: Path | None = None
         self._context: scratch.ContextFile | None = None
         self._bwrap: str | None = None
@@ -262,6 +178,8 @@ class LocalSandboxSession:
                 self._bwrap = host.bwrap
             elif config.bubblewrap and host.bwrap_problem:
                 self._missing.append(host.bwrap_problem)
+            if not config.seccomp:
+                self._missing.append("seccomp (disabled by seccomp=False)")
         self._dir = await anyio.to_thread.run_sync(scratch.make_scratch)
         self._context = await anyio.to_thread.run_sync(scratch.acquire_context, context)
         await self._spawn()
@@ -275,33 +193,17 @@ class LocalSandboxSession:
         assert self._dir is not None and self._context is not None
         config = self._config
         work = self._dir / "work"
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(work),
-            "TMPDIR": str(work),
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-            **config.env,
-        }
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [config.python, "-I", "-X", "faulthandler", str(_WORKER), str(child.fileno())]
-        if self._bwrap is not None:
-            command = [
-                *bwrap_command(
-                    self._bwrap,
-                    python=config.python,
-                    read_only=[
-                        *_python_paths(),
-                        str(_WORKER.parent),
-                        str(self._context.path.parent),
-                    ],
-                    scratch=str(work),
-                    scratch_bytes=config.scratch_bytes,
-                ),
-                "--",
-                *command,
-            ]
+        command = worker_command(
+            python=config.python,
+            worker=_WORKER,
+            fd=child.fileno(),
+            bwrap=self._bwrap,
+            read_only=[str(_WORKER.parent), str(self._context.path.parent)],
+            scratch=str(work),
+            scratch_bytes=config.scratch_bytes,
+        )
+        env = worker_env(work, config.env)
         try:
             process = await anyio.open_process(
                 command,
@@ -320,7 +222,7 @@ class LocalSandboxSession:
         finally:
             child.close()
         stream = await anyio.abc.UNIXSocketStream.from_socket(parent)
-        incarnation = _Incarnation(process, stream, config.max_frame_bytes, bwrap=self._bwrap is not None)
+        incarnation = Incarnation(process, stream, config.max_frame_bytes, bwrap=self._bwrap is not None)
         self._tg.start_soon(self._drain_stderr, incarnation)
         confine = config.isolation != "none"
         init = {
@@ -338,7 +240,7 @@ class LocalSandboxSession:
                 # inside bubblewrap the worker's parent is the namespace's init, not this process
                 "parent_pid": None if self._bwrap else os.getpid(),
                 "capabilities": confine,
-                "seccomp": confine,
+                "seccomp": confine and config.seccomp,
                 "landlock": confine,
                 "read_paths": [str(self._context.path.parent), str(_WORKER.parent)],
                 "write_paths": [str(work)],
@@ -379,7 +281,7 @@ class LocalSandboxSession:
         _logger.warning("sandbox worker restarted", restarts=self.restarts)
         await self._spawn()
 
-    async def _reap(self, incarnation: _Incarnation) -> None:
+    async def _reap(self, incarnation: Incarnation) -> None:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(5):
                 await incarnation.process.wait()
@@ -404,7 +306,7 @@ class LocalSandboxSession:
             await anyio.to_thread.run_sync(scratch.release_context, context)
 
     # -- tasks -------------------------------------------------------------------------------
-    async def _drain_stderr(self, incarnation: _Incarnation) -> None:
+    async def _drain_stderr(self, incarnation: Incarnation) -> None:
         stream = incarnation.process.stderr
         if stream is None:
             incarnation.stderr_done.set()
@@ -417,7 +319,7 @@ class LocalSandboxSession:
         finally:
             incarnation.stderr_done.set()
 
-    async def _read_loop(self, incarnation: _Incarnation) -> None:
+    async def _read_loop(self, incarnation: Incarnation) -> None:
         try:
             while True:
                 message = await incarnation.receive()
@@ -460,7 +362,7 @@ class LocalSandboxSession:
                 }
             )
 
-    async def _serve_call(self, incarnation: _Incarnation, cell: _Cell | None, message: dict[str, Any]) -> None:
+    async def _serve_call(self, incarnation: Incarnation, cell: Cell | None, message: dict[str, Any]) -> None:
         call_id = message.get("id")
         if cell is not None:
             cell.in_flight += 1
@@ -470,17 +372,17 @@ class LocalSandboxSession:
             with anyio.CancelScope() as scope:
                 if cell is not None:
                     cell.call_scopes.add(scope)
-                value = await self._bridge(str(message.get("fn")), _call_args(message))
+                value = await self._bridge(str(message.get("fn")), call_args(message))
                 reply = {"op": "reply", "id": call_id, "ok": True, "value": value}
             if scope.cancelled_caught:
-                reply = _error_reply(call_id, RLMError("the cell ended before this call finished"))
+                reply = error_reply(call_id, RLMError("the cell ended before this call finished"))
         except RLMError as exc:
-            reply = _error_reply(call_id, exc)
+            reply = error_reply(call_id, exc)
         except wire.FrameError as exc:  # refused before any work: the worker and its state go on
-            reply = _error_reply(call_id, RLMError(f"the host refused this call's arguments: {exc}"))
+            reply = error_reply(call_id, RLMError(f"the host refused this call's arguments: {exc}"))
         except Exception as exc:  # a bug on the host side must still answer the waiting thread
             _logger.exception("host call failed", fn=message.get("fn"))
-            reply = _error_reply(call_id, RLMError(f"internal error in the host: {type(exc).__name__}: {exc}"))
+            reply = error_reply(call_id, RLMError(f"internal error in the host: {type(exc).__name__}: {exc}"))
         finally:
             if cell is not None:
                 cell.call_scopes.discard(scope)
@@ -503,7 +405,7 @@ class LocalSandboxSession:
                 incarnation = self._incarnation
             assert incarnation is not None
             self._cell_ids += 1
-            cell = _Cell(self._cell_ids)
+            cell = Cell(self._cell_ids)
             self._cell = cell
             try:
                 await incarnation.send({"op": "exec", "id": cell.id, "code": code})
@@ -525,28 +427,33 @@ class LocalSandboxSession:
                     "The sandbox worker was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
                     "recompute what you need."
                 )
-            if not restarted and self._bwrap is None:
+            if not restarted:
                 quota_note = await self._check_quota()
                 if quota_note:
                     notes.append(quota_note)
             error, final = reply.get("error"), reply.get("final")
             return CellResult(
                 output=sanitize_text(str(reply.get("output", ""))),
-                output_chars=int(_number(reply.get("output_chars"))),
+                output_chars=int(number(reply.get("output_chars"))),
                 error=None if error is None else sanitize_text(str(error)),
                 final=None if final is None else sanitize_text(str(final)),
-                duration=_number(reply.get("duration")),
+                duration=number(reply.get("duration")),
                 timed_out=timed_out,
                 restarted=restarted,
                 notes=tuple(notes),
             )
 
     async def _check_quota(self) -> str | None:
-        """Outside bubblewrap (whose tmpfs is size-capped) the scratch quota is checked after each
-        cell; past it the scratch directory is emptied. Returns a note for the model, if any."""
-        assert self._dir is not None
+        """The scratch quota (files and bytes; bubblewrap's tmpfs also caps bytes itself) is checked
+        after each cell; past it the scratch directory is emptied. Returns a note for the model."""
+        assert self._dir is not None and self._incarnation is not None
         config = self._config
         work = self._dir / "work"
+        if self._incarnation.bwrap:  # the tmpfs lives in the namespace: seen through its init's root
+            inner = await anyio.to_thread.run_sync(first_child, self._incarnation.process.pid)
+            if inner is None:
+                return None
+            work = Path(f"/proc/{inner}/root") / work.relative_to("/")
         usage = await anyio.to_thread.run_sync(
             lambda: scratch.measure(work, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
         )
@@ -559,7 +466,7 @@ class LocalSandboxSession:
             f"{config.scratch_bytes:,} bytes) and was emptied. Variables are kept; files are not."
         )
 
-    async def _supervise(self, cell: _Cell, incarnation: _Incarnation) -> bool:
+    async def _supervise(self, cell: Cell, incarnation: Incarnation) -> bool:
         """Wait for the cell; interrupt it when its own compute time runs out. True if it timed out."""
         remaining = self._config.cell_timeout
         while not cell.done.is_set():
@@ -577,7 +484,7 @@ class LocalSandboxSession:
             return True
         return False
 
-    async def _interrupt(self, cell: _Cell, incarnation: _Incarnation) -> None:
+    async def _interrupt(self, cell: Cell, incarnation: Incarnation) -> None:
         timeout = self._config.cell_timeout
         try:  # the worker's reader thread signals its main thread (bubblewrap hides its pid)
             await incarnation.send({"op": "interrupt"})
@@ -604,38 +511,3 @@ class LocalSandboxSession:
             }
         )
         incarnation.kill()
-
-
-def _python_paths() -> list[str]:
-    """Where the interpreter and its packages live (bound read-only under bubblewrap)."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    return sorted(p for p in paths if p and os.path.isdir(p))
-
-
-def _number(value: Any) -> float:
-    """A number the worker reported; anything else counts as 0."""
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def _call_args(message: dict[str, Any]) -> dict[str, Any]:
-    """A call's arguments, decoded with the same bounds as a frame; ``FrameError`` past them."""
-    payload = message.get("payload")
-    if not isinstance(payload, bytes):
-        raise wire.FrameError("a call without a binary payload")
-    args = wire.unpack_untrusted(payload)
-    if not isinstance(args, dict):
-        raise wire.FrameError("a call's arguments are not a map")
-    return args
-
-
-def _error_reply(call_id: Any, exc: RLMError) -> dict[str, Any]:
-    return {"op": "reply", "id": call_id, "ok": False, "error": error_to_wire(exc)}
-
-
-def error_to_wire(exc: RLMError) -> dict[str, Any]:
-    """An RLMError as a msgpack-able map the worker turns back into an exception."""
-    wire_error: dict[str, Any] = {"type": type(exc).__name__, "message": exc.message}
-    if isinstance(exc, BatchError):
-        wire_error["results"] = list(exc.results)
-        wire_error["errors"] = {index: error_to_wire(err) for index, err in exc.errors.items()}
-    return wire_error

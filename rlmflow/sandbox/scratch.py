@@ -24,7 +24,7 @@ from .base import Context
 __all__ = ["ContextFile", "ScratchUsage", "acquire_context", "make_scratch", "measure", "release_context"]
 
 _PREFIX = "rlmflow-"
-_STALE = re.compile(rf"^{_PREFIX}(\d+)-")
+_STALE = re.compile(rf"^{_PREFIX}(\d+)-[a-z0-9_]{{8}}$")  # only what mkdtemp below names
 _lock = threading.Lock()
 _contexts: dict[str, tuple[Path, int]] = {}  # sha256 -> (directory, references)
 _root: Path | None = None
@@ -104,14 +104,14 @@ def _sweep_stale(parent: Path) -> None:
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
         pid = int(match.group(1))
-        if pid == os.getpid():
+        if pid == os.getpid() or not 0 < pid < 1 << 22:  # beyond the kernel's largest pid: not ours
             continue
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(entry.path, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
+        except OSError:
+            pass  # alive (someone else's), or not a pid we may ask about
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ __all__ = ["CallMetrics", "ObservedLane"]
 
 class _Limit(Protocol):
     @property
-    def limit(self) -> int: ...
+    def level(self) -> int: ...
 
 
 class ObservedLane(Protocol):
@@ -101,7 +101,7 @@ class CallMetrics:
             # copying a dict is one C call under the GIL, so the loop thread cannot resize it midway;
             # the except is for a mapping that is not a plain dict
             lanes = tuple(self._lanes.items())
-            return [(key, int(lane.in_flight), int(lane.concurrency.limit)) for key, lane in lanes]
+            return [(key, int(lane.in_flight), int(lane.concurrency.level)) for key, lane in lanes]
         except Exception:  # a gauge must never fail the collection of the others
             return []
 
