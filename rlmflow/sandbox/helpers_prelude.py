@@ -165,9 +165,9 @@ def install(namespace: dict[str, Any]) -> None:
             except Exception:  # a user object whose repr fails: name its type only
                 text = f"<{type(value).__name__}>"
             text = text if len(text) <= width else text[: width - 3] + "..."
-            size = f", {len(value):,} items" if isinstance(value, (list, tuple, dict, set)) else (
+            extent = f", {len(value):,} items" if isinstance(value, (list, tuple, dict, set)) else (
                 f", {len(value):,} characters" if isinstance(value, str) else "")
-            lines.append(f"{name} = {text} ({type(value).__name__}{size})")
+            lines.append(f"{name} = {text} ({type(value).__name__}{extent})")
         if len(changed) > limit:
             lines.append(f"... and {len(changed) - limit} more: {', '.join(changed[limit:])}")
         return "\n".join(lines)
