@@ -14,6 +14,7 @@ from ._exceptions import (
     ContextError,
     ContextOverflowError,
     FatalModelError,
+    IsolationUnavailableError,
     ModelError,
     ModelNotReadyError,
     NoAnswerError,
@@ -22,41 +23,64 @@ from ._exceptions import (
     SandboxCrashedError,
     SandboxError,
     SandboxProtocolError,
+    SandboxRequestError,
     ThrottledError,
     TransientModelError,
     UnknownModelError,
 )
+from .bridge import BridgeLimits
 from .context import load_context_files, validate_context
 from .dispatch.budget import Budget, BudgetLedger, Spend
 from .dispatch.dispatcher import CallRecord, Dispatcher
 from .dispatch.lane import LaneStatistics, RunShare
 from .dispatch.limits import Limits, Priority
 from .dispatch.pricing import Price, Pricing
+from .dispatch.process import default_dispatcher, set_default_dispatcher
 from .dispatch.retry import RetryPolicy
 from .engine import RLM, RLMResult, RunProgress, Turn
+from .events import (
+    AnswerReady,
+    BatchFinished,
+    BatchStarted,
+    CellFinished,
+    CodeSubmitted,
+    RunEvent,
+    RunFailed,
+    RunStarted,
+    SubCallDone,
+    TurnStarted,
+)
 from .models.base import LanguageModel, Message, ModelRequest, ModelResponse, Usage
 from .models.local import LocalModel
 from .models.openai import OpenAIModel
 from .models.scripted import ScriptedModel
 from .sandbox.base import CellResult, Sandbox, SandboxSession
 from .sandbox.local import LocalSandbox
+from .stream import RunStream
 from .sync import run_sync
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RLM",
+    "AnswerReady",
     "BatchError",
+    "BatchFinished",
+    "BatchStarted",
+    "BridgeLimits",
     "Budget",
     "BudgetExceededError",
     "BudgetLedger",
     "CallRecord",
+    "CellFinished",
     "CellResult",
+    "CodeSubmitted",
     "ConfigurationError",
     "ContextError",
     "ContextOverflowError",
     "Dispatcher",
     "FatalModelError",
+    "IsolationUnavailableError",
     "LaneStatistics",
     "LanguageModel",
     "Limits",
@@ -76,21 +100,30 @@ __all__ = [
     "RLMError",
     "RLMResult",
     "RetryPolicy",
+    "RunEvent",
+    "RunFailed",
     "RunProgress",
     "RunShare",
+    "RunStarted",
+    "RunStream",
     "Sandbox",
     "SandboxCrashedError",
     "SandboxError",
     "SandboxProtocolError",
+    "SandboxRequestError",
     "SandboxSession",
     "ScriptedModel",
     "Spend",
+    "SubCallDone",
     "ThrottledError",
     "TransientModelError",
     "Turn",
+    "TurnStarted",
     "UnknownModelError",
     "Usage",
+    "default_dispatcher",
     "load_context_files",
     "run_sync",
+    "set_default_dispatcher",
     "validate_context",
 ]

@@ -16,7 +16,9 @@ Every error the library raises derives from :class:`RLMError`::
     ├── BudgetExceededError         a budget cap would be crossed (carries what was spent)
     ├── SandboxError                the sandbox process failed
     │   ├── SandboxCrashedError     the worker died (segfault, os._exit, OOM)
-    │   └── SandboxProtocolError    an oversized or malformed frame
+    │   ├── SandboxProtocolError    an oversized or malformed frame
+    │   └── IsolationUnavailableError  isolation="strict" and a confinement is missing
+    ├── SandboxRequestError         sandbox code asked for something the host refuses
     ├── BatchError                  some items of an llm_query_many failed (carries partial results)
     └── NoAnswerError               the run ended without FINAL (carries the transcript)
 
@@ -35,6 +37,7 @@ __all__ = [
     "ContextError",
     "ContextOverflowError",
     "FatalModelError",
+    "IsolationUnavailableError",
     "ModelError",
     "ModelNotReadyError",
     "NoAnswerError",
@@ -43,6 +46,7 @@ __all__ = [
     "SandboxCrashedError",
     "SandboxError",
     "SandboxProtocolError",
+    "SandboxRequestError",
     "ThrottledError",
     "TransientModelError",
     "UnknownModelError",
@@ -176,6 +180,25 @@ class SandboxCrashedError(SandboxError):
 
 class SandboxProtocolError(SandboxError):
     """The worker sent an oversized or malformed frame."""
+
+
+class IsolationUnavailableError(SandboxError):
+    """``isolation="strict"`` was asked for and a required confinement does not hold here.
+
+    ``report`` is what the platform offers (a ``SandboxReport``).
+    """
+
+    def __init__(self, message: str, *, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class SandboxRequestError(RLMError):
+    """Sandbox code asked the host for something it refuses: a model that is not one of the
+    RLM's aliases, an oversized batch or prompt, more sub-calls than the run may send.
+
+    Raised inside the model's code, with a message saying what is allowed; the run goes on.
+    """
 
 
 class BatchError(RLMError):

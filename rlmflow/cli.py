@@ -38,8 +38,10 @@ from .engine import RLM, RLMResult, RunProgress
 from .eval.cli import add_eval_parser, eval_main
 from .models.registry import DEFAULT_MODEL
 from .sandbox.local import LocalSandbox
+from .telemetry.export import Export, ExportConfigurationError, export_from_environment
 from .telemetry.html import render_html
-from .telemetry.report import analyse, format_text, load_trace
+from .telemetry.phoenix import PhoenixError, load_phoenix_trace
+from .telemetry.report import TraceData, analyse, format_text, load_trace
 from .telemetry.trajectory import Trajectory
 
 EXIT_CODES: list[tuple[type[RLMError], int]] = [
@@ -66,15 +68,47 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-calls", type=int, default=None, help="budget: most model calls")
     run.add_argument("--deadline", type=float, default=None, help="budget: seconds for the whole run")
     run.add_argument("--cell-timeout", type=float, default=120.0, help="seconds of compute per cell")
+    run.add_argument("--isolation", choices=("auto", "strict", "none"), default="auto",
+                     help="sandbox isolation: the strongest available (auto), refuse to run unconfined "
+                     "(strict), or none; -v prints what held")
     run.add_argument("--show-transcript", action="store_true", help="print every turn's code and output")
     run.add_argument("--trajectory", metavar="PATH", help="record the run as JSONL (read it with rlmflow trace)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
-    trace_cmd = commands.add_parser("trace", help="report on a recorded run (trajectory JSONL or OTLP-JSON spans)")
-    trace_cmd.add_argument("file", help="a trajectory written with --trajectory, or an OTLP JSON span export")
+    run.add_argument(
+        "--capture-content", type=int, metavar="N", default=None,
+        help="write prompts, replies, code and outputs into spans, each cut to N characters "
+        f"(default ${CAPTURE_ENV} or 0: sizes and hashes only)",
+    )
+    trace_cmd = commands.add_parser(
+        "trace", help="report on a recorded run (trajectory JSONL, OTLP-JSON spans, or a Phoenix project)"
+    )
+    trace_cmd.add_argument(
+        "file", nargs="?", help="a trajectory written with --trajectory, or an OTLP JSON span export "
+        "(a collector's camelCase JSON or Phoenix's snake_case export)"
+    )
+    trace_cmd.add_argument("--phoenix", metavar="URL", help="read the run from a Phoenix server (e.g. http://127.0.0.1:6006)")
+    trace_cmd.add_argument("--project", default="rlmflow", help="the Phoenix project (default rlmflow)")
+    trace_cmd.add_argument("--trace-id", help="the trace to read from Phoenix (default: its newest rlmflow run)")
     trace_cmd.add_argument("--html", metavar="PATH", help="also write a self-contained page with a timeline")
     trace_cmd.add_argument("--json", action="store_true", help="print the analysis as JSON")
     add_eval_parser(commands)
     return parser
+
+
+CAPTURE_ENV = "RLMFLOW_CAPTURE_CONTENT"
+
+
+def _capture_limit(option: int | None) -> int:
+    """Characters of content to capture: the option, else the environment variable, else 0."""
+    if option is None:
+        raw = os.environ.get(CAPTURE_ENV, "").strip() or "0"
+        try:
+            option = int(raw)
+        except ValueError:
+            raise ValueError(f"${CAPTURE_ENV}={raw!r} is not a whole number") from None
+    if option < 0:
+        raise ValueError("--capture-content must be >= 0 (0: sizes and hashes only)")
+    return option
 
 
 class _Display:
@@ -143,46 +177,17 @@ def _print_summary(result: RLMResult, show_transcript: bool) -> None:
     print(f"[{result.turns} turns, {result.duration:.1f}s, cost {cost}; {usage}]", file=sys.stderr)
 
 
-def _configure_telemetry() -> tuple[Any, Any]:
-    """OTLP export when the standard OTEL_EXPORTER_OTLP_* variables ask for it (the CLI is an app).
-
-    Returns (tracer_provider, meter_provider), both ``None`` when nothing is configured.
-    """
-    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
-        return None, None
-    try:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError:
-        print("warning: OTEL_EXPORTER_OTLP_ENDPOINT is set but the 'cli' extra is not installed", file=sys.stderr)
-        return None, None
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "rlmflow")})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    reader = PeriodicExportingMetricReader(OTLPMetricExporter())
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-    return tracer_provider, meter_provider
-
-
 async def _run(args: argparse.Namespace) -> int:
     loaded = await anyio.to_thread.run_sync(load_context_files, args.context)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     budget = Budget(max_calls=args.max_calls, deadline=args.deadline)
     progress = RunProgress()
-    tracer_provider, meter_provider = _configure_telemetry()
+    export: Export = args.export
     try:
-        return await _answer(args, loaded.context, budget, progress, tracer_provider, meter_provider)
+        return await _answer(args, loaded.context, budget, progress, export.tracer_provider, export.meter_provider)
     finally:
-        for provider in (tracer_provider, meter_provider):
-            if provider is not None:
-                await anyio.to_thread.run_sync(provider.shutdown)  # flushes the exporters
+        await anyio.to_thread.run_sync(export.shutdown)  # flushes the exporters
 
 
 async def _answer(
@@ -195,10 +200,11 @@ async def _answer(
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,
-        sandbox=LocalSandbox(cell_timeout=args.cell_timeout),
+        sandbox=LocalSandbox(cell_timeout=args.cell_timeout, isolation=args.isolation),
         trajectory=Trajectory(args.trajectory) if args.trajectory else None,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
+        capture_content=args.capture_content,
     ) as rlm:
         with _Display(progress, sys.stderr) as display:
             result: RLMResult | None = None
@@ -217,23 +223,32 @@ async def _answer(
                         tg.cancel_scope.cancel()
             display.refresh()
     assert result is not None
+    if args.verbose and result.sandbox is not None:
+        print(f"sandbox: {result.sandbox.summary()}", file=sys.stderr)
     _print_summary(result, args.show_transcript)
     return 0
 
 
 def _trace(args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.phoenix is None):
+        print("error: give a file or --phoenix URL (one of them)", file=sys.stderr)
+        return 2
+    source = args.file or f"{args.phoenix} project {args.project}"
     try:
-        data = load_trace(args.file)
+        data: TraceData = (
+            load_trace(args.file) if args.file
+            else load_phoenix_trace(args.phoenix, args.project, trace_id=args.trace_id)
+        )
         analysis = analyse(data)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, PhoenixError) as exc:
+        print(f"error: cannot read {source}: {exc}", file=sys.stderr)
         return 3
     if args.json:
         print(json.dumps(asdict(analysis), indent=2))
     else:
         print(format_text(analysis))
     if args.html:
-        Path(args.html).write_text(render_html(data, analysis, title=f"rlmflow run: {args.file}"), encoding="utf-8")
+        Path(args.html).write_text(render_html(data, analysis, title=f"rlmflow run: {source}"), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
     return 0
 
@@ -243,6 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "trace":
         return _trace(args)
+    try:
+        args.capture_content = _capture_limit(getattr(args, "capture_content", None))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:  # the CLI is an application: it exports what the standard OTEL_* environment asks for
+        args.export = export_from_environment()
+    except ExportConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.verbose:  # only rlmflow's own logger: the root logger stays as the environment set it
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

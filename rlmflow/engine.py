@@ -2,10 +2,14 @@
 
 One :class:`RLM` holds the models, the sandbox factory, the Dispatcher and the policies; each
 ``run`` is an independent :class:`rlmflow.run._Run` with its own sandbox session, ledger and
-transcript.
+transcript. Per-run settings (budget, deadline, turns, metadata, a tenant's ledger) are
+arguments of :meth:`RLM.run` and :meth:`RLM.stream`.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
 
 import anyio
 import anyio.to_thread
@@ -13,19 +17,27 @@ from opentelemetry import metrics, trace
 
 from . import prompts
 from ._exceptions import ConfigurationError
+from .bridge import DEFAULT_ALIAS, BridgeLimits
 from .context import validate_context
 from .dispatch.budget import Budget, BudgetLedger
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.lane import RunShare
+from .dispatch.process import default_dispatcher
 from .models.base import LanguageModel
 from .models.registry import DEFAULT_MODEL, ModelRegistry
+from .recording import EventSink
 from .result import RLMResult, RunProgress, Turn
-from .run import _Run
+from .run import _Run, _RunOptions
 from .sandbox.base import Context, Sandbox
 from .sandbox.local import LocalSandbox
+from .stream import RunStream
+from .telemetry.metrics import CallMetrics
+from .telemetry.scope import CallTelemetry, use_telemetry
 from .telemetry.trajectory import Trajectory
 
 __all__ = ["RLM", "RLMResult", "RunProgress", "Turn"]
+
+_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class RLM:
@@ -33,9 +45,16 @@ class RLM:
 
     - ``root``: the model that writes code (a model string or a ``LanguageModel``);
     - ``sub``: the model behind ``llm_query`` (default: the root model);
+    - ``sub_models``: more models sandbox code may use, by alias: ``{"fast": ..., "strong": ...}``
+      lets code call ``llm_query(p, model="fast")``; ``"default"`` is always ``sub``. Sandbox
+      code can name no other model: model strings, URLs and paths from it are refused;
+    - ``bridge_limits``: what sandbox code may ask of the host (batch sizes, prompt sizes,
+      ``max_tokens``, sub-calls per run, concurrent child runs; see :class:`BridgeLimits`);
     - ``sandbox``: where code runs (default :class:`LocalSandbox`);
-    - ``dispatcher``: share one between RLMs of a service so they share rate limits;
-    - ``budget``: caps on tokens, cost, calls, time, depth and turns (see :class:`Budget`);
+    - ``dispatcher``: where model calls are scheduled; by default the process-wide one
+      (:func:`rlmflow.default_dispatcher`), so every RLM of a service shares the lanes;
+    - ``budget``: default caps of each run on tokens, cost, calls, time, depth and turns (see
+      :class:`Budget`; ``run(budget=...)`` replaces it for one run);
     - ``max_turns``: root turns before the run must answer; ``max_depth``: ``rlm_query``
       nesting (0 makes ``rlm_query`` a plain ``llm_query``);
     - ``root_max_tokens`` / ``sub_max_tokens``: generation caps per call;
@@ -58,6 +77,8 @@ class RLM:
         *,
         root: str | LanguageModel = DEFAULT_MODEL,
         sub: str | LanguageModel | None = None,
+        sub_models: Mapping[str, str | LanguageModel] | None = None,
+        bridge_limits: BridgeLimits | None = None,
         sandbox: Sandbox | None = None,
         dispatcher: Dispatcher | None = None,
         budget: Budget | None = None,
@@ -84,8 +105,17 @@ class RLM:
         self._registry = ModelRegistry()
         self.root = self._registry.resolve(root)
         self.sub = self._registry.resolve(sub) if sub is not None else self.root
+        self.sub_models: dict[str, LanguageModel] = {DEFAULT_ALIAS: self.sub}
+        for alias, model in (sub_models or {}).items():
+            if alias == DEFAULT_ALIAS or not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
+                raise ConfigurationError(
+                    f"invalid model alias {alias!r}: use letters, digits, '_', '.', '-' (and not {DEFAULT_ALIAS!r}, "
+                    "which is always the sub-model)"
+                )
+            self.sub_models[alias] = self._registry.resolve(model)
+        self.bridge_limits = bridge_limits or BridgeLimits()
         self.sandbox: Sandbox = sandbox or LocalSandbox()
-        self.dispatcher = dispatcher or Dispatcher(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        self.dispatcher = dispatcher or default_dispatcher()
         self.budget = budget or Budget()
         self.max_turns = min(max_turns, self.budget.max_turns or max_turns)
         self.max_depth = min(max_depth, self.budget.max_depth if self.budget.max_depth is not None else max_depth)
@@ -101,6 +131,11 @@ class RLM:
         self.trajectory = trajectory
         self.capture_content = capture_content
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
+        # Calls of this RLM's runs report to its own providers even on a shared Dispatcher.
+        self._telemetry: CallTelemetry | None = None
+        if tracer_provider is not None or meter_provider is not None:
+            self._telemetry = CallTelemetry(self._tracer, CallMetrics(meter_provider, self.dispatcher.lanes))
+        self._children: dict[int, anyio.CapacityLimiter] = {}
 
     async def __aenter__(self) -> RLM:
         return self
@@ -114,21 +149,105 @@ class RLM:
         if self.trajectory is not None:
             await anyio.to_thread.run_sync(self.trajectory.close)
 
-    def resolve_model(self, model: str | LanguageModel) -> LanguageModel:
-        return self._registry.resolve(model)
+    def _child_slots(self, depth: int) -> anyio.CapacityLimiter:
+        """Sandbox slots of child runs at ``depth``: one limiter per depth, so a parent waiting
+        for its children never holds a slot its children need."""
+        slots = self._children.get(depth)
+        if slots is None:
+            slots = self._children[depth] = anyio.CapacityLimiter(self.bridge_limits.max_concurrent_children)
+        return slots
 
-    async def run(self, context: Context, query: str, *, progress: RunProgress | None = None) -> RLMResult:
+    async def run(
+        self,
+        context: Context,
+        query: str,
+        *,
+        budget: Budget | None = None,
+        deadline: float | None = None,
+        max_turns: int | None = None,
+        max_depth: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        ledger: BudgetLedger | None = None,
+        progress: RunProgress | None = None,
+        events: EventSink | None = None,
+    ) -> RLMResult:
         """Answer ``query`` over ``context``.
 
+        Per-run settings override the RLM's: ``budget`` (replaces the RLM's), ``deadline``
+        (seconds for the whole run, children included), ``max_turns``, ``max_depth``;
+        ``metadata`` (string pairs) goes onto the run's span, events, trajectory and result.
+        ``ledger``: a shared :class:`BudgetLedger` (a tenant's, a batch's) the run draws from:
+        its spend is charged there too, and once that ledger is exhausted every run drawing
+        from it stops. ``events`` receives :mod:`rlmflow.events` as they happen (see also
+        :meth:`stream`); ``progress`` is updated live.
+
         Raises :class:`ContextError` for an unusable context, :class:`NoAnswerError` when the
-        turns run out without ``FINAL``, :class:`BudgetExceededError` when the budget stops the
-        root, :class:`SandboxError` when no sandbox can run. Each of these carries the work
-        done so far on ``.partial`` (an :class:`RLMResult` with an empty answer).
+        turns run out without ``FINAL``, :class:`BudgetExceededError` when a cap or the deadline
+        stops the run, :class:`SandboxError` when no sandbox can run. Each of these carries the
+        work done so far on ``.partial`` (an :class:`RLMResult` with an empty answer); so does
+        the ``CancelledError`` of a cancelled run, which is re-raised as it must be.
         """
         context = validate_context(context)
         if not isinstance(query, str) or not query.strip():
             raise ConfigurationError("the query is empty: ask a question")
-        ledger = BudgetLedger(self.budget)
+        run_budget = budget if budget is not None else self.budget
+        options = self._options(run_budget, deadline, max_turns, max_depth, metadata)
+        run_ledger = ledger.child(run_budget) if ledger is not None else BudgetLedger(run_budget)
         share = RunShare(weight=self.run_weight, max_concurrency=self.run_max_concurrency)
-        run = _Run(self, context, query, depth=0, ledger=ledger, share=share, progress=progress or RunProgress())
-        return await run.execute(parent=None)
+        run = _Run(self, context, query, options=options, ledger=run_ledger, share=share,
+                   progress=progress or RunProgress(), events=events)
+        with use_telemetry(self._telemetry):
+            return await run.execute(parent=None)
+
+    def stream(
+        self,
+        context: Context,
+        query: str,
+        *,
+        budget: Budget | None = None,
+        deadline: float | None = None,
+        max_turns: int | None = None,
+        max_depth: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        ledger: BudgetLedger | None = None,
+    ) -> RunStream:
+        """Run like :meth:`run`, yielding :mod:`rlmflow.events` as they happen.
+
+        ``async for event in rlm.stream(context, query)``: the last event is an
+        :class:`~rlmflow.events.AnswerReady` or a :class:`~rlmflow.events.RunFailed` of depth 0.
+        Afterwards ``.result`` / ``.error`` hold the outcome, and ``await stream.wait()``
+        returns the result or raises the error. Use ``async with rlm.stream(...) as events``
+        to be sure the run is cancelled if you stop reading early.
+        """
+        return RunStream(
+            lambda sink: self.run(
+                context, query, budget=budget, deadline=deadline, max_turns=max_turns, max_depth=max_depth,
+                metadata=metadata, ledger=ledger, events=sink,
+            )
+        )
+
+    def _options(
+        self,
+        budget: Budget,
+        deadline: float | None,
+        max_turns: int | None,
+        max_depth: int | None,
+        metadata: Mapping[str, str] | None,
+    ) -> _RunOptions:
+        turns = max_turns if max_turns is not None else self.max_turns
+        if budget.max_turns is not None:
+            turns = min(turns, budget.max_turns)
+        depth = max_depth if max_depth is not None else self.max_depth
+        if budget.max_depth is not None:
+            depth = min(depth, budget.max_depth)
+        if turns < 1 or depth < 0:
+            raise ConfigurationError("max_turns must be at least 1 and max_depth at least 0")
+        if deadline is None:
+            deadline = budget.deadline
+        if deadline is not None and deadline <= 0:
+            raise ConfigurationError("the deadline must be a positive number of seconds")
+        pairs = dict(metadata or {})
+        for key, value in pairs.items():
+            if not isinstance(key, str) or not isinstance(value, str) or not _ALIAS.fullmatch(key):
+                raise ConfigurationError(f"metadata must map simple string keys to strings; got {key!r}")
+        return _RunOptions(max_turns=turns, max_depth=depth, deadline=deadline, metadata=pairs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from ._text import sanitize_text
 from .sandbox.base import CellResult, Context
 
 __all__ = [
@@ -169,12 +170,15 @@ def context_kind(context: Context) -> str:
 
 
 def format_cell_feedback(result: CellResult, *, limit: int) -> str:
-    """What the root sees after a cell ran: output (capped), error and sandbox notes."""
+    """What the root sees after a cell ran: output (capped), error and sandbox notes.
+
+    Output and errors were written by sandbox code: their control characters are escaped.
+    """
     parts: list[str] = []
     if result.output:
-        parts.append(cap_text(result.output, limit, total=result.output_chars))
+        parts.append(cap_text(sanitize_text(result.output), limit, total=result.output_chars))
     if result.error:
-        parts.append(cap_text(result.error.rstrip(), max(400, limit // 2)))
+        parts.append(cap_text(sanitize_text(result.error.rstrip()), max(400, limit // 2)))
     parts.extend(result.notes)
     if not parts:
         parts.append("(no output)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .dispatch.budget import Budget, Spend
 from .dispatch.dispatcher import CallRecord
 from .models.base import Usage
-from .sandbox.base import CellResult
+from .sandbox.base import CellResult, SandboxReport
 
 __all__ = ["RLMResult", "RunProgress", "Turn", "summarise_usage"]
 
@@ -32,7 +32,9 @@ class RLMResult:
     """The outcome of a run.
 
     ``usage`` is per model name; ``cost_usd`` is ``None`` if any call's price is unknown;
-    ``calls`` lists every model call (root and sub, all depths) in completion order.
+    ``calls`` lists every model call (root and sub, all depths) in completion order;
+    ``metadata`` is what the caller passed to ``run``; ``sandbox`` is the sandbox's report of
+    the isolation it applied (``None`` for sandboxes that give none).
     """
 
     answer: str
@@ -46,6 +48,8 @@ class RLMResult:
     transcript: list[Turn]
     spent: Spend
     budget: Budget
+    metadata: dict[str, str] = field(default_factory=dict)
+    sandbox: SandboxReport | None = None
 
     @property
     def total_usage(self) -> Usage:

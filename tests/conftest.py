@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
+from rlmflow import set_default_dispatcher
 from rlmflow.models import guard
 
 # Only local fakes on 127.0.0.1 may be called from the tests; anything else fails before sending.
@@ -11,3 +14,11 @@ guard.ALLOW_MODEL_REQUESTS = False
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def fresh_default_dispatcher() -> Iterator[None]:
+    """Each test starts with its own process-wide Dispatcher (lanes and their state are shared)."""
+    set_default_dispatcher(None)
+    yield
+    set_default_dispatcher(None)

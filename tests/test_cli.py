@@ -80,13 +80,14 @@ async def test_cli_answers_over_the_wire_and_exports_otlp(tmp_path: Path) -> Non
             env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_SERVICE_NAME": "rlmflow-test"}
             done = await anyio.run_process(
                 [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(doc), "--query", "COUNT-BETA please",
-                 "--root", f"openai:fake@{server.base_url}", "--trajectory", str(trajectory)],
+                 "--root", f"openai:fake@{server.base_url}", "--trajectory", str(trajectory), "-v"],
                 env=env, check=False,
             )
     finally:
         await runner.cleanup()
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().strip() == "1000"
+    assert "sandbox: " in done.stderr.decode()  # -v reports the isolation that held
     assert any(b"invoke_agent rlm" in body for body in received)  # spans arrived as OTLP protobuf
     assert any(b"gen_ai.client.token.usage" in body for body in received)  # and metrics
     assert trajectory.read_text().count('"type": "run_end"') == 1

@@ -49,3 +49,19 @@ async def test_prompt_larger_than_the_window_is_a_context_overflow(local_model: 
     with pytest.raises(ContextOverflowError) as caught:
         await local_model.request(ModelRequest.from_prompt("word " * 5000, max_tokens=16))
     assert caught.value.context_window == 4096
+
+
+async def test_cancelling_a_call_stops_generation_and_frees_the_model(local_model: LocalModel) -> None:
+    """A cancelled call returns at once and stops llama.cpp at its next token; the model then
+    serves the next call (one generation at a time: a stuck one would block it)."""
+    import time
+
+    long_job = ModelRequest.from_prompt("Count from 1 to 5000, one number per line.", max_tokens=2000)
+    with anyio.move_on_after(0.5) as scope:
+        await local_model.request(long_job)
+    assert scope.cancelled_caught
+    started = time.monotonic()
+    reply = await local_model.request(ModelRequest.from_prompt("Say OK.", max_tokens=4))
+    # 2000 tokens take tens of seconds on 2 cores; the next call must not wait for them
+    assert time.monotonic() - started < 10
+    assert reply.text.strip() and reply.usage.output_tokens <= 4

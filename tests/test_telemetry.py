@@ -102,9 +102,13 @@ async def test_content_capture_is_opt_in_and_capped() -> None:
     async with RLM(root=recursive_root(), sub=sub, max_depth=0, capture_content=50, tracer_provider=provider) as rlm:
         await rlm.run(DOCUMENT, "level-0")
     named = by_name(list(exporter.get_finished_spans()))
-    captured = json.loads(named["chat root"][0].attributes["gen_ai.input.messages"])
-    assert captured[0]["role"] == "system" and len(captured[0]["content"]) == 50
-    assert "llm_query_many" in named["execute_code"][0].attributes["rlm.cell.code"]
+    chat = named["chat root"][0].attributes
+    (instructions,) = json.loads(chat["gen_ai.system_instructions"])  # the system prompt, apart
+    assert instructions["type"] == "text" and len(instructions["content"]) == 50
+    captured = json.loads(chat["gen_ai.input.messages"])
+    assert captured[0]["role"] == "user" and captured[0]["parts"][0]["type"] == "text"
+    assert len(captured[0]["parts"][0]["content"]) == 50
+    assert "llm_query_many" in json.loads(named["execute_code"][0].attributes["gen_ai.tool.call.arguments"])["code"]
 
 
 async def test_parent_links_hold_for_concurrent_runs() -> None:

@@ -187,9 +187,8 @@ async def _evaluate(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in APPROACHES]
     if unknown or not names:
         raise ConfigurationError(f"unknown approach(es) {unknown}; use {', '.join(APPROACHES)}")
-    from ..cli import _configure_telemetry  # the application's OTLP wiring, shared with `rlmflow run`
-
-    tracer_provider, meter_provider = _configure_telemetry()
+    export = args.export  # the application's OTLP wiring from the OTEL_* environment (rlmflow.cli)
+    tracer_provider, meter_provider = export.tracer_provider, export.meter_provider
     registry = ModelRegistry()  # one instance per model string: base and rlm share local weights
     try:
         root = registry.resolve(args.root)
@@ -233,9 +232,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
     finally:
         with anyio.CancelScope(shield=True):
             await registry.aclose()
-            for provider in (tracer_provider, meter_provider):
-                if provider is not None:
-                    await anyio.to_thread.run_sync(provider.shutdown)
+            await anyio.to_thread.run_sync(export.shutdown)  # flushes the exporters
     print(f"{progress.resumed} resumed from {args.results}, {progress.done} run in "
           f"{time.monotonic() - progress.started:.1f}s", file=sys.stderr)
     if args.report:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 Context = str | Sequence[str] | Mapping[str, str]
 """A document, a list of documents, or named documents."""
@@ -41,8 +41,66 @@ class CellResult:
         return self.final is not None
 
 
+Isolation = Literal["auto", "strict", "none"]
+"""``auto``: the strongest layers available, one warning per process naming what is missing;
+``strict``: refuse to run unless filesystem, network, exec and process confinement all hold;
+``none``: no confinement (resource limits and lifecycle only), chosen explicitly."""
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxReport:
+    """Which isolation layers hold for a sandbox session, probed when its worker started.
+
+    ``layers`` describes each applied layer; ``missing`` names each layer the mode wanted but
+    the platform lacks, with the reason. The four booleans are the properties ``strict`` needs:
+    ``filesystem`` (host files beyond the runtime and context unreadable, nothing writable but
+    scratch), ``network`` (no socket can be opened, or only inside an empty network namespace),
+    ``exec`` (no program can be executed, ``memfd`` included), ``processes`` (no new process,
+    no signal or ptrace to another). ``confined`` is all four.
+    """
+
+    backend: str
+    mode: str
+    layers: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    filesystem: bool = False
+    network: bool = False
+    exec: bool = False
+    processes: bool = False
+
+    @property
+    def confined(self) -> bool:
+        return self.filesystem and self.network and self.exec and self.processes
+
+    def attributes(self) -> dict[str, Any]:
+        """The report as OpenTelemetry span attributes (``rlmflow.sandbox.*``)."""
+        return {
+            "rlmflow.sandbox.backend": self.backend,
+            "rlmflow.sandbox.isolation": self.mode,
+            "rlmflow.sandbox.layers": list(self.layers),
+            "rlmflow.sandbox.missing": list(self.missing),
+            "rlmflow.sandbox.confined": self.confined,
+            "rlmflow.sandbox.filesystem": self.filesystem,
+            "rlmflow.sandbox.network": self.network,
+            "rlmflow.sandbox.exec": self.exec,
+            "rlmflow.sandbox.processes": self.processes,
+        }
+
+    def summary(self) -> str:
+        """One line for ``rlmflow run -v`` and logs."""
+        held = [name for name in ("filesystem", "network", "exec", "processes") if getattr(self, name)]
+        text = f"sandbox {self.backend} isolation={self.mode}: confines {', '.join(held) or 'nothing'}"
+        if self.missing:
+            text += f"; missing: {'; '.join(self.missing)}"
+        return text
+
+
 class SandboxSession(Protocol):
-    """A live sandbox with ``context`` loaded and a persistent namespace."""
+    """A live sandbox with ``context`` loaded and a persistent namespace.
+
+    A session may also expose ``report`` (a :class:`SandboxReport`); the engine reads it with
+    ``getattr`` so backends that cannot probe their isolation still fit.
+    """
 
     async def execute(self, code: str) -> CellResult:
         """Run one cell. Never raises for errors in the code; raises ``SandboxError`` if the

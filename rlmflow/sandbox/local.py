@@ -7,53 +7,67 @@ that crashes or sends a bad frame is replaced the same way; the host never goes 
 
 Time the worker spends waiting for the host (sub-LLM calls) does not count against the cell
 timeout: the watchdog pauses while any host call of the cell is in flight.
+
+The host trusts nothing the worker sends: frames are bounded before they are read and while
+they decode, and text is sanitised before it reaches the root model. Closing a session (at the
+end of a run, on cancellation or on a deadline) kills the worker's whole process group at once.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
-from anyio.streams.buffered import BufferedByteReceiveStream
 
-from .._exceptions import BatchError, RLMError, SandboxCrashedError
+from .._exceptions import IsolationUnavailableError, RLMError, SandboxCrashedError
+from .._text import sanitize_text
 from .._util import single_exception
 from ..telemetry.logs import get_logger
-from . import wire
-from .base import Bridge, CellResult, Context
+from . import scratch, wire
+from .base import Bridge, CellResult, Context, Isolation, SandboxReport
+from .incarnation import Cell, Incarnation, call_args, error_reply, error_to_wire, first_child, number
+from .layers import host_layers, make_report, warn_once, worker_command, worker_env
 
-__all__ = ["LocalSandbox", "LocalSandboxSession", "error_to_wire"]
+__all__ = ["IsolationUnavailableError", "LocalSandbox", "LocalSandboxSession", "error_to_wire"]
 
 _WORKER = Path(__file__).with_name("worker.py")
 _logger = get_logger("rlmflow.sandbox")
+# How deep the current task is in nested sessions: a child's session waits only for sessions of
+# its own depth, so a parent holding a slot never deadlocks its children.
+_DEPTH: ContextVar[int] = ContextVar("rlmflow_sandbox_depth", default=0)
 
 
 class LocalSandbox:
-    """Runs cells in a hardened local Python process (see :mod:`rlmflow.sandbox.isolation`).
+    """Runs cells in a confined local Python process (see ``docs/security.md``).
 
     A configuration object: each run opens its own session (and its own worker) with
     :meth:`session`. Options are keyword-only:
 
+    - ``isolation``: ``"auto"`` (the strongest layers available; one warning per process names
+      what is missing), ``"strict"`` (raise :class:`IsolationUnavailableError` unless filesystem,
+      network, exec and process confinement all hold) or ``"none"`` (no confinement);
     - ``cell_timeout``: seconds of computation a cell may use (waiting for sub-LLMs is free);
-    - ``interrupt_grace``: seconds between the SIGINT and the SIGKILL;
+    - ``interrupt_grace``: seconds between the interrupt and the kill;
     - ``max_output_chars``: cap of a cell's printed output (head and tail kept);
     - ``memory_bytes``, ``max_open_files``, ``max_file_bytes``: rlimits of the worker;
-    - ``landlock``: restrict the worker's filesystem, TCP and signals where the kernel allows;
+    - ``scratch_bytes``, ``scratch_files``: quota of the scratch directory (a size-capped tmpfs
+      under bubblewrap; otherwise checked after each cell and the directory emptied past it);
+    - ``max_sessions``: sessions running at once per nesting depth; more wait in a queue;
+    - ``bubblewrap``: use bubblewrap where it works (``isolation="none"`` never does);
+    - ``seccomp``: load the seccomp filter (off: code may start processes and open sockets
+      again, so ``strict`` refuses to run);
     - ``env``: extra environment variables for the worker (nothing of the host's is passed);
     - ``python``: the interpreter (default: the host's).
     """
@@ -61,126 +75,78 @@ class LocalSandbox:
     def __init__(
         self,
         *,
+        isolation: Isolation = "auto",
         cell_timeout: float = 120.0,
         interrupt_grace: float = 2.0,
         max_output_chars: int = 20_000,
         memory_bytes: int | None = 8 << 30,
         max_open_files: int | None = 256,
         max_file_bytes: int | None = 1 << 30,
+        scratch_bytes: int = 2 << 30,
+        scratch_files: int = 10_000,
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME,
-        landlock: bool = True,
+        max_sessions: int = 8,
+        bubblewrap: bool = True,
+        seccomp: bool = True,
         env: Mapping[str, str] | None = None,
         python: str | None = None,
         start_timeout: float = 120.0,
     ) -> None:
         if cell_timeout <= 0 or interrupt_grace < 0:
             raise ValueError("cell_timeout must be > 0 and interrupt_grace >= 0")
+        if isolation not in ("auto", "strict", "none"):
+            raise ValueError(f"isolation must be 'auto', 'strict' or 'none', not {isolation!r}")
+        if max_sessions < 1 or scratch_bytes < 1 or scratch_files < 1:
+            raise ValueError("max_sessions, scratch_bytes and scratch_files must be >= 1")
+        self.isolation: Isolation = isolation
         self.cell_timeout = cell_timeout
         self.interrupt_grace = interrupt_grace
         self.max_output_chars = max_output_chars
         self.memory_bytes = memory_bytes
         self.max_open_files = max_open_files
         self.max_file_bytes = max_file_bytes
+        self.scratch_bytes = scratch_bytes
+        self.scratch_files = scratch_files
         self.max_frame_bytes = max_frame_bytes
-        self.landlock = landlock
+        self.max_sessions = max_sessions
+        self.bubblewrap = bubblewrap and isolation != "none"
+        self.seccomp = seccomp and isolation != "none"
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.start_timeout = start_timeout
+        self._limiters: dict[tuple[int, int], anyio.CapacityLimiter] = {}
 
     @asynccontextmanager
     async def session(self, context: Context, bridge: Bridge) -> AsyncIterator[LocalSandboxSession]:
-        """Start a worker with ``context`` loaded; stop it and delete its scratch files on exit."""
-        with single_exception():
-            async with anyio.create_task_group() as tg:
-                session = LocalSandboxSession(self, bridge, tg)
-                try:
-                    await session._start(context)
-                    yield session
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await session._close()
-                    tg.cancel_scope.cancel()
+        """Start a worker with ``context`` loaded; kill it and delete its scratch files on exit.
+
+        Waits while ``max_sessions`` sessions of the same nesting depth are open. Raises
+        :class:`IsolationUnavailableError` in strict mode when a confinement is missing, and
+        ``SandboxCrashedError`` when the worker cannot start.
+        """
+        depth = _DEPTH.get()
+        key = (id(anyio.lowlevel.current_token().native_token), depth)  # limiters belong to one loop
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            limiter = self._limiters[key] = anyio.CapacityLimiter(self.max_sessions)
+        async with limiter:
+            token = _DEPTH.set(depth + 1)
+            try:
+                with single_exception():
+                    async with anyio.create_task_group() as tg:
+                        session = LocalSandboxSession(self, bridge, tg)
+                        try:
+                            await session._start(context)
+                            yield session
+                        finally:
+                            with anyio.CancelScope(shield=True):
+                                await session._close()
+                            tg.cancel_scope.cancel()
+            finally:
+                _DEPTH.reset(token)
 
     def __repr__(self) -> str:
-        return f"LocalSandbox(cell_timeout={self.cell_timeout}, landlock={self.landlock})"
-
-
-@dataclass
-class _Cell:
-    """One executing cell: the watchdog's view of it."""
-
-    id: int
-    in_flight: int = 0
-    reply: dict[str, Any] | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
-    changed: anyio.Event = field(default_factory=anyio.Event)
-    call_scopes: set[anyio.CancelScope] = field(default_factory=set)
-
-    def bump(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
-
-    def finish(self, reply: dict[str, Any]) -> None:
-        if self.reply is None:  # the first outcome wins (a reply racing a kill)
-            self.reply = reply
-            self.done.set()
-            self.bump()
-
-
-class _Incarnation:
-    """One worker process and its socket."""
-
-    def __init__(self, process: anyio.abc.Process, stream: anyio.abc.SocketStream, max_frame: int) -> None:
-        self.process = process
-        self.stream = stream
-        self.receiver = BufferedByteReceiveStream(stream)
-        self.max_frame = max_frame
-        self.send_lock = anyio.Lock()
-        self.stderr_tail: deque[bytes] = deque(maxlen=64)
-        self.dead = anyio.Event()
-        self.expected_exit = False
-        self.failure: str | None = None
-
-    async def send(self, message: dict[str, Any]) -> None:
-        data = wire.encode(message)
-        async with self.send_lock:
-            await self.stream.send(data)
-
-    async def receive(self) -> dict[str, Any] | None:
-        try:
-            header = await self.receiver.receive_exactly(wire.HEADER.size)
-        except (anyio.IncompleteRead, anyio.EndOfStream):
-            return None
-        (length,) = wire.HEADER.unpack(header)
-        wire.check_length(length, self.max_frame)
-        try:
-            body = await self.receiver.receive_exactly(length)
-        except (anyio.IncompleteRead, anyio.EndOfStream):
-            raise wire.FrameError("stream ended inside a frame") from None
-        return wire.decode(body)
-
-    def kill(self) -> None:
-        self.expected_exit = True
-        if self.process.returncode is None:
-            try:
-                self.process.kill()
-            except ProcessLookupError:
-                pass
-
-    def describe_exit(self) -> str:
-        code = self.process.returncode
-        if code is None:
-            return "worker unresponsive"
-        if code < 0:
-            try:
-                return f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"exited with status {code}"
-
-    def stderr_text(self, limit: int = 1500) -> str:
-        text = b"".join(self.stderr_tail).decode("utf-8", "replace").strip()
-        return text[-limit:]
+        return f"LocalSandbox(isolation={self.isolation!r}, cell_timeout={self.cell_timeout})"
 
 
 class LocalSandboxSession:
@@ -191,49 +157,64 @@ class LocalSandboxSession:
         self._bridge = bridge
         self._tg = tg
         self._lock = anyio.Lock()
-        self._cell: _Cell | None = None
+        self._cell: Cell | None = None
         self._cell_ids = 0
-        self._incarnation: _Incarnation | None = None
+        self._incarnation: Incarnation | None = None
         self._dir: Path | None = None
-        self._context_path: Path | None = None
-        self._context_kind = "text"
+        self._context: scratch.ContextFile | None = None
+        self._bwrap: str | None = None
+        self._missing: list[str] = []
         self.restarts = 0
         self.isolation: list[str] = []
+        self.report = SandboxReport(backend="local", mode=config.isolation)
         self.load_seconds = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _start(self, context: Context) -> None:
-        self._dir = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="rlmflow-")))
-        self._context_kind = "text" if isinstance(context, str) else "json"
-        self._context_path = self._dir / "context" / ("context.txt" if self._context_kind == "text" else "context.json")
-        await anyio.to_thread.run_sync(_write_context, self._context_path, context)
-        (self._dir / "work").mkdir()
+        config = self._config
+        if config.isolation != "none":
+            host = await anyio.to_thread.run_sync(host_layers)
+            if config.bubblewrap and host.bwrap:
+                self._bwrap = host.bwrap
+            elif config.bubblewrap and host.bwrap_problem:
+                self._missing.append(host.bwrap_problem)
+            if not config.seccomp:
+                self._missing.append("seccomp (disabled by seccomp=False)")
+        self._dir = await anyio.to_thread.run_sync(scratch.make_scratch)
+        self._context = await anyio.to_thread.run_sync(scratch.acquire_context, context)
         await self._spawn()
+        if config.isolation == "strict" and not self.report.confined:
+            raise IsolationUnavailableError(
+                f"isolation='strict' refused to run: {self.report.summary()}", report=self.report
+            )
+        warn_once(self.report)
 
     async def _spawn(self) -> None:
-        assert self._dir is not None and self._context_path is not None
+        assert self._dir is not None and self._context is not None
         config = self._config
         work = self._dir / "work"
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(work),
-            "TMPDIR": str(work),
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-            **config.env,
-        }
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = worker_command(
+            python=config.python,
+            worker=_WORKER,
+            fd=child.fileno(),
+            bwrap=self._bwrap,
+            read_only=[str(_WORKER.parent), str(self._context.path.parent)],
+            scratch=str(work),
+            scratch_bytes=config.scratch_bytes,
+        )
+        env = worker_env(work, config.env)
         try:
             process = await anyio.open_process(
-                [config.python, "-I", "-X", "faulthandler", str(_WORKER), str(child.fileno())],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 cwd=str(work),
                 env=env,
                 pass_fds=[child.fileno()],
-                start_new_session=True,  # a Ctrl-C in the terminal belongs to the host, not the worker
+                # its own process group, killed whole; a Ctrl-C in the terminal belongs to the host
+                start_new_session=True,
             )
         except OSError as exc:
             parent.close()
@@ -241,22 +222,27 @@ class LocalSandboxSession:
         finally:
             child.close()
         stream = await anyio.abc.UNIXSocketStream.from_socket(parent)
-        incarnation = _Incarnation(process, stream, config.max_frame_bytes)
+        incarnation = Incarnation(process, stream, config.max_frame_bytes, bwrap=self._bwrap is not None)
         self._tg.start_soon(self._drain_stderr, incarnation)
+        confine = config.isolation != "none"
         init = {
             "op": "init",
-            "context_path": str(self._context_path),
-            "context_kind": self._context_kind,
+            "context_path": str(self._context.path),
+            "context_kind": self._context.kind,
             "max_output_chars": config.max_output_chars,
             "max_frame": config.max_frame_bytes,
             "isolation": {
                 "rlimits": {
                     "memory_bytes": config.memory_bytes,
                     "max_open_files": config.max_open_files,
-                    "max_file_bytes": config.max_file_bytes,
+                    "max_file_bytes": min(config.max_file_bytes or config.scratch_bytes, config.scratch_bytes),
                 },
-                "landlock": config.landlock,
-                "read_paths": [str(self._context_path.parent), str(_WORKER.parent)],
+                # inside bubblewrap the worker's parent is the namespace's init, not this process
+                "parent_pid": None if self._bwrap else os.getpid(),
+                "capabilities": confine,
+                "seccomp": confine and config.seccomp,
+                "landlock": confine,
+                "read_paths": [str(self._context.path.parent), str(_WORKER.parent)],
                 "write_paths": [str(work)],
             },
         }
@@ -278,7 +264,10 @@ class LocalSandboxSession:
             raise SandboxCrashedError(
                 f"the sandbox worker failed to start: {detail}", returncode=incarnation.process.returncode
             )
-        self.isolation = list(ready.get("isolation") or [])
+        worker_report = ready.get("report")
+        worker_report = worker_report if isinstance(worker_report, dict) else {}
+        self.report = make_report(config.isolation, worker_report, bwrap=self._bwrap is not None, missing=self._missing)
+        self.isolation = list(self.report.layers)
         self.load_seconds = float(ready.get("load_seconds", 0.0))
         self._incarnation = incarnation
         self._tg.start_soon(self._read_loop, incarnation)
@@ -292,41 +281,45 @@ class LocalSandboxSession:
         _logger.warning("sandbox worker restarted", restarts=self.restarts)
         await self._spawn()
 
-    async def _reap(self, incarnation: _Incarnation) -> None:
+    async def _reap(self, incarnation: Incarnation) -> None:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(5):
                 await incarnation.process.wait()
+            # the pipe ends when the last holder of its write end is gone (bubblewrap's namespace
+            # dies a moment after the group is killed); its transport closes at that EOF
+            with anyio.move_on_after(2):
+                await incarnation.stderr_done.wait()
             await incarnation.stream.aclose()
             incarnation.dead.set()
 
     async def _close(self) -> None:
+        # Killed at once, busy or idle: nothing in the worker is worth waiting for, and a run's
+        # deadline or cancellation must not wait for model code.
         incarnation, self._incarnation = self._incarnation, None
-        if incarnation is not None and incarnation.process.returncode is None:
-            incarnation.expected_exit = True
-            try:
-                await incarnation.send({"op": "shutdown"})
-            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-            with anyio.move_on_after(1):
-                await incarnation.process.wait()
-            incarnation.kill()
         if incarnation is not None:
+            incarnation.kill()
             await self._reap(incarnation)
         if self._dir is not None:
             await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
+        if self._context is not None:
+            context, self._context = self._context, None
+            await anyio.to_thread.run_sync(scratch.release_context, context)
 
     # -- tasks -------------------------------------------------------------------------------
-    async def _drain_stderr(self, incarnation: _Incarnation) -> None:
+    async def _drain_stderr(self, incarnation: Incarnation) -> None:
         stream = incarnation.process.stderr
         if stream is None:
+            incarnation.stderr_done.set()
             return
         try:
             async for chunk in stream:
                 incarnation.stderr_tail.append(chunk[-4096:])
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
+        finally:
+            incarnation.stderr_done.set()
 
-    async def _read_loop(self, incarnation: _Incarnation) -> None:
+    async def _read_loop(self, incarnation: Incarnation) -> None:
         try:
             while True:
                 message = await incarnation.receive()
@@ -369,7 +362,7 @@ class LocalSandboxSession:
                 }
             )
 
-    async def _serve_call(self, incarnation: _Incarnation, cell: _Cell | None, message: dict[str, Any]) -> None:
+    async def _serve_call(self, incarnation: Incarnation, cell: Cell | None, message: dict[str, Any]) -> None:
         call_id = message.get("id")
         if cell is not None:
             cell.in_flight += 1
@@ -379,15 +372,17 @@ class LocalSandboxSession:
             with anyio.CancelScope() as scope:
                 if cell is not None:
                     cell.call_scopes.add(scope)
-                value = await self._bridge(str(message.get("fn")), dict(message.get("args") or {}))
+                value = await self._bridge(str(message.get("fn")), call_args(message))
                 reply = {"op": "reply", "id": call_id, "ok": True, "value": value}
             if scope.cancelled_caught:
-                reply = _error_reply(call_id, RLMError("the cell ended before this call finished"))
+                reply = error_reply(call_id, RLMError("the cell ended before this call finished"))
         except RLMError as exc:
-            reply = _error_reply(call_id, exc)
+            reply = error_reply(call_id, exc)
+        except wire.FrameError as exc:  # refused before any work: the worker and its state go on
+            reply = error_reply(call_id, RLMError(f"the host refused this call's arguments: {exc}"))
         except Exception as exc:  # a bug on the host side must still answer the waiting thread
             _logger.exception("host call failed", fn=message.get("fn"))
-            reply = _error_reply(call_id, RLMError(f"internal error in the host: {type(exc).__name__}: {exc}"))
+            reply = error_reply(call_id, RLMError(f"internal error in the host: {type(exc).__name__}: {exc}"))
         finally:
             if cell is not None:
                 cell.call_scopes.discard(scope)
@@ -410,7 +405,7 @@ class LocalSandboxSession:
                 incarnation = self._incarnation
             assert incarnation is not None
             self._cell_ids += 1
-            cell = _Cell(self._cell_ids)
+            cell = Cell(self._cell_ids)
             self._cell = cell
             try:
                 await incarnation.send({"op": "exec", "id": cell.id, "code": code})
@@ -432,18 +427,46 @@ class LocalSandboxSession:
                     "The sandbox worker was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
                     "recompute what you need."
                 )
+            if not restarted:
+                quota_note = await self._check_quota()
+                if quota_note:
+                    notes.append(quota_note)
+            error, final = reply.get("error"), reply.get("final")
             return CellResult(
-                output=str(reply.get("output", "")),
-                output_chars=int(reply.get("output_chars", 0)),
-                error=reply.get("error"),
-                final=reply.get("final"),
-                duration=float(reply.get("duration", 0.0)),
+                output=sanitize_text(str(reply.get("output", ""))),
+                output_chars=int(number(reply.get("output_chars"))),
+                error=None if error is None else sanitize_text(str(error)),
+                final=None if final is None else sanitize_text(str(final)),
+                duration=number(reply.get("duration")),
                 timed_out=timed_out,
                 restarted=restarted,
                 notes=tuple(notes),
             )
 
-    async def _supervise(self, cell: _Cell, incarnation: _Incarnation) -> bool:
+    async def _check_quota(self) -> str | None:
+        """The scratch quota (files and bytes; bubblewrap's tmpfs also caps bytes itself) is checked
+        after each cell; past it the scratch directory is emptied. Returns a note for the model."""
+        assert self._dir is not None and self._incarnation is not None
+        config = self._config
+        work = self._dir / "work"
+        if self._incarnation.bwrap:  # the tmpfs lives in the namespace: seen through its init's root
+            inner = await anyio.to_thread.run_sync(first_child, self._incarnation.process.pid)
+            if inner is None:
+                return None
+            work = Path(f"/proc/{inner}/root") / work.relative_to("/")
+        usage = await anyio.to_thread.run_sync(
+            lambda: scratch.measure(work, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
+        )
+        if usage.files <= config.scratch_files and usage.bytes <= config.scratch_bytes:
+            return None
+        await anyio.to_thread.run_sync(scratch.empty, work)
+        _logger.warning("sandbox scratch over quota: emptied", files=usage.files, bytes=usage.bytes)
+        return (
+            f"ScratchQuotaExceeded: the scratch directory passed its quota ({config.scratch_files:,} files, "
+            f"{config.scratch_bytes:,} bytes) and was emptied. Variables are kept; files are not."
+        )
+
+    async def _supervise(self, cell: Cell, incarnation: Incarnation) -> bool:
         """Wait for the cell; interrupt it when its own compute time runs out. True if it timed out."""
         remaining = self._config.cell_timeout
         while not cell.done.is_set():
@@ -461,11 +484,11 @@ class LocalSandboxSession:
             return True
         return False
 
-    async def _interrupt(self, cell: _Cell, incarnation: _Incarnation) -> None:
+    async def _interrupt(self, cell: Cell, incarnation: Incarnation) -> None:
         timeout = self._config.cell_timeout
-        try:
-            incarnation.process.send_signal(signal.SIGINT)
-        except ProcessLookupError:
+        try:  # the worker's reader thread signals its main thread (bubblewrap hides its pid)
+            await incarnation.send({"op": "interrupt"})
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         with anyio.move_on_after(self._config.interrupt_grace):
             await cell.done.wait()
@@ -488,24 +511,3 @@ class LocalSandboxSession:
             }
         )
         incarnation.kill()
-
-
-def _write_context(path: Path, context: Context) -> None:
-    path.parent.mkdir(parents=True)
-    text = context if isinstance(context, str) else json.dumps(context, ensure_ascii=False)
-    path.write_text(text, encoding="utf-8")
-    os.chmod(path, 0o444)
-
-
-def _error_reply(call_id: Any, exc: RLMError) -> dict[str, Any]:
-    return {"op": "reply", "id": call_id, "ok": False, "error": error_to_wire(exc)}
-
-
-def error_to_wire(exc: RLMError) -> dict[str, Any]:
-    """An RLMError as a msgpack-able map the worker turns back into an exception."""
-    wire_error: dict[str, Any] = {"type": type(exc).__name__, "message": exc.message}
-    if isinstance(exc, BatchError):
-        wire_error["results"] = list(exc.results)
-        wire_error["errors"] = {index: error_to_wire(err) for index, err in exc.errors.items()}
-    return wire_error
-

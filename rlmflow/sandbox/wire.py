@@ -16,12 +16,26 @@ HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 
 
+# What one frame from the worker may make the host allocate. A frame's bytes are capped before
+# they are read; these cap what they decode into (8 MB of one-byte empty maps would otherwise
+# become 8 million dicts, over a gigabyte).
+MAX_ITEMS = 200_000
+"""Arrays, maps and their elements summed over one decoded document."""
+MAX_CONTAINER_LEN = 100_000
+"""Elements of one array or entries of one map."""
+
+
 class FrameError(Exception):
     """A frame that is oversized or does not decode to a map with an ``op``."""
 
 
+def pack(value: Any) -> bytes:
+    body: bytes = msgpack.packb(value, use_bin_type=True)
+    return body
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    body: bytes = msgpack.packb(message, use_bin_type=True)
+    body = pack(message)
     return HEADER.pack(len(body)) + body
 
 
@@ -31,10 +45,54 @@ def check_length(length: int, max_frame: int) -> None:
 
 
 def decode(body: bytes) -> dict[str, Any]:
+    """A frame from the trusted side (the host's frames, read by the worker)."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise FrameError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise FrameError("frame is not a map with an 'op'")
+    return message
+
+
+def unpack_untrusted(body: bytes, *, max_items: int = MAX_ITEMS, max_len: int = MAX_CONTAINER_LEN) -> Any:
+    """Decode bytes from the worker with every allocation bounded; ``FrameError`` past a bound.
+
+    Strings and binaries are bounded by ``len(body)`` (already capped); arrays and maps by
+    ``max_len`` each and, with their elements, by ``max_items`` in total. Map keys must be
+    strings; extension types are refused.
+    """
+    count = 0
+
+    def counted(container: Any) -> Any:
+        nonlocal count
+        count += 1 + len(container)
+        if count > max_items:
+            raise FrameError(f"frame decodes to more than {max_items:,} items")
+        return container
+
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            list_hook=counted,
+            object_hook=counted,
+            max_array_len=max_len,
+            max_map_len=max_len,
+            max_str_len=len(body),
+            max_bin_len=len(body),
+            max_ext_len=0,
+        )
+    except FrameError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise FrameError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
+
+
+def decode_untrusted(body: bytes) -> dict[str, Any]:
+    """A frame from the worker: :func:`unpack_untrusted`, then it must be a map with an ``op``."""
+    message = unpack_untrusted(body)
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise FrameError("frame is not a map with an 'op'")
     return message

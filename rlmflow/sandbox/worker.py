@@ -5,8 +5,10 @@ directory as cwd. Standard library and msgpack only: this file never imports ``r
 
 Threads:
 - the main thread executes cells (so a real SIGINT from the host interrupts them);
-- a reader thread owns the socket's read side: it queues ``exec`` requests for the main thread
-  and hands ``reply`` frames to whichever thread (main or a user thread) is waiting for them.
+- a reader thread owns the socket's read side: it queues ``exec`` requests for the main thread,
+  hands ``reply`` frames to whichever thread (main or a user thread) is waiting for them, turns
+  ``interrupt`` into a SIGINT for the main thread, and ends the process at ``shutdown`` or when
+  the host's end of the socket closes (whatever the main thread is doing).
 Writes are serialised by a lock, so sandbox code may call ``llm_query`` from any thread.
 """
 
@@ -51,6 +53,10 @@ class ModelCallError(RLMError):
     """A model call failed after the host's retries."""
 
 
+class SandboxRequestError(RLMError):
+    """The host refused the request (an unknown model name, a batch or prompt too large...)."""
+
+
 class BatchError(RLMError):
     """Some prompts of a batch failed. ``results`` has ``None`` at ``failed_indices``."""
 
@@ -64,6 +70,7 @@ class BatchError(RLMError):
 _ERROR_TYPES: dict[str, type[RLMError]] = {
     "BudgetExceededError": BudgetExceededError,
     "ContextOverflowError": ContextOverflowError,
+    "SandboxRequestError": SandboxRequestError,
 }
 
 
@@ -153,15 +160,14 @@ class Worker:
                     if slot is not None:
                         slot[1] = message
                         slot[0].set()
+                elif op == "interrupt":
+                    # delivered to the main thread: a blocking call there returns EINTR and raises
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
                 elif op == "shutdown":
                     break
         except (OSError, wire.FrameError):
             pass
-        self._cells.put(None)
-        with self._pending_lock:  # wake every waiter: the host is gone
-            for slot in self._pending.values():
-                slot[1] = {"ok": False, "error": {"type": "RLMError", "message": "host connection closed"}}
-                slot[0].set()
+        os._exit(0)  # the host is gone or done: nothing here is worth finishing
 
     def call_host(self, fn: str, **args: Any) -> Any:
         """Send a request to the host and block this thread until the reply comes."""
@@ -169,8 +175,13 @@ class Worker:
         slot: list[Any] = [threading.Event(), None]
         with self._pending_lock:
             self._pending[call_id] = slot
+        # The arguments travel as a nested msgpack document, so the host can refuse them (too big,
+        # too many items) and still answer this call: the worker and its variables survive.
+        payload = wire.pack(args)
+        if len(payload) + 256 > self.max_frame:
+            raise ValueError(f"the arguments of {fn} are {len(payload):,} bytes, over the limit of {self.max_frame:,}")
         try:
-            self.send({"op": "call", "id": call_id, "fn": fn, "args": args})
+            self.send({"op": "call", "id": call_id, "fn": fn, "payload": payload})
             slot[0].wait()
         finally:
             with self._pending_lock:
@@ -188,9 +199,7 @@ class Worker:
             """Ask a sub-LLM one question; returns its answer as a string."""
             return llm_query_many([prompt], model=model, max_tokens=max_tokens)[0]
 
-        def llm_query_many(
-            prompts: list[str], *, model: str | None = None, max_tokens: int | None = None
-        ) -> list[str]:
+        def llm_query_many(prompts: list[str], *, model: str | None = None, max_tokens: int | None = None) -> list[str]:
             """Ask many prompts concurrently; answers come back in input order."""
             prompts = list(prompts)
             if not all(isinstance(p, str) for p in prompts):
@@ -237,6 +246,7 @@ class Worker:
                 "BudgetExceededError": BudgetExceededError,
                 "ContextOverflowError": ContextOverflowError,
                 "ModelCallError": ModelCallError,
+                "SandboxRequestError": SandboxRequestError,
             }
         )
         helpers_prelude.install(self.namespace)  # grep(), chunks(): vetted helpers for small models
@@ -331,14 +341,14 @@ def main() -> None:
     worker.max_frame = int(init.get("max_frame", wire.DEFAULT_MAX_FRAME))
     started = time.perf_counter()
     try:
-        applied = isolation.harden(init.get("isolation") or {})
+        report = isolation.harden(init.get("isolation") or {})
         context = _load_context(init["context_path"], init["context_kind"])
     except Exception as exc:
         worker.send({"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         sys.exit(3)
     worker.install_api(context)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    worker.send({"op": "ready", "load_seconds": time.perf_counter() - started, "isolation": applied})
+    worker.send({"op": "ready", "load_seconds": time.perf_counter() - started, "report": report})
     worker.serve()
 
 

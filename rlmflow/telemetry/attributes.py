@@ -1,7 +1,9 @@
 """Every span name and attribute key rlmflow emits, in one place.
 
-The OpenTelemetry GenAI conventions are still marked "Development"; when they move, only this
-module changes.
+Two vocabularies are written side by side: the OpenTelemetry GenAI semantic conventions
+(``gen_ai.*``, still marked "Development"; names as in opentelemetry-semantic-conventions 0.66b2,
+semconv 1.41) and OpenInference (``openinference.span.kind``, ``input.value``, ``llm.*``), which
+Arize Phoenix and other OpenInference tools read. When either moves, only this module changes.
 """
 
 from __future__ import annotations
@@ -16,11 +18,47 @@ GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_AGENT_NAME = "gen_ai.agent.name"
+GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
+GEN_AI_TOOL_NAME = "gen_ai.tool.name"
+GEN_AI_TOOL_TYPE = "gen_ai.tool.type"
+GEN_AI_TOOL_DESCRIPTION = "gen_ai.tool.description"
+GEN_AI_TOOL_CALL_ARGUMENTS = "gen_ai.tool.call.arguments"  # JSON; captured content only
+GEN_AI_TOOL_CALL_RESULT = "gen_ai.tool.call.result"  # captured content only
 ERROR_TYPE = "error.type"
 GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
 
 OPERATION_CHAT = "chat"
 OPERATION_INVOKE_AGENT = "invoke_agent"
+OPERATION_EXECUTE_TOOL = "execute_tool"
+TOOL_TYPE_FUNCTION = "function"
+TOOL_EXECUTE_CODE = "execute_code"  # the tool name of a sandbox cell
+
+# OpenInference (https://arize-ai.github.io/openinference/spec/semantic_conventions.html)
+OI_SPAN_KIND = "openinference.span.kind"
+OI_KIND_AGENT = "AGENT"
+OI_KIND_CHAIN = "CHAIN"
+OI_KIND_TOOL = "TOOL"
+OI_KIND_LLM = "LLM"
+OI_PROJECT_NAME = "openinference.project.name"  # a resource attribute: Phoenix's project
+INPUT_VALUE = "input.value"
+INPUT_MIME_TYPE = "input.mime_type"
+OUTPUT_VALUE = "output.value"
+OUTPUT_MIME_TYPE = "output.mime_type"
+MIME_TEXT = "text/plain"
+MIME_JSON = "application/json"
+LLM_MODEL_NAME = "llm.model_name"
+LLM_PROVIDER = "llm.provider"
+LLM_TOKEN_COUNT_PROMPT = "llm.token_count.prompt"
+LLM_TOKEN_COUNT_COMPLETION = "llm.token_count.completion"
+LLM_TOKEN_COUNT_TOTAL = "llm.token_count.total"
+LLM_INPUT_MESSAGES = "llm.input_messages"  # flattened: llm.input_messages.<i>.message.role
+LLM_OUTPUT_MESSAGES = "llm.output_messages"
+MESSAGE_ROLE = "message.role"
+MESSAGE_CONTENT = "message.content"
+TOOL_NAME = "tool.name"
+TOOL_PARAMETERS = "tool.parameters"
+SESSION_ID = "session.id"
+METADATA = "metadata"
 
 # rlmflow's own
 RLM_RUN_ID = "rlm.run_id"
@@ -42,11 +80,17 @@ RLM_CONTEXT_SHA256 = "rlm.context.sha256"
 RLM_PROMPT_CHARS = "rlm.prompt.chars"
 RLM_PROMPT_SHA256 = "rlm.prompt.sha256"
 RLM_LANE = "rlm.lane"
-# opt-in content capture (RLM(capture_content=N)): truncated to N characters
+RLM_QUERY_CHARS = "rlm.query.chars"
+RLM_QUERY_SHA256 = "rlm.query.sha256"
+RLM_ANSWER_CHARS = "rlm.answer.chars"
+RLM_ANSWER_SHA256 = "rlm.answer.sha256"
+RLM_CELL_CODE_CHARS = "rlm.cell.code_chars"
+RLM_METADATA_PREFIX = "rlm.metadata."  # + the key of a run(metadata=...) pair
+# opt-in content capture (RLM(capture_content=N)): every text truncated to N characters.
+# Messages are JSON in the GenAI "parts" shape: [{"role": ..., "parts": [{"type": "text", "content": ...}]}]
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
-RLM_CELL_CODE = "rlm.cell.code"
-RLM_CELL_OUTPUT = "rlm.cell.output"
+GEN_AI_SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"  # [{"type": "text", "content": ...}]
 
 # metrics
 METRIC_TOKEN_USAGE = "gen_ai.client.token.usage"
@@ -57,6 +101,10 @@ METRIC_THROTTLES = "rlm.client.throttles"
 METRIC_RETRIES = "rlm.client.retries"
 METRIC_LANE_IN_FLIGHT = "rlm.lane.in_flight"
 METRIC_LANE_LIMIT = "rlm.lane.concurrency_limit"
+# what a call spent beyond its budget reservation (a metric by quantity, and a span event)
+METRIC_BUDGET_OVERRUN = "rlm.budget.overrun"
+EVENT_BUDGET_OVERRUN = "rlm.budget.overrun"
+RLM_BUDGET_QUANTITY = "rlm.budget.quantity"
 
 # span names
 SPAN_RUN = "invoke_agent rlm"

@@ -3,12 +3,16 @@
 GenAI metric names where the conventions have them (``gen_ai.client.token.usage``,
 ``gen_ai.client.operation.duration``), ours otherwise. Instruments come from the meter provider
 the application passes, or the global one (a no-op until the application configures an SDK).
+
+The lane gauges are observed by the metric reader's thread (a periodic exporter's, or the one
+that flushes at shutdown), not on the event loop: their callbacks read two plain integers of each
+lane and call nothing that needs a running loop, and they never raise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -17,18 +21,36 @@ from . import attributes as attr
 
 if TYPE_CHECKING:
     from ..dispatch.dispatcher import CallRecord
-    from ..dispatch.lane import LaneStatistics
 
-__all__ = ["CallMetrics"]
+__all__ = ["CallMetrics", "ObservedLane"]
+
+
+class _Limit(Protocol):
+    @property
+    def level(self) -> int: ...
+
+
+class ObservedLane(Protocol):
+    """What the gauges read of a lane (``rlmflow.dispatch.lane.Lane`` is one): plain attributes only."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def concurrency(self) -> _Limit: ...
 
 
 class CallMetrics:
-    """Records every finished call; observes lanes when the metric reader collects."""
+    """Records every finished call; observes lanes when the metric reader collects.
+
+    ``lanes`` is the live mapping of lane key to lane (the dispatcher's own dict): the gauges
+    take a snapshot of it from whichever thread collects.
+    """
 
     def __init__(
         self,
         meter_provider: metrics.MeterProvider | None = None,
-        lanes: Callable[[], Iterable[LaneStatistics]] | None = None,
+        lanes: Mapping[str, ObservedLane] | None = None,
     ) -> None:
         meter = metrics.get_meter("rlmflow", meter_provider=meter_provider)
         self._tokens = meter.create_histogram(
@@ -71,10 +93,20 @@ class CallMetrics:
         if call.attempts > 1:
             self._retries.add(call.attempts - 1, common)
 
+    def _snapshot(self) -> list[tuple[str, int, int]]:
+        """(key, in flight, limit) of every lane; empty if the lanes cannot be read right now."""
+        if self._lanes is None:
+            return []
+        try:
+            # copying a dict is one C call under the GIL, so the loop thread cannot resize it midway;
+            # the except is for a mapping that is not a plain dict
+            lanes = tuple(self._lanes.items())
+            return [(key, int(lane.in_flight), int(lane.concurrency.level)) for key, lane in lanes]
+        except Exception:  # a gauge must never fail the collection of the others
+            return []
+
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
-        for lane in self._lanes() if self._lanes else ():
-            yield Observation(lane.in_flight, {attr.RLM_LANE: lane.key})
+        return [Observation(in_flight, {attr.RLM_LANE: key}) for key, in_flight, _ in self._snapshot()]
 
     def _observe_limit(self, options: CallbackOptions) -> Iterable[Observation]:
-        for lane in self._lanes() if self._lanes else ():
-            yield Observation(lane.concurrency.limit, {attr.RLM_LANE: lane.key})
+        return [Observation(limit, {attr.RLM_LANE: key}) for key, _, limit in self._snapshot()]

@@ -1,7 +1,10 @@
 """Reading a recorded run back: where the time and the money went.
 
-Input is a trajectory (``Trajectory`` JSONL) or an OpenTelemetry span export in OTLP JSON (one
-``{"resourceSpans": ...}`` document, or one per line). Both become the same :class:`TraceData`:
+Input is a trajectory (``Trajectory`` JSONL) or an OpenTelemetry span export in OTLP JSON: a
+collector's camelCase ``{"resourceSpans": ...}`` documents (one, or one per line), the same in
+protobuf's snake_case field names, or Phoenix's span export (``{"data": [span, ...]}`` with
+snake_case keys, as ``GET /v1/projects/{project}/spans/otlpv1`` returns it). All become the same
+:class:`TraceData`:
 runs, turns, cells and calls on one wall-clock axis. :func:`analyse` then computes the critical
 path, the time split of the top-level run, fan-out width per turn and cost by depth and model.
 """
@@ -17,7 +20,7 @@ from typing import Any
 
 from . import attributes as attr
 
-__all__ = ["Analysis", "TraceData", "analyse", "load_trace"]
+__all__ = ["Analysis", "TraceData", "analyse", "load_trace", "normalise_span", "trace_from_spans"]
 
 
 @dataclass
@@ -66,9 +69,43 @@ def load_trace(path: str | Path) -> TraceData:
     """Read a trajectory JSONL or an OTLP-JSON span export."""
     text = Path(path).read_text(encoding="utf-8")
     records = _json_documents(text)
+    if not any(key in r for r in records for key in _OTLP_KEYS):
+        return _from_trajectory(records)
+    records = [_camel(r) for r in records]
     if any("resourceSpans" in r for r in records):
-        return _from_spans(span for r in records for span in _otlp_spans(r))
-    return _from_trajectory(records)
+        return trace_from_spans(span for r in records for span in _otlp_spans(r))
+    if any(isinstance(r.get("data"), list) for r in records):  # Phoenix's export: pages of spans
+        return trace_from_spans(span for r in records for span in r.get("data") or [])
+    if records and all("spanId" in r for r in records):  # bare spans, one per line or a list
+        return trace_from_spans(records)
+    raise ValueError("no spans found in the OTLP JSON")
+
+
+# top-level keys of span exports: a collector's, protobuf's names, Phoenix's pages, bare spans
+_OTLP_KEYS = ("resourceSpans", "resource_spans", "data", "spanId", "span_id")
+
+
+def _camel_key(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _camel(value: Any) -> Any:
+    """protobuf's snake_case field names (``span_id``, ``string_value``) as OTLP JSON's camelCase.
+
+    Only object keys change; attribute names are values (``{"key": "rlm.run_id", ...}``) and stay.
+    """
+    if isinstance(value, dict):
+        return {_camel_key(k): _camel(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_camel(v) for v in value]
+    return value
+
+
+def normalise_span(span: dict[str, Any]) -> dict[str, Any]:
+    """One span in OTLP JSON's camelCase form, whichever form it came in."""
+    normalised: dict[str, Any] = _camel(span)
+    return normalised
 
 
 def _json_documents(text: str) -> list[dict[str, Any]]:
@@ -119,13 +156,15 @@ def _attributes(span: dict[str, Any]) -> dict[str, Any]:
     for item in span.get("attributes") or []:
         value = item.get("value") or {}
         for key in ("stringValue", "intValue", "doubleValue", "boolValue"):
-            if key in value:
-                raw = value[key]
+            raw = value.get(key)
+            if raw is not None:  # Phoenix's export writes every field, the unset ones as null
                 values[item["key"]] = int(raw) if key == "intValue" else raw
+                break
     return values
 
 
-def _from_spans(spans: Iterable[dict[str, Any]]) -> TraceData:
+def trace_from_spans(spans: Iterable[dict[str, Any]]) -> TraceData:
+    """The runs, cells and calls of OTLP-JSON spans (camelCase; see :func:`normalise_span`)."""
     data = TraceData()
     by_id = {s["spanId"]: s for s in spans}
 

@@ -6,6 +6,13 @@ and corrected to the real output when the call ends, as Bedrock does. Past the l
 429 with ``retry-after``; it injects faults at given rates and logs what it admitted, so tests
 can check limits from the provider's side.
 
+Knobs for the Dispatcher's benchmarks and tests: ``max_concurrency`` refuses (429) any request
+beyond that many in flight, a limit the client is not told; ``capacity`` serves at most that
+many at once and queues the rest (a provider's fixed capacity, slower but no refusal);
+``rate_headers`` sends ``x-ratelimit-remaining-requests`` / ``-reset-requests`` on every answer,
+as OpenAI does; ``usage=False`` leaves ``usage`` out of answers; ``status_faults`` answers given
+statuses (503, 408...) at given rates.
+
 Answers are deterministic: ``answer:<first 12 hex of sha1(prompt)>``, so a test can tell
 whether every prompt got its own answer.
 
@@ -66,6 +73,7 @@ class _Counters:
     requests: int = 0
     admitted: int = 0
     limited: int = 0
+    over_concurrency: int = 0
     faults: dict[str, int] = field(default_factory=lambda: {"throttle": 0, "server_error": 0, "reset": 0,
                                                              "timeout": 0})
 
@@ -87,6 +95,12 @@ class FakeOpenAIServer:
         port: int = 0,
         root_marker: str | None = None,
         root_reply: str = "",
+        max_concurrency: int | None = None,
+        concurrency_retry_after: float | None = 1.0,
+        capacity: int | None = None,
+        rate_headers: bool = False,
+        usage: bool = True,
+        status_faults: dict[int, float] | None = None,
     ) -> None:
         self.latency = latency
         self.latency_jitter = latency_jitter
@@ -98,6 +112,14 @@ class FakeOpenAIServer:
         # Plays a root model for peer benchmarks: a request mentioning the marker gets this reply.
         self.root_marker = root_marker
         self.root_reply = root_reply
+        self.max_concurrency = max_concurrency
+        self.concurrency_retry_after = concurrency_retry_after
+        self.capacity = asyncio.Semaphore(capacity) if capacity else None
+        self.rate_headers = rate_headers
+        self.usage = usage
+        self.status_faults = dict(status_faults or {})
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._random = random.Random(seed)
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -134,6 +156,18 @@ class FakeOpenAIServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.counters.requests += 1
+        if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
+            self.counters.over_concurrency += 1
+            return self._error(429, "too many concurrent requests", "rate_limit_exceeded",
+                               retry_after=self.concurrency_retry_after)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._serve(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         messages = body.get("messages") or []
         prompt = "".join(str(m.get("content", "")) for m in messages)
@@ -145,7 +179,12 @@ class FakeOpenAIServer:
         wait = self._retry_after(now, tokens)
         if wait > 0:
             self.counters.limited += 1
-            return self._error(429, "rate limit reached", "rate_limit_exceeded", retry_after=wait)
+            return self._error(429, "rate limit reached", "rate_limit_exceeded", retry_after=wait,
+                               headers=self._quota_headers(now))
+        for status, rate in self.status_faults.items():
+            if self._random.random() < rate:
+                self.counters.faults[f"status_{status}"] = self.counters.faults.get(f"status_{status}", 0) + 1
+                return self._error(status, f"injected {status}", None)
         fault = self._draw_fault()
         if fault == "throttle":
             return self._error(
@@ -164,7 +203,11 @@ class FakeOpenAIServer:
             await asyncio.sleep(self.faults.timeout_delay)
         delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
         if delay > 0:
-            await asyncio.sleep(delay)
+            if self.capacity is not None:
+                async with self.capacity:
+                    await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(delay)
         if fault == "server_error":
             return self._error(self._random.choice((500, 503)), "internal error (injected)", None)
         # as Bedrock does: max_tokens is held at admission, the unused part returned at the end
@@ -175,18 +218,28 @@ class FakeOpenAIServer:
         if any(item is admitted for item in self._recent):
             self._recent_tokens += used - admitted.tokens
         admitted.tokens = used
-        return web.json_response(
-            {
-                "id": f"chatcmpl-{self.counters.admitted}",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body.get("model", "fake"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": self.count_tokens(prompt), "completion_tokens": output,
-                          "total_tokens": used},
-            }
-        )
+        answer: dict[str, Any] = {
+            "id": f"chatcmpl-{self.counters.admitted}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", "fake"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+        }
+        if self.usage:
+            answer["usage"] = {"prompt_tokens": self.count_tokens(prompt), "completion_tokens": output,
+                               "total_tokens": used}
+        return web.json_response(answer, headers=self._quota_headers(self._now()))
+
+    def _quota_headers(self, now: float) -> dict[str, str]:
+        """OpenAI's request-quota headers, when ``rate_headers`` is on and an RPM is set."""
+        if not self.rate_headers or self.rpm is None:
+            return {}
+        self._expire(now)
+        remaining = max(0, self.rpm - len(self._recent))
+        reset = self._recent[0].at + self.window - now if self._recent else 0.0
+        return {"x-ratelimit-limit-requests": str(self.rpm), "x-ratelimit-remaining-requests": str(remaining),
+                "x-ratelimit-reset-requests": f"{max(0.0, reset):.3f}s"}
 
     def _draw_fault(self) -> str | None:
         plan = self.faults
@@ -201,8 +254,11 @@ class FakeOpenAIServer:
         return None
 
     @staticmethod
-    def _error(status: int, message: str, code: str | None, retry_after: float | None = None) -> web.Response:
-        headers = {"retry-after-ms": str(math.ceil(retry_after * 1000))} if retry_after else {}
+    def _error(status: int, message: str, code: str | None, retry_after: float | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+        headers = dict(headers or {})
+        if retry_after:
+            headers["retry-after-ms"] = str(math.ceil(retry_after * 1000))
         return web.json_response(
             {"error": {"message": message, "type": "fake", "code": code}}, status=status, headers=headers
         )
@@ -247,6 +303,8 @@ class FakeOpenAIServer:
             "requests": self.counters.requests,
             "admitted": self.counters.admitted,
             "rate_limited": self.counters.limited,
+            "over_concurrency": self.counters.over_concurrency,
+            "peak_in_flight": self.peak_in_flight,
             "faults": dict(self.counters.faults),
             "admitted_tokens": sum(a.tokens for a in self.admitted),
             "max_requests_in_window": self.max_in_window(),

@@ -1,0 +1,316 @@
+"""The host side of the sandbox bridge: what sandbox code may ask of the host, checked first.
+
+Sandbox code is written by a model, and a prompt injection hidden in the document can write it
+too, so every request it sends is untrusted input. :class:`HostBridge` validates each one before
+acting on it:
+
+- a function name from a fixed set (``llm_query_many``, ``rlm_query_many``, ``budget``);
+- models named only by the aliases the :class:`rlmflow.RLM` was given (``"default"`` is the
+  sub-model): no client, URL, path or credential is ever built from a sandbox value;
+- ``max_tokens`` clamped to the policy; items per batch, characters per prompt and per batch,
+  sub-calls per run and child contexts bounded (:class:`BridgeLimits`).
+
+A refused request raises :class:`rlmflow.SandboxRequestError` inside the model's code, with a
+message the model can act on; nothing else of the run is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from opentelemetry import trace
+
+from ._exceptions import BatchError, ContextError, RLMError, SandboxRequestError
+from ._util import single_exception
+from .context import context_size, validate_context
+from .dispatch.limits import Priority
+from .events import BatchFinished, BatchStarted
+from .models.base import LanguageModel, ModelRequest
+from .telemetry import attributes as attr
+from .telemetry import spans as span_attributes
+
+if TYPE_CHECKING:
+    from .run import _Run
+
+__all__ = ["DEFAULT_ALIAS", "BridgeLimits", "HostBridge"]
+
+DEFAULT_ALIAS = "default"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BridgeLimits:
+    """What sandbox code may ask of the host in one run; requests beyond these are refused.
+
+    - ``max_batch_items``: prompts in one ``llm_query_many`` (or children in one
+      ``rlm_query_many``);
+    - ``max_prompt_chars`` / ``max_batch_chars``: size of one prompt and of one batch;
+    - ``max_output_tokens``: the largest ``max_tokens`` sandbox code may ask for (larger values
+      are clamped to it);
+    - ``max_sub_calls``: sub-calls a whole run (children included) may send when its budget sets
+      no ``max_calls`` (a safety net against runaway loops);
+    - ``max_child_context_chars``: size of a context passed to ``rlm_query``;
+    - ``max_concurrent_children``: child runs (each with its own sandbox) running at once per
+      depth of one ``RLM``; more wait for a slot;
+    - ``max_answer_chars``: the longest answer ``FINAL`` can give (longer ones are cut, and the
+      cut is stated).
+    """
+
+    max_batch_items: int = 10_000
+    max_prompt_chars: int = 2_000_000
+    max_batch_chars: int = 64_000_000
+    max_output_tokens: int = 16_384
+    max_sub_calls: int = 10_000
+    max_child_context_chars: int = 64_000_000
+    max_concurrent_children: int = 4
+    max_answer_chars: int = 200_000
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            if getattr(self, name) < 1:
+                raise ValueError(f"BridgeLimits.{name} must be at least 1")
+
+
+class HostBridge:
+    """Serves the host functions one run's sandbox code calls; one per run."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._answers: dict[tuple[str, str, int], str] = {}  # dedup: (lane, prompt, max_tokens) -> answer
+
+    async def __call__(self, fn: str, args: Any) -> Any:
+        if not isinstance(args, Mapping):
+            raise SandboxRequestError(f"the arguments of {fn!r} must be a map")
+        if fn == "llm_query_many":
+            return await self.llm_query_many(
+                self._prompts(args.get("prompts")),
+                self._model(args.get("model")),
+                self._max_tokens(args.get("max_tokens")),
+            )
+        if fn == "rlm_query_many":
+            return await self.rlm_query_many(self._children(args.get("items")))
+        if fn == "budget":
+            return self.budget_view()
+        raise SandboxRequestError(f"unknown host function {str(fn)[:60]!r}")
+
+    # -- validation of untrusted requests ----------------------------------------------------------
+    @property
+    def _limits(self) -> BridgeLimits:
+        return self._run.rlm.bridge_limits
+
+    def _prompts(self, raw: Any) -> list[str]:
+        limits = self._limits
+        if not isinstance(raw, list | tuple):
+            raise SandboxRequestError("prompts must be a list of strings")
+        if len(raw) > limits.max_batch_items:
+            raise SandboxRequestError(
+                f"a batch of {len(raw)} prompts is more than the {limits.max_batch_items} allowed at once; "
+                "split it into smaller batches"
+            )
+        total = 0
+        for index, prompt in enumerate(raw):
+            if not isinstance(prompt, str):
+                raise SandboxRequestError(f"prompt {index} is a {type(prompt).__name__}, not a string")
+            if len(prompt) > limits.max_prompt_chars:
+                raise SandboxRequestError(
+                    f"prompt {index} has {len(prompt):,} characters; the limit is {limits.max_prompt_chars:,}: "
+                    "send a smaller slice"
+                )
+            total += len(prompt)
+        if total > limits.max_batch_chars:
+            raise SandboxRequestError(
+                f"the batch holds {total:,} characters; the limit is {limits.max_batch_chars:,}: split it"
+            )
+        return list(raw)
+
+    def _model(self, alias: Any) -> LanguageModel:
+        """The sub-model named by ``alias``: only the RLM's own aliases, never a model string."""
+        models = self._run.rlm.sub_models
+        if alias is None:
+            return models[DEFAULT_ALIAS]
+        if isinstance(alias, str) and alias in models:
+            return models[alias]
+        shown = repr(alias[:60]) if isinstance(alias, str) else type(alias).__name__
+        raise SandboxRequestError(
+            f"unknown model {shown}: sandbox code can only use these models: {', '.join(sorted(models))}"
+        )
+
+    def _max_tokens(self, raw: Any) -> int:
+        default = self._run.rlm.sub_max_tokens
+        if raw is None:
+            return min(default, self._limits.max_output_tokens)
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise SandboxRequestError(f"max_tokens must be an integer, not {type(raw).__name__}")
+        return max(1, min(raw, self._limits.max_output_tokens))
+
+    def _children(self, raw: Any) -> list[tuple[str, Any]]:
+        limits = self._limits
+        if not isinstance(raw, list | tuple):
+            raise SandboxRequestError("rlm_query_many expects a list of prompts")
+        if len(raw) > limits.max_batch_items:
+            raise SandboxRequestError(
+                f"{len(raw)} child runs at once is more than the {limits.max_batch_items} allowed"
+            )
+        children: list[tuple[str, Any]] = []
+        for index, item in enumerate(raw):
+            if not isinstance(item, Mapping) or not isinstance(item.get("prompt"), str):
+                raise SandboxRequestError(f"child {index} needs a string prompt")
+            prompt: str = item["prompt"]
+            if len(prompt) > limits.max_prompt_chars:
+                raise SandboxRequestError(f"the prompt of child {index} has {len(prompt):,} characters; too long")
+            context = item.get("context")
+            if context is not None:
+                try:
+                    context = validate_context(context)
+                except ContextError as exc:
+                    raise SandboxRequestError(f"the context of child {index} is unusable: {exc.message}") from None
+                size = context_size(context)
+                if size > limits.max_child_context_chars:
+                    raise SandboxRequestError(
+                        f"the context of child {index} has {size:,} characters; the limit is "
+                        f"{limits.max_child_context_chars:,}"
+                    )
+            children.append((prompt, context))
+        return children
+
+    def _admit_sub_calls(self, count: int) -> None:
+        run = self._run
+        if run.ledger.budget.max_calls is not None:
+            return  # the budget caps calls exactly
+        cap = self._limits.max_sub_calls
+        if run.shared.sub_calls + count > cap:
+            raise SandboxRequestError(
+                f"this run has sent {run.shared.sub_calls} sub-calls and may send {cap} in all; "
+                f"{count} more would pass that: aggregate what you have and answer"
+            )
+        run.shared.sub_calls += count
+
+    # -- the host functions ---------------------------------------------------------------------
+    async def llm_query_many(self, prompts: list[str], sub: LanguageModel, max_tokens: int) -> list[str]:
+        """Answers in input order; a failed item raises :class:`BatchError` after all finished."""
+        run = self._run
+        rlm = run.rlm
+        lane_key = rlm.dispatcher.lane_key(sub)
+        keys = [(lane_key, prompt, max_tokens) for prompt in prompts]
+        to_send = keys
+        if rlm.dedup:  # each distinct prompt not answered before in this run is sent once
+            to_send = list(dict.fromkeys(key for key in keys if key not in self._answers))
+        self._admit_sub_calls(len(to_send))
+        requests = [ModelRequest.from_prompt(key[1], max_tokens=max_tokens) for key in to_send]
+        started = time.monotonic()
+        run.recorder.emit(BatchStarted, size=len(prompts), sent=len(requests), model=sub.name)
+        with rlm._tracer.start_as_current_span(
+            attr.SPAN_BATCH,
+            context=run.cell_span_context,
+            attributes=span_attributes.batch_start(
+                size=len(prompts), deduplicated=len(prompts) - len(requests), depth=run.depth, prompts=prompts,
+                capture=rlm.capture_content,
+            ),
+        ) as span:
+            run.progress.calls_in_flight += len(requests)
+            try:
+                outcomes = await rlm.dispatcher.call_many(
+                    sub,
+                    requests,
+                    ledger=run.ledger,
+                    share=run.share,
+                    priority=Priority.SUB,
+                    depth=run.depth,
+                    record=run.recorder.record,
+                    parent=trace.set_span_in_context(span),
+                    capture=rlm.capture_content,
+                )
+            finally:
+                run.progress.calls_in_flight -= len(requests)
+            failures: dict[tuple[str, str, int], RLMError] = {}
+            fresh: dict[tuple[str, str, int], str] = {}
+            for key, outcome in zip(to_send, outcomes, strict=True):
+                if isinstance(outcome, RLMError):
+                    failures[key] = outcome
+                else:
+                    fresh[key] = outcome.text
+            if rlm.dedup:
+                self._answers.update(fresh)
+            results: list[str | None] = []
+            errors: dict[int, RLMError] = {}
+            for index, key in enumerate(keys):
+                if key in failures:
+                    errors[index] = failures[key]
+                    results.append(None)
+                else:
+                    results.append(fresh[key] if key in fresh else self._answers[key])
+            run.recorder.emit(BatchFinished, size=len(prompts), failed=len(errors), duration=time.monotonic() - started)
+            span.set_attributes(
+                span_attributes.batch_end(answers=results, failed=len(errors), capture=rlm.capture_content)
+            )
+            if errors:
+                first = errors[min(errors)]
+                raise BatchError(
+                    f"{len(errors)} of {len(prompts)} calls failed (first, item {min(errors)}: "
+                    f"{type(first).__name__}: {first.message}); the other results are in .results",
+                    results=results,
+                    errors=errors,
+                )
+            return [r or "" for r in results]
+
+    async def rlm_query_many(self, children: list[tuple[str, Any]]) -> list[str]:
+        """One child run per item (its own sandbox, a child ledger); plain sub-calls at the depth limit."""
+        run = self._run
+        rlm = run.rlm
+        if run.depth + 1 > run.options.max_depth:
+            prompts = [f"{context}\n\n{prompt}" if isinstance(context, str) and context else prompt
+                       for prompt, context in children]
+            return await self.llm_query_many(self._prompts(prompts), self._model(None), self._max_tokens(None))
+        results: list[str | None] = [None] * len(children)
+        errors: dict[int, RLMError] = {}
+        slots = rlm._child_slots(run.depth + 1)
+
+        async def child(index: int, prompt: str, context: Any) -> None:
+            try:
+                async with slots:  # children wait for a sandbox slot instead of failing
+                    outcome = await run.spawn_child(prompt, context)
+                results[index] = outcome.answer
+            except RLMError as exc:
+                errors[index] = exc
+
+        with single_exception():
+            async with anyio.create_task_group() as tg:
+                for index, (prompt, context) in enumerate(children):
+                    tg.start_soon(child, index, prompt, context)
+        if errors:
+            first = errors[min(errors)]
+            raise BatchError(
+                f"{len(errors)} of {len(children)} child runs failed (first, item {min(errors)}: "
+                f"{type(first).__name__}: {first.message}); the other answers are in .results",
+                results=results,
+                errors=errors,
+            )
+        return [r or "" for r in results]
+
+    def budget_view(self) -> dict[str, Any]:
+        """What the run may still spend, as sandbox code sees it from ``budget()``."""
+        run = self._run
+        remaining = run.ledger.remaining()
+        deadline = run.options.deadline
+        spent = run.ledger.spent
+        return {
+            "calls_left": remaining["calls"],
+            "input_tokens_left": remaining["input_tokens"],
+            "output_tokens_left": remaining["output_tokens"],
+            "cost_usd_left": remaining["cost_usd"],
+            "seconds_left": None if deadline is None else max(0.0, deadline - (time.monotonic() - run.started)),
+            "turns_left": run.options.max_turns - len(run.transcript) - 1,
+            "depth": run.depth,
+            "max_depth": run.options.max_depth,
+            "models": sorted(run.rlm.sub_models),
+            "spent": {
+                "calls": spent.calls,
+                "input_tokens": spent.input_tokens,
+                "output_tokens": spent.output_tokens,
+                "cost_usd": round(spent.cost_usd, 6),
+            },
+        }
+

@@ -1,0 +1,132 @@
+"""Events of a run, as they happen: for progress displays, UIs and server-sent events.
+
+``async for event in rlm.stream(context, query)`` yields these in order. Every event names its
+run (``run_id``) and depth, so a child run's events (``rlm_query``) can be told from the root's.
+Events hold lengths, counts and short texts the root model already saw; the document never
+appears in them. ``to_dict()`` gives a JSON-ready form with the event's ``kind``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+__all__ = [
+    "AnswerReady",
+    "BatchFinished",
+    "BatchStarted",
+    "CellFinished",
+    "CodeSubmitted",
+    "RunEvent",
+    "RunFailed",
+    "RunStarted",
+    "SubCallDone",
+    "TurnStarted",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunEvent:
+    """Base of all events: which run, at which depth, and when (``time.time()``)."""
+
+    kind: ClassVar[str] = "event"
+    run_id: str
+    depth: int
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event's fields and its ``kind``, ready for ``json.dumps``."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStarted(RunEvent):
+    kind: ClassVar[str] = "run_started"
+    query: str
+    context_chars: int
+    root_model: str
+    sub_model: str
+    parent_run_id: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnStarted(RunEvent):
+    kind: ClassVar[str] = "turn_started"
+    turn: int
+    max_turns: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodeSubmitted(RunEvent):
+    """The root model's reply of one turn yielded this code block (one event per block)."""
+
+    kind: ClassVar[str] = "code"
+    turn: int
+    code: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CellFinished(RunEvent):
+    """A code block ran; ``output`` is what the root model will see (capped, sanitised)."""
+
+    kind: ClassVar[str] = "cell_output"
+    turn: int
+    output: str
+    output_chars: int
+    error: str | None
+    duration: float
+    restarted: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchStarted(RunEvent):
+    """Sandbox code asked for ``size`` sub-calls; ``sent`` of them go out (the rest are reused)."""
+
+    kind: ClassVar[str] = "batch_started"
+    size: int
+    sent: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchFinished(RunEvent):
+    kind: ClassVar[str] = "batch_finished"
+    size: int
+    failed: int
+    duration: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubCallDone(RunEvent):
+    """One model call finished (root turns and sub-calls alike; ``role`` tells which)."""
+
+    kind: ClassVar[str] = "call_done"
+    role: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    duration: float
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnswerReady(RunEvent):
+    """The run ended with an answer; the stream's last event for a successful root run."""
+
+    kind: ClassVar[str] = "answer"
+    answer: str
+    turns: int
+    cost_usd: float | None
+    duration: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFailed(RunEvent):
+    """The run ended without an answer (``error`` is the exception's type name)."""
+
+    kind: ClassVar[str] = "run_failed"
+    error: str
+    message: str
+    turns: int

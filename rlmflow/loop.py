@@ -1,0 +1,206 @@
+"""The root loop's policy: turns of root-model code until ``FINAL``, and what the root reads.
+
+:class:`RootLoop` decides what the root model sees each turn (the context's metadata, capped and
+sanitised cell output, nudges), when a run gives up (turns used up, the same error again and
+again) and how the transcript is trimmed for small windows. It runs code through the session and
+calls models through the Dispatcher, but keeps no books: that is the recorder's job.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from opentelemetry import trace
+
+from . import prompts
+from ._exceptions import NoAnswerError
+from ._text import sanitize_text
+from .dispatch.limits import Priority
+from .events import CellFinished, CodeSubmitted, TurnStarted
+from .models.base import Message, ModelRequest
+from .result import RLMResult, Turn
+from .sandbox.base import CellResult, SandboxSession
+from .telemetry import attributes as attr
+from .telemetry import spans as span_attributes
+
+if TYPE_CHECKING:
+    from .run import _Run
+
+__all__ = ["RootLoop"]
+
+
+class RootLoop:
+    """Drives one run's root model over one sandbox session."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+
+    def _opening(self) -> list[Message]:
+        run = self._run
+        rlm = run.rlm
+        system = rlm.system_prompt.format(
+            context_kind=prompts.context_kind(run.context),
+            chunk_hint=4 * rlm.sub_max_tokens * 4,
+            output_cap=rlm.max_feedback_chars,
+        )
+        aliases = sorted(rlm.sub_models)
+        if len(aliases) > 1:
+            system += f"\nHelper models you can name with llm_query(..., model=NAME): {', '.join(aliases)}.\n"
+        return [
+            Message("system", system),
+            Message(
+                "user",
+                f"{prompts.describe_context(run.context)}\n\nQuestion: {run.query}\n\n"
+                "Start by looking at `context` with code in a ```repl block.",
+            ),
+        ]
+
+    async def __call__(self, session: SandboxSession) -> RLMResult:
+        run = self._run
+        rlm = run.rlm
+        progress = run.progress
+        max_turns = run.options.max_turns
+        if run.depth == 0:
+            progress.max_turns = max_turns
+        messages = self._opening()
+        last_error: str | None = None
+        repeats = 0
+        previous_code: list[str] = []
+        for turn_index in range(1, max_turns + 1):
+            if run.depth == 0:
+                progress.turn = turn_index
+            run.recorder.emit(TurnStarted, turn=turn_index, max_turns=max_turns)
+            if turn_index == max_turns:
+                messages.append(Message("user", prompts.LAST_TURN))
+            turn_started = time.monotonic()
+            turn_wall = time.time()
+            cell_spans: list[tuple[float, float]] = []
+            with rlm._tracer.start_as_current_span(
+                attr.SPAN_TURN, attributes=span_attributes.turn_start(turn=turn_index, depth=run.depth)
+            ):
+                progress.phase = "root model thinking"
+                response = await rlm.dispatcher.call(
+                    rlm.root,
+                    ModelRequest(messages=tuple(self._trimmed(messages)), max_tokens=rlm.root_max_tokens),
+                    ledger=run.ledger,
+                    share=run.share,
+                    priority=Priority.ROOT,
+                    depth=run.depth,
+                    record=run.recorder.record,
+                    capture=rlm.capture_content,
+                )
+                reply = response.text
+                messages.append(Message("assistant", reply))
+                blocks = prompts.extract_code_blocks(reply)
+                if not blocks:
+                    run.recorder.turn(
+                        Turn(turn_index, reply, [], prompts.NO_CODE_NUDGE, time.monotonic() - turn_started,
+                             started_at=turn_wall)
+                    )
+                    messages.append(Message("user", prompts.NO_CODE_NUDGE))
+                    continue
+                feedback: list[str] = []
+                cells: list[CellResult] = []
+                answer: str | None = None
+                progress.phase = "running code"
+                calls_before = progress.calls_done
+                for block in blocks:
+                    run.recorder.emit(CodeSubmitted, turn=turn_index, code=block)
+                    cell_wall = time.time()
+                    cell = await self._execute_cell(session, block)
+                    cell_spans.append((cell_wall, time.time() - cell_wall))
+                    cells.append(cell)
+                    shown = prompts.format_cell_feedback(cell, limit=rlm.max_feedback_chars)
+                    feedback.append(shown)
+                    run.recorder.emit(
+                        CellFinished, turn=turn_index, output=shown, output_chars=cell.output_chars,
+                        error=cell.error, duration=cell.duration, restarted=cell.restarted,
+                    )
+                    if cell.final is not None:
+                        answer = self._answer(cell.final)
+                        break
+                    if cell.error:
+                        break  # later blocks usually depend on this one
+                text = "\n".join(feedback)
+                run.recorder.turn(
+                    Turn(turn_index, reply, blocks, text, time.monotonic() - turn_started, cells,
+                         started_at=turn_wall, cell_spans=cell_spans)
+                )
+                if answer is not None:
+                    progress.phase = "done"
+                    return run.result(answer)
+                error_signature = next((c.error.strip().splitlines()[-1] for c in cells if c.error), None)
+                if error_signature is not None and error_signature == last_error:
+                    repeats += 1
+                else:
+                    repeats = 1 if error_signature else 0
+                last_error = error_signature
+                if repeats >= rlm.max_repeated_errors:
+                    raise NoAnswerError(
+                        f"stopped after the same error {repeats} times in a row: {error_signature}",
+                        partial=run.result(""),
+                    )
+                if repeats >= 2:
+                    text += (
+                        f"\nThis is the same error as before ({repeats} times). Change your approach "
+                        "instead of repeating the code."
+                    )
+                if previous_code == blocks:
+                    text += "\n" + prompts.REPEAT_NUDGE
+                previous_code = blocks
+                left = max_turns - turn_index
+                asked_helper = progress.calls_done > calls_before and not any(c.error for c in cells)
+                messages.append(
+                    Message("user", prompts.continue_message(text, run.query, left, asked_helper=asked_helper))
+                )
+        raise NoAnswerError(
+            f"no answer after {max_turns} turns: the root model never called FINAL",
+            partial=run.result(""),
+        )
+
+    def _answer(self, final: str) -> str:
+        """The answer as the caller gets it: control characters escaped, length capped."""
+        limit = self._run.rlm.bridge_limits.max_answer_chars
+        answer = sanitize_text(str(final))
+        if len(answer) > limit:
+            answer = answer[:limit] + f"\n[answer cut at {limit:,} of {len(answer):,} characters]"
+        return answer
+
+    def _trimmed(self, messages: list[Message]) -> list[Message]:
+        """System and first user message always; then the newest turns that fit the history size."""
+        head, rest = messages[:2], messages[2:]
+        budget = self._run.rlm.history_chars - sum(len(m.content) for m in head)
+        kept: list[Message] = []
+        for message in reversed(rest):
+            budget -= len(message.content)
+            if budget < 0 and len(kept) >= 2:
+                break
+            kept.append(message)
+        kept.reverse()
+        if len(kept) < len(rest):
+            if kept and kept[0].role == "user":  # keep assistant/user alternation after the note
+                kept = kept[1:]
+            omitted = len(rest) - len(kept)
+            note = Message("user", f"[{omitted} earlier messages omitted; variables in the sandbox are kept]")
+            return [*head, Message("assistant", "(earlier work)"), note, *kept]
+        return [*head, *kept]
+
+    async def _execute_cell(self, session: SandboxSession, code: str) -> CellResult:
+        run = self._run
+        rlm = run.rlm
+        with rlm._tracer.start_as_current_span(
+            attr.SPAN_EXECUTE,
+            attributes=span_attributes.cell_start(depth=run.depth, code=code, capture=rlm.capture_content),
+        ) as span:
+            run.cell_span_context = trace.set_span_in_context(span)
+            try:
+                cell = await session.execute(code)
+            finally:
+                run.cell_span_context = None
+            span.set_attributes(span_attributes.cell_end(
+                output=cell.output, error=cell.error, duration=cell.duration, output_chars=cell.output_chars,
+                restarts=session.restarts, capture=rlm.capture_content,
+            ))
+            run.progress.sandbox_restarts = max(run.progress.sandbox_restarts, session.restarts)
+            return cell

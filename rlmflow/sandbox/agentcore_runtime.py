@@ -1,0 +1,490 @@
+"""The part of the AgentCore backend that runs inside the remote Code Interpreter session.
+
+:mod:`rlmflow.sandbox.agentcore` ships this file's source with ``executeCode`` and installs it as
+the module ``_rlmflow_runtime`` of the remote interpreter. Standard library only; it never
+imports ``rlmflow``. The remote session holds no credentials and needs no network:
+
+- a model's cell runs in a background thread of the interpreter, in a namespace of its own;
+- ``llm_query_many`` / ``rlm_query_many`` / ``budget`` park a request in a mailbox and block that
+  thread; the host's next control call (a short ``executeCode``) returns as soon as the cell ends
+  or a request is parked, printing one status line;
+- the host serves the request through its bridge (the Dispatcher) and delivers the answer with the
+  next control call (inline, or in files it wrote with ``writeFiles``), which wakes the thread.
+
+Every control call prints exactly one line ``MARKER + json``; the host reads the last such line.
+Output of the cell's threads goes to the cell's capped buffer, never into a status line.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import ctypes
+import hashlib
+import io
+import itertools
+import json
+import linecache
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+MARKER = "\x1erlmflow-status:"
+_GATHER = 0.002  # seconds between looks for more calls from a cell's other threads
+_GATHER_MAX = 0.05  # the longest a status waits for them after the last new call
+_HOST_FUNCTIONS = ("llm_query_many", "rlm_query_many", "budget")
+
+
+class RLMError(Exception):
+    """Base of the errors that host calls raise inside the sandbox."""
+
+
+class BudgetExceededError(RLMError):
+    """The run's budget cannot pay for this call; nothing was sent."""
+
+
+class ContextOverflowError(RLMError):
+    """The prompt is too long for the model: split it into smaller chunks."""
+
+
+class ModelCallError(RLMError):
+    """A model call failed after the host's retries."""
+
+
+class SandboxRequestError(RLMError):
+    """The host refused the request (unknown model alias, too many or too long prompts)."""
+
+
+class BatchError(RLMError):
+    """Some prompts of a batch failed. ``results`` has ``None`` at ``failed_indices``."""
+
+    def __init__(self, message: str, results: list[Any], errors: dict[int, RLMError]) -> None:
+        super().__init__(message)
+        self.results = results
+        self.errors = errors
+        self.failed_indices = sorted(errors)
+
+
+_ERROR_TYPES: dict[str, type[RLMError]] = {
+    "BudgetExceededError": BudgetExceededError,
+    "ContextOverflowError": ContextOverflowError,
+    "RLMError": RLMError,
+    "SandboxRequestError": SandboxRequestError,
+}
+
+
+def _error_from_wire(error: Any) -> RLMError:
+    if not isinstance(error, dict):
+        return ModelCallError("the host call failed")
+    message = str(error.get("message", "error"))
+    if error.get("type") == "BatchError":
+        errors = {int(i): _error_from_wire(e) for i, e in (error.get("errors") or {}).items()}
+        return BatchError(message, list(error.get("results") or []), errors)
+    return _ERROR_TYPES.get(str(error.get("type")), ModelCallError)(message)
+
+
+class _Capped(io.TextIOBase):
+    """Keeps the first and last ``cap // 2`` characters written and counts the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self._half = max(1, cap // 2)
+        self._head: list[str] = []
+        self._head_len = 0
+        self._tail = ""
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        written = len(s)
+        with self._lock:
+            self.total += written
+            room = self._half - self._head_len
+            if room > 0:
+                self._head.append(s[:room])
+                self._head_len += min(room, written)
+                s = s[room:]
+            if s:
+                self._tail = (self._tail + s)[-self._half :]
+        return written
+
+    def render(self) -> str:
+        head = "".join(self._head)
+        shown = len(head) + len(self._tail)
+        if shown >= self.total:
+            return head + self._tail
+        omitted = self.total - shown
+        return f"{head}\n[... {omitted:,} of {self.total:,} characters omitted ...]\n{self._tail}"
+
+
+class _Router(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr``: the control thread writes to the interpreter's stream, every
+    other thread to the running cell's buffer (or nowhere between cells)."""
+
+    def __init__(self, runtime: _Runtime, inner: Any) -> None:
+        self.runtime = runtime
+        self.inner = inner
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        runtime = self.runtime
+        if threading.get_ident() == runtime.control_thread:
+            return int(self.inner.write(s))
+        cell = runtime.cell
+        if cell is not None and cell.result is None:
+            return cell.out.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        if threading.get_ident() == self.runtime.control_thread:
+            self.inner.flush()
+
+
+class _Call:
+    def __init__(self, call_id: int, fn: str, args: dict[str, Any]) -> None:
+        self.id = call_id
+        self.fn = fn
+        self.args = args
+        self.reported = False
+        self.reply: dict[str, Any] | None = None
+        self.event = threading.Event()
+
+
+class _Cell:
+    def __init__(self, cell_id: int, cap: int) -> None:
+        self.id = cell_id
+        self.out = _Capped(cap)
+        self.final: list[Any] = []
+        self.pending: dict[int, _Call] = {}
+        self.result: dict[str, Any] | None = None
+        self.thread: threading.Thread | None = None
+        self.threads_before = 0
+        self.gathered = 0
+        self.gather_until = 0.0
+
+
+class _Runtime:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.max_output_chars = int(config.get("max_output_chars", 20_000))
+        self.max_request_chars = int(config.get("max_request_chars", 32 << 20))
+        self.control_thread = threading.get_ident()
+        self.cond = threading.Condition()
+        self.cell: _Cell | None = None
+        self.call_ids = itertools.count(1)
+        self.namespace: dict[str, Any] = {}
+        self.stdout = _Router(self, sys.stdout)
+        self.stderr = _Router(self, sys.stderr)
+
+    def install_streams(self) -> None:
+        """Route output again if the interpreter replaced ``sys.stdout`` since the last call."""
+        self.control_thread = threading.get_ident()
+        if sys.stdout is not self.stdout:
+            self.stdout.inner = sys.stdout
+            sys.stdout = self.stdout
+        if sys.stderr is not self.stderr:
+            self.stderr.inner = sys.stderr
+            sys.stderr = self.stderr
+
+    # -- host calls, from any thread of a cell ---------------------------------------------
+    def call_host(self, fn: str, args: dict[str, Any]) -> Any:
+        cell = self.cell
+        if cell is None or cell.result is not None:
+            raise RLMError(f"{fn} can only be called while a cell runs")
+        size = len(json.dumps(args, ensure_ascii=False))
+        if size > self.max_request_chars:
+            raise ValueError(
+                f"{fn} request of {size:,} characters exceeds the limit of {self.max_request_chars:,}; "
+                "send smaller batches"
+            )
+        call = _Call(next(self.call_ids), fn, args)
+        with self.cond:
+            cell.pending[call.id] = call
+            self.cond.notify_all()
+        while not call.event.wait(0.05):  # short waits: an interrupt can reach this thread
+            pass
+        reply = call.reply or {}
+        if not reply.get("ok"):
+            raise _error_from_wire(reply.get("error"))
+        return reply.get("value")
+
+    def install_api(self, context: Any) -> None:
+        runtime = self
+
+        def llm_query(prompt: str, *, model: str | None = None, max_tokens: int | None = None) -> str:
+            """Ask a sub-LLM one question; returns its answer as a string."""
+            return llm_query_many([prompt], model=model, max_tokens=max_tokens)[0]
+
+        def llm_query_many(
+            prompts: list[str], *, model: str | None = None, max_tokens: int | None = None
+        ) -> list[str]:
+            """Ask many prompts concurrently; answers come back in input order."""
+            prompts = list(prompts)
+            if not all(isinstance(p, str) for p in prompts):
+                raise TypeError("llm_query_many expects a list of strings")
+            if not prompts:
+                return []
+            args = {"prompts": prompts, "model": model, "max_tokens": max_tokens}
+            result: list[str] = runtime.call_host("llm_query_many", args)
+            return result
+
+        def rlm_query(prompt: str, context: Any = None) -> str:
+            """Run a child RLM on ``context`` (default: this sandbox's context) and return its answer."""
+            return rlm_query_many([prompt], [context])[0]
+
+        def rlm_query_many(prompts: list[str], contexts: list[Any] | None = None) -> list[str]:
+            """Run one child RLM per prompt, concurrently; answers in input order."""
+            prompts = list(prompts)
+            contexts = list(contexts) if contexts is not None else [None] * len(prompts)
+            items = [{"prompt": p, "context": c} for p, c in zip(prompts, contexts, strict=True)]
+            result: list[str] = runtime.call_host("rlm_query_many", {"items": items})
+            return result
+
+        def FINAL(value: Any) -> None:
+            """Submit the final answer of the run."""
+            cell = runtime.cell
+            if cell is not None:
+                cell.final[:] = [value]
+
+        def budget() -> dict[str, Any]:
+            """What the run may still spend (calls, tokens, cost, seconds, depth)."""
+            result: dict[str, Any] = runtime.call_host("budget", {})
+            return result
+
+        self.namespace.update(
+            {
+                "__name__": "__main__",
+                "__builtins__": __builtins__,
+                "context": context,
+                "llm_query": llm_query,
+                "llm_query_many": llm_query_many,
+                "rlm_query": rlm_query,
+                "rlm_query_many": rlm_query_many,
+                "FINAL": FINAL,
+                "budget": budget,
+                "RLMError": RLMError,
+                "BatchError": BatchError,
+                "BudgetExceededError": BudgetExceededError,
+                "ContextOverflowError": ContextOverflowError,
+                "ModelCallError": ModelCallError,
+                "SandboxRequestError": SandboxRequestError,
+            }
+        )
+        helpers = sys.modules.get("_rlmflow_helpers")  # grep(), chunks(), shipped beside this runtime
+        if helpers is not None:
+            helpers.install(self.namespace)
+
+    # -- the cell thread ----------------------------------------------------------------------
+    def run_cell(self, cell: _Cell, code: str) -> None:
+        filename = f"<cell {cell.id}>"
+        error: str | None = None
+        interrupted = False
+        started = time.perf_counter()
+        try:
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+            tree = ast.parse(code, filename=filename)
+            last_expr = None
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last_expr = ast.Expression(tree.body[-1].value)
+                tree.body.pop()
+            exec(compile(tree, filename, "exec"), self.namespace)
+            if last_expr is not None:  # show the value of a trailing expression, like a REPL
+                value = eval(compile(last_expr, filename, "eval"), self.namespace)
+                if value is not None:
+                    print(repr(value))
+        except KeyboardInterrupt:
+            interrupted = True
+            error = "KeyboardInterrupt: the cell was interrupted (time limit); variables are kept"
+        except SyntaxError as exc:
+            error = "".join(traceback.format_exception_only(type(exc), exc))
+        except BaseException as exc:  # SystemExit included: model code must not end the session
+            error = _format_user_traceback(exc, filename)
+        result: dict[str, Any] = {
+            "state": "done",
+            "cell": cell.id,
+            "output": cell.out.render(),
+            "output_chars": cell.out.total,
+            "error": error,
+            "interrupted": interrupted,
+            "duration": time.perf_counter() - started,
+        }
+        if cell.final:
+            result["final"] = _answer_text(cell.final[0])
+        with self.cond:
+            cell.result = result
+            self.cond.notify_all()
+
+    # -- control calls, from the interpreter's own thread ------------------------------------------
+    def start(self, cell_id: int, code: str, wait: float) -> dict[str, Any]:
+        previous = self.cell
+        if previous is not None and previous.id == cell_id:  # a retried start: do not run it twice
+            return self.wait(cell_id, wait)
+        if previous is not None:  # threads left blocked by an earlier cell get an error, not silence
+            for call in list(previous.pending.values()):
+                call.reply = {"ok": False, "error": {"type": "RLMError", "message": "the cell ended"}}
+                call.event.set()
+            previous.pending.clear()
+        cell = _Cell(cell_id, self.max_output_chars)
+        cell.threads_before = threading.active_count()
+        self.cell = cell
+        cell.thread = threading.Thread(target=self.run_cell, args=(cell, code), name=f"cell-{cell_id}", daemon=True)
+        cell.thread.start()
+        return self.wait(cell_id, wait)
+
+    def deliver(self, replies: dict[str, Any]) -> None:
+        cell = self.cell
+        if cell is None:
+            return
+        with self.cond:
+            for key, reply in replies.items():
+                call = cell.pending.pop(int(key), None)
+                if call is not None:
+                    call.reply = reply if isinstance(reply, dict) else {"ok": False}
+                    call.event.set()
+
+    def wait(self, cell_id: int, wait: float) -> dict[str, Any]:
+        cell = self.cell
+        if cell is None or cell.id != cell_id:
+            return {"state": "error", "message": f"no cell {cell_id}"}
+        deadline = time.monotonic() + max(0.0, wait)
+        with self.cond:
+            while True:
+                if cell.result is not None:
+                    return cell.result
+                fresh = [call for call in cell.pending.values() if not call.reported]
+                if fresh and self._more_may_come(cell, len(fresh)):
+                    self.cond.wait(_GATHER)
+                    continue
+                if fresh:
+                    cell.gathered = 0
+                    for call in fresh:
+                        call.reported = True
+                    return {
+                        "state": "calls",
+                        "cell": cell.id,
+                        "calls": [{"id": c.id, "fn": c.fn, "args": c.args} for c in fresh],
+                    }
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"state": "running", "cell": cell.id}
+                self.cond.wait(left)
+
+    def _more_may_come(self, cell: _Cell, fresh: int) -> bool:
+        """Whether threads the cell started are still running and not all waiting for the host.
+
+        Calls of a thread pool arrive a few milliseconds apart; collecting them for one status lets
+        the host serve them together (it does not poll while it serves). A cell without threads of
+        its own never waits here.
+        """
+        others = threading.active_count() - cell.threads_before - 1
+        if others <= 0:
+            return False
+        if fresh > cell.gathered:  # new calls keep arriving: give the rest a moment
+            cell.gathered = fresh
+            cell.gather_until = time.monotonic() + _GATHER_MAX
+        waiting = len([c for c in cell.pending.values() if c.reply is None])
+        return waiting < others + 1 and time.monotonic() < cell.gather_until
+
+    def interrupt(self, cell_id: int, wait: float) -> dict[str, Any]:
+        cell = self.cell
+        if cell is not None and cell.id == cell_id and cell.thread is not None and cell.result is None:
+            ident = cell.thread.ident
+            if ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
+        return self.wait(cell_id, wait)
+
+
+_RUNTIME: _Runtime | None = None
+
+
+def _answer_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _format_user_traceback(exc: BaseException, filename: str) -> str:
+    """The traceback from the first frame of model code on: the runtime's own frames are noise."""
+    tb = exc.__traceback__
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+# writeFiles paths are relative to the interpreter's working directory when the runtime is installed;
+# model code may chdir later, so the runtime keeps the directory it started in.
+_BASE = os.getcwd()
+
+
+def _read_parts(paths: list[str]) -> str:
+    parts = []
+    for path in paths:
+        with open(os.path.join(_BASE, path), encoding="utf-8") as fh:
+            parts.append(fh.read())
+    return "".join(parts)
+
+
+def _boot(args: dict[str, Any]) -> dict[str, Any]:
+    global _RUNTIME
+    started = time.perf_counter()
+    text = _read_parts(list(args["context_paths"]))
+    context = json.loads(text) if args.get("context_kind") == "json" else text
+    runtime = _Runtime(args)
+    runtime.install_api(context)
+    runtime.install_streams()
+    _RUNTIME = runtime
+    return {
+        "state": "ready",
+        "chars": len(text),
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "load_seconds": time.perf_counter() - started,
+    }
+
+
+def _dispatch(method: str, args: dict[str, Any]) -> dict[str, Any]:
+    paths = args.get("args_paths")
+    if paths:  # arguments too large for one request came as files
+        args = json.loads(_read_parts(list(paths)))
+        for path in paths:
+            os.remove(os.path.join(_BASE, path))
+    if method == "boot":
+        return _boot(args)
+    runtime = _RUNTIME
+    if runtime is None:
+        return {"state": "lost"}
+    runtime.install_streams()
+    wait = float(args.get("wait", 0.0))
+    cell_id = int(args.get("cell", 0))
+    if method == "start":
+        return runtime.start(cell_id, str(args["code"]), wait)
+    if method == "resume":
+        runtime.deliver(dict(args.get("replies") or {}))
+        return runtime.wait(cell_id, wait)
+    if method == "poll":
+        return runtime.wait(cell_id, wait)
+    if method == "interrupt":
+        return runtime.interrupt(cell_id, wait)
+    return {"state": "error", "message": f"unknown control call {method!r}"}
+
+
+def control(method: str, payload: str) -> None:
+    """Entry point of every host control call: print exactly one status line."""
+    try:
+        args = json.loads(base64.b64decode(payload).decode("utf-8"))
+        status = _dispatch(method, args)
+    except Exception as exc:
+        status = {"state": "error", "message": f"{type(exc).__name__}: {exc}"}
+    line = MARKER + json.dumps(status, ensure_ascii=True)
+    runtime = _RUNTIME
+    stream = runtime.stdout.inner if runtime is not None else sys.stdout
+    stream.write("\n" + line + "\n")
+    stream.flush()

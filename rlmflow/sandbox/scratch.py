@@ -1,0 +1,155 @@
+"""Files on the host for sandbox sessions: shared read-only contexts and per-session scratch.
+
+A context is written once per host process and shared, read-only, by every session that loads
+the same text (a parent and the children it starts with the same document): files are keyed by
+sha256 and reference-counted. Scratch directories carry the host's pid in their name, so a later
+host removes what a SIGKILLed one left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import Context
+
+__all__ = ["ContextFile", "ScratchUsage", "acquire_context", "make_scratch", "measure", "release_context"]
+
+_PREFIX = "rlmflow-"
+_STALE = re.compile(rf"^{_PREFIX}(\d+)-[a-z0-9_]{{8}}$")  # only what mkdtemp below names
+_lock = threading.Lock()
+_contexts: dict[str, tuple[Path, int]] = {}  # sha256 -> (directory, references)
+_root: Path | None = None
+_swept = False
+
+
+@dataclass(frozen=True, slots=True)
+class ContextFile:
+    """A context on disk: its directory is the only thing the worker may read besides Python."""
+
+    key: str
+    path: Path
+    kind: str  # "text" or "json"
+
+
+def _context_root() -> Path:
+    global _root
+    if _root is None:
+        _root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-contexts-"))
+        atexit.register(shutil.rmtree, _root, True)
+    return _root
+
+
+def acquire_context(context: Context) -> ContextFile:
+    """Write ``context`` unless a live session already did; blocking (call from a thread)."""
+    kind = "text" if isinstance(context, str) else "json"
+    text = context if isinstance(context, str) else json.dumps(context, ensure_ascii=False)
+    data = text.encode("utf-8")
+    key = f"{kind}-{hashlib.sha256(data).hexdigest()}"
+    name = "context.txt" if kind == "text" else "context.json"
+    with _lock:
+        entry = _contexts.get(key)
+        if entry is not None:
+            _contexts[key] = (entry[0], entry[1] + 1)
+            return ContextFile(key, entry[0] / name, kind)
+        directory = _context_root() / key
+        directory.mkdir(mode=0o755)
+        path = directory / name
+        path.write_bytes(data)
+        path.chmod(0o444)
+        _contexts[key] = (directory, 1)
+    return ContextFile(key, path, kind)
+
+
+def release_context(context: ContextFile) -> None:
+    """Drop one reference; the file goes with the last. Blocking."""
+    with _lock:
+        directory, references = _contexts[context.key]
+        if references > 1:
+            _contexts[context.key] = (directory, references - 1)
+            return
+        del _contexts[context.key]
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def make_scratch() -> Path:
+    """A fresh scratch directory (``work`` inside it is the worker's cwd). Blocking.
+
+    The first call in a process removes scratch left by hosts that died without cleaning up.
+    """
+    global _swept
+    if not _swept:
+        _swept = True
+        _sweep_stale(Path(tempfile.gettempdir()))
+    directory = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
+    (directory / "work").mkdir()
+    return directory
+
+
+def _sweep_stale(parent: Path) -> None:
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = _STALE.match(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or not 0 < pid < 1 << 22:  # beyond the kernel's largest pid: not ours
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass  # alive (someone else's), or not a pid we may ask about
+
+
+@dataclass(frozen=True, slots=True)
+class ScratchUsage:
+    files: int
+    bytes: int
+
+
+def measure(directory: Path, *, stop_files: int, stop_bytes: int) -> ScratchUsage:
+    """Count files and bytes under ``directory`` (not following links); stops early past a limit."""
+    files = size = 0
+    stack = [str(directory)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            files += 1
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    size += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+            if files > stop_files or size > stop_bytes:
+                return ScratchUsage(files, size)
+    return ScratchUsage(files, size)
+
+
+def empty(directory: Path) -> None:
+    """Remove everything inside ``directory``, keeping it. Blocking."""
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass

@@ -1,0 +1,262 @@
+"""The service API: per-run options, tenant ledgers, the shared default Dispatcher, cancellation
+with partial results, deadlines, the event stream, and the example ASGI app over SSE."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from rlmflow import (
+    RLM,
+    AnswerReady,
+    BatchError,
+    Budget,
+    BudgetExceededError,
+    BudgetLedger,
+    ModelRequest,
+    NoAnswerError,
+    RunEvent,
+    RunFailed,
+    RunStarted,
+    ScriptedModel,
+    default_dispatcher,
+)
+
+from .helpers import repl, turn_script
+
+pytestmark = pytest.mark.anyio
+
+FAN_OUT = "a = llm_query_many([f'item {i}' for i in range(5)])\nprint(len(a))"
+
+
+def worker_pids() -> set[int]:
+    """Live sandbox worker processes that are children of this test process."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"worker.py" in cmdline and f" {entry} ".strip():
+            state = stat.rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                pids.add(int(entry))
+    return pids
+
+
+async def test_per_run_overrides_and_metadata() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    root = turn_script(["print(1)", "print(2)", "FINAL('late')"])
+    async with RLM(root=root, max_turns=5, tracer_provider=provider) as rlm:
+        with pytest.raises(NoAnswerError) as caught:
+            await rlm.run("doc", "q?", max_turns=2, metadata={"tenant": "acme"})
+        partial = caught.value.partial
+        assert partial.turns == 2 and partial.metadata == {"tenant": "acme"}
+        result = await rlm.run("doc", "q?")  # the RLM's own default again
+    assert result.answer == "late" and result.turns == 3
+    runs = [s for s in exporter.get_finished_spans() if s.name.startswith("invoke_agent")]
+    assert runs[0].attributes["rlm.metadata.tenant"] == "acme"
+    assert "rlm.metadata.tenant" not in runs[1].attributes
+
+
+async def test_tenant_ledger_is_shared_and_never_overspent() -> None:
+    tenant = BudgetLedger(Budget(max_calls=12))
+    sub = ScriptedModel(lambda r: "x", name="sub")
+    root = turn_script([FAN_OUT, FAN_OUT, FAN_OUT, "FINAL('done')"])
+
+    async def one(rlm: RLM, results: list[object]) -> None:
+        try:
+            results.append(await rlm.run("doc", "q?", ledger=tenant))
+        except BudgetExceededError as exc:
+            results.append(exc)
+
+    results: list[object] = []
+    async with RLM(root=root, sub=sub) as rlm, anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(one, rlm, results)
+    assert tenant.spent.calls <= 12
+    assert tenant.spent.calls == len(sub.requests) + len(root.requests)
+    stopped = [r for r in results if isinstance(r, BudgetExceededError)]
+    assert stopped, "a 12-call tenant cap cannot pay for three 19-call runs"
+    # every call paid for is accounted to exactly one run, finished or stopped
+    spent = [r.spent.calls if not isinstance(r, BudgetExceededError) else r.partial.spent.calls for r in results]
+    assert sum(spent) == tenant.spent.calls
+
+
+async def test_rlms_share_the_default_dispatcher_and_their_own_tracer() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sub = ScriptedModel(lambda r: "x", name="shared-sub")
+    first = RLM(root=turn_script([FAN_OUT, "FINAL('1')"]), sub=sub, tracer_provider=provider)
+    second = RLM(root=turn_script([FAN_OUT, "FINAL('2')"]), sub=sub)
+    assert first.dispatcher is second.dispatcher is default_dispatcher()
+    await first.run("doc", "q?")
+    await second.run("doc", "q?")
+    lane = next(s for s in default_dispatcher().statistics() if s.key.endswith("shared-sub"))
+    assert lane.completed == 10
+    chat = [s for s in exporter.get_finished_spans() if s.name.startswith("chat")]
+    assert len(chat) == 7  # the first RLM's 2 root turns + 5 sub-calls; none of the second's
+
+
+async def test_deadline_stops_a_busy_cell_and_keeps_the_partial_result() -> None:
+    root = turn_script(["print('warm')", "import time\ntime.sleep(60)"])
+    async with RLM(root=root) as rlm:
+        started = time.monotonic()
+        with pytest.raises(BudgetExceededError) as caught:
+            await rlm.run("doc", "q?", deadline=1.5)
+        elapsed = time.monotonic() - started
+    assert caught.value.limit == "deadline"
+    assert caught.value.partial.turns == 1 and caught.value.partial.calls
+    assert elapsed < 1.5 + 2.0  # generous here; benchmarks/ measures the real overshoot
+    await anyio.sleep(0.2)
+    assert worker_pids() == set()
+
+
+async def test_cancelled_run_reraises_with_partial_and_leaves_no_worker() -> None:
+    root = turn_script(["print('warm')", "import time\ntime.sleep(60)"])
+    caught: list[BaseException] = []
+    sleeping = anyio.Event()
+
+    def on_event(event: RunEvent) -> None:
+        if event.kind == "code" and "sleep" in getattr(event, "code", ""):
+            sleeping.set()
+
+    async with RLM(root=root) as rlm:
+
+        async def run() -> None:
+            try:
+                await rlm.run("doc", "q?", events=on_event)
+            except BaseException as exc:
+                caught.append(exc)
+                raise
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await sleeping.wait()
+            await anyio.sleep(0.2)  # inside time.sleep in the cell
+            tg.cancel_scope.cancel()
+    assert isinstance(caught[0], anyio.get_cancelled_exc_class())
+    partial = caught[0].partial  # type: ignore[attr-defined]
+    assert partial.turns == 1 and len(partial.calls) == 2
+    await anyio.sleep(0.2)
+    assert worker_pids() == set()
+
+
+async def test_stream_yields_events_in_order() -> None:
+    sub = ScriptedModel(lambda r: "x", name="sub")
+    async with RLM(root=turn_script([FAN_OUT, "FINAL('streamed')"]), sub=sub) as rlm:
+        stream = rlm.stream("doc", "q?", metadata={"request": "r1"})
+        kinds = [event.kind async for event in stream]
+        result = await stream.wait()
+    assert result.answer == "streamed"
+    assert kinds[0] == "run_started" and kinds[-1] == "answer"
+    assert kinds.count("turn_started") == 2 and kinds.count("code") == 2
+    assert kinds.count("call_done") == 7 and kinds.count("batch_started") == 1
+    assert kinds.index("batch_started") < kinds.index("batch_finished") < kinds.index("cell_output")
+
+
+async def test_stream_reports_failure_and_reader_leaving_cancels_the_run() -> None:
+    root = turn_script(["print('no final')"])
+    async with RLM(root=root, max_turns=2) as rlm:
+        stream = rlm.stream("doc", "q?")
+        events = [event async for event in stream]
+        assert isinstance(events[0], RunStarted) and isinstance(events[-1], RunFailed)
+        assert events[-1].error == "NoAnswerError"
+        with pytest.raises(NoAnswerError):
+            await stream.wait()
+
+        slow = RLM(root=turn_script(["import time\ntime.sleep(60)"]))
+        async with slow.stream("doc", "q?") as events_:
+            async for event in events_:
+                if event.kind == "code":
+                    break
+        await anyio.sleep(0.3)
+        assert worker_pids() == set()
+
+
+async def test_history_is_trimmed_for_small_windows() -> None:
+    turns = iter(range(100))
+
+    def reply(request: ModelRequest) -> str:  # the transcript is trimmed: count turns here
+        return repl("print('x' * 3000)" if next(turns) < 6 else "FINAL('ok')")
+
+    root = ScriptedModel(reply, name="root")
+    async with RLM(root=root, history_chars=9000, max_feedback_chars=4000) as rlm:
+        result = await rlm.run("doc", "q?")
+    assert result.answer == "ok"
+    last = root.requests[-1].messages
+    assert sum(len(m.content) for m in last[2:]) < 9000
+    assert any("earlier messages omitted" in m.content for m in last)
+    assert last[0].role == "system" and "Question: q?" in last[1].content
+
+
+async def test_a_failing_child_does_not_lose_its_siblings() -> None:
+    def root_reply(request: ModelRequest) -> str:
+        text = request.messages[1].content
+        turns = sum(1 for m in request.messages if m.role == "assistant")
+        if "child-bad" in text:
+            return repl("raise ValueError('child broke')")
+        if "child-" in text:
+            return repl("FINAL('fine')")
+        if turns == 0:
+            return repl(
+                "try:\n    rlm_query_many(['child-a', 'child-bad', 'child-c'])\n"
+                "except BatchError as e:\n    print(e.failed_indices, e.results)"
+            )
+        return repl("FINAL('parent done')")
+
+    async with RLM(root=ScriptedModel(root_reply, name="root"), max_turns=3, max_repeated_errors=2) as rlm:
+        result = await rlm.run("doc", "parent")
+    assert result.answer == "parent done"
+    assert "[1] ['fine', None, 'fine']" in result.transcript[0].feedback
+    assert BatchError.__name__ == "BatchError"
+
+
+def load_example() -> object:
+    path = Path(__file__).resolve().parents[1] / "examples" / "service.py"
+    spec = importlib.util.spec_from_file_location("example_service", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["example_service"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_example_service_streams_sse_and_charges_the_tenant() -> None:
+    service = load_example()
+    sub = ScriptedModel(lambda r: "x", name="sub")
+    rlm = RLM(root=turn_script([FAN_OUT, "FINAL('over sse')"]), sub=sub)
+    app = service.create_app(rlm)  # type: ignore[attr-defined]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://service.test") as client:
+        response = await client.post("/runs", json={"document": "doc", "query": "q?", "tenant": "acme"})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = [f for f in response.text.split("\n\n") if f.strip()]
+        names = [f.split("\n")[0].removeprefix("event: ") for f in frames]
+        assert names[0] == "run_started" and names[-1] == "answer"
+        answer = json.loads(frames[-1].split("\n")[1].removeprefix("data: "))
+        assert answer["answer"] == "over sse" and answer["kind"] == "answer"
+        spend = (await client.get("/tenants/acme/spend")).json()
+        assert spend["calls"] == 7
+        bad = await client.post("/runs", json={"query": "no document"})
+        assert bad.status_code == 400
+    assert AnswerReady.kind == "answer"
