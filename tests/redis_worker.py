@@ -62,7 +62,8 @@ async def main(spec: dict) -> None:  # type: ignore[type-arg]
             await hold.settle(response.usage)
             answers[i] = response.text
 
-        await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+        failures = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+        out["errors"] = [f"{type(f).__name__}: {f}" for f in failures if f is not None]
         spent, reserved = await tenant.totals()
         out.update(answers=answers, refused=refused, spent=asdict(spent), reserved=asdict(reserved))
     else:

@@ -1,11 +1,26 @@
 """Budgets and the hierarchical ledger that enforces them before money is spent.
 
-A call reserves its worst case (one call, the input estimate, ``max_tokens`` of output) before
-it is sent, and settles to its real usage afterwards; a failed or cancelled call releases its
-reservation. Because the check and the reservation happen together, concurrent calls can never
-spend past a cap. A child ledger (``rlm_query``) has its own caps and forwards every reservation
-to its parent, so a child can never spend what its parent does not have, and whatever it does
-not use stays with the parent.
+A call reserves a conservative estimate of its cost (one call, the input estimate with a margin,
+``max_tokens`` of output, and their price) before it is sent, and settles to its real usage
+afterwards; a failed or cancelled call releases its reservation. The check and the reservation
+happen together, so concurrent calls are admitted only while everything reserved fits.
+
+A call can still spend more than it reserved (a tokenizer counts more input tokens than the
+estimate, a provider ignores ``max_tokens``). The excess is recorded as the ledger's ``overrun``
+(and returned by :meth:`Reservation.settle` so the caller can report it), and no new call is
+admitted on a quantity whose cap is reached. The exact guarantee, for every capped quantity of
+every ledger, at every moment::
+
+    spent + reserved <= cap + overrun
+
+where ``overrun`` sums, over the calls settled so far, what each spent beyond its own
+reservation. So a cap is exceeded by at most the overrun of calls admitted before it was
+reached, and never by a call admitted after.
+
+A child ledger (``rlm_query``, or one run under a tenant's ledger) has its own caps and forwards
+every reservation to its parent, so a child can never spend what its parent does not have, and
+whatever it does not use stays with the parent. Exhausting a parent refuses the next call of
+every child.
 """
 
 from __future__ import annotations
@@ -81,13 +96,13 @@ class Reservation:
         self.amount = amount
         self._done = False
 
-    def settle(self, usage: Usage, cost_usd: float = 0.0) -> None:
-        """Replace the hold by the real spend of the call."""
+    def settle(self, usage: Usage, cost_usd: float = 0.0) -> Spend:
+        """Replace the hold by the real spend of the call; return what it spent beyond the hold."""
         if self._done:
-            return
+            return Spend()
         self._done = True
         actual = Spend(usage.calls or 1, usage.input_tokens, usage.output_tokens, cost_usd)
-        self.ledger._settle(self.amount, actual)
+        return self.ledger._settle(self.amount, actual)
 
     def release(self) -> None:
         """Drop the hold: nothing was spent (the call failed before the provider charged it)."""
@@ -97,14 +112,32 @@ class Reservation:
         self.ledger._settle(self.amount, Spend())
 
 
+def _excess(actual: Spend, held: Spend) -> Spend:
+    return Spend(
+        max(0, actual.calls - held.calls),
+        max(0, actual.input_tokens - held.input_tokens),
+        max(0, actual.output_tokens - held.output_tokens),
+        max(0.0, actual.cost_usd - held.cost_usd),
+    )
+
+
 class BudgetLedger:
-    """Tracks spent and reserved quantities against a :class:`Budget`."""
+    """Tracks spent, reserved and overrun quantities against a :class:`Budget`.
+
+    ``parent``: the ledger this one draws from (a tenant's or a batch's, shared by many runs);
+    every reservation and every spend is charged to it as well.
+    """
 
     def __init__(self, budget: Budget | None = None, *, parent: BudgetLedger | None = None) -> None:
         self.budget = budget or Budget()
         self.parent = parent
         self.spent = Spend()
         self.reserved = Spend()
+        self.overrun = Spend()
+
+    def caps_cost(self) -> bool:
+        """Whether this ledger or an ancestor caps ``max_cost_usd`` (a price is then required)."""
+        return any(ledger.budget.max_cost_usd is not None for ledger in self._chain())
 
     def child(self, allotment: Budget | None = None) -> BudgetLedger:
         """A ledger for a child run that draws from this one."""
@@ -162,13 +195,17 @@ class BudgetLedger:
             ledger.reserved = ledger.reserved + total
         return [Reservation(self, amount) for amount in amounts]
 
-    def _settle(self, held: Spend, actual: Spend) -> None:
+    def _settle(self, held: Spend, actual: Spend) -> Spend:
+        excess = _excess(actual, held)
         for ledger in self._chain():
             ledger.reserved = ledger.reserved - held
             ledger.spent = ledger.spent + actual
+            ledger.overrun = ledger.overrun + excess
+        return excess
 
     def remaining(self) -> dict[str, float | None]:
-        """What may still be spent on each capped quantity, counting this ledger's ancestors."""
+        """What may still be spent on each capped quantity, counting this ledger's ancestors
+        (0 once a cap is reached, even if an overrun went past it)."""
         result: dict[str, float | None] = {}
         for quantity, cap_name in _CAPS:
             left: float | None = None
@@ -178,9 +215,9 @@ class BudgetLedger:
                     continue
                 committed = getattr(ledger.spent + ledger.reserved, quantity)
                 left = cap - committed if left is None else min(left, cap - committed)
-            result[quantity] = left
+            result[quantity] = None if left is None else max(0, left)
         return result
 
     def __repr__(self) -> str:
         caps = {f.name: getattr(self.budget, f.name) for f in fields(self.budget) if getattr(self.budget, f.name)}
-        return f"BudgetLedger(spent={self.spent}, reserved={self.reserved}, caps={caps})"
+        return f"BudgetLedger(spent={self.spent}, reserved={self.reserved}, overrun={self.overrun}, caps={caps})"

@@ -1,58 +1,387 @@
-"""Adaptive concurrency: additive increase, multiplicative decrease (after Netflix's AIMDLimit).
+"""Adaptive concurrency that tells load-related throttling from random refusals.
 
-A lane starts at ``initial`` calls in flight. Each success while the lane is busy (at least half
-the limit in flight) adds one; each throttle multiplies the limit by ``backoff_ratio``. The limit
-stays within ``[1, maximum]``. Growth only when busy keeps an idle lane from inflating a limit it
-never tested.
+One :class:`AdaptiveLimit` per lane holds the number of calls it may have in flight. Its rules
+(``docs/policies.md`` explains them with plots from ``benchmarks/fanout.py``):
+
+- **Slow start.** The limit starts at ``initial`` and grows by one for each success of a call
+  sent while the lane was busy, which doubles it every round trip, up to ``maximum``. A
+  load-related throttle ends slow start; the limit then grows by one per round trip
+  (``1/limit`` per success). Four round trips without a cut resume slow start (the cut was a
+  fluke, or the provider's capacity grew); the probing backoff below still holds the limit
+  under a level that failed.
+- **Which refusals are load-related.** A refusal the provider marks as a spent quota
+  (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
+  call still in flight as not refused (a refusal comes back in milliseconds, a success only
+  after a whole round trip, so judging by what has come back would make any refusal look
+  like a trend):
+
+  1. *Above the floor.* Among the calls sent within the last round trip at a level above the
+     floor (below), are there more refusals than random refusals at the background rate could
+     explain (binomial tail under ``false_alarm``)? The background rate is measured on calls
+     sent at or below the floor. Random refusals hit every level alike; a hidden concurrency
+     cap refuses exactly the calls above it.
+  2. *A run.* Is the refused call part of ``k`` calls refused in a row in send order, ``k``
+     being the shortest run random refusals at the background rate would make with
+     probability under ``false_alarm`` (at least 2)? When a quota window is full every call is
+     refused, and every refused slot is refilled at once and refused again.
+- **Multiplicative decrease, once per round trip.** A load-related refusal multiplies the
+  limit by ``backoff_ratio`` only when the refused call was sent after the previous decrease
+  (as TCP cuts its window once per window). The cut never goes below the floor: the
+  floor is the highest in-flight level of a call that succeeded within the last two round
+  trips, since the provider just showed it can take that many. Levels are counted as the
+  provider saw them: calls refused before a call was sent, whose refusal was still on its way
+  back, do not count.
+- **Refused slots are held.** The slot of a load-related refusal stays taken for one round
+  trip instead of being refilled at once: a refusal takes milliseconds, so refilling it would
+  turn an overload into a storm of refusals (TCP is clocked by acknowledgements for the same
+  reason).
+- **Probing backoff.** After a decrease, the level that failed is probed again after one round
+  trip, then 2, 4, ... up to ``max_probe_wait`` round trips while probes keep failing there, so
+  a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
+- **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
+  load-related refusal hits a call sent at or below the floor (a level the provider just
+  served: not concurrency, but a full RPM or TPM window refuses it), or when the lane sees
+  refusals and no success for a whole round trip. :meth:`on_refusal` then returns ``pause=True`` and the
+  lane stops sending until the ``retry-after``. The cuts of that episode are undone (the quota,
+  not the concurrency, was the problem), and after the pause the lane resumes with one call
+  and slow-starts back to where it was, so the reopening window is not met by a burst.
+
+Every state change is one method here (``on_send``, ``on_success``, ``on_refusal``,
+``on_resume``), so a shared backend can hold the same state elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["AIMDLimit", "AIMDStatistics"]
+__all__ = ["AdaptiveLimit", "ConcurrencyStatistics", "RefusalVerdict", "SendStamp"]
+
+
+@dataclass(slots=True)
+class SendStamp:
+    """When and at what in-flight level (counting itself) a call was sent, and how it ended."""
+
+    seq: int
+    level: int
+    at: float
+    above_floor: bool = False
+    refused: bool = False
+    refused_at: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
-class AIMDStatistics:
+class RefusalVerdict:
+    """How the lane reads a refusal: ``load_related`` (limit cut) and ``pause`` (quota spent)."""
+
+    load_related: bool
+    decreased: bool
+    pause: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyStatistics:
     limit: int
     maximum: int
     lowest: int
     decreases: int
+    slow_start: bool = True
+    refusal_rate: float = 0.0
+    pauses: int = 0
 
 
-class AIMDLimit:
-    """The current concurrency limit of a lane, adjusted by outcomes."""
+class AdaptiveLimit:
+    """The current concurrency limit of a lane, adjusted by outcomes (see the module docstring).
 
-    def __init__(self, maximum: int, *, initial: int | None = None, backoff_ratio: float = 0.7) -> None:
+    ``clock`` returns seconds (the event loop's clock in a lane; a fake in tests).
+    """
+
+    def __init__(
+        self,
+        maximum: int,
+        *,
+        initial: int | None = None,
+        backoff_ratio: float = 0.7,
+        false_alarm: float = 0.001,
+        max_probe_wait: int = 64,
+        clock: Callable[[], float],
+    ) -> None:
         if maximum < 1:
             raise ValueError("maximum must be >= 1")
         if not 0 < backoff_ratio < 1:
             raise ValueError("backoff_ratio must be in (0, 1)")
+        if not 0 < false_alarm < 1:
+            raise ValueError("false_alarm must be in (0, 1)")
         self.maximum = maximum
         self.backoff_ratio = backoff_ratio
-        self._limit = min(maximum, initial or maximum)
-        self._lowest = self._limit
+        self.false_alarm = false_alarm
+        self.max_probe_wait = max_probe_wait
+        self._clock = clock
+        self._limit = float(min(maximum, initial or min(8, maximum)))
+        self._lowest = int(self._limit)
         self._decreases = 0
+        self._pauses = 0
+        self._slow_start = True
+        self._ssthresh = float(maximum)  # slow start (after a pause) stops here
+        self._seq = 0
+        self._decreased_at_seq = -1  # calls sent before this seq cannot cause another cut
+        self._decreased_at = -math.inf
+        self._limit_before_cuts = self._limit  # restored when a pause shows the quota was the cause
+        self._sends: deque[SendStamp] = deque(maxlen=4 * maximum + 64)  # the latest calls sent
+        # background refusal rate (calls at or below the floor), with a prior of 2 in 10
+        self._outcomes = 10.0
+        self._refusals = 2.0
+        self._srtt: float | None = None
+        self._successes: deque[tuple[float, int]] = deque()  # (completed at, level); levels decrease
+        self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
+        self._last_success = -math.inf
+        self._first_send = math.inf
+        self._refusals_since_success = 0
+        self._holds: deque[float] = deque()  # when each held slot frees
+        self._probe_level: int | None = None  # the level that failed last
+        self._probe_failures = 0
+        self._probe_after = -math.inf
+        self.history: list[tuple[float, int]] = []  # (time, limit) at each change, for plots
 
+    # -- reading ------------------------------------------------------------------------------------
     @property
     def limit(self) -> int:
-        return self._limit
+        """Calls the lane may have in flight now, not counting slots held by refusals."""
+        now = self._clock()
+        limit = int(self._limit)
+        if self._probe_level is not None and limit >= self._probe_level and now < self._probe_after:
+            limit = self._probe_level - 1
+        return max(1, min(self.maximum, limit))
 
-    def on_success(self, in_flight: int) -> int:
-        if in_flight * 2 >= self._limit and self._limit < self.maximum:
-            self._limit += 1
-        return self._limit
+    def held(self) -> int:
+        """Slots held by recent load-related refusals (they count as in flight)."""
+        now = self._clock()
+        while self._holds and self._holds[0] <= now:
+            self._holds.popleft()
+        return len(self._holds)
 
-    def on_throttle(self) -> int:
-        self._limit = max(1, math.floor(self._limit * self.backoff_ratio))
-        self._lowest = min(self._lowest, self._limit)
+    def available(self, in_flight: int) -> bool:
+        """Whether one more call may be sent with ``in_flight`` calls out."""
+        return in_flight + self.held() < self.limit
+
+    @property
+    def round_trip(self) -> float:
+        """Smoothed duration of a successful call (0.2 s before the first one)."""
+        return self._srtt if self._srtt is not None else 0.2
+
+    def next_change_in(self) -> float:
+        """Seconds until time alone raises what :meth:`available` allows (inf: only outcomes will)."""
+        now = self._clock()
+        waits = [math.inf]
+        if self.held():
+            waits.append(self._holds[0] - now)
+        if self._probe_level is not None and int(self._limit) >= self._probe_level and now < self._probe_after:
+            waits.append(self._probe_after - now)
+        return max(0.0, min(waits))
+
+    def floor(self) -> int:
+        """The highest in-flight level of a call that succeeded within the last two round trips."""
+        self._forget_old_successes(self._clock())
+        return self._successes[0][1] if self._successes else 1
+
+    def refusal_rate(self) -> float:
+        """The background refusal rate: refusals not judged load-related, of calls at or below the floor."""
+        return self._refusals / self._outcomes
+
+    def run_length(self) -> int:
+        """Refusals in a row that random refusals at the background rate would rarely produce."""
+        rate = min(max(self.refusal_rate(), 1e-6), 0.9)
+        return max(2, math.ceil(math.log(self.false_alarm) / math.log(rate)))
+
+    # -- transitions --------------------------------------------------------------------------------
+    def on_send(self, in_flight: int) -> SendStamp:
+        """A call is sent with ``in_flight`` calls (itself included) out."""
+        self._seq += 1
+        now = self._clock()
+        self._first_send = min(self._first_send, now)
+        stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > self.floor())
+        self._sends.append(stamp)
+        return stamp
+
+    def on_success(self, stamp: SendStamp) -> None:
+        now = self._clock()
+        if not stamp.above_floor:
+            self._count_outcome(refused=False)
+        rtt = now - stamp.at
+        self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
+        self._last_success = now
+        self._refusals_since_success = 0
+        self._remember_success(now, self._served_level(stamp))
+        if self._holds:
+            self._holds.popleft()  # a success clocks one held slot back in
+        if stamp.level * 2 < self._limit:
+            return  # the lane was not busy: this success says nothing about a higher limit
+        if not self._slow_start and now - self._decreased_at > 4 * self.round_trip:
+            self._slow_start = True  # quiet for a while: the cut was a fluke or the provider grew
+        if self._slow_start and self._limit < self._ssthresh:
+            grown = min(self._limit + 1, self._ssthresh)
+        else:
+            grown = self._limit + 1 / max(1.0, self._limit)
+        if self._probe_level is not None and now < self._probe_after:
+            grown = min(grown, float(self._probe_level))  # wait at the failed level until the probe is due
+        self._set_limit(max(self._limit, grown))
+
+    def on_refusal(self, stamp: SendStamp, *, exhausted: bool = False) -> RefusalVerdict:
+        """A call was refused for rate or quota; ``exhausted``: the provider said the quota is spent."""
+        now = self._clock()
+        stamp.refused, stamp.refused_at = True, now
+        self._recent_refusals.append(stamp)
+        self._refusals_since_success += 1
+        k = self.run_length()
+        load_related = exhausted or self._run_through(stamp) >= k or (
+            stamp.above_floor and self._excess_above_floor()
+        )
+        if not load_related and not stamp.above_floor:
+            self._count_outcome(refused=True)
+        quiet_since = max(self._last_success, self._first_send)
+        pause = exhausted or (
+            # refused at a level the provider just served, or nothing but refusals for a round trip
+            load_related and (not stamp.above_floor or (
+                self._refusals_since_success >= 2 and now - quiet_since >= self.round_trip))
+        )
+        decreased = False
+        if pause:
+            self._pause()
+        elif load_related:
+            self._holds.append(now + self.round_trip)
+            if stamp.seq > self._decreased_at_seq:
+                decreased = True
+                self._decrease(stamp)
+        return RefusalVerdict(load_related, decreased, pause)
+
+    def on_resume(self) -> None:
+        """The lane reopens after a pause: one call first, then slow start back to the old limit."""
+        self._slow_start = True
+        self._successes.clear()
+        self._holds.clear()
+        self._decreased_at_seq = self._seq
+        self._first_send = self._clock()  # a new quiet period starts with the first call
+        self._last_success = -math.inf
+        self._refusals_since_success = 0
+        self._set_limit(1.0)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _run_through(self, stamp: SendStamp) -> int:
+        """Length of the run of refused calls, in send order, that ``stamp`` belongs to."""
+        sends = self._sends
+        if not sends or not sends[0].seq <= stamp.seq <= sends[-1].seq:
+            return 1
+        index = stamp.seq - sends[0].seq  # seqs in the deque are consecutive
+        run = 1
+        for step in (-1, 1):
+            at = index + step
+            while 0 <= at < len(sends) and sends[at].refused:
+                run += 1
+                at += step
+        return run
+
+    def _served_level(self, stamp: SendStamp) -> int:
+        """The level of a successful call as the provider saw it: calls refused before it was sent
+        but whose refusal had not come back yet were counted in its level, though not being served."""
+        horizon = self._clock() - 2 * self.round_trip
+        while self._recent_refusals and self._recent_refusals[0].refused_at < horizon:
+            self._recent_refusals.popleft()
+        phantom = 0
+        for refused in reversed(self._recent_refusals):
+            if refused.refused_at <= stamp.at:
+                break
+            phantom += refused.seq < stamp.seq
+        return max(1, stamp.level - phantom)
+
+    def _excess_above_floor(self) -> bool:
+        """Whether recent calls above the floor were refused beyond what the background rate explains."""
+        since = self._clock() - self.round_trip
+        sent = refused = 0
+        for stamp in reversed(self._sends):
+            if stamp.at < since:
+                break
+            if stamp.above_floor:
+                sent += 1
+                refused += stamp.refused
+        return refused >= 2 and _binomial_tail(refused, sent, self.refusal_rate()) < self.false_alarm
+
+    def _decrease(self, stamp: SendStamp) -> None:
+        now = self._clock()
+        if now - self._decreased_at > 4 * self.round_trip:
+            self._limit_before_cuts = self._limit  # a new episode of cuts begins
+        if self._probe_level is not None and now - self._decreased_at < (
+            min(2**self._probe_failures, self.max_probe_wait) + 4
+        ) * self.round_trip:
+            self._probe_failures += 1  # the last probe failed again
+        else:
+            self._probe_failures = 0
         self._decreases += 1
-        return self._limit
+        self._decreased_at_seq = self._seq
+        self._decreased_at = now
+        self._slow_start = False
+        self._ssthresh = float(self.maximum)
+        self._probe_level = max(2, min(stamp.level, int(self._limit)))
+        wait = min(2**self._probe_failures, self.max_probe_wait)
+        self._probe_after = now + wait * self.round_trip
+        self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))
 
-    def statistics(self) -> AIMDStatistics:
-        return AIMDStatistics(self._limit, self.maximum, self._lowest, self._decreases)
+    def _pause(self) -> None:
+        self._pauses += 1
+        if self._clock() - self._decreased_at <= 4 * self.round_trip:
+            self._set_limit(max(self._limit, self._limit_before_cuts))  # undo this episode's cuts
+        self._ssthresh = max(1.0, self._limit)
+        self._probe_level = None
+        self._probe_failures = 0
+
+    def _set_limit(self, value: float) -> None:
+        value = min(float(self.maximum), max(1.0, value))
+        changed = int(value) != int(self._limit)
+        self._limit = value
+        if changed:
+            self._lowest = min(self._lowest, int(value))
+            self.history.append((self._clock(), int(value)))
+
+    def _count_outcome(self, *, refused: bool) -> None:
+        # an exponentially weighted rate over about the last 500 outcomes
+        self._outcomes = self._outcomes * 0.998 + 1
+        self._refusals = self._refusals * 0.998 + (1 if refused else 0)
+
+    def _remember_success(self, now: float, level: int) -> None:
+        # a monotonic deque: each entry is newer and lower than the ones before it
+        while self._successes and self._successes[-1][1] <= level:
+            self._successes.pop()
+        self._successes.append((now, level))
+        self._forget_old_successes(now)
+
+    def _forget_old_successes(self, now: float) -> None:
+        horizon = 2 * self.round_trip
+        while self._successes and now - self._successes[0][0] > horizon:
+            self._successes.popleft()
+
+    def statistics(self) -> ConcurrencyStatistics:
+        return ConcurrencyStatistics(
+            self.limit, self.maximum, self._lowest, self._decreases, self._slow_start, self.refusal_rate(),
+            self._pauses,
+        )
 
     def __repr__(self) -> str:
-        return f"AIMDLimit(limit={self._limit}, maximum={self.maximum}, decreases={self._decreases})"
+        return f"AdaptiveLimit(limit={self.limit}, maximum={self.maximum}, decreases={self._decreases})"
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    p = min(p, 1.0)
+    term = math.comb(n, k) * p**k * (1 - p) ** (n - k)
+    total = 0.0
+    for i in range(k, n + 1):
+        total += term
+        if term < total * 1e-12:
+            break
+        term *= (n - i) / (i + 1) * p / (1 - p) if p < 1 else 0.0
+    return min(1.0, total)

@@ -1,20 +1,22 @@
 """The Dispatcher: the single door every model call, root or sub, passes through.
 
-For each call it: reserves the worst case on the run's budget ledger (refusing what cannot fit,
-before anything is sent); waits for admission on the model's :class:`Lane` (priority, fair share,
-adaptive concurrency, RPM/TPM windows, server pauses); sends; retries what is retryable with
-jittered backoff; feeds the outcome back to the lane; settles the ledger to the real usage; and
-records a ``chat {model}`` span and a :class:`CallRecord`. Cancellation at any point releases the
+For each call it: reserves a conservative estimate on the run's budget ledger (refusing what
+cannot fit, before anything is sent); waits for admission on the model's :class:`Lane` (priority,
+fair share, adaptive concurrency, RPM/TPM windows, quota pauses); sends; retries what is
+retryable (a refused call waits its own ``retry-after``); feeds the outcome back to the lane;
+settles the ledger to the real usage, reporting any overrun of the reservation; and records a
+``chat {model}`` span and a :class:`CallRecord`. Cancellation at any point releases the
 reservation and the lane slot, and cancels the request in flight.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +25,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from .._exceptions import ConfigurationError, ModelError, RLMError, ThrottledError
+from .._exceptions import ConfigurationError, ModelError, QuotaExhaustedError, RLMError, ThrottledError
 from .._util import single_exception
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 from ..telemetry import attributes as attr
 from ..telemetry.logs import get_logger
 from ..telemetry.metrics import CallMetrics
-from .budget import BudgetLedger, Reservation, Spend
+from .budget import Budget, BudgetLedger, Reservation, Spend
 from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
 from .limits import Limits, Priority
-from .pricing import Pricing
+from .pricing import Price, Pricing
 from .redis_lane import SharedLane
 from .retry import RetryPolicy
 from .shared import SharedConfig, SharedState
@@ -47,14 +49,20 @@ __all__ = ["DEFAULT_LIMITS", "CallRecord", "Dispatcher", "LaneStatistics", "RunS
 
 _logger = get_logger("rlmflow.dispatch")
 
-#: Defaults by provider: a local model computes on this machine's cores, one call at a time.
+#: Defaults by provider. Remote providers slow-start from 8 calls in flight towards a ceiling of
+#: 256 and let the provider set the pace; a local model computes on this machine's cores, one
+#: call at a time. A model may carry its own defaults as a ``lane_limits`` attribute.
 DEFAULT_LIMITS: dict[str, Limits] = {
     "llama.cpp": Limits(max_concurrency=1),
-    "scripted": Limits(max_concurrency=64),
-    "openai": Limits(max_concurrency=32),
-    "aws.bedrock": Limits(max_concurrency=16),
-    "anthropic": Limits(max_concurrency=16),
+    "openai": Limits(max_concurrency=256),
+    "aws.bedrock": Limits(max_concurrency=256),
+    "anthropic": Limits(max_concurrency=256),
 }
+
+#: Input tokens are reserved with this margin over the model's count (an estimate for remote
+#: models) plus a few tokens per message for the chat template.
+INPUT_MARGIN = 0.1
+MESSAGE_OVERHEAD_TOKENS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,17 @@ class CallRecord:
 
 
 Recorder = Callable[[CallRecord], None]
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What the attempts of one call add up to."""
+
+    attempts: int = 0
+    throttles: int = 0
+    failures: int = 0
+    queue_wait: float = 0.0
+    duration: float = 0.0
 
 
 def _capture_messages(request: ModelRequest, limit: int) -> str:
@@ -114,6 +133,9 @@ class Dispatcher:
         self.pricing = pricing or Pricing()
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
         self._metrics = CallMetrics(meter_provider, self.statistics)
+        self._overrun = metrics.get_meter("rlmflow", meter_provider=meter_provider).create_counter(
+            attr.METRIC_BUDGET_OVERRUN, description="What calls spent beyond their budget reservation, by quantity"
+        )
         self._clock = clock or anyio.current_time
 
     @classmethod
@@ -148,8 +170,12 @@ class Dispatcher:
         key = self.lane_key(model)
         lane = self._lanes.get(key)
         if lane is None:
-            limits = self._limits.get(key) or self._limits.get(model.provider) or DEFAULT_LIMITS.get(
-                model.provider, Limits()
+            declared = getattr(model, "lane_limits", None)
+            limits = (
+                self._limits.get(key)
+                or self._limits.get(model.provider)
+                or (declared if isinstance(declared, Limits) else None)
+                or DEFAULT_LIMITS.get(model.provider, Limits())
             )
             if self.shared is not None:
                 lane = self._lanes[key] = SharedLane(key, limits, self.shared, clock=self._clock)
@@ -162,11 +188,36 @@ class Dispatcher:
         if self.shared is not None:
             await self.shared.aclose()
 
+    def cost(self, model: LanguageModel, usage: Usage) -> float | None:
+        """USD for ``usage`` on ``model``: the Dispatcher's pricing (overrides, then tables), else a
+        ``price`` the model declares itself; ``None`` when unknown."""
+        cost = self.pricing.cost(model.provider, model.name, usage)
+        if cost is None:
+            declared = getattr(model, "price", None)
+            if isinstance(declared, Price):
+                cost = declared.cost(usage)
+        return cost
+
+    def check_budget(self, model: LanguageModel, budget: Budget | BudgetLedger) -> None:
+        """Raise :class:`ConfigurationError` if ``budget`` caps cost but ``model`` has no known price.
+
+        The Dispatcher checks this itself before the first call of a run on each model; call it
+        at the start of a run to fail before anything is sent.
+        """
+        caps_cost = budget.caps_cost() if isinstance(budget, BudgetLedger) else budget.max_cost_usd is not None
+        if caps_cost and self.cost(model, Usage(1, 1, 1)) is None:
+            raise ConfigurationError(
+                f"max_cost_usd is set but no price is known for {model.provider}:{model.name}; give one with "
+                f"Dispatcher(pricing=Pricing({{{model.name!r}: Price(input_per_mtok, output_per_mtok)}}))"
+            )
+
     def estimate(self, model: LanguageModel, request: ModelRequest) -> Spend:
-        """The worst case a request can spend: its input tokens, ``max_tokens``, and their price."""
-        input_tokens = sum(model.count_tokens(m.content) for m in request.messages)
+        """A conservative worst case for a request: its input tokens with a margin, ``max_tokens``,
+        and their price."""
+        counted = sum(model.count_tokens(m.content) for m in request.messages)
+        input_tokens = math.ceil(counted * (1 + INPUT_MARGIN)) + MESSAGE_OVERHEAD_TOKENS * len(request.messages)
         worst = Usage(input_tokens, request.max_tokens, 1)
-        cost = self.pricing.cost(model.provider, model.name, worst)
+        cost = self.cost(model, worst)
         return Spend(calls=1, input_tokens=input_tokens, output_tokens=request.max_tokens, cost_usd=cost or 0.0)
 
     # -- calls --------------------------------------------------------------------------------------
@@ -183,7 +234,9 @@ class Dispatcher:
         parent: otel_context.Context | None = None,
         capture: int = 0,
     ) -> ModelResponse:
-        """Send one request. Raises ``BudgetExceededError`` before sending if it cannot fit."""
+        """Send one request. Raises ``BudgetExceededError`` before sending if it cannot fit, and
+        ``ConfigurationError`` if the budget caps cost and the model's price is unknown."""
+        self.check_budget(model, ledger)
         estimate = self.estimate(model, request)
         (reservation,) = ledger.reserve_many([estimate])
         return await self._send(
@@ -210,6 +263,7 @@ class Dispatcher:
         has finished.
         """
         share = share or RunShare()
+        self.check_budget(model, ledger)
         estimates = [self.estimate(model, r) for r in requests]
         reservations = ledger.reserve_many(estimates)
         outcomes: list[ModelResponse | RLMError | None] = [None] * len(requests)
@@ -248,12 +302,10 @@ class Dispatcher:
     ) -> ModelResponse:
         lane = self.lane(model)
         role = "root" if priority == Priority.ROOT else "sub"
-        weight = lane.limits.output_weight
-        window_tokens = estimate.input_tokens + request.max_tokens * weight
+        window_tokens = estimate.input_tokens + request.max_tokens * lane.limits.output_weight
         first_queued = self._clock()
         started_at = time.time()
-        attempts = throttles = 0
-        queue_wait = 0.0
+        tally = _Tally()
         with self._tracer.start_as_current_span(
             attr.chat_span_name(model.name),
             context=parent,
@@ -273,69 +325,27 @@ class Dispatcher:
             if capture:
                 span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, _capture_messages(request, capture))
             try:
-                while True:
-                    attempts += 1
-                    ticket = await lane.acquire(priority=priority, share=share, tokens=window_tokens)
-                    queue_wait += ticket.admitted_at - ticket.queued_at
-                    started = time.perf_counter()
-                    try:
-                        response = await model.request(request)
-                    except RLMError as exc:
-                        throttled = isinstance(exc, ThrottledError)
-                        throttles += throttled
-                        retry_after = getattr(exc, "retry_after", None) or 0.0
-                        lane.release(ticket, outcome="throttled" if throttled else "error", pause=retry_after)
-                        delay = self.retry.delay(attempts, exc)
-                        elapsed = self._clock() - first_queued
-                        if (
-                            not self.retry.retryable(exc)
-                            or attempts >= self.retry.max_attempts
-                            or elapsed + delay > self.retry.deadline
-                        ):
-                            raise
-                        lane.retries += 1
-                        _logger.info("retrying model call", lane=lane.key, attempt=attempts,
-                                     error=type(exc).__name__, delay_s=round(delay, 3))
-                        span.add_event(
-                            "retry",
-                            {"attempt": attempts, attr.ERROR_TYPE: type(exc).__name__, "delay_s": delay},
-                        )
-                        await anyio.sleep(delay)
-                        continue
-                    except Exception as exc:  # an SDK error a model failed to translate
-                        lane.release(ticket, outcome="error")
-                        raise ModelError(
-                            f"{model.provider}:{model.name} failed: {type(exc).__name__}: {exc}",
-                            provider=model.provider,
-                            model=model.name,
-                        ) from exc
-                    except BaseException:  # cancelled in flight
-                        lane.release(ticket, outcome="cancelled")
-                        raise
-                    usage = response.usage
-                    lane.release(
-                        ticket,
-                        outcome="success",
-                        tokens_used=usage.input_tokens + usage.output_tokens * weight,
-                        pause=pause_from_headers(response.headers) if response.headers else 0.0,
-                    )
-                    break
+                response = await self._attempts(model, request, lane, span, share, priority, window_tokens,
+                                                first_queued, tally)
             except BaseException as exc:
                 reservation.release()
-                self._finish_failed(span, exc, attempts, throttles, queue_wait)
+                self._finish_failed(span, exc, tally.attempts, tally.throttles, tally.queue_wait)
                 if isinstance(exc, Exception):
                     self._emit(
                         CallRecord(
-                            model.name, model.provider, role, depth, 0, 0, 0.0, queue_wait,
-                            self._clock() - first_queued, attempts, throttles, type(exc).__name__, started_at,
+                            model.name, model.provider, role, depth, 0, 0, 0.0, tally.queue_wait,
+                            self._clock() - first_queued, tally.attempts, tally.throttles, type(exc).__name__,
+                            started_at,
                         ),
                         record,
                     )
                 raise
-            duration = time.perf_counter() - started
-            cost = self.pricing.cost(model.provider, model.name, usage)
-            reservation.settle(usage, cost or 0.0)
-            self._finish_ok(span, response, cost, attempts, throttles, queue_wait)
+            usage = response.usage
+            cost = self.cost(model, usage)
+            overrun = reservation.settle(usage, cost or 0.0)
+            if overrun != Spend():
+                self._report_overrun(span, model, overrun, reservation.amount)
+            self._finish_ok(span, response, cost, tally.attempts, tally.throttles, tally.queue_wait)
             if capture:
                 span.set_attribute(attr.GEN_AI_OUTPUT_MESSAGES, json.dumps(
                     [{"role": "assistant", "content": response.text[:capture]}], ensure_ascii=False
@@ -343,11 +353,88 @@ class Dispatcher:
             self._emit(
                 CallRecord(
                     model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens,
-                    cost, queue_wait, duration, attempts, throttles, None, started_at,
+                    cost, tally.queue_wait, tally.duration, tally.attempts, tally.throttles, None, started_at,
                 ),
                 record,
             )
             return response
+
+    async def _attempts(
+        self,
+        model: LanguageModel,
+        request: ModelRequest,
+        lane: Lane | SharedLane,
+        span: Span,
+        share: RunShare,
+        priority: Priority,
+        window_tokens: float,
+        first_queued: float,
+        tally: _Tally,
+    ) -> ModelResponse:
+        """Send until success or until the retry policy gives up; every attempt reports to the lane."""
+        seq: int | None = None
+        while True:
+            tally.attempts += 1
+            ticket = await lane.acquire(priority=priority, share=share, tokens=window_tokens, seq=seq)
+            seq = ticket.seq  # a retry keeps its place in line
+            tally.queue_wait += ticket.admitted_at - ticket.queued_at
+            started = time.perf_counter()
+            try:
+                response = await model.request(request)
+            except RLMError as exc:
+                refused = isinstance(exc, (ThrottledError, QuotaExhaustedError))
+                retry_after = getattr(exc, "retry_after", None)
+                if refused:
+                    tally.throttles += 1
+                    verdict = lane.on_refusal(
+                        ticket, retry_after=retry_after, exhausted=isinstance(exc, QuotaExhaustedError)
+                    )
+                    if verdict.pause:
+                        span.add_event("lane_paused", {"rlm.lane": lane.key, "retry_after_s": retry_after or 0.0})
+                else:
+                    tally.failures += 1
+                    lane.on_error(ticket)
+                delay = self.retry.delay(tally.failures if not refused else tally.throttles, exc)
+                if not self.retry.should_retry(
+                    exc, failures=tally.failures, throttles=tally.throttles,
+                    elapsed=self._clock() - first_queued, delay=delay,
+                ):
+                    raise
+                lane.retries += 1
+                _logger.info("retrying model call", lane=lane.key, attempt=tally.attempts,
+                             error=type(exc).__name__, delay_s=round(delay, 3))
+                span.add_event(
+                    "retry", {"attempt": tally.attempts, attr.ERROR_TYPE: type(exc).__name__, "delay_s": delay}
+                )
+                await anyio.sleep(delay)
+                continue
+            except Exception as exc:  # an SDK error a model failed to translate
+                lane.on_error(ticket)
+                raise ModelError(
+                    f"{model.provider}:{model.name} failed: {type(exc).__name__}: {exc}",
+                    provider=model.provider,
+                    model=model.name,
+                ) from exc
+            except BaseException:  # cancelled in flight
+                lane.on_cancel(ticket)
+                raise
+            usage = response.usage
+            lane.on_success(
+                ticket,
+                tokens_used=usage.input_tokens + usage.output_tokens * lane.limits.output_weight,
+                pause=pause_from_headers(response.headers) if response.headers else 0.0,
+            )
+            tally.duration = time.perf_counter() - started
+            return response
+
+    def _report_overrun(self, span: Span, model: LanguageModel, overrun: Spend, reserved: Spend) -> None:
+        """A call spent more than it reserved: a span event, a metric per quantity, a warning."""
+        excess = {k: v for k, v in asdict(overrun).items() if v}
+        span.add_event(attr.EVENT_BUDGET_OVERRUN, {f"rlm.budget.overrun.{k}": v for k, v in excess.items()})
+        for quantity, value in excess.items():
+            self._overrun.add(value, {attr.RLM_BUDGET_QUANTITY: quantity, attr.GEN_AI_REQUEST_MODEL: model.name})
+        _logger.warning("model call spent more than its budget reservation", model=model.name,
+                        overrun=excess, reserved=asdict(reserved))
 
     def _emit(self, call: CallRecord, record: Recorder | None) -> None:
         self._metrics.record(call)

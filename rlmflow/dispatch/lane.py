@@ -1,14 +1,19 @@
 """A lane: the admission scheduler of one (provider, model).
 
-A call is admitted when all of these hold: a concurrency slot is free (the adaptive AIMD
-limit), the request and token windows have room (RPM, TPM), the lane is not paused by a
-``retry-after``, and the call is next in line. "Next in line" is decided in one place so that
-limits never reorder it: root turns first (in arrival order), then sub-calls of the run that has
-the fewest calls in flight for its weight (fair share between concurrent runs), each run's calls
-in arrival order and never more than its own cap in flight.
+A call is admitted when all of these hold: a concurrency slot is free (the adaptive limit of
+:mod:`.concurrency`), the request and token windows have room (RPM, TPM), the lane is not
+paused (the provider said the quota is spent), and the call is next in line. "Next in line" is
+decided in one place so that limits never reorder it: root turns first (in arrival order), then
+sub-calls of the run that has the fewest calls in flight for its weight (fair share between
+concurrent runs), each run's calls in arrival order (a retried call keeps its place) and never
+more than its own cap in flight.
 
 The lane never sleeps on its own: the waiter at the head of the line holds the timer for the
 moment capacity frees; everyone else waits to be woken.
+
+State changes go through a few named methods (:meth:`Lane.admit`, :meth:`Lane.on_success`,
+:meth:`Lane.on_refusal`, :meth:`Lane.on_error`, :meth:`Lane.pause`), which a shared backend can
+implement over other storage.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 
-from .concurrency import AIMDLimit, AIMDStatistics
+from .concurrency import AdaptiveLimit, ConcurrencyStatistics, RefusalVerdict, SendStamp
 from .limits import Limits, Priority
 from .ratelimit import Admission, SlidingWindowLimiter
 
@@ -58,20 +63,26 @@ class _Waiter:
 
 @dataclass
 class Ticket:
-    """An admitted call; hand it back to :meth:`Lane.release` exactly once."""
+    """An admitted call; hand it back to the lane (``on_success`` and so on) exactly once.
+
+    ``seq`` is the call's place in line: pass it to :meth:`Lane.acquire` again when retrying.
+    """
 
     share: RunShare
     requests: Admission | None
     tokens: Admission | None
     queued_at: float
     admitted_at: float
+    seq: int = 0
+    stamp: SendStamp | None = None
+    released: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class LaneStatistics:
     key: str
     limits: Limits
-    concurrency: AIMDStatistics
+    concurrency: ConcurrencyStatistics
     in_flight: int
     waiting: int
     requests_in_window: float
@@ -90,7 +101,10 @@ class Lane:
         self.key = key
         self.limits = limits
         self._clock = clock
-        self.concurrency = AIMDLimit(limits.max_concurrency, initial=limits.initial_concurrency)
+        self.concurrency = AdaptiveLimit(
+            limits.max_concurrency, initial=limits.initial_concurrency, backoff_ratio=limits.backoff_ratio,
+            clock=clock,
+        )
         # Requests admitted together reach the provider spread over some tens of milliseconds; a
         # slightly longer window keeps two of our windows from landing in one of the provider's.
         margin = max(limits.window * 0.01, 0.25)
@@ -103,8 +117,9 @@ class Lane:
         self.in_flight = 0
         self._root: deque[_Waiter] = deque()
         self._sub: dict[RunShare, deque[_Waiter]] = {}
-        self._seq = itertools.count()
+        self._seq = itertools.count(1)
         self._paused_until = -math.inf
+        self._resume_pending = False
         self._timer_owner: _Waiter | None = None
         self._timer_delay = math.inf
         self.completed = self.failed = self.throttled = self.retries = 0
@@ -123,6 +138,17 @@ class Lane:
                 best, best_key = queue[0], key
         return best
 
+    def _enqueue(self, waiter: _Waiter) -> None:
+        queue = self._root if waiter.priority == Priority.ROOT else self._sub.setdefault(waiter.share, deque())
+        if not queue or queue[-1].seq < waiter.seq:
+            queue.append(waiter)
+            return
+        for index, other in enumerate(queue):  # a retry: back to its place in line
+            if other.seq > waiter.seq:
+                queue.insert(index, waiter)
+                return
+        queue.append(waiter)  # pragma: no cover - seqs are unique
+
     def _pop(self, waiter: _Waiter) -> None:
         if waiter.priority == Priority.ROOT:
             self._root.popleft()
@@ -132,34 +158,53 @@ class Lane:
             if not queue:
                 del self._sub[waiter.share]
 
+    def _blocked_for(self, waiter: _Waiter, now: float) -> float:
+        """Seconds until time alone lets ``waiter`` in (0: it may go now)."""
+        delay = max(0.0, self._paused_until - now)
+        if delay == 0 and self._resume_pending:
+            self._resume_pending = False
+            self.concurrency.on_resume()
+        if self.requests is not None:
+            delay = max(delay, self.requests.delay(1))
+        if self.tokens is not None:
+            delay = max(delay, self.tokens.delay(waiter.tokens))
+        return delay
+
     def _dispatch(self) -> None:
         """Admit as many waiters as the limits allow; arm the head waiter's timer if time blocks."""
         self._timer_owner, self._timer_delay = None, math.inf
-        while self.in_flight < self.concurrency.limit:
+        while True:
             waiter = self._next()
             if waiter is None:
                 return
             now = self._clock()
-            delay = max(0.0, self._paused_until - now)
-            if self.requests is not None:
-                delay = max(delay, self.requests.delay(1))
-            if self.tokens is not None:
-                delay = max(delay, self.tokens.delay(waiter.tokens))
+            delay = self._blocked_for(waiter, now)
+            if delay == 0 and not self.concurrency.available(self.in_flight):
+                delay = self.concurrency.next_change_in()  # a held slot frees, or a probe is due
+                if delay == math.inf:
+                    return  # a completion will call us again
+                delay = max(delay, 1e-3)
             if delay > 0:
                 self._timer_owner, self._timer_delay = waiter, delay
                 waiter.event.set()  # the head re-arms its wait with the timer
                 return
             self._pop(waiter)
-            waiter.granted = Ticket(
-                share=waiter.share,
-                requests=self.requests.acquire_nowait(1) if self.requests else None,
-                tokens=self.tokens.acquire_nowait(waiter.tokens) if self.tokens else None,
-                queued_at=now,
-                admitted_at=now,
-            )
-            self.in_flight += 1
-            waiter.share.in_flight += 1
-            waiter.event.set()
+            self.admit(waiter, now)
+
+    def admit(self, waiter: _Waiter, now: float) -> None:
+        """Take a slot and the windows' room for ``waiter`` and wake it."""
+        self.in_flight += 1
+        waiter.share.in_flight += 1
+        waiter.granted = Ticket(
+            share=waiter.share,
+            requests=self.requests.acquire_nowait(1) if self.requests else None,
+            tokens=self.tokens.acquire_nowait(waiter.tokens) if self.tokens else None,
+            queued_at=now,
+            admitted_at=now,
+            seq=waiter.seq,
+            stamp=self.concurrency.on_send(self.in_flight),
+        )
+        waiter.event.set()
 
     def _remove(self, waiter: _Waiter) -> None:
         queue = self._root if waiter.priority == Priority.ROOT else self._sub.get(waiter.share)
@@ -169,14 +214,16 @@ class Lane:
                 del self._sub[waiter.share]
 
     # -- public -------------------------------------------------------------------------------------
-    async def acquire(self, *, priority: Priority, share: RunShare, tokens: float) -> Ticket:
-        """Wait until this call may be sent; cancellation leaves no trace in the lane."""
+    async def acquire(
+        self, *, priority: Priority, share: RunShare, tokens: float, seq: int | None = None
+    ) -> Ticket:
+        """Wait until this call may be sent; cancellation leaves no trace in the lane.
+
+        ``seq``: the place in line of an earlier attempt of the same call (a retry keeps it).
+        """
         queued_at = self._clock()
-        waiter = _Waiter(priority, share, tokens, next(self._seq))
-        if priority == Priority.ROOT:
-            self._root.append(waiter)
-        else:
-            self._sub.setdefault(share, deque()).append(waiter)
+        waiter = _Waiter(priority, share, tokens, seq if seq is not None else next(self._seq))
+        self._enqueue(waiter)
         try:
             self._dispatch()
             while waiter.granted is None:
@@ -190,7 +237,7 @@ class Lane:
             await anyio.lowlevel.checkpoint()
         except BaseException:
             if waiter.granted is not None:
-                self.release(waiter.granted, outcome="cancelled")
+                self.on_cancel(waiter.granted)
             else:
                 self._remove(waiter)
                 self._dispatch()
@@ -199,34 +246,59 @@ class Lane:
         ticket.queued_at = queued_at
         return ticket
 
-    def release(
-        self,
-        ticket: Ticket,
-        *,
-        outcome: str,
-        tokens_used: float | None = None,
-        pause: float = 0.0,
-    ) -> None:
-        """Return a slot. ``outcome``: ``success``, ``throttled``, ``error`` or ``cancelled``.
-
-        ``tokens_used`` replaces the token estimate (weighted like the reservation); ``pause``
-        holds the lane for that many seconds (a ``retry-after`` or an exhausted-quota header).
-        """
+    def _return_slot(self, ticket: Ticket) -> bool:
+        if ticket.released:
+            return False
+        ticket.released = True
         self.in_flight -= 1
         ticket.share.in_flight -= 1
+        return True
+
+    def on_success(self, ticket: Ticket, *, tokens_used: float | None = None, pause: float = 0.0) -> None:
+        """The call succeeded. ``tokens_used`` replaces the token estimate (weighted like the
+        reservation); ``pause`` > 0 when headers say a quota is at zero until its reset."""
+        if not self._return_slot(ticket):
+            return
         if tokens_used is not None and self.tokens is not None and ticket.tokens is not None:
             self.tokens.adjust(ticket.tokens, tokens_used)
-        if outcome == "success":
-            self.completed += 1
-            self.concurrency.on_success(self.in_flight + 1)
-        elif outcome == "throttled":
-            self.throttled += 1
-            self.concurrency.on_throttle()
-        elif outcome == "error":
-            self.failed += 1
+        self.completed += 1
+        if ticket.stamp is not None:
+            self.concurrency.on_success(ticket.stamp)
         if pause > 0:
-            self._paused_until = max(self._paused_until, self._clock() + pause)
+            self.pause(pause)
         self._dispatch()
+
+    def on_refusal(self, ticket: Ticket, *, retry_after: float | None, exhausted: bool = False) -> RefusalVerdict:
+        """The provider refused the call for rate or quota. The refused call waits its own
+        ``retry-after``; the whole lane pauses only when the refusals say the quota is spent."""
+        verdict = RefusalVerdict(False, False, False)
+        if not self._return_slot(ticket):
+            return verdict
+        self.throttled += 1
+        if ticket.stamp is not None:
+            verdict = self.concurrency.on_refusal(ticket.stamp, exhausted=exhausted)
+        if verdict.pause:
+            self.pause(retry_after if retry_after else self.concurrency.round_trip)
+        self._dispatch()
+        return verdict
+
+    def on_error(self, ticket: Ticket) -> None:
+        """The call failed for another reason (it says nothing about load)."""
+        if self._return_slot(ticket):
+            self.failed += 1
+            self._dispatch()
+
+    def on_cancel(self, ticket: Ticket) -> None:
+        """The call was cancelled while admitted or in flight."""
+        if self._return_slot(ticket):
+            self._dispatch()
+
+    def pause(self, seconds: float) -> None:
+        """Send nothing for ``seconds``; then resume with one call and slow start back."""
+        until = self._clock() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._resume_pending = True
 
     def statistics(self) -> LaneStatistics:
         waiting = len(self._root) + sum(len(q) for q in self._sub.values())

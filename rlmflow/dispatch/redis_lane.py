@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.lowlevel
 
-from .concurrency import AIMDStatistics
+from .concurrency import ConcurrencyStatistics, RefusalVerdict
 from .lane import Lane, LaneStatistics, RunShare, Ticket
 from .limits import Limits, Priority
 from .shared import SharedLostError, SharedState
@@ -77,20 +77,20 @@ class SharedLane:
         state: SharedState,
         *,
         clock: Callable[[], float] = anyio.current_time,
-        backoff_ratio: float = 0.7,
-        decrease_interval: float = 1.0,
     ) -> None:
         self.key = key
         self.limits = limits
         self.state = state
         self._clock = clock
-        self.backoff_ratio = backoff_ratio
-        self.decrease_interval = decrease_interval
-        # in-process order and the process's own ceiling; rates and the adaptive limit are Redis's
-        self.local = Lane(key, Limits(max_concurrency=limits.max_concurrency, output_weight=limits.output_weight,
-                                      window=limits.window), clock=clock)
+        # The process's own lane keeps the in-process order and its adaptive limit, which reads this
+        # process's outcomes (it tells load-related refusals from random ones); the rate windows,
+        # the slots and the limit all processes agree on are Redis's.
+        self.local = Lane(key, Limits(max_concurrency=limits.max_concurrency,
+                                      initial_concurrency=limits.initial_concurrency,
+                                      output_weight=limits.output_weight, window=limits.window,
+                                      backoff_ratio=limits.backoff_ratio), clock=clock)
         self.window = limits.window + max(limits.window * 0.01, 0.25)  # the same margin as Lane
-        self._initial = limits.initial_concurrency or limits.max_concurrency
+        self._initial = limits.initial_concurrency or min(8, limits.max_concurrency)
         self._own: deque[_Own] = deque()
         self._own_tokens = 0.0
         self.in_flight = 0
@@ -134,19 +134,24 @@ class SharedLane:
         return own
 
     # -- admission ----------------------------------------------------------------------------------
-    async def acquire(self, *, priority: Priority, share: RunShare, tokens: float) -> Ticket:
-        """Wait until this call may be sent under the shared limits; cancellation leaves no trace."""
-        ticket = await self.local.acquire(priority=priority, share=share, tokens=tokens)
+    async def acquire(
+        self, *, priority: Priority, share: RunShare, tokens: float, seq: int | None = None
+    ) -> Ticket:
+        """Wait until this call may be sent under the shared limits; cancellation leaves no trace.
+
+        ``seq``: the place in line of an earlier attempt of the same call (see :meth:`Lane.acquire`).
+        """
+        ticket = await self.local.acquire(priority=priority, share=share, tokens=tokens, seq=seq)
         try:
             grant, own = await self._admit(int(priority), tokens)
         except BaseException:
-            self.local.release(ticket, outcome="cancelled")
+            self.local.on_cancel(ticket)
             raise
         self.in_flight += 1
         if grant is not None:
             self._grants.add(grant)
         return SharedTicket(share=ticket.share, requests=None, tokens=None, queued_at=ticket.queued_at,
-                            admitted_at=self._clock(), grant=grant, own=own)
+                            admitted_at=self._clock(), seq=ticket.seq, stamp=ticket.stamp, grant=grant, own=own)
 
     async def _admit(self, priority: int, tokens: float) -> tuple[str | None, _Own]:
         head = _Head(priority, next(self._seq))
@@ -221,39 +226,68 @@ class SharedLane:
             return wait
         return None, self._record(self.state.new_id(), tokens)
 
-    def release(
-        self,
-        ticket: Ticket,
-        *,
-        outcome: str,
-        tokens_used: float | None = None,
-        pause: float = 0.0,
-    ) -> None:
-        """Return a slot here and (in the background) in Redis; see :meth:`Lane.release`."""
-        self.local.release(ticket, outcome="cancelled")  # the local lane only orders: no feedback
+    # -- outcomes (the interface of Lane) ---------------------------------------------------------
+    def on_success(self, ticket: Ticket, *, tokens_used: float | None = None, pause: float = 0.0) -> None:
+        """The call succeeded: ``tokens_used`` corrects the windows; ``pause`` > 0 holds every process."""
+        if self._finish(ticket, "success", tokens_used, pause):
+            self.completed += 1
+            self.local.on_success(ticket, pause=pause)
+            self.notify()
+
+    def on_refusal(self, ticket: Ticket, *, retry_after: float | None, exhausted: bool = False) -> RefusalVerdict:
+        """The provider refused the call. This process's adaptive limit judges the refusal; a
+        load-related one cuts the shared limit (at most once per round trip for all processes), a
+        spent quota pauses the lane for every process."""
+        if not isinstance(ticket, SharedTicket) or ticket.own is None:
+            return RefusalVerdict(False, False, False)
+        self.throttled += 1
+        verdict = self.local.on_refusal(ticket, retry_after=retry_after, exhausted=exhausted)
+        pause = (retry_after or self.local.concurrency.round_trip) if verdict.pause else 0.0
+        self._finish(ticket, "throttled" if verdict.load_related else "refused", None, pause)
+        self.notify()
+        return verdict
+
+    def on_error(self, ticket: Ticket) -> None:
+        """The call failed for a reason that says nothing about load."""
+        if self._finish(ticket, "error", None, 0.0):
+            self.failed += 1
+            self.local.on_error(ticket)
+            self.notify()
+
+    def on_cancel(self, ticket: Ticket) -> None:
+        if self._finish(ticket, "cancelled", None, 0.0):
+            self.local.on_cancel(ticket)
+            self.notify()
+
+    def pause(self, seconds: float) -> None:
+        """Hold the lane ``seconds`` here and, through Redis, in every process."""
+        self.local.pause(seconds)
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        self.state.post_release(self, ["", "pause", -1, seconds * 1000, self.limits.max_concurrency,
+                                       self._initial, self.limits.backoff_ratio,
+                                       self.local.concurrency.round_trip * 1000, self.state.channel(self.key)])
+
+    def _finish(self, ticket: Ticket, outcome: str, tokens_used: float | None, pause: float) -> bool:
+        """Return the shared slot (in the background) and correct the own log; False if done before."""
+        if not isinstance(ticket, SharedTicket) or ticket.own is None:
+            return False
         self.in_flight -= 1
-        grant = ticket.grant if isinstance(ticket, SharedTicket) else None
-        own = ticket.own if isinstance(ticket, SharedTicket) else None
-        if tokens_used is not None and own is not None:
+        own = ticket.own
+        ticket.own = None
+        if tokens_used is not None:
             if own.live:
                 self._own_tokens += tokens_used - own.tokens
             own.tokens = tokens_used
-        if outcome == "success":
-            self.completed += 1
-        elif outcome == "throttled":
-            self.throttled += 1
-        elif outcome == "error":
-            self.failed += 1
         if pause > 0:
             self._paused_until = max(self._paused_until, self._clock() + pause)
-        if grant is not None:
-            self._grants.discard(grant)
+        if ticket.grant is not None:
+            self._grants.discard(ticket.grant)
             self.state.post_release(self, [
-                grant, outcome, -1 if tokens_used is None else tokens_used, pause * 1000,
-                self.limits.max_concurrency, self._initial, self.backoff_ratio, self.decrease_interval * 1000,
-                self.state.channel(self.key),
+                ticket.grant, outcome, -1 if tokens_used is None else tokens_used, pause * 1000,
+                self.limits.max_concurrency, self._initial, self.limits.backoff_ratio,
+                self.local.concurrency.round_trip * 1000, self.state.channel(self.key),
             ])
-        self.notify()
+        return True
 
     # -- background work (called by the SharedState) ----------------------------------------------
     async def renew(self) -> None:
@@ -287,8 +321,9 @@ class SharedLane:
         return LaneStatistics(
             key=self.key,
             limits=self.limits,
-            concurrency=AIMDStatistics(self.limit_seen, self.limits.max_concurrency, self.lowest_seen,
-                                       self.decreases_seen),
+            concurrency=ConcurrencyStatistics(self.limit_seen, self.limits.max_concurrency, self.lowest_seen,
+                                              self.decreases_seen, local.concurrency.slow_start,
+                                              local.concurrency.refusal_rate, local.concurrency.pauses),
             in_flight=self.in_flight,
             waiting=local.waiting + len(self._heads),
             requests_in_window=float(len(self._own)),

@@ -79,7 +79,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - lease)
 local replicas = redis.call('ZCARD', KEYS[5])
 redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)  -- leases of crashed processes end here
 local in_flight = redis.call('ZCARD', slots)
-local limit = math.min(maxc, tonumber(redis.call('HGET', state, 'limit') or initial))
+local limit = math.floor(math.min(maxc, tonumber(redis.call('HGET', state, 'limit') or initial)))
 if in_flight >= limit then
   local first = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
   return {-1, tostring(tonumber(first[2]) - now), in_flight, limit, tostring(now), replicas}
@@ -117,14 +117,17 @@ return {1, '0', in_flight + 1, limit, tostring(now), replicas}
 """
 
 #: KEYS: win, amt, state, slots. ARGV: id, outcome, tokens_used (<0: keep the estimate), pause_ms,
-#: max_concurrency, initial_limit, backoff_ratio, decrease_interval_ms, channel.
-#: Returns {limit, in_flight}. Additive increase on a success while the lane is busy; a
-#: multiplicative decrease on a throttle at most once per ``decrease_interval_ms`` (a round trip),
-#: however many processes saw the throttle.
+#: max_concurrency, initial_limit, backoff_ratio, round_trip_ms, channel. Returns {limit, in_flight}.
+#: The limit every process agrees on: slow start (one more per success while the lane is busy,
+#: so it doubles each round trip) until a load-related refusal (``throttled``: each process judges
+#: its own refusals); then a multiplicative cut, at most once per round trip however many
+#: processes were refused, and one more per round trip (1/limit per success); four round trips
+#: without a cut resume slow start. ``refused`` (a random refusal) and ``error`` change nothing;
+#: ``pause`` only pauses.
 LANE_RELEASE = _NOW + """
 local win, amt, state, slots = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, outcome, tokens_used, pause = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local maxc, initial, ratio, interval = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local maxc, initial, ratio, rtt = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 redis.call('ZREM', slots, id)
 local in_flight = redis.call('ZCARD', slots)
 if tokens_used >= 0 then
@@ -135,16 +138,17 @@ if tokens_used >= 0 then
   end
 end
 local limit = math.min(maxc, tonumber(redis.call('HGET', state, 'limit') or initial))
+local last = tonumber(redis.call('HGET', state, 'lastdec') or '-1e18')
+local slow = redis.call('HGET', state, 'slow') ~= '0' or now - last > 4 * rtt
 if outcome == 'success' then
   if (in_flight + 1) * 2 >= limit and limit < maxc then
-    limit = limit + 1
-    redis.call('HSET', state, 'limit', limit)
+    if slow then limit = limit + 1 else limit = limit + 1 / limit end
+    redis.call('HSET', state, 'limit', tostring(math.min(maxc, limit)), 'slow', slow and '1' or '0')
   end
 elseif outcome == 'throttled' then
-  local last = tonumber(redis.call('HGET', state, 'lastdec') or '-1e18')
-  if now - last >= interval then
+  if now - last >= rtt then
     limit = math.max(1, math.floor(limit * ratio))
-    redis.call('HSET', state, 'limit', limit, 'lastdec', tostring(now))
+    redis.call('HSET', state, 'limit', tostring(limit), 'lastdec', tostring(now), 'slow', '0')
     redis.call('HINCRBY', state, 'decreases', 1)
   end
 end
@@ -153,7 +157,7 @@ if pause > 0 then
   redis.call('HSET', state, 'paused', tostring(math.max(paused, now + pause)))
 end
 redis.call('PUBLISH', ARGV[9], id)
-return {limit, in_flight}
+return {math.floor(limit), in_flight}
 """
 
 #: KEYS: slots, replicas. ARGV: lease_ms, replica id, ids... Marks the process present on the lane

@@ -57,6 +57,10 @@ METRIC_THROTTLES = "rlm.client.throttles"
 METRIC_RETRIES = "rlm.client.retries"
 METRIC_LANE_IN_FLIGHT = "rlm.lane.in_flight"
 METRIC_LANE_LIMIT = "rlm.lane.concurrency_limit"
+# what a call spent beyond its budget reservation (a metric by quantity, and a span event)
+METRIC_BUDGET_OVERRUN = "rlm.budget.overrun"
+EVENT_BUDGET_OVERRUN = "rlm.budget.overrun"
+RLM_BUDGET_QUANTITY = "rlm.budget.quantity"
 
 # span names
 SPAN_RUN = "invoke_agent rlm"
