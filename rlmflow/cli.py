@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from . import __version__
+from ._batch_cli import add_batch_parser, batch_main
 from ._exceptions import (
     BudgetExceededError,
     ConfigurationError,
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--show-transcript", action="store_true", help="print every turn's code and output")
     run.add_argument("--trajectory", metavar="PATH", help="record the run as JSONL (read it with rlmflow trace)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
+    add_batch_parser(commands)  # rlmflow batch (rlmflow/_batch_cli.py)
     trace_cmd = commands.add_parser("trace", help="report on a recorded run (trajectory JSONL or OTLP-JSON spans)")
     trace_cmd.add_argument("file", help="a trajectory written with --trajectory, or an OTLP JSON span export")
     trace_cmd.add_argument("--html", metavar="PATH", help="also write a self-contained page with a timeline")
@@ -239,6 +241,8 @@ def _trace(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rlmflow`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "batch":
+        return batch_main(args)
     if args.command == "trace":
         return _trace(args)
     if args.verbose:  # only rlmflow's own logger: the root logger stays as the environment set it

@@ -9,10 +9,14 @@ limits.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -25,6 +29,7 @@ if shutil.which("redis-server") is None:  # pragma: no cover - the setup script 
 import ray
 
 from rlmflow import RLM, Dispatcher, Limits, OpenAIModel
+from rlmflow.cli import main
 from rlmflow.dispatch.shared import SharedConfig
 from rlmflow.ray import BatchItem, BatchPolicy, RayBatch
 from rlmflow.testing import FakeOpenAIServer
@@ -125,3 +130,30 @@ async def test_a_killed_worker_run_is_retried_and_answered(
     retried = [e for e in events if e.kind == "retrying"]
     assert retried and all("Actor" in e.detail or "Worker" in e.detail for e in retried)
     assert max(e.attempt for e in outcomes.values()) == 2
+
+
+def test_cli_batch_on_ray(local_ray: None, redis_server: RedisServer, tmp_path: Path) -> None:
+    """``rlmflow batch --ray``: the fake provider (its own process) plays root and sub-model."""
+    reply = tmp_path / "root.txt"
+    reply.write_text("```repl\nFINAL(llm_query(context))\n```", encoding="utf-8")
+    provider = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "fake_provider.py"), "--latency", "0.01",
+         "--root-marker", "QUESTION-", "--root-reply", str(reply)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert provider.stdout is not None
+        base_url = json.loads(provider.stdout.readline())["base_url"]
+        queries = tmp_path / "queries.jsonl"
+        queries.write_text("".join(json.dumps({"id": f"q{k}", "query": f"QUESTION-{k}", "context": f"doc{k}"}) + "\n"
+                                   for k in range(5)), encoding="utf-8")
+        out = tmp_path / "out.jsonl"
+        code = main(["batch", "--input", str(queries), "--output", str(out), "--ray", "local",
+                     "--root", f"openai:fake@{base_url}", "--shared", redis_server.url, "--actors", "2",
+                     "--max-turns", "2"])
+    finally:
+        provider.communicate("", timeout=30)
+    rows = {row["id"]: row for row in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert code == 0 and sorted(rows) == [f"q{k}" for k in range(5)]
+    for k in range(5):
+        assert rows[f"q{k}"]["answer"] == answer_for(f"doc{k}") and rows[f"q{k}"]["attempts"] == 1
