@@ -29,6 +29,8 @@ if shutil.which("redis-server") is None:  # pragma: no cover - the setup script 
 
 from rlmflow import Dispatcher, Limits, Message, ModelRequest, OpenAIModel, RLMError
 from rlmflow.dispatch.budget import Budget, BudgetLedger, Spend
+from rlmflow.dispatch.lane import RunShare
+from rlmflow.dispatch.limits import Priority
 from rlmflow.dispatch.redis_budget import SharedBudget
 from rlmflow.dispatch.redis_lane import SharedLane
 from rlmflow.dispatch.shared import SharedConfig, SharedState, SharedStateUnavailableError
@@ -274,3 +276,32 @@ async def test_in_process_lanes_agree_and_budget_holds_under_contention(redis_se
     assert done == 25 and spent.calls == 25 and reserved == Spend()
     assert provider.summary()["rate_limited"] == 0 and provider.max_in_window() <= 10
     assert max_concurrent(provider, provider.latency) <= 2
+
+
+async def test_root_turns_pass_queued_sub_calls_and_cancelled_waiters_leave_no_slot(
+    redis_server: RedisServer,
+) -> None:
+    async with SharedState(SharedConfig(redis_server.url, lease=5.0)) as state:
+        lane = SharedLane("p:m", Limits(max_concurrency=1, window=1.0), state)
+        run = RunShare()
+        first = await lane.acquire(priority=Priority.SUB, share=run, tokens=1)
+        order: list[str] = []
+
+        async def call(name: str, priority: Priority) -> None:
+            ticket = await lane.acquire(priority=priority, share=run, tokens=1)
+            order.append(name)
+            lane.on_success(ticket, tokens_used=1)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(call, f"sub{i}", Priority.SUB)
+            with anyio.move_on_after(0.3):  # a waiter that gives up while the slot is taken
+                await lane.acquire(priority=Priority.SUB, share=run, tokens=1)
+            await anyio.sleep(0.05)
+            tg.start_soon(call, "root", Priority.ROOT)
+            await anyio.sleep(0.05)
+            lane.on_success(first, tokens_used=1)
+        assert order == ["root", "sub0", "sub1", "sub2"]
+        await anyio.sleep(0.1)  # the background task sends the last release
+        slots = await state._client.zcard(state.lane_keys("p:m")[3])
+        assert slots == 0 and lane.in_flight == 0

@@ -21,6 +21,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -34,6 +35,8 @@ __all__ = ["SharedLane", "SharedTicket"]
 
 #: Longest a waiting head sleeps without news before asking Redis again (a lost pub/sub message).
 _POLL = 0.25
+#: Most calls of one process admitted by one round trip to Redis.
+_BATCH = 32
 
 
 class _Own:
@@ -58,9 +61,14 @@ class SharedTicket(Ticket):
 
 @dataclass(order=True)
 class _Head:
+    """A call of this process waiting for its shared admission, in line order."""
+
     priority: int
     seq: int
+    tokens: float = field(compare=False, default=0.0)
     event: anyio.Event = field(compare=False, default_factory=anyio.Event)
+    result: tuple[str | None, _Own] | None = field(compare=False, default=None)
+    gone: bool = field(compare=False, default=False)
 
 
 class SharedLane:
@@ -154,47 +162,72 @@ class SharedLane:
                             admitted_at=self._clock(), seq=ticket.seq, stamp=ticket.stamp, grant=grant, own=own)
 
     async def _admit(self, priority: int, tokens: float) -> tuple[str | None, _Own]:
-        head = _Head(priority, next(self._seq))
+        head = _Head(priority, next(self._seq), tokens=tokens)
         heapq.heappush(self._heads, head)
         try:
-            while True:
-                if self._heads[0] is not head:
+            while head.result is None:
+                if self._heads[0] is not head:  # another call asks for this process (and maybe for us)
                     await head.event.wait()
                     head.event = anyio.Event()
                     continue
                 changed = self._changed
-                outcome = await self._try(tokens)
-                if isinstance(outcome, tuple):
-                    return outcome
-                with anyio.move_on_after(outcome):
-                    await changed.wait()
+                batch = heapq.nsmallest(_BATCH, self._heads)  # this head first, then the line
+                outcome = await self._try(batch)
+                if isinstance(outcome, float):
+                    with anyio.move_on_after(outcome):
+                        await changed.wait()
+                    continue
+                for waiter, granted in zip(batch, outcome, strict=False):
+                    if waiter.gone:  # cancelled while we asked: give its admission back
+                        self._give_back(granted)
+                        continue
+                    waiter.result = granted
+                    self._heads.remove(waiter)
+                    waiter.event.set()
+                heapq.heapify(self._heads)
+            return head.result
+        except BaseException:
+            if head.result is not None:
+                self._give_back(head.result)
+            raise
         finally:
-            self._heads.remove(head)
-            heapq.heapify(self._heads)
+            head.gone = head.result is None
+            if head in self._heads:
+                self._heads.remove(head)
+                heapq.heapify(self._heads)
             if self._heads:
                 self._heads[0].event.set()
 
-    async def _try(self, tokens: float) -> tuple[str | None, _Own] | float:
-        """Admit now (the grant and own log entry) or say how long to wait at most."""
+    def _give_back(self, granted: tuple[str | None, _Own]) -> None:
+        grant, _own = granted  # the own log keeps the entry: the window counted it
+        if grant is not None:
+            self.state.post_release(self, self._release_args(grant, "cancelled", None, 0.0))
+
+    async def _try(self, batch: list[_Head]) -> list[tuple[str | None, _Own]] | float:
+        """Admit a prefix of ``batch`` (at least its head) or say how long to wait at most."""
         if self.state.mode == "shared":
-            grant = self.state.new_id()
+            grants = [self.state.new_id() for _ in batch]
+            args: list[object] = [self.limits.rpm or 0, self.limits.tpm or 0, self.window * 1000,
+                                  self.limits.max_concurrency, self._initial, self.state.config.lease * 1000,
+                                  self.state.replica_id]
+            for grant, waiter in zip(grants, batch, strict=True):
+                args += [grant, waiter.tokens]
             try:
-                status, wait_ms, in_flight, limit, _, replicas = await self.state.run(
-                    "LANE_ACQUIRE", self.state.lane_keys(self.key),
-                    [grant, tokens, self.limits.rpm or 0, self.limits.tpm or 0, self.window * 1000,
-                     self.limits.max_concurrency, self._initial, self.state.config.lease * 1000,
-                     self.state.replica_id],
-                )
+                with anyio.CancelScope(shield=True):  # what Redis admits must reach its callers
+                    admitted, status, wait_ms, in_flight, limit, _, replicas = await self.state.run(
+                        "LANE_ACQUIRE", self.state.lane_keys(self.key), args)
             except SharedLostError:
                 pass  # fall through to the local share
             else:
                 self.observe(limit=int(limit), in_flight=int(in_flight))
                 self.replicas = max(1, int(replicas))
-                if int(status) == 1:
-                    return grant, self._record(grant, min(tokens, self.limits.tpm or math.inf))
+                if int(admitted) > 0:
+                    cap = self.limits.tpm or math.inf
+                    return [(grant, self._record(grant, min(waiter.tokens, cap)))
+                            for grant, waiter in zip(grants[:int(admitted)], batch, strict=False)]
                 wait = float(wait_ms) / 1000
                 return wait if int(status) == 0 else min(max(wait, 0.001), _POLL)
-        return self._try_fallback(tokens)
+        return self._try_fallback(batch[0].tokens)
 
     def fallback_limits(self) -> tuple[int, float | None, float | None]:
         """This process's share while Redis is lost: (concurrency, rpm, tpm), 1/N of the lane each."""
@@ -204,7 +237,7 @@ class SharedLane:
         tpm = self.limits.tpm / n if self.limits.tpm else None
         return concurrency, rpm, tpm
 
-    def _try_fallback(self, tokens: float) -> tuple[str | None, _Own] | float:
+    def _try_fallback(self, tokens: float) -> list[tuple[str | None, _Own]] | float:
         concurrency, rpm, tpm = self.fallback_limits()
         if self.in_flight >= concurrency:
             return _POLL  # a local release notifies earlier
@@ -224,7 +257,7 @@ class SharedLane:
                     break
         if wait > 0:
             return wait
-        return None, self._record(self.state.new_id(), tokens)
+        return [(None, self._record(self.state.new_id(), tokens))]
 
     # -- outcomes (the interface of Lane) ---------------------------------------------------------
     def on_success(self, ticket: Ticket, *, tokens_used: float | None = None, pause: float = 0.0) -> None:
@@ -263,9 +296,7 @@ class SharedLane:
         """Hold the lane ``seconds`` here and, through Redis, in every process."""
         self.local.pause(seconds)
         self._paused_until = max(self._paused_until, self._clock() + seconds)
-        self.state.post_release(self, ["", "pause", -1, seconds * 1000, self.limits.max_concurrency,
-                                       self._initial, self.limits.backoff_ratio,
-                                       self.local.concurrency.round_trip * 1000, self.state.channel(self.key)])
+        self.state.post_release(self, self._release_args("", "pause", None, seconds))
 
     def _finish(self, ticket: Ticket, outcome: str, tokens_used: float | None, pause: float) -> bool:
         """Return the shared slot (in the background) and correct the own log; False if done before."""
@@ -282,12 +313,13 @@ class SharedLane:
             self._paused_until = max(self._paused_until, self._clock() + pause)
         if ticket.grant is not None:
             self._grants.discard(ticket.grant)
-            self.state.post_release(self, [
-                ticket.grant, outcome, -1 if tokens_used is None else tokens_used, pause * 1000,
-                self.limits.max_concurrency, self._initial, self.limits.backoff_ratio,
-                self.local.concurrency.round_trip * 1000, self.state.channel(self.key),
-            ])
+            self.state.post_release(self, self._release_args(ticket.grant, outcome, tokens_used, pause))
         return True
+
+    def _release_args(self, grant: str, outcome: str, tokens_used: float | None, pause: float) -> list[Any]:
+        return [grant, outcome, -1 if tokens_used is None else tokens_used, pause * 1000,
+                self.limits.max_concurrency, self._initial, self.limits.backoff_ratio,
+                self.local.concurrency.round_trip * 1000, self.state.channel(self.key)]
 
     # -- background work (called by the SharedState) ----------------------------------------------
     async def renew(self) -> None:

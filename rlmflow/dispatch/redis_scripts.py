@@ -63,57 +63,70 @@ local function expire_window(win, amt, state, window)
 end
 """
 
-#: KEYS: win, amt, state, slots, replicas. ARGV: id, tokens, rpm (0: none), tpm (0: none), window_ms,
-#: max_concurrency, initial_limit, lease_ms, replica id. Returns {status, wait_ms, in_flight, limit,
-#: now_ms, replicas}:
-#: status 1 admitted; 0 wait ``wait_ms`` (window or pause); -1 every slot is taken (wait for a
+#: KEYS: win, amt, state, slots, replicas. ARGV: rpm (0: none), tpm (0: none), window_ms,
+#: max_concurrency, initial_limit, lease_ms, replica id, then (id, tokens) pairs in line order.
+#: Admits the longest prefix of the pairs that fits (one round trip admits a burst). Returns
+#: {admitted, status, wait_ms, in_flight, limit, now_ms, replicas}: for the first pair not admitted,
+#: status 0 means wait ``wait_ms`` (window or pause) and -1 every slot is taken (wait for a
 #: release, at most ``wait_ms`` until the earliest lease ends).
 LANE_ACQUIRE = _NOW + _EXPIRE_WINDOW + """
 local win, amt, state, slots = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, tokens = ARGV[1], tonumber(ARGV[2])
-local rpm, tpm, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local maxc, initial, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local rpm, tpm, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local maxc, initial, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local count, used = expire_window(win, amt, state, window)
-redis.call('ZADD', KEYS[5], now, ARGV[9])
+redis.call('ZADD', KEYS[5], now, ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - lease)
 local replicas = redis.call('ZCARD', KEYS[5])
 redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)  -- leases of crashed processes end here
 local in_flight = redis.call('ZCARD', slots)
 local limit = math.floor(math.min(maxc, tonumber(redis.call('HGET', state, 'limit') or initial)))
-if in_flight >= limit then
-  local first = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
-  return {-1, tostring(tonumber(first[2]) - now), in_flight, limit, tostring(now), replicas}
-end
-local wait = 0
 local paused = tonumber(redis.call('HGET', state, 'paused') or '0')
-if paused > now then wait = paused - now end
-if rpm > 0 and count + 1 > rpm then
-  local e = redis.call('ZRANGE', win, count - rpm, count - rpm, 'WITHSCORES')
-  wait = math.max(wait, tonumber(e[2]) + window - now)
-end
-if tpm > 0 then
-  if tokens > tpm then tokens = tpm end  -- an amount above the limit waits for an empty window
-  local excess = used + tokens - tpm
-  if excess > 1e-6 then
-    local entries = redis.call('ZRANGE', win, 0, -1, 'WITHSCORES')
-    local freed = 0
-    for i = 1, #entries, 2 do
-      freed = freed + tonumber(redis.call('HGET', amt, entries[i]) or '0')
-      if freed >= excess - 1e-6 then
-        wait = math.max(wait, tonumber(entries[i + 1]) + window - now)
-        break
+local admitted, status, wait = 0, 1, 0
+for p = 8, #ARGV, 2 do
+  local id, tokens = ARGV[p], tonumber(ARGV[p + 1])
+  if in_flight >= limit then
+    local first = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
+    status, wait = -1, tonumber(first[2]) - now
+    break
+  end
+  if paused > now then wait = paused - now end
+  if rpm > 0 and count + 1 > rpm then
+    local e = redis.call('ZRANGE', win, count - rpm, count - rpm, 'WITHSCORES')
+    wait = math.max(wait, tonumber(e[2]) + window - now)
+  end
+  if tpm > 0 then
+    if tokens > tpm then tokens = tpm end  -- an amount above the limit waits for an empty window
+    local excess = used + tokens - tpm
+    if excess > 1e-6 then
+      local entries = redis.call('ZRANGE', win, 0, -1, 'WITHSCORES')
+      local freed = 0
+      for i = 1, #entries, 2 do
+        freed = freed + tonumber(redis.call('HGET', amt, entries[i]) or '0')
+        if freed >= excess - 1e-6 then
+          wait = math.max(wait, tonumber(entries[i + 1]) + window - now)
+          break
+        end
       end
     end
   end
+  if wait > 0 then
+    status = 0
+    break
+  end
+  redis.call('ZADD', win, now, id)
+  redis.call('HSET', amt, id, tostring(tokens))
+  redis.call('ZADD', slots, now + lease, id)
+  used = used + tokens
+  count = count + 1
+  in_flight = in_flight + 1
+  admitted = admitted + 1
 end
-if wait > 0 then return {0, tostring(wait), in_flight, limit, tostring(now), replicas} end
-redis.call('ZADD', win, now, id)
-redis.call('HSET', amt, id, tostring(tokens))
-redis.call('HSET', state, 'used', tostring(used + tokens))
-redis.call('ZADD', slots, now + lease, id)
-local ttl = math.ceil(window + lease) + 60000  -- an idle lane's keys go away on their own
-for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
-return {1, '0', in_flight + 1, limit, tostring(now), replicas}
+if admitted > 0 then
+  redis.call('HSET', state, 'used', tostring(used))
+  local ttl = math.ceil(window + lease) + 60000  -- an idle lane's keys go away on their own
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+end
+return {admitted, status, tostring(wait), in_flight, limit, tostring(now), replicas}
 """
 
 #: KEYS: win, amt, state, slots. ARGV: id, outcome, tokens_used (<0: keep the estimate), pause_ms,
