@@ -27,7 +27,16 @@ pytest.importorskip("redis")
 if shutil.which("redis-server") is None:  # pragma: no cover - the setup script installs it
     pytest.skip("redis-server is not installed (scripts/setup/test-redis.sh)", allow_module_level=True)
 
-from rlmflow import Dispatcher, Limits, Message, ModelRequest, OpenAIModel, RLMError
+from rlmflow import (
+    BudgetExceededError,
+    ConfigurationError,
+    Dispatcher,
+    Limits,
+    Message,
+    ModelRequest,
+    OpenAIModel,
+    RLMError,
+)
 from rlmflow.dispatch.budget import Budget, BudgetLedger, Spend
 from rlmflow.dispatch.lane import RunShare
 from rlmflow.dispatch.limits import Priority
@@ -305,3 +314,22 @@ async def test_root_turns_pass_queued_sub_calls_and_cancelled_waiters_leave_no_s
         await anyio.sleep(0.1)  # the background task sends the last release
         slots = await state._client.zcard(state.lane_keys("p:m")[3])
         assert slots == 0 and lane.in_flight == 0
+
+
+async def test_allotments_hold_a_runs_caps_on_the_tenant_budget(redis_server: RedisServer) -> None:
+    async with SharedState(redis_server.url) as a, SharedState(redis_server.url) as b:
+        tenant_a = SharedBudget(a, "tenant-x", Budget(max_calls=10, max_cost_usd=1.0))
+        tenant_b = SharedBudget(b, "tenant-x", Budget(max_calls=10, max_cost_usd=1.0))
+        run = Budget(max_calls=6, max_cost_usd=0.5)
+        async with tenant_a.allot(run) as first:
+            with pytest.raises(BudgetExceededError, match="max_calls"):
+                async with tenant_b.allot(run):
+                    pass  # 6 + 6 calls could exceed 10: refused before anything runs
+            first.spent = Spend(calls=2, input_tokens=100, output_tokens=10, cost_usd=0.1)
+        async with tenant_b.allot(run):  # 2 spent + 6 held fit; never set: charged at its worst case
+            pass
+        spent, reserved = await tenant_a.totals()
+        assert spent.calls == 8 and spent.cost_usd == pytest.approx(0.6) and reserved == Spend()
+        with pytest.raises(ConfigurationError, match="max_cost_usd"):
+            async with tenant_a.allot(Budget(max_calls=1)):
+                pass

@@ -14,15 +14,18 @@ left to the leases (charged at the worst case).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
 
-from .._exceptions import BudgetExceededError
+import anyio
+
+from .._exceptions import BudgetExceededError, ConfigurationError
 from ..models.base import Usage
 from .budget import Budget, Spend
 from .shared import SharedLostError, SharedState
 
-__all__ = ["SharedBudget", "SharedReservation"]
+__all__ = ["Allotment", "SharedBudget", "SharedReservation"]
 
 _QUANTITIES = ("calls", "input_tokens", "output_tokens", "cost_usd")
 _CAPS = ("max_calls", "max_input_tokens", "max_output_tokens", "max_cost_usd")
@@ -59,6 +62,14 @@ class SharedReservation:
         if not self._done:
             self._done = True
             await self.budget._finish(self, Spend())
+
+
+@dataclass
+class Allotment:
+    """A run's share of a :class:`SharedBudget`; set ``spent`` to what the run really spent."""
+
+    budget: Budget
+    spent: Spend | None = None
 
 
 class SharedBudget:
@@ -108,6 +119,37 @@ class SharedBudget:
 
     async def reserve(self, amount: Spend) -> SharedReservation:
         return (await self.reserve_many([amount]))[0]
+
+    @contextlib.asynccontextmanager
+    async def allot(self, budget: Budget) -> AsyncIterator[Allotment]:
+        """Hold a whole run's caps on this shared budget while the run goes (the usual way to
+        give runs in many replicas one tenant budget)::
+
+            async with tenant.allot(Budget(max_calls=40, max_cost_usd=0.20)) as allotment:
+                result = await rlm.run(document, query, budget=allotment.budget)
+                allotment.spent = result.spent
+
+        The run's own ledger keeps it within ``budget``; the shared budget is charged
+        ``allotment.spent`` at the end (the whole allotment if it was never set: a failed run's
+        spend is unknown, so it is charged its worst case). Every quantity this shared budget caps
+        must be capped by ``budget`` too. Raises :class:`BudgetExceededError` if it does not fit.
+        """
+        amounts = {}
+        for quantity, cap in zip(_QUANTITIES, _CAPS, strict=True):
+            if getattr(self.budget, cap) is not None and getattr(budget, cap) is None:
+                raise ConfigurationError(f"the shared budget {self.name!r} caps {cap}: the run's budget must too")
+            amounts[quantity] = getattr(budget, cap) or 0
+        amount = Spend(int(amounts["calls"]), int(amounts["input_tokens"]), int(amounts["output_tokens"]),
+                       float(amounts["cost_usd"]))
+        reservation = await self.reserve(amount)
+        reservation._done = True  # settled here, below
+        allotment = Allotment(budget)
+        try:
+            yield allotment
+        finally:
+            spent = allotment.spent if allotment.spent is not None else amount
+            with anyio.CancelScope(shield=True):
+                await self._finish(reservation, spent)
 
     async def _finish(self, reservation: SharedReservation, actual: Spend) -> None:
         self._held.pop(reservation.id, None)
