@@ -97,7 +97,7 @@ class SharedLane:
                                       initial_concurrency=limits.initial_concurrency,
                                       output_weight=limits.output_weight, window=limits.window,
                                       backoff_ratio=limits.backoff_ratio), clock=clock)
-        self.window = limits.window + max(limits.window * 0.01, 0.25)  # the same margin as Lane
+        self.window = limits.window + state.config.window_margin(limits.window)
         self._initial = limits.initial_concurrency or min(8, limits.max_concurrency)
         self._own: deque[_Own] = deque()
         self._own_tokens = 0.0

@@ -87,6 +87,8 @@ for p = 8, #ARGV, 2 do
   if in_flight >= limit then
     local first = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
     status, wait = -1, tonumber(first[2]) - now
+    -- someone waits for a slot: releases announce themselves for a while (see LANE_RELEASE)
+    redis.call('HSET', state, 'waiting', tostring(now + 1000))
     break
   end
   if paused > now then wait = paused - now end
@@ -169,7 +171,9 @@ if pause > 0 then
   local paused = tonumber(redis.call('HGET', state, 'paused') or '0')
   redis.call('HSET', state, 'paused', tostring(math.max(paused, now + pause)))
 end
-redis.call('PUBLISH', ARGV[9], id)
+if now < tonumber(redis.call('HGET', state, 'waiting') or '0') then
+  redis.call('PUBLISH', ARGV[9], id)  -- wake the processes waiting for a slot
+end
 return {math.floor(limit), in_flight}
 """
 

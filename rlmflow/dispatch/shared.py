@@ -69,19 +69,27 @@ class SharedConfig:
     - ``url``: ``redis://host:port/db`` (``rediss://`` for TLS);
     - ``namespace``: prefix of every key, so several deployments can share one Redis;
     - ``lease``: seconds after which a dead process's slots and budget holds are reclaimed;
-    - ``timeout``: the longest a call waits on Redis before the process falls back to local limits.
+    - ``timeout``: the longest a call waits on Redis before the process falls back to local limits;
+    - ``margin``: seconds added to each lane's window, so that a call admitted in one window cannot
+      reach the provider inside the next one: it must exceed the worst delay between admission
+      and the provider receiving the request (default: 1% of the window, at least 0.5 s, twice
+      the in-memory lane's, for busy replicas that send a burst a little late).
     """
 
     url: str
     namespace: str = "rlmflow"
     lease: float = 30.0
     timeout: float = 1.0
+    margin: float | None = None
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(f"shared state URL must be redis://, rediss:// or unix://, not {self.url!r}")
-        if self.lease <= 0 or self.timeout <= 0:
-            raise ConfigurationError("lease and timeout must be > 0")
+        if self.lease <= 0 or self.timeout <= 0 or (self.margin is not None and self.margin < 0):
+            raise ConfigurationError("lease and timeout must be > 0, margin >= 0")
+
+    def window_margin(self, window: float) -> float:
+        return self.margin if self.margin is not None else max(window * 0.01, 0.5)
 
 
 @dataclass(frozen=True, slots=True)
