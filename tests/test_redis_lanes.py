@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -333,3 +334,34 @@ async def test_allotments_hold_a_runs_caps_on_the_tenant_budget(redis_server: Re
         with pytest.raises(ConfigurationError, match="max_cost_usd"):
             async with tenant_a.allot(Budget(max_calls=1)):
                 pass
+
+
+async def test_mixed_priorities_and_cancellations_keep_the_lane_consistent(redis_server: RedisServer) -> None:
+    """Invariants under churn: never more than the limit held, every slot back, no double grant."""
+    rng = random.Random(7)
+    async with SharedState(SharedConfig(redis_server.url, lease=5.0)) as state:
+        lane = SharedLane("churn:m", Limits(max_concurrency=4, initial_concurrency=4, window=1.0), state)
+        held = peak = granted = 0
+
+        async def call(priority: Priority, patience: float, hold: float) -> None:
+            nonlocal held, peak, granted
+            with anyio.move_on_after(patience):
+                ticket = await lane.acquire(priority=priority, share=RunShare(), tokens=1)
+                granted += 1
+                held += 1
+                peak = max(peak, held)
+                try:
+                    await anyio.sleep(hold)
+                finally:
+                    held -= 1
+                    lane.on_success(ticket, tokens_used=1)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(80):
+                priority = Priority.ROOT if rng.random() < 0.3 else Priority.SUB
+                tg.start_soon(call, priority, rng.uniform(0.005, 0.5), rng.uniform(0.0, 0.02))
+                await anyio.sleep(rng.uniform(0, 0.004))
+        await anyio.sleep(0.2)  # the background task sends the last releases
+        slots = await state._client.zcard(state.lane_keys("churn:m")[3])
+    assert peak <= 4 and granted > 20
+    assert lane.in_flight == 0 and held == 0 and slots == 0 and not lane._heads

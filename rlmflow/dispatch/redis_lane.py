@@ -104,6 +104,7 @@ class SharedLane:
         self.in_flight = 0
         self._grants: set[str] = set()
         self._heads: list[_Head] = []
+        self._asking = False
         self._seq = itertools.count()
         self._changed = anyio.Event()
         self._paused_until = -math.inf
@@ -166,14 +167,20 @@ class SharedLane:
         heapq.heappush(self._heads, head)
         try:
             while head.result is None:
-                if self._heads[0] is not head:  # another call asks for this process (and maybe for us)
+                if self._heads[0] is not head or self._asking:  # another call asks (maybe for us too)
                     await head.event.wait()
                     head.event = anyio.Event()
                     continue
                 changed = self._changed
                 batch = heapq.nsmallest(_BATCH, self._heads)  # this head first, then the line
-                outcome = await self._try(batch)
+                self._asking = True  # one request at a time: a batch is never granted twice
+                try:
+                    outcome = await self._try(batch)
+                finally:
+                    self._asking = False
                 if isinstance(outcome, float):
+                    if self._heads[0] is not head:  # a call ahead of us arrived meanwhile: its turn
+                        self._heads[0].event.set()
                     with anyio.move_on_after(outcome):
                         await changed.wait()
                     continue
