@@ -38,10 +38,6 @@ async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeBedrockSe
     async with FakeBedrockServer() as fake:
         for name, value in fake.credentials_env().items():
             monkeypatch.setenv(name, value)
-        # nothing but the environment in the credential chain: no files, no instance metadata
-        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         yield fake
 
 
@@ -290,3 +286,19 @@ async def test_errors_surface_in_sandbox_code_after_retries(server: FakeBedrockS
     failed = sorted((c.error, c.attempts) for c in result.calls if c.error)
     assert failed == [("ContextOverflowError", 1), ("FatalModelError", 1)]
     assert [c.throttles for c in result.calls if c.role == "sub" and c.error is None] in ([2, 0], [0, 2])
+
+
+async def test_a_streaming_view_shares_the_model_lane(server: FakeBedrockServer) -> None:
+    from rlmflow.models.base import StreamingLanguageModel, StreamingView
+
+    model = bedrock(server)
+    assert isinstance(model, StreamingLanguageModel)
+    pieces: list[str] = []
+    view = StreamingView(model, pieces.append)
+    dispatcher = Dispatcher()
+    try:
+        response = await dispatcher.call(view, ModelRequest.from_prompt("live"), ledger=BudgetLedger())
+    finally:
+        await model.aclose()
+    assert "".join(pieces) == response.text == answer_for("live") and len(pieces) > 1
+    assert dispatcher.lane(view) is dispatcher.lane(model)

@@ -45,9 +45,6 @@ async def bedrock(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeBedrockS
     async with FakeBedrockServer() as fake:
         for name, value in fake.credentials_env().items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         yield fake
 
 
@@ -224,3 +221,61 @@ def test_strands_model_strings_select_the_style() -> None:
     model = strands_root_model(f"strands:bedrock:{CLAUDE}@us-west-2")
     assert (model.provider, model.name) == ("aws.bedrock", CLAUDE)
     assert model.strands_model.get_config()["model_id"] == CLAUDE
+
+
+# -- the reference architecture over the wire: strands' BedrockModel root, aioboto3 sub-calls -----------
+HAIKU = "us.anthropic.claude-haiku-4-5-20251001-v1:0"
+
+
+def scripted_tool_root(body: dict[str, Any]) -> dict[str, Any]:
+    """The fake's root: CELLS[k] as an execute_python call, k = tool results in the conversation."""
+    turn = sum(1 for m in body["messages"] for block in m["content"] if "toolResult" in block)
+    return {"name": "execute_python", "input": {"code": CELLS[min(turn, len(CELLS) - 1)]}}
+
+
+def revenue_reply(prompt: str) -> str:
+    found = re.search(r"Revenue: (\d+) units", prompt)
+    return found.group(1) if found else "0"
+
+
+async def test_reference_architecture_on_the_wire(
+    bedrock: FakeBedrockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", bedrock.base_url)
+    bedrock.tool_reply, bedrock.reply = scripted_tool_root, revenue_reply
+    document, total = make_reports()
+    async with RLM(root=f"strands:bedrock:{CLAUDE}@us-east-1", sub=f"bedrock:{HAIKU}@us-east-1",
+                   dispatcher=Dispatcher()) as rlm:
+        result = await rlm.run(document, "What is the total revenue of all reports?")
+    assert result.answer == f"total={total}" and result.turns == 3
+    roots = [c for c in result.calls if c.role == "root"]
+    subs = [c for c in result.calls if c.role == "sub"]
+    assert len(roots) == 3 and {c.model for c in roots} == {CLAUDE}
+    assert len(subs) == REPORTS and {c.model for c in subs} == {HAIKU}
+    assert all(c.cost_usd for c in roots + subs)  # both priced from genai-prices
+    root_requests = [b for b in bedrock.requests_seen if "toolConfig" in b]
+    assert len(root_requests) == 3 and bedrock.bad_signatures == 0
+    tools = root_requests[0]["toolConfig"]["tools"]
+    assert [t["toolSpec"]["name"] for t in tools] == ["execute_python"]
+
+
+async def test_the_cli_runs_a_strands_root(
+    bedrock: FakeBedrockServer, tmp_path: Any
+) -> None:
+    import os
+    import sys
+
+    import anyio
+
+    bedrock.tool_reply, bedrock.reply = scripted_tool_root, revenue_reply
+    document, total = make_reports()
+    path = tmp_path / "reports.txt"
+    path.write_text(document)
+    env = {**os.environ, "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": bedrock.base_url}
+    done = await anyio.run_process(
+        [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(path), "--query", "Total revenue?",
+         "--root", f"strands:bedrock:{CLAUDE}@us-east-1", "--sub", f"bedrock:{HAIKU}@us-east-1"],
+        env=env, check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == f"total={total}"

@@ -18,7 +18,11 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPStatus", "JSONTransport", "ServerEvent"]
+from .._exceptions import ModelError
+from . import guard
+from .base import ModelRequest, ModelResponse, TextCallback, estimate_tokens
+
+__all__ = ["DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPModel", "HTTPStatus", "JSONTransport", "ServerEvent"]
 
 #: Connections per model's session unless its lane asks for more (>= the Dispatcher's default ceiling).
 DEFAULT_POOL_CONNECTIONS = 256
@@ -136,6 +140,70 @@ class JSONTransport:
                 self._forget(session)
             else:
                 self._sessions[owner] = session  # another thread's running loop closes its own
+
+
+class HTTPModel:
+    """What the JSON-over-HTTP models share: name, endpoint (two servers, two lanes), pool, streaming switch."""
+
+    def __init__(
+        self, model: str, base_url: str, *, provider: str, pool: int, timeout: float, stream: bool,
+        on_text: TextCallback | None,
+    ) -> None:
+        self._model = model
+        self._base_url = base_url.rstrip("/")
+        self._provider = provider
+        self._http = JSONTransport(pool=pool, timeout=timeout)
+        self._stream = stream
+        self._on_text = on_text
+        self._url = self._base_url  # the subclass's endpoint path
+        self._headers: dict[str, str] = {}
+
+    @property
+    def provider(self) -> str:
+        return self._provider
+
+    @property
+    def name(self) -> str:
+        return self._model
+
+    @property
+    def endpoint(self) -> str:
+        return self._base_url
+
+    def count_tokens(self, text: str) -> int:
+        return estimate_tokens(text)
+
+    def reserve_connections(self, count: int) -> None:
+        """Keep at least ``count`` connections open (the Dispatcher passes the lane's ceiling)."""
+        self._http.reserve(count)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        if self._stream:
+            return await self.request_stream(request, self._on_text)
+        return await self._request(request)
+
+    async def _request(self, request: ModelRequest) -> ModelResponse:
+        raise NotImplementedError
+
+    def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
+        raise NotImplementedError
+
+    async def _post(self, payload: dict[str, Any]) -> tuple[Any, Mapping[str, str]]:
+        """POST to this model's URL; a failure comes out as the provider's ModelError."""
+        guard.check_request_allowed(self._url)
+        try:
+            return await self._http.post(self._url, payload, self._headers)
+        except (HTTPStatus, HTTPFailure) as exc:
+            raise self._translate(exc) from exc
+
+    async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._model!r}, base_url={self._base_url!r})"
 
 
 def _decode(raw: bytes) -> Any:

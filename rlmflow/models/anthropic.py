@@ -22,14 +22,14 @@ from .._exceptions import (
     TransientModelError,
 )
 from . import guard
-from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPStatus, JSONTransport, ServerEvent, retry_after
+from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, retry_after
 from .base import (
     ModelRequest,
     ModelResponse,
     TextCallback,
     Usage,
-    estimate_tokens,
     estimated_usage,
+    note_partial_output,
     split_system,
 )
 
@@ -39,7 +39,7 @@ API_VERSION = "2023-06-01"
 _RATE_HEADERS = ("retry-after", "anthropic-ratelimit-")
 
 
-class AnthropicModel:
+class AnthropicModel(HTTPModel):
     """A Claude model on Anthropic's API (``anthropic:<model>``).
 
     ``base_url`` defaults to ``$ANTHROPIC_BASE_URL``, then ``https://api.anthropic.com``; the
@@ -58,36 +58,16 @@ class AnthropicModel:
         stream: bool = False,
         on_text: TextCallback | None = None,
     ) -> None:
-        self._model = model
-        self._base_url = (base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com").rstrip("/")
+        super().__init__(
+            model, base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
+            provider="anthropic", pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
+        )
         self._url = self._base_url + "/v1/messages"
         self._headers = {
             "x-api-key": api_key or os.environ.get("ANTHROPIC_API_KEY") or "",
             "anthropic-version": API_VERSION,
             "content-type": "application/json",
         }
-        self._http = JSONTransport(pool=max_pool_connections, timeout=timeout)
-        self._stream = stream
-        self._on_text = on_text
-
-    @property
-    def provider(self) -> str:
-        return "anthropic"
-
-    @property
-    def name(self) -> str:
-        return self._model
-
-    @property
-    def endpoint(self) -> str:
-        return self._base_url
-
-    def count_tokens(self, text: str) -> int:
-        return estimate_tokens(text)
-
-    def reserve_connections(self, count: int) -> None:
-        """Keep at least ``count`` connections open (the Dispatcher passes the lane's ceiling)."""
-        self._http.reserve(count)
 
     def payload(self, request: ModelRequest) -> dict[str, Any]:
         """The JSON body of ``request``: system apart, consecutive turns of one role merged."""
@@ -109,14 +89,8 @@ class AnthropicModel:
             body["stop_sequences"] = list(request.stop)
         return body
 
-    async def request(self, request: ModelRequest) -> ModelResponse:
-        if self._stream:
-            return await self.request_stream(request, self._on_text)
-        guard.check_request_allowed(self._url)
-        try:
-            reply, headers = await self._http.post(self._url, self.payload(request), self._headers)
-        except (HTTPStatus, HTTPFailure) as exc:
-            raise self._translate(exc) from exc
+    async def _request(self, request: ModelRequest) -> ModelResponse:
+        reply, headers = await self._post(self.payload(request))
         text = "".join(b.get("text", "") for b in reply.get("content") or [] if b.get("type") == "text")
         return ModelResponse(
             text=text,
@@ -155,11 +129,7 @@ class AnthropicModel:
                     elif kind == "error":  # after the 200 status line: overloaded, rate limit...
                         raise HTTPStatus(_status_of(data), headers, data)
         except (HTTPStatus, HTTPFailure) as exc:
-            error = self._translate(exc)
-            if parts:
-                error.message = f"{error.message} (after {sum(map(len, parts))} characters of output)"
-                error.args = (error.message,)
-            raise error from exc
+            raise note_partial_output(self._translate(exc), parts) from exc
         text = "".join(parts)
         return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
                              finish_reason=finish, headers=headers)
@@ -188,11 +158,6 @@ class AnthropicModel:
             return TransientModelError(f"server error {status}: {message}", **detail)
         return FatalModelError(f"request rejected ({status} {kind}): {message}", **detail)
 
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    def __repr__(self) -> str:
-        return f"AnthropicModel({self._model!r}, base_url={self._base_url!r})"
 
 
 def _status_of(event: dict[str, Any]) -> int:

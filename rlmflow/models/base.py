@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from .._exceptions import ModelError
 
 Role = Literal["system", "user", "assistant"]
 ReasoningEffort = Literal["minimal", "low", "medium", "high"]
 #: Receives each piece of text as a streaming model produces it (the live display of a root turn).
 TextCallback = Callable[[str], None]
+E = TypeVar("E", bound="ModelError")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +145,46 @@ def estimated_usage(request: ModelRequest, text: str) -> Usage:
     return Usage(sum(estimate_tokens(m.content) for m in request.messages), estimate_tokens(text), 1, estimated=True)
 
 
+def note_partial_output(error: E, parts: Sequence[str]) -> E:
+    """``error`` with the length of the output streamed before it failed added to its message."""
+    if parts:
+        error.message = f"{error.message} (after {sum(map(len, parts))} characters of output)"
+        error.args = (error.message,)
+    return error
+
+
 def estimate_tokens(text: str) -> int:
     """A tokenizer-free estimate: about four characters a token for English and code."""
     return max(1, (len(text) + 3) // 4)
+
+
+class StreamingView:
+    """``model`` whose :meth:`request` streams, handing each piece of text to ``on_text``.
+
+    For a root model shown live: ``dispatcher.call(StreamingView(root, on_text), ...)`` goes
+    through the same lane as ``root`` (every other attribute is the model's own).
+    """
+
+    def __init__(self, model: StreamingLanguageModel, on_text: TextCallback) -> None:
+        self.model = model
+        self.on_text = on_text
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def count_tokens(self, text: str) -> int:
+        return self.model.count_tokens(text)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self.model.request_stream(request, self.on_text)
+
+    async def aclose(self) -> None:
+        return None  # the model belongs to whoever made it
+
+    def __getattr__(self, name: str) -> object:  # endpoint, lane_limits, reserve_connections...
+        return getattr(self.model, name)

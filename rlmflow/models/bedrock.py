@@ -39,6 +39,7 @@ from .base import (
     Usage,
     estimate_tokens,
     estimated_usage,
+    note_partial_output,
     split_system,
 )
 
@@ -218,11 +219,7 @@ class BedrockModel:
             finally:
                 events.close()  # returns the connection to the pool, also when cancelled mid-stream
         except Exception as exc:
-            error = self._translate(exc)
-            if parts:
-                error.message = f"{error.message} (after {sum(map(len, parts))} characters of output)"
-                error.args = (error.message,)
-            raise error from exc
+            raise note_partial_output(self._translate(exc), parts) from exc
         text = "".join(parts)
         return ModelResponse(
             text=text, usage=_usage(usage, request, text), model=self._model_id, finish_reason=stop_reason

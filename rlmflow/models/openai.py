@@ -22,8 +22,8 @@ from .._exceptions import (
     TransientModelError,
 )
 from . import guard
-from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPStatus, JSONTransport, ServerEvent, retry_after
-from .base import ModelRequest, ModelResponse, TextCallback, Usage, estimate_tokens, estimated_usage
+from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, retry_after
+from .base import ModelRequest, ModelResponse, TextCallback, Usage, estimated_usage, note_partial_output
 
 __all__ = ["OpenAIModel", "is_reasoning_model"]
 
@@ -37,7 +37,7 @@ def is_reasoning_model(model: str) -> bool:
     return bool(_REASONING.match(model.rsplit("/", 1)[-1]))
 
 
-class OpenAIModel:
+class OpenAIModel(HTTPModel):
     """A chat model behind the OpenAI chat-completions protocol.
 
     ``base_url`` defaults to ``$OPENAI_BASE_URL``, then OpenAI's; the key to ``$OPENAI_API_KEY``
@@ -62,35 +62,14 @@ class OpenAIModel:
         stream: bool = False,
         on_text: TextCallback | None = None,
     ) -> None:
-        self._model = model
-        self._provider = provider
-        self._base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        super().__init__(
+            model, base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+            provider=provider, pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
+        )
         self._url = self._base_url + "/chat/completions"
         key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
         self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self._reasoning = is_reasoning_model(model) if reasoning is None else reasoning
-        self._http = JSONTransport(pool=max_pool_connections, timeout=timeout)
-        self._stream = stream
-        self._on_text = on_text
-
-    @property
-    def provider(self) -> str:
-        return self._provider
-
-    @property
-    def name(self) -> str:
-        return self._model
-
-    @property
-    def endpoint(self) -> str:
-        return self._base_url
-
-    def count_tokens(self, text: str) -> int:
-        return estimate_tokens(text)
-
-    def reserve_connections(self, count: int) -> None:
-        """Keep at least ``count`` connections open (the Dispatcher passes the lane's ceiling)."""
-        self._http.reserve(count)
 
     def payload(self, request: ModelRequest) -> dict[str, Any]:
         """The JSON body of ``request`` for this model."""
@@ -112,14 +91,8 @@ class OpenAIModel:
             body["stop"] = list(request.stop)
         return body
 
-    async def request(self, request: ModelRequest) -> ModelResponse:
-        if self._stream:
-            return await self.request_stream(request, self._on_text)
-        guard.check_request_allowed(self._url)
-        try:
-            reply, headers = await self._http.post(self._url, self.payload(request), self._headers)
-        except (HTTPStatus, HTTPFailure) as exc:
-            raise self._translate(exc) from exc
+    async def _request(self, request: ModelRequest) -> ModelResponse:
+        reply, headers = await self._post(self.payload(request))
         choices = reply.get("choices") or []
         if not choices:
             raise TransientModelError("the server returned no choices", provider=self._provider, model=self._model)
@@ -161,7 +134,7 @@ class OpenAIModel:
                                 on_text(piece)
                         finish = choice.get("finish_reason") or finish
         except (HTTPStatus, HTTPFailure) as exc:
-            raise self._translate(exc) from exc
+            raise note_partial_output(self._translate(exc), parts) from exc
         text = "".join(parts)
         return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
                              finish_reason=finish, headers=headers)
@@ -197,11 +170,6 @@ class OpenAIModel:
             return TransientModelError(f"server error {status}: {message}", **detail)
         return FatalModelError(f"request rejected ({status}): {message}", **detail)
 
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    def __repr__(self) -> str:
-        return f"OpenAIModel({self._model!r}, base_url={self._base_url!r})"
 
 
 def _rate_headers(headers: Any) -> dict[str, str]:

@@ -30,6 +30,7 @@ from ..dispatch.budget import BudgetLedger
 from ..dispatch.dispatcher import CallRecord, Dispatcher
 from ..dispatch.lane import RunShare
 from ..dispatch.limits import Priority
+from . import guard
 from .base import LanguageModel, Message, ModelRequest, ModelResponse, Usage, estimate_tokens
 
 __all__ = ["DispatchedModel", "StrandsModel", "strands_messages_as_text"]
@@ -49,6 +50,13 @@ def _model_id(model: StrandsBaseModel) -> str:
     config = model.get_config()
     value = config.get("model_id") if isinstance(config, dict) else getattr(config, "model_id", None)
     return str(value or type(model).__name__)
+
+
+def _check_allowed(model: StrandsBaseModel) -> None:
+    """The test guard, for strands models whose boto3 client says where it sends (BedrockModel)."""
+    endpoint = getattr(getattr(getattr(model, "client", None), "meta", None), "endpoint_url", None)
+    if isinstance(endpoint, str):
+        guard.check_request_allowed(endpoint)
 
 
 def _translate(exc: BaseException, provider: str, model: str) -> ModelError:
@@ -148,6 +156,7 @@ class StrandsModel:
             {"role": m.role, "content": [{"text": m.content}]}
             for m in request.messages if m.role != "system"
         ]
+        _check_allowed(self.strands_model)
         collected = _Collected()
         try:
             async for event in self.strands_model.stream(messages, system_prompt=system):
@@ -267,6 +276,7 @@ class DispatchedModel(StrandsBaseModel):
             return
         assert self._strands is not None
         inner = self._strands
+        _check_allowed(inner)
 
         def run() -> AsyncIterable[StreamEvent]:
             return inner.stream(messages, tool_specs, system_prompt, tool_choice=tool_choice, **kwargs)

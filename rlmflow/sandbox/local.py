@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -114,7 +115,7 @@ class LocalSandbox:
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.start_timeout = start_timeout
-        self._limiters: dict[tuple[int, int], anyio.CapacityLimiter] = {}
+        self._limiters: weakref.WeakKeyDictionary[Any, dict[int, anyio.CapacityLimiter]] = weakref.WeakKeyDictionary()
 
     @asynccontextmanager
     async def session(self, context: Context, bridge: Bridge) -> AsyncIterator[LocalSandboxSession]:
@@ -125,10 +126,13 @@ class LocalSandbox:
         ``SandboxCrashedError`` when the worker cannot start.
         """
         depth = _DEPTH.get()
-        key = (id(anyio.lowlevel.current_token().native_token), depth)  # limiters belong to one loop
-        limiter = self._limiters.get(key)
+        loop = anyio.lowlevel.current_token().native_token  # a limiter belongs to one event loop
+        per_depth = self._limiters.get(loop)
+        if per_depth is None:
+            per_depth = self._limiters[loop] = {}
+        limiter = per_depth.get(depth)
         if limiter is None:
-            limiter = self._limiters[key] = anyio.CapacityLimiter(self.max_sessions)
+            limiter = per_depth[depth] = anyio.CapacityLimiter(self.max_sessions)
         async with limiter:
             token = _DEPTH.set(depth + 1)
             try:
@@ -150,7 +154,12 @@ class LocalSandbox:
 
 
 class LocalSandboxSession:
-    """A live local sandbox. Created by :meth:`LocalSandbox.session`."""
+    """A live local sandbox. Created by :meth:`LocalSandbox.session`.
+
+    ``report`` is the :class:`SandboxReport` of the current worker (probed when it started),
+    ``isolation`` its layers as strings, ``restarts`` how many times the worker was replaced,
+    ``load_seconds`` how long the worker took to read the context.
+    """
 
     def __init__(self, config: LocalSandbox, bridge: Bridge, tg: anyio.abc.TaskGroup) -> None:
         self._config = config
@@ -279,6 +288,9 @@ class LocalSandboxSession:
             await self._reap(old)
         self.restarts += 1
         _logger.warning("sandbox worker restarted", restarts=self.restarts)
+        if self._dir is not None and self._bwrap is None:
+            # a new worker starts from an empty scratch directory, as bubblewrap's new tmpfs does
+            await anyio.to_thread.run_sync(scratch.empty, self._dir / "work")
         await self._spawn()
 
     async def _reap(self, incarnation: Incarnation) -> None:
@@ -331,6 +343,8 @@ class LocalSandboxSession:
                     if cell is not None and cell.id == message.get("id"):
                         cell.finish(message)
                 elif op == "call":
+                    # backpressure: a worker flooding calls waits (and times out), the host's tasks stay bounded
+                    await incarnation.calls.acquire()
                     self._tg.start_soon(self._serve_call, incarnation, self._cell, message)
         except wire.FrameError as exc:
             incarnation.failure = f"the worker sent a bad frame ({exc})"
@@ -392,6 +406,8 @@ class LocalSandboxSession:
             await incarnation.send(reply)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the worker is gone; its cell already reports that
+        finally:
+            incarnation.calls.release()
 
     # -- cells -------------------------------------------------------------------------------
     async def execute(self, code: str) -> CellResult:
@@ -401,7 +417,10 @@ class LocalSandboxSession:
             incarnation = self._incarnation
             if incarnation is None or incarnation.dead.is_set() or incarnation.process.returncode is not None:
                 await self._restart()
-                notes.append("The sandbox had stopped and was restarted: variables were lost, context is reloaded.")
+                notes.append(
+                    "The sandbox had stopped and was restarted: variables were lost (and scratch files), "
+                    "context is reloaded."
+                )
                 incarnation = self._incarnation
             assert incarnation is not None
             self._cell_ids += 1
@@ -424,8 +443,8 @@ class LocalSandboxSession:
                     await self._restart()
                 restarted = True
                 notes.append(
-                    "The sandbox worker was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
-                    "recompute what you need."
+                    "The sandbox worker was replaced: ALL VARIABLES WERE LOST, and the files it wrote. "
+                    "`context` is loaded again; recompute what you need."
                 )
             if not restarted:
                 quota_note = await self._check_quota()
@@ -449,14 +468,21 @@ class LocalSandboxSession:
         assert self._dir is not None and self._incarnation is not None
         config = self._config
         work = self._dir / "work"
-        if self._incarnation.bwrap:  # the tmpfs lives in the namespace: seen through its init's root
-            inner = await anyio.to_thread.run_sync(first_child, self._incarnation.process.pid)
-            if inner is None:
-                return None
-            work = Path(f"/proc/{inner}/root") / work.relative_to("/")
-        usage = await anyio.to_thread.run_sync(
-            lambda: scratch.measure(work, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
-        )
+        bwrap_pid = self._incarnation.process.pid if self._incarnation.bwrap else None
+
+        def check() -> tuple[Path, scratch.ScratchUsage] | None:  # one thread hop per cell
+            where = work
+            if bwrap_pid is not None:  # the tmpfs lives in the namespace: seen through its init's root
+                inner = first_child(bwrap_pid)
+                if inner is None:
+                    return None
+                where = Path(f"/proc/{inner}/root") / work.relative_to("/")
+            return where, scratch.measure(where, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
+
+        checked = await anyio.to_thread.run_sync(check)
+        if checked is None:
+            return None
+        work, usage = checked
         if usage.files <= config.scratch_files and usage.bytes <= config.scratch_bytes:
             return None
         await anyio.to_thread.run_sync(scratch.empty, work)

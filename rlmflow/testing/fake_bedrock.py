@@ -5,7 +5,8 @@ and ``POST /model/{modelId}/converse-stream`` (the AWS event-stream binary frami
 request must carry a SigV4 signature, which the fake checks by signing the request again with
 botocore and the dummy credentials it was given. Errors have Bedrock's shapes
 (``x-amzn-ErrorType`` and ``{"message": ...}``; in a stream, an ``exception`` message such as
-``throttlingException`` after partial output). Limits, faults and latency are those of
+``throttlingException`` after partial output). A ``tool_reply`` function makes it answer
+requests that offer tools with a ``toolUse`` block (a scripted Strands root). Limits, faults and latency are those of
 :class:`~rlmflow.testing.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
 
     async with FakeBedrockServer(latency=0.05) as server:
@@ -23,6 +24,7 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -86,9 +88,14 @@ class FakeBedrockServer(FakeProviderBase):
         check_signatures: bool = True,
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
+        tool_reply: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
         **knobs: Any,
     ) -> None:
         super().__init__(**knobs)
+        # Plays a tool-using root: given a request that offers tools (``toolConfig``), the tool
+        # call to answer with ({"name": ..., "input": {...}}), or None for a text answer.
+        self.tool_reply = tool_reply
+        self._tool_uses = 0
         self.cache_read_tokens = cache_read_tokens
         self.cache_write_tokens = cache_write_tokens
         self.access_key = access_key
@@ -99,8 +106,10 @@ class FakeBedrockServer(FakeProviderBase):
 
     def credentials_env(self) -> dict[str, str]:
         """Environment variables that make the standard AWS chain find this fake's credentials."""
+        # nothing else in the chain: no shared files, no instance metadata
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region}
+                "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, "AWS_CONFIG_FILE": "/nonexistent",
+                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/model/{model_id}/converse", self._converse)
@@ -146,31 +155,35 @@ class FakeBedrockServer(FakeProviderBase):
             message = f"{message} ({prompt_tokens} tokens > {self.context_window} maximum)"
         return web.json_response({"message": message}, status=status, headers={"x-amzn-ErrorType": code})
 
-    async def _admitted(self, request: web.Request) -> tuple[Admission | web.Response, str, str, int, str | None]:
+    async def _admitted(
+        self, request: web.Request
+    ) -> tuple[Admission | web.Response, dict[str, Any], str, int, str | None]:
         """Read, check and admit a request; a refusal comes back as the response to send."""
-        _body, prompt, last, max_tokens = await self._read(request)
+        body, prompt, last, max_tokens = await self._read(request)
         kind = self.directive(prompt)
         if kind is not None and kind != "stream-throttle":
-            return self._refuse(kind), prompt, last, max_tokens, kind
+            return self._refuse(kind), body, last, max_tokens, kind
         admission = self.admit(prompt, last, max_tokens)
         if admission.error in ("too-long", "throttle"):
-            return self._refuse(admission.error or "", admission.prompt_tokens), prompt, last, max_tokens, kind
+            return self._refuse(admission.error or "", admission.prompt_tokens), body, last, max_tokens, kind
         await self.delay(admission, request)
         if admission.error == "server_error":
-            return self._refuse("server_error"), prompt, last, max_tokens, kind
-        return admission, prompt, last, max_tokens, kind
+            return self._refuse("server_error"), body, last, max_tokens, kind
+        return admission, body, last, max_tokens, kind
 
     async def _converse(self, request: web.Request) -> web.StreamResponse:
         self.enter()
         try:
-            admission, _prompt, last, max_tokens, _kind = await self._admitted(request)
+            admission, body, last, max_tokens, _kind = await self._admitted(request)
             if isinstance(admission, web.Response):
                 return admission
-            text, output = self.answer(last, max_tokens)
+            use = self.tool_reply(body) if self.tool_reply is not None and "toolConfig" in body else None
+            text, output = self.answer(last, max_tokens) if use is None else ("", self.output_tokens)
             self.settle(admission, output)
+            content = [{"text": text}] if use is None else [{"toolUse": {**use, "toolUseId": self._tool_id()}}]
             return web.json_response({
-                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                "stopReason": "end_turn",
+                "output": {"message": {"role": "assistant", "content": content}},
+                "stopReason": "end_turn" if use is None else "tool_use",
                 "usage": self._usage(admission.prompt_tokens, output),
                 "metrics": {"latencyMs": int(self.latency * 1000)},
             })
@@ -180,13 +193,16 @@ class FakeBedrockServer(FakeProviderBase):
     async def _converse_stream(self, request: web.Request) -> web.StreamResponse:
         self.enter()
         try:
-            admission, _prompt, last, max_tokens, kind = await self._admitted(request)
+            admission, body, last, max_tokens, kind = await self._admitted(request)
             if isinstance(admission, web.Response):
                 return admission
-            text, output = self.answer(last, max_tokens)
+            use = self.tool_reply(body) if self.tool_reply is not None and "toolConfig" in body else None
             response = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
             await response.prepare(request)
             await response.write(_event("messageStart", {"role": "assistant"}))
+            if use is not None:
+                return await self._stream_tool_use(response, admission, use)
+            text, output = self.answer(last, max_tokens)
             for index, piece in enumerate(self.pieces(text)):
                 if index == 1 and kind == "stream-throttle":
                     _, code, message = _ERRORS["throttle"]
@@ -206,6 +222,26 @@ class FakeBedrockServer(FakeProviderBase):
             return response
         finally:
             self.leave()
+
+    def _tool_id(self) -> str:
+        self._tool_uses += 1
+        return f"tooluse_{self._tool_uses}"
+
+    async def _stream_tool_use(
+        self, response: web.StreamResponse, admission: Admission, use: dict[str, Any]
+    ) -> web.StreamResponse:
+        start = {"toolUse": {"toolUseId": self._tool_id(), "name": use["name"]}}
+        await response.write(_event("contentBlockStart", {"contentBlockIndex": 0, "start": start}))
+        delta = {"toolUse": {"input": json.dumps(use.get("input") or {})}}
+        await response.write(_event("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}))
+        await response.write(_event("contentBlockStop", {"contentBlockIndex": 0}))
+        await response.write(_event("messageStop", {"stopReason": "tool_use"}))
+        await response.write(_event("metadata", {
+            "usage": self._usage(admission.prompt_tokens, self.output_tokens), "metrics": {"latencyMs": 1},
+        }))
+        self.settle(admission, self.output_tokens)
+        await response.write_eof()
+        return response
 
     def _usage(self, prompt_tokens: int, output: int) -> dict[str, int]:
         # Bedrock's inputTokens leaves out the tokens read from or written to the prompt cache
