@@ -41,8 +41,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
 - **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
   load-related refusal hits a call sent two or more below the floor (a level the provider
-  surely serves), or when a busy lane has seen load-related refusals and no success for a whole round
-  trip: a full RPM or TPM window refuses every call, whatever the concurrency.
+  surely serves), or when refusals have gone on for a whole round trip without a single
+  success: a full RPM or TPM window refuses every call, whatever the concurrency.
   :meth:`on_refusal` then returns ``pause=True`` and the lane stops sending until the
   ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
@@ -143,8 +143,7 @@ class AdaptiveLimit:
         self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
         self._peak_level, self._peak_at = 0, -math.inf  # the most calls in flight lately
         self._last_success = -math.inf
-        self._active_since = -math.inf  # the first call sent after the lane was idle
-        self._last_send = -math.inf
+        self._refused_since: float | None = None  # the first refusal since the last success
         self._served: deque[float] = deque()  # when recent successes came back
         self._min_rtt = math.inf
         self._holds: deque[float] = deque()  # when each held slot frees
@@ -227,9 +226,6 @@ class AdaptiveLimit:
         """A call is sent with ``in_flight`` calls (itself included) out."""
         self._seq += 1
         now = self._clock()
-        if in_flight == 1 and not self.held() and now - self._last_send > self.round_trip:
-            self._active_since = now  # the lane was idle (not merely held back): quiet counts from now
-        self._last_send = now
         if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
             self._peak_level, self._peak_at = in_flight, now
         floor = self.floor()
@@ -244,6 +240,7 @@ class AdaptiveLimit:
             self._count_outcome(refused=False)
         rtt = now - stamp.at
         self._last_success = now
+        self._refused_since = None
         self._served.append(now)
         self._min_rtt = min(self._min_rtt, max(rtt, 1e-4))
         self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
@@ -278,10 +275,11 @@ class AdaptiveLimit:
         load_related = exhausted or run >= k or (stamp.above_floor and self._excess_above_floor())
         if run == 1 and not load_related and not stamp.above_floor:
             self._count_outcome(refused=True)  # the background rate counts a run once, not per member
-        quiet_since = max(self._last_success, self._active_since)
+        if self._refused_since is None:
+            self._refused_since = now
         # refused at a level the provider just served, or nothing but refusals for a round trip on
         # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
-        pause = exhausted or (load_related and (stamp.well_below_floor or now - quiet_since >= self.round_trip))
+        pause = exhausted or (load_related and (stamp.well_below_floor or now - self._refused_since >= self.round_trip))
         decreased = False
         if pause:
             self._pause()
@@ -302,7 +300,7 @@ class AdaptiveLimit:
         self._served.clear()
         self._holds.clear()
         self._decreased_at_seq = self._seq
-        self._active_since = self._clock()
+        self._refused_since = None
         self._set_limit(1.0)
 
     # -- helpers ------------------------------------------------------------------------------------
