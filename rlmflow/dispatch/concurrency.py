@@ -150,7 +150,8 @@ class AdaptiveLimit:
         self._probe_level: int | None = None  # the level that failed last
         self._probe_failures = 0
         self._probe_after = -math.inf
-        self.history: list[tuple[float, int]] = []  # (time, limit) at each change, for plots
+        # (time, limit) at each change, for plots; bounded so a long-lived lane does not grow it forever
+        self.history: deque[tuple[float, int]] = deque(maxlen=10_000)
 
     # -- reading ------------------------------------------------------------------------------------
     @property
