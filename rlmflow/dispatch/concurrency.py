@@ -142,7 +142,6 @@ class AdaptiveLimit:
         self._successes: deque[tuple[float, int]] = deque()  # (completed at, level); levels decrease
         self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
         self._peak_level, self._peak_at = 0, -math.inf  # the most calls in flight lately
-        self._last_success = -math.inf
         self._refused_since: float | None = None  # the first refusal since the last success
         self._served: deque[float] = deque()  # when recent successes came back
         self._min_rtt = math.inf
@@ -240,7 +239,6 @@ class AdaptiveLimit:
         if not stamp.above_floor:
             self._count_outcome(refused=False)
         rtt = now - stamp.at
-        self._last_success = now
         self._refused_since = None
         self._served.append(now)
         self._min_rtt = min(self._min_rtt, max(rtt, 1e-4))
