@@ -177,7 +177,7 @@ async def test_one_client_per_region_shared_and_closed_by_the_last(server: FakeB
 async def test_pool_reaches_the_lane_ceiling(server: FakeBedrockServer) -> None:
     """botocore's pool would cap fan-out (at 8 here); the lane sizes it to its ceiling of 48."""
     server.latency = 0.3
-    dispatcher = Dispatcher(limits={"aws.bedrock": Limits(max_concurrency=48)})
+    dispatcher = Dispatcher(limits={"aws.bedrock": Limits(max_concurrency=48, initial_concurrency=48)})
     model = bedrock(server, max_pool_connections=8)
     try:
         requests = [ModelRequest.from_prompt(f"item {i}", max_tokens=16) for i in range(48)]
@@ -302,3 +302,19 @@ async def test_a_streaming_view_shares_the_model_lane(server: FakeBedrockServer)
         await model.aclose()
     assert "".join(pieces) == response.text == answer_for("live") and len(pieces) > 1
     assert dispatcher.lane(view) is dispatcher.lane(model)
+
+
+async def test_hidden_concurrency_limit_and_status_faults_lose_nothing(server: FakeBedrockServer) -> None:
+    """The OpenAI fake's knobs on the Bedrock wire: a hidden limit of 4 in flight and random 503s."""
+    server.latency, server.max_concurrency, server.status_faults = 0.02, 4, {503: 0.1}
+    dispatcher = Dispatcher(limits={"aws.bedrock": Limits(max_concurrency=32, initial_concurrency=32)},
+                            retry=RetryPolicy(base_delay=0.001, max_delay=0.01, max_attempts=20, max_throttles=200))
+    model = bedrock(server)
+    try:
+        requests = [ModelRequest.from_prompt(f"n{i}", max_tokens=8) for i in range(60)]
+        results = await dispatcher.call_many(model, requests, ledger=BudgetLedger())
+    finally:
+        await model.aclose()
+    assert [getattr(r, "text", r) for r in results] == [answer_for(f"n{i}") for i in range(60)]
+    assert server.peak_in_flight <= 4 and server.counters.over_concurrency > 0
+    assert server.counters.faults.get("status_503", 0) > 0

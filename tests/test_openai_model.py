@@ -215,7 +215,7 @@ async def test_streaming_with_cached_usage(fake_server: tuple[str, FakeOpenAI]) 
 async def test_billing_exhaustion_is_not_retried(fake_server: tuple[str, FakeOpenAI]) -> None:
     base_url, fake = fake_server
     fake.retry_after = "0"
-    dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01))
+    dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01, max_throttles=5))
     model = OpenAIModel("m", base_url=base_url)
     try:
         with pytest.raises(QuotaExhaustedError, match="insufficient_quota"):
@@ -225,7 +225,7 @@ async def test_billing_exhaustion_is_not_retried(fake_server: tuple[str, FakeOpe
             await dispatcher.call(model, ModelRequest.from_prompt("status:429"), ledger=BudgetLedger())
     finally:
         await model.aclose()
-    assert len(fake.received) == 1 + 6  # one billing refusal; six attempts at the plain throttle
+    assert len(fake.received) == 1 + 6  # one billing refusal; the first try and five retried throttles
 
 
 async def test_two_servers_with_one_model_name_are_two_lanes() -> None:
@@ -244,28 +244,14 @@ def test_price_overrides_keyed_by_provider_and_model() -> None:
     assert pricing.cost("anthropic", "llama-3", usage) == 30.0  # the bare name covers other providers
 
 
-class CountingServer(FakeOpenAIServer):
-    """The shared OpenAI fake, counting calls in flight."""
-
-    in_flight = peak = 0
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            return await super()._handle(request)
-        finally:
-            self.in_flight -= 1
-
-
 async def test_a_run_with_openai_sub_calls_priced_and_pooled_to_the_lane() -> None:
     root = turn_script([
         "answers = llm_query_many([f'chunk {i}' for i in range(40)])\nprint(len(answers))",
         "FINAL(answers[7])",
     ])
-    async with CountingServer(latency=0.3) as server:
+    async with FakeOpenAIServer(latency=0.3) as server:
         sub = OpenAIModel("my-vllm", base_url=server.base_url, max_pool_connections=4)
-        dispatcher = Dispatcher(limits={"openai": Limits(max_concurrency=40)},
+        dispatcher = Dispatcher(limits={"openai": Limits(max_concurrency=40, initial_concurrency=40)},
                                 pricing=Pricing(overrides={"openai:my-vllm": Price(1.0, 2.0)}))
         try:
             async with RLM(root=root, sub=sub, dispatcher=dispatcher) as rlm:
@@ -274,7 +260,7 @@ async def test_a_run_with_openai_sub_calls_priced_and_pooled_to_the_lane() -> No
             await sub.aclose()
     assert result.answer == answer_for("chunk 7")
     sub_calls = [c for c in result.calls if c.role == "sub"]
-    assert len(sub_calls) == 40 and server.peak == 40
+    assert len(sub_calls) == 40 and server.peak_in_flight == 40
     for call in sub_calls:
         assert call.cost_usd == pytest.approx((call.input_tokens * 1.0 + call.output_tokens * 2.0) / 1e6)
 
@@ -291,7 +277,7 @@ def test_one_model_across_two_event_loops() -> None:
     import asyncio
 
     async def ask(model: OpenAIModel) -> str:
-        async with CountingServer() as server:
+        async with FakeOpenAIServer() as server:
             model._base_url, model._url = server.base_url, server.base_url + "/chat/completions"
             return (await model.request(ModelRequest.from_prompt("same model"))).text
 
