@@ -64,11 +64,14 @@ if TYPE_CHECKING:
     from .models.anthropic import AnthropicModel
     from .models.bedrock import BedrockModel
     from .models.openai import OpenAIModel
+    from .sandbox.agentcore import AgentCoreSandbox
 
 __version__ = "0.1.0"
 
-# Remote providers are imported when first named, so `import rlmflow` loads no HTTP client.
+# Remote providers and the AgentCore sandbox are imported when first named, so `import rlmflow`
+# loads no HTTP or AWS client.
 _LAZY = {
+    "AgentCoreSandbox": ".sandbox.agentcore",
     "AnthropicModel": ".models.anthropic",
     "BedrockModel": ".models.bedrock",
     "OpenAIModel": ".models.openai",
@@ -85,6 +88,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "RLM",
+    "AgentCoreSandbox",
     "AnswerReady",
     "AnthropicModel",
     "BatchError",

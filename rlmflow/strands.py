@@ -37,6 +37,7 @@ from .models.strands import DispatchedModel, StrandsModel
 from .result import RLMResult, Turn
 from .sandbox.base import SandboxSession
 from .telemetry import attributes as attr
+from .telemetry import spans as span_attributes
 
 __all__ = ["TOOL_INSTRUCTIONS", "StrandsRootLoop", "strands_root_model"]
 
@@ -174,7 +175,7 @@ class StrandsRootLoop(RootLoop):
             run.recorder.emit(TurnStarted, turn=turn_index, max_turns=max_turns)
             started, wall = time.monotonic(), time.time()
             with rlm._tracer.start_as_current_span(
-                attr.SPAN_TURN, attributes={attr.RLM_TURN: turn_index, attr.RLM_DEPTH: run.depth}
+                attr.SPAN_TURN, attributes=span_attributes.turn_start(turn=turn_index, depth=run.depth)
             ):
                 run.progress.phase = "running code"
                 run.recorder.emit(CodeSubmitted, turn=turn_index, code=code)

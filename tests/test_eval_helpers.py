@@ -57,3 +57,18 @@ async def test_helpers_on_a_dict_context() -> None:
         assert found.output.strip() == "[('a.txt', 6), ('b.txt', 6)]"
         joined = await sandbox.execute("c = chunks(1)\nprint(len(c), \"=== document 'b.txt' ===\" in c[0])")
         assert joined.output.strip() == "1 True"
+
+
+async def test_established_lists_what_the_last_cell_set() -> None:
+    async with LocalSandbox().session(DOC, no_host) as sandbox:
+        first = await sandbox.execute("print(_rlmflow_established())")
+        assert first.output.strip() == ""  # nothing set yet: the API and helpers are not the model's
+        await sandbox.execute("import re\nhits = [m.start() for m in re.finditer('trapdoor', context)]\nn = 3")
+        shown = await sandbox.execute("print(_rlmflow_established())")
+        lines = shown.output.strip().splitlines()
+        assert lines == [f"hits = [{DOC.find('trapdoor')}] (list, 1 items)", "n = 3 (int)"]
+        await sandbox.execute("hits.append(5)\ntext = 'x' * 500")
+        again = (await sandbox.execute("print(_rlmflow_established())")).output.strip().splitlines()
+        assert again[0].startswith("hits = [") and again[0].endswith("(list, 2 items)")
+        assert again[1].startswith("text = 'xxxx") and "..." in again[1] and again[1].endswith("(str, 500 characters)")
+        assert (await sandbox.execute("print(repr(_rlmflow_established()))")).output.strip() == "''"

@@ -225,7 +225,7 @@ async def test_billing_exhaustion_is_not_retried(fake_server: tuple[str, FakeOpe
             await dispatcher.call(model, ModelRequest.from_prompt("status:429"), ledger=BudgetLedger())
     finally:
         await model.aclose()
-    assert len(fake.received) == 1 + 6  # one billing refusal; the first try and five retried throttles
+    assert len(fake.received) == 1 + 6  # one billing refusal; six attempts (five retries) at the throttle
 
 
 async def test_two_servers_with_one_model_name_are_two_lanes() -> None:
@@ -249,7 +249,7 @@ async def test_a_run_with_openai_sub_calls_priced_and_pooled_to_the_lane() -> No
         "answers = llm_query_many([f'chunk {i}' for i in range(40)])\nprint(len(answers))",
         "FINAL(answers[7])",
     ])
-    async with FakeOpenAIServer(latency=0.3) as server:
+    async with FakeOpenAIServer(latency=0.3) as server:  # it counts calls in flight
         sub = OpenAIModel("my-vllm", base_url=server.base_url, max_pool_connections=4)
         dispatcher = Dispatcher(limits={"openai": Limits(max_concurrency=40, initial_concurrency=40)},
                                 pricing=Pricing(overrides={"openai:my-vllm": Price(1.0, 2.0)}))

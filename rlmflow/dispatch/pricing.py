@@ -1,7 +1,8 @@
 """Cost of a call in USD, from the offline ``genai-prices`` tables with user overrides.
 
 A price is ``None`` when it is unknown: an unknown price is reported as unknown, never as zero.
-Local models cost nothing.
+Local models cost nothing. A model may also declare its own ``price`` (the Dispatcher reads it
+when neither an override nor the tables know the model); test doubles do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ __all__ = ["Price", "Pricing"]
 
 # rlmflow provider names -> genai-prices provider ids
 _PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "aws.bedrock": "aws"}
-_FREE_PROVIDERS = {"llama.cpp", "scripted"}
+_FREE_PROVIDERS = {"llama.cpp"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,8 @@ def _compile(pattern: str, ignore_case: bool) -> re.Pattern[str]:
 
 
 def install(namespace: dict[str, Any]) -> None:
-    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``)."""
+    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``), and
+    ``_rlmflow_established()``, which the host calls to tell the root what a cell established."""
 
     def grep(pattern: str, window: int = 300, max_hits: int = 20, ignore_case: bool = True) -> Hits:
         """Find ``pattern`` (a regex, or plain words) in ``context``.
@@ -135,5 +136,42 @@ def install(namespace: dict[str, Any]) -> None:
         pieces = [text[a:b] for a, b in zip([0, *cuts[:-1]], cuts, strict=True) if b > a]
         return Chunks(pieces)
 
+    seen: dict[str, tuple[int, int]] = {}
+    reserved = set(namespace) | {"grep", "chunks"}
+
+    def established(limit: int = 6, width: int = 100) -> str:
+        """The variables the last cell created or changed, one short line each ("" if none).
+
+        The host calls it after a cell so the root model sees what its code established, not
+        only what it printed. Changes are told by identity and size, so an in-place append counts.
+        """
+        current: dict[str, tuple[int, int]] = {}
+        for name, value in list(namespace.items()):
+            if name.startswith("_") or name in reserved or callable(value) or type(value).__name__ == "module":
+                continue
+            try:
+                size = len(value)
+            except TypeError:
+                size = -1
+            current[name] = (id(value), size)
+        changed = [name for name, mark in current.items() if seen.get(name) != mark]
+        seen.clear()
+        seen.update(current)
+        lines = []
+        for name in changed[:limit]:
+            value = namespace[name]
+            try:
+                text = repr(value)
+            except Exception:  # a user object whose repr fails: name its type only
+                text = f"<{type(value).__name__}>"
+            text = text if len(text) <= width else text[: width - 3] + "..."
+            extent = f", {len(value):,} items" if isinstance(value, (list, tuple, dict, set)) else (
+                f", {len(value):,} characters" if isinstance(value, str) else "")
+            lines.append(f"{name} = {text} ({type(value).__name__}{extent})")
+        if len(changed) > limit:
+            lines.append(f"... and {len(changed) - limit} more: {', '.join(changed[limit:])}")
+        return "\n".join(lines)
+
     namespace["grep"] = grep
     namespace["chunks"] = chunks
+    namespace["_rlmflow_established"] = established
