@@ -59,6 +59,8 @@ class FakeProviderBase(FakeOpenAIServer):
         self.context_window = context_window
         self.reply = reply or answer_for
         self.stream_pieces = stream_pieces
+        self.in_flight = 0  # this fake's own count (the OpenAI fake keeps its own apart)
+        self.peak_in_flight = 0
         self.requests_seen: list[dict[str, Any]] = []
         self._attempts: Counter[str] = Counter()
 
