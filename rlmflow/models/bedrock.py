@@ -13,6 +13,7 @@ container roles), optionally through a named ``profile``: rlmflow never takes ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from contextlib import AsyncExitStack
@@ -354,13 +355,12 @@ def _warm_loader(session: Any) -> None:
     from botocore.exceptions import DataNotFoundError, UnknownServiceError
 
     loader = botocore_session.get_component("data_loader")
-    loads = [(loader.load_service_model, ("bedrock-runtime", kind)) for kind in ("service-2", "endpoint-rule-set-1")]
-    loads += [(loader.load_data, (name,)) for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry")]
-    for load, arguments in loads:
-        try:
-            load(*arguments)
-        except (DataNotFoundError, UnknownServiceError):  # best effort: the client loads what it needs
-            continue
+    for kind in ("service-2", "endpoint-rule-set-1"):
+        with contextlib.suppress(DataNotFoundError, UnknownServiceError):  # best effort
+            loader.load_service_model("bedrock-runtime", kind)
+    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+        with contextlib.suppress(DataNotFoundError):
+            loader.load_data(name)
 
 
 def _converse_messages(messages: list[Message]) -> list[dict[str, Any]]:
