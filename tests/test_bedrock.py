@@ -183,6 +183,7 @@ async def test_pool_reaches_the_lane_ceiling(server: FakeBedrockServer) -> None:
         requests = [ModelRequest.from_prompt(f"item {i}", max_tokens=16) for i in range(48)]
         results = await dispatcher.call_many(model, requests, ledger=BudgetLedger())
         assert model._shared is not None and model._shared.client.meta.config.max_pool_connections == 48
+        assert model._shared.users == 1  # 48 first calls at once joined the client once
     finally:
         await model.aclose()
     assert [r.text for r in results] == [answer_for(f"item {i}") for i in range(48)]  # type: ignore[union-attr]

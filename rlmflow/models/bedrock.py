@@ -252,6 +252,8 @@ class BedrockModel:
         key = (asyncio.get_running_loop(), *self._key)
         lock = _CACHE.lock.setdefault(key, asyncio.Lock())
         async with lock:
+            if self._shared is not None:  # another call of this model made or joined it meanwhile
+                return self._shared.client
             shared = _CACHE.clients.get(key)
             if shared is None:
                 shared = await self._create_client()
