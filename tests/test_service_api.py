@@ -260,3 +260,16 @@ async def test_example_service_streams_sse_and_charges_the_tenant() -> None:
         bad = await client.post("/runs", json={"query": "no document"})
         assert bad.status_code == 400
     assert AnswerReady.kind == "answer"
+
+
+async def test_usage_above_the_reservation_is_reported_as_overrun() -> None:
+    """A provider that ignores max_tokens: the run's result says by how much it went over."""
+    from rlmflow import ModelResponse, Usage
+
+    sub = ScriptedModel(lambda r: ModelResponse(text="long", usage=Usage(10, r.max_tokens + 500, 1), model="sub"),
+                        name="sub")
+    root = turn_script(["a = llm_query_many(['x', 'y'], max_tokens=20)", "FINAL('ok')"])
+    async with RLM(root=root, sub=sub) as rlm:
+        result = await rlm.run("doc", "q?", budget=Budget(max_output_tokens=100_000))
+    assert result.overrun.output_tokens == 2 * 500
+    assert result.spent.output_tokens >= 2 * 520
