@@ -76,6 +76,7 @@ class RunProgress:
     cost_usd: float = 0.0
     started: float = field(default_factory=time.monotonic)
     sandbox_restarts: int = 0
+    root_chars: int = 0  # characters of the current root reply received so far (streaming models)
 
     @property
     def elapsed(self) -> float:

@@ -273,3 +273,21 @@ async def test_usage_above_the_reservation_is_reported_as_overrun() -> None:
         result = await rlm.run("doc", "q?", budget=Budget(max_output_tokens=100_000))
     assert result.overrun.output_tokens == 2 * 500
     assert result.spent.output_tokens >= 2 * 520
+
+
+async def test_a_streaming_root_shows_its_reply_as_it_arrives() -> None:
+    from rlmflow import OpenAIModel, RootText
+    from rlmflow.testing import FakeOpenAIServer
+
+    reply = "Counting now.\n```repl\nFINAL(str(context.count('beta')))\n```"
+    async with FakeOpenAIServer(root_marker="COUNT-BETA", root_reply=reply) as server:
+        root = OpenAIModel("fake", base_url=server.base_url)
+        try:
+            async with RLM(root=root) as rlm:
+                stream = rlm.stream("alpha beta " * 50, "COUNT-BETA please")
+                pieces = [e for e in [event async for event in stream] if isinstance(e, RootText)]
+                result = await stream.wait()
+        finally:
+            await root.aclose()
+    assert result.answer == "50"
+    assert len(pieces) > 1 and "".join(p.text for p in pieces) == reply
