@@ -7,6 +7,8 @@ through one Dispatcher under rate and budget control.
         result = await rlm.run(document, "Who wrote the letter?")
 """
 
+from typing import TYPE_CHECKING
+
 from ._exceptions import (
     BatchError,
     BudgetExceededError,
@@ -52,21 +54,47 @@ from .events import (
 )
 from .models.base import LanguageModel, Message, ModelRequest, ModelResponse, Usage
 from .models.local import LocalModel
-from .models.openai import OpenAIModel
 from .models.scripted import ScriptedModel
 from .sandbox.base import CellResult, Sandbox, SandboxSession
 from .sandbox.local import LocalSandbox
 from .stream import RunStream
 from .sync import run_sync
 
+if TYPE_CHECKING:
+    from .models.anthropic import AnthropicModel
+    from .models.bedrock import BedrockModel
+    from .models.openai import OpenAIModel
+    from .sandbox.agentcore import AgentCoreSandbox
+
 __version__ = "0.1.0"
+
+# Remote providers and the AgentCore sandbox are imported when first named, so `import rlmflow`
+# loads no HTTP or AWS client.
+_LAZY = {
+    "AgentCoreSandbox": ".sandbox.agentcore",
+    "AnthropicModel": ".models.anthropic",
+    "BedrockModel": ".models.bedrock",
+    "OpenAIModel": ".models.openai",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "RLM",
+    "AgentCoreSandbox",
     "AnswerReady",
+    "AnthropicModel",
     "BatchError",
     "BatchFinished",
     "BatchStarted",
+    "BedrockModel",
     "BridgeLimits",
     "Budget",
     "BudgetExceededError",

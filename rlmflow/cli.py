@@ -61,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="answer a question over one or more documents")
     run.add_argument("--context", nargs="+", required=True, metavar="PATH", help="document file(s)")
     run.add_argument("--query", required=True, help="the question")
-    run.add_argument("--root", default=DEFAULT_MODEL, help=f"root model (default {DEFAULT_MODEL})")
+    run.add_argument("--root", default=DEFAULT_MODEL, help=(
+        f"root model (default {DEFAULT_MODEL}): local:<name>, openai:<model>[@url], anthropic:<model>, "
+        "bedrock:<model-id>[@region], or strands:bedrock:<model-id>[@region] for a Strands Agent root "
+        "(docs/providers.md)"))
     run.add_argument("--sub", default=None, help="sub-call model (default: the root model)")
     run.add_argument("--max-turns", type=int, default=12)
     run.add_argument("--max-depth", type=int, default=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -40,10 +41,20 @@ __all__ = ["RLM", "RLMResult", "RunProgress", "Turn"]
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+def _root_style_of(root: object) -> Literal["code", "strands"]:
+    if isinstance(root, str):
+        return "strands" if root.startswith("strands:") else "code"
+    is_strands = any(f"{c.__module__}.{c.__name__}" == "strands.models.model.Model" for c in type(root).__mro__)
+    return "strands" if is_strands else "code"
+
+
 class RLM:
     """A Recursive Language Model: ``await RLM(...).run(context, query)``.
 
     - ``root``: the model that writes code (a model string or a ``LanguageModel``);
+    - ``root_style``: ``"code"`` (the root replies with code blocks) or ``"strands"`` (a strands
+      Agent drives the run through one ``execute_python`` tool; see :mod:`rlmflow.strands`);
+      by default ``"strands"`` exactly when ``root`` is a ``strands:`` string or a strands Model;
     - ``sub``: the model behind ``llm_query`` (default: the root model);
     - ``sub_models``: more models sandbox code may use, by alias: ``{"fast": ..., "strong": ...}``
       lets code call ``llm_query(p, model="fast")``; ``"default"`` is always ``sub``. Sandbox
@@ -75,7 +86,8 @@ class RLM:
     def __init__(
         self,
         *,
-        root: str | LanguageModel = DEFAULT_MODEL,
+        root: str | LanguageModel | Any = DEFAULT_MODEL,
+        root_style: Literal["code", "strands"] | None = None,
         sub: str | LanguageModel | None = None,
         sub_models: Mapping[str, str | LanguageModel] | None = None,
         bridge_limits: BridgeLimits | None = None,
@@ -103,7 +115,13 @@ class RLM:
         if max_depth < 0:
             raise ConfigurationError("max_depth must be >= 0")
         self._registry = ModelRegistry()
-        self.root = self._registry.resolve(root)
+        self.root_style = root_style or _root_style_of(root)
+        if self.root_style == "strands":
+            from .strands import strands_root_model
+
+            self.root: LanguageModel = strands_root_model(root)
+        else:
+            self.root = self._registry.resolve(root)
         self.sub = self._registry.resolve(sub) if sub is not None else self.root
         self.sub_models: dict[str, LanguageModel] = {DEFAULT_ALIAS: self.sub}
         for alias, model in (sub_models or {}).items():

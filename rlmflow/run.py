@@ -190,4 +190,8 @@ class _Run:
             if isinstance(report, SandboxReport):
                 self._session_report = report
                 trace.get_current_span().set_attributes(report.attributes())  # the run's span
+            if self.rlm.root_style == "strands":
+                from .strands import StrandsRootLoop
+
+                return await StrandsRootLoop(self)(session)
             return await RootLoop(self)(session)

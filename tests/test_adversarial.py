@@ -45,6 +45,7 @@ async def run(session: LocalSandboxSession, body: str) -> str:
 
 
 async def assert_denied(session: LocalSandboxSession, body: str) -> str:
+    await session.execute("canary = 'alive'")  # an earlier case may have replaced the worker
     output = await run(session, body)
     assert output.startswith("DENIED"), output
     kept = await session.execute("canary")
@@ -196,9 +197,15 @@ async def test_threads_still_work_and_a_thread_bomb_is_bounded(sandbox: LocalSan
         "import resource\nresource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)",
         "import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))",
         "import ctypes\nassert ctypes.CDLL(None, use_errno=True).prctl(1, 0, 0, 0, 0) == 0",  # PDEATHSIG off
+        "import os\nos.setpriority(os.PRIO_PROCESS, os.getppid(), 19)",  # renice the host
+        "import os\nos.setpriority(os.PRIO_USER, 0, 19)",  # every process of the same user
+        "import os\nos.sched_setaffinity(os.getppid(), {0})",  # pin the host to one CPU
+        # file_setattr (Linux 6.17, newer than the filter's list): answered as on an older kernel
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nattr = ctypes.create_string_buffer(32)\n"
+        "assert libc.syscall(469, -100, b'.', attr, 32, 0) == 0 or ctypes.get_errno() != 38, 'ENOSYS'",
     ],
     ids=["kill-host", "kill-all", "killpg", "ptrace-host", "raise-rlimit-as", "raise-rlimit-nofile",
-         "clear-pdeathsig"],
+         "clear-pdeathsig", "renice-host", "renice-user", "pin-host", "newer-syscall"],
 )  # fmt: skip
 async def test_signals_tracing_and_limits_stay_inside(sandbox: LocalSandboxSession, code: str) -> None:
     need(sandbox.report, "processes")
@@ -225,8 +232,26 @@ _SYSCALL = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.sy
         _SYSCALL + "assert libc.syscall(298, ctypes.create_string_buffer(128), 0, -1, -1, 0) >= 0, "
         "ctypes.get_errno()",  # perf_event_open
         _SYSCALL + "assert libc.syscall(323, 0) >= 0, ctypes.get_errno()",  # userfaultfd
+        # the kernel reads int arguments' low 32 bits: high bits must not slip past the filter
+        _SYSCALL + "assert libc.syscall(157, ctypes.c_ulong((1 << 32) | 1), 0) == 0, ctypes.get_errno()",
+        _SYSCALL + "assert libc.syscall(62, ctypes.c_ulong((1 << 32) | os.getppid()), 0) == 0, ctypes.get_errno()",
+        _SYSCALL + "fd = os.open('.', os.O_RDONLY)\n"
+        "assert libc.syscall(16, fd, ctypes.c_ulong((1 << 32) | 0x40086602), ctypes.byref(ctypes.c_long(0x10))) == 0, "
+        "ctypes.get_errno()",
     ],
-    ids=["mknod", "bpf", "mount", "unshare", "io_uring", "keyctl", "perf_event_open", "userfaultfd"],
+    ids=[
+        "mknod",
+        "bpf",
+        "mount",
+        "unshare",
+        "io_uring",
+        "keyctl",
+        "perf_event_open",
+        "userfaultfd",
+        "prctl-high-bits",
+        "kill-high-bits",
+        "chattr-high-bits",
+    ],
 )
 async def test_root_capabilities_are_gone(sandbox: LocalSandboxSession, code: str) -> None:
     need(sandbox.report, "seccomp", "capabilities")
@@ -289,15 +314,20 @@ async def test_planted_secrets_and_host_process_files_are_unreadable(
     sandbox: LocalSandboxSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     need(sandbox.report, "filesystem")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "PLANTED-ENV")
+    monkeypatch.setenv("OPENAI_API_KEY", "PLANTED-ENV")
+    respawned = await sandbox.execute("import os\nos._exit(0)")  # the next worker starts with them planted
+    assert respawned.restarted
     credentials = tmp_path / ".aws" / "credentials"
     credentials.parent.mkdir()
     credentials.write_text("[default]\naws_secret_access_key = PLANTED\n")
     for target in (str(credentials), "/proc/{ppid}/environ", "/proc/{ppid}/mem", "/proc/{ppid}/cmdline", "/etc/shadow"):
-        code = f"import os\nopen({target!r}.format(ppid=os.getppid()), 'rb').read(64)"
+        code = f"import os\nprint(open({target!r}.format(ppid=os.getppid()), 'rb').read(64))"
         output = await assert_denied(sandbox, code)
         assert "PLANTED" not in output
-    env = await sandbox.execute("import os\nprint(sorted(os.environ))")
-    assert "AWS" not in env.output and "OPENAI" not in env.output
+    env = await sandbox.execute("import os\nprint(dict(os.environ))")
+    assert "PLANTED" not in env.output and "AWS" not in env.output and "OPENAI" not in env.output
+    await sandbox.execute("canary = 'alive'")
 
 
 async def test_inherited_descriptors_reveal_nothing(sandbox: LocalSandboxSession, tmp_path: Path) -> None:

@@ -15,17 +15,20 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from rlmflow import IsolationUnavailableError, LocalSandbox
+from rlmflow import RLM, IsolationUnavailableError, LocalSandbox, ModelRequest, ScriptedModel
 from rlmflow.sandbox import scratch
+from rlmflow.sandbox.incarnation import MAX_CALLS_IN_FLIGHT
 from rlmflow.sandbox.local import LocalSandboxSession
 
 from .adversarial_helpers import CONTEXT, bridge, need, processes_with_env
+from .helpers import repl
 
 pytestmark = pytest.mark.anyio
 
@@ -191,6 +194,9 @@ async def test_a_crash_replaces_the_worker(sandbox: LocalSandboxSession, code: s
 async def test_print_floods_are_capped(sandbox: LocalSandboxSession) -> None:
     result = await sandbox.execute("for _ in range(20_000):\n    print('flood ' * 10)")
     assert result.output_chars > 1_000_000 and len(result.output) < 2200
+    # straight to the worker's stderr pipe, past the capture: the host drains a bounded tail
+    raw = await sandbox.execute("import os\nfor _ in range(50):\n    os.write(2, b'\\x1b[2J' * 100_000)")
+    assert raw.error is None and (await sandbox.execute("1 + 1")).output.strip() == "2"
 
 
 async def test_output_of_a_background_thread_after_its_cell(sandbox: LocalSandboxSession) -> None:
@@ -367,3 +373,68 @@ async def test_the_report_names_every_layer_and_none_is_explicit() -> None:
     async with LocalSandbox(isolation="none").session("ctx", bridge) as session:
         assert session.report.mode == "none" and not session.report.confined
         assert not any(layer.startswith(("seccomp", "landlock", "bubblewrap")) for layer in session.report.layers)
+
+
+class CountingSandbox:
+    """A LocalSandbox seen from outside: how many of its sessions are open at once."""
+
+    def __init__(self, inner: LocalSandbox) -> None:
+        self.inner = inner
+        self.open = self.peak = self.total = 0
+
+    @asynccontextmanager
+    async def session(self, context: Any, bridge: Any) -> AsyncIterator[LocalSandboxSession]:
+        async with self.inner.session(context, bridge) as session:
+            self.open += 1
+            self.total += 1
+            self.peak = max(self.peak, self.open)
+            try:
+                yield session
+            finally:
+                self.open -= 1
+
+
+async def test_twenty_children_never_mean_twenty_one_workers_at_once() -> None:
+    def root_reply(request: ModelRequest) -> str:
+        if "child-" in request.messages[1].content:  # each child computes a little, then answers
+            return repl("import time\ntime.sleep(0.05)\nFINAL(context[:5])")
+        if sum(1 for m in request.messages if m.role == "assistant") == 0:
+            return repl("answers = rlm_query_many([f'child-{i}' for i in range(20)])\nprint(len(answers), answers[0])")
+        return repl("FINAL('parent done')")
+
+    sandbox = CountingSandbox(LocalSandbox(max_sessions=3))
+    async with RLM(root=ScriptedModel(root_reply, name="root"), sandbox=sandbox, max_turns=3) as rlm:
+        result = await rlm.run("abcdefgh", "parent")
+    assert result.answer == "parent done"
+    assert "20 abcde" in result.transcript[0].feedback
+    assert sandbox.total == 21
+    assert sandbox.peak <= 1 + 3  # the parent and at most max_sessions children (a queue, not a failure)
+
+
+async def test_a_flood_of_calls_keeps_the_host_s_tasks_bounded() -> None:
+    in_flight = peak = served = 0
+
+    async def slow_bridge(fn: str, args: dict[str, Any]) -> Any:
+        nonlocal in_flight, peak, served
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await anyio.sleep(0.01)  # keeps calls in flight so that they pile up
+            served += 1
+            return {"calls_left": 1}
+        finally:
+            in_flight -= 1
+
+    flood = (
+        "import msgpack, os, socket, struct, sys, time\ns = socket.socket(fileno=os.dup(int(sys.argv[1])))\n"
+        "payload = msgpack.packb({})\n"
+        "frame = msgpack.packb({'op': 'call', 'id': 10**9, 'fn': 'budget', 'payload': payload})\n"
+        "s.sendall((struct.pack('>I', len(frame)) + frame) * 2000)\ns.close()\n"
+        "print(budget())"  # answered once the flood has drained
+    )
+    async with LocalSandbox(cell_timeout=20).session("ctx", slow_bridge) as session:
+        result = await session.execute(flood)
+        after = await session.execute("1 + 1")
+    assert result.error is None and "calls_left" in result.output, result
+    assert served == 2001 and peak <= MAX_CALLS_IN_FLIGHT
+    assert after.output.strip() == "2"

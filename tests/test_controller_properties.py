@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
+import anyio.lowlevel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,13 +16,16 @@ from rlmflow import (
     Dispatcher,
     Limits,
     ModelRequest,
+    ModelResponse,
     Price,
     Pricing,
     RetryPolicy,
     RLMError,
     ScriptedModel,
+    Spend,
     ThrottledError,
     TransientModelError,
+    Usage,
 )
 from rlmflow.dispatch.lane import RunShare
 from rlmflow.dispatch.ratelimit import SlidingWindowLimiter
@@ -127,3 +133,84 @@ def test_dispatcher_never_overspends_and_answers_every_prompt_once(
     assert max_output is None or spent.output_tokens <= max_output
     assert max_cost is None or spent.cost_usd <= max_cost + 1e-12
     assert ledger.reserved.calls == 0 and ledger.reserved.output_tokens == 0 and abs(ledger.reserved.cost_usd) < 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 10), min_size=1, max_size=4),
+    max_calls=st.one_of(st.none(), st.integers(1, 30)),
+    max_input=st.one_of(st.none(), st.integers(20, 600)),
+    max_output=st.one_of(st.none(), st.integers(20, 400)),
+    max_cost=st.one_of(st.none(), st.floats(0.0002, 0.01)),
+    parent_calls=st.one_of(st.none(), st.integers(1, 30)),
+    rng=st.randoms(use_true_random=False),
+    cancel_at=st.one_of(st.none(), st.integers(0, 60)),
+    concurrency=st.integers(1, 6),
+)
+def test_usage_above_estimates_refusals_and_cancellation_keep_the_guarantee(
+    sizes: list[int], max_calls: int | None, max_input: int | None, max_output: int | None,
+    max_cost: float | None, parent_calls: int | None, rng: Any, cancel_at: int | None, concurrency: int,
+) -> None:
+    """Real usage up to 3x the reservation, refusals at random, cancellation at any await:
+    every ledger keeps spent + reserved <= cap + overrun, the overrun is exactly what calls spent
+    beyond their reservations, and nothing stays reserved or in flight."""
+    checkpoints = 0
+    scopes: list[anyio.CancelScope] = []
+    model = ScriptedModel(lambda r: "", name="m")  # replaced below: needs the dispatcher's estimate
+    dispatcher = Dispatcher(
+        limits={"scripted": Limits(max_concurrency=concurrency)},
+        retry=RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002, max_throttles=3, seed=0),
+        pricing=Pricing({"m": Price(1.0, 10.0)}),
+    )
+    excess = Spend()
+
+    async def reply(request: ModelRequest) -> ModelResponse:
+        nonlocal checkpoints, excess
+        for _ in range(2):
+            checkpoints += 1
+            if checkpoints == cancel_at:
+                scopes[0].cancel()
+            await anyio.lowlevel.checkpoint()
+        if rng.random() < 0.2:
+            raise ThrottledError("slow down", retry_after=0.001)
+        estimate = dispatcher.estimate(model, request)
+        usage = Usage(int(estimate.input_tokens * rng.uniform(0.5, 3.0)),
+                      int(estimate.output_tokens * rng.uniform(0.0, 2.0)), 1)
+        cost = usage.input_tokens * 1e-6 + usage.output_tokens * 1e-5
+        excess = excess + Spend(0, max(0, usage.input_tokens - estimate.input_tokens),
+                                max(0, usage.output_tokens - estimate.output_tokens),
+                                max(0.0, cost - estimate.cost_usd))
+        return ModelResponse("ok", usage, "m")
+
+    model = ScriptedModel(reply, name="m")
+    tenant = BudgetLedger(Budget(max_calls=parent_calls))
+    ledger = tenant.child(Budget(max_calls=max_calls, max_input_tokens=max_input, max_output_tokens=max_output,
+                                 max_cost_usd=max_cost))
+
+    async def scenario() -> None:
+        async def batch(index: int, size: int) -> None:
+            requests = [ModelRequest.from_prompt(f"{index}:{i} " + "w" * 40, max_tokens=20) for i in range(size)]
+            try:
+                await dispatcher.call_many(model, requests, ledger=ledger)
+            except BudgetExceededError:
+                pass
+
+        scopes.append(anyio.CancelScope())
+        with scopes[0]:
+            async with anyio.create_task_group() as tg:
+                for index, size in enumerate(sizes):
+                    tg.start_soon(batch, index, size)
+        for lane in dispatcher.statistics():
+            assert lane.in_flight == 0 and lane.waiting == 0
+
+    anyio.run(scenario)
+    for each in (ledger, tenant):
+        committed = each.spent + each.reserved
+        for quantity, cap in (("calls", each.budget.max_calls), ("input_tokens", each.budget.max_input_tokens),
+                              ("output_tokens", each.budget.max_output_tokens),
+                              ("cost_usd", each.budget.max_cost_usd)):
+            assert cap is None or getattr(committed, quantity) <= cap + getattr(each.overrun, quantity) + 1e-9
+        assert each.reserved.calls == 0 and each.reserved.input_tokens == 0 and abs(each.reserved.cost_usd) < 1e-12
+    assert ledger.overrun.input_tokens == excess.input_tokens
+    assert ledger.overrun.output_tokens == excess.output_tokens
+    assert abs(ledger.overrun.cost_usd - excess.cost_usd) < 1e-9

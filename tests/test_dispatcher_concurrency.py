@@ -109,24 +109,34 @@ def test_refused_slots_are_held_for_a_round_trip() -> None:
     assert limit.held() == 0
 
 
+def serve_16(limit: AdaptiveLimit, clock: FakeClock) -> None:
+    """One round trip of a provider that serves 16 calls at once."""
+    served = [limit.on_send(level) for level in range(1, 17)]
+    clock.now += 0.2
+    for stamp in served:
+        limit.on_success(stamp)
+
+
 def test_probing_backoff_doubles_while_probes_fail() -> None:
     clock = FakeClock()
-    limit = AdaptiveLimit(256, initial=17, clock=clock)
+    limit = AdaptiveLimit(256, initial=16, clock=clock)
     limit._slow_start = False
+    for _ in range(10):
+        serve_16(limit, clock)  # enough successes that two refusals above the floor stand out
     waits = []
     for _ in range(5):
-        stamps = [limit.on_send(level) for level in range(1, 17)]
-        for probe in [limit.on_send(17) for _ in range(6)]:
-            limit.on_refusal(probe)  # a cap at 16: the probe at 17 fails, refill after refill
+        served = [limit.on_send(level) for level in range(1, 17)]
+        probes = (limit.on_send(17), limit.on_send(17))
+        verdicts = [limit.on_refusal(probe) for probe in probes]  # a cap at 16: the probe at 17 fails
+        assert sum(v.decreased for v in verdicts) == 1 and not any(v.pause for v in verdicts)
         waits.append(round(limit.probe_due_in() / limit.round_trip))
         clock.now += 0.2
-        for stamp in stamps:
+        for stamp in served:
             limit.on_success(stamp)
-        while limit.probe_due_in() > 0:  # 16 at a time are served until the next probe is due
-            served = [limit.on_send(level) for level in range(1, 17)]
-            clock.now += 0.2
-            for stamp in served:
-                limit.on_success(stamp)
+        assert limit.limit >= 16  # never below what was just served
+        while limit.probe_due_in() > 0:
+            assert limit.limit == 16  # held under the level that failed until the probe is due
+            serve_16(limit, clock)
     assert waits == [1, 2, 4, 8, 16]
 
 

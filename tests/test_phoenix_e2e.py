@@ -277,6 +277,11 @@ def _check_phoenix(url: str, log: Path, project: str, answer: str, tmp_path: Pat
     assert report.returncode == 0, report.stderr
     totals = json.loads(report.stdout)["totals"]
     assert totals["runs"] == 1 and totals["calls"] == 3 and totals["sub_calls"] == 2
+    missing = subprocess.run(
+        [sys.executable, "-m", "rlmflow.cli", "trace", "--phoenix", url, "--project", "no-such-project"],
+        capture_output=True, text=True, timeout=120, env=_clean_otel_environment(),
+    )
+    assert missing.returncode == 3 and "no-such-project" in missing.stderr and "Traceback" not in missing.stderr
     exported = httpx.get(f"{url}/v1/projects/{project}/spans/otlpv1", params={"limit": 1000}, timeout=10).json()
     assert "span_id" in exported["data"][0]  # Phoenix's own export is snake_case
     export_file = tmp_path / "phoenix-export.json"

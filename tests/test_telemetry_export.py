@@ -230,3 +230,13 @@ async def test_trace_reads_camel_snake_and_phoenix_forms(tmp_path: Path) -> None
         assert analysis.totals["calls"] == 4 and analysis.totals["sub_calls"] == 3
         assert analysis.fan_out == [{"turn": 1, "calls": 3, "max_in_flight": analysis.fan_out[0]["max_in_flight"]}]
     assert totals[0] == totals[1] == totals[2]
+
+
+def test_trace_needs_exactly_one_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rlmflow import cli
+
+    assert cli.main(["trace"]) == 2
+    assert cli.main(["trace", str(tmp_path / "x.json"), "--phoenix", "http://127.0.0.1:9"]) == 2
+    assert cli.main(["trace", "--phoenix", "http://127.0.0.1:9", "--project", "p"]) == 3  # nothing listens there
+    err = capsys.readouterr().err
+    assert "one of them" in err and "cannot reach Phoenix" in err

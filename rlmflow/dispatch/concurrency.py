@@ -7,8 +7,9 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   lane is busy (at least half the limit in flight within the last round trips), which doubles
   it every round trip, up to ``maximum``. A load-related throttle ends slow start; the limit
   then grows by one per round trip (``1/limit`` per success). Four round trips without a cut
-  resume slow start (the cut was a fluke, or the provider's capacity grew); the probing
-  backoff below still holds the limit under a level that failed.
+  resume slow start, up to just below the level that failed (as TCP's ``ssthresh``; lifted
+  once four calls succeed at that level); above it the limit grows by one per round trip and
+  the probing backoff below applies.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
   (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
   call still in flight as not refused (a refusal comes back in milliseconds, a success only
@@ -26,11 +27,11 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
      refused, and every refused slot is refilled at once and refused again.
 - **Multiplicative decrease, once per round trip.** A load-related refusal multiplies the
   limit by ``backoff_ratio`` only when the refused call was sent after the previous decrease
-  (as TCP cuts its window once per window). The cut never goes below the floor: the
-  floor is the highest in-flight level of a call that succeeded within the last two round
-  trips, since the provider just showed it can take that many. Levels are counted as the
-  provider saw them: calls refused before a call was sent, whose refusal was still on its way
-  back, do not count.
+  (as TCP cuts its window once per window). The cut never goes below the floor, what the
+  provider just showed it serves at once: the successes of the last round trip times the
+  shortest round trip seen (Little's law on the provider's service time; the client's own
+  delays would inflate a count of calls in flight), capped by the highest in-flight level
+  that succeeded within two round trips.
 - **Refused slots are held.** The slot of a load-related refusal stays taken for one round
   trip instead of being refilled at once: a refusal takes milliseconds, so refilling it would
   turn an overload into a storm of refusals (TCP is clocked by acknowledgements for the same
@@ -40,8 +41,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
 - **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
   load-related refusal hits a call sent at or below the floor (a level the provider just
-  served: not concurrency, but a full RPM or TPM window refuses it), or when the lane sees
-  refusals and no success for a whole round trip, with no level known to be served.
+  served), or when a busy lane has seen load-related refusals and no success for a whole round
+  trip: a full RPM or TPM window refuses every call, whatever the concurrency.
   :meth:`on_refusal` then returns ``pause=True`` and the lane stops sending until the
   ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
@@ -125,7 +126,7 @@ class AdaptiveLimit:
         self._decreases = 0
         self._pauses = 0
         self._slow_start = True
-        self._ssthresh = float(maximum)  # slow start (after a pause) stops here
+        self._ssthresh = float(maximum)  # slow start stops here: below the level that failed last
         self._seq = 0
         self._decreased_at_seq = -1  # calls sent before this seq cannot cause another cut
         self._decreased_at = -math.inf
@@ -137,13 +138,16 @@ class AdaptiveLimit:
         self._srtt: float | None = None
         self._successes: deque[tuple[float, int]] = deque()  # (completed at, level); levels decrease
         self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
-        self._last_success = -math.inf
-        self._first_send = math.inf
         self._peak_level, self._peak_at = 0, -math.inf  # the most calls in flight lately
-        self._refusals_since_success = 0
+        self._last_success = -math.inf
+        self._active_since = -math.inf  # the first call sent after the lane was idle
+        self._last_send = -math.inf
+        self._served: deque[float] = deque()  # when recent successes came back
+        self._min_rtt = math.inf
         self._holds: deque[float] = deque()  # when each held slot frees
         self._probe_level: int | None = None  # the level that failed last
         self._probe_failures = 0
+        self._probe_passes = 0  # successes at or above the level that failed, since it failed
         self._probe_after = -math.inf
         self.history: list[tuple[float, int]] = []  # (time, limit) at each change, for plots
 
@@ -194,9 +198,17 @@ class AdaptiveLimit:
         return max(0.0, self._probe_after - self._clock()) if self._probe_level is not None else 0.0
 
     def floor(self) -> int:
-        """The highest in-flight level of a call that succeeded within the last two round trips."""
-        self._forget_old_successes(self._clock())
-        return self._successes[0][1] if self._successes else 1
+        """What recent success shows the provider serves at once: the successes of the last round
+        trip times the shortest round trip (Little's law, with the provider's own service time, so
+        a slow client does not inflate it), and no more than the highest level that succeeded."""
+        now = self._clock()
+        self._forget_old_successes(now)
+        if not self._successes:
+            return 1
+        while self._served and now - self._served[0] > self.round_trip:
+            self._served.popleft()
+        served = math.ceil(len(self._served) * self._min_rtt / self.round_trip)
+        return max(1, min(self._successes[0][1], served))
 
     def refusal_rate(self) -> float:
         """The background refusal rate, of calls at or below the floor: refusals not judged
@@ -213,7 +225,9 @@ class AdaptiveLimit:
         """A call is sent with ``in_flight`` calls (itself included) out."""
         self._seq += 1
         now = self._clock()
-        self._first_send = min(self._first_send, now)
+        if now - self._last_send > self.round_trip:
+            self._active_since = now  # the lane was idle: quiet counts from now
+        self._last_send = now
         if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
             self._peak_level, self._peak_at = in_flight, now
         stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > self.floor())
@@ -225,10 +239,16 @@ class AdaptiveLimit:
         if not stamp.above_floor:
             self._count_outcome(refused=False)
         rtt = now - stamp.at
-        self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         self._last_success = now
-        self._refusals_since_success = 0
-        self._remember_success(now, self._served_level(stamp))
+        self._served.append(now)
+        self._min_rtt = min(self._min_rtt, max(rtt, 1e-4))
+        self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
+        level = self._served_level(stamp)
+        self._remember_success(now, level)
+        if self._probe_level is not None and level >= self._probe_level:
+            self._probe_passes += 1
+            if self._probe_passes >= 4:  # the level that failed is served now: the cut was a fluke
+                self._probe_level, self._probe_failures, self._ssthresh = None, 0, float(self.maximum)
         if self._holds:
             self._holds.popleft()  # a success clocks one held slot back in
         if now - self._peak_at > 2 * self.round_trip or self._peak_level * 2 < self._limit:
@@ -248,18 +268,16 @@ class AdaptiveLimit:
         now = self._clock()
         stamp.refused, stamp.refused_at = True, now
         self._recent_refusals.append(stamp)
-        self._refusals_since_success += 1
         k = self.run_length()
-        run = self._run_through(stamp)
+        first, last = self._run_through(stamp)
+        run = last - first + 1
         load_related = exhausted or run >= k or (stamp.above_floor and self._excess_above_floor())
         if run == 1 and not load_related and not stamp.above_floor:
             self._count_outcome(refused=True)  # the background rate counts a run once, not per member
-        quiet_since = max(self._last_success, self._first_send)
-        pause = exhausted or (
-            # refused at a level the provider just served, or nothing but refusals for a round trip
-            load_related and (not stamp.above_floor or (
-                self._refusals_since_success >= 2 and now - quiet_since >= self.round_trip and self.floor() <= 1))
-        )
+        quiet_since = max(self._last_success, self._active_since)
+        # refused at a level the provider just served, or nothing but refusals for a round trip on
+        # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
+        pause = exhausted or (load_related and (not stamp.above_floor or now - quiet_since >= self.round_trip))
         decreased = False
         if pause:
             self._pause()
@@ -274,27 +292,25 @@ class AdaptiveLimit:
         """The lane reopens after a pause: one call first, then slow start back to the old limit."""
         self._slow_start = True
         self._successes.clear()
+        self._served.clear()
         self._holds.clear()
         self._decreased_at_seq = self._seq
-        self._first_send = self._clock()  # a new quiet period starts with the first call
-        self._last_success = -math.inf
-        self._refusals_since_success = 0
+        self._active_since = self._clock()
         self._set_limit(1.0)
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _run_through(self, stamp: SendStamp) -> int:
-        """Length of the run of refused calls, in send order, that ``stamp`` belongs to."""
+    def _run_through(self, stamp: SendStamp) -> tuple[int, int]:
+        """First and last seq of the run of refused calls, in send order, that ``stamp`` belongs to."""
         sends = self._sends
         if not sends or not sends[0].seq <= stamp.seq <= sends[-1].seq:
-            return 1
+            return stamp.seq, stamp.seq
         index = stamp.seq - sends[0].seq  # seqs in the deque are consecutive
-        run = 1
-        for step in (-1, 1):
-            at = index + step
-            while 0 <= at < len(sends) and sends[at].refused:
-                run += 1
-                at += step
-        return run
+        first = last = index
+        while first > 0 and sends[first - 1].refused:
+            first -= 1
+        while last + 1 < len(sends) and sends[last + 1].refused:
+            last += 1
+        return sends[first].seq, sends[last].seq
 
     def _served_level(self, stamp: SendStamp) -> int:
         """The level of a successful call as the provider saw it: calls refused before it was sent
@@ -337,8 +353,9 @@ class AdaptiveLimit:
         self._decreased_at_seq = self._seq
         self._decreased_at = now
         self._slow_start = False
-        self._ssthresh = float(self.maximum)
         self._probe_level = max(2, min(stamp.level, int(self._limit)))
+        self._probe_passes = 0
+        self._ssthresh = float(self._probe_level - 1)
         wait = min(2**self._probe_failures, self.max_probe_wait)
         self._probe_after = now + wait * self.round_trip
         self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))

@@ -151,20 +151,31 @@ class Dispatcher:
 
     # -- lanes ------------------------------------------------------------------------------------
     def lane_key(self, model: LanguageModel) -> str:
-        return f"{model.provider}:{model.name}"
+        """``provider:model``, with ``@endpoint`` for models that name one (two servers, two lanes)."""
+        endpoint = getattr(model, "endpoint", None)
+        return f"{model.provider}:{model.name}@{endpoint}" if endpoint else f"{model.provider}:{model.name}"
 
     def lane(self, model: LanguageModel) -> Lane:
-        """The lane of ``model``, created with its configured limits on first use."""
+        """The lane of ``model``, created with its configured limits on first use.
+
+        Limits are looked up by lane key, then ``provider:model``, then provider; else the
+        model's own ``lane_limits``, else :data:`DEFAULT_LIMITS`. A model with a connection pool
+        (``reserve_connections``) is told the lane's ceiling before its first call.
+        """
         key = self.lane_key(model)
         lane = self._lanes.get(key)
         if lane is None:
             declared = getattr(model, "lane_limits", None)
             limits = (
                 self._limits.get(key)
+                or self._limits.get(f"{model.provider}:{model.name}")
                 or self._limits.get(model.provider)
                 or (declared if isinstance(declared, Limits) else None)
                 or DEFAULT_LIMITS.get(model.provider, Limits())
             )
+            reserve = getattr(model, "reserve_connections", None)
+            if callable(reserve):
+                reserve(limits.max_concurrency)
             lane = self._lanes[key] = Lane(key, limits, clock=self._clock)
         return lane
 
@@ -316,6 +327,11 @@ class Dispatcher:
                     )
                 raise
             usage = response.usage
+            if usage.estimated or usage.input_tokens <= 0 < estimate.input_tokens:
+                # the provider reported no usage: charge at least the (conservative) reservation
+                usage = Usage(max(usage.input_tokens, estimate.input_tokens),
+                              max(usage.output_tokens, estimate.output_tokens), usage.calls or 1, estimated=True)
+                span.add_event("usage_unknown", {"rlm.usage.charged": "reservation"})
             cost = self.cost(model, usage)
             overrun = reservation.settle(usage, cost or 0.0)
             if overrun != Spend():

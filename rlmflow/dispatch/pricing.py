@@ -1,7 +1,8 @@
 """Cost of a call in USD, from the offline ``genai-prices`` tables with user overrides.
 
 A price is ``None`` when it is unknown: an unknown price is reported as unknown, never as zero.
-Local models cost nothing.
+Local models cost nothing. A model may also declare its own ``price`` (the Dispatcher reads it
+when neither an override nor the tables know the model); test doubles do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ __all__ = ["Price", "Pricing"]
 
 # rlmflow provider names -> genai-prices provider ids
 _PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "aws.bedrock": "aws"}
-_FREE_PROVIDERS = {"llama.cpp", "scripted"}
+_FREE_PROVIDERS = {"llama.cpp"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +31,10 @@ class Price:
 
 
 class Pricing:
-    """Looks up prices: ``overrides`` (by model name) first, then genai-prices.
+    """Looks up prices: ``overrides`` first, then genai-prices.
 
+    An override is keyed by ``"provider:model"`` (the same model name priced apart per provider:
+    ``"openai:llama-3-70b"``) or by the model name alone (any provider):
     ``Pricing(overrides={"my-vllm-model": Price(0.1, 0.2)})`` prices a self-hosted model.
     """
 
@@ -41,7 +44,7 @@ class Pricing:
 
     def cost(self, provider: str, model: str, usage: Usage) -> float | None:
         """The cost of ``usage`` on ``model``, or ``None`` if no price is known."""
-        override = self._overrides.get(model)
+        override = self._overrides.get(f"{provider}:{model}") or self._overrides.get(model)
         if override is not None:
             return override.cost(usage)
         if provider in _FREE_PROVIDERS:
@@ -56,7 +59,12 @@ class Pricing:
             return None
         try:
             calculation = calc_price(
-                PriceUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
+                PriceUsage(
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cache_read_tokens=usage.cache_read_tokens or None,
+                    cache_write_tokens=usage.cache_write_tokens or None,
+                ),
                 model_ref=model,
                 provider_id=_PROVIDER_IDS.get(provider, provider),
             )

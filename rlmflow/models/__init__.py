@@ -1,6 +1,16 @@
 """Models behind one :class:`LanguageModel` protocol; provider SDKs are imported lazily."""
 
-from .base import LanguageModel, Message, ModelRequest, ModelResponse, Usage, estimate_tokens
+from .base import (
+    LanguageModel,
+    Message,
+    ModelRequest,
+    ModelResponse,
+    StreamingLanguageModel,
+    StreamingView,
+    TextCallback,
+    Usage,
+    estimate_tokens,
+)
 from .registry import DEFAULT_MODEL, ModelRegistry, parse_model_string
 from .scripted import ScriptedModel
 
@@ -12,6 +22,9 @@ __all__ = [
     "ModelRequest",
     "ModelResponse",
     "ScriptedModel",
+    "StreamingLanguageModel",
+    "StreamingView",
+    "TextCallback",
     "Usage",
     "estimate_tokens",
     "parse_model_string",

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from .._exceptions import ModelError
 
 Role = Literal["system", "user", "assistant"]
+ReasoningEffort = Literal["minimal", "low", "medium", "high"]
+#: Receives each piece of text as a streaming model produces it (the live display of a root turn).
+TextCallback = Callable[[str], None]
+E = TypeVar("E", bound="ModelError")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,17 +26,29 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens and calls of one call, or summed over many."""
+    """Tokens and calls of one call, or summed over many.
+
+    ``input_tokens`` counts every input token the provider processed, cached or not;
+    ``cache_read_tokens`` and ``cache_write_tokens`` are the parts of it read from or written to
+    a prompt cache (priced differently). ``estimated`` is true when a provider reported no usage
+    and the numbers were estimated from the text (a sum is estimated if any part is).
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     calls: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    estimated: bool = False
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.calls + other.calls,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.estimated or other.estimated,
         )
 
     @property
@@ -39,12 +58,19 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
-    """What is sent to a model: the messages and the generation limit."""
+    """What is sent to a model: the messages, the generation limit and sampling settings.
+
+    ``temperature`` and ``top_p`` set to ``None`` are left to the provider's default (reasoning
+    models reject ``temperature``: their adapters drop it). ``reasoning_effort`` is passed to
+    providers that take one (OpenAI reasoning models) and ignored by the others.
+    """
 
     messages: Sequence[Message]
     max_tokens: int = 1024
-    temperature: float = 0.0
+    temperature: float | None = 0.0
     stop: Sequence[str] = ()
+    top_p: float | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str, *, max_tokens: int = 1024, system: str | None = None) -> ModelRequest:
@@ -99,6 +125,66 @@ class LanguageModel(Protocol):
         ...
 
 
+@runtime_checkable
+class StreamingLanguageModel(LanguageModel, Protocol):
+    """A model that can also hand out its reply piece by piece while it is generated."""
+
+    async def request_stream(self, request: ModelRequest, on_text: TextCallback) -> ModelResponse:
+        """Send one request, call ``on_text`` with each piece of text as it arrives, return the whole reply."""
+        ...
+
+
+def split_system(request: ModelRequest) -> tuple[list[str], list[Message]]:
+    """The system messages' texts, and the other messages (for APIs that take the system prompt apart)."""
+    system = [m.content for m in request.messages if m.role == "system"]
+    return system, [m for m in request.messages if m.role != "system"]
+
+
+def estimated_usage(request: ModelRequest, text: str) -> Usage:
+    """Usage estimated from the text, for a provider that reported none; marked ``estimated``."""
+    return Usage(sum(estimate_tokens(m.content) for m in request.messages), estimate_tokens(text), 1, estimated=True)
+
+
+def note_partial_output(error: E, parts: Sequence[str]) -> E:
+    """``error`` with the length of the output streamed before it failed added to its message."""
+    if parts:
+        error.message = f"{error.message} (after {sum(map(len, parts))} characters of output)"
+        error.args = (error.message,)
+    return error
+
+
 def estimate_tokens(text: str) -> int:
     """A tokenizer-free estimate: about four characters a token for English and code."""
     return max(1, (len(text) + 3) // 4)
+
+
+class StreamingView:
+    """``model`` whose :meth:`request` streams, handing each piece of text to ``on_text``.
+
+    For a root model shown live: ``dispatcher.call(StreamingView(root, on_text), ...)`` goes
+    through the same lane as ``root`` (every other attribute is the model's own).
+    """
+
+    def __init__(self, model: StreamingLanguageModel, on_text: TextCallback) -> None:
+        self.model = model
+        self.on_text = on_text
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def count_tokens(self, text: str) -> int:
+        return self.model.count_tokens(text)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self.model.request_stream(request, self.on_text)
+
+    async def aclose(self) -> None:
+        return None  # the model belongs to whoever made it
+
+    def __getattr__(self, name: str) -> object:  # endpoint, lane_limits, reserve_connections...
+        return getattr(self.model, name)

@@ -126,7 +126,8 @@ class LocalModel:
                 out = self._llama.create_chat_completion(
                     messages=messages,
                     max_tokens=request.max_tokens,
-                    temperature=request.temperature,
+                    temperature=0.0 if request.temperature is None else request.temperature,
+                    **({} if request.top_p is None else {"top_p": request.top_p}),
                     stop=list(request.stop) or None,
                     seed=self._seed,
                     logits_processor=[stop_if_aborted],

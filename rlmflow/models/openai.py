@@ -1,11 +1,16 @@
-"""OpenAI-compatible chat completions (OpenAI, vLLM, Ollama, llama.cpp server, LM Studio)."""
+"""OpenAI-compatible chat completions (OpenAI, vLLM, Ollama, llama.cpp server, LM Studio).
+
+Spoken directly over the shared lean HTTP path (:mod:`rlmflow.models._http`), not through the
+openai SDK: the SDK costs about ten times the host CPU per call (``benchmarks/providers.py``).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from contextlib import aclosing
 from typing import Any
-
-import openai
 
 from .._exceptions import (
     ContextOverflowError,
@@ -17,19 +22,31 @@ from .._exceptions import (
     TransientModelError,
 )
 from . import guard
-from .base import ModelRequest, ModelResponse, Usage, estimate_tokens
+from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, retry_after
+from .base import ModelRequest, ModelResponse, TextCallback, Usage, estimated_usage, note_partial_output
 
-__all__ = ["OpenAIModel"]
+__all__ = ["OpenAIModel", "is_reasoning_model"]
 
 _RATE_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-")
+_REASONING = re.compile(r"^(o\d|gpt-5)")  # models that take max_completion_tokens and no temperature
+_TOO_LONG = ("context_length", "context length", "maximum context", "too many tokens", "prompt is too long")
 
 
-class OpenAIModel:
+def is_reasoning_model(model: str) -> bool:
+    """Whether ``model`` is an OpenAI reasoning model (o1, o3, o4-mini, gpt-5...)."""
+    return bool(_REASONING.match(model.rsplit("/", 1)[-1]))
+
+
+class OpenAIModel(HTTPModel):
     """A chat model behind the OpenAI chat-completions protocol.
 
-    The SDK's own retries are off (``max_retries=0``): the Dispatcher retries with knowledge of
-    every lane. ``base_url`` defaults to ``$OPENAI_BASE_URL``; the key to ``$OPENAI_API_KEY``
-    (servers that need none get a placeholder).
+    ``base_url`` defaults to ``$OPENAI_BASE_URL``, then OpenAI's; the key to ``$OPENAI_API_KEY``
+    (servers that need none get a placeholder). ``reasoning`` marks a reasoning model (sent
+    ``max_completion_tokens``, never ``temperature``/``top_p``); by default it is inferred from
+    the name. Nothing is retried here: the Dispatcher owns retries.
+
+    Two servers serving one model name are two lanes: :attr:`endpoint` is the base URL.
+    ``stream=True`` makes :meth:`request` stream, calling ``on_text`` with each piece of text.
     """
 
     def __init__(
@@ -39,104 +56,130 @@ class OpenAIModel:
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
-        client: openai.AsyncOpenAI | None = None,
         provider: str = "openai",
+        reasoning: bool | None = None,
+        max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
+        stream: bool = False,
+        on_text: TextCallback | None = None,
     ) -> None:
-        self._model = model
-        self._provider = provider
-        self._owns_client = client is None
-        self._client = client or openai.AsyncOpenAI(
-            base_url=base_url or os.environ.get("OPENAI_BASE_URL"),
-            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
-            max_retries=0,
-            timeout=timeout,
+        super().__init__(
+            model, base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+            provider=provider, pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
         )
+        self._url = self._base_url + "/chat/completions"
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
+        self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self._reasoning = is_reasoning_model(model) if reasoning is None else reasoning
 
-    @property
-    def provider(self) -> str:
-        return self._provider
-
-    @property
-    def name(self) -> str:
-        return self._model
-
-    def count_tokens(self, text: str) -> int:
-        return estimate_tokens(text)
-
-    async def request(self, request: ModelRequest) -> ModelResponse:
-        kwargs: dict[str, Any] = {
+    def payload(self, request: ModelRequest) -> dict[str, Any]:
+        """The JSON body of ``request`` for this model."""
+        body: dict[str, Any] = {
             "model": self._model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
         }
+        if self._reasoning:
+            body["max_completion_tokens"] = request.max_tokens
+            if request.reasoning_effort is not None:
+                body["reasoning_effort"] = request.reasoning_effort
+        else:
+            body["max_tokens"] = request.max_tokens
+            if request.temperature is not None:
+                body["temperature"] = request.temperature
+            if request.top_p is not None:
+                body["top_p"] = request.top_p
         if request.stop:
-            kwargs["stop"] = list(request.stop)
-        guard.check_request_allowed(str(self._client.base_url))
-        try:
-            raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
-            completion = raw.parse()
-        except openai.APIError as exc:
-            raise self._translate(exc) from exc
-        headers = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith(_RATE_HEADERS)}
-        if not completion.choices:
+            body["stop"] = list(request.stop)
+        return body
+
+    async def _request(self, request: ModelRequest) -> ModelResponse:
+        reply, headers = await self._post(self.payload(request))
+        choices = reply.get("choices") or []
+        if not choices:
             raise TransientModelError("the server returned no choices", provider=self._provider, model=self._model)
-        choice = completion.choices[0]
-        usage = completion.usage
+        choice = choices[0]
+        text = (choice.get("message") or {}).get("content") or ""
         return ModelResponse(
-            text=choice.message.content or "",
-            usage=Usage(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, 1),
-            model=completion.model or self._model,
-            finish_reason=choice.finish_reason,
-            headers=headers,
+            text=text,
+            usage=_usage(reply.get("usage"), request, text),
+            model=reply.get("model") or self._model,
+            finish_reason=choice.get("finish_reason"),
+            headers=_rate_headers(headers),
         )
 
-    def _translate(self, exc: openai.APIError) -> ModelError:
-        where: dict[str, Any] = {"provider": self._provider, "model": self._model}
-        if isinstance(exc, openai.APITimeoutError):
-            return TransientModelError(f"timeout: {exc}", **where)
-        if isinstance(exc, openai.APIConnectionError):
-            return TransientModelError(f"connection failed: {exc}", **where)
-        if not isinstance(exc, openai.APIStatusError):
-            return TransientModelError(f"malformed response: {exc}", **where)
-        status = exc.status_code
-        retry_after = _retry_after(exc.response.headers)
-        body = str(exc.body or exc.message)
-        code = ""
-        if isinstance(exc.body, dict):
-            code = str(exc.body.get("code") or (exc.body.get("error") or {}).get("code") or "")
-        status_where: dict[str, Any] = {**where, "status_code": status, "retry_after": retry_after}
-        if status == 429:
-            if code == "insufficient_quota" or "quota" in body.lower():
-                return QuotaExhaustedError(f"quota exhausted: {body}", **status_where)
-            return ThrottledError(f"throttled: {body}", **status_where)
-        if status == 400 and ("context_length" in code or "context length" in body.lower()
-                              or "maximum context" in body.lower()):
-            return ContextOverflowError(f"prompt too long for {self._model}: {body}", **status_where)
-        if status == 404:
-            return FatalModelError(f"model {self._model!r} not found at the server: {body}", **status_where)
-        if status == 503:
-            return ModelNotReadyError(f"model not ready: {body}", **status_where)
-        if status >= 500 or status == 408:
-            return TransientModelError(f"server error {status}: {body}", **status_where)
-        return FatalModelError(f"request rejected ({status}): {body}", **status_where)
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.close()
-
-    def __repr__(self) -> str:
-        return f"OpenAIModel({self._model!r}, base_url={str(self._client.base_url)!r})"
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait, from ``retry-after-ms`` or ``retry-after`` (seconds form)."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
+    async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
+        """Stream one request, calling ``on_text`` with each piece of text; return the whole reply."""
+        guard.check_request_allowed(self._url)
+        body = {**self.payload(request), "stream": True, "stream_options": {"include_usage": True}}
+        parts: list[str] = []
+        usage: dict[str, Any] | None = None
+        finish: str | None = None
+        headers: dict[str, str] = {}
         try:
-            return float(value) * scale
-        except ValueError:
-            continue
-    return None
+            async with aclosing(self._http.stream(self._url, body, self._headers)) as events:
+                async for item in events:
+                    if not isinstance(item, ServerEvent):
+                        headers = _rate_headers(item)
+                        continue
+                    if item.data == "[DONE]":
+                        break
+                    chunk = json.loads(item.data)
+                    if "error" in chunk:  # a failure after the 200 status line
+                        raise HTTPStatus(500, headers, chunk)
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            parts.append(piece)
+                            if on_text is not None:
+                                on_text(piece)
+                        finish = choice.get("finish_reason") or finish
+        except (HTTPStatus, HTTPFailure) as exc:
+            raise note_partial_output(self._translate(exc), parts) from exc
+        text = "".join(parts)
+        return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
+                             finish_reason=finish, headers=headers)
+
+    def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
+        where: dict[str, Any] = {"provider": self._provider, "model": self._model}
+        if isinstance(exc, HTTPFailure):
+            return TransientModelError(f"connection to {self._base_url} failed: {exc}", **where)
+        status, body = exc.status, exc.body
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
+        code = str(error.get("code") or error.get("type") or "")
+        message = str(error.get("message") or body)
+        detail: dict[str, Any] = {**where, "status_code": status, "retry_after": retry_after(exc.headers)}
+        if code == "insufficient_quota":
+            # the account's credit is spent: no retry can succeed until someone pays
+            billing = QuotaExhaustedError(f"billing quota exhausted (insufficient_quota): {message}", **detail)
+            billing.retryable = False
+            return billing
+        if status == 429:
+            if "quota" in message.lower():
+                return QuotaExhaustedError(f"quota exhausted: {message}", **detail)
+            return ThrottledError(f"throttled: {message}", **detail)
+        if status in (400, 413) and (
+            "context_length" in code or any(phrase in message.lower() for phrase in _TOO_LONG)
+        ):
+            return ContextOverflowError(f"prompt too long for {self._model}: {message}", **detail)
+        if status == 404:
+            return FatalModelError(f"model {self._model!r} not found at {self._base_url}: {message}", **detail)
+        if status == 503:
+            return ModelNotReadyError(f"model not ready: {message}", **detail)
+        if status >= 500 or status == 408:
+            return TransientModelError(f"server error {status}: {message}", **detail)
+        return FatalModelError(f"request rejected ({status}): {message}", **detail)
+
+
+
+def _rate_headers(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_RATE_HEADERS)}
+
+
+def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:
+    """OpenAI usage mapped to ours (``prompt_tokens`` already includes cached tokens); estimated when absent."""
+    if not raw:
+        return estimated_usage(request, text)
+    cached = int((raw.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return Usage(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0), 1,
+                 cache_read_tokens=cached)

@@ -1,23 +1,38 @@
-"""Model strings: ``local:qwen2.5-coder-0.5b``, ``local:/path/model.gguf``, ``openai:<model>@<base_url>``."""
+"""Model strings, for host-side configuration (CLI flags, config files, ``RLM(root=...)``).
+
+``local:<name>`` or ``local:/path/model.gguf`` (embedded llama.cpp), ``openai:<model>[@<base_url>]``
+(any OpenAI-compatible server), ``anthropic:<model>[@<base_url>]``, ``bedrock:<model-id>[@<region>]``
+(a foundation model or inference profile id such as ``us.anthropic.claude-sonnet-4-5-20250929-v1:0``).
+Each provider's module is imported only when a model of it is built. Sandbox code never reaches
+this module: it names models by the aliases its RLM was given.
+"""
 
 from __future__ import annotations
+
+import re
 
 from .._exceptions import UnknownModelError
 from .base import LanguageModel
 from .weights import KNOWN_WEIGHTS
 
-__all__ = ["DEFAULT_MODEL", "ModelRegistry", "parse_model_string"]
+__all__ = ["DEFAULT_MODEL", "ModelRegistry", "build_model", "parse_model_string"]
 
 DEFAULT_MODEL = "local:qwen2.5-coder-0.5b"
 
 _FORMS = (
     "local:<name> (embedded: " + ", ".join(KNOWN_WEIGHTS) + "), local:/path/to/model.gguf, "
-    "openai:<model> (OPENAI_BASE_URL / OPENAI_API_KEY), openai:<model>@<base_url>"
+    "openai:<model> (OPENAI_BASE_URL / OPENAI_API_KEY), openai:<model>@<base_url>, "
+    "anthropic:<model> (ANTHROPIC_API_KEY), bedrock:<model-id> (AWS credential chain, AWS_REGION), "
+    "bedrock:<model-id>@<region>"
 )
+_REGION = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d")
 
 
 def parse_model_string(spec: str) -> tuple[str, str, str | None]:
-    """Split a model string into (provider, model, base_url); raise UnknownModelError if malformed."""
+    """Split a model string into (provider, model, where); raise UnknownModelError if malformed.
+
+    ``where`` is the base URL for ``openai`` and ``anthropic``, the region for ``bedrock``, else ``None``.
+    """
     provider, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise UnknownModelError(f"model string {spec!r} has no provider prefix; use one of: {_FORMS}")
@@ -33,7 +48,38 @@ def parse_model_string(spec: str) -> tuple[str, str, str | None]:
         if not model or (at and not base_url.startswith(("http://", "https://"))):
             raise UnknownModelError(f"malformed {spec!r}: expected openai:<model> or openai:<model>@http(s)://host/v1")
         return "openai", model, base_url or None
+    if provider == "anthropic":
+        model, at, base_url = rest.partition("@")
+        if not model or (at and not base_url.startswith(("http://", "https://"))):
+            raise UnknownModelError(f"malformed {spec!r}: expected anthropic:<model> or anthropic:<model>@https://host")
+        return "anthropic", model, base_url or None
+    if provider == "bedrock":
+        model, at, region = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        if not model or (at and not _REGION.fullmatch(region)):
+            raise UnknownModelError(
+                f"malformed {spec!r}: expected bedrock:<model-id> or bedrock:<model-id>@<region> (us-east-1)"
+            )
+        return "bedrock", model, region or None
     raise UnknownModelError(f"unknown provider {provider!r} in {spec!r}; use one of: {_FORMS}")
+
+
+def build_model(provider: str, name: str, where: str | None) -> LanguageModel:
+    """The model object of a parsed model string; its provider's module is imported here, not before."""
+    if provider == "local":
+        from .local import LocalModel
+
+        return LocalModel(name)
+    if provider == "anthropic":
+        from .anthropic import AnthropicModel
+
+        return AnthropicModel(name, base_url=where)
+    if provider == "bedrock":
+        from .bedrock import BedrockModel
+
+        return BedrockModel(name, region=where)
+    from .openai import OpenAIModel
+
+    return OpenAIModel(name, base_url=where)
 
 
 class ModelRegistry:
@@ -52,16 +98,7 @@ class ModelRegistry:
         existing = self._created.get(model)
         if existing is not None:
             return existing
-        provider, name, base_url = parse_model_string(model)
-        created: LanguageModel
-        if provider == "local":
-            from .local import LocalModel
-
-            created = LocalModel(name)
-        else:
-            from .openai import OpenAIModel
-
-            created = OpenAIModel(name, base_url=base_url)
+        created = build_model(*parse_model_string(model))
         self._created[model] = created
         return created
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from .._exceptions import FatalModelError
+from ..dispatch.pricing import Price
 from .base import ModelRequest, ModelResponse, Usage, estimate_tokens
 
 ScriptReply = str | ModelResponse | BaseException
@@ -22,8 +23,10 @@ class ScriptedModel:
     ``ModelResponse``. Every request received is kept in ``requests``, in arrival order.
 
     Use it as the root model to drive a run from a fixed script, or as the sub-model with a
-    function that answers from the prompt.
+    function that answers from the prompt. It costs nothing (``price``, read by the Dispatcher).
     """
+
+    price = Price(0.0, 0.0)
 
     def __init__(
         self,

@@ -19,7 +19,19 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .._exceptions import BatchError, RLMError
 from . import wire
 
-__all__ = ["Cell", "Incarnation", "call_args", "error_reply", "error_to_wire", "first_child", "number"]
+__all__ = [
+    "MAX_CALLS_IN_FLIGHT",
+    "Cell",
+    "Incarnation",
+    "call_args",
+    "error_reply",
+    "error_to_wire",
+    "first_child",
+    "number",
+]
+
+MAX_CALLS_IN_FLIGHT = 256
+"""Host calls of one worker served at once; the worker's further frames wait to be read."""
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Incarnation:
         self.stderr_tail: deque[bytes] = deque(maxlen=64)
         self.dead = anyio.Event()
         self.stderr_done = anyio.Event()
+        self.calls = anyio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self.expected_exit = False
         self.failure: str | None = None
 

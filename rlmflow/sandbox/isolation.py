@@ -247,10 +247,14 @@ def harden(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("landlock") and linux:
         read_paths = [*python_read_paths(), *(config.get("read_paths") or []), *_DEVICE_FILES]
         write_paths = [*(config.get("write_paths") or []), "/dev/null"]
-        described = _landlock(read_paths, write_paths)
-        if described is None:
-            missing.append("landlock (kernel without Landlock, Linux >= 5.13 needed)")
-        else:
+        try:
+            described = _landlock(read_paths, write_paths)
+            if described is None:
+                missing.append("landlock (kernel without Landlock, Linux >= 5.13 needed)")
+        except OSError as exc:  # a kernel or container that refuses it: reported, never fatal
+            described = None
+            missing.append(f"landlock ({exc})")
+        if described is not None:
             layers.append(described)
             report["landlock_fs"] = True
             report["landlock_tcp"] = "tcp-deny" in described
@@ -258,9 +262,13 @@ def harden(config: dict[str, Any]) -> dict[str, Any]:
             if not report["landlock_tcp"]:
                 missing.append("landlock TCP rules (Linux >= 6.7 needed)")
     if flt is not None:
-        flt.load()
-        report["seccomp"] = True
-        layers.append("seccomp(deny-list: sockets, processes, exec, privileged and metadata calls)")
+        try:
+            flt.load()
+        except OSError as exc:  # a kernel without seccomp filters
+            missing.append(f"seccomp ({exc})")
+        else:
+            report["seccomp"] = True
+            layers.append("seccomp(deny-list: sockets, processes, exec, privileged and metadata calls)")
     elif config.get("seccomp") and not linux:
         missing.append("seccomp (Linux only)")
     return report

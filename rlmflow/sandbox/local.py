@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -114,7 +115,9 @@ class LocalSandbox:
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.start_timeout = start_timeout
-        self._limiters: dict[tuple[int, int], anyio.CapacityLimiter] = {}
+        self._limiters: weakref.WeakKeyDictionary[Any, dict[int, anyio.CapacityLimiter]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @asynccontextmanager
     async def session(self, context: Context, bridge: Bridge) -> AsyncIterator[LocalSandboxSession]:
@@ -125,10 +128,13 @@ class LocalSandbox:
         ``SandboxCrashedError`` when the worker cannot start.
         """
         depth = _DEPTH.get()
-        key = (id(anyio.lowlevel.current_token().native_token), depth)  # limiters belong to one loop
-        limiter = self._limiters.get(key)
+        loop = anyio.lowlevel.current_token().native_token  # a limiter belongs to one event loop
+        per_depth = self._limiters.get(loop)
+        if per_depth is None:
+            per_depth = self._limiters[loop] = {}
+        limiter = per_depth.get(depth)
         if limiter is None:
-            limiter = self._limiters[key] = anyio.CapacityLimiter(self.max_sessions)
+            limiter = per_depth[depth] = anyio.CapacityLimiter(self.max_sessions)
         async with limiter:
             token = _DEPTH.set(depth + 1)
             try:
@@ -331,6 +337,8 @@ class LocalSandboxSession:
                     if cell is not None and cell.id == message.get("id"):
                         cell.finish(message)
                 elif op == "call":
+                    # backpressure: a worker flooding calls waits (and times out), the host's tasks stay bounded
+                    await incarnation.calls.acquire()
                     self._tg.start_soon(self._serve_call, incarnation, self._cell, message)
         except wire.FrameError as exc:
             incarnation.failure = f"the worker sent a bad frame ({exc})"
@@ -392,6 +400,8 @@ class LocalSandboxSession:
             await incarnation.send(reply)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the worker is gone; its cell already reports that
+        finally:
+            incarnation.calls.release()
 
     # -- cells -------------------------------------------------------------------------------
     async def execute(self, code: str) -> CellResult:
@@ -449,14 +459,21 @@ class LocalSandboxSession:
         assert self._dir is not None and self._incarnation is not None
         config = self._config
         work = self._dir / "work"
-        if self._incarnation.bwrap:  # the tmpfs lives in the namespace: seen through its init's root
-            inner = await anyio.to_thread.run_sync(first_child, self._incarnation.process.pid)
-            if inner is None:
-                return None
-            work = Path(f"/proc/{inner}/root") / work.relative_to("/")
-        usage = await anyio.to_thread.run_sync(
-            lambda: scratch.measure(work, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
-        )
+        bwrap_pid = self._incarnation.process.pid if self._incarnation.bwrap else None
+
+        def check() -> tuple[Path, scratch.ScratchUsage] | None:  # one thread hop per cell
+            where = work
+            if bwrap_pid is not None:  # the tmpfs lives in the namespace: seen through its init's root
+                inner = first_child(bwrap_pid)
+                if inner is None:
+                    return None
+                where = Path(f"/proc/{inner}/root") / work.relative_to("/")
+            return where, scratch.measure(where, stop_files=config.scratch_files, stop_bytes=config.scratch_bytes)
+
+        checked = await anyio.to_thread.run_sync(check)
+        if checked is None:
+            return None
+        work, usage = checked
         if usage.files <= config.scratch_files and usage.bytes <= config.scratch_bytes:
             return None
         await anyio.to_thread.run_sync(scratch.empty, work)

@@ -24,7 +24,8 @@ from .base import Context
 __all__ = ["ContextFile", "ScratchUsage", "acquire_context", "make_scratch", "measure", "release_context"]
 
 _PREFIX = "rlmflow-"
-_STALE = re.compile(rf"^{_PREFIX}(\d+)-[a-z0-9_]{{8}}$")  # only what mkdtemp below names
+# only what mkdtemp below names: rlmflow-<pid namespace>-<pid>-[contexts-]<8 random characters>
+_STALE = re.compile(rf"^{_PREFIX}(\d+)-(\d+)-(?:contexts-)?[a-z0-9_]{{8}}$")
 _lock = threading.Lock()
 _contexts: dict[str, tuple[Path, int]] = {}  # sha256 -> (directory, references)
 _root: Path | None = None
@@ -43,7 +44,7 @@ class ContextFile:
 def _context_root() -> Path:
     global _root
     if _root is None:
-        _root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-contexts-"))
+        _root = Path(tempfile.mkdtemp(prefix=f"{_prefix()}contexts-"))
         atexit.register(shutil.rmtree, _root, True)
     return _root
 
@@ -89,9 +90,21 @@ def make_scratch() -> Path:
     if not _swept:
         _swept = True
         _sweep_stale(Path(tempfile.gettempdir()))
-    directory = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
+    directory = Path(tempfile.mkdtemp(prefix=_prefix()))
     (directory / "work").mkdir()
     return directory
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (0 where there is none): a pid means something only in it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _prefix() -> str:
+    return f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-"
 
 
 def _sweep_stale(parent: Path) -> None:
@@ -99,11 +112,15 @@ def _sweep_stale(parent: Path) -> None:
         entries = list(os.scandir(parent))
     except OSError:
         return
+    namespace = _pid_namespace()
     for entry in entries:
         match = _STALE.match(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
-        pid = int(match.group(1))
+        # a host in another pid namespace (another container sharing /tmp) is not ours to judge
+        if int(match.group(1)) != namespace:
+            continue
+        pid = int(match.group(2))
         if pid == os.getpid() or not 0 < pid < 1 << 22:  # beyond the kernel's largest pid: not ours
             continue
         try:

@@ -18,6 +18,11 @@ for an allow list to stay correct across versions):
 - file metadata, which Landlock does not govern: ``chmod``/``chown``/``utime`` families, extended
   attributes, and the ``chattr`` ioctls (immutable flags would outlive the scratch directory).
 
+- other processes' scheduling (``setpriority``, ``sched_set*``, ``ioprio_set`` on anything but
+  itself);
+- every system call numbered after the newest one listed here answers ENOSYS, as on an older
+  kernel, so the list does not open up when the kernel grows.
+
 Other architectures' system calls (the i386 ABI on x86_64) kill the worker.
 """
 
@@ -33,11 +38,16 @@ _ACT_ALLOW = 0x7FFF0000
 _ACT_KILL_PROCESS = 0x80000000
 _ATTR_ACT_BADARCH = 2
 _ATTR_CTL_TSYNC = 4
+_ATTR_CTL_OPTIMIZE = 8
 _CMP_NE, _CMP_MASKED_EQ = 1, 7
 _LOW32 = 0xFFFFFFFF
 
 _CLONE_THREAD = 0x00010000
 _PR_SET_PDEATHSIG = 1
+_IOPRIO_WHO_PROCESS = 1
+# The first system call number after removexattrat (Linux 6.13); numbers are shared by every
+# architecture since 4.x for new calls.
+_FIRST_UNLISTED = 467
 # ioctl requests: chattr (FS_IOC_SETFLAGS and its 32-bit twin, FS_IOC_FSSETXATTR) and terminal
 # input injection (TIOCSTI, TIOCLINUX).
 _DENIED_IOCTLS = (0x40086602, 0x40046602, 0x401C5820, 0x5412, 0x541C)
@@ -117,6 +127,7 @@ class Filter:
         self.unknown: list[str] = []
         lib.seccomp_attr_set(self._ctx, _ATTR_ACT_BADARCH, _ACT_KILL_PROCESS)
         lib.seccomp_attr_set(self._ctx, _ATTR_CTL_TSYNC, 1)
+        lib.seccomp_attr_set(self._ctx, _ATTR_CTL_OPTIMIZE, 2)  # a binary tree: every system call pays log(n)
 
     def _number(self, name: str) -> int | None:
         number = int(self._lib.seccomp_syscall_resolve_name(name.encode()))
@@ -129,10 +140,15 @@ class Filter:
         if number is None:
             self.unknown.append(name)  # absent from this kernel's architecture: nothing to deny
             return
+        self.rule_number(action, number, *conditions, name=name)
+
+    def rule_number(
+        self, action: int, number: int, *conditions: tuple[int, int, int, int], name: str | None = None
+    ) -> None:
         array = (_ArgCmp * max(1, len(conditions)))(*(_ArgCmp(*c) for c in conditions))
         rc = self._lib.seccomp_rule_add_array(self._ctx, action, number, len(conditions), array)
         if rc < 0:
-            raise OSError(-rc, f"seccomp_rule_add({name}) failed: {os.strerror(-rc)}")
+            raise OSError(-rc, f"seccomp_rule_add({name or number}) failed: {os.strerror(-rc)}")
 
     def load(self) -> None:
         try:
@@ -158,6 +174,17 @@ def build(lib: Any) -> Filter:
     flt.rule(deny, "prlimit64", (0, _CMP_NE, 0, 0), (2, _CMP_NE, 0, 0))
     # int arguments: the kernel reads the low 32 bits, so compare only those
     flt.rule(deny, "prctl", (0, _CMP_MASKED_EQ, _LOW32, _PR_SET_PDEATHSIG))
+    # scheduling of other processes (renice or pin the host: same uid needs no capability)
+    flt.rule(deny, "setpriority", (0, _CMP_NE, 0, 0))  # only PRIO_PROCESS...
+    flt.rule(deny, "setpriority", (1, _CMP_NE, 0, 0))  # ...of itself
+    for name in ("sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr", "get_robust_list"):
+        flt.rule(deny, name, (0, _CMP_NE, 0, 0))
+    flt.rule(deny, "ioprio_set", (0, _CMP_NE, _IOPRIO_WHO_PROCESS, 0))
+    flt.rule(deny, "ioprio_set", (1, _CMP_NE, 0, 0))
+    # System calls newer than this list answer ENOSYS, as on an older kernel: a deny list must
+    # not open up when the kernel grows (file_setattr, for one, sets the immutable flag).
+    for number in range(_FIRST_UNLISTED, _FIRST_UNLISTED + 128):
+        flt.rule_number(_errno_action(errno.ENOSYS), number)
     for request in _DENIED_IOCTLS:
         flt.rule(deny, "ioctl", (1, _CMP_MASKED_EQ, _LOW32, request))
     return flt

@@ -118,7 +118,7 @@ class FakeOpenAIServer:
         self.rate_headers = rate_headers
         self.usage = usage
         self.status_faults = dict(status_faults or {})
-        self.in_flight = 0
+        self._serving = 0  # requests in flight (a subclass may count its own)
         self.peak_in_flight = 0
         self._random = random.Random(seed)
         self._port = port
@@ -156,16 +156,16 @@ class FakeOpenAIServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.counters.requests += 1
-        if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
+        if self.max_concurrency is not None and self._serving >= self.max_concurrency:
             self.counters.over_concurrency += 1
             return self._error(429, "too many concurrent requests", "rate_limit_exceeded",
                                retry_after=self.concurrency_retry_after)
-        self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self._serving += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._serving)
         try:
             return await self._serve(request)
         finally:
-            self.in_flight -= 1
+            self._serving -= 1
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

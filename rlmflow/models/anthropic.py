@@ -1,0 +1,179 @@
+"""Anthropic's Messages API, spoken over the shared lean HTTP path.
+
+The anthropic SDK is not needed (nor imported): its wire format is small, and the SDK costs
+about ten times the host CPU per call of the lean path (``benchmarks/providers.py``).
+``anthropic-ratelimit-*`` headers go back to the Dispatcher, which pauses the lane when a quota
+is at zero; 429 and 529 (overloaded) are throttles; nothing is retried here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import aclosing
+from typing import Any
+
+from .._exceptions import (
+    ContextOverflowError,
+    FatalModelError,
+    ModelError,
+    QuotaExhaustedError,
+    ThrottledError,
+    TransientModelError,
+)
+from . import guard
+from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, retry_after
+from .base import (
+    ModelRequest,
+    ModelResponse,
+    TextCallback,
+    Usage,
+    estimated_usage,
+    note_partial_output,
+    split_system,
+)
+
+__all__ = ["AnthropicModel"]
+
+API_VERSION = "2023-06-01"
+_RATE_HEADERS = ("retry-after", "anthropic-ratelimit-")
+
+
+class AnthropicModel(HTTPModel):
+    """A Claude model on Anthropic's API (``anthropic:<model>``).
+
+    ``base_url`` defaults to ``$ANTHROPIC_BASE_URL``, then ``https://api.anthropic.com``; the
+    key to ``$ANTHROPIC_API_KEY``. ``stream=True`` makes :meth:`request` stream, calling
+    ``on_text`` with each piece of text as it arrives.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
+        stream: bool = False,
+        on_text: TextCallback | None = None,
+    ) -> None:
+        super().__init__(
+            model, base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
+            provider="anthropic", pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
+        )
+        self._url = self._base_url + "/v1/messages"
+        self._headers = {
+            "x-api-key": api_key or os.environ.get("ANTHROPIC_API_KEY") or "",
+            "anthropic-version": API_VERSION,
+            "content-type": "application/json",
+        }
+
+    def payload(self, request: ModelRequest) -> dict[str, Any]:
+        """The JSON body of ``request``: system apart, consecutive turns of one role merged."""
+        system, messages = split_system(request)
+        turns: list[dict[str, Any]] = []
+        for message in messages:
+            if turns and turns[-1]["role"] == message.role:
+                turns[-1]["content"] += "\n\n" + message.content
+            else:
+                turns.append({"role": message.role, "content": message.content})
+        body: dict[str, Any] = {"model": self._model, "max_tokens": request.max_tokens, "messages": turns}
+        if system:
+            body["system"] = "\n\n".join(system)
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.stop:
+            body["stop_sequences"] = list(request.stop)
+        return body
+
+    async def _request(self, request: ModelRequest) -> ModelResponse:
+        reply, headers = await self._post(self.payload(request))
+        text = "".join(b.get("text", "") for b in reply.get("content") or [] if b.get("type") == "text")
+        return ModelResponse(
+            text=text,
+            usage=_usage(reply.get("usage"), request, text),
+            model=reply.get("model") or self._model,
+            finish_reason=reply.get("stop_reason"),
+            headers=_rate_headers(headers),
+        )
+
+    async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
+        """Stream one request (server-sent events), calling ``on_text`` with each piece of text."""
+        guard.check_request_allowed(self._url)
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+        headers: dict[str, str] = {}
+        try:
+            async with aclosing(self._http.stream(self._url, {**self.payload(request), "stream": True},
+                                                  self._headers)) as events:
+                async for item in events:
+                    if not isinstance(item, ServerEvent):
+                        headers = _rate_headers(item)
+                        continue
+                    data = json.loads(item.data)
+                    kind = data.get("type")
+                    if kind == "content_block_delta" and data["delta"].get("type") == "text_delta":
+                        piece = data["delta"]["text"]
+                        parts.append(piece)
+                        if on_text is not None:
+                            on_text(piece)
+                    elif kind == "message_start":
+                        usage.update(data["message"].get("usage") or {})
+                    elif kind == "message_delta":
+                        usage.update(data.get("usage") or {})
+                        finish = (data.get("delta") or {}).get("stop_reason") or finish
+                    elif kind == "error":  # after the 200 status line: overloaded, rate limit...
+                        raise HTTPStatus(_status_of(data), headers, data)
+        except (HTTPStatus, HTTPFailure) as exc:
+            raise note_partial_output(self._translate(exc), parts) from exc
+        text = "".join(parts)
+        return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
+                             finish_reason=finish, headers=headers)
+
+    def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
+        where: dict[str, Any] = {"provider": "anthropic", "model": self._model}
+        if isinstance(exc, HTTPFailure):
+            return TransientModelError(f"connection to {self._base_url} failed: {exc}", **where)
+        status, body = exc.status, exc.body
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
+        kind = str(error.get("type") or "")
+        message = str(error.get("message") or body)
+        detail: dict[str, Any] = {**where, "status_code": status, "retry_after": retry_after(exc.headers)}
+        if kind == "rate_limit_error" or status == 429:
+            return ThrottledError(f"throttled: {message}", **detail)
+        if kind == "overloaded_error" or status == 529:
+            return ThrottledError(f"Anthropic is overloaded: {message}", **detail)
+        if "credit balance" in message.lower() or status == 402:
+            billing = QuotaExhaustedError(f"billing quota exhausted: {message}", **detail)
+            billing.retryable = False  # no retry can succeed until the account is paid
+            return billing
+        if status in (400, 413) and ("too long" in message.lower() or kind == "request_too_large"):
+            return ContextOverflowError(f"prompt too long for {self._model}: {message}", **detail)
+        if status >= 500 or kind == "api_error" or status == 408:
+            return TransientModelError(f"server error {status}: {message}", **detail)
+        return FatalModelError(f"request rejected ({status} {kind}): {message}", **detail)
+
+
+
+def _status_of(event: dict[str, Any]) -> int:
+    kind = str((event.get("error") or {}).get("type") or "")
+    return {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}.get(kind, 500)
+
+
+def _rate_headers(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_RATE_HEADERS)}
+
+
+def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:
+    """Anthropic usage mapped to ours: its ``input_tokens`` leaves out cache reads and writes, ours counts them."""
+    if not raw or "input_tokens" not in raw:
+        return estimated_usage(request, text)
+    read = int(raw.get("cache_read_input_tokens") or 0)
+    write = int(raw.get("cache_creation_input_tokens") or 0)
+    return Usage(int(raw["input_tokens"]) + read + write, int(raw.get("output_tokens") or 0), 1,
+                 cache_read_tokens=read, cache_write_tokens=write)

@@ -1,0 +1,376 @@
+"""Amazon Bedrock through aioboto3: the Converse API, and ConverseStream for streamed replies.
+
+One aioboto3 ``bedrock-runtime`` client is shared by every model of a process that uses the same
+event loop, region, endpoint and credentials: it is created on the first request and closed
+when the last model using it is closed. botocore's own retries are off (the Dispatcher owns
+retries), and its connection pool is sized to the lane's concurrency ceiling (botocore's default
+of 10 connections silently caps fan-out at 10 calls in flight).
+
+Credentials come only from the standard AWS chain (environment, shared files, SSO, instance or
+container roles), optionally through a named ``profile``: rlmflow never takes keys as arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._exceptions import (
+    ConfigurationError,
+    ContextOverflowError,
+    FatalModelError,
+    ModelError,
+    ModelNotReadyError,
+    QuotaExhaustedError,
+    ThrottledError,
+    TransientModelError,
+)
+from ..dispatch.limits import Limits
+from . import guard
+from .base import (
+    Message,
+    ModelRequest,
+    ModelResponse,
+    TextCallback,
+    Usage,
+    estimate_tokens,
+    estimated_usage,
+    note_partial_output,
+    split_system,
+)
+
+__all__ = ["DEFAULT_POOL_CONNECTIONS", "BedrockModel", "translate_botocore"]
+
+#: Connections per shared client unless a lane asks for more (>= the Dispatcher's default ceiling).
+DEFAULT_POOL_CONNECTIONS = 256
+
+# ValidationException messages Bedrock and its models use for an input that does not fit.
+_TOO_LONG = re.compile(
+    r"too long|context (window|length|limit)|maximum context|exceeds? .*(context|max(imum)? tokens|token limit)",
+    re.IGNORECASE,
+)
+# Bedrock counts each output token of these Claude models as 5 tokens against the TPM quota
+# (Claude 3.7 Sonnet and the Claude 4 generation on); other models 1:1.
+_HEAVY_OUTPUT = re.compile(r"anthropic\.claude-(3-7-|(sonnet|opus|haiku)-[4-9])")
+_TRANSIENT_CODES = {
+    "InternalServerException", "ServiceUnavailableException", "ModelStreamErrorException",
+    "ModelTimeoutException", "ModelErrorException", "RequestTimeout", "RequestTimeoutException",
+}
+_FATAL_CODES = {
+    "AccessDeniedException", "ResourceNotFoundException", "UnrecognizedClientException",
+    "ExpiredTokenException", "InvalidSignatureException", "IncompleteSignature",
+}
+
+
+@dataclass
+class _Shared:
+    client: Any
+    stack: AsyncExitStack
+    users: int = 0
+    pool: int = 0
+
+
+@dataclass
+class _ClientCache:
+    """The process's shared clients, keyed by (event loop, region, endpoint, profile, session)."""
+
+    clients: dict[tuple[Any, ...], _Shared] = field(default_factory=dict)
+    lock: dict[tuple[Any, ...], asyncio.Lock] = field(default_factory=dict)
+
+
+_CACHE = _ClientCache()
+
+
+class BedrockModel:
+    """A model on Amazon Bedrock, called through the Converse API.
+
+    ``model_id`` is a foundation model id or a cross-region inference profile id
+    (``us.anthropic.claude-sonnet-4-5-20250929-v1:0``). ``region`` defaults to the AWS chain's
+    (``AWS_REGION`` / the profile's); ``endpoint_url`` points the client elsewhere (a VPC endpoint,
+    or a local fake in tests). ``session`` is an ``aioboto3.Session`` to take credentials from;
+    by default one is made from ``profile`` and the standard chain.
+
+    ``stream=True`` makes :meth:`request` use ConverseStream (as :meth:`request_stream` always
+    does), calling ``on_text`` with each piece of text as it arrives: use it for a root model
+    whose turns are shown live.
+
+    Raises :class:`ConfigurationError` when aioboto3 is not installed.
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        session: Any = None,
+        max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
+        read_timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+        stream: bool = False,
+        on_text: TextCallback | None = None,
+    ) -> None:
+        try:
+            import aioboto3
+        except ImportError as exc:  # pragma: no cover - aioboto3 is a dependency
+            raise ConfigurationError("Bedrock models need aioboto3: pip install aioboto3") from exc
+        if not model_id:
+            raise ConfigurationError("a Bedrock model needs a model id")
+        self._model_id = model_id
+        self._session = session or aioboto3.Session(profile_name=profile, region_name=region)
+        self._region = region or self._session.region_name
+        if not self._region:
+            raise ConfigurationError(
+                f"no AWS region for bedrock:{model_id}: write bedrock:{model_id}@<region>, or set AWS_REGION"
+            )
+        # botocore reads these too; known here so the test guard sees where calls go
+        self._endpoint_url = (
+            endpoint_url or os.environ.get("AWS_ENDPOINT_URL_BEDROCK_RUNTIME") or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        self._key = (self._region, self._endpoint_url, profile, id(session) if session is not None else None)
+        self._pool = max_pool_connections
+        self._read_timeout = read_timeout
+        self._connect_timeout = connect_timeout
+        self._stream = stream
+        self._on_text = on_text
+        self._shared: _Shared | None = None
+        self._shared_key: tuple[Any, ...] | None = None
+
+    # -- the LanguageModel protocol ------------------------------------------------------------------
+    @property
+    def provider(self) -> str:
+        return "aws.bedrock"
+
+    @property
+    def name(self) -> str:
+        return self._model_id
+
+    @property
+    def endpoint(self) -> str:
+        """What tells this model's quota apart from the same model's elsewhere: the region (or URL)."""
+        return self._endpoint_url or self._region
+
+    @property
+    def region(self) -> str:
+        return self._region
+
+    def count_tokens(self, text: str) -> int:
+        return estimate_tokens(text)
+
+    @property
+    def lane_limits(self) -> Limits | None:
+        """Default limits of this model's lane: ``output_weight=5`` where Bedrock weighs output 5x.
+
+        Limits configured on the Dispatcher take precedence: give them the same ``output_weight``.
+        """
+        return Limits(output_weight=5.0) if _HEAVY_OUTPUT.search(self._model_id) else None
+
+    def reserve_connections(self, count: int) -> None:
+        """Make the client's connection pool hold at least ``count`` connections.
+
+        The Dispatcher calls it with the lane's concurrency ceiling when the lane is created
+        (before the first request creates the client, so the pool is sized once).
+        """
+        self._pool = max(self._pool, count)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        if self._stream:
+            return await self.request_stream(request, self._on_text)
+        client = await self._client()
+        try:
+            reply = await client.converse(**self._arguments(request))
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        content = (reply.get("output") or {}).get("message", {}).get("content") or []
+        text = "".join(block.get("text", "") for block in content)
+        return ModelResponse(
+            text=text,
+            usage=_usage(reply.get("usage"), request, text),
+            model=self._model_id,
+            finish_reason=reply.get("stopReason"),
+        )
+
+    async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
+        """Send one request with ConverseStream, calling ``on_text`` with each piece of text."""
+        client = await self._client()
+        parts: list[str] = []
+        usage: dict[str, Any] | None = None
+        stop_reason: str | None = None
+        try:
+            reply = await client.converse_stream(**self._arguments(request))
+            events = reply["stream"]
+            try:
+                async for event in events:
+                    if "contentBlockDelta" in event:
+                        piece = event["contentBlockDelta"].get("delta", {}).get("text")
+                        if piece:
+                            parts.append(piece)
+                            if on_text is not None:
+                                on_text(piece)
+                    elif "messageStop" in event:
+                        stop_reason = event["messageStop"].get("stopReason")
+                    elif "metadata" in event:
+                        usage = event["metadata"].get("usage")
+            finally:
+                events.close()  # returns the connection to the pool, also when cancelled mid-stream
+        except Exception as exc:
+            raise note_partial_output(self._translate(exc), parts) from exc
+        text = "".join(parts)
+        return ModelResponse(
+            text=text, usage=_usage(usage, request, text), model=self._model_id, finish_reason=stop_reason
+        )
+
+    async def aclose(self) -> None:
+        shared, key = self._shared, self._shared_key
+        self._shared = self._shared_key = None
+        if shared is None or key is None:
+            return
+        shared.users -= 1
+        if shared.users == 0 and _CACHE.clients.get(key) is shared:
+            del _CACHE.clients[key]
+            _CACHE.lock.pop(key, None)
+            await shared.stack.aclose()
+
+    def __repr__(self) -> str:
+        where = self._endpoint_url or self._region
+        return f"BedrockModel({self._model_id!r}, region={where!r}, stream={self._stream})"
+
+    # -- internals -------------------------------------------------------------------------------
+    async def _client(self) -> Any:
+        if self._shared is not None:
+            return self._shared.client
+        guard.check_request_allowed(self._endpoint_url or f"https://bedrock-runtime.{self._region}.amazonaws.com")
+        key = (asyncio.get_running_loop(), *self._key)
+        lock = _CACHE.lock.setdefault(key, asyncio.Lock())
+        async with lock:
+            shared = _CACHE.clients.get(key)
+            if shared is None:
+                shared = await self._create_client()
+                _CACHE.clients[key] = shared
+            elif shared.pool < self._pool:
+                _note_small_pool(shared.pool, self._pool, self._model_id)
+            shared.users += 1
+        self._shared, self._shared_key = shared, key
+        return shared.client
+
+    async def _create_client(self) -> _Shared:
+        from botocore.config import Config
+
+        config = Config(
+            retries={"total_max_attempts": 1},  # the Dispatcher retries, with every lane in view
+            max_pool_connections=self._pool,
+            read_timeout=self._read_timeout,
+            connect_timeout=self._connect_timeout,
+            tcp_keepalive=True,
+        )
+        stack = AsyncExitStack()
+        client = await stack.enter_async_context(
+            self._session.client(
+                "bedrock-runtime", region_name=self._region, endpoint_url=self._endpoint_url, config=config
+            )
+        )
+        return _Shared(client=client, stack=stack, pool=self._pool)
+
+    def _arguments(self, request: ModelRequest) -> dict[str, Any]:
+        system, messages = split_system(request)
+        config: dict[str, Any] = {"maxTokens": request.max_tokens}
+        if request.temperature is not None:
+            config["temperature"] = request.temperature
+        if request.top_p is not None:
+            config["topP"] = request.top_p
+        if request.stop:
+            config["stopSequences"] = list(request.stop)
+        arguments: dict[str, Any] = {
+            "modelId": self._model_id,
+            "messages": _converse_messages(messages),
+            "inferenceConfig": config,
+        }
+        if system:
+            arguments["system"] = [{"text": text} for text in system]
+        return arguments
+
+    def _translate(self, exc: Exception) -> ModelError:
+        return translate_botocore(exc, provider=self.provider, model=self._model_id)
+
+
+def translate_botocore(exc: BaseException, *, provider: str, model: str) -> ModelError:
+    """Map a botocore failure (also one raised inside a strands model) to the Dispatcher's error classes."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+    )
+
+    where: dict[str, Any] = {"provider": provider, "model": model}
+    if isinstance(exc, ModelError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error") or {}
+        code = str(error.get("Code") or "")
+        code = code[:1].upper() + code[1:]  # stream events name them in lowerCamelCase
+        message = str(error.get("Message") or exc)
+        status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        detail: dict[str, Any] = {**where, "status_code": status}
+        if code == "ThrottlingException":
+            return ThrottledError(f"throttled by Bedrock: {message}", **detail)
+        if code == "ServiceQuotaExceededException":
+            return QuotaExhaustedError(f"Bedrock service quota exceeded: {message}", **detail)
+        if code == "ModelNotReadyException":
+            return ModelNotReadyError(f"model not ready: {message}", **detail)
+        if code == "ValidationException" and _TOO_LONG.search(message):
+            return ContextOverflowError(f"input too long for {model}: {message}", **detail)
+        if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+            return TransientModelError(f"Bedrock {code or status}: {message}", **detail)
+        if code in _FATAL_CODES:
+            return FatalModelError(f"Bedrock refused the call ({code}): {message}", **detail)
+        return FatalModelError(f"Bedrock {code or status}: {message}", **detail)
+    if isinstance(exc, NoCredentialsError):
+        return FatalModelError(f"no AWS credentials in the standard chain: {exc}", **where)
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return TransientModelError(f"connection to Bedrock failed: {exc}", **where)
+    if isinstance(exc, BotoCoreError):
+        return FatalModelError(f"botocore: {exc}", **where)
+    return TransientModelError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def _converse_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Converse messages: text blocks, consecutive messages of one role merged (Converse needs alternation)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if out and out[-1]["role"] == message.role:
+            out[-1]["content"].append({"text": message.content})
+        else:
+            out.append({"role": message.role, "content": [{"text": message.content}]})
+    return out
+
+
+def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:
+    """Bedrock usage mapped to ours: ``inputTokens`` excludes the cached parts, our input counts them."""
+    if not raw:
+        return estimated_usage(request, text)
+    read = int(raw.get("cacheReadInputTokens") or 0)
+    write = int(raw.get("cacheWriteInputTokens") or 0)
+    return Usage(
+        int(raw.get("inputTokens") or 0) + read + write,
+        int(raw.get("outputTokens") or 0),
+        1,
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+    )
+
+
+def _note_small_pool(have: int, want: int, model_id: str) -> None:
+    import logging
+
+    logging.getLogger("rlmflow").warning(
+        "the shared Bedrock client for %s was created with %d connections; %d were asked for later. "
+        "Build models with max_pool_connections=%d to avoid queueing inside botocore.",
+        model_id, have, want, want,
+    )

@@ -1,0 +1,153 @@
+"""What the Bedrock and Anthropic fakes share with the OpenAI one: limits, faults, latency, logs.
+
+Each fake subclasses :class:`FakeOpenAIServer` for its sliding RPM/TPM window, fault plan,
+latency and admission log, and adds its own routes and wire format. On top it counts calls in
+flight (``peak_in_flight``: what a test reads to see the client's pool reach a lane's
+concurrency) and obeys directives written in a prompt, so a test can script one failure:
+
+- ``[[throttle]]``, ``[[quota]]``, ``[[not-ready]]``, ``[[server-error]]``, ``[[overloaded]]``,
+  ``[[denied]]``: that error instead of an answer;
+- ``[[throttle x2]]``: the error for the first two attempts of this prompt, then an answer;
+- ``[[stream-throttle]]``: a streamed reply throttled after its first piece of text.
+
+A prompt of more than ``context_window`` tokens gets the provider's "input too long" error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .fake_openai import Admitted, FakeOpenAIServer, answer_for
+
+__all__ = ["Admission", "FakeProviderBase"]
+
+_DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?: x(\d+))?\]\]")
+
+
+@dataclass
+class Admission:
+    """The outcome of admitting one request: ``error`` names a refusal, else ``admitted`` is logged."""
+
+    error: str | None = None
+    retry_after: float = 0.0
+    admitted: Admitted | None = None
+    prompt_tokens: int = 0
+
+
+class FakeProviderBase(FakeOpenAIServer):
+    """A fake provider on 127.0.0.1; subclasses add routes in :meth:`routes` and a wire format."""
+
+    def __init__(
+        self,
+        *,
+        context_window: int = 200_000,
+        reply: Callable[[str], str] | None = None,
+        stream_pieces: int = 4,
+        **knobs: Any,
+    ) -> None:
+        super().__init__(**knobs)
+        self.context_window = context_window
+        self.reply = reply or answer_for
+        self.stream_pieces = stream_pieces
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.requests_seen: list[dict[str, Any]] = []
+        self._attempts: Counter[str] = Counter()
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.routes(app)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+    # -- shared steps of a request -----------------------------------------------------------------
+    def enter(self) -> None:
+        self.counters.requests += 1
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def directive(self, prompt: str) -> str | None:
+        """The scripted failure of this attempt of ``prompt``, if any."""
+        match = _DIRECTIVE.search(prompt)
+        if match is None:
+            return None
+        self._attempts[prompt] += 1
+        times = match.group(2)
+        if times is not None and self._attempts[prompt] > int(times):
+            return None
+        return match.group(1)
+
+    def admit(self, prompt: str, last: str, max_tokens: int) -> Admission:
+        """Apply the context window, the RPM/TPM window and the fault plan, as a provider would."""
+        prompt_tokens = self.count_tokens(prompt)
+        if prompt_tokens > self.context_window:
+            return Admission("too-long", prompt_tokens=prompt_tokens)
+        tokens = prompt_tokens + max_tokens
+        now = self._now()
+        self._expire(now)
+        wait = self._retry_after(now, tokens)
+        if wait > 0:
+            self.counters.limited += 1
+            return Admission("throttle", retry_after=wait, prompt_tokens=prompt_tokens)
+        fault = self._draw_fault()
+        if fault == "throttle":
+            return Admission("throttle", retry_after=self.faults.throttle_retry_after, prompt_tokens=prompt_tokens)
+        admitted = Admitted(now, tokens, last)
+        self._recent.append(admitted)
+        self._recent_tokens += tokens
+        self.admitted.append(admitted)
+        self.counters.admitted += 1
+        return Admission(fault, admitted=admitted, prompt_tokens=prompt_tokens)
+
+    async def delay(self, admission: Admission, request: web.Request) -> None:
+        """Latency, and the reset and timeout faults (a reset never returns)."""
+        if admission.error == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        if admission.error == "timeout":
+            await asyncio.sleep(self.faults.timeout_delay)
+        delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def settle(self, admission: Admission, output_tokens: int) -> None:
+        """Correct the window to the real usage (max_tokens was held at admission)."""
+        admitted = admission.admitted
+        if admitted is None:
+            return
+        used = admission.prompt_tokens + output_tokens
+        if any(item is admitted for item in self._recent):
+            self._recent_tokens += used - admitted.tokens
+        admitted.tokens = used
+
+    def answer(self, last: str, max_tokens: int) -> tuple[str, int]:
+        """The reply text and its output tokens (at most ``max_tokens``)."""
+        text = self.reply(last)
+        return text, min(max(self.output_tokens, self.count_tokens(text)), max_tokens)
+
+    def pieces(self, text: str) -> list[str]:
+        """``text`` cut into about ``stream_pieces`` parts, as a stream would deliver it."""
+        size = max(1, -(-len(text) // max(1, self.stream_pieces)))
+        return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "peak_in_flight": self.peak_in_flight}

@@ -1,0 +1,252 @@
+"""A local server speaking Bedrock's Converse and ConverseStream, for tests and benchmarks.
+
+It answers what aioboto3 sends to ``endpoint_url``: ``POST /model/{modelId}/converse`` (JSON)
+and ``POST /model/{modelId}/converse-stream`` (the AWS event-stream binary framing). Every
+request must carry a SigV4 signature, which the fake checks by signing the request again with
+botocore and the dummy credentials it was given. Errors have Bedrock's shapes
+(``x-amzn-ErrorType`` and ``{"message": ...}``; in a stream, an ``exception`` message such as
+``throttlingException`` after partial output). A ``tool_reply`` function makes it answer
+requests that offer tools with a ``toolUse`` block (a scripted Strands root). Limits, faults and latency are those of
+:class:`~rlmflow.testing.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
+
+    async with FakeBedrockServer(latency=0.05) as server:
+        model = BedrockModel("us.anthropic.claude-sonnet-4-5-20250929-v1:0", region="us-east-1",
+                             endpoint_url=server.base_url)
+
+with ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` set to the fake's ``access_key`` /
+``secret_key`` (``server.credentials_env()``), so credentials still come from the standard chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from ._fake_base import Admission, FakeProviderBase
+
+__all__ = ["FakeBedrockServer", "encode_event"]
+
+_ERRORS = {  # directive -> (HTTP status, Bedrock error code, message)
+    "throttle": (429, "ThrottlingException", "Too many requests, please wait before trying again."),
+    "quota": (400, "ServiceQuotaExceededException", "Your request exceeds the service quota for your account."),
+    "not-ready": (429, "ModelNotReadyException", "The model is not ready to serve inference requests."),
+    "server-error": (500, "InternalServerException", "The server encountered an internal error."),
+    "overloaded": (503, "ServiceUnavailableException", "The service is unavailable. Try again later."),
+    "denied": (403, "AccessDeniedException", "You don't have access to the model with the specified model ID."),
+    "too-long": (400, "ValidationException", "Input is too long for requested model."),
+}
+_AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
+                   r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})")
+
+
+def encode_event(headers: dict[str, str], payload: bytes) -> bytes:
+    """One message of the AWS event-stream framing (string headers only).
+
+    prelude (total length, headers length, CRC32 of both) | headers | payload | CRC32 of all.
+    """
+    encoded = b"".join(
+        struct.pack("!B", len(name)) + name.encode() + b"\x07" + struct.pack("!H", len(value.encode()))
+        + value.encode()
+        for name, value in headers.items()
+    )
+    prelude = struct.pack("!II", 16 + len(encoded) + len(payload), len(encoded))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + encoded + payload
+    return message + struct.pack("!I", zlib.crc32(message))
+
+
+def _event(kind: str, body: dict[str, Any]) -> bytes:
+    return encode_event(
+        {":event-type": kind, ":content-type": "application/json", ":message-type": "event"},
+        json.dumps(body).encode(),
+    )
+
+
+def _exception(code: str, message: str) -> bytes:
+    lower = code[:1].lower() + code[1:]  # in a stream, exceptions are named in lowerCamelCase
+    return encode_event(
+        {":exception-type": lower, ":content-type": "application/json", ":message-type": "exception"},
+        json.dumps({"message": message}).encode(),
+    )
+
+
+class FakeBedrockServer(FakeProviderBase):
+    """Bedrock's runtime API on 127.0.0.1; ``base_url`` is the ``endpoint_url`` for aioboto3."""
+
+    def __init__(
+        self,
+        *,
+        access_key: str = "AKIDFAKEFAKEFAKE",
+        secret_key: str = "fake-secret",
+        region: str = "us-east-1",
+        check_signatures: bool = True,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        tool_reply: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+        **knobs: Any,
+    ) -> None:
+        super().__init__(**knobs)
+        # Plays a tool-using root: given a request that offers tools (``toolConfig``), the tool
+        # call to answer with ({"name": ..., "input": {...}}), or None for a text answer.
+        self.tool_reply = tool_reply
+        self._tool_uses = 0
+        self.cache_read_tokens = cache_read_tokens
+        self.cache_write_tokens = cache_write_tokens
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.region = region
+        self.check_signatures = check_signatures
+        self.bad_signatures = 0
+
+    def credentials_env(self) -> dict[str, str]:
+        """Environment variables that make the standard AWS chain find this fake's credentials."""
+        # nothing else in the chain: no shared files, no instance metadata
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, "AWS_CONFIG_FILE": "/nonexistent",
+                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/model/{model_id}/converse", self._converse)
+        app.router.add_post("/model/{model_id}/converse-stream", self._converse_stream)
+
+    # -- requests -------------------------------------------------------------------------------------
+    async def _read(self, request: web.Request) -> tuple[dict[str, Any], str, str, int]:
+        raw = await request.read()
+        if self.check_signatures and not self._signed(request, raw):
+            self.bad_signatures += 1
+            raise web.HTTPForbidden(
+                text=json.dumps({"message": "The request signature we calculated does not match."}),
+                headers={"x-amzn-ErrorType": "InvalidSignatureException"}, content_type="application/json",
+            )
+        body = json.loads(raw)
+        body["modelId"] = request.match_info["model_id"]
+        self.requests_seen.append(body)
+        texts = [b.get("text", "") for m in body.get("messages", []) for b in m.get("content", [])]
+        system = [b.get("text", "") for b in body.get("system", [])]
+        max_tokens = int((body.get("inferenceConfig") or {}).get("maxTokens") or 512)
+        return body, "".join(system + texts), texts[-1] if texts else "", max_tokens
+
+    def _signed(self, request: web.Request, raw: bytes) -> bool:
+        """Sign the request again with botocore and compare: the client really signed it."""
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
+        match = _AUTH.fullmatch(request.headers.get("Authorization", ""))
+        if match is None or match.group(1) != self.access_key or match.group(4) != "bedrock":
+            return False
+        signed = match.group(5).split(";")
+        headers = {name: request.headers.get(name, "") for name in signed}
+        copy = AWSRequest(method=request.method, url=str(request.url), headers=headers, data=raw)
+        copy.context["timestamp"] = request.headers.get("X-Amz-Date", "")
+        auth = SigV4Auth(Credentials(self.access_key, self.secret_key), "bedrock", match.group(3))
+        canonical = auth.canonical_request(copy)
+        return bool(auth.signature(auth.string_to_sign(copy, canonical), copy) == match.group(6))
+
+    def _refuse(self, kind: str, prompt_tokens: int = 0) -> web.Response:
+        status, code, message = _ERRORS["server-error" if kind == "server_error" else kind]
+        if kind == "too-long":
+            message = f"{message} ({prompt_tokens} tokens > {self.context_window} maximum)"
+        return web.json_response({"message": message}, status=status, headers={"x-amzn-ErrorType": code})
+
+    async def _admitted(
+        self, request: web.Request
+    ) -> tuple[Admission | web.Response, dict[str, Any], str, int, str | None]:
+        """Read, check and admit a request; a refusal comes back as the response to send."""
+        body, prompt, last, max_tokens = await self._read(request)
+        kind = self.directive(prompt)
+        if kind is not None and kind != "stream-throttle":
+            return self._refuse(kind), body, last, max_tokens, kind
+        admission = self.admit(prompt, last, max_tokens)
+        if admission.error in ("too-long", "throttle"):
+            return self._refuse(admission.error or "", admission.prompt_tokens), body, last, max_tokens, kind
+        await self.delay(admission, request)
+        if admission.error == "server_error":
+            return self._refuse("server_error"), body, last, max_tokens, kind
+        return admission, body, last, max_tokens, kind
+
+    async def _converse(self, request: web.Request) -> web.StreamResponse:
+        self.enter()
+        try:
+            admission, body, last, max_tokens, _kind = await self._admitted(request)
+            if isinstance(admission, web.Response):
+                return admission
+            use = self.tool_reply(body) if self.tool_reply is not None and "toolConfig" in body else None
+            text, output = self.answer(last, max_tokens) if use is None else ("", self.output_tokens)
+            self.settle(admission, output)
+            content = [{"text": text}] if use is None else [{"toolUse": {**use, "toolUseId": self._tool_id()}}]
+            return web.json_response({
+                "output": {"message": {"role": "assistant", "content": content}},
+                "stopReason": "end_turn" if use is None else "tool_use",
+                "usage": self._usage(admission.prompt_tokens, output),
+                "metrics": {"latencyMs": int(self.latency * 1000)},
+            })
+        finally:
+            self.leave()
+
+    async def _converse_stream(self, request: web.Request) -> web.StreamResponse:
+        self.enter()
+        try:
+            admission, body, last, max_tokens, kind = await self._admitted(request)
+            if isinstance(admission, web.Response):
+                return admission
+            use = self.tool_reply(body) if self.tool_reply is not None and "toolConfig" in body else None
+            response = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
+            await response.prepare(request)
+            await response.write(_event("messageStart", {"role": "assistant"}))
+            if use is not None:
+                return await self._stream_tool_use(response, admission, use)
+            text, output = self.answer(last, max_tokens)
+            for index, piece in enumerate(self.pieces(text)):
+                if index == 1 and kind == "stream-throttle":
+                    _, code, message = _ERRORS["throttle"]
+                    await response.write(_exception(code, message))
+                    self.settle(admission, self.count_tokens(text[: len(piece)]))
+                    await response.write_eof()
+                    return response
+                await response.write(_event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}}))
+                await asyncio.sleep(0)
+            await response.write(_event("contentBlockStop", {"contentBlockIndex": 0}))
+            await response.write(_event("messageStop", {"stopReason": "end_turn"}))
+            await response.write(_event("metadata", {
+                "usage": self._usage(admission.prompt_tokens, output), "metrics": {"latencyMs": 1},
+            }))
+            self.settle(admission, output)
+            await response.write_eof()
+            return response
+        finally:
+            self.leave()
+
+    def _tool_id(self) -> str:
+        self._tool_uses += 1
+        return f"tooluse_{self._tool_uses}"
+
+    async def _stream_tool_use(
+        self, response: web.StreamResponse, admission: Admission, use: dict[str, Any]
+    ) -> web.StreamResponse:
+        start = {"toolUse": {"toolUseId": self._tool_id(), "name": use["name"]}}
+        await response.write(_event("contentBlockStart", {"contentBlockIndex": 0, "start": start}))
+        delta = {"toolUse": {"input": json.dumps(use.get("input") or {})}}
+        await response.write(_event("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}))
+        await response.write(_event("contentBlockStop", {"contentBlockIndex": 0}))
+        await response.write(_event("messageStop", {"stopReason": "tool_use"}))
+        await response.write(_event("metadata", {
+            "usage": self._usage(admission.prompt_tokens, self.output_tokens), "metrics": {"latencyMs": 1},
+        }))
+        self.settle(admission, self.output_tokens)
+        await response.write_eof()
+        return response
+
+    def _usage(self, prompt_tokens: int, output: int) -> dict[str, int]:
+        # Bedrock's inputTokens leaves out the tokens read from or written to the prompt cache
+        read = min(self.cache_read_tokens, prompt_tokens)
+        write = min(self.cache_write_tokens, prompt_tokens - read)
+        return {"inputTokens": prompt_tokens - read - write, "outputTokens": output,
+                "totalTokens": prompt_tokens + output, "cacheReadInputTokens": read, "cacheWriteInputTokens": write}
+

@@ -1,0 +1,304 @@
+"""Bedrock through real aioboto3 (signed requests, event-stream parsing) against a local fake."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from rlmflow import (
+    RLM,
+    BudgetLedger,
+    ContextOverflowError,
+    Dispatcher,
+    FatalModelError,
+    Limits,
+    ModelNotReadyError,
+    ModelRequest,
+    QuotaExhaustedError,
+    RetryPolicy,
+    ThrottledError,
+    TransientModelError,
+    UnknownModelError,
+)
+from rlmflow.models import parse_model_string
+from rlmflow.models.bedrock import BedrockModel
+from rlmflow.testing.fake_bedrock import FakeBedrockServer, encode_event
+from rlmflow.testing.fake_openai import answer_for
+
+from .helpers import turn_script
+
+pytestmark = pytest.mark.anyio
+
+CLAUDE = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+@pytest.fixture
+async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeBedrockServer]:
+    async with FakeBedrockServer() as fake:
+        for name, value in fake.credentials_env().items():
+            monkeypatch.setenv(name, value)
+        yield fake
+
+
+def bedrock(server: FakeBedrockServer, model_id: str = CLAUDE, **options: object) -> BedrockModel:
+    return BedrockModel(model_id, region="us-east-1", endpoint_url=server.base_url, **options)  # type: ignore[arg-type]
+
+
+async def test_converse_signed_with_usage_and_cache_tokens(server: FakeBedrockServer) -> None:
+    server.cache_read_tokens, server.cache_write_tokens = 3, 2
+    model = bedrock(server)
+    try:
+        response = await model.request(
+            ModelRequest(messages=ModelRequest.from_prompt("what is in the ledger?", system="be brief").messages,
+                         max_tokens=64, temperature=0.2, top_p=0.9, stop=("END",))
+        )
+    finally:
+        await model.aclose()
+    assert response.text == answer_for("what is in the ledger?")
+    sent = server.requests_seen[0]
+    assert sent["modelId"] == CLAUDE and sent["system"] == [{"text": "be brief"}]
+    assert sent["inferenceConfig"] == {"maxTokens": 64, "temperature": 0.2, "topP": 0.9, "stopSequences": ["END"]}
+    prompt_tokens = server.count_tokens("be brief" + "what is in the ledger?")
+    usage = response.usage
+    assert (usage.input_tokens, usage.cache_read_tokens, usage.cache_write_tokens) == (prompt_tokens, 3, 2)
+    assert usage.output_tokens == 8 and not usage.estimated
+    assert server.bad_signatures == 0
+
+
+async def test_a_wrong_secret_fails_the_signature_check(
+    server: FakeBedrockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    model = bedrock(server)
+    try:
+        with pytest.raises(FatalModelError, match="InvalidSignatureException"):
+            await model.request(ModelRequest.from_prompt("hi"))
+    finally:
+        await model.aclose()
+    assert server.bad_signatures == 1
+
+
+async def test_converse_stream_hands_out_pieces(server: FakeBedrockServer) -> None:
+    pieces: list[str] = []
+    model = bedrock(server, stream=True, on_text=pieces.append)
+    try:
+        response = await model.request(ModelRequest.from_prompt("stream me"))
+    finally:
+        await model.aclose()
+    assert len(pieces) > 1 and "".join(pieces) == response.text == answer_for("stream me")
+    assert response.finish_reason == "end_turn" and response.usage.output_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("directive", "error", "retryable"),
+    [
+        ("throttle", ThrottledError, True),
+        ("quota", QuotaExhaustedError, True),
+        ("not-ready", ModelNotReadyError, True),
+        ("server-error", TransientModelError, True),
+        ("overloaded", TransientModelError, True),
+        ("denied", FatalModelError, False),
+    ],
+)
+async def test_errors_are_classified(
+    server: FakeBedrockServer, directive: str, error: type[Exception], retryable: bool
+) -> None:
+    model = bedrock(server)
+    try:
+        with pytest.raises(error) as caught:
+            await model.request(ModelRequest.from_prompt(f"[[{directive}]] hello"))
+    finally:
+        await model.aclose()
+    assert type(caught.value) is error and caught.value.retryable is retryable  # type: ignore[attr-defined]
+    assert server.counters.requests == 1  # botocore's own retries are off
+
+
+async def test_too_long_input_is_context_overflow(server: FakeBedrockServer) -> None:
+    server.context_window = 50
+    model = bedrock(server)
+    try:
+        with pytest.raises(ContextOverflowError, match="too long"):
+            await model.request(ModelRequest.from_prompt("word " * 400))
+    finally:
+        await model.aclose()
+
+
+async def test_a_throttle_mid_stream_after_partial_output(server: FakeBedrockServer) -> None:
+    pieces: list[str] = []
+    model = bedrock(server)
+    try:
+        with pytest.raises(ThrottledError, match=r"after \d+ characters of output"):
+            await model.request_stream(ModelRequest.from_prompt("[[stream-throttle]] go"), pieces.append)
+        assert len(pieces) == 1  # the first piece arrived before the exception event
+        # through the Dispatcher the throttled stream is retried and the second attempt completes
+        dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01))
+        streaming = bedrock(server, stream=True)
+        try:
+            response = await dispatcher.call(
+                streaming, ModelRequest.from_prompt("[[stream-throttle x1]] again"), ledger=BudgetLedger()
+            )
+        finally:
+            await streaming.aclose()
+    finally:
+        await model.aclose()
+    assert response.text == answer_for("[[stream-throttle x1]] again")
+    (lane,) = dispatcher.statistics()
+    assert lane.retries == 1
+
+
+async def test_retries_belong_to_the_dispatcher(server: FakeBedrockServer) -> None:
+    records = []
+    dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01))
+    model = bedrock(server)
+    try:
+        await dispatcher.call(model, ModelRequest.from_prompt("[[throttle x2]] hi"), ledger=BudgetLedger(),
+                              record=records.append)
+        with pytest.raises(FatalModelError):
+            await dispatcher.call(model, ModelRequest.from_prompt("[[denied]] hi"), ledger=BudgetLedger())
+    finally:
+        await model.aclose()
+    assert records[0].attempts == 3 and records[0].throttles == 2
+    assert server.counters.requests == 4  # three attempts, then one that is not retried
+
+
+async def test_one_client_per_region_shared_and_closed_by_the_last(server: FakeBedrockServer) -> None:
+    first, second = bedrock(server), bedrock(server, "us.anthropic.claude-haiku-4-5-20251001-v1:0")
+    await first.request(ModelRequest.from_prompt("a"))
+    await second.request(ModelRequest.from_prompt("b"))
+    assert first._shared is second._shared and first._shared is not None
+    shared = first._shared
+    await first.aclose()
+    assert shared.users == 1
+    await second.aclose()
+    assert shared.users == 0
+
+
+async def test_pool_reaches_the_lane_ceiling(server: FakeBedrockServer) -> None:
+    """botocore's pool would cap fan-out (at 8 here); the lane sizes it to its ceiling of 48."""
+    server.latency = 0.3
+    dispatcher = Dispatcher(limits={"aws.bedrock": Limits(max_concurrency=48, initial_concurrency=48)})
+    model = bedrock(server, max_pool_connections=8)
+    try:
+        requests = [ModelRequest.from_prompt(f"item {i}", max_tokens=16) for i in range(48)]
+        results = await dispatcher.call_many(model, requests, ledger=BudgetLedger())
+        assert model._shared is not None and model._shared.client.meta.config.max_pool_connections == 48
+    finally:
+        await model.aclose()
+    assert [r.text for r in results] == [answer_for(f"item {i}") for i in range(48)]  # type: ignore[union-attr]
+    assert server.peak_in_flight == 48
+
+
+async def test_claude_output_weighs_five_on_bedrock(server: FakeBedrockServer) -> None:
+    dispatcher = Dispatcher()
+    claude, llama = bedrock(server), bedrock(server, "meta.llama3-70b-instruct-v1:0")
+    try:
+        assert dispatcher.lane(claude).limits.output_weight == 5.0
+        assert dispatcher.lane(llama).limits.output_weight == 1.0
+        configured = Dispatcher(limits={f"aws.bedrock:{CLAUDE}": Limits(rpm=50, output_weight=5.0)})
+        assert configured.lane(claude).limits == Limits(rpm=50, output_weight=5.0)  # by provider:model
+        assert dispatcher.lane_key(claude) == f"aws.bedrock:{CLAUDE}@{server.base_url}"
+    finally:
+        await claude.aclose()
+        await llama.aclose()
+
+
+async def test_a_run_with_bedrock_sub_calls(server: FakeBedrockServer) -> None:
+    root = turn_script([
+        "parts = [context[i:i + 40] for i in range(0, len(context), 40)]\n"
+        "answers = llm_query_many([f'summarise: {p}' for p in parts])\nprint(len(answers))",
+        "FINAL(answers[0])",
+    ])
+    sub = bedrock(server)
+    document = "".join(f"report {i} says the sky is {i}. " for i in range(10))
+    try:
+        async with RLM(root=root, sub=sub) as rlm:
+            result = await rlm.run(document, "what do the reports say?")
+    finally:
+        await sub.aclose()  # an RLM closes only the models it built from strings
+    parts = [document[i : i + 40] for i in range(0, len(document), 40)]
+    assert result.answer == answer_for(f"summarise: {parts[0]}")
+    sub_calls = [c for c in result.calls if c.role == "sub"]
+    assert len(sub_calls) == len(parts) == server.counters.admitted
+    assert all(c.provider == "aws.bedrock" and c.output_tokens == 8 and c.input_tokens > 0 for c in sub_calls)
+    assert all(c.cost_usd is not None and c.cost_usd > 0 for c in sub_calls)  # genai-prices knows the profile
+    assert result.usage[CLAUDE].calls == len(parts)
+
+
+def test_event_stream_frames_parse_with_botocore() -> None:
+    from botocore.eventstream import EventStreamBuffer
+
+    buffer = EventStreamBuffer()
+    buffer.add_data(encode_event({":event-type": "messageStop"}, b'{"stopReason":"end_turn"}'))
+    (message,) = list(buffer)
+    assert message.headers[":event-type"] == "messageStop" and message.payload == b'{"stopReason":"end_turn"}'
+
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        (f"bedrock:{CLAUDE}", ("bedrock", CLAUDE, None)),
+        (f"bedrock:{CLAUDE}@eu-west-1", ("bedrock", CLAUDE, "eu-west-1")),
+        ("bedrock:amazon.nova-pro-v1:0@us-gov-west-1", ("bedrock", "amazon.nova-pro-v1:0", "us-gov-west-1")),
+    ],
+)
+def test_bedrock_model_strings(spec: str, parsed: tuple[str, str, str | None]) -> None:
+    assert parse_model_string(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["bedrock:", f"bedrock:{CLAUDE}@not a region", "bedrock:@us-east-1"])
+def test_malformed_bedrock_strings(spec: str) -> None:
+    with pytest.raises(UnknownModelError):
+        parse_model_string(spec)
+
+
+async def test_a_run_from_a_bedrock_model_string(server: FakeBedrockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint comes from botocore's own AWS_ENDPOINT_URL_BEDROCK_RUNTIME, the region from the string."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", server.base_url)
+    server.reply = lambda prompt: "```repl\nFINAL('from bedrock')\n```"
+    async with RLM(root=f"bedrock:{CLAUDE}@us-east-1") as rlm:
+        assert isinstance(rlm.root, BedrockModel) and rlm.root.region == "us-east-1"
+        result = await rlm.run("some text", "what?")
+    assert result.answer == "from bedrock" and server.bad_signatures == 0
+    assert result.calls[0].provider == "aws.bedrock" and result.calls[0].cost_usd is not None
+
+
+async def test_errors_surface_in_sandbox_code_after_retries(server: FakeBedrockServer) -> None:
+    """Retried throttles succeed; a refused call and a too-long prompt reach the code as typed errors."""
+    server.context_window = 200
+    root = turn_script([
+        "try:\n"
+        "    llm_query_many(['[[throttle x2]] fine', '[[denied]] no', 'long ' * 400, 'plain'])\n"
+        "except BatchError as e:\n"
+        "    kinds = {i: type(err).__name__ for i, err in e.errors.items()}\n"
+        "    FINAL(f'{e.failed_indices} {kinds} {e.results[0]} {e.results[3]}')",
+    ])
+    sub = bedrock(server)
+    dispatcher = Dispatcher(retry=RetryPolicy(base_delay=0.001, max_delay=0.01))
+    try:
+        async with RLM(root=root, sub=sub, dispatcher=dispatcher) as rlm:
+            result = await rlm.run("doc", "q?")
+    finally:
+        await sub.aclose()
+    kinds = "{1: 'ModelCallError', 2: 'ContextOverflowError'}"
+    assert result.answer == f"[1, 2] {kinds} {answer_for('[[throttle x2]] fine')} {answer_for('plain')}"
+    failed = sorted((c.error, c.attempts) for c in result.calls if c.error)
+    assert failed == [("ContextOverflowError", 1), ("FatalModelError", 1)]
+    assert [c.throttles for c in result.calls if c.role == "sub" and c.error is None] in ([2, 0], [0, 2])
+
+
+async def test_a_streaming_view_shares_the_model_lane(server: FakeBedrockServer) -> None:
+    from rlmflow.models.base import StreamingLanguageModel, StreamingView
+
+    model = bedrock(server)
+    assert isinstance(model, StreamingLanguageModel)
+    pieces: list[str] = []
+    view = StreamingView(model, pieces.append)
+    dispatcher = Dispatcher()
+    try:
+        response = await dispatcher.call(view, ModelRequest.from_prompt("live"), ledger=BudgetLedger())
+    finally:
+        await model.aclose()
+    assert "".join(pieces) == response.text == answer_for("live") and len(pieces) > 1
+    assert dispatcher.lane(view) is dispatcher.lane(model)
