@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from . import __version__
+from ._batch_cli import add_batch_parser, batch_main
 from ._exceptions import (
     BudgetExceededError,
     ConfigurationError,
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         help="write prompts, replies, code and outputs into spans, each cut to N characters "
         f"(default ${CAPTURE_ENV} or 0: sizes and hashes only)",
     )
+    add_batch_parser(commands)  # rlmflow batch (rlmflow/_batch_cli.py)
     trace_cmd = commands.add_parser(
         "trace", help="report on a recorded run (trajectory JSONL, OTLP-JSON spans, or a Phoenix project)"
     )
@@ -259,6 +261,8 @@ def _trace(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rlmflow`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "batch":
+        return batch_main(args)
     if args.command == "trace":
         return _trace(args)
     try:

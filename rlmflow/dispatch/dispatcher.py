@@ -38,7 +38,9 @@ from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
 from .limits import Limits, Priority
 from .pricing import Price, Pricing
+from .redis_lane import SharedLane
 from .retry import RetryPolicy
+from .shared import SharedConfig, SharedState
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -116,9 +118,14 @@ class Dispatcher:
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         clock: Callable[[], float] | None = None,
+        shared: str | SharedConfig | SharedState | None = None,
     ) -> None:
         self._limits = dict(limits or {})
-        self._lanes: dict[str, Lane] = {}
+        self._lanes: dict[str, Lane | SharedLane] = {}
+        # shared=: lanes kept in Redis across processes (docs/scaling.md); None keeps them in memory
+        self.shared = shared if isinstance(shared, SharedState) or shared is None else SharedState(
+            shared, meter_provider=meter_provider, clock=clock
+        )
         self.retry = retry or RetryPolicy()
         self.pricing = pricing or Pricing()
         self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
@@ -139,12 +146,14 @@ class Dispatcher:
             policy = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigurationError(f"cannot read the policy file {path}: {exc}") from exc
-        unknown = set(policy) - {"lanes", "retry"}
+        unknown = set(policy) - {"lanes", "retry", "shared"}
         if unknown:
             raise ConfigurationError(f"unknown sections in {path}: {sorted(unknown)}")
         try:
             limits = {key: Limits(**table) for key, table in (policy.get("lanes") or {}).items()}
             retry = RetryPolicy(**policy["retry"]) if "retry" in policy else None
+            if "shared" in policy:
+                kwargs.setdefault("shared", SharedConfig(**policy["shared"]))
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"invalid policy in {path}: {exc}") from exc
         return cls(limits=limits, retry=retry, **kwargs)
@@ -155,7 +164,7 @@ class Dispatcher:
         endpoint = getattr(model, "endpoint", None)
         return f"{model.provider}:{model.name}@{endpoint}" if endpoint else f"{model.provider}:{model.name}"
 
-    def lane(self, model: LanguageModel) -> Lane:
+    def lane(self, model: LanguageModel) -> Lane | SharedLane:
         """The lane of ``model``, created with its configured limits on first use.
 
         Limits are looked up by lane key, then ``provider:model``, then provider; else the
@@ -176,8 +185,16 @@ class Dispatcher:
             reserve = getattr(model, "reserve_connections", None)
             if callable(reserve):
                 reserve(limits.max_concurrency)
-            lane = self._lanes[key] = Lane(key, limits, clock=self._clock)
+            if self.shared is not None:
+                lane = self._lanes[key] = SharedLane(key, limits, self.shared, clock=self._clock)
+            else:
+                lane = self._lanes[key] = Lane(key, limits, clock=self._clock)
         return lane
+
+    async def aclose(self) -> None:
+        """Close the shared state (Redis) this Dispatcher uses, if any; in-memory lanes need nothing."""
+        if self.shared is not None:
+            await self.shared.aclose()
 
     def cost(self, model: LanguageModel, usage: Usage) -> float | None:
         """USD for ``usage`` on ``model``: the Dispatcher's pricing (overrides, then tables), else a
@@ -354,7 +371,7 @@ class Dispatcher:
         self,
         model: LanguageModel,
         request: ModelRequest,
-        lane: Lane,
+        lane: Lane | SharedLane,
         span: Span,
         share: RunShare,
         priority: Priority,
@@ -457,7 +474,7 @@ class Dispatcher:
         span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
 
     @property
-    def lanes(self) -> Mapping[str, Lane]:
+    def lanes(self) -> Mapping[str, Lane | SharedLane]:
         """A live read-only view of the lanes by key (what the lane gauges read, from any thread)."""
         return MappingProxyType(self._lanes)
 

@@ -1,0 +1,307 @@
+"""Many RLM runs on a Ray cluster (the ``ray`` extra: ``pip install 'rlmflow[ray]'``).
+
+A batch of (document, question) items runs on a pool of Ray actors. Each actor builds its
+:class:`~rlmflow.RLM` once, from a picklable ``factory``, and keeps it warm: imports, model
+clients, connections, the Dispatcher and whatever its sandbox keeps between runs serve every run
+the actor takes. Give the factory's Dispatcher ``shared="redis://..."`` so the whole cluster stays
+within the provider's limits (``docs/scaling.md``).
+
+    batch = RayBatch(make_rlm, policy=BatchPolicy(actors=8, runs_per_actor=4), address="auto")
+    async for event in batch.stream(items):
+        if event.kind == "done":
+            print(event.id, event.result.answer)
+
+Documents travel once: an inline document is put into the object store by the driver once (the
+same object once, however many items use it) and actors receive it from the store; a document
+given by ``paths`` is read by the actor itself (a filesystem the cluster shares). Results stream
+back as runs finish. A run whose actor died (a killed or crashed worker) or that failed with a
+retryable error is sent again, up to ``max_attempts``; every item ends as ``done`` or ``failed``,
+none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio.to_thread
+
+from ._exceptions import ConfigurationError, ModelError, RLMError, SandboxError
+from .context import load_context_files
+from .sandbox.base import Context
+
+if TYPE_CHECKING:
+    from .engine import RLM, RLMResult
+
+__all__ = ["BatchEvent", "BatchItem", "BatchPolicy", "BatchResult", "RayBatch", "run_batch"]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One run of a batch: a question over an inline ``context`` or over files at ``paths``."""
+
+    id: str
+    query: str
+    context: Context | None = None
+    paths: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.context is None) == (self.paths is None):
+            raise ConfigurationError(f"batch item {self.id!r}: give exactly one of context and paths")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a batch uses the cluster and when it tries a run again.
+
+    - ``actors`` x ``runs_per_actor``: runs in flight (each actor is an asyncio actor);
+    - ``max_attempts``: tries per item; a dead actor always counts as retryable, an error raised by
+      the run only when it is an instance of ``retry_on``;
+    - ``actor_options``: passed to Ray's ``.options()`` (``num_cpus``, ``resources``, ...).
+    """
+
+    actors: int = 2
+    runs_per_actor: int = 4
+    max_attempts: int = 3
+    retry_on: tuple[type[BaseException], ...] = (SandboxError, ModelError)
+    actor_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.actors < 1 or self.runs_per_actor < 1 or self.max_attempts < 1:
+            raise ConfigurationError("actors, runs_per_actor and max_attempts must be >= 1")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The end of one item: its ``result`` (answered) or its last ``error`` (failed)."""
+
+    id: str
+    attempts: int
+    result: RLMResult | None = None
+    error: RLMError | None = None
+    worker: int | None = None  # the pid of the actor that finished it
+
+    @property
+    def answer(self) -> str | None:
+        return self.result.answer if self.result is not None else None
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """Progress of a batch: ``submitted``, ``retrying`` (with why), ``done`` or ``failed``."""
+
+    kind: Literal["submitted", "retrying", "done", "failed"]
+    id: str
+    attempt: int
+    detail: str = ""
+    outcome: BatchResult | None = None
+
+    @property
+    def result(self) -> RLMResult | None:
+        return self.outcome.result if self.outcome is not None else None
+
+
+class _RLMActor:
+    """The actor body: one warm RLM, many runs (concurrently, on the actor's event loop)."""
+
+    def __init__(self, factory: Callable[[], RLM]) -> None:
+        self._factory = factory
+        self._rlm: RLM | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def run(self, query: str, context: Context | None, paths: Sequence[str] | None) -> dict[str, Any]:
+        if self._rlm is None:
+            self._rlm = self._factory()
+        try:
+            if paths is not None:
+                context = (await anyio.to_thread.run_sync(load_context_files, list(paths))).context
+            assert context is not None
+            return {"result": await self._rlm.run(context, query), "pid": os.getpid()}
+        except RLMError as exc:
+            return {"error": exc, "pid": os.getpid()}
+
+
+#: Probes of a dead actor (with growing pauses) before it counts as gone for good.
+_PROBES = 5
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigurationError("rlmflow.ray needs Ray: pip install 'rlmflow[ray]'") from exc
+    return ray
+
+
+def _worker_died(exc: BaseException) -> bool:
+    ray = _ray()
+    return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.WorkerCrashedError
+                      | ray.exceptions.ActorUnavailableError | ray.exceptions.ObjectLostError)
+
+
+class RayBatch:
+    """A pool of warm RLM actors on a Ray cluster; run batches with :meth:`stream` or :meth:`run`.
+
+    ``factory`` builds the actor's :class:`~rlmflow.RLM`; it is pickled (cloudpickle) to every
+    actor, so it must not capture open clients. ``address`` is passed to ``ray.init`` when Ray is
+    not initialised yet (``"auto"``, ``"ray://head:10001"``, or ``None`` for a local instance);
+    ``init_options`` go to ``ray.init`` too. Close with :meth:`aclose` (or ``async with``).
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], RLM],
+        *,
+        policy: BatchPolicy | None = None,
+        address: str | None = None,
+        init_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.factory = factory
+        self.policy = policy or BatchPolicy()
+        self.address = address
+        self.init_options = dict(init_options or {})
+        self._actors: list[Any] = []
+        self._started_ray = False
+
+    def _start(self) -> None:
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, **self.init_options)
+            self._started_ray = True
+        if not self._actors:
+            actor_class = ray.remote(_RLMActor)
+            options = {"max_restarts": -1, "max_concurrency": self.policy.runs_per_actor,
+                       **self.policy.actor_options}
+            self._actors = [actor_class.options(**options).remote(self.factory) for _ in range(self.policy.actors)]
+
+    async def pids(self) -> list[int]:
+        """The process id of each actor (for operators, and for tests that kill one)."""
+        await anyio.to_thread.run_sync(self._start)
+        return list(await asyncio.gather(*(actor.pid.remote() for actor in self._actors)))
+
+    async def stream(self, items: Iterable[BatchItem]) -> AsyncIterator[BatchEvent]:
+        """Run every item; yield events as they happen, each item ending in ``done`` or ``failed``."""
+        await anyio.to_thread.run_sync(self._start)
+        ray = _ray()
+        refs: dict[int, Any] = {}  # id(context) -> object ref: each document is put once
+
+        def document(item: BatchItem) -> Any:
+            if item.context is None:
+                return None
+            key = id(item.context)
+            if key not in refs:
+                refs[key] = ray.put(item.context)
+            return refs[key]
+
+        queue: deque[tuple[BatchItem, int]] = deque((item, 1) for item in items)
+        load = [0] * len(self._actors)
+        pending: dict[asyncio.Future[Any], tuple[BatchItem, int, int]] = {}
+        # an actor whose worker died gets nothing new until it answers a probe (Ray restarts it)
+        probes: dict[asyncio.Future[Any], int] = {}
+        down: set[int] = set()
+        failed_probes = [0] * len(self._actors)
+        capacity = self.policy.runs_per_actor
+        while queue or pending:
+            if not pending and not probes and len(down) == len(self._actors):
+                while queue:  # every actor is gone for good
+                    item, attempt = queue.popleft()
+                    gone = RLMError("no Ray actor is left to run this item")
+                    yield BatchEvent("failed", item.id, attempt, detail=str(gone),
+                                     outcome=BatchResult(item.id, attempt, error=gone))
+                break
+            while queue:
+                ready = [i for i in range(len(load)) if i not in down and load[i] < capacity]
+                if not ready:
+                    break
+                index = min(ready, key=load.__getitem__)
+                item, attempt = queue.popleft()
+                ref = self._actors[index].run.remote(item.query, document(item), item.paths)
+                pending[asyncio.wrap_future(ref.future())] = (item, attempt, index)
+                load[index] += 1
+                yield BatchEvent("submitted", item.id, attempt)
+            done, _ = await asyncio.wait([*pending, *probes], return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                if future in probes:
+                    index = probes.pop(future)
+                    if future.exception() is None:
+                        down.discard(index)
+                        failed_probes[index] = 0
+                    elif failed_probes[index] < _PROBES:  # Ray could not restart it (yet)
+                        failed_probes[index] += 1
+                        await anyio.sleep(0.2 * failed_probes[index])
+                        self._probe(index, probes)
+                    continue
+                item, attempt, index = pending.pop(future)
+                load[index] -= 1
+                error: BaseException | None
+                try:
+                    outcome = future.result()
+                except Exception as exc:
+                    if not _worker_died(exc):
+                        raise
+                    error, retryable, pid = exc, True, None
+                    if index not in down:
+                        down.add(index)
+                        self._probe(index, probes)
+                else:
+                    error, pid = outcome.get("error"), outcome["pid"]
+                    retryable = isinstance(error, self.policy.retry_on)
+                if error is None:
+                    result = BatchResult(item.id, attempt, result=outcome["result"], worker=pid)
+                    yield BatchEvent("done", item.id, attempt, outcome=result)
+                elif retryable and attempt < self.policy.max_attempts:
+                    queue.append((item, attempt + 1))
+                    yield BatchEvent("retrying", item.id, attempt, detail=f"{type(error).__name__}: {error}")
+                else:
+                    rlm_error = error if isinstance(error, RLMError) else RLMError(
+                        f"the Ray worker died: {type(error).__name__}: {error}")
+                    result = BatchResult(item.id, attempt, error=rlm_error, worker=pid)
+                    yield BatchEvent("failed", item.id, attempt, detail=str(rlm_error), outcome=result)
+
+    def _probe(self, index: int, probes: dict[asyncio.Future[Any], int]) -> None:
+        probes[asyncio.wrap_future(self._actors[index].pid.remote().future())] = index
+
+    async def run(self, items: Iterable[BatchItem]) -> list[BatchResult]:
+        """Run every item; the outcomes in input order."""
+        items = list(items)
+        if len({item.id for item in items}) != len(items):
+            raise ConfigurationError("batch item ids must be unique")
+        outcomes: dict[str, BatchResult] = {}
+        async for event in self.stream(items):
+            if event.outcome is not None:
+                outcomes[event.id] = event.outcome
+        return [outcomes[item.id] for item in items]
+
+    async def aclose(self) -> None:
+        """Stop the actors (and the local Ray instance this batch started, if any)."""
+        ray = _ray()
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+        if self._started_ray:
+            await anyio.to_thread.run_sync(ray.shutdown)
+            self._started_ray = False
+
+    async def __aenter__(self) -> RayBatch:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def run_batch(
+    factory: Callable[[], RLM],
+    items: Iterable[BatchItem],
+    *,
+    policy: BatchPolicy | None = None,
+    address: str | None = None,
+) -> list[BatchResult]:
+    """Run a batch on a fresh pool of actors and close it; outcomes in input order."""
+    async with RayBatch(factory, policy=policy, address=address) as batch:
+        return await batch.run(items)

@@ -1,0 +1,159 @@
+"""Batches of RLM runs on a local Ray instance (scripts/setup/test-ray.sh), sharing one Redis lane.
+
+The root is scripted (each run's one cell fans three sub-calls out and answers with them); the
+sub-calls go to the fake provider in this test's event loop, through Dispatchers whose lanes live
+in a real redis-server, so the provider's admission log shows whether the actors together kept the
+limits.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("redis")
+if shutil.which("redis-server") is None:  # pragma: no cover - the setup script installs it
+    pytest.skip("redis-server is not installed (scripts/setup/test-redis.sh)", allow_module_level=True)
+
+import ray
+
+from rlmflow import RLM, Dispatcher, Limits, OpenAIModel
+from rlmflow.cli import main
+from rlmflow.dispatch.shared import SharedConfig
+from rlmflow.ray import BatchItem, BatchPolicy, RayBatch
+from rlmflow.testing import FakeOpenAIServer
+from rlmflow.testing.fake_openai import answer_for
+
+from .helpers import turn_script
+from .redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+CELL = 'parts = llm_query_many([f"{context}-{i}" for i in range(3)])\nFINAL("|".join(parts))'
+LIMITS = {"rpm": 30, "max_concurrency": 4, "window": 1.0}
+
+
+def make_rlm(base_url: str, redis_url: str) -> RLM:
+    """Runs in the actor: a scripted root, the fake provider as sub-model, lanes in Redis."""
+    dispatcher = Dispatcher(shared=SharedConfig(redis_url, lease=2.0, timeout=1.0),
+                            limits={"openai": Limits(**LIMITS)})  # type: ignore[arg-type]
+    return RLM(root=turn_script([CELL]), sub=OpenAIModel("fake", base_url=base_url), dispatcher=dispatcher,
+               max_turns=2)
+
+
+def expected(document: str) -> str:
+    return "|".join(answer_for(f"{document}-{i}") for i in range(3))
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}},
+             logging_level="ERROR", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[FakeOpenAIServer]:
+    async with FakeOpenAIServer(latency=0.05, rpm=30, window=1.0) as server:
+        yield server
+
+
+async def test_twenty_runs_all_answered_within_the_limits(
+    local_ray: None, redis_server: RedisServer, provider: FakeOpenAIServer
+) -> None:
+    items = [BatchItem(f"r{k}", "join the parts", context=f"doc{k}") for k in range(20)]
+    factory = functools.partial(make_rlm, provider.base_url, redis_server.url)
+    kinds: list[str] = []
+    async with RayBatch(factory, policy=BatchPolicy(actors=2, runs_per_actor=4)) as batch:
+        async for event in batch.stream(items):
+            kinds.append(event.kind)
+            if event.kind == "done":
+                assert event.result is not None
+                assert event.result.answer == expected(f"doc{event.id[1:]}")
+    assert kinds.count("done") == 20 and kinds.count("submitted") == 20
+    assert "failed" not in kinds and "retrying" not in kinds
+    assert provider.counters.admitted == 60
+    assert provider.summary()["rate_limited"] == 0
+    assert provider.max_in_window() <= LIMITS["rpm"]
+
+
+async def test_a_killed_worker_run_is_retried_and_answered(
+    local_ray: None, redis_server: RedisServer
+) -> None:
+    async with FakeOpenAIServer(latency=0.6) as provider:
+        items = [BatchItem(f"k{k}", "join the parts", context=f"doc{k}") for k in range(6)]
+        factory = functools.partial(make_rlm, provider.base_url, redis_server.url)
+        events = []
+        async with RayBatch(factory, policy=BatchPolicy(actors=2, runs_per_actor=2, max_attempts=3)) as batch:
+            victim = (await batch.pids())[0]
+
+            async def kill_mid_run() -> None:
+                with anyio.fail_after(60):
+                    while provider.counters.admitted < 3:  # noqa: ASYNC110 - the provider is in this loop
+                        await anyio.sleep(0.01)
+                os.kill(victim, signal.SIGKILL)  # its runs' sub-calls are at the provider now
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kill_mid_run)
+                async for event in batch.stream(items):
+                    events.append(event)
+        outcomes = {e.id: e for e in events if e.kind in ("done", "failed")}
+    assert sorted(outcomes) == sorted(item.id for item in items)  # none lost
+    for item_id, event in outcomes.items():
+        assert event.kind == "done" and event.result is not None, [(e.kind, e.id, e.attempt, e.detail) for e in events]
+        assert event.result.answer == expected(f"doc{item_id[1:]}")
+    retried = [e for e in events if e.kind == "retrying"]
+    assert retried and all("Actor" in e.detail or "Worker" in e.detail for e in retried)
+    assert max(e.attempt for e in outcomes.values()) == 2
+
+
+def test_cli_batch_on_ray(local_ray: None, redis_server: RedisServer, tmp_path: Path) -> None:
+    """``rlmflow batch --ray``: the fake provider (its own process) plays root and sub-model."""
+    reply = tmp_path / "root.txt"
+    reply.write_text("```repl\nFINAL(llm_query(context))\n```", encoding="utf-8")
+    provider = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "fake_provider.py"), "--latency", "0.01",
+         "--root-marker", "QUESTION-", "--root-reply", str(reply)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert provider.stdout is not None
+        base_url = json.loads(provider.stdout.readline())["base_url"]
+        queries = tmp_path / "queries.jsonl"
+        queries.write_text("".join(json.dumps({"id": f"q{k}", "query": f"QUESTION-{k}", "context": f"doc{k}"}) + "\n"
+                                   for k in range(5)), encoding="utf-8")
+        out = tmp_path / "out.jsonl"
+        code = main(["batch", "--input", str(queries), "--output", str(out), "--ray", "local",
+                     "--root", f"openai:fake@{base_url}", "--shared", redis_server.url, "--actors", "2",
+                     "--max-turns", "2"])
+    finally:
+        provider.communicate("", timeout=30)
+    rows = {row["id"]: row for row in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert code == 0 and sorted(rows) == [f"q{k}" for k in range(5)]
+    for k in range(5):
+        assert rows[f"q{k}"]["answer"] == answer_for(f"doc{k}") and rows[f"q{k}"]["attempts"] == 1

@@ -1,0 +1,368 @@
+"""Lanes and budgets shared across processes in a real redis-server (scripts/setup/test-redis.sh).
+
+Each test starts its own ``redis-server`` on a free 127.0.0.1 port and a fake OpenAI-compatible
+provider in the test's event loop; the replicas are separate Python processes
+(``tests/redis_worker.py``). Limits are checked from the provider's own admission log. Windows
+are short (``Limits(window=...)``) to keep the tests quick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+pytest.importorskip("redis")
+if shutil.which("redis-server") is None:  # pragma: no cover - the setup script installs it
+    pytest.skip("redis-server is not installed (scripts/setup/test-redis.sh)", allow_module_level=True)
+
+from rlmflow import (
+    BudgetExceededError,
+    ConfigurationError,
+    Dispatcher,
+    Limits,
+    Message,
+    ModelRequest,
+    OpenAIModel,
+    RLMError,
+)
+from rlmflow.dispatch.budget import Budget, BudgetLedger, Spend
+from rlmflow.dispatch.lane import RunShare
+from rlmflow.dispatch.limits import Priority
+from rlmflow.dispatch.redis_budget import SharedBudget
+from rlmflow.dispatch.redis_lane import SharedLane
+from rlmflow.dispatch.shared import SharedConfig, SharedState, SharedStateUnavailableError
+from rlmflow.testing import FakeOpenAIServer
+from rlmflow.testing.fake_openai import answer_for
+
+from .redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("redis_worker.py")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[FakeOpenAIServer]:
+    async with FakeOpenAIServer(latency=0.1, rpm=12, tpm=600, window=1.0, output_tokens=4) as server:
+        yield server
+
+
+def max_concurrent(server: FakeOpenAIServer, latency: float) -> int:
+    """The most requests the provider held at once (each holds ``latency`` after its admission)."""
+    times = sorted(a.at for a in server.admitted)
+    best, start = 0, 0
+    for end, at in enumerate(times):
+        while times[start] <= at - latency + 1e-6:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait for a condition on the provider (which runs in this event loop)."""
+    with anyio.fail_after(within):
+        for _ in itertools.count():
+            if condition():
+                return
+            await anyio.sleep(0.01)
+
+
+class Workers:
+    """Replica processes started together; each prints one JSON result line."""
+
+    def __init__(self) -> None:
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.replicas: list[str] = []
+
+    async def start(self, specs: list[dict[str, Any]]) -> None:
+        await self.launch(specs)
+        await self.go()
+
+    async def launch(self, specs: list[dict[str, Any]]) -> None:
+        """Start the processes and wait until each is connected and ready."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for spec in specs:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, str(WORKER), json.dumps(spec), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, env=env,
+            )
+            self.processes.append(process)
+        for process in self.processes:
+            assert process.stdout is not None
+            with anyio.fail_after(60):
+                line = await process.stdout.readline()
+            self.replicas.append(json.loads(line)["ready"])
+
+    async def go(self) -> None:
+        for process in self.processes:  # all together
+            assert process.stdin is not None
+            process.stdin.write(b"go\n")
+            await process.stdin.drain()
+
+    async def result(self, index: int, within: float = 60) -> dict[str, Any]:
+        process = self.processes[index]
+        assert process.stdout is not None
+        with anyio.fail_after(within):
+            line = await process.stdout.readline()
+            await process.wait()
+        assert process.returncode == 0, f"worker {index} exited with {process.returncode}"
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def close(self) -> None:
+        for process in self.processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def spec(redis: RedisServer, provider: FakeOpenAIServer, name: str, prompts: int, **extra: Any) -> dict[str, Any]:
+    return {"url": redis.url, "base_url": provider.base_url, "name": name, "prompts": prompts,
+            "limits": {"rpm": 12, "tpm": 600, "max_concurrency": 3, "window": 1.0}, "lease": 1.5,
+            "timeout": 0.5, **extra}
+
+
+def assert_within_limits(provider: FakeOpenAIServer, *, rpm: int, tpm: int, concurrency: int) -> None:
+    summary = provider.summary()
+    assert summary["rate_limited"] == 0, summary
+    assert provider.max_in_window() <= rpm, summary
+    assert provider.max_in_window(tokens=True) <= tpm, summary
+    assert max_concurrent(provider, provider.latency) <= concurrency
+
+
+async def test_four_processes_share_one_lane(redis_server: RedisServer, provider: FakeOpenAIServer) -> None:
+    workers = Workers()
+    try:
+        await workers.start([spec(redis_server, provider, f"p{i}", 9) for i in range(4)])
+        results = [await workers.result(i) for i in range(4)]
+    finally:
+        await workers.close()
+    for result in results:
+        assert result["errors"] == [] and result["mode"] == "shared"
+        assert result["answers"] == [answer_for(f"{result['name']}-{i}") for i in range(9)]  # 0 lost
+    assert provider.counters.admitted == 36
+    assert_within_limits(provider, rpm=12, tpm=600, concurrency=3)
+    # the lane was the bottleneck: 36 requests at 12 per 1.25 s window take at least two more windows
+    assert provider.admitted[-1].at - provider.admitted[0].at >= 2.0
+
+
+async def test_killed_process_slots_return_within_the_lease(redis_server: RedisServer) -> None:
+    # a slow provider: the victim holds every slot when it is killed
+    async with FakeOpenAIServer(latency=5.0, window=1.0) as slow, FakeOpenAIServer(latency=0.05) as fast:
+        limits = {"max_concurrency": 3, "window": 1.0}
+        victim, survivors = Workers(), Workers()
+        try:
+            await survivors.launch([spec(redis_server, fast, f"s{i}", 4, limits=limits) for i in range(2)])
+            await victim.start([spec(redis_server, slow, "victim", 6, limits=limits)])
+            await until(lambda: slow.counters.admitted >= 3)
+            victim.processes[0].send_signal(signal.SIGKILL)
+            await victim.processes[0].wait()
+            killed_at = time.monotonic()
+            await survivors.go()
+            results = [await survivors.result(i) for i in range(2)]
+            waited = time.monotonic() - killed_at
+            async with SharedState(redis_server.url) as state:
+                slots = await state._client.zrange(state.lane_keys("openai:fake")[3], 0, -1)
+        finally:
+            await victim.close()
+            await survivors.close()
+    assert slow.counters.admitted == 3  # the victim never got a fourth slot
+    for result in results:
+        assert result["errors"] == [] and len([a for a in result["answers"] if a]) == 4
+    # the survivors had to wait for the victim's leases (1.5 s after its last renewal, which may have
+    # come up to a renewal period plus scheduling lag before the kill), and no longer
+    assert 0.25 <= waited < 1.5 + 3.0, waited
+    assert not [s for s in slots if s.startswith(victim.replicas[0])]
+    assert max_concurrent(fast, fast.latency) <= 3
+
+
+async def test_tenant_budget_shared_by_two_processes_is_never_overspent(
+    redis_server: RedisServer, provider: FakeOpenAIServer
+) -> None:
+    provider.rpm = provider.tpm = None
+    budget = {"name": "tenant-a", "caps": {"max_calls": 7, "max_input_tokens": 400}}
+    workers = Workers()
+    try:
+        await workers.start([spec(redis_server, provider, f"b{i}", 6, budget=budget,
+                                  limits={"max_concurrency": 4, "window": 1.0}) for i in range(2)])
+        results = [await workers.result(i) for i in range(2)]
+    finally:
+        await workers.close()
+    answered = sum(1 for r in results for a in r["answers"] if a)
+    refused = sum(r["refused"] for r in results)
+    assert answered == 7 and refused == 5, results  # exactly the cap, from both processes together
+    assert provider.counters.admitted == 7
+    async with SharedState(redis_server.url) as state:
+        spent, reserved = await SharedBudget(state, "tenant-a", Budget(max_calls=7)).totals()
+    assert spent.calls == 7 and reserved == Spend()
+
+
+async def test_redis_stopped_mid_run_falls_back_to_a_share(redis_server: RedisServer) -> None:
+    async with FakeOpenAIServer(latency=0.05, rpm=8, window=1.0) as provider:
+        workers = Workers()
+        try:
+            await workers.start([spec(redis_server, provider, f"f{i}", 10, limits={"rpm": 8, "max_concurrency": 2,
+                                                                                    "window": 1.0})
+                                 for i in range(2)])
+            await until(lambda: provider.counters.admitted >= 4)
+            redis_server.stop()
+            results = [await workers.result(i, within=30) for i in range(2)]
+        finally:
+            await workers.close()
+    for result in results:
+        assert result["errors"] == [] and all(result["answers"])  # nothing lost, nothing hung
+        assert result["fallbacks"] == 1 and result["mode"] == "fallback" and result["replicas"] == 2
+    assert provider.counters.admitted == 20
+    assert provider.summary()["rate_limited"] == 0
+    assert provider.max_in_window() <= 8
+
+
+async def test_unreachable_redis_is_a_clear_error_at_start() -> None:
+    state = SharedState(SharedConfig(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5))
+    with pytest.raises(SharedStateUnavailableError, match=r"cannot reach Redis at redis://127\.0\.0\.1"):
+        await state.connect()
+    dispatcher = Dispatcher(shared=f"redis://127.0.0.1:{free_port()}/0")
+    async with FakeOpenAIServer() as provider:
+        model = OpenAIModel("fake", base_url=provider.base_url)
+        with pytest.raises(SharedStateUnavailableError):
+            await dispatcher.call(model, ModelRequest([Message("user", "x")], max_tokens=4), ledger=BudgetLedger())
+        assert provider.counters.requests == 0  # nothing was sent
+        await model.aclose()
+
+
+async def test_in_process_lanes_agree_and_budget_holds_under_contention(redis_server: RedisServer) -> None:
+    """Two states in one process (two replicas' worth of state), racing on one lane and one budget."""
+    async with FakeOpenAIServer(latency=0.02, rpm=10, window=0.5) as provider, \
+            SharedState(SharedConfig(redis_server.url, lease=2.0)) as a, \
+            SharedState(SharedConfig(redis_server.url, lease=2.0)) as b:
+        model = OpenAIModel("fake", base_url=provider.base_url)
+        limits = {"openai": Limits(rpm=10, max_concurrency=2, window=0.5)}
+        d1, d2 = Dispatcher(shared=a, limits=limits), Dispatcher(shared=b, limits=limits)
+        assert isinstance(d1.lane(model), SharedLane)
+        budget = Budget(max_calls=25)
+        tenants = [SharedBudget(a, "t", budget), SharedBudget(b, "t", budget)]
+        done = 0
+
+        async def one(i: int) -> None:
+            nonlocal done
+            dispatcher, tenant = (d1, tenants[0]) if i % 2 else (d2, tenants[1])
+            request = ModelRequest([Message("user", f"q{i}")], max_tokens=4)
+            try:
+                hold = await tenant.reserve(dispatcher.estimate(model, request))
+            except RLMError:
+                return
+            response = await dispatcher.call(model, request, ledger=BudgetLedger())
+            await hold.settle(response.usage)
+            assert response.text == answer_for(f"q{i}")
+            done += 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(one, i)
+        spent, reserved = await tenants[0].totals()
+        await model.aclose()
+    assert done == 25 and spent.calls == 25 and reserved == Spend()
+    assert provider.summary()["rate_limited"] == 0 and provider.max_in_window() <= 10
+    assert max_concurrent(provider, provider.latency) <= 2
+
+
+async def test_root_turns_pass_queued_sub_calls_and_cancelled_waiters_leave_no_slot(
+    redis_server: RedisServer,
+) -> None:
+    async with SharedState(SharedConfig(redis_server.url, lease=5.0)) as state:
+        lane = SharedLane("p:m", Limits(max_concurrency=1, window=1.0), state)
+        run = RunShare()
+        first = await lane.acquire(priority=Priority.SUB, share=run, tokens=1)
+        order: list[str] = []
+
+        async def call(name: str, priority: Priority) -> None:
+            ticket = await lane.acquire(priority=priority, share=run, tokens=1)
+            order.append(name)
+            lane.on_success(ticket, tokens_used=1)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(call, f"sub{i}", Priority.SUB)
+            with anyio.move_on_after(0.3):  # a waiter that gives up while the slot is taken
+                await lane.acquire(priority=Priority.SUB, share=run, tokens=1)
+            await anyio.sleep(0.05)
+            tg.start_soon(call, "root", Priority.ROOT)
+            await anyio.sleep(0.05)
+            lane.on_success(first, tokens_used=1)
+        assert order == ["root", "sub0", "sub1", "sub2"]
+        await anyio.sleep(0.1)  # the background task sends the last release
+        slots = await state._client.zcard(state.lane_keys("p:m")[3])
+        assert slots == 0 and lane.in_flight == 0
+
+
+async def test_allotments_hold_a_runs_caps_on_the_tenant_budget(redis_server: RedisServer) -> None:
+    async with SharedState(redis_server.url) as a, SharedState(redis_server.url) as b:
+        tenant_a = SharedBudget(a, "tenant-x", Budget(max_calls=10, max_cost_usd=1.0))
+        tenant_b = SharedBudget(b, "tenant-x", Budget(max_calls=10, max_cost_usd=1.0))
+        run = Budget(max_calls=6, max_cost_usd=0.5)
+        async with tenant_a.allot(run) as first:
+            with pytest.raises(BudgetExceededError, match="max_calls"):
+                async with tenant_b.allot(run):
+                    pass  # 6 + 6 calls could exceed 10: refused before anything runs
+            first.spent = Spend(calls=2, input_tokens=100, output_tokens=10, cost_usd=0.1)
+        async with tenant_b.allot(run):  # 2 spent + 6 held fit; never set: charged at its worst case
+            pass
+        spent, reserved = await tenant_a.totals()
+        assert spent.calls == 8 and spent.cost_usd == pytest.approx(0.6) and reserved == Spend()
+        with pytest.raises(ConfigurationError, match="max_cost_usd"):
+            async with tenant_a.allot(Budget(max_calls=1)):
+                pass
+
+
+async def test_mixed_priorities_and_cancellations_keep_the_lane_consistent(redis_server: RedisServer) -> None:
+    """Invariants under churn: never more than the limit held, every slot back, no double grant."""
+    rng = random.Random(7)
+    async with SharedState(SharedConfig(redis_server.url, lease=5.0)) as state:
+        lane = SharedLane("churn:m", Limits(max_concurrency=4, initial_concurrency=4, window=1.0), state)
+        held = peak = granted = 0
+
+        async def call(priority: Priority, patience: float, hold: float) -> None:
+            nonlocal held, peak, granted
+            with anyio.move_on_after(patience):
+                ticket = await lane.acquire(priority=priority, share=RunShare(), tokens=1)
+                granted += 1
+                held += 1
+                peak = max(peak, held)
+                try:
+                    await anyio.sleep(hold)
+                finally:
+                    held -= 1
+                    lane.on_success(ticket, tokens_used=1)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(80):
+                priority = Priority.ROOT if rng.random() < 0.3 else Priority.SUB
+                tg.start_soon(call, priority, rng.uniform(0.005, 0.5), rng.uniform(0.0, 0.02))
+                await anyio.sleep(rng.uniform(0, 0.004))
+        await anyio.sleep(0.2)  # the background task sends the last releases
+        slots = await state._client.zcard(state.lane_keys("churn:m")[3])
+    assert peak <= 4 and granted > 20
+    assert lane.in_flight == 0 and held == 0 and slots == 0 and not lane._heads
