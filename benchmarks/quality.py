@@ -53,8 +53,9 @@ async def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = CORPUS.read_text(encoding="utf-8")
-    tasks = [generate_task(kind, size=size, seed=args.seed, corpus=corpus) for size in args.sizes.split(",")
-             for kind in args.kinds.split(",")]
+    wanted = [tuple(t.split(":")) for t in args.tasks.split(",")] if args.tasks else [
+        (kind, size) for size in args.sizes.split(",") for kind in args.kinds.split(",")]
+    tasks = [generate_task(kind, size=size, seed=args.seed, corpus=corpus) for kind, size in wanted]
     dataset = write_tasks(tasks, args.tasks_dir)  # megabytes of generated text: kept out of the repository
     items = load_dataset(dataset)
     roots = [alias for alias in args.roots.split(",") if installed(alias)]
@@ -63,10 +64,16 @@ async def main(args: argparse.Namespace) -> None:
         print(f"skipping root {alias}: weights not installed ({KNOWN_WEIGHTS[alias].install_hint()})")
     sub = LocalModel("qwen2.5-coder-0.5b")
     models = {alias: (sub if alias == "qwen2.5-coder-0.5b" else LocalModel(alias)) for alias in roots}
-    approaches = [DirectApproach(sub, name="base")] + [
-        RLMApproach(models[alias], sub, max_turns=args.max_turns, sandbox=LocalSandbox(cell_timeout=60))
-        for alias in roots
-    ]
+    def rlm(alias: str) -> RLMApproach:
+        return RLMApproach(models[alias], sub, max_turns=args.max_turns, sandbox=LocalSandbox(cell_timeout=60))
+
+    subset_roots = set(args.subset_roots.split(",")) if args.subset_roots else set()
+    subset = set(args.subset.split(",")) if args.subset else {i.id for i in items}
+    # (items, approaches) passes: a slow root may run on a subset of the items only
+    passes = [(items, [DirectApproach(sub, name="base"), *(rlm(a) for a in roots if a not in subset_roots)])]
+    slow = [rlm(a) for a in roots if a in subset_roots]
+    if slow:
+        passes.append(([i for i in items if i.id in subset], slow))
     results = out / "results.jsonl"
     progress = EvalProgress()
     started = time.monotonic()
@@ -85,8 +92,10 @@ async def main(args: argparse.Namespace) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(report_progress)
-        await run_eval(items, approaches, results=results, dispatcher=Dispatcher(), concurrency=1,
-                       item_budget=Budget(deadline=args.item_deadline), progress=progress)
+        dispatcher = Dispatcher()
+        for pass_items, approaches in passes:
+            await run_eval(pass_items, approaches, results=results, dispatcher=dispatcher, concurrency=1,
+                           item_budget=Budget(deadline=args.item_deadline), progress=progress)
         tg.cancel_scope.cancel()
     for model in {id(m): m for m in [sub, *models.values()]}.values():
         await model.aclose()
@@ -119,8 +128,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="needle,ledger,notes")
     parser.add_argument("--sizes", default="100KB,300KB,1MB")
+    parser.add_argument("--tasks", default="", help="kind:size,... instead of the kinds x sizes grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--roots", default="qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
+    parser.add_argument("--subset-roots", default="", help="roots that run only on --subset (slow ones)")
+    parser.add_argument("--subset", default="", help="item ids for --subset-roots (default: all)")
     parser.add_argument("--max-turns", type=int, default=6)
     parser.add_argument("--item-deadline", type=float, default=600.0, help="seconds per RLM item")
     parser.add_argument("--out", default=str(ROOT / "docs" / "quality"))

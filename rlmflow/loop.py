@@ -35,6 +35,7 @@ class RootLoop:
 
     def __init__(self, run: _Run) -> None:
         self._run = run
+        self._established = True  # the sandbox offers _rlmflow_established() until it fails once
 
     def _opening(self) -> list[Message]:
         run = self._run
@@ -67,6 +68,9 @@ class RootLoop:
         last_error: str | None = None
         repeats = 0
         previous_code: list[str] = []
+        previous_text: str | None = None
+        stuck = 0  # turns in a row whose cell repeated the previous one with the same result
+        forced = False  # this turn must answer: the last one, or the one after a repeated cell
         for turn_index in range(1, max_turns + 1):
             if run.depth == 0:
                 progress.turn = turn_index
@@ -93,6 +97,14 @@ class RootLoop:
                 reply = response.text
                 messages.append(Message("assistant", reply))
                 blocks = prompts.extract_code_blocks(reply)
+                forced = forced or (turn_index == max_turns and previous_text is not None)
+                if not blocks and forced and prompts.plain_answer(reply):
+                    # told to answer now after working on the context, a small model often answers
+                    # in words: take them (a root that never ran code gets no such pass)
+                    run.recorder.turn(Turn(turn_index, reply, [], "", time.monotonic() - turn_started,
+                                           started_at=turn_wall))
+                    progress.phase = "done"
+                    return run.result(self._answer(prompts.plain_answer(reply)))
                 if not blocks:
                     run.recorder.turn(
                         Turn(turn_index, reply, [], prompts.NO_CODE_NUDGE, time.monotonic() - turn_started,
@@ -122,7 +134,9 @@ class RootLoop:
                         break
                     if cell.error:
                         break  # later blocks usually depend on this one
-                text = "\n".join(feedback)
+                text = printed = "\n".join(feedback)
+                if answer is None and not any(c.error for c in cells):
+                    text += await self._established_note(session, printed)
                 run.recorder.turn(
                     Turn(turn_index, reply, blocks, text, time.monotonic() - turn_started, cells,
                          started_at=turn_wall, cell_spans=cell_spans)
@@ -146,11 +160,28 @@ class RootLoop:
                         f"\nThis is the same error as before ({repeats} times). Change your approach "
                         "instead of repeating the code."
                     )
+                asked_helper = progress.calls_done > calls_before and not any(c.error for c in cells)
+                # the same code with the same output and no sub-call: a search the root keeps
+                # re-running (repeated fan-outs are left to the budget and the error rule)
+                fans_out = any("llm_query" in block or "rlm_query" in block for block in blocks)
+                same = previous_code == blocks and previous_text == printed and not fans_out
+                stuck = stuck + 1 if same else 0
+                left = max_turns - turn_index
+                if stuck >= 2:
+                    raise NoAnswerError(
+                        "stopped: the same cell ran three times in a row with the same result",
+                        partial=run.result(""),
+                    )
+                if stuck == 1 and left > 0:
+                    # a small root imitates its own last reply: restart from the question with what
+                    # the cell printed, without the repeated turns, and ask for the answer
+                    messages = [*messages[:2], Message("user", prompts.stuck_message(blocks, text, run.query))]
+                    previous_code, previous_text, forced = blocks, printed, True
+                    continue
+                forced = False
                 if previous_code == blocks:
                     text += "\n" + prompts.REPEAT_NUDGE
-                previous_code = blocks
-                left = max_turns - turn_index
-                asked_helper = progress.calls_done > calls_before and not any(c.error for c in cells)
+                previous_code, previous_text = blocks, printed
                 messages.append(
                     Message("user", prompts.continue_message(text, run.query, left, asked_helper=asked_helper))
                 )
@@ -175,6 +206,26 @@ class RootLoop:
             run.recorder.emit(RootText, turn=turn, text=piece)
 
         return StreamingView(root, on_text)
+
+    async def _established_note(self, session: SandboxSession, printed: str) -> str:
+        """What the last cell set (names, types, sizes, short values) that its output did not show.
+
+        Asked of the sandbox's helper in one extra round trip, outside the recorded cells; a
+        sandbox without the helper (a remote one) is asked once, then never again.
+        """
+        if not self._established:
+            return ""
+        probe = await session.execute("print(_rlmflow_established())")
+        if probe.error or probe.restarted:
+            self._established = False
+            return ""
+        lines = []
+        for line in sanitize_text(probe.output).strip().splitlines():
+            value = line.partition(" = ")[2].rpartition(" (")[0].removesuffix("...")
+            if not value or value[:60] not in printed:  # a value already printed is not repeated
+                lines.append(line)
+        shown = prompts.cap_text("\n".join(lines), 800)
+        return f"\nVariables your code set: {shown}" if shown else ""
 
     def _answer(self, final: str) -> str:
         """The answer as the caller gets it: control characters escaped, length capped."""

@@ -12,12 +12,15 @@ __all__ = [
     "LAST_TURN",
     "NO_CODE_NUDGE",
     "REPEAT_NUDGE",
+    "STUCK",
     "SYSTEM_PROMPT",
     "cap_text",
     "continue_message",
     "describe_context",
     "extract_code_blocks",
     "format_cell_feedback",
+    "plain_answer",
+    "stuck_message",
 ]
 
 SYSTEM_PROMPT = """\
@@ -33,27 +36,28 @@ Available in the sandbox (variables persist between your replies):
   in the same order. Much faster than calling llm_query in a loop.
 - `rlm_query(prompt, context=None) -> str`: give a sub-task to a helper that works like you, with
   its own sandbox (use it for big sub-documents).
+- `grep(pattern, window=300)`: where `pattern` (words or a regex) occurs in `context`: a list of
+  snippets, each the match with `window` characters around it. `print(grep("word"))` shows them.
+- `chunks({chunk_hint})`: `context` cut into pieces of about {chunk_hint:,} characters (a list of
+  str), to ask llm_query_many about every piece when the answer needs the whole document.
 - `FINAL(answer)`: submit the final answer. Call it once you know the answer.
 - `budget() -> dict`: what calls, tokens, turns and time you have left.
 - `re`, `json`, `collections` and the rest of the standard library can be imported.
 
 How to work:
-1. Look first: print sizes, a few lines, or search with `re` for words from the question.
-2. Narrow down: slice the text around the matches, e.g. `context[i-1500:i+1500]`.
-3. Ask the helper about the slices with llm_query_many, keep the answers in variables, and
-   combine them in Python.
-4. Call FINAL(answer) with the answer. Do not guess: the answer must come from the document.
+1. Look first: search with grep for words from the question and print what it finds.
+2. If the snippets show the answer, call FINAL with it. Otherwise ask the helper about each
+   snippet with llm_query_many (or about every piece of chunks(...) when the answer needs the
+   whole document, e.g. counting or adding up), keep the answers, and combine them in Python.
+3. Call FINAL(answer) with the answer. Do not guess: the answer must come from the document.
 
 Example:
 ```repl
-import re
-hits = [m.start() for m in re.finditer(r"(?i)treasure", context)]
-print(len(hits), hits[:10])
+print(grep("treasure"))
 ```
 Then, in a later reply:
 ```repl
-snippets = [context[max(0, i - 1000): i + 1000] for i in hits[:8]]
-answers = llm_query_many([f"{{s}}\\n\\nQuestion: Where is the treasure? Answer briefly." for s in snippets])
+answers = llm_query_many([f"{{s}}\\n\\nQuestion: Where is the treasure? Answer briefly." for s in grep("treasure")])
 print(answers)
 ```
 And when the answer is clear:
@@ -80,6 +84,19 @@ LAST_TURN = (
     "what you found (you may compute it from variables you already have)."
 )
 
+STUCK = """\
+Your code ran twice with the same result:
+```repl
+{code}
+```
+It printed:
+```text
+{output}
+```
+Do not run it again. Read the output above: if it answers the question, call FINAL with the answer
+in a ```repl block now, e.g. FINAL("..."). If not, do something different.
+The question is: {query}"""
+
 CONTINUE = """\
 Output of your code:
 ```text
@@ -89,13 +106,24 @@ The question is still: {query}
 Next: {next_step} You have {left} turn(s) left."""
 
 _NEXT_SEARCH = (
-    "if you have positions of matches, slice the text around them and ask llm_query_many about "
-    "the slices; once the answer is clear, call FINAL(answer)."
+    "if the output above shows the answer, call FINAL(answer) now. Otherwise ask llm_query_many about "
+    "the snippets grep found (or about every piece of chunks(...)), and call FINAL once the answer is clear."
 )
 _NEXT_AFTER_SUBCALLS = (
     "the helper model answered above. If its answer answers the question, call FINAL with it now "
     "(for example FINAL(answers[0])); if not, search differently."
 )
+
+
+def stuck_message(code: list[str], output: str, query: str) -> str:
+    """The fresh user message after a repeated cell: what it printed, and the instruction to answer."""
+    return STUCK.format(code="\n".join(code), output=output, query=query)
+
+
+def plain_answer(reply: str) -> str:
+    """A reply's words as an answer (code blocks, emphasis and surrounding quotes removed), or ""."""
+    text = re.sub(r"```.*?(?:```|\Z)", "", reply, flags=re.DOTALL).strip()
+    return text.strip("*_`\"' \n")
 
 
 def continue_message(output: str, query: str, turns_left: int, *, asked_helper: bool = False) -> str:

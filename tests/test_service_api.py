@@ -196,7 +196,8 @@ async def test_history_is_trimmed_for_small_windows() -> None:
     turns = iter(range(100))
 
     def reply(request: ModelRequest) -> str:  # the transcript is trimmed: count turns here
-        return repl("print('x' * 3000)" if next(turns) < 6 else "FINAL('ok')")
+        n = next(turns)  # each cell differs: a repeated cell with the same output would end the run early
+        return repl(f"print('x' * 3000, {n})" if n < 6 else "FINAL('ok')")
 
     root = ScriptedModel(reply, name="root")
     async with RLM(root=root, history_chars=9000, max_feedback_chars=4000) as rlm:

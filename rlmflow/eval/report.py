@@ -177,12 +177,14 @@ def write_charts(results: Sequence[ItemResult], directory: str | Path, *, prefix
     ax = fig.subplots()
     for s in summaries:
         rows = [r for r in results if r.model == s.model and r.approach == s.approach]
-        points = []
-        for index, (low, high) in enumerate(bins):
-            inside = [r for r in rows if low <= max(1, r.context_chars) <= high
-                      and (index == 0 or max(1, r.context_chars) > low)]
-            if inside:
-                points.append(((low * high) ** 0.5, 100 * sum(r.correct for r in inside) / len(inside)))
+        binned: dict[int, list[ItemResult]] = {}
+        for r in rows:  # each item in the first bin whose upper edge holds it
+            index = next(i for i, (_, high) in enumerate(bins) if max(1, r.context_chars) <= high or i == len(bins) - 1)
+            binned.setdefault(index, []).append(r)
+        points = [
+            ((bins[i][0] * bins[i][1]) ** 0.5, 100 * sum(r.correct for r in inside) / len(inside))
+            for i, inside in sorted(binned.items())
+        ]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                     label=f"{s.model} / {_APPROACH_LABELS.get(s.approach, s.approach)}")
