@@ -365,3 +365,32 @@ async def test_mixed_priorities_and_cancellations_keep_the_lane_consistent(redis
         slots = await state._client.zcard(state.lane_keys("churn:m")[3])
     assert peak <= 4 and granted > 20
     assert lane.in_flight == 0 and held == 0 and slots == 0 and not lane._heads
+
+
+async def test_redis_back_the_lane_rejoins_and_replays_its_window(redis_server: RedisServer) -> None:
+    """Lost, then a fresh empty Redis on the same port: what was admitted meanwhile is counted again."""
+    async with SharedState(SharedConfig(redis_server.url, lease=0.6, timeout=0.3)) as state:
+        lane = SharedLane("back:m", Limits(rpm=50, max_concurrency=4, window=30.0), state)
+
+        async def one() -> None:
+            ticket = await lane.acquire(priority=Priority.SUB, share=RunShare(), tokens=3)
+            lane.on_success(ticket, tokens_used=2)
+
+        for _ in range(3):
+            await one()
+        redis_server.stop()
+        with anyio.fail_after(5):
+            await one()  # the fallback admits without waiting on the dead server
+        assert state.mode == "fallback" and state.fallbacks == 1
+        await one()
+        redis_server.start()  # empty: nothing persisted
+        with anyio.fail_after(5):
+            while state.mode != "shared":  # noqa: ASYNC110 - the heartbeat (lease / 3) rejoins
+                await anyio.sleep(0.05)
+        keys = state.lane_keys("back:m")
+        in_window = await state._client.zcard(keys[0])
+        used = float(await state._client.hget(keys[2], "used"))
+        await one()
+        after = await state._client.zcard(keys[0])
+    assert in_window == 5 and used == pytest.approx(10.0)  # 5 calls, each corrected to 2 tokens
+    assert after == 6
