@@ -42,7 +42,7 @@ from rlmflow.dispatch.budget import Budget, BudgetLedger, Spend
 from rlmflow.dispatch.lane import RunShare
 from rlmflow.dispatch.limits import Priority
 from rlmflow.dispatch.redis_budget import SharedBudget
-from rlmflow.dispatch.redis_lane import SharedLane
+from rlmflow.dispatch.redis_lane import SharedLane, SharedTicket
 from rlmflow.dispatch.shared import SharedConfig, SharedState, SharedStateUnavailableError
 from rlmflow.testing import FakeOpenAIServer
 from rlmflow.testing.fake_openai import answer_for
@@ -394,3 +394,25 @@ async def test_redis_back_the_lane_rejoins_and_replays_its_window(redis_server: 
         after = await state._client.zcard(keys[0])
     assert in_window == 5 and used == pytest.approx(10.0)  # 5 calls, each corrected to 2 tokens
     assert after == 6
+
+
+async def test_the_agreed_limit_is_cut_once_per_round_trip_for_every_process(redis_server: RedisServer) -> None:
+    async with SharedState(redis_server.url) as a, SharedState(redis_server.url) as b:
+        limits = Limits(max_concurrency=16, initial_concurrency=8, window=1.0)
+        lane_a, lane_b = SharedLane("agree:m", limits, a), SharedLane("agree:m", limits, b)
+        tickets = [await lane_a.acquire(priority=Priority.SUB, share=RunShare(), tokens=1) for _ in range(3)]
+        keys = a.lane_keys("agree:m")[:4]
+
+        async def release(grant: str | None, outcome: str) -> list[int]:
+            assert grant is not None
+            args = lane_a._release_args(grant, outcome, None, 0.0)
+            args[7] = 1000  # a round trip of 1 s: both refusals fall inside one
+            return [int(x) for x in await a._scripts["LANE_RELEASE"](keys=keys, args=args)]
+
+        grants = [t.grant for t in tickets if isinstance(t, SharedTicket)]
+        assert await release(grants[0], "throttled") == [5, 2]  # 8 x 0.7, floored
+        assert await release(grants[1], "throttled") == [5, 1]  # the same round trip: no second cut
+        assert await release(grants[2], "refused") == [5, 0]  # a random refusal changes nothing
+        ticket = await lane_b.acquire(priority=Priority.SUB, share=RunShare(), tokens=1)
+        assert lane_b.limit_seen == 5  # the other process sees the agreed limit
+        lane_b.on_success(ticket, tokens_used=1)
