@@ -416,3 +416,20 @@ async def test_the_agreed_limit_is_cut_once_per_round_trip_for_every_process(red
         ticket = await lane_b.acquire(priority=Priority.SUB, share=RunShare(), tokens=1)
         assert lane_b.limit_seen == 5  # the other process sees the agreed limit
         lane_b.on_success(ticket, tokens_used=1)
+
+
+def test_one_dispatcher_serves_successive_event_loops(redis_server: RedisServer) -> None:
+    """run_sync-style use: each call in a new event loop reconnects instead of reusing a dead one."""
+    dispatcher = Dispatcher(shared=redis_server.url, limits={"openai": Limits(max_concurrency=2, window=1.0)})
+
+    async def once(k: int) -> str:
+        async with FakeOpenAIServer() as provider:
+            model = OpenAIModel("fake", base_url=provider.base_url)
+            response = await dispatcher.call(model, ModelRequest([Message("user", f"m{k}")], max_tokens=4),
+                                             ledger=BudgetLedger())
+            await model.aclose()
+            return response.text
+
+    assert [anyio.run(once, k) for k in range(2)] == [answer_for("m0"), answer_for("m1")]
+    assert dispatcher.shared is not None and dispatcher.shared.mode == "shared"
+    anyio.run(dispatcher.aclose)
