@@ -247,13 +247,7 @@ class HostBridge:
                 span_attributes.batch_end(answers=results, failed=len(errors), capture=rlm.capture_content)
             )
             if errors:
-                first = errors[min(errors)]
-                raise BatchError(
-                    f"{len(errors)} of {len(prompts)} calls failed (first, item {min(errors)}: "
-                    f"{type(first).__name__}: {first.message}); the other results are in .results",
-                    results=results,
-                    errors=errors,
-                )
+                raise _batch_error("calls", results, errors)
             return [r or "" for r in results]
 
     async def rlm_query_many(self, children: list[tuple[str, Any]]) -> list[str]:
@@ -281,13 +275,7 @@ class HostBridge:
                 for index, (prompt, context) in enumerate(children):
                     tg.start_soon(child, index, prompt, context)
         if errors:
-            first = errors[min(errors)]
-            raise BatchError(
-                f"{len(errors)} of {len(children)} child runs failed (first, item {min(errors)}: "
-                f"{type(first).__name__}: {first.message}); the other answers are in .results",
-                results=results,
-                errors=errors,
-            )
+            raise _batch_error("child runs", results, errors)
         return [r or "" for r in results]
 
     def budget_view(self) -> dict[str, Any]:
@@ -314,3 +302,13 @@ class HostBridge:
             },
         }
 
+
+def _batch_error(what: str, results: list[str | None], errors: dict[int, RLMError]) -> BatchError:
+    """The error of a batch some items of which failed; the others' results ride along."""
+    first = errors[min(errors)]
+    return BatchError(
+        f"{len(errors)} of {len(results)} {what} failed (first, item {min(errors)}: "
+        f"{type(first).__name__}: {first.message}); the other results are in .results",
+        results=results,
+        errors=errors,
+    )

@@ -438,3 +438,13 @@ async def test_a_flood_of_calls_keeps_the_host_s_tasks_bounded() -> None:
     assert result.error is None and "calls_left" in result.output, result
     assert served == 2001 and peak <= MAX_CALLS_IN_FLIGHT
     assert after.output.strip() == "2"
+
+
+@pytest.mark.parametrize("bubblewrap", [True, False], ids=["bubblewrap", "no-bubblewrap"])
+async def test_a_replaced_worker_starts_from_an_empty_scratch_directory(bubblewrap: bool) -> None:
+    async with LocalSandbox(bubblewrap=bubblewrap).session("ctx", bridge) as session:
+        await session.execute("open('notes.txt', 'w').write('kept?')")
+        crashed = await session.execute("import os\nos._exit(1)")
+        listing = await session.execute("import os\nprint(os.listdir('.'))")
+    assert crashed.restarted and any("files it wrote" in note for note in crashed.notes)
+    assert listing.output.strip() == "[]"

@@ -192,8 +192,9 @@ async def test_killed_process_slots_return_within_the_lease(redis_server: RedisS
     assert slow.counters.admitted == 3  # the victim never got a fourth slot
     for result in results:
         assert result["errors"] == [] and len([a for a in result["answers"] if a]) == 4
-    # the survivors had to wait for the victim's leases (1.5 s after its last renewal), no longer
-    assert 0.8 <= waited < 1.5 + 3.0, waited
+    # the survivors had to wait for the victim's leases (1.5 s after its last renewal, which may have
+    # come up to a renewal period plus scheduling lag before the kill), and no longer
+    assert 0.25 <= waited < 1.5 + 3.0, waited
     assert not [s for s in slots if s.startswith(victim.replicas[0])]
     assert max_concurrent(fast, fast.latency) <= 3
 

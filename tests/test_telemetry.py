@@ -249,7 +249,7 @@ async def test_trace_report_reads_otlp_json_and_renders_in_chromium(tmp_path: Pa
     page = tmp_path / "report.html"
     page.write_text(render_html(data, analysis))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "scripts/install.sh installs Debian's chromium for this test"
+    assert chromium, "scripts/setup/test-phoenix.sh installs Debian's chromium for this test"
     dom = await anyio.to_thread.run_sync(lambda: subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",

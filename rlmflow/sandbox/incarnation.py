@@ -98,7 +98,10 @@ class Incarnation:
         self.expected_exit = True
         if self.process.returncode is None:
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                if hasattr(os, "killpg"):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                else:  # pragma: no cover - Windows has no process groups to kill
+                    self.process.kill()
             except (ProcessLookupError, PermissionError):
                 pass
 

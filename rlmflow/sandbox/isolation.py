@@ -259,8 +259,6 @@ def harden(config: dict[str, Any]) -> dict[str, Any]:
             report["landlock_fs"] = True
             report["landlock_tcp"] = "tcp-deny" in described
             report["landlock_scope"] = "scope" in described
-            if not report["landlock_tcp"]:
-                missing.append("landlock TCP rules (Linux >= 6.7 needed)")
     if flt is not None:
         try:
             flt.load()
@@ -269,6 +267,8 @@ def harden(config: dict[str, Any]) -> dict[str, Any]:
         else:
             report["seccomp"] = True
             layers.append("seccomp(deny-list: sockets, processes, exec, privileged and metadata calls)")
-    elif config.get("seccomp") and not linux:
-        missing.append("seccomp (Linux only)")
+    if not linux:
+        missing.extend(f"{name} (Linux only)" for name in ("capabilities", "landlock", "seccomp") if config.get(name))
+    if report.get("landlock_fs") and not report.get("landlock_tcp") and not report.get("seccomp"):
+        missing.append("landlock TCP rules (Linux >= 6.7 needed) and seccomp: TCP is open")
     return report

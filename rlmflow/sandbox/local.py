@@ -115,9 +115,7 @@ class LocalSandbox:
         self.env = dict(env or {})
         self.python = python or sys.executable
         self.start_timeout = start_timeout
-        self._limiters: weakref.WeakKeyDictionary[Any, dict[int, anyio.CapacityLimiter]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._limiters: weakref.WeakKeyDictionary[Any, dict[int, anyio.CapacityLimiter]] = weakref.WeakKeyDictionary()
 
     @asynccontextmanager
     async def session(self, context: Context, bridge: Bridge) -> AsyncIterator[LocalSandboxSession]:
@@ -156,7 +154,12 @@ class LocalSandbox:
 
 
 class LocalSandboxSession:
-    """A live local sandbox. Created by :meth:`LocalSandbox.session`."""
+    """A live local sandbox. Created by :meth:`LocalSandbox.session`.
+
+    ``report`` is the :class:`SandboxReport` of the current worker (probed when it started),
+    ``isolation`` its layers as strings, ``restarts`` how many times the worker was replaced,
+    ``load_seconds`` how long the worker took to read the context.
+    """
 
     def __init__(self, config: LocalSandbox, bridge: Bridge, tg: anyio.abc.TaskGroup) -> None:
         self._config = config
@@ -285,6 +288,9 @@ class LocalSandboxSession:
             await self._reap(old)
         self.restarts += 1
         _logger.warning("sandbox worker restarted", restarts=self.restarts)
+        if self._dir is not None and self._bwrap is None:
+            # a new worker starts from an empty scratch directory, as bubblewrap's new tmpfs does
+            await anyio.to_thread.run_sync(scratch.empty, self._dir / "work")
         await self._spawn()
 
     async def _reap(self, incarnation: Incarnation) -> None:
@@ -411,7 +417,10 @@ class LocalSandboxSession:
             incarnation = self._incarnation
             if incarnation is None or incarnation.dead.is_set() or incarnation.process.returncode is not None:
                 await self._restart()
-                notes.append("The sandbox had stopped and was restarted: variables were lost, context is reloaded.")
+                notes.append(
+                    "The sandbox had stopped and was restarted: variables were lost (and scratch files), "
+                    "context is reloaded."
+                )
                 incarnation = self._incarnation
             assert incarnation is not None
             self._cell_ids += 1
@@ -434,8 +443,8 @@ class LocalSandboxSession:
                     await self._restart()
                 restarted = True
                 notes.append(
-                    "The sandbox worker was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
-                    "recompute what you need."
+                    "The sandbox worker was replaced: ALL VARIABLES WERE LOST, and the files it wrote. "
+                    "`context` is loaded again; recompute what you need."
                 )
             if not restarted:
                 quota_note = await self._check_quota()
