@@ -166,6 +166,7 @@ class SharedState:
         if self._client is not None and self._loop is not loop:
             # used from a new event loop (run_sync, a test): the old connection and task died with
             # the old loop, so start afresh; leases of anything it held end on their own
+            _abandon(self._client)
             self._client, self._task, self._releases = None, None, []
             self._connect_lock, self._release_ready = anyio.Lock(), asyncio.Event()
             for lane in self._lanes.values():
@@ -371,6 +372,23 @@ class SharedState:
     def __repr__(self) -> str:
         return (f"SharedState({_redact(self.config.url)!r}, mode={self.mode}, replicas={self.replicas}, "
                 f"lanes={sorted(self._lanes)})")
+
+
+def _abandon(client: Any) -> None:
+    """Close the sockets of a client whose event loop is gone (nothing can be awaited on it)."""
+    pool = getattr(client, "connection_pool", None)
+    connections = [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())]
+    for connection in connections:
+        transport = getattr(getattr(connection, "_writer", None), "transport", None)
+        if transport is None:
+            continue
+        with contextlib.suppress(RuntimeError):  # the loop is closed: it cannot schedule the callback
+            transport.close()
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            sock.close()
+            transport._sock = None
+        connection._reader = connection._writer = None  # closed by hand: nothing left to warn about
 
 
 def _is_connection_error(exc: BaseException) -> bool:
