@@ -181,7 +181,9 @@ async def _batch(args: argparse.Namespace, items: list[BatchItem], out: TextIO) 
             policy = BatchPolicy(actors=args.actors, runs_per_actor=args.runs_per_actor,
                                  max_attempts=args.max_attempts)
             address = None if args.ray == "local" else args.ray
-            async with RayBatch(factory, policy=policy, address=address) as batch:
+            # a local instance listens on loopback only
+            local = {"_node_ip_address": "127.0.0.1", "include_dashboard": False} if address is None else {}
+            async with RayBatch(factory, policy=policy, address=address, init_options=local) as batch:
                 async for event in batch.stream(items):
                     progress.update(event)
                     if event.outcome is not None:
