@@ -128,6 +128,7 @@ def unbound_phase(redis: RedisServer | None, n: int, calls: int) -> dict[str, An
 
 def ray_phase(redis: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
     import anyio
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process on 127.0.0.1
     import ray
 
     from rlmflow._batch_cli import build_rlm

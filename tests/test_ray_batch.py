@@ -21,6 +21,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+# Ray would announce this machine's outward address even to a local instance; on loopback only,
+# every process of the test instance talks over 127.0.0.1 (read when ray is first imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 pytest.importorskip("ray")
 pytest.importorskip("redis")
 if shutil.which("redis-server") is None:  # pragma: no cover - the setup script installs it
