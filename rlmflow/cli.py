@@ -129,8 +129,11 @@ class _Display:
     def _status(self) -> str:
         p = self._progress
         cost = f"${p.cost_usd:.4f}" if p.cost_usd else "$0"
+        # the root's reply as it streams in: on a terminal only (a log would get a line per piece)
+        streaming = self._tty and p.root_chars and "thinking" in p.phase
+        phase = f"{p.phase} ({p.root_chars:,} chars)" if streaming else p.phase
         return (
-            f"turn {p.turn}/{p.max_turns} | {p.phase} | sub-calls {p.calls_done} done, "
+            f"turn {p.turn}/{p.max_turns} | {phase} | sub-calls {p.calls_done} done, "
             f"{p.calls_in_flight} in flight | tokens {p.input_tokens:,} in / {p.output_tokens:,} out | "
             f"{cost} | {p.elapsed:5.1f}s"
         )

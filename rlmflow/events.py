@@ -17,6 +17,7 @@ __all__ = [
     "BatchStarted",
     "CellFinished",
     "CodeSubmitted",
+    "RootText",
     "RunEvent",
     "RunFailed",
     "RunStarted",
@@ -55,6 +56,16 @@ class TurnStarted(RunEvent):
     kind: ClassVar[str] = "turn_started"
     turn: int
     max_turns: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RootText(RunEvent):
+    """A piece of the root model's reply as it is generated (models that stream: Bedrock,
+    Anthropic, OpenAI-compatible)."""
+
+    kind: ClassVar[str] = "root_text"
+    turn: int
+    text: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,8 +17,8 @@ from . import prompts
 from ._exceptions import NoAnswerError
 from ._text import sanitize_text
 from .dispatch.limits import Priority
-from .events import CellFinished, CodeSubmitted, TurnStarted
-from .models.base import Message, ModelRequest
+from .events import CellFinished, CodeSubmitted, RootText, TurnStarted
+from .models.base import LanguageModel, Message, ModelRequest, StreamingLanguageModel, StreamingView
 from .result import RLMResult, Turn
 from .sandbox.base import CellResult, SandboxSession
 from .telemetry import attributes as attr
@@ -85,7 +85,7 @@ class RootLoop:
             ):
                 progress.phase = "root model thinking"
                 response = await rlm.dispatcher.call(
-                    rlm.root,
+                    self._root_model(turn_index),
                     ModelRequest(messages=tuple(self._trimmed(messages)), max_tokens=rlm.root_max_tokens),
                     ledger=run.ledger,
                     share=run.share,
@@ -189,6 +189,23 @@ class RootLoop:
             f"no answer after {max_turns} turns: the root model never called FINAL",
             partial=run.result(""),
         )
+
+    def _root_model(self, turn: int) -> LanguageModel:
+        """The root model; one that can stream hands its reply to the progress and events live."""
+        run = self._run
+        root = run.rlm.root
+        if not isinstance(root, StreamingLanguageModel):
+            return root
+        progress = run.progress
+        if run.depth == 0:
+            progress.root_chars = 0
+
+        def on_text(piece: str) -> None:
+            if run.depth == 0:
+                progress.root_chars += len(piece)
+            run.recorder.emit(RootText, turn=turn, text=piece)
+
+        return StreamingView(root, on_text)
 
     async def _established_note(self, session: SandboxSession, printed: str) -> str:
         """What the last cell set (names, types, sizes, short values) that its output did not show.

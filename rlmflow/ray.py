@@ -36,6 +36,7 @@ from .sandbox.base import Context
 
 if TYPE_CHECKING:
     from .engine import RLM, RLMResult
+    from .events import RunEvent
 
 __all__ = ["BatchEvent", "BatchItem", "BatchPolicy", "BatchResult", "RayBatch", "run_batch"]
 
@@ -61,7 +62,9 @@ class BatchPolicy:
     - ``actors`` x ``runs_per_actor``: runs in flight (each actor is an asyncio actor);
     - ``max_attempts``: tries per item; a dead actor always counts as retryable, an error raised by
       the run only when it is an instance of ``retry_on``;
-    - ``actor_options``: passed to Ray's ``.options()`` (``num_cpus``, ``resources``, ...).
+    - ``actor_options``: passed to Ray's ``.options()`` (``num_cpus``, ``resources``, ...);
+    - ``run_events``: also stream each run's :mod:`rlmflow.events` back (a Ray streaming
+      generator; one small object per event).
     """
 
     actors: int = 2
@@ -69,6 +72,7 @@ class BatchPolicy:
     max_attempts: int = 3
     retry_on: tuple[type[BaseException], ...] = (SandboxError, ModelError)
     actor_options: Mapping[str, Any] = field(default_factory=dict)
+    run_events: bool = False
 
     def __post_init__(self) -> None:
         if self.actors < 1 or self.runs_per_actor < 1 or self.max_attempts < 1:
@@ -92,13 +96,16 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class BatchEvent:
-    """Progress of a batch: ``submitted``, ``retrying`` (with why), ``done`` or ``failed``."""
+    """Progress of a batch: ``submitted``, ``retrying`` (with why), ``done`` or ``failed``; and with
+    ``BatchPolicy(run_events=True)``, ``run_event`` for each of a run's :mod:`rlmflow.events`
+    (turns, cells, sub-calls), streamed from the actor as they happen."""
 
-    kind: Literal["submitted", "retrying", "done", "failed"]
+    kind: Literal["submitted", "retrying", "done", "failed", "run_event"]
     id: str
     attempt: int
     detail: str = ""
     outcome: BatchResult | None = None
+    run_event: RunEvent | None = None  # with BatchPolicy(run_events=True): the run's own events
 
     @property
     def result(self) -> RLMResult | None:
@@ -115,16 +122,46 @@ class _RLMActor:
     def pid(self) -> int:
         return os.getpid()
 
-    async def run(self, query: str, context: Context | None, paths: Sequence[str] | None) -> dict[str, Any]:
+    async def run(
+        self, query: str, context: Context | None, paths: Sequence[str] | None, sink: Any = None
+    ) -> dict[str, Any]:
         if self._rlm is None:
             self._rlm = self._factory()
         try:
             if paths is not None:
                 context = (await anyio.to_thread.run_sync(load_context_files, list(paths))).context
             assert context is not None
-            return {"result": await self._rlm.run(context, query), "pid": os.getpid()}
+            return {"result": await self._rlm.run(context, query, events=sink), "pid": os.getpid()}
         except RLMError as exc:
             return {"error": exc, "pid": os.getpid()}
+
+    async def run_streaming(
+        self, query: str, context: Context | None, paths: Sequence[str] | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The run's events as they happen (``{"event": ...}``), then its outcome."""
+        events: asyncio.Queue[RunEvent] = asyncio.Queue()
+        task = asyncio.ensure_future(self.run(query, context, paths, events.put_nowait))
+        try:
+            while not task.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield {"event": getter.result()}
+                else:
+                    getter.cancel()
+            yield task.result()
+        finally:
+            task.cancel()
+
+
+async def _relay(generator: Any, item_id: str, attempt: int, relay: asyncio.Queue[BatchEvent]) -> dict[str, Any]:
+    """Pass a streaming run's events on as they come; return its outcome (the last item)."""
+    last: dict[str, Any] = {}
+    async for ref in generator:
+        last = await ref
+        if "event" in last:
+            relay.put_nowait(BatchEvent("run_event", item_id, attempt, run_event=last["event"]))
+    return last
 
 
 #: Probes of a dead actor (with growing pauses) before it counts as gone for good.
@@ -207,62 +244,82 @@ class RayBatch:
         down: set[int] = set()
         failed_probes = [0] * len(self._actors)
         capacity = self.policy.runs_per_actor
-        while queue or pending:
-            if not pending and not probes and len(down) == len(self._actors):
-                while queue:  # every actor is gone for good
-                    item, attempt = queue.popleft()
-                    gone = RLMError("no Ray actor is left to run this item")
-                    yield BatchEvent("failed", item.id, attempt, detail=str(gone),
-                                     outcome=BatchResult(item.id, attempt, error=gone))
-                break
-            while queue:
-                ready = [i for i in range(len(load)) if i not in down and load[i] < capacity]
-                if not ready:
+        relay: asyncio.Queue[BatchEvent] = asyncio.Queue()  # the runs' own events (run_events=True)
+        getter: asyncio.Future[BatchEvent] = asyncio.ensure_future(relay.get())
+        try:
+            while queue or pending:
+                if not pending and not probes and len(down) == len(self._actors):
+                    while queue:  # every actor is gone for good
+                        item, attempt = queue.popleft()
+                        gone = RLMError("no Ray actor is left to run this item")
+                        yield BatchEvent("failed", item.id, attempt, detail=str(gone),
+                                         outcome=BatchResult(item.id, attempt, error=gone))
                     break
-                index = min(ready, key=load.__getitem__)
-                item, attempt = queue.popleft()
-                ref = self._actors[index].run.remote(item.query, document(item), item.paths)
-                pending[asyncio.wrap_future(ref.future())] = (item, attempt, index)
-                load[index] += 1
-                yield BatchEvent("submitted", item.id, attempt)
-            done, _ = await asyncio.wait([*pending, *probes], return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                if future in probes:
-                    index = probes.pop(future)
-                    if future.exception() is None:
-                        down.discard(index)
-                        failed_probes[index] = 0
-                    elif failed_probes[index] < _PROBES:  # Ray could not restart it (yet)
-                        failed_probes[index] += 1
-                        await anyio.sleep(0.2 * failed_probes[index])
-                        self._probe(index, probes)
-                    continue
-                item, attempt, index = pending.pop(future)
-                load[index] -= 1
-                error: BaseException | None
-                try:
-                    outcome = future.result()
-                except Exception as exc:
-                    if not _worker_died(exc):
-                        raise
-                    error, retryable, pid = exc, True, None
-                    if index not in down:
-                        down.add(index)
-                        self._probe(index, probes)
-                else:
-                    error, pid = outcome.get("error"), outcome["pid"]
-                    retryable = isinstance(error, self.policy.retry_on)
-                if error is None:
-                    result = BatchResult(item.id, attempt, result=outcome["result"], worker=pid)
-                    yield BatchEvent("done", item.id, attempt, outcome=result)
-                elif retryable and attempt < self.policy.max_attempts:
-                    queue.append((item, attempt + 1))
-                    yield BatchEvent("retrying", item.id, attempt, detail=f"{type(error).__name__}: {error}")
-                else:
-                    rlm_error = error if isinstance(error, RLMError) else RLMError(
-                        f"the Ray worker died: {type(error).__name__}: {error}")
-                    result = BatchResult(item.id, attempt, error=rlm_error, worker=pid)
-                    yield BatchEvent("failed", item.id, attempt, detail=str(rlm_error), outcome=result)
+                while queue:
+                    ready = [i for i in range(len(load)) if i not in down and load[i] < capacity]
+                    if not ready:
+                        break
+                    index = min(ready, key=load.__getitem__)
+                    item, attempt = queue.popleft()
+                    actor = self._actors[index]
+                    future: asyncio.Future[Any]
+                    if self.policy.run_events:
+                        generator = actor.run_streaming.options(num_returns="streaming").remote(
+                            item.query, document(item), item.paths)
+                        future = asyncio.ensure_future(_relay(generator, item.id, attempt, relay))
+                    else:
+                        future = asyncio.wrap_future(
+                            actor.run.remote(item.query, document(item), item.paths).future())
+                    pending[future] = (item, attempt, index)
+                    load[index] += 1
+                    yield BatchEvent("submitted", item.id, attempt)
+                done, _ = await asyncio.wait([*pending, *probes, getter], return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    getter = asyncio.ensure_future(relay.get())
+                while not relay.empty():  # a run's events come before its outcome
+                    yield relay.get_nowait()
+                for future in done:
+                    if future in probes:
+                        index = probes.pop(future)
+                        if future.exception() is None:
+                            down.discard(index)
+                            failed_probes[index] = 0
+                        elif failed_probes[index] < _PROBES:  # Ray could not restart it (yet)
+                            failed_probes[index] += 1
+                            await anyio.sleep(0.2 * failed_probes[index])
+                            self._probe(index, probes)
+                        continue
+                    if future not in pending:
+                        continue  # the relay's getter
+                    item, attempt, index = pending.pop(future)
+                    load[index] -= 1
+                    error: BaseException | None
+                    try:
+                        outcome = future.result()
+                    except Exception as exc:
+                        if not _worker_died(exc):
+                            raise
+                        error, retryable, pid = exc, True, None
+                        if index not in down:
+                            down.add(index)
+                            self._probe(index, probes)
+                    else:
+                        error, pid = outcome.get("error"), outcome["pid"]
+                        retryable = isinstance(error, self.policy.retry_on)
+                    if error is None:
+                        result = BatchResult(item.id, attempt, result=outcome["result"], worker=pid)
+                        yield BatchEvent("done", item.id, attempt, outcome=result)
+                    elif retryable and attempt < self.policy.max_attempts:
+                        queue.append((item, attempt + 1))
+                        yield BatchEvent("retrying", item.id, attempt, detail=f"{type(error).__name__}: {error}")
+                    else:
+                        rlm_error = error if isinstance(error, RLMError) else RLMError(
+                            f"the Ray worker died: {type(error).__name__}: {error}")
+                        result = BatchResult(item.id, attempt, error=rlm_error, worker=pid)
+                        yield BatchEvent("failed", item.id, attempt, detail=str(rlm_error), outcome=result)
+        finally:
+            getter.cancel()
 
     def _probe(self, index: int, probes: dict[asyncio.Future[Any], int]) -> None:
         probes[asyncio.wrap_future(self._actors[index].pid.remote().future())] = index

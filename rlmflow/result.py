@@ -34,7 +34,8 @@ class RLMResult:
     ``usage`` is per model name; ``cost_usd`` is ``None`` if any call's price is unknown;
     ``calls`` lists every model call (root and sub, all depths) in completion order;
     ``metadata`` is what the caller passed to ``run``; ``sandbox`` is the sandbox's report of
-    the isolation it applied (``None`` for sandboxes that give none).
+    the isolation it applied (``None`` for sandboxes that give none); ``overrun`` is what calls
+    spent beyond their budget reservations (real usage above the estimate), zero normally.
     """
 
     answer: str
@@ -50,6 +51,7 @@ class RLMResult:
     budget: Budget
     metadata: dict[str, str] = field(default_factory=dict)
     sandbox: SandboxReport | None = None
+    overrun: Spend = field(default_factory=Spend)
 
     @property
     def total_usage(self) -> Usage:
@@ -74,6 +76,7 @@ class RunProgress:
     cost_usd: float = 0.0
     started: float = field(default_factory=time.monotonic)
     sandbox_restarts: int = 0
+    root_chars: int = 0  # characters of the current root reply received so far (streaming models)
 
     @property
     def elapsed(self) -> float:

@@ -113,6 +113,7 @@ class _Run:
             budget=self.ledger.budget,
             metadata=dict(self.options.metadata),
             sandbox=self._session_report,
+            overrun=self.ledger.overrun,
         )
 
     async def spawn_child(self, query: str, context: Context | None) -> RLMResult:

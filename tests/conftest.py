@@ -5,10 +5,10 @@ from collections.abc import Iterator
 import pytest
 
 from rlmflow import set_default_dispatcher
-from rlmflow.models import guard
+from rlmflow.testing.network import allow_only_loopback
 
 # Only local fakes on 127.0.0.1 may be called from the tests; anything else fails before sending.
-guard.ALLOW_MODEL_REQUESTS = False
+allow_only_loopback()
 
 
 @pytest.fixture

@@ -183,6 +183,7 @@ async def test_pool_reaches_the_lane_ceiling(server: FakeBedrockServer) -> None:
         requests = [ModelRequest.from_prompt(f"item {i}", max_tokens=16) for i in range(48)]
         results = await dispatcher.call_many(model, requests, ledger=BudgetLedger())
         assert model._shared is not None and model._shared.client.meta.config.max_pool_connections == 48
+        assert model._shared.users == 1  # 48 first calls at once joined the client once
     finally:
         await model.aclose()
     assert [r.text for r in results] == [answer_for(f"item {i}") for i in range(48)]  # type: ignore[union-attr]
@@ -302,3 +303,19 @@ async def test_a_streaming_view_shares_the_model_lane(server: FakeBedrockServer)
         await model.aclose()
     assert "".join(pieces) == response.text == answer_for("live") and len(pieces) > 1
     assert dispatcher.lane(view) is dispatcher.lane(model)
+
+
+async def test_hidden_concurrency_limit_and_status_faults_lose_nothing(server: FakeBedrockServer) -> None:
+    """The OpenAI fake's knobs on the Bedrock wire: a hidden limit of 4 in flight and random 503s."""
+    server.latency, server.max_concurrency, server.status_faults = 0.02, 4, {503: 0.1}
+    dispatcher = Dispatcher(limits={"aws.bedrock": Limits(max_concurrency=32, initial_concurrency=32)},
+                            retry=RetryPolicy(base_delay=0.001, max_delay=0.01, max_attempts=20, max_throttles=200))
+    model = bedrock(server)
+    try:
+        requests = [ModelRequest.from_prompt(f"n{i}", max_tokens=8) for i in range(60)]
+        results = await dispatcher.call_many(model, requests, ledger=BudgetLedger())
+    finally:
+        await model.aclose()
+    assert [getattr(r, "text", r) for r in results] == [answer_for(f"n{i}") for i in range(60)]
+    assert server.peak_in_flight <= 4 and server.counters.over_concurrency > 0
+    assert server.counters.faults.get("status_503", 0) > 0

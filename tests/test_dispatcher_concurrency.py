@@ -302,7 +302,8 @@ def test_random_refusals_do_not_slow_the_fan_out(seed: int) -> None:
     outcome = simulate(Provider(refuse=0.2), seed=seed)
     # the bound: the unluckiest prompt's refusals (about 4-5 at 1 s each) plus one latency
     assert outcome.wall < 9.0
-    assert outcome.pauses == 0 and outcome.peak_limit == 256
+    # at most one run of random refusals is misread (a 0.1% false alarm per position), never a pause
+    assert outcome.pauses == 0 and outcome.decreases <= 1 and outcome.peak_limit >= 64
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

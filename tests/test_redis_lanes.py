@@ -42,7 +42,7 @@ from rlmflow.dispatch.budget import Budget, BudgetLedger, Spend
 from rlmflow.dispatch.lane import RunShare
 from rlmflow.dispatch.limits import Priority
 from rlmflow.dispatch.redis_budget import SharedBudget
-from rlmflow.dispatch.redis_lane import SharedLane
+from rlmflow.dispatch.redis_lane import SharedLane, SharedTicket
 from rlmflow.dispatch.shared import SharedConfig, SharedState, SharedStateUnavailableError
 from rlmflow.testing import FakeOpenAIServer
 from rlmflow.testing.fake_openai import answer_for
@@ -366,3 +366,71 @@ async def test_mixed_priorities_and_cancellations_keep_the_lane_consistent(redis
         slots = await state._client.zcard(state.lane_keys("churn:m")[3])
     assert peak <= 4 and granted > 20
     assert lane.in_flight == 0 and held == 0 and slots == 0 and not lane._heads
+
+
+async def test_redis_back_the_lane_rejoins_and_replays_its_window(redis_server: RedisServer) -> None:
+    """Lost, then a fresh empty Redis on the same port: what was admitted meanwhile is counted again."""
+    async with SharedState(SharedConfig(redis_server.url, lease=0.6, timeout=0.3)) as state:
+        lane = SharedLane("back:m", Limits(rpm=50, max_concurrency=4, window=30.0), state)
+
+        async def one() -> None:
+            ticket = await lane.acquire(priority=Priority.SUB, share=RunShare(), tokens=3)
+            lane.on_success(ticket, tokens_used=2)
+
+        for _ in range(3):
+            await one()
+        redis_server.stop()
+        with anyio.fail_after(5):
+            await one()  # the fallback admits without waiting on the dead server
+        assert state.mode == "fallback" and state.fallbacks == 1
+        await one()
+        redis_server.start()  # empty: nothing persisted
+        with anyio.fail_after(5):
+            while state.mode != "shared":  # noqa: ASYNC110 - the heartbeat (lease / 3) rejoins
+                await anyio.sleep(0.05)
+        keys = state.lane_keys("back:m")
+        in_window = await state._client.zcard(keys[0])
+        used = float(await state._client.hget(keys[2], "used"))
+        await one()
+        after = await state._client.zcard(keys[0])
+    assert in_window == 5 and used == pytest.approx(10.0)  # 5 calls, each corrected to 2 tokens
+    assert after == 6
+
+
+async def test_the_agreed_limit_is_cut_once_per_round_trip_for_every_process(redis_server: RedisServer) -> None:
+    async with SharedState(redis_server.url) as a, SharedState(redis_server.url) as b:
+        limits = Limits(max_concurrency=16, initial_concurrency=8, window=1.0)
+        lane_a, lane_b = SharedLane("agree:m", limits, a), SharedLane("agree:m", limits, b)
+        tickets = [await lane_a.acquire(priority=Priority.SUB, share=RunShare(), tokens=1) for _ in range(3)]
+        keys = a.lane_keys("agree:m")[:4]
+
+        async def release(grant: str | None, outcome: str) -> list[int]:
+            assert grant is not None
+            args = lane_a._release_args(grant, outcome, None, 0.0)
+            args[7] = 1000  # a round trip of 1 s: both refusals fall inside one
+            return [int(x) for x in await a._scripts["LANE_RELEASE"](keys=keys, args=args)]
+
+        grants = [t.grant for t in tickets if isinstance(t, SharedTicket)]
+        assert await release(grants[0], "throttled") == [5, 2]  # 8 x 0.7, floored
+        assert await release(grants[1], "throttled") == [5, 1]  # the same round trip: no second cut
+        assert await release(grants[2], "refused") == [5, 0]  # a random refusal changes nothing
+        ticket = await lane_b.acquire(priority=Priority.SUB, share=RunShare(), tokens=1)
+        assert lane_b.limit_seen == 5  # the other process sees the agreed limit
+        lane_b.on_success(ticket, tokens_used=1)
+
+
+def test_one_dispatcher_serves_successive_event_loops(redis_server: RedisServer) -> None:
+    """run_sync-style use: each call in a new event loop reconnects instead of reusing a dead one."""
+    dispatcher = Dispatcher(shared=redis_server.url, limits={"openai": Limits(max_concurrency=2, window=1.0)})
+
+    async def once(k: int) -> str:
+        async with FakeOpenAIServer() as provider:
+            model = OpenAIModel("fake", base_url=provider.base_url)
+            response = await dispatcher.call(model, ModelRequest([Message("user", f"m{k}")], max_tokens=4),
+                                             ledger=BudgetLedger())
+            await model.aclose()
+            return response.text
+
+    assert [anyio.run(once, k) for k in range(2)] == [answer_for("m0"), answer_for("m1")]
+    assert dispatcher.shared is not None and dispatcher.shared.mode == "shared"
+    anyio.run(dispatcher.aclose)

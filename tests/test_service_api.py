@@ -261,3 +261,34 @@ async def test_example_service_streams_sse_and_charges_the_tenant() -> None:
         bad = await client.post("/runs", json={"query": "no document"})
         assert bad.status_code == 400
     assert AnswerReady.kind == "answer"
+
+
+async def test_usage_above_the_reservation_is_reported_as_overrun() -> None:
+    """A provider that ignores max_tokens: the run's result says by how much it went over."""
+    from rlmflow import ModelResponse, Usage
+
+    sub = ScriptedModel(lambda r: ModelResponse(text="long", usage=Usage(10, r.max_tokens + 500, 1), model="sub"),
+                        name="sub")
+    root = turn_script(["a = llm_query_many(['x', 'y'], max_tokens=20)", "FINAL('ok')"])
+    async with RLM(root=root, sub=sub) as rlm:
+        result = await rlm.run("doc", "q?", budget=Budget(max_output_tokens=100_000))
+    assert result.overrun.output_tokens == 2 * 500
+    assert result.spent.output_tokens >= 2 * 520
+
+
+async def test_a_streaming_root_shows_its_reply_as_it_arrives() -> None:
+    from rlmflow import OpenAIModel, RootText
+    from rlmflow.testing import FakeOpenAIServer
+
+    reply = "Counting now.\n```repl\nFINAL(str(context.count('beta')))\n```"
+    async with FakeOpenAIServer(root_marker="COUNT-BETA", root_reply=reply) as server:
+        root = OpenAIModel("fake", base_url=server.base_url)
+        try:
+            async with RLM(root=root) as rlm:
+                stream = rlm.stream("alpha beta " * 50, "COUNT-BETA please")
+                pieces = [e for e in [event async for event in stream] if isinstance(e, RootText)]
+                result = await stream.wait()
+        finally:
+            await root.aclose()
+    assert result.answer == "50"
+    assert len(pieces) > 1 and "".join(p.text for p in pieces) == reply

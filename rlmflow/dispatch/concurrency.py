@@ -8,8 +8,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   it every round trip, up to ``maximum``. A load-related throttle ends slow start; the limit
   then grows by one per round trip (``1/limit`` per success). Four round trips without a cut
   resume slow start, up to just below the level that failed (as TCP's ``ssthresh``; lifted
-  once four calls succeed at that level); above it the limit grows by one per round trip and
-  the probing backoff below applies.
+  once the floor below passes that level by two, beyond the noise of counting); above it the
+  limit grows by one per round trip and the probing backoff below applies.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
   (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
   call still in flight as not refused (a refusal comes back in milliseconds, a success only
@@ -40,9 +40,9 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   trip, then 2, 4, ... up to ``max_probe_wait`` round trips while probes keep failing there, so
   a hidden concurrency cap costs a handful of refusals a minute instead of one per round trip.
 - **Lane pause.** The quota itself is spent when the provider says so (``exhausted``), when a
-  load-related refusal hits a call sent at or below the floor (a level the provider just
-  served), or when a busy lane has seen load-related refusals and no success for a whole round
-  trip: a full RPM or TPM window refuses every call, whatever the concurrency.
+  load-related refusal hits a call sent two or more below the floor (a level the provider
+  surely serves), or when refusals have gone on for a whole round trip without a single
+  success: a full RPM or TPM window refuses every call, whatever the concurrency.
   :meth:`on_refusal` then returns ``pause=True`` and the lane stops sending until the
   ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
@@ -70,6 +70,7 @@ class SendStamp:
     level: int
     at: float
     above_floor: bool = False
+    well_below_floor: bool = False  # two or more under the floor: surely a level the provider serves
     refused: bool = False
     refused_at: float = math.inf
 
@@ -125,12 +126,14 @@ class AdaptiveLimit:
         self._lowest = int(self._limit)
         self._decreases = 0
         self._pauses = 0
+        self._paused_at = -math.inf
         self._slow_start = True
         self._ssthresh = float(maximum)  # slow start stops here: below the level that failed last
         self._seq = 0
         self._decreased_at_seq = -1  # calls sent before this seq cannot cause another cut
         self._decreased_at = -math.inf
         self._limit_before_cuts = self._limit  # restored when a pause shows the quota was the cause
+        self._probe_before_cuts: tuple[int | None, int, float, float] = (None, 0, -math.inf, float(maximum))
         self._sends: deque[SendStamp] = deque(maxlen=4 * maximum + 64)  # the latest calls sent
         # background refusal rate (calls at or below the floor), with a prior of 2 in 10
         self._outcomes = 10.0
@@ -139,17 +142,15 @@ class AdaptiveLimit:
         self._successes: deque[tuple[float, int]] = deque()  # (completed at, level); levels decrease
         self._recent_refusals: deque[SendStamp] = deque()  # in the order they came back
         self._peak_level, self._peak_at = 0, -math.inf  # the most calls in flight lately
-        self._last_success = -math.inf
-        self._active_since = -math.inf  # the first call sent after the lane was idle
-        self._last_send = -math.inf
+        self._refused_since: float | None = None  # the first refusal since the last success
         self._served: deque[float] = deque()  # when recent successes came back
         self._min_rtt = math.inf
         self._holds: deque[float] = deque()  # when each held slot frees
         self._probe_level: int | None = None  # the level that failed last
         self._probe_failures = 0
-        self._probe_passes = 0  # successes at or above the level that failed, since it failed
         self._probe_after = -math.inf
-        self.history: list[tuple[float, int]] = []  # (time, limit) at each change, for plots
+        # (time, limit) at each change, for plots; bounded so a long-lived lane does not grow it forever
+        self.history: deque[tuple[float, int]] = deque(maxlen=10_000)
 
     # -- reading ------------------------------------------------------------------------------------
     @property
@@ -181,7 +182,7 @@ class AdaptiveLimit:
     @property
     def round_trip(self) -> float:
         """Smoothed duration of a successful call (0.2 s before the first one)."""
-        return self._srtt if self._srtt is not None else 0.2
+        return max(self._srtt, 1e-3) if self._srtt is not None else 0.2
 
     def next_change_in(self) -> float:
         """Seconds until time alone raises what :meth:`available` allows (inf: only outcomes will)."""
@@ -225,12 +226,11 @@ class AdaptiveLimit:
         """A call is sent with ``in_flight`` calls (itself included) out."""
         self._seq += 1
         now = self._clock()
-        if now - self._last_send > self.round_trip:
-            self._active_since = now  # the lane was idle: quiet counts from now
-        self._last_send = now
         if in_flight >= self._peak_level or now - self._peak_at > self.round_trip:
             self._peak_level, self._peak_at = in_flight, now
-        stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > self.floor())
+        floor = self.floor()
+        stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > floor,
+                          well_below_floor=in_flight <= floor - 2)
         self._sends.append(stamp)
         return stamp
 
@@ -239,16 +239,16 @@ class AdaptiveLimit:
         if not stamp.above_floor:
             self._count_outcome(refused=False)
         rtt = now - stamp.at
-        self._last_success = now
+        self._refused_since = None
         self._served.append(now)
         self._min_rtt = min(self._min_rtt, max(rtt, 1e-4))
         self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
         level = self._served_level(stamp)
         self._remember_success(now, level)
-        if self._probe_level is not None and level >= self._probe_level:
-            self._probe_passes += 1
-            if self._probe_passes >= 4:  # the level that failed is served now: the cut was a fluke
-                self._probe_level, self._probe_failures, self._ssthresh = None, 0, float(self.maximum)
+        if self._probe_level is not None and level >= self._probe_level and self.floor() >= self._probe_level + 2:
+            # the provider now serves the level that failed (by Little's law, which a slow client
+            # does not inflate): the cut was a fluke, or its capacity grew
+            self._probe_level, self._probe_failures, self._ssthresh = None, 0, float(self.maximum)
         if self._holds:
             self._holds.popleft()  # a success clocks one held slot back in
         if now - self._peak_at > 2 * self.round_trip or self._peak_level * 2 < self._limit:
@@ -274,10 +274,11 @@ class AdaptiveLimit:
         load_related = exhausted or run >= k or (stamp.above_floor and self._excess_above_floor())
         if run == 1 and not load_related and not stamp.above_floor:
             self._count_outcome(refused=True)  # the background rate counts a run once, not per member
-        quiet_since = max(self._last_success, self._active_since)
+        if self._refused_since is None:
+            self._refused_since = now
         # refused at a level the provider just served, or nothing but refusals for a round trip on
         # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
-        pause = exhausted or (load_related and (not stamp.above_floor or now - quiet_since >= self.round_trip))
+        pause = exhausted or (load_related and (stamp.well_below_floor or now - self._refused_since >= self.round_trip))
         decreased = False
         if pause:
             self._pause()
@@ -289,13 +290,16 @@ class AdaptiveLimit:
         return RefusalVerdict(load_related, decreased, pause)
 
     def on_resume(self) -> None:
-        """The lane reopens after a pause: one call first, then slow start back to the old limit."""
+        """The lane reopens after a pause: one call first, then slow start back to the old limit
+        (and not past a level that failed for concurrency)."""
         self._slow_start = True
+        if self._probe_level is not None:
+            self._ssthresh = min(self._ssthresh, float(self._probe_level - 1))
         self._successes.clear()
         self._served.clear()
         self._holds.clear()
         self._decreased_at_seq = self._seq
-        self._active_since = self._clock()
+        self._refused_since = None
         self._set_limit(1.0)
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -340,7 +344,9 @@ class AdaptiveLimit:
     def _decrease(self, stamp: SendStamp) -> None:
         now = self._clock()
         if now - self._decreased_at > 4 * self.round_trip:
-            self._limit_before_cuts = self._limit  # a new episode of cuts begins
+            # a new episode of cuts begins: remember what to restore if it turns out to be the quota
+            self._limit_before_cuts = self._limit
+            self._probe_before_cuts = (self._probe_level, self._probe_failures, self._probe_after, self._ssthresh)
         if (
             self._probe_level is not None
             and stamp.level >= self._probe_level - 1
@@ -354,19 +360,24 @@ class AdaptiveLimit:
         self._decreased_at = now
         self._slow_start = False
         self._probe_level = max(2, min(stamp.level, int(self._limit)))
-        self._probe_passes = 0
         self._ssthresh = float(self._probe_level - 1)
         wait = min(2**self._probe_failures, self.max_probe_wait)
         self._probe_after = now + wait * self.round_trip
         self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))
 
     def _pause(self) -> None:
+        if self._pauses and self._clock() < self._paused_at + self.round_trip:
+            return  # the same pause, seen by another refused call
         self._pauses += 1
+        self._paused_at = self._clock()
         if self._clock() - self._decreased_at <= 4 * self.round_trip:
-            self._set_limit(max(self._limit, self._limit_before_cuts))  # undo this episode's cuts
-        self._ssthresh = max(1.0, self._limit)
-        self._probe_level = None
-        self._probe_failures = 0
+            # undo this episode's cuts, and what they taught about concurrency: the quota refused
+            self._set_limit(max(self._limit, self._limit_before_cuts))
+            self._probe_level, self._probe_failures, self._probe_after, ssthresh = self._probe_before_cuts
+        else:
+            ssthresh = self._ssthresh
+        # slow start back to where the lane was, but not past a level that failed for concurrency
+        self._ssthresh = max(1.0, min(self._limit, ssthresh))
 
     def _set_limit(self, value: float) -> None:
         value = min(float(self.maximum), max(1.0, value))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ class LaneStatistics:
 class Lane:
     """Admission control for one model. Created by the Dispatcher; one per lane key."""
 
-    def __init__(self, key: str, limits: Limits, *, clock: Callable[[], float] = anyio.current_time) -> None:
+    def __init__(self, key: str, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.key = key
         self.limits = limits
         self._clock = clock

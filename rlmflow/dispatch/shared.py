@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from opentelemetry import metrics
 
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, SharedStateUnavailableError
 from ..telemetry.logs import get_logger
 from . import redis_scripts as scripts
 
@@ -52,10 +52,6 @@ _logger = get_logger("rlmflow.dispatch.shared")
 
 METRIC_FALLBACKS = "rlmflow.shared.fallbacks"
 METRIC_REPLICAS = "rlmflow.shared.replicas"
-
-
-class SharedStateUnavailableError(ConfigurationError):
-    """Redis cannot be reached (or the ``redis`` extra is missing) when shared state starts."""
 
 
 class SharedLostError(Exception):
@@ -122,6 +118,7 @@ class SharedState:
         self.fallbacks = 0
         self.clock = clock or anyio.current_time
         self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._scripts: dict[str, Any] = {}
         self._lanes: dict[str, SharedLane] = {}
         self._releases: list[tuple[SharedLane, list[Any]]] = []
@@ -161,6 +158,15 @@ class SharedState:
         Raises :class:`SharedStateUnavailableError` when Redis does not answer within ``timeout``
         or the ``redis`` extra is not installed.
         """
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is not loop:
+            # used from a new event loop (run_sync, a test): the old connection and task died with
+            # the old loop, so start afresh; leases of anything it held end on their own
+            _abandon(self._client)
+            self._client, self._task, self._releases = None, None, []
+            self._connect_lock, self._release_ready = anyio.Lock(), asyncio.Event()
+            for lane in self._lanes.values():
+                lane.notify()  # fresh wake-up events, bound to the new loop
         async with self._connect_lock:
             if self._client is not None:
                 return
@@ -194,6 +200,7 @@ class SharedState:
                 ) from exc
             self.replicas = int(replicas)
             self._client = client
+            self._loop = loop
             for name in ("LANE_ACQUIRE", "LANE_RELEASE", "LANE_RENEW", "LANE_REPLAY", "HEARTBEAT",
                          "BUDGET_RESERVE", "BUDGET_RELEASE", "BUDGET_RENEW"):
                 self._scripts[name] = client.register_script(getattr(scripts, name))
@@ -230,7 +237,7 @@ class SharedState:
     # -- calls --------------------------------------------------------------------------------------
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script; a Redis failure switches to fallback and raises :class:`SharedLostError`."""
-        if self._client is None:
+        if self._client is None or self._loop is not asyncio.get_running_loop():
             await self.connect()
         if self.mode != "shared":
             raise SharedLostError("shared state is in fallback")
@@ -361,6 +368,23 @@ class SharedState:
     def __repr__(self) -> str:
         return (f"SharedState({_redact(self.config.url)!r}, mode={self.mode}, replicas={self.replicas}, "
                 f"lanes={sorted(self._lanes)})")
+
+
+def _abandon(client: Any) -> None:
+    """Close the sockets of a client whose event loop is gone (nothing can be awaited on it)."""
+    pool = getattr(client, "connection_pool", None)
+    connections = [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())]
+    for connection in connections:
+        transport = getattr(getattr(connection, "_writer", None), "transport", None)
+        if transport is None:
+            continue
+        with contextlib.suppress(RuntimeError):  # the loop is closed: it cannot schedule the callback
+            transport.close()
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            sock.close()
+            transport._sock = None
+        connection._reader = connection._writer = None  # closed by hand: nothing left to warn about
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -13,11 +13,15 @@ container roles), optionally through a named ``profile``: rlmflow never takes ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
+
+import anyio
+import anyio.to_thread
 
 from .._exceptions import (
     ConfigurationError,
@@ -248,6 +252,8 @@ class BedrockModel:
         key = (asyncio.get_running_loop(), *self._key)
         lock = _CACHE.lock.setdefault(key, asyncio.Lock())
         async with lock:
+            if self._shared is not None:  # another call of this model made or joined it meanwhile
+                return self._shared.client
             shared = _CACHE.clients.get(key)
             if shared is None:
                 shared = await self._create_client()
@@ -268,6 +274,9 @@ class BedrockModel:
             connect_timeout=self._connect_timeout,
             tcp_keepalive=True,
         )
+        # botocore reads its JSON models from disk while making a client (~90 ms here): read them in
+        # a thread first, into the loader's cache, so the event loop is not blocked for that long
+        await anyio.to_thread.run_sync(_warm_loader, self._session)
         stack = AsyncExitStack()
         client = await stack.enter_async_context(
             self._session.client(
@@ -338,6 +347,22 @@ def translate_botocore(exc: BaseException, *, provider: str, model: str) -> Mode
     if isinstance(exc, BotoCoreError):
         return FatalModelError(f"botocore: {exc}", **where)
     return TransientModelError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def _warm_loader(session: Any) -> None:
+    """Load what creating a bedrock-runtime client reads from disk (cached by botocore's loader)."""
+    botocore_session = getattr(session, "_session", None)  # aioboto3.Session wraps an aiobotocore one
+    if botocore_session is None:
+        return
+    from botocore.exceptions import DataNotFoundError, UnknownServiceError
+
+    loader = botocore_session.get_component("data_loader")
+    for kind in ("service-2", "endpoint-rule-set-1"):
+        with contextlib.suppress(DataNotFoundError, UnknownServiceError):  # best effort
+            loader.load_service_model("bedrock-runtime", kind)
+    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+        with contextlib.suppress(DataNotFoundError):
+            loader.load_data(name)
 
 
 def _converse_messages(messages: list[Message]) -> list[dict[str, Any]]:

@@ -1,38 +1,27 @@
-"""A switch that keeps tests from reaching real model providers.
+"""The hook through which a test suite vets every outbound model request before it is sent.
 
-Test suites set ``rlmflow.models.guard.ALLOW_MODEL_REQUESTS = False``: remote models then refuse,
-before anything is sent, any request to a host that is not on the loopback interface, so only
-local fakes (127.0.0.1, ::1, localhost) can be called. Production code leaves it ``True``.
+Production code installs nothing: the hook is empty and a request costs one comparison. A test
+suite installs a check, such as :func:`rlmflow.testing.network.allow_only_loopback` (only local
+fakes on 127.0.0.1, ::1 or localhost may be called); a check refuses a request by raising
+:class:`rlmflow.FatalModelError` before anything is sent.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from urllib.parse import urlsplit
+from collections.abc import Callable
 
-from .._exceptions import FatalModelError
+__all__ = ["check_request_allowed", "install_request_check"]
 
-__all__ = ["ALLOW_MODEL_REQUESTS", "check_request_allowed"]
-
-ALLOW_MODEL_REQUESTS = True
+_request_check: Callable[[str], None] | None = None
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def install_request_check(check: Callable[[str], None] | None) -> None:
+    """Run ``check(url)`` before every model request of this process (``None`` removes it)."""
+    global _request_check
+    _request_check = check
 
 
 def check_request_allowed(url: str) -> None:
-    """Raise :class:`FatalModelError` if requests are disabled and ``url`` is not on loopback."""
-    if ALLOW_MODEL_REQUESTS:
-        return
-    host = urlsplit(url).hostname or ""
-    if not _is_loopback(host):
-        raise FatalModelError(
-            f"model requests to {host!r} are disabled (rlmflow.models.guard.ALLOW_MODEL_REQUESTS is False); "
-            "tests must use a local fake server"
-        )
+    """Run the installed check on ``url``, if a test suite installed one."""
+    if _request_check is not None:
+        _request_check(url)

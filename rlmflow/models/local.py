@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -103,14 +104,21 @@ class LocalModel:
 
     def _generate_blocking(self, request: ModelRequest, abort: threading.Event) -> ModelResponse:
         def stop_if_aborted(input_ids: Any, scores: Any) -> Any:
+            # llama.cpp calls this through a C callback, which swallows exceptions: to stop a
+            # cancelled generation, leave the end-of-sequence token as the only choice.
             if abort.is_set():
-                raise _Aborted
+                scores[:] = -math.inf
+                scores[eos] = 0.0
             return scores
 
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         with self._generate_lock:
             if abort.is_set():
                 raise _Aborted
+            llama = self._llama
+            if llama is None:
+                raise FatalModelError(f"local:{self._alias} was closed", provider=self.provider, model=self._alias)
+            eos = llama.token_eos()
             prompt_tokens = sum(self.count_tokens(m.content) + _TEMPLATE_TOKENS_PER_MESSAGE for m in request.messages)
             if prompt_tokens + request.max_tokens > self._context_window:
                 raise ContextOverflowError(
@@ -123,7 +131,7 @@ class LocalModel:
                     model=self._alias,
                 )
             try:
-                out = self._llama.create_chat_completion(
+                out = llama.create_chat_completion(
                     messages=messages,
                     max_tokens=request.max_tokens,
                     temperature=0.0 if request.temperature is None else request.temperature,
@@ -157,9 +165,19 @@ class LocalModel:
             raise
 
     async def aclose(self) -> None:
-        llama, self._llama = self._llama, None
-        if llama is not None:
-            await anyio.to_thread.run_sync(llama.close)
+        """Free the weights, once any generation still running (a cancelled call's thread stops at
+        its next token) has let go of them: freeing under a running generation crashes llama.cpp."""
+        llama = self._llama
+        if llama is None:
+            return
+
+        def close() -> None:
+            with self._generate_lock:
+                self._llama = None
+                llama.close()
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(close)
 
     def __repr__(self) -> str:
         state = "loaded" if self._llama is not None else "not loaded"

@@ -10,7 +10,8 @@ concurrency) and obeys directives written in a prompt, so a test can script one 
 - ``[[throttle x2]]``: the error for the first two attempts of this prompt, then an answer;
 - ``[[stream-throttle]]``: a streamed reply throttled after its first piece of text.
 
-A prompt of more than ``context_window`` tokens gets the provider's "input too long" error.
+A prompt of more than ``context_window`` tokens gets the provider's "input too long" error. The
+OpenAI fake's ``max_concurrency``, ``capacity`` and ``status_faults`` knobs work here too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .fake_openai import Admitted, FakeOpenAIServer, answer_for
 __all__ = ["Admission", "FakeProviderBase"]
 
 _DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?: x(\d+))?\]\]")
+# FakeOpenAIServer's status_faults, as the directive each provider answers them with
+_STATUS_KINDS = {429: "throttle", 500: "server-error", 502: "server-error", 503: "overloaded", 529: "overloaded"}
 
 
 @dataclass
@@ -56,7 +59,7 @@ class FakeProviderBase(FakeOpenAIServer):
         self.context_window = context_window
         self.reply = reply or answer_for
         self.stream_pieces = stream_pieces
-        self.in_flight = 0
+        self.in_flight = 0  # this fake's own count (the OpenAI fake keeps its own apart)
         self.peak_in_flight = 0
         self.requests_seen: list[dict[str, Any]] = []
         self._attempts: Counter[str] = Counter()
@@ -76,10 +79,15 @@ class FakeProviderBase(FakeOpenAIServer):
         return self.base_url
 
     # -- shared steps of a request -----------------------------------------------------------------
-    def enter(self) -> None:
+    def enter(self) -> bool:
+        """Count a request in flight; False (and not counted) past the hidden ``max_concurrency``."""
         self.counters.requests += 1
+        if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
+            self.counters.over_concurrency += 1
+            return False
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        return True
 
     def leave(self) -> None:
         self.in_flight -= 1
@@ -107,6 +115,10 @@ class FakeProviderBase(FakeOpenAIServer):
         if wait > 0:
             self.counters.limited += 1
             return Admission("throttle", retry_after=wait, prompt_tokens=prompt_tokens)
+        for status, rate in self.status_faults.items():
+            if self._random.random() < rate:
+                self.counters.faults[f"status_{status}"] = self.counters.faults.get(f"status_{status}", 0) + 1
+                return Admission(_STATUS_KINDS.get(status, "server-error"), prompt_tokens=prompt_tokens)
         fault = self._draw_fault()
         if fault == "throttle":
             return Admission("throttle", retry_after=self.faults.throttle_retry_after, prompt_tokens=prompt_tokens)
@@ -127,7 +139,11 @@ class FakeProviderBase(FakeOpenAIServer):
             await asyncio.sleep(self.faults.timeout_delay)
         delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
         if delay > 0:
-            await asyncio.sleep(delay)
+            if self.capacity is not None:  # the server computes this many replies at a time
+                async with self.capacity:
+                    await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(delay)
 
     def settle(self, admission: Admission, output_tokens: int) -> None:
         """Correct the window to the real usage (max_tokens was held at admission)."""

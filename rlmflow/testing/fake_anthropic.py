@@ -76,7 +76,8 @@ class FakeAnthropicServer(FakeProviderBase):
                                  status=status, headers=headers)
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        self.enter()
+        if not self.enter():
+            return self._refuse("throttle", retry_after=self.concurrency_retry_after or 0.0)
         try:
             keys = {request.headers.get("x-api-key"), request.headers.get("Authorization", "").removeprefix("Bearer ")}
             if self.api_key not in keys or not request.headers.get("anthropic-version"):
@@ -93,7 +94,7 @@ class FakeAnthropicServer(FakeProviderBase):
             if kind is not None and kind != "stream-throttle":
                 return self._refuse(kind)
             admission = self.admit(prompt, last, max_tokens)
-            if admission.error in ("too-long", "throttle"):
+            if admission.error in ("too-long", "throttle", "server-error", "overloaded"):
                 return self._refuse(admission.error or "", admission.prompt_tokens, admission.retry_after)
             await self.delay(admission, request)
             if admission.error == "server_error":

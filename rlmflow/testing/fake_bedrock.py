@@ -42,6 +42,7 @@ _ERRORS = {  # directive -> (HTTP status, Bedrock error code, message)
     "denied": (403, "AccessDeniedException", "You don't have access to the model with the specified model ID."),
     "too-long": (400, "ValidationException", "Input is too long for requested model."),
 }
+_REFUSED_UNADMITTED = ("too-long", "throttle", "server-error", "overloaded")
 _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
                    r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})")
 
@@ -164,7 +165,7 @@ class FakeBedrockServer(FakeProviderBase):
         if kind is not None and kind != "stream-throttle":
             return self._refuse(kind), body, last, max_tokens, kind
         admission = self.admit(prompt, last, max_tokens)
-        if admission.error in ("too-long", "throttle"):
+        if admission.error in _REFUSED_UNADMITTED:
             return self._refuse(admission.error or "", admission.prompt_tokens), body, last, max_tokens, kind
         await self.delay(admission, request)
         if admission.error == "server_error":
@@ -172,7 +173,8 @@ class FakeBedrockServer(FakeProviderBase):
         return admission, body, last, max_tokens, kind
 
     async def _converse(self, request: web.Request) -> web.StreamResponse:
-        self.enter()
+        if not self.enter():
+            return self._refuse("throttle")
         try:
             admission, body, last, max_tokens, _kind = await self._admitted(request)
             if isinstance(admission, web.Response):
@@ -191,7 +193,8 @@ class FakeBedrockServer(FakeProviderBase):
             self.leave()
 
     async def _converse_stream(self, request: web.Request) -> web.StreamResponse:
-        self.enter()
+        if not self.enter():
+            return self._refuse("throttle")
         try:
             admission, body, last, max_tokens, kind = await self._admitted(request)
             if isinstance(admission, web.Response):

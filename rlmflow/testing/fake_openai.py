@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import random
 from collections import deque
@@ -226,10 +227,30 @@ class FakeOpenAIServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": "stop"}],
         }
+        usage = {"prompt_tokens": self.count_tokens(prompt), "completion_tokens": output, "total_tokens": used}
+        if body.get("stream"):
+            return await self._stream_chunks(request, body, content, usage if self.usage else None)
         if self.usage:
-            answer["usage"] = {"prompt_tokens": self.count_tokens(prompt), "completion_tokens": output,
-                               "total_tokens": used}
+            answer["usage"] = usage
         return web.json_response(answer, headers=self._quota_headers(self._now()))
+
+    async def _stream_chunks(self, request: web.Request, body: dict[str, Any], content: str,
+                      usage: dict[str, int] | None) -> web.StreamResponse:
+        """The reply as OpenAI's server-sent ``chat.completion.chunk`` events, 16 characters each."""
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._quota_headers(self._now())})
+        await response.prepare(request)
+        pieces = [content[i:i + 16] for i in range(0, len(content), 16)] or [""]
+        base = {"id": f"chatcmpl-{self.counters.admitted}", "object": "chat.completion.chunk", "created": 0,
+                "model": body.get("model", "fake")}
+        for piece in pieces:
+            chunk = {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        final: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        if usage is not None and (body.get("stream_options") or {}).get("include_usage"):
+            final["usage"] = usage
+        await response.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+        return response
 
     def _quota_headers(self, now: float) -> dict[str, str]:
         """OpenAI's request-quota headers, when ``rate_headers`` is on and an RPM is set."""
