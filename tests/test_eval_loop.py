@@ -82,3 +82,10 @@ async def test_a_repeated_fan_out_is_not_cut_short() -> None:
     async with RLM(root=root, sub=sub, max_turns=6) as rlm:
         result = await rlm.run(DOC, "Fan out")
     assert result.answer == "fanned" and result.turns == 4 and len(sub.requests) == 2  # dedup: one per prompt
+
+
+async def test_final_spelled_as_small_models_spell_it() -> None:
+    root = scripted([repl("Final('Thomas Vincent')")])
+    async with RLM(root=root, max_turns=2) as rlm:
+        result = await rlm.run(DOC, "Who has the key?")
+    assert result.answer == "Thomas Vincent" and result.turns == 1

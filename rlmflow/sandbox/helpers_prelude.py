@@ -75,8 +75,9 @@ def _compile(pattern: str, ignore_case: bool) -> re.Pattern[str]:
 
 
 def install(namespace: dict[str, Any]) -> None:
-    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``), and
-    ``_rlmflow_established()``, which the host calls to tell the root what a cell established."""
+    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``),
+    ``Final``/``final`` as aliases of ``FINAL``, and ``_rlmflow_established()``, which the host
+    calls to tell the root what a cell established."""
 
     def grep(pattern: str, window: int = 300, max_hits: int = 20, ignore_case: bool = True) -> Hits:
         """Find ``pattern`` (a regex, or plain words) in ``context``.
@@ -174,4 +175,7 @@ def install(namespace: dict[str, Any]) -> None:
 
     namespace["grep"] = grep
     namespace["chunks"] = chunks
+    if "FINAL" in namespace:  # small models write Final(...) or final(...) as often as FINAL(...)
+        namespace.setdefault("Final", namespace["FINAL"])
+        namespace.setdefault("final", namespace["FINAL"])
     namespace["_rlmflow_established"] = established
