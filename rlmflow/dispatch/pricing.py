@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 from ..models.base import Usage
 
@@ -41,6 +43,10 @@ class Pricing:
     def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
         self._overrides = dict(overrides or {})
         self._unknown: set[tuple[str, str]] = set()
+        # genai-prices costs ~0.1 ms a lookup (Decimal arithmetic over a unit registry); a model
+        # whose price is a plain per-token rate is priced in floats once that rate has been
+        # checked against genai-prices' own answer (False: tiered or otherwise not linear)
+        self._linear: dict[tuple[str, str], Price | bool] = {}
 
     def cost(self, provider: str, model: str, usage: Usage) -> float | None:
         """The cost of ``usage`` on ``model``, or ``None`` if no price is known."""
@@ -49,8 +55,13 @@ class Pricing:
             return override.cost(usage)
         if provider in _FREE_PROVIDERS:
             return 0.0
-        if (provider, model) in self._unknown:
+        key = (provider, model)
+        if key in self._unknown:
             return None
+        plain = not usage.cache_read_tokens and not usage.cache_write_tokens
+        linear = self._linear.get(key)
+        if plain and isinstance(linear, Price):
+            return linear.cost(usage)
         try:
             from genai_prices import Usage as PriceUsage
             from genai_prices import calc_price
@@ -69,6 +80,19 @@ class Pricing:
                 provider_id=_PROVIDER_IDS.get(provider, provider),
             )
         except LookupError:
-            self._unknown.add((provider, model))
+            self._unknown.add(key)
             return None
-        return float(calculation.total_price)
+        total = float(calculation.total_price)
+        if plain and key not in self._linear:
+            self._linear[key] = _linear_rate(calculation.model_price, usage, total)
+        return total
+
+
+def _linear_rate(model_price: Any, usage: Usage, total: float) -> Price | bool:
+    """A float rate equal to ``model_price`` for plain token usage, or False if there is none."""
+    rates = vars(model_price)
+    if not all(isinstance(rates.get(name), Decimal) for name in ("input_mtok", "output_mtok")):
+        return False  # tiered by prompt size, or missing
+    price = Price(float(rates["input_mtok"]), float(rates["output_mtok"]))
+    # any other fee that applies to a plain call (per request, say) shows up as a difference here
+    return price if abs(price.cost(usage) - total) <= 1e-9 + 1e-9 * total else False
