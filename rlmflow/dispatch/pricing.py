@@ -7,6 +7,7 @@ when neither an override nor the tables know the model); test doubles do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -46,7 +47,7 @@ class Pricing:
         # genai-prices costs ~0.1 ms a lookup (Decimal arithmetic over a unit registry); a model
         # whose price is a plain per-token rate is priced in floats once that rate has been
         # checked against genai-prices' own answer (False: tiered or otherwise not linear)
-        self._linear: dict[tuple[str, str], Price | bool] = {}
+        self._linear: dict[tuple[str, str], tuple[Price, float] | bool] = {}  # (rate, valid below)
 
     def cost(self, provider: str, model: str, usage: Usage) -> float | None:
         """The cost of ``usage`` on ``model``, or ``None`` if no price is known."""
@@ -60,8 +61,8 @@ class Pricing:
             return None
         plain = not usage.cache_read_tokens and not usage.cache_write_tokens
         linear = self._linear.get(key)
-        if plain and isinstance(linear, Price):
-            return linear.cost(usage)
+        if plain and isinstance(linear, tuple) and usage.input_tokens < linear[1]:
+            return linear[0].cost(usage)
         try:
             from genai_prices import Usage as PriceUsage
             from genai_prices import calc_price
@@ -84,15 +85,30 @@ class Pricing:
             return None
         total = float(calculation.total_price)
         if plain and key not in self._linear:
-            self._linear[key] = _linear_rate(calculation.model_price, usage, total)
+            rate = _linear_rate(calculation.model_price, usage, total)
+            if rate is not None:
+                self._linear[key] = rate
         return total
 
 
-def _linear_rate(model_price: Any, usage: Usage, total: float) -> Price | bool:
-    """A float rate equal to ``model_price`` for plain token usage, or False if there is none."""
+def _linear_rate(model_price: Any, usage: Usage, total: float) -> tuple[Price, float] | bool | None:
+    """The float rate of ``model_price`` for plain token usage and the input size it holds below
+    (a tier's start: crossing it reprices every token), False if it has none, None if ``usage``
+    cannot tell (it is above the first tier)."""
     rates = vars(model_price)
-    if not all(isinstance(rates.get(name), Decimal) for name in ("input_mtok", "output_mtok")):
-        return False  # tiered by prompt size, or missing
-    price = Price(float(rates["input_mtok"]), float(rates["output_mtok"]))
+    bases: list[float] = []
+    below = math.inf
+    for name in ("input_mtok", "output_mtok"):
+        rate = rates.get(name)
+        if isinstance(rate, Decimal):
+            bases.append(float(rate))
+        elif rate is not None and type(rate).__name__ == "TieredPrices":
+            bases.append(float(rate.base))
+            below = min([below, *(tier.start for tier in rate.tiers)])
+        else:
+            return False
+    if usage.input_tokens >= below:
+        return None
+    price = Price(bases[0], bases[1])
     # any other fee that applies to a plain call (per request, say) shows up as a difference here
-    return price if abs(price.cost(usage) - total) <= 1e-9 + 1e-9 * total else False
+    return (price, below) if abs(price.cost(usage) - total) <= 1e-9 + 1e-9 * total else False
