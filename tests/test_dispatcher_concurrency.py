@@ -106,6 +106,7 @@ def test_a_load_related_refusal_ends_the_fast_phase() -> None:
     verdicts = [limit.on_refusal(stamp) for stamp in out[32:]]
     assert any(v.load_related for v in verdicts) and limit.statistics().decreases == 1
     assert limit.limit == 32  # just below the first refused level: the 32 below are still out
+    assert limit.probe_due_in() == pytest.approx(4 * limit.round_trip)  # a cap found exactly: probe late
     for _ in range(10):  # full lane, no refusal since: time alone no longer raises the limit
         fill(limit, 32 - limit.held())
         clock.now += STEP

@@ -24,7 +24,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   far past a hidden cap. Over a hidden cap the overshoot is what the steps send before the
   first refusal is read (one step, 19% of the cap, when the client keeps up). A load-related
   refusal before any success cuts to just below the level of the first call of its run (the
-  calls below it are still out, unrefused), not by ``backoff_ratio``. The fast phase does not
+  calls below it are still out, unrefused), not by ``backoff_ratio``, and the first probe above
+  it waits 4 round trips (the background rate has no data yet). The fast phase does not
   come back after a lane pause: the reopening window of a spent quota must not be met by a
   burst.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
@@ -407,12 +408,14 @@ class AdaptiveLimit:
         ):
             self._probe_failures += 1  # the level that failed last failed again
         else:
-            self._probe_failures = 0
+            # a cap found in the first round trip is known exactly, and the background rate has no
+            # data yet to tell a failed probe from noise: the first probe waits 4 round trips
+            self._probe_failures = 2 if to is not None else 0
         self._decreases += 1
         self._decreased_at_seq = self._seq
         self._decreased_at = now
         self._slow_start = False
-        self._probe_level = max(2, min(stamp.level, int(self._limit)))
+        self._probe_level = max(2, min(stamp.level, int(self._limit), to + 1 if to is not None else self.maximum))
         self._ssthresh = float(self._probe_level - 1)
         wait = min(2**self._probe_failures, self.max_probe_wait)
         self._probe_after = now + wait * self.round_trip
