@@ -128,6 +128,7 @@ def unbound_phase(redis: RedisServer | None, n: int, calls: int) -> dict[str, An
 
 def ray_phase(redis: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
     import anyio
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process on 127.0.0.1
     import ray
 
     from rlmflow._batch_cli import build_rlm
@@ -144,7 +145,8 @@ def ray_phase(redis: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
                                f'[shared]\nurl = "{redis.url}"\nnamespace = "ray"\n', encoding="utf-8")
         items = [BatchItem(f"r{k}", f"QUESTION-{k}", context=f"doc{k}") for k in range(args.ray_runs)]
         factory = functools.partial(build_rlm, f"openai:fake@{provider.base_url}", None, str(policy_file), None, 2)
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=100 * 1024 * 1024,
                  logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         try:

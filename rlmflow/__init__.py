@@ -26,6 +26,7 @@ from ._exceptions import (
     SandboxError,
     SandboxProtocolError,
     SandboxRequestError,
+    SharedStateUnavailableError,
     ThrottledError,
     TransientModelError,
     UnknownModelError,
@@ -38,7 +39,9 @@ from .dispatch.lane import LaneStatistics, RunShare
 from .dispatch.limits import Limits, Priority
 from .dispatch.pricing import Price, Pricing
 from .dispatch.process import default_dispatcher, set_default_dispatcher
+from .dispatch.redis_budget import SharedBudget
 from .dispatch.retry import RetryPolicy
+from .dispatch.shared import SharedConfig, SharedState
 from .engine import RLM, RLMResult, RunProgress, Turn
 from .events import (
     AnswerReady,
@@ -143,6 +146,10 @@ __all__ = [
     "SandboxRequestError",
     "SandboxSession",
     "ScriptedModel",
+    "SharedBudget",
+    "SharedConfig",
+    "SharedState",
+    "SharedStateUnavailableError",
     "Spend",
     "SubCallDone",
     "ThrottledError",

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -181,7 +182,11 @@ async def _batch(args: argparse.Namespace, items: list[BatchItem], out: TextIO) 
             policy = BatchPolicy(actors=args.actors, runs_per_actor=args.runs_per_actor,
                                  max_attempts=args.max_attempts)
             address = None if args.ray == "local" else args.ray
-            async with RayBatch(factory, policy=policy, address=address) as batch:
+            local: dict[str, object] = {}
+            if address is None:  # a local instance talks over loopback only (the CLI is the application)
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                local = {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+            async with RayBatch(factory, policy=policy, address=address, init_options=local) as batch:
                 async for event in batch.stream(items):
                     progress.update(event)
                     if event.outcome is not None:

@@ -4,7 +4,8 @@ Every error the library raises derives from :class:`RLMError`::
 
     RLMError
     ├── ConfigurationError          bad arguments, an unknown model string, missing extra
-    │   └── UnknownModelError
+    │   ├── UnknownModelError
+    │   └── SharedStateUnavailableError  Redis for shared lanes/budgets unreachable at start
     ├── ContextError                the document cannot be loaded (missing, empty, unreadable)
     ├── ModelError                  a model call failed (carries provider, model, status)
     │   ├── ThrottledError          429 / ThrottlingException          (retried)
@@ -47,6 +48,7 @@ __all__ = [
     "SandboxError",
     "SandboxProtocolError",
     "SandboxRequestError",
+    "SharedStateUnavailableError",
     "ThrottledError",
     "TransientModelError",
     "UnknownModelError",
@@ -83,6 +85,10 @@ class ConfigurationError(RLMError):
 
 class UnknownModelError(ConfigurationError):
     """A model string that names no known provider or model."""
+
+
+class SharedStateUnavailableError(ConfigurationError):
+    """Redis cannot be reached (or the ``redis`` extra is missing) when shared state starts."""
 
 
 class ContextError(RLMError):

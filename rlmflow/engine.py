@@ -8,7 +8,9 @@ arguments of :meth:`RLM.run` and :meth:`RLM.stream`.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -153,7 +155,10 @@ class RLM:
         self._telemetry: CallTelemetry | None = None
         if tracer_provider is not None or meter_provider is not None:
             self._telemetry = CallTelemetry(self._tracer, CallMetrics(meter_provider, self.dispatcher.lanes))
-        self._children: dict[int, anyio.CapacityLimiter] = {}
+        # per event loop (run_sync starts a new one each time), then per depth
+        self._children: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, anyio.CapacityLimiter]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def __aenter__(self) -> RLM:
         return self
@@ -170,9 +175,10 @@ class RLM:
     def _child_slots(self, depth: int) -> anyio.CapacityLimiter:
         """Sandbox slots of child runs at ``depth``: one limiter per depth, so a parent waiting
         for its children never holds a slot its children need."""
-        slots = self._children.get(depth)
+        per_depth = self._children.setdefault(asyncio.get_running_loop(), {})
+        slots = per_depth.get(depth)
         if slots is None:
-            slots = self._children[depth] = anyio.CapacityLimiter(self.bridge_limits.max_concurrent_children)
+            slots = per_depth[depth] = anyio.CapacityLimiter(self.bridge_limits.max_concurrent_children)
         return slots
 
     async def run(

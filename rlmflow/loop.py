@@ -23,11 +23,14 @@ from .result import RLMResult, Turn
 from .sandbox.base import CellResult, SandboxSession
 from .telemetry import attributes as attr
 from .telemetry import spans as span_attributes
+from .telemetry.logs import get_logger
 
 if TYPE_CHECKING:
     from .run import _Run
 
 __all__ = ["RootLoop"]
+
+_logger = get_logger("rlmflow")
 
 
 class RootLoop:
@@ -168,9 +171,8 @@ class RootLoop:
                 stuck = stuck + 1 if same else 0
                 left = max_turns - turn_index
                 if stuck >= 2:
-                    raise NoAnswerError(
-                        "stopped: the same cell ran three times in a row with the same result",
-                        partial=run.result(""),
+                    return await self._forced_answer(
+                        printed, turn_index, "stopped: the same cell ran three times in a row with the same result"
                     )
                 if stuck == 1 and left > 0:
                     # a small root imitates its own last reply: restart from the question with what
@@ -185,10 +187,42 @@ class RootLoop:
                 messages.append(
                     Message("user", prompts.continue_message(text, run.query, left, asked_helper=asked_helper))
                 )
-        raise NoAnswerError(
-            f"no answer after {max_turns} turns: the root model never called FINAL",
-            partial=run.result(""),
+        return await self._forced_answer(
+            previous_text, max_turns, f"no answer after {max_turns} turns: the root model never called FINAL"
         )
+
+    async def _forced_answer(self, printed: str | None, turn: int, reason: str) -> RLMResult:
+        """The run's last chance: the root answers in words from what its last cell printed.
+
+        Raises :class:`NoAnswerError` (``reason``) when no cell printed anything to answer from,
+        or when the reply holds no answer.
+        """
+        run = self._run
+        rlm = run.rlm
+        if not printed or not printed.strip():
+            raise NoAnswerError(reason, partial=run.result(""))
+        started, wall = time.monotonic(), time.time()
+        run.progress.phase = "answering from the last output"
+        request = ModelRequest(
+            messages=(
+                Message("system", prompts.FORCED_ANSWER_SYSTEM),
+                Message("user", prompts.forced_answer_message(printed, run.query, limit=rlm.max_feedback_chars)),
+            ),
+            max_tokens=min(rlm.root_max_tokens, 256),
+        )
+        response = await rlm.dispatcher.call(
+            rlm.root, request, ledger=run.ledger, share=run.share, priority=Priority.ROOT, depth=run.depth,
+            record=run.recorder.record, capture=rlm.capture_content,
+        )
+        # a reply that is code again is not an answer (the words around it would be mistaken for one)
+        answer = "" if prompts.extract_code_blocks(response.text) else prompts.plain_answer(response.text)
+        # not a turn (max_turns caps those): the call is in the run's calls, the reply in the log
+        _logger.info("forced answer", reason=reason, answered=bool(answer), chars=len(response.text),
+                     duration_s=round(time.monotonic() - started, 3), turn=turn, started_at=wall)
+        if not answer:
+            raise NoAnswerError(reason, partial=run.result(""))
+        run.progress.phase = "done"
+        return run.result(self._answer(answer))
 
     def _root_model(self, turn: int) -> LanguageModel:
         """The root model; one that can stream hands its reply to the progress and events live."""

@@ -9,6 +9,7 @@ from ._text import sanitize_text
 from .sandbox.base import CellResult, Context
 
 __all__ = [
+    "FORCED_ANSWER_SYSTEM",
     "LAST_TURN",
     "NO_CODE_NUDGE",
     "REPEAT_NUDGE",
@@ -120,10 +121,23 @@ def stuck_message(code: list[str], output: str, query: str) -> str:
     return STUCK.format(code="\n".join(code), output=output, query=query)
 
 
+FORCED_ANSWER_SYSTEM = (
+    "You answer a question from the text below, which your earlier code found in a long document. "
+    "Reply with the answer only, in words, in one or two sentences. Do not write code. If the text "
+    "does not contain the answer, reply with the single word UNKNOWN."
+)
+
+
+def forced_answer_message(printed: str, query: str, *, limit: int) -> str:
+    """The last call of a run that never called FINAL: what its last cell printed, and the question."""
+    return f"Text found by your code:\n{cap_text(sanitize_text(printed), limit)}\n\nQuestion: {query}\nAnswer:"
+
+
 def plain_answer(reply: str) -> str:
     """A reply's words as an answer (code blocks, emphasis and surrounding quotes removed), or ""."""
     text = re.sub(r"```.*?(?:```|\Z)", "", reply, flags=re.DOTALL).strip()
-    return text.strip("*_`\"' \n")
+    text = text.strip("*_`\"' \n")
+    return "" if text.upper().rstrip(".") == "UNKNOWN" else text
 
 
 def continue_message(output: str, query: str, turns_left: int, *, asked_helper: bool = False) -> str:

@@ -154,6 +154,11 @@ class _RLMActor:
             task.cancel()
 
 
+def _swallow(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _relay(generator: Any, item_id: str, attempt: int, relay: asyncio.Queue[BatchEvent]) -> dict[str, Any]:
     """Pass a streaming run's events on as they come; return its outcome (the last item)."""
     last: dict[str, Any] = {}
@@ -320,6 +325,11 @@ class RayBatch:
                         yield BatchEvent("failed", item.id, attempt, detail=str(rlm_error), outcome=result)
         finally:
             getter.cancel()
+            # probes of actors still restarting, and runs left when the reader stopped early: their
+            # errors (a killed actor's) must not surface later as never-retrieved exceptions
+            for leftover in (*probes, *pending):
+                leftover.cancel()
+                leftover.add_done_callback(_swallow)
 
     def _probe(self, index: int, probes: dict[asyncio.Future[Any], int]) -> None:
         probes[asyncio.wrap_future(self._actors[index].pid.remote().future())] = index

@@ -369,7 +369,7 @@ async def test_the_report_names_every_layer_and_none_is_explicit() -> None:
         report = session.report
         need(report, "seccomp", "landlock")
         assert report.confined and report.mode == "auto"
-        assert report.attributes()["rlmflow.sandbox.confined"] is True
+        assert report.attributes()["rlm.sandbox.confined"] is True
     async with LocalSandbox(isolation="none").session("ctx", bridge) as session:
         assert session.report.mode == "none" and not session.report.confined
         assert not any(layer.startswith(("seccomp", "landlock", "bubblewrap")) for layer in session.report.layers)

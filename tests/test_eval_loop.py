@@ -38,11 +38,23 @@ async def test_a_repeated_cell_restarts_from_its_evidence_and_a_plain_answer_is_
 
 
 async def test_a_cell_that_keeps_repeating_stops_the_run() -> None:
+    """A root that only repeats its cell is stopped at the third repeat and asked once, without
+    code, to answer from what the cell printed; code again is no answer."""
     root = scripted([repl("print(len(context))")])
     async with RLM(root=root, max_turns=10) as rlm:
         with pytest.raises(NoAnswerError, match="same result") as caught:
             await rlm.run(DOC, "How long is it?")
-    assert caught.value.partial.turns == 3 and len(root.requests) == 3
+    assert caught.value.partial.turns == 3 and len(root.requests) == 4
+    assert str(len(DOC)) in root.requests[3].messages[-1].content  # the forced answer saw the output
+
+
+async def test_a_stuck_root_answers_from_its_last_output() -> None:
+    answered = iter([repl("print(len(context))")] * 3 + [f"It is {len(DOC)} characters long."])
+    root = ScriptedModel(lambda request: next(answered), name="root")
+    async with RLM(root=root, max_turns=10) as rlm:
+        result = await rlm.run(DOC, "How long is it?")
+    assert result.answer == f"It is {len(DOC)} characters long." and result.turns == 3
+    assert len(result.calls) == 4  # three turns and the forced answer
 
 
 async def test_plain_replies_count_only_on_a_forced_turn() -> None:
@@ -82,3 +94,10 @@ async def test_a_repeated_fan_out_is_not_cut_short() -> None:
     async with RLM(root=root, sub=sub, max_turns=6) as rlm:
         result = await rlm.run(DOC, "Fan out")
     assert result.answer == "fanned" and result.turns == 4 and len(sub.requests) == 2  # dedup: one per prompt
+
+
+async def test_final_spelled_as_small_models_spell_it() -> None:
+    root = scripted([repl("Final('Thomas Vincent')")])
+    async with RLM(root=root, max_turns=2) as rlm:
+        result = await rlm.run(DOC, "Who has the key?")
+    assert result.answer == "Thomas Vincent" and result.turns == 1

@@ -21,6 +21,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+# Ray would announce this machine's outward address even to a local instance; on loopback only,
+# every process of the test instance talks over 127.0.0.1 (read when ray is first imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 pytest.importorskip("ray")
 pytest.importorskip("redis")
 if shutil.which("redis-server") is None:  # pragma: no cover - the setup script installs it
@@ -58,7 +62,8 @@ def expected(document: str) -> str:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=80 * 1024 * 1024,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}},
              logging_level="ERROR", log_to_driver=False)
     try:

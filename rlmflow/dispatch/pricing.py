@@ -7,8 +7,11 @@ when neither an override nor the tables know the model); test doubles do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 from ..models.base import Usage
 
@@ -41,6 +44,10 @@ class Pricing:
     def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
         self._overrides = dict(overrides or {})
         self._unknown: set[tuple[str, str]] = set()
+        # genai-prices costs ~0.1 ms a lookup (Decimal arithmetic over a unit registry); a model
+        # whose price is a plain per-token rate is priced in floats once that rate has been
+        # checked against genai-prices' own answer (False: tiered or otherwise not linear)
+        self._linear: dict[tuple[str, str], tuple[Price, float] | bool] = {}  # (rate, valid below)
 
     def cost(self, provider: str, model: str, usage: Usage) -> float | None:
         """The cost of ``usage`` on ``model``, or ``None`` if no price is known."""
@@ -49,8 +56,13 @@ class Pricing:
             return override.cost(usage)
         if provider in _FREE_PROVIDERS:
             return 0.0
-        if (provider, model) in self._unknown:
+        key = (provider, model)
+        if key in self._unknown:
             return None
+        plain = not usage.cache_read_tokens and not usage.cache_write_tokens
+        linear = self._linear.get(key)
+        if plain and isinstance(linear, tuple) and usage.input_tokens < linear[1]:
+            return linear[0].cost(usage)
         try:
             from genai_prices import Usage as PriceUsage
             from genai_prices import calc_price
@@ -69,6 +81,34 @@ class Pricing:
                 provider_id=_PROVIDER_IDS.get(provider, provider),
             )
         except LookupError:
-            self._unknown.add((provider, model))
+            self._unknown.add(key)
             return None
-        return float(calculation.total_price)
+        total = float(calculation.total_price)
+        if plain and key not in self._linear:
+            rate = _linear_rate(calculation.model_price, usage, total)
+            if rate is not None:
+                self._linear[key] = rate
+        return total
+
+
+def _linear_rate(model_price: Any, usage: Usage, total: float) -> tuple[Price, float] | bool | None:
+    """The float rate of ``model_price`` for plain token usage and the input size it holds below
+    (a tier's start: crossing it reprices every token), False if it has none, None if ``usage``
+    cannot tell (it is above the first tier)."""
+    rates = vars(model_price)
+    bases: list[float] = []
+    below = math.inf
+    for name in ("input_mtok", "output_mtok"):
+        rate = rates.get(name)
+        if isinstance(rate, Decimal):
+            bases.append(float(rate))
+        elif rate is not None and type(rate).__name__ == "TieredPrices":
+            bases.append(float(rate.base))
+            below = min([below, *(tier.start for tier in rate.tiers)])
+        else:
+            return False
+    if usage.input_tokens >= below:
+        return None
+    price = Price(bases[0], bases[1])
+    # any other fee that applies to a plain call (per request, say) shows up as a difference here
+    return (price, below) if abs(price.cost(usage) - total) <= 1e-9 + 1e-9 * total else False

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from opentelemetry import metrics
 
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, SharedStateUnavailableError
 from ..telemetry.logs import get_logger
 from . import redis_scripts as scripts
 
@@ -52,10 +52,6 @@ _logger = get_logger("rlmflow.dispatch.shared")
 
 METRIC_FALLBACKS = "rlmflow.shared.fallbacks"
 METRIC_REPLICAS = "rlmflow.shared.replicas"
-
-
-class SharedStateUnavailableError(ConfigurationError):
-    """Redis cannot be reached (or the ``redis`` extra is missing) when shared state starts."""
 
 
 class SharedLostError(Exception):

@@ -121,10 +121,13 @@ def format_markdown(results: Sequence[ItemResult], *, title: str | None = None) 
 
 
 def length_bins(results: Sequence[ItemResult], *, bins: int = 4) -> list[tuple[int, int]]:
-    """Context-length bin edges (characters), log-spaced between the smallest and largest context."""
+    """Context-length bins (characters): log-spaced between the smallest and largest context, or
+    one bin per distinct size when there are only a few sizes."""
     sizes = sorted({max(1, r.context_chars) for r in results})
     if not sizes:
         return []
+    if len(sizes) <= bins + 2:  # few sizes (generated tasks): one point per size
+        return [(size, size) for size in sizes]
     low, high = sizes[0], sizes[-1]
     if low == high:
         return [(low, high)]
@@ -147,7 +150,7 @@ def write_charts(results: Sequence[ItemResult], directory: str | Path, *, prefix
     """
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError as exc:
         raise ConfigurationError("charts need matplotlib: pip install 'rlmflow[eval]'") from exc
     directory = Path(directory)
@@ -190,10 +193,11 @@ def write_charts(results: Sequence[ItemResult], directory: str | Path, *, prefix
                     label=f"{s.model} / {_APPROACH_LABELS.get(s.approach, s.approach)}")
     ax.set_xscale("log")
     ax.set_ylim(-5, 105)
-    ax.set_xlabel("context length (characters, log scale; bin centres)")
+    ax.set_xlabel("context length (characters, log scale)")
     ax.set_ylabel("accuracy %")
     ax.set_title("Accuracy against context length")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _size(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = directory / f"{prefix}_by_length.png"

@@ -7,6 +7,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from ..telemetry import attributes as attr
+
 Context = str | Sequence[str] | Mapping[str, str]
 """A document, a list of documents, or named documents."""
 
@@ -73,17 +75,17 @@ class SandboxReport:
         return self.filesystem and self.network and self.exec and self.processes
 
     def attributes(self) -> dict[str, Any]:
-        """The report as OpenTelemetry span attributes (``rlmflow.sandbox.*``)."""
+        """The report as OpenTelemetry span attributes (``rlm.sandbox.*``)."""
         return {
-            "rlmflow.sandbox.backend": self.backend,
-            "rlmflow.sandbox.isolation": self.mode,
-            "rlmflow.sandbox.layers": list(self.layers),
-            "rlmflow.sandbox.missing": list(self.missing),
-            "rlmflow.sandbox.confined": self.confined,
-            "rlmflow.sandbox.filesystem": self.filesystem,
-            "rlmflow.sandbox.network": self.network,
-            "rlmflow.sandbox.exec": self.exec,
-            "rlmflow.sandbox.processes": self.processes,
+            attr.RLM_SANDBOX_BACKEND: self.backend,
+            attr.RLM_SANDBOX_ISOLATION: self.mode,
+            attr.RLM_SANDBOX_LAYERS: list(self.layers),
+            attr.RLM_SANDBOX_MISSING: list(self.missing),
+            attr.RLM_SANDBOX_CONFINED: self.confined,
+            **{
+                f"{attr.RLM_SANDBOX_PROPERTY_PREFIX}{name}": getattr(self, name)
+                for name in ("filesystem", "network", "exec", "processes")
+            },
         }
 
     def summary(self) -> str:

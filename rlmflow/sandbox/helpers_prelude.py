@@ -19,22 +19,35 @@ from typing import Any
 __all__ = ["Chunks", "Hits", "install"]
 
 _PREVIEW = 160
+# words too common to stand for a phrase when grep falls back to one word of it
+_COMMON = frozenset((
+    "that", "this", "with", "from", "what", "where", "when", "which", "have", "were", "there", "their",
+    "they", "them", "than", "then", "about", "into", "according", "does", "said", "says", "will", "would",
+    "could", "should", "been", "being", "your", "some", "other", "only", "over", "such",
+))
 
 
 class Hits(list):  # type: ignore[type-arg]
     """Snippets around matches (a list of str); ``positions`` holds (document, offset) per hit."""
 
-    def __init__(self, snippets: list[str], positions: list[tuple[Any, int]], total: int, pattern: str) -> None:
+    def __init__(
+        self, snippets: list[str], positions: list[tuple[Any, int]], total: int, pattern: str, word: str | None = None
+    ) -> None:
         super().__init__(snippets)
         self.positions = positions
         self.total = total
         self.pattern = pattern
+        self.word = word  # set when the whole pattern matched nothing and these are one word's matches
 
     def __repr__(self) -> str:
         if not self:
-            return f"grep({self.pattern!r}): no match"
+            return f"grep({self.pattern!r}): no match (try one distinctive word)"
         shown = f" (first {len(self)} shown)" if self.total > len(self) else ""
-        lines = [f"grep({self.pattern!r}): {self.total} match(es){shown}"]
+        if self.word is not None:
+            head = f"grep({self.pattern!r}): no match for the whole phrase; {self.total} match(es) for {self.word!r}"
+        else:
+            head = f"grep({self.pattern!r}): {self.total} match(es)"
+        lines = [head + shown]
         for index, snippet in enumerate(self):
             lines.append(f"[{index}] {snippet}")
         return "\n".join(lines)
@@ -75,8 +88,9 @@ def _compile(pattern: str, ignore_case: bool) -> re.Pattern[str]:
 
 
 def install(namespace: dict[str, Any]) -> None:
-    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``), and
-    ``_rlmflow_established()``, which the host calls to tell the root what a cell established."""
+    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``),
+    ``Final``/``final`` as aliases of ``FINAL``, and ``_rlmflow_established()``, which the host
+    calls to tell the root what a cell established."""
 
     def grep(pattern: str, window: int = 300, max_hits: int = 20, ignore_case: bool = True) -> Hits:
         """Find ``pattern`` (a regex, or plain words) in ``context``.
@@ -87,7 +101,21 @@ def install(namespace: dict[str, Any]) -> None:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError("grep(pattern): give the text or regex to search for, as a non-empty str")
         window = max(0, int(window))
-        compiled = _compile(pattern, ignore_case)
+        hits = _search(_compile(pattern, ignore_case), pattern, window, max_hits)
+        if hits.total or " " not in pattern.strip():
+            return hits
+        # Small models search for a whole phrase of the question, which the text rarely repeats
+        # verbatim: fall back to the question's most specific word that does occur.
+        best: Hits | None = None
+        for word in sorted(set(re.findall(r"[A-Za-z][A-Za-z'-]{3,}", pattern)), key=len, reverse=True):
+            if word.lower() in _COMMON:
+                continue
+            found = _search(_compile(re.escape(word), ignore_case), pattern, window, max_hits, word=word)
+            if found.total and (best is None or found.total < best.total):
+                best = found
+        return best or hits
+
+    def _search(compiled: re.Pattern[str], pattern: str, window: int, max_hits: int, word: str | None = None) -> Hits:
         snippets: list[str] = []
         positions: list[tuple[Any, int]] = []
         total = 0
@@ -99,7 +127,7 @@ def install(namespace: dict[str, Any]) -> None:
                     where = f"@{match.start():,}" if name is None else f"{name!r} @{match.start():,}"
                     snippets.append(f"{where}: {text[start:end]}")
                     positions.append((name, match.start()))
-        return Hits(snippets, positions, total, pattern)
+        return Hits(snippets, positions, total, pattern, word)
 
     def chunks(n: int = 10) -> Chunks:
         """Split ``context`` into pieces, cutting at line ends where possible.
@@ -174,4 +202,7 @@ def install(namespace: dict[str, Any]) -> None:
 
     namespace["grep"] = grep
     namespace["chunks"] = chunks
+    if "FINAL" in namespace:  # small models write Final(...) or final(...) as often as FINAL(...)
+        namespace.setdefault("Final", namespace["FINAL"])
+        namespace.setdefault("final", namespace["FINAL"])
     namespace["_rlmflow_established"] = established

@@ -115,3 +115,10 @@ SPAN_BATCH = "llm_query_many"
 
 def chat_span_name(model: str) -> str:
     return f"{OPERATION_CHAT} {model}"
+# the sandbox's isolation report on the run span (SandboxReport.attributes)
+RLM_SANDBOX_BACKEND = "rlm.sandbox.backend"
+RLM_SANDBOX_ISOLATION = "rlm.sandbox.isolation"
+RLM_SANDBOX_LAYERS = "rlm.sandbox.layers"
+RLM_SANDBOX_MISSING = "rlm.sandbox.missing"
+RLM_SANDBOX_CONFINED = "rlm.sandbox.confined"
+RLM_SANDBOX_PROPERTY_PREFIX = "rlm.sandbox."  # + filesystem, network, exec, processes
