@@ -61,6 +61,78 @@ def test_an_idle_lane_does_not_grow() -> None:
     assert limit.limit == 8
 
 
+def fill(limit: AdaptiveLimit, out: int = 0) -> list[SendStamp]:
+    """Send until the limit is full, with ``out`` calls already in flight."""
+    return [limit.on_send(level) for level in range(out + 1, limit.limit + 1)]
+
+
+STEP = 0.02 / 4 + 1e-9  # one fast-start step of the default 20 ms doubling (plus float slack)
+
+
+def test_fast_start_doubles_every_20_ms_of_a_full_lane_before_the_first_success() -> None:
+    clock = FakeClock()
+    limit = AdaptiveLimit(256, clock=clock)
+    seen, out = [limit.limit], 0
+    for _ in range(22):
+        out += len(fill(limit, out))  # nothing comes back: the first round trip is not over
+        assert limit.next_change_in() == pytest.approx(0.005) or limit.limit == 256
+        clock.now += STEP
+        seen.append(limit.limit)
+    assert seen[::4] == [8, 16, 32, 64, 128, 256]  # a doubling per 20 ms, not per round trip
+    assert clock.now < 0.12 and limit.statistics().decreases == 0
+
+
+def test_fast_start_needs_a_full_lane_and_one_fill_per_step() -> None:
+    clock = FakeClock()
+    limit = AdaptiveLimit(256, clock=clock)
+    limit.on_send(1)
+    clock.now += 1.0  # a second with one call out: the limit of 8 was never tested
+    assert limit.limit == 8 and limit.next_change_in() == math.inf
+    fill(limit, 1)
+    clock.now += 10 * STEP  # the client lagged ten steps: one step, not a burst of ten
+    assert limit.limit == 9
+
+
+def test_a_load_related_refusal_ends_the_fast_phase() -> None:
+    clock = FakeClock()
+    limit = AdaptiveLimit(256, clock=clock)
+    out: list[SendStamp] = []
+    for _ in range(9):  # fast start up to past a hidden cap of 32
+        out += fill(limit, len(out))
+        clock.now += STEP
+    assert limit.limit == 38
+    out += fill(limit, len(out))
+    clock.now += 0.002  # the calls above 32 come back refused within milliseconds
+    verdicts = [limit.on_refusal(stamp) for stamp in out[32:]]
+    assert any(v.load_related for v in verdicts) and limit.statistics().decreases == 1
+    assert limit.limit == 32  # just below the first refused level: the 32 below are still out
+    assert limit.probe_due_in() == pytest.approx(4 * limit.round_trip)  # a cap found exactly: probe late
+    for _ in range(10):  # full lane, no refusal since: time alone no longer raises the limit
+        fill(limit, 32 - limit.held())
+        clock.now += STEP
+        assert limit.limit == 32
+
+
+def test_any_refusal_or_the_first_success_ends_the_fast_phase() -> None:
+    for end in ("refusal", "success"):
+        clock = FakeClock()
+        limit = AdaptiveLimit(256, clock=clock)
+        out = fill(limit)
+        clock.now += STEP
+        assert limit.limit == 9  # growing by time
+        out += fill(limit, len(out))
+        clock.now += 0.002 if end == "refusal" else 0.2
+        if end == "refusal":
+            assert not limit.on_refusal(out.pop(3)).load_related  # one refusal: no cut, but no more fast steps
+        else:
+            limit.on_success(out.pop())  # the round trip is known: slow start per success from here
+        before = limit.limit
+        for _ in range(8):
+            out += fill(limit, len(out))
+            clock.now += STEP
+            assert limit.limit == before
+
+
 def test_scattered_refusals_are_not_load_related() -> None:
     clock = FakeClock()
     limit = AdaptiveLimit(64, initial=64, clock=clock)
@@ -302,8 +374,9 @@ def test_random_refusals_do_not_slow_the_fan_out(seed: int) -> None:
     outcome = simulate(Provider(refuse=0.2), seed=seed)
     # the bound: the unluckiest prompt's refusals (about 4-5 at 1 s each) plus one latency
     assert outcome.wall < 9.0
-    # at most one run of random refusals is misread (a 0.1% false alarm per position), never a pause
-    assert outcome.pauses == 0 and outcome.decreases <= 1 and outcome.peak_limit >= 64
+    # a run of random refusals is rarely misread (a 0.1% false alarm per position, ~1,200 sends:
+    # about one misread expected; seeds 0-2 give 2, 0, 0), never a pause
+    assert outcome.pauses == 0 and outcome.decreases <= 2 and outcome.peak_limit >= 64
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -323,7 +396,8 @@ def test_a_hidden_rpm_window_pauses_the_lane_instead_of_being_hammered() -> None
     assert outcome.pauses >= 1
 
 
-def test_no_faults_reaches_the_ceiling_in_log_time() -> None:
+def test_no_faults_reaches_the_ceiling_within_the_first_round_trip() -> None:
     outcome = simulate(Provider(jitter=0.0))
     assert outcome.refusals == 0 and outcome.peak_limit == 256
-    assert outcome.wall <= 10 * 0.2  # 5 round trips of slow start, then 1000 - 248 at 256
+    # fast start reaches 256 in ~110 ms; slow start per round trip alone took 1.6 s
+    assert outcome.wall <= 1.15 * math.ceil(1000 / 256) * 0.2  # 0.90 s against waves of 256 in 0.80 s

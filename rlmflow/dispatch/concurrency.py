@@ -10,6 +10,24 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   resume slow start, up to just below the level that failed (as TCP's ``ssthresh``; lifted
   once the floor below passes that level by two, beyond the noise of counting); above it the
   limit grows by one per round trip and the probing backoff below applies.
+- **Fast start, before the first success.** Until a call of the lane succeeds, the round trip
+  that clocks slow start is unknown (a success takes a whole round trip), but a refusal from a
+  rate or concurrency limit comes back in milliseconds. So during that first round trip the
+  limit is clocked by *time without a load-related refusal*: each ``fast_start_doubling / 4``
+  seconds the limit has been full, it grows by ``2**(1/4)`` (at least one), doubling every
+  ``fast_start_doubling`` seconds (20 ms: 8 -> 256 in 100 ms, half a 200 ms round trip). A
+  step is taken only once the lane has filled the limit it has (an idle lane does not grow),
+  and one step per fill, so a client that lags grows slower, never in a burst. The first
+  success ends the fast phase (the round-trip clock below takes over), and so does the first
+  refusal of any kind: random refusals cannot be told from a limit after one refusal, and a
+  client that lags sees its refusals late, so waiting for a verdict would let the limit run
+  far past a hidden cap. Over a hidden cap the overshoot is what the steps send before the
+  first refusal is read (one step, 19% of the cap, when the client keeps up). A load-related
+  refusal before any success cuts to just below the level of the first call of its run (the
+  calls below it are still out, unrefused), not by ``backoff_ratio``, and the first probe above
+  it waits 4 round trips (the background rate has no data yet). The fast phase does not
+  come back after a lane pause: the reopening window of a spent quota must not be met by a
+  burst.
 - **Which refusals are load-related.** A refusal the provider marks as a spent quota
   (``exhausted``) always is. Otherwise two tests look at the calls sent recently, counting a
   call still in flight as not refused (a refusal comes back in milliseconds, a success only
@@ -61,6 +79,8 @@ from dataclasses import dataclass
 
 __all__ = ["AdaptiveLimit", "ConcurrencyStatistics", "RefusalVerdict", "SendStamp"]
 
+_FAST_STEPS = 4  # fast-start steps per doubling: a step of 2**(1/4) (19%) bounds the overshoot of one step
+
 
 @dataclass(slots=True)
 class SendStamp:
@@ -109,6 +129,7 @@ class AdaptiveLimit:
         backoff_ratio: float = 0.7,
         false_alarm: float = 0.001,
         max_probe_wait: int = 64,
+        fast_start_doubling: float = 0.02,
         clock: Callable[[], float],
     ) -> None:
         if maximum < 1:
@@ -121,6 +142,11 @@ class AdaptiveLimit:
         self.backoff_ratio = backoff_ratio
         self.false_alarm = false_alarm
         self.max_probe_wait = max_probe_wait
+        if fast_start_doubling < 0:
+            raise ValueError("fast_start_doubling must be >= 0 (0: no fast start)")
+        self.fast_start_doubling = fast_start_doubling
+        self._fast = fast_start_doubling > 0  # before the first success and load-related refusal
+        self._fast_full_at: float | None = None  # when the lane last filled its limit in the fast phase
         self._clock = clock
         self._limit = float(min(maximum, initial or min(8, maximum)))
         self._lowest = int(self._limit)
@@ -157,6 +183,7 @@ class AdaptiveLimit:
     def limit(self) -> int:
         """Calls the lane may have in flight now, not counting slots held by refusals."""
         now = self._clock()
+        self._grow_fast(now)
         limit = int(self._limit)
         if self._probe_level is not None and limit >= self._probe_level and now < self._probe_after:
             limit = self._probe_level - 1
@@ -192,6 +219,8 @@ class AdaptiveLimit:
             waits.append(self._holds[0] - now)
         if self._probe_level is not None and int(self._limit) >= self._probe_level and now < self._probe_after:
             waits.append(self._probe_after - now)
+        if self._fast and self._fast_full_at is not None:
+            waits.append(self._fast_full_at + self._fast_step - now)
         return max(0.0, min(waits))
 
     def probe_due_in(self) -> float:
@@ -232,6 +261,8 @@ class AdaptiveLimit:
         stamp = SendStamp(self._seq, in_flight, now, above_floor=in_flight > floor,
                           well_below_floor=in_flight <= floor - 2)
         self._sends.append(stamp)
+        if self._fast and self._fast_full_at is None and in_flight + len(self._holds) >= int(self._limit):
+            self._fast_full_at = now  # the limit is full: the next fast-start step is due one step from now
         return stamp
 
     def on_success(self, stamp: SendStamp) -> None:
@@ -239,6 +270,7 @@ class AdaptiveLimit:
         if not stamp.above_floor:
             self._count_outcome(refused=False)
         rtt = now - stamp.at
+        self._fast = False  # the round trip is known now: slow start below clocks the growth
         self._refused_since = None
         self._served.append(now)
         self._min_rtt = min(self._min_rtt, max(rtt, 1e-4))
@@ -280,13 +312,19 @@ class AdaptiveLimit:
         # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
         pause = exhausted or (load_related and (stamp.well_below_floor or now - self._refused_since >= self.round_trip))
         decreased = False
+        self._fast = False  # a refusal came back before a success: no more growth by time alone
         if pause:
             self._pause()
         elif load_related:
             self._holds.append(now + self.round_trip)
             if stamp.seq > self._decreased_at_seq:
                 decreased = True
-                self._decrease(stamp)
+                below_run = None
+                if self._srtt is None and self._sends and first >= self._sends[0].seq:
+                    # no success yet, so no floor: the calls sent before the run are still out
+                    # unrefused, so the level just below the run's first call is the provider's cap
+                    below_run = self._sends[first - self._sends[0].seq].level - 1
+                self._decrease(stamp, to=below_run)
         return RefusalVerdict(load_related, decreased, pause)
 
     def on_resume(self) -> None:
@@ -303,6 +341,22 @@ class AdaptiveLimit:
         self._set_limit(1.0)
 
     # -- helpers ------------------------------------------------------------------------------------
+    @property
+    def _fast_step(self) -> float:
+        return self.fast_start_doubling / _FAST_STEPS
+
+    def _grow_fast(self, now: float) -> None:
+        """One fast-start step, if the limit has been full for a step's time (see the module docstring)."""
+        if not self._fast or self._fast_full_at is None or now - self._fast_full_at < self._fast_step:
+            return
+        self._fast_full_at = None  # the next step waits until the lane fills the new room
+        grown = self._limit * 2 ** (1 / _FAST_STEPS)
+        if abs(grown - round(grown)) < 1e-6:
+            grown = round(grown)  # four steps make an exact doubling, not 15.999...
+        self._set_limit(max(self._limit + 1, grown))
+        if self._limit >= self.maximum:
+            self._fast = False
+
     def _run_through(self, stamp: SendStamp) -> tuple[int, int]:
         """First and last seq of the run of refused calls, in send order, that ``stamp`` belongs to."""
         sends = self._sends
@@ -341,7 +395,7 @@ class AdaptiveLimit:
                 refused += stamp.refused
         return refused >= 2 and _binomial_tail(refused, sent, self.refusal_rate()) < self.false_alarm
 
-    def _decrease(self, stamp: SendStamp) -> None:
+    def _decrease(self, stamp: SendStamp, *, to: int | None = None) -> None:
         now = self._clock()
         if now - self._decreased_at > 4 * self.round_trip:
             # a new episode of cuts begins: remember what to restore if it turns out to be the quota
@@ -354,16 +408,21 @@ class AdaptiveLimit:
         ):
             self._probe_failures += 1  # the level that failed last failed again
         else:
-            self._probe_failures = 0
+            # a cap found in the first round trip is known exactly, and the background rate has no
+            # data yet to tell a failed probe from noise: the first probe waits 4 round trips
+            self._probe_failures = 2 if to is not None else 0
         self._decreases += 1
         self._decreased_at_seq = self._seq
         self._decreased_at = now
         self._slow_start = False
-        self._probe_level = max(2, min(stamp.level, int(self._limit)))
+        self._probe_level = max(2, min(stamp.level, int(self._limit), to + 1 if to is not None else self.maximum))
         self._ssthresh = float(self._probe_level - 1)
         wait = min(2**self._probe_failures, self.max_probe_wait)
         self._probe_after = now + wait * self.round_trip
-        self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))
+        if to is not None:
+            self._set_limit(min(self._limit, max(1.0, float(to))))
+        else:
+            self._set_limit(max(float(self.floor()), math.floor(self._limit * self.backoff_ratio), 1.0))
 
     def _pause(self) -> None:
         if self._pauses and self._clock() < self._paused_at + self.round_trip:
