@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -142,7 +143,7 @@ class JSONTransport:
                 self._sessions[owner] = session  # another thread's running loop closes its own
 
 
-class HTTPModel:
+class HTTPModel(ABC):
     """What the JSON-over-HTTP models share: name, endpoint (two servers, two lanes), pool, streaming switch."""
 
     def __init__(
@@ -182,11 +183,13 @@ class HTTPModel:
             return await self.request_stream(request, self._on_text)
         return await self._request(request)
 
+    @abstractmethod
     async def _request(self, request: ModelRequest) -> ModelResponse:
-        raise NotImplementedError
+        """Send one request as this protocol's JSON and read the whole reply."""
 
+    @abstractmethod
     def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
-        raise NotImplementedError
+        """The provider's error class for an HTTP status or a transport failure."""
 
     async def _post(self, payload: dict[str, Any]) -> tuple[Any, Mapping[str, str]]:
         """POST to this model's URL; a failure comes out as the provider's ModelError."""
@@ -196,8 +199,9 @@ class HTTPModel:
         except (HTTPStatus, HTTPFailure) as exc:
             raise self._translate(exc) from exc
 
+    @abstractmethod
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
-        raise NotImplementedError
+        """Send one request streamed, calling ``on_text`` with each piece; return the whole reply."""
 
     async def aclose(self) -> None:
         await self._http.aclose()

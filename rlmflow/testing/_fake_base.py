@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class Admission:
     prompt_tokens: int = 0
 
 
-class FakeProviderBase(FakeOpenAIServer):
+class FakeProviderBase(FakeOpenAIServer, ABC):
     """A fake provider on 127.0.0.1; subclasses add routes in :meth:`routes` and a wire format."""
 
     def __init__(
@@ -64,8 +65,9 @@ class FakeProviderBase(FakeOpenAIServer):
         self.requests_seen: list[dict[str, Any]] = []
         self._attempts: Counter[str] = Counter()
 
+    @abstractmethod
     def routes(self, app: web.Application) -> None:
-        raise NotImplementedError
+        """Add this protocol's endpoints to ``app``."""
 
     async def start(self) -> str:
         app = web.Application(client_max_size=64 * 1024 * 1024)
