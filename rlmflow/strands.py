@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.util import types as otel_types
 
 from ._exceptions import ConfigurationError, NoAnswerError
 from .dispatch.limits import Priority
@@ -60,34 +58,12 @@ class _RoutingTracer(trace.Tracer):
     def _target(self) -> trace.Tracer:
         return _RUN_TRACER.get() or self.fallback
 
-    def start_span(
-        self,
-        name: str,
-        context: otel_context.Context | None = None,
-        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-        attributes: otel_types.Attributes = None,
-        links: Sequence[trace.Link] | None = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-    ) -> trace.Span:
-        return self._target().start_span(name, context, kind, attributes, links, start_time, record_exception,
-                                         set_status_on_exception)
+    # The Tracer API, forwarded as called (its signature belongs to opentelemetry).
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._target().start_span(*args, **kwargs)
 
-    def start_as_current_span(
-        self,
-        name: str,
-        context: otel_context.Context | None = None,
-        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-        attributes: otel_types.Attributes = None,
-        links: Sequence[trace.Link] | None = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-        end_on_exit: bool = True,
-    ) -> Any:
-        return self._target().start_as_current_span(name, context, kind, attributes, links, start_time,
-                                                    record_exception, set_status_on_exception, end_on_exit)
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target().start_as_current_span(*args, **kwargs)
 
 
 @contextmanager
