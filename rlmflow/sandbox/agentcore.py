@@ -64,7 +64,8 @@ from .local import error_to_wire
 __all__ = ["DEFAULT_IDENTIFIER", "AgentCoreSandbox", "AgentCoreSandboxSession"]
 
 DEFAULT_IDENTIFIER = "aws.codeinterpreter.v1"
-_REMOTE_MODULES = (  # (module name in the remote interpreter, source file); helpers first: the runtime uses them
+_REMOTE_MODULES = (  # (module name in the remote interpreter, source file); the runtime's imports first
+    ("_rlmflow_cellapi", Path(__file__).with_name("cellapi.py")),
     ("_rlmflow_helpers", Path(__file__).with_name("helpers_prelude.py")),
     ("_rlmflow_runtime", Path(__file__).with_name("agentcore_runtime.py")),
 )

@@ -1,8 +1,9 @@
 """The part of the AgentCore backend that runs inside the remote Code Interpreter session.
 
 :mod:`rlmflow.sandbox.agentcore` ships this file's source with ``executeCode`` and installs it as
-the module ``_rlmflow_runtime`` of the remote interpreter. Standard library only; it never
-imports ``rlmflow``. The remote session holds no credentials and needs no network:
+the module ``_rlmflow_runtime`` of the remote interpreter, after :mod:`rlmflow.sandbox.cellapi`
+(the API model code sees, shared with the local worker) as ``_rlmflow_cellapi``. Standard library
+only; remotely it never imports ``rlmflow``. The remote session holds no credentials and needs no network:
 
 - a model's cell runs in a background thread of the interpreter, in a namespace of its own;
 - ``llm_query_many`` / ``rlm_query_many`` / ``budget`` park a request in a mailbox and block that
@@ -32,94 +33,15 @@ import time
 import traceback
 from typing import Any
 
+try:  # in the package (tests, type checking)
+    from . import cellapi
+except ImportError:  # in the remote interpreter: shipped beside this runtime as a module of its own
+    cellapi = sys.modules["_rlmflow_cellapi"]
+
 MARKER = "\x1erlmflow-status:"
 _GATHER = 0.002  # seconds between looks for more calls from a cell's other threads
 _GATHER_MAX = 0.05  # the longest a status waits for them after the last new call
 _HOST_FUNCTIONS = ("llm_query_many", "rlm_query_many", "budget")
-
-
-class RLMError(Exception):
-    """Base of the errors that host calls raise inside the sandbox."""
-
-
-class BudgetExceededError(RLMError):
-    """The run's budget cannot pay for this call; nothing was sent."""
-
-
-class ContextOverflowError(RLMError):
-    """The prompt is too long for the model: split it into smaller chunks."""
-
-
-class ModelCallError(RLMError):
-    """A model call failed after the host's retries."""
-
-
-class SandboxRequestError(RLMError):
-    """The host refused the request (unknown model alias, too many or too long prompts)."""
-
-
-class BatchError(RLMError):
-    """Some prompts of a batch failed. ``results`` has ``None`` at ``failed_indices``."""
-
-    def __init__(self, message: str, results: list[Any], errors: dict[int, RLMError]) -> None:
-        super().__init__(message)
-        self.results = results
-        self.errors = errors
-        self.failed_indices = sorted(errors)
-
-
-_ERROR_TYPES: dict[str, type[RLMError]] = {
-    "BudgetExceededError": BudgetExceededError,
-    "ContextOverflowError": ContextOverflowError,
-    "RLMError": RLMError,
-    "SandboxRequestError": SandboxRequestError,
-}
-
-
-def _error_from_wire(error: Any) -> RLMError:
-    if not isinstance(error, dict):
-        return ModelCallError("the host call failed")
-    message = str(error.get("message", "error"))
-    if error.get("type") == "BatchError":
-        errors = {int(i): _error_from_wire(e) for i, e in (error.get("errors") or {}).items()}
-        return BatchError(message, list(error.get("results") or []), errors)
-    return _ERROR_TYPES.get(str(error.get("type")), ModelCallError)(message)
-
-
-class _Capped(io.TextIOBase):
-    """Keeps the first and last ``cap // 2`` characters written and counts the rest."""
-
-    def __init__(self, cap: int) -> None:
-        self._half = max(1, cap // 2)
-        self._head: list[str] = []
-        self._head_len = 0
-        self._tail = ""
-        self.total = 0
-        self._lock = threading.Lock()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str) -> int:
-        written = len(s)
-        with self._lock:
-            self.total += written
-            room = self._half - self._head_len
-            if room > 0:
-                self._head.append(s[:room])
-                self._head_len += min(room, written)
-                s = s[room:]
-            if s:
-                self._tail = (self._tail + s)[-self._half :]
-        return written
-
-    def render(self) -> str:
-        head = "".join(self._head)
-        shown = len(head) + len(self._tail)
-        if shown >= self.total:
-            return head + self._tail
-        omitted = self.total - shown
-        return f"{head}\n[... {omitted:,} of {self.total:,} characters omitted ...]\n{self._tail}"
 
 
 class _Router(io.TextIOBase):
@@ -160,7 +82,7 @@ class _Call:
 class _Cell:
     def __init__(self, cell_id: int, cap: int) -> None:
         self.id = cell_id
-        self.out = _Capped(cap)
+        self.out = cellapi.CappedText(cap)
         self.final: list[Any] = []
         self.pending: dict[int, _Call] = {}
         self.result: dict[str, Any] | None = None
@@ -196,7 +118,7 @@ class _Runtime:
     def call_host(self, fn: str, args: dict[str, Any]) -> Any:
         cell = self.cell
         if cell is None or cell.result is not None:
-            raise RLMError(f"{fn} can only be called while a cell runs")
+            raise cellapi.RLMError(f"{fn} can only be called while a cell runs")
         size = len(json.dumps(args, ensure_ascii=False))
         if size > self.max_request_chars:
             raise ValueError(
@@ -211,69 +133,23 @@ class _Runtime:
             pass
         reply = call.reply or {}
         if not reply.get("ok"):
-            raise _error_from_wire(reply.get("error"))
+            raise cellapi.error_from_wire(reply.get("error"))
         return reply.get("value")
 
     def install_api(self, context: Any) -> None:
         runtime = self
 
-        def llm_query(prompt: str, *, model: str | None = None, max_tokens: int | None = None) -> str:
-            """Ask a sub-LLM one question; returns its answer as a string."""
-            return llm_query_many([prompt], model=model, max_tokens=max_tokens)[0]
-
-        def llm_query_many(
-            prompts: list[str], *, model: str | None = None, max_tokens: int | None = None
-        ) -> list[str]:
-            """Ask many prompts concurrently; answers come back in input order."""
-            prompts = list(prompts)
-            if not all(isinstance(p, str) for p in prompts):
-                raise TypeError("llm_query_many expects a list of strings")
-            if not prompts:
-                return []
-            args = {"prompts": prompts, "model": model, "max_tokens": max_tokens}
-            result: list[str] = runtime.call_host("llm_query_many", args)
-            return result
-
-        def rlm_query(prompt: str, context: Any = None) -> str:
-            """Run a child RLM on ``context`` (default: this sandbox's context) and return its answer."""
-            return rlm_query_many([prompt], [context])[0]
-
-        def rlm_query_many(prompts: list[str], contexts: list[Any] | None = None) -> list[str]:
-            """Run one child RLM per prompt, concurrently; answers in input order."""
-            prompts = list(prompts)
-            contexts = list(contexts) if contexts is not None else [None] * len(prompts)
-            items = [{"prompt": p, "context": c} for p, c in zip(prompts, contexts, strict=True)]
-            result: list[str] = runtime.call_host("rlm_query_many", {"items": items})
-            return result
-
-        def FINAL(value: Any) -> None:
-            """Submit the final answer of the run."""
+        def submit(value: Any) -> None:
             cell = runtime.cell
             if cell is not None:
                 cell.final[:] = [value]
-
-        def budget() -> dict[str, Any]:
-            """What the run may still spend (calls, tokens, cost, seconds, depth)."""
-            result: dict[str, Any] = runtime.call_host("budget", {})
-            return result
 
         self.namespace.update(
             {
                 "__name__": "__main__",
                 "__builtins__": __builtins__,
                 "context": context,
-                "llm_query": llm_query,
-                "llm_query_many": llm_query_many,
-                "rlm_query": rlm_query,
-                "rlm_query_many": rlm_query_many,
-                "FINAL": FINAL,
-                "budget": budget,
-                "RLMError": RLMError,
-                "BatchError": BatchError,
-                "BudgetExceededError": BudgetExceededError,
-                "ContextOverflowError": ContextOverflowError,
-                "ModelCallError": ModelCallError,
-                "SandboxRequestError": SandboxRequestError,
+                **cellapi.api(runtime.call_host, submit),
             }
         )
         helpers = sys.modules.get("_rlmflow_helpers")  # grep(), chunks(), shipped beside this runtime
@@ -304,7 +180,7 @@ class _Runtime:
         except SyntaxError as exc:
             error = "".join(traceback.format_exception_only(type(exc), exc))
         except BaseException as exc:  # SystemExit included: model code must not end the session
-            error = _format_user_traceback(exc, filename)
+            error = cellapi.format_user_traceback(exc)
         result: dict[str, Any] = {
             "state": "done",
             "cell": cell.id,
@@ -315,7 +191,7 @@ class _Runtime:
             "duration": time.perf_counter() - started,
         }
         if cell.final:
-            result["final"] = _answer_text(cell.final[0])
+            result["final"] = cellapi.answer_text(cell.final[0])
         with self.cond:
             cell.result = result
             self.cond.notify_all()
@@ -401,23 +277,6 @@ class _Runtime:
 
 
 _RUNTIME: _Runtime | None = None
-
-
-def _answer_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _format_user_traceback(exc: BaseException, filename: str) -> str:
-    """The traceback from the first frame of model code on: the runtime's own frames are noise."""
-    tb = exc.__traceback__
-    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 # writeFiles paths are relative to the interpreter's working directory when the runtime is installed;

@@ -15,7 +15,6 @@ Writes are serialised by a lock, so sandbox code may call ``llm_query`` from any
 from __future__ import annotations
 
 import ast
-import io
 import itertools
 import json
 import linecache
@@ -30,97 +29,10 @@ import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cellapi
 import helpers_prelude
 import isolation
 import wire
-
-# ---------------------------------------------------------------- errors seen by model code
-
-
-class RLMError(Exception):
-    """Base of the errors that host calls raise inside the sandbox."""
-
-
-class BudgetExceededError(RLMError):
-    """The run's budget cannot pay for this call; nothing was sent."""
-
-
-class ContextOverflowError(RLMError):
-    """The prompt is too long for the model: split it into smaller chunks."""
-
-
-class ModelCallError(RLMError):
-    """A model call failed after the host's retries."""
-
-
-class SandboxRequestError(RLMError):
-    """The host refused the request (an unknown model name, a batch or prompt too large...)."""
-
-
-class BatchError(RLMError):
-    """Some prompts of a batch failed. ``results`` has ``None`` at ``failed_indices``."""
-
-    def __init__(self, message: str, results: list[Any], errors: dict[int, RLMError]) -> None:
-        super().__init__(message)
-        self.results = results
-        self.errors = errors
-        self.failed_indices = sorted(errors)
-
-
-_ERROR_TYPES: dict[str, type[RLMError]] = {
-    "BudgetExceededError": BudgetExceededError,
-    "ContextOverflowError": ContextOverflowError,
-    "SandboxRequestError": SandboxRequestError,
-}
-
-
-def _error_from_wire(error: dict[str, Any]) -> RLMError:
-    message = str(error.get("message", "error"))
-    if error.get("type") == "BatchError":
-        errors = {int(i): _error_from_wire(e) for i, e in (error.get("errors") or {}).items()}
-        return BatchError(message, list(error.get("results") or []), errors)
-    cls = _ERROR_TYPES.get(str(error.get("type")), ModelCallError)
-    return cls(message)
-
-
-# ---------------------------------------------------------------- output capture
-
-
-class _CappedText(io.TextIOBase):
-    """Keeps the first and last ``cap // 2`` characters written and counts the rest."""
-
-    def __init__(self, cap: int) -> None:
-        self._half = max(1, cap // 2)
-        self._head: list[str] = []
-        self._head_len = 0
-        self._tail = ""
-        self.total = 0
-        self._lock = threading.Lock()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str) -> int:
-        written = len(s)
-        with self._lock:
-            self.total += len(s)
-            room = self._half - self._head_len
-            if room > 0:
-                self._head.append(s[:room])
-                self._head_len += min(room, len(s))
-                s = s[room:]
-            if s:
-                self._tail = (self._tail + s)[-self._half :]
-        return written
-
-    def render(self) -> str:
-        head = "".join(self._head)
-        shown = len(head) + len(self._tail)
-        if shown >= self.total:
-            return head + self._tail
-        omitted = self.total - shown
-        return f"{head}\n[... {omitted:,} of {self.total:,} characters omitted ...]\n{self._tail}"
-
 
 # ---------------------------------------------------------------- the worker
 
@@ -188,65 +100,22 @@ class Worker:
                 self._pending.pop(call_id, None)
         reply = slot[1]
         if not reply.get("ok"):
-            raise _error_from_wire(reply.get("error") or {})
+            raise cellapi.error_from_wire(reply.get("error") or {})
         return reply.get("value")
 
     # -- the API model code sees ------------------------------------------------
     def install_api(self, context: Any) -> None:
         worker = self
 
-        def llm_query(prompt: str, *, model: str | None = None, max_tokens: int | None = None) -> str:
-            """Ask a sub-LLM one question; returns its answer as a string."""
-            return llm_query_many([prompt], model=model, max_tokens=max_tokens)[0]
-
-        def llm_query_many(prompts: list[str], *, model: str | None = None, max_tokens: int | None = None) -> list[str]:
-            """Ask many prompts concurrently; answers come back in input order."""
-            prompts = list(prompts)
-            if not all(isinstance(p, str) for p in prompts):
-                raise TypeError("llm_query_many expects a list of strings")
-            if not prompts:
-                return []
-            result: list[str] = worker.call_host("llm_query_many", prompts=prompts, model=model, max_tokens=max_tokens)
-            return result
-
-        def rlm_query(prompt: str, context: Any = None) -> str:
-            """Run a child RLM on ``context`` (default: this sandbox's context) and return its answer."""
-            return rlm_query_many([prompt], [context])[0]
-
-        def rlm_query_many(prompts: list[str], contexts: list[Any] | None = None) -> list[str]:
-            """Run one child RLM per prompt, concurrently; answers in input order."""
-            prompts = list(prompts)
-            contexts = list(contexts) if contexts is not None else [None] * len(prompts)
-            items = [{"prompt": p, "context": c} for p, c in zip(prompts, contexts, strict=True)]
-            result: list[str] = worker.call_host("rlm_query_many", items=items)
-            return result
-
-        def FINAL(value: Any) -> None:
-            """Submit the final answer of the run."""
+        def submit(value: Any) -> None:
             worker._final[:] = [value]
-
-        def budget() -> dict[str, Any]:
-            """What the run may still spend (calls, tokens, cost, seconds, depth)."""
-            result: dict[str, Any] = worker.call_host("budget")
-            return result
 
         self.namespace.update(
             {
                 "__name__": "__main__",
                 "__builtins__": __builtins__,
                 "context": context,
-                "llm_query": llm_query,
-                "llm_query_many": llm_query_many,
-                "rlm_query": rlm_query,
-                "rlm_query_many": rlm_query_many,
-                "FINAL": FINAL,
-                "budget": budget,
-                "RLMError": RLMError,
-                "BatchError": BatchError,
-                "BudgetExceededError": BudgetExceededError,
-                "ContextOverflowError": ContextOverflowError,
-                "ModelCallError": ModelCallError,
-                "SandboxRequestError": SandboxRequestError,
+                **cellapi.api(lambda fn, args: worker.call_host(fn, **args), submit),
             }
         )
         helpers_prelude.install(self.namespace)  # grep(), chunks(): vetted helpers for small models
@@ -255,7 +124,7 @@ class Worker:
     def run_cell(self, code: str) -> dict[str, Any]:
         self._cell_counter += 1
         filename = f"<cell {self._cell_counter}>"
-        out = _CappedText(self.max_output_chars)
+        out = cellapi.CappedText(self.max_output_chars)
         self._final.clear()
         error: str | None = None
         interrupted = False
@@ -280,7 +149,7 @@ class Worker:
         except SyntaxError as exc:
             error = "".join(traceback.format_exception_only(type(exc), exc))
         except BaseException as exc:  # SystemExit included: model code must not end the worker
-            error = _format_user_traceback(exc, filename)
+            error = cellapi.format_user_traceback(exc)
         finally:
             sys.stdout, sys.stderr = saved
         reply: dict[str, Any] = {
@@ -292,7 +161,7 @@ class Worker:
             "duration": time.perf_counter() - started,
         }
         if self._final:
-            reply["final"] = _answer_text(self._final[0])
+            reply["final"] = cellapi.answer_text(self._final[0])
         return reply
 
     def serve(self) -> None:
@@ -307,23 +176,6 @@ class Worker:
                 self.send(reply)
             except KeyboardInterrupt:
                 continue  # an interrupt that raced the end of a cell: nothing to stop
-
-
-def _answer_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _format_user_traceback(exc: BaseException, filename: str) -> str:
-    """The traceback from the first frame of model code on: the worker's own frames are noise."""
-    tb = exc.__traceback__
-    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _load_context(path: str, kind: str) -> Any:
