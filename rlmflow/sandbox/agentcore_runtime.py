@@ -18,19 +18,16 @@ Output of the cell's threads goes to the cell's capped buffer, never into a stat
 
 from __future__ import annotations
 
-import ast
 import base64
 import ctypes
 import hashlib
 import io
 import itertools
 import json
-import linecache
 import os
 import sys
 import threading
 import time
-import traceback
 from typing import Any
 
 try:  # in the package (tests, type checking)
@@ -158,29 +155,8 @@ class _Runtime:
 
     # -- the cell thread ----------------------------------------------------------------------
     def run_cell(self, cell: _Cell, code: str) -> None:
-        filename = f"<cell {cell.id}>"
-        error: str | None = None
-        interrupted = False
         started = time.perf_counter()
-        try:
-            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-            tree = ast.parse(code, filename=filename)
-            last_expr = None
-            if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last_expr = ast.Expression(tree.body[-1].value)
-                tree.body.pop()
-            exec(compile(tree, filename, "exec"), self.namespace)
-            if last_expr is not None:  # show the value of a trailing expression, like a REPL
-                value = eval(compile(last_expr, filename, "eval"), self.namespace)
-                if value is not None:
-                    print(repr(value))
-        except KeyboardInterrupt:
-            interrupted = True
-            error = "KeyboardInterrupt: the cell was interrupted (time limit); variables are kept"
-        except SyntaxError as exc:
-            error = "".join(traceback.format_exception_only(type(exc), exc))
-        except BaseException as exc:  # SystemExit included: model code must not end the session
-            error = cellapi.format_user_traceback(exc)
+        error, interrupted = cellapi.run_code(code, f"<cell {cell.id}>", self.namespace)
         result: dict[str, Any] = {
             "state": "done",
             "cell": cell.id,

@@ -9,14 +9,16 @@ remote interpreter as the module ``_rlmflow_cellapi``. It never imports ``rlmflo
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import linecache
 import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CappedText", "answer_text", "api", "error_from_wire", "format_user_traceback"]
+__all__ = ["CappedText", "answer_text", "api", "error_from_wire", "format_user_traceback", "run_code"]
 
 HostCall = Callable[[str, dict[str, Any]], Any]
 """Sends one host call (function name, arguments) and returns its value or raises its error."""
@@ -170,3 +172,30 @@ def format_user_traceback(exc: BaseException) -> str:
     while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def run_code(code: str, filename: str, namespace: dict[str, Any]) -> tuple[str | None, bool]:
+    """Run one cell in ``namespace``, echoing a trailing expression's value like a REPL.
+
+    Returns (the error text or ``None``, whether a KeyboardInterrupt stopped it). Every exception,
+    ``SystemExit`` included, becomes error text: model code must not end its sandbox.
+    """
+    try:
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename=filename)
+        last_expr = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last_expr = ast.Expression(tree.body[-1].value)
+            tree.body.pop()
+        exec(compile(tree, filename, "exec"), namespace)
+        if last_expr is not None:
+            value = eval(compile(last_expr, filename, "eval"), namespace)
+            if value is not None:
+                print(repr(value))
+    except KeyboardInterrupt:
+        return "KeyboardInterrupt: the cell was interrupted (time limit); variables are kept", True
+    except SyntaxError as exc:
+        return "".join(traceback.format_exception_only(type(exc), exc)), False
+    except BaseException as exc:
+        return format_user_traceback(exc), False
+    return None, False

@@ -14,10 +14,8 @@ Writes are serialised by a lock, so sandbox code may call ``llm_query`` from any
 
 from __future__ import annotations
 
-import ast
 import itertools
 import json
-import linecache
 import os
 import queue
 import signal
@@ -25,7 +23,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -126,30 +123,11 @@ class Worker:
         filename = f"<cell {self._cell_counter}>"
         out = cellapi.CappedText(self.max_output_chars)
         self._final.clear()
-        error: str | None = None
-        interrupted = False
         started = time.perf_counter()
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = out
         try:
-            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-            tree = ast.parse(code, filename=filename)
-            last_expr = None
-            if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last_expr = ast.Expression(tree.body[-1].value)
-                tree.body.pop()
-            exec(compile(tree, filename, "exec"), self.namespace)
-            if last_expr is not None:  # show the value of a trailing expression, like a REPL
-                value = eval(compile(last_expr, filename, "eval"), self.namespace)
-                if value is not None:
-                    print(repr(value))
-        except KeyboardInterrupt:
-            interrupted = True
-            error = "KeyboardInterrupt: the cell was interrupted (time limit); variables are kept"
-        except SyntaxError as exc:
-            error = "".join(traceback.format_exception_only(type(exc), exc))
-        except BaseException as exc:  # SystemExit included: model code must not end the worker
-            error = cellapi.format_user_traceback(exc)
+            error, interrupted = cellapi.run_code(code, filename, self.namespace)
         finally:
             sys.stdout, sys.stderr = saved
         reply: dict[str, Any] = {
