@@ -139,6 +139,17 @@ async def test_state_persists_errors_and_output_cap(server: FakeAgentCoreServer)
         assert session.restarts == 0
 
 
+async def test_control_characters_from_the_remote_side_are_shown_not_obeyed(server: FakeAgentCoreServer) -> None:
+    async with make_sandbox(server).session("ctx", no_calls) as session:
+        result = await session.execute(
+            "print('\\x1b[2J\\x1b]0;owned\\x07red\\rback')\nFINAL('\\x1b[1mbold\\x1b[0m answer')\n"
+            "raise ValueError('\\x1b[5mblink')"
+        )
+    for text in (result.output, result.final or "", result.error or ""):
+        assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert "red\\x0dback" in result.output and result.final == "bold answer"
+
+
 async def test_session_stopped_when_a_run_is_cancelled_in_a_host_call(server: FakeAgentCoreServer) -> None:
     scope = anyio.CancelScope()
 

@@ -38,6 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .._exceptions import RLMError, SandboxError, SandboxProtocolError
+from .._text import sanitize_text
 from .._util import single_exception
 from ..dispatch.retry import RetryPolicy
 from ..telemetry.logs import get_logger
@@ -430,11 +431,13 @@ class AgentCoreSandboxSession:
             output, output_chars = capped(reply.get("output"), reply.get("output_chars"),
                                            self._config.max_output_chars)
             error, final = reply.get("error"), reply.get("final")
+            # remote text goes to the root model, logs and terminals: shown, never obeyed (as locally)
             return CellResult(
-                output=output,
+                output=sanitize_text(output),
                 output_chars=output_chars,
-                error=cut(error, max(20_000, 4 * self._config.max_output_chars)) if isinstance(error, str) else None,
-                final=final if isinstance(final, str) else None,
+                error=sanitize_text(cut(error, max(20_000, 4 * self._config.max_output_chars)))
+                if isinstance(error, str) else None,
+                final=sanitize_text(final) if isinstance(final, str) else None,
                 duration=number(reply.get("duration")),
                 timed_out=timed_out,
                 restarted=restarted or bool(notes),
