@@ -32,6 +32,7 @@ from ._exceptions import (
     RLMError,
     SandboxError,
 )
+from ._text import sanitize_text
 from ._util import single_exception
 from .context import load_context_files
 from .dispatch.budget import Budget
@@ -173,8 +174,8 @@ def _print_summary(result: RLMResult, show_transcript: bool) -> None:
     if show_transcript:
         for turn in result.transcript:
             print(f"\n--- turn {turn.index} ({turn.duration:.1f}s) ---", file=sys.stderr)
-            for block in turn.code:
-                print("```repl\n" + block + "\n```", file=sys.stderr)
+            for block in turn.code:  # the root's code may echo what the document planted
+                print("```repl\n" + sanitize_text(block) + "\n```", file=sys.stderr)
             print(turn.feedback, file=sys.stderr)
     print(result.answer)
     usage = ", ".join(
