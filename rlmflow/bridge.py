@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from opentelemetry import trace
@@ -29,7 +29,7 @@ from ._util import single_exception
 from .context import context_size, validate_context
 from .dispatch.limits import Priority
 from .events import BatchFinished, BatchStarted
-from .models.base import LanguageModel, ModelRequest
+from .models.base import LanguageModel, Message, ModelRequest, ModelResponse
 from .telemetry import attributes as attr
 from .telemetry import spans as span_attributes
 
@@ -79,7 +79,8 @@ class HostBridge:
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        self._answers: dict[tuple[str, str, int], str] = {}  # dedup: (lane, prompt, max_tokens) -> answer
+        # dedup: (lane, max_tokens) -> prompt -> answer; failures are not kept (a later batch retries)
+        self._answers: dict[tuple[str, int], dict[str, str]] = {}
 
     async def __call__(self, fn: str, args: Any) -> Any:
         if not isinstance(args, Mapping):
@@ -193,13 +194,15 @@ class HostBridge:
         """Answers in input order; a failed item raises :class:`BatchError` after all finished."""
         run = self._run
         rlm = run.rlm
-        lane_key = rlm.dispatcher.lane_key(sub)
-        keys = [(lane_key, prompt, max_tokens) for prompt in prompts]
-        to_send = keys
+        # A batch has one lane and one max_tokens, so within it a prompt alone is the dedup key:
+        # no per-item key tuples to build and hash again on the way back (10,000 items per batch).
+        answered: dict[str, str] | None = None
+        to_send = prompts
         if rlm.dedup:  # each distinct prompt not answered before in this run is sent once
-            to_send = list(dict.fromkeys(key for key in keys if key not in self._answers))
+            answered = self._answers.setdefault((rlm.dispatcher.lane_key(sub), max_tokens), {})
+            to_send = [prompt for prompt in dict.fromkeys(prompts) if prompt not in answered]
         self._admit_sub_calls(len(to_send))
-        requests = [ModelRequest.from_prompt(key[1], max_tokens=max_tokens) for key in to_send]
+        requests = [ModelRequest(messages=(Message("user", prompt),), max_tokens=max_tokens) for prompt in to_send]
         started = time.monotonic()
         run.recorder.emit(BatchStarted, size=len(prompts), sent=len(requests), model=sub.name)
         with rlm._tracer.start_as_current_span(
@@ -225,30 +228,14 @@ class HostBridge:
                 )
             finally:
                 run.progress.calls_in_flight -= len(requests)
-            failures: dict[tuple[str, str, int], RLMError] = {}
-            fresh: dict[tuple[str, str, int], str] = {}
-            for key, outcome in zip(to_send, outcomes, strict=True):
-                if isinstance(outcome, RLMError):
-                    failures[key] = outcome
-                else:
-                    fresh[key] = outcome.text
-            if rlm.dedup:
-                self._answers.update(fresh)
-            results: list[str | None] = []
-            errors: dict[int, RLMError] = {}
-            for index, key in enumerate(keys):
-                if key in failures:
-                    errors[index] = failures[key]
-                    results.append(None)
-                else:
-                    results.append(fresh[key] if key in fresh else self._answers[key])
+            results, errors = _answers_in_order(prompts, to_send, outcomes, answered)
             run.recorder.emit(BatchFinished, size=len(prompts), failed=len(errors), duration=time.monotonic() - started)
             span.set_attributes(
                 span_attributes.batch_end(answers=results, failed=len(errors), capture=rlm.capture_content)
             )
             if errors:
                 raise _batch_error("calls", results, errors)
-            return [r or "" for r in results]
+            return cast("list[str]", results)  # no failure: every item holds its answer
 
     async def rlm_query_many(self, children: list[tuple[str, Any]]) -> list[str]:
         """One child run per item (its own sandbox, a child ledger); plain sub-calls at the depth limit."""
@@ -301,6 +288,36 @@ class HostBridge:
                 "cost_usd": round(spent.cost_usd, 6),
             },
         }
+
+
+def _answers_in_order(
+    prompts: list[str],
+    sent: list[str],
+    outcomes: list[ModelResponse | RLMError],
+    answered: dict[str, str] | None,
+) -> tuple[list[str | None], dict[int, RLMError]]:
+    """Each prompt's answer (``None`` where it failed) and the failures by index.
+
+    Without dedup ``sent`` is ``prompts`` and the outcomes line up with them. With it, fresh
+    answers join ``answered`` (the run's) and every prompt, repeated or answered by an earlier
+    batch, reads its answer there.
+    """
+    if answered is None:
+        errors = {i: outcome for i, outcome in enumerate(outcomes) if isinstance(outcome, RLMError)}
+        return [None if isinstance(outcome, RLMError) else outcome.text for outcome in outcomes], errors
+    failed: dict[str, RLMError] = {}
+    for prompt, outcome in zip(sent, outcomes, strict=True):
+        if isinstance(outcome, RLMError):
+            failed[prompt] = outcome
+        else:
+            answered[prompt] = outcome.text
+    results = [answered.get(prompt) for prompt in prompts]
+    if not failed:
+        return results, {}
+    errors = {i: failed[prompt] for i, prompt in enumerate(prompts) if prompt in failed}
+    for index in errors:  # even if a concurrent batch answered the prompt meanwhile
+        results[index] = None
+    return results, errors
 
 
 def _batch_error(what: str, results: list[str | None], errors: dict[int, RLMError]) -> BatchError:

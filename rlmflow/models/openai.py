@@ -173,7 +173,13 @@ class OpenAIModel(HTTPModel):
 
 
 def _rate_headers(headers: Any) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_RATE_HEADERS)}
+    """The rate-limit headers of a response, names lower-cased (read once per call: each name lowered once)."""
+    found: dict[str, str] = {}
+    for name, value in headers.items():
+        name = name.lower()
+        if name.startswith(_RATE_HEADERS):
+            found[name] = value
+    return found
 
 
 def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:
