@@ -9,7 +9,7 @@ connections); then each measured run reports the host's CPU per sub-call
 (``time.process_time`` around ``rlm.run``: the sandbox worker and the provider are other
 processes), the time spent in the garbage collector (``gc.callbacks``), the part of the CPU
 outside it (steadier from run to run: a full collection comes or not), and the longest pause.
-The median of ``--repeat`` runs is printed.
+The median of ``--repeat`` runs is printed and written to benchmarks/results/hostpath.json.
 
 - ``--scripted``: a :class:`ScriptedModel` sub-model that answers at once: no HTTP, so what
   remains is the sandbox, the bridge, the recording and the Dispatcher;
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from _common import write_result
 from fanout import FakeProvider
 
 from rlmflow import RLM, Dispatcher, OpenAIModel, ScriptedModel
@@ -160,6 +161,7 @@ async def main(args: argparse.Namespace) -> None:
           f"wall {median['wall_s']:.2f} s")
     for report in reports:
         print("  " + ", ".join(f"{key} {value:.1f}" for key, value in report.items()))
+    write_result("hostpath", {"prompts": args.prompts, "mode": mode, "median": median, "runs": reports})
 
 
 if __name__ == "__main__":
