@@ -28,8 +28,8 @@ from .dispatch.budget import BudgetLedger
 from .dispatch.dispatcher import CallRecord
 from .dispatch.lane import RunShare
 from .loop import RootLoop
-from .recording import EventSink, RunRecorder
-from .result import RLMResult, RunProgress, Turn, summarise_usage
+from .recording import EventSink, RunRecorder, UsageTally
+from .result import RLMResult, RunProgress, Turn
 from .sandbox.base import Context, SandboxReport
 from .telemetry import attributes as attr
 from .telemetry import spans as span_attributes
@@ -54,6 +54,7 @@ class _RunTree:
     """State shared by a root run and all its children."""
 
     calls: list[CallRecord] = field(default_factory=list)
+    usage: UsageTally = field(default_factory=UsageTally)  # what ``calls`` add up to
     sub_calls: int = 0
 
 
@@ -98,7 +99,7 @@ class _Run:
 
     def result(self, answer: str) -> RLMResult:
         """The run so far as a result (an empty answer for the ``.partial`` of an error)."""
-        usage, cost = summarise_usage(self.calls)
+        usage, cost = self.shared.usage.summary()
         return RLMResult(
             answer=answer,
             turns=len(self.transcript),
