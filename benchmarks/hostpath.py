@@ -14,7 +14,9 @@ The median of ``--repeat`` runs is printed and written to benchmarks/results/hos
 - ``--scripted``: a :class:`ScriptedModel` sub-model that answers at once: no HTTP, so what
   remains is the sandbox, the bridge, the recording and the Dispatcher;
 - ``--stream``: the run's events read with ``rlm.stream``, as a UI would;
-- ``--trajectory``: a trajectory written (to a temporary file).
+- ``--trajectory``: a trajectory written (to a temporary file);
+- ``--children K``: the cell calls ``rlm_query_many`` with K children instead, each sending its
+  share of the prompts in one ``llm_query_many`` (each child has a sandbox of its own).
 
 ``--profile RAW`` instead reads a py-spy profile of this script, recorded with ``--native`` so
 that collections show up as ``gc_collect_main``, e.g.
@@ -46,7 +48,7 @@ from _common import write_result
 from fanout import FakeProvider
 
 from rlmflow import RLM, Dispatcher, OpenAIModel, ScriptedModel
-from rlmflow.models.base import LanguageModel
+from rlmflow.models.base import LanguageModel, ModelRequest
 from rlmflow.telemetry.trajectory import Trajectory
 
 # py-spy samples threads that wait as running: the worker-thread pool, waitpid, the selector
@@ -75,15 +77,29 @@ class GCClock:
         self.count += 1
 
 
-async def fan_out(prompts: int, *, scripted: bool, stream: bool, trajectory: Path | None) -> dict[str, Any]:
-    """One warm-up run of 100 prompts, then the measured run of ``prompts``."""
+async def fan_out(prompts: int, *, scripted: bool, stream: bool, trajectory: Path | None,
+                  children: int = 0) -> dict[str, Any]:
+    """One warm-up run of 100 prompts, then the measured run of ``prompts`` (split over
+    ``children`` child runs of ``rlm_query_many`` when given)."""
+    each = prompts // children if children else prompts
+    prompts = each * max(children, 1)
     cell = (
-        f"n = 100 if 'warm' in context else {prompts}\n"
+        f"n = 100 if 'warm' in context else {each}\n"
         "prompts = [f'chunk {i}: ' + 'lorem ipsum ' * 33 for i in range(n)]\n"
         "answers = llm_query_many(prompts)\n"
         "FINAL(str(sum(a.startswith('answer:') for a in answers)))"
     )
-    root = ScriptedModel(lambda r: f"```repl\n{cell}\n```", name="root")
+    parent = (
+        f"counts = rlm_query_many([f'part {{i}}' for i in range({children})])\n"
+        "FINAL(str(sum(int(count) for count in counts)))"
+    )
+    query = "fan out to children" if children else "fan out"
+
+    def reply(request: ModelRequest) -> str:
+        opening = request.messages[1].content  # the context's description and the run's question
+        return f"```repl\n{parent if 'to children' in opening else cell}\n```"
+
+    root = ScriptedModel(reply, name="root")
     provider = None if scripted else FakeProvider("--capacity", "1024")
     sub: LanguageModel
     if provider is None:
@@ -99,12 +115,12 @@ async def fan_out(prompts: int, *, scripted: bool, stream: bool, trajectory: Pat
             cpu_started, wall_started = time.process_time(), time.perf_counter()
             try:
                 if stream:  # every event read as it comes, as a UI or an SSE endpoint would
-                    events = rlm.stream("a small document", "fan out")
+                    events = rlm.stream("a small document", query)
                     async for _ in events:
                         pass
                     result = await events.wait()
                 else:
-                    result = await rlm.run("a small document", "fan out")
+                    result = await rlm.run("a small document", query)
             finally:
                 cpu = time.process_time() - cpu_started
                 wall = time.perf_counter() - wall_started
@@ -147,14 +163,15 @@ async def main(args: argparse.Namespace) -> None:
         trajectory = Path(tempfile.mkdtemp()) / "trajectory.jsonl" if args.trajectory else None
         try:
             reports.append(await fan_out(args.prompts, scripted=args.scripted, stream=args.stream,
-                                         trajectory=trajectory))
+                                         trajectory=trajectory, children=args.children))
         finally:
             if trajectory is not None:
                 shutil.rmtree(trajectory.parent)
     median = {key: statistics.median(report[key] for report in reports) for key in reports[0]}
     mode = ", ".join(filter(None, ["scripted sub-model" if args.scripted else "OpenAI-compatible fake",
                                    "events streamed" if args.stream else "",
-                                   "trajectory written" if args.trajectory else ""]))
+                                   "trajectory written" if args.trajectory else "",
+                                   f"over {args.children} child runs" if args.children else ""]))
     print(f"{args.prompts:,} prompts ({mode}), median of {len(reports)}: host CPU {median['cpu_us']:.0f} us "
           f"per sub-call, {median['outside_gc_us']:.0f} us of it outside GC; GC {median['gc_ms']:.0f} ms "
           f"({median['gc_full']:.0f} full collections, longest {median['gc_longest_ms']:.0f} ms); "
@@ -171,5 +188,6 @@ if __name__ == "__main__":
     parser.add_argument("--scripted", action="store_true", help="a sub-model that answers at once: no HTTP")
     parser.add_argument("--stream", action="store_true", help="read the run's events with rlm.stream")
     parser.add_argument("--trajectory", action="store_true", help="write a trajectory (to a temporary file)")
+    parser.add_argument("--children", type=int, default=0, help="split the prompts over this many rlm_query children")
     parser.add_argument("--profile", default=None, metavar="RAW", help="attribute a py-spy raw profile")
     anyio.run(main, parser.parse_args())
