@@ -42,10 +42,15 @@ def process_cpu_s(pid: int) -> float:
 
 
 class GCPauses:
-    """This process's garbage-collector pauses while inside ``with``, from ``gc.callbacks``."""
+    """This process's garbage-collector pauses while inside ``with``, from ``gc.callbacks``.
 
-    def __init__(self) -> None:
+    ``freeze=True`` first collects and freezes what exists (``gc.freeze()``, undone on exit), as
+    a service might once it has started: full passes then skip the imported modules.
+    """
+
+    def __init__(self, *, freeze: bool = False) -> None:
         self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self.freeze = freeze
         self._started = 0.0
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
@@ -55,11 +60,16 @@ class GCPauses:
             self.pauses.append((info["generation"], time.perf_counter() - self._started))
 
     def __enter__(self) -> GCPauses:
+        if self.freeze:
+            gc.collect()
+            gc.freeze()
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         gc.callbacks.remove(self._callback)
+        if self.freeze:
+            gc.unfreeze()
 
     def report(self) -> dict[str, Any]:
         """Count and total milliseconds per generation, the total and the longest pause."""
@@ -69,10 +79,12 @@ class GCPauses:
             out[f"gen{generation}"] = {"count": len(mine), "total_ms": round(sum(mine) * 1000, 2)}
         out["total_ms"] = round(sum(s for _, s in self.pauses) * 1000, 2)
         out["longest_ms"] = round(max((s for _, s in self.pauses), default=0.0) * 1000, 2)
+        out["frozen_before"] = self.freeze
         return out
 
     def line(self) -> str:
         """The report in a few words, for a printout."""
         r = self.report()
-        return (f"{r['total_ms']:.0f} ms/{len(self.pauses)} pauses (gen2 {r['gen2']['count']}: "
+        frozen = " (frozen first)" if self.freeze else ""
+        return (f"{r['total_ms']:.0f} ms/{len(self.pauses)} pauses{frozen} (gen2 {r['gen2']['count']}: "
                 f"{r['gen2']['total_ms']:.0f} ms), longest {r['longest_ms']:.0f} ms")

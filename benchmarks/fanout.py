@@ -21,8 +21,9 @@ For ``capacity`` and ``cpu`` a PEER runs in the same invocation, against a fresh
 process of its own: a bare aiohttp client that is TOLD the capacity (a semaphore of exactly that
 many, one ClientSession made before the clock starts, the same prompts and ``max_tokens``). It
 is context, not the target: what the fake provider and this machine allow a client with no
-library at all. Every regime also records the host's GC pauses during the fan-out and the fake
-provider's CPU per request (its process's user + system time from /proc).
+library at all. Every regime also records the host's GC pauses during the fan-out (``--gc-freeze``
+runs ``gc.freeze()`` first, to show what the collector's passes over the imported modules cost)
+and the fake provider's CPU per request (its process's time on a CPU, from /proc).
 
 Every regime must lose 0 prompts. Writes benchmarks/results/fanout.json; ``--plot`` draws the
 lane's concurrency limit over time in each regime from that data.
@@ -54,6 +55,9 @@ FAKE_PROVIDER = Path(__file__).with_name("fake_provider.py")
 LATENCY = 0.2
 CEILING = 256  # the Dispatcher's default ceiling for remote providers
 SUB_MAX_TOKENS = 64
+# --gc-freeze: gc.freeze() in the host before each fan-out (ours and the peer's), to show what the
+# collector's full passes over the imported modules cost; off by default, as in a user's process
+GC_FREEZE = {"on": False}
 
 
 def prompt_list(n: int) -> list[str]:
@@ -150,7 +154,7 @@ async def fan_out(provider: FakeProvider, prompts: int, *, lag: bool = True) -> 
                 tg.start_soon(loop_lag.run)
             t0 = time.monotonic()  # the lane's clock
             provider.mark_cpu()
-            with GCPauses() as gc_pauses:
+            with GCPauses(freeze=GC_FREEZE["on"]) as gc_pauses:
                 cpu_started, wall_started = time.process_time(), time.perf_counter()
                 result = await rlm.run("a small document", "fan out")
                 ended = time.time()
@@ -212,7 +216,7 @@ async def peer_fan_out(provider: FakeProvider, prompts: int, concurrency: int) -
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
             provider.mark_cpu()
-            with GCPauses() as gc_pauses:
+            with GCPauses(freeze=GC_FREEZE["on"]) as gc_pauses:
                 cpu_started, started = time.process_time(), time.perf_counter()
                 async with anyio.create_task_group() as tg:
                     for prompt in prompt_list(prompts):
@@ -381,6 +385,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    GC_FREEZE["on"] = args.gc_freeze
     regimes = {"random": regime_random, "hidden": regime_hidden, "capacity": regime_capacity}
     results: dict[str, Any] = {}
     existing = RESULTS / "fanout.json"
@@ -402,6 +407,8 @@ if __name__ == "__main__":
     parser.add_argument("--regimes", default="random,hidden,capacity,cpu")
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--cpu-prompts", type=int, default=10_000)
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() in the host before each fan-out (not the default: shows the GC's cost)")
     parser.add_argument("--keep", action="store_true", help="update fanout.json instead of replacing it")
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw the limit over time, e.g. docs/fanout.png")
     anyio.run(main, parser.parse_args())
