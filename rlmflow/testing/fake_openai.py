@@ -213,11 +213,10 @@ class FakeOpenAIServer:
             self.counters.limited += 1
             return self._error(429, "rate limit reached", "rate_limit_exceeded", retry_after=wait,
                                headers=self._quota_headers(now))
-        if self.status_faults:
-            for status, rate in self.status_faults.items():
-                if self._random.random() < rate:
-                    self.counters.faults[f"status_{status}"] = self.counters.faults.get(f"status_{status}", 0) + 1
-                    return self._error(status, f"injected {status}", None)
+        for status, rate in self.status_faults.items():
+            if self._random.random() < rate:
+                self.counters.faults[f"status_{status}"] = self.counters.faults.get(f"status_{status}", 0) + 1
+                return self._error(status, f"injected {status}", None)
         fault = self._draw_fault()
         if fault == "throttle":
             return self._error(
