@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -98,6 +98,23 @@ class _Tally:
     failures: int = 0
     queue_wait: float = 0.0
     duration: float = 0.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What the calls of one :meth:`Dispatcher.call` or :meth:`Dispatcher.call_many` share."""
+
+    model: LanguageModel
+    lane: Lane | SharedLane
+    share: RunShare
+    priority: Priority
+    depth: int
+    record: Recorder | None
+    parent: otel_context.Context | None
+    capture: int
+    queued_at: float  # the Dispatcher's clock when the calls were queued
+    queued_ns: int  # the same moment on the wall clock (spans, records)
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep  # the wait before a retry
 
 
 class Dispatcher:
@@ -249,9 +266,8 @@ class Dispatcher:
         self.check_budget(model, ledger)
         estimate = self.estimate(model, request)
         (reservation,) = ledger.reserve_many([estimate])
-        return await self._send(
-            model, request, estimate, reservation, share or RunShare(), priority, depth, record, parent, capture
-        )
+        batch = self._batch(model, share, priority, depth, record, parent, capture)
+        return await self._send(request, estimate, reservation, batch)
 
     async def call_many(
         self,
@@ -272,122 +288,165 @@ class Dispatcher:
         and nothing is sent. Each item's failure is returned in place, after every other item
         has finished.
         """
-        share = share or RunShare()
         self.check_budget(model, ledger)
         estimates = [self.estimate(model, r) for r in requests]
         reservations = ledger.reserve_many(estimates)
         outcomes: list[ModelResponse | RLMError | None] = [None] * len(requests)
+        batch = self._batch(model, share, priority, depth, record, parent, capture)
+        lane = batch.lane
+        # Senders, not one task per item: as many workers as the lane may ever have in flight
+        # take the items in order. A task per item of a 10,000-item batch would cost a task, a
+        # cancel scope, a span and a parked waiter each before the first answer came back, and
+        # their garbage lengthens the collector's pauses. A worker about to sleep before a retry
+        # starts a stand-in, so sleeping retries never leave the lane short of senders.
+        total = len(requests)
+        target = min(total, lane.limits.max_concurrency)
+        taken = workers = sleeping = 0
+        lane.backlog += total
 
-        async def one(index: int) -> None:
+        async def worker() -> None:
+            nonlocal taken, workers
             try:
-                outcomes[index] = await self._send(
-                    model, requests[index], estimates[index], reservations[index], share, priority, depth,
-                    record, parent, capture,
-                )
-            except RLMError as exc:
-                outcomes[index] = exc
+                while taken < total:
+                    index, taken = taken, taken + 1
+                    lane.backlog -= 1
+                    try:
+                        outcomes[index] = await self._send(requests[index], estimates[index], reservations[index],
+                                                           batch)
+                    except RLMError as exc:
+                        outcomes[index] = exc
+                    if workers - sleeping > target:
+                        return  # a stand-in took over while this one slept before a retry
+            finally:
+                workers -= 1
 
+        async def sleep_with_stand_in(seconds: float) -> None:
+            nonlocal workers, sleeping
+            sleeping += 1
+            if taken < total and workers - sleeping < target:
+                workers += 1
+                tg.start_soon(worker)
+            try:
+                await anyio.sleep(seconds)
+            finally:
+                sleeping -= 1
+
+        batch.sleep = sleep_with_stand_in
         try:
             with single_exception():
                 async with anyio.create_task_group() as tg:
-                    for index in range(len(requests)):
-                        tg.start_soon(one, index)
+                    for _ in range(target):
+                        workers += 1
+                        tg.start_soon(worker)
         finally:
+            lane.backlog -= total - taken
             for reservation in reservations:  # items that never started (cancellation)
                 reservation.release()
         return [outcome if outcome is not None else RLMError("no result") for outcome in outcomes]
 
-    async def _send(
+    def _batch(
         self,
         model: LanguageModel,
-        request: ModelRequest,
-        estimate: Spend,
-        reservation: Reservation,
-        share: RunShare,
+        share: RunShare | None,
         priority: Priority,
         depth: int,
         record: Recorder | None,
         parent: otel_context.Context | None,
-        capture: int = 0,
+        capture: int,
+    ) -> _Batch:
+        return _Batch(model, self.lane(model), share or RunShare(), priority, depth, record, parent, capture,
+                      self._clock(), time.time_ns())
+
+    async def _send(
+        self, request: ModelRequest, estimate: Spend, reservation: Reservation, batch: _Batch
     ) -> ModelResponse:
-        lane = self.lane(model)
-        role = "root" if priority == Priority.ROOT else "sub"
+        model, lane = batch.model, batch.lane
+        role = "root" if batch.priority == Priority.ROOT else "sub"
         window_tokens = estimate.input_tokens + request.max_tokens * lane.limits.output_weight
-        first_queued = self._clock()
-        started_at = time.time()
         tally = _Tally()
         telemetry = current_telemetry()
         tracer = telemetry.tracer if telemetry is not None else self._tracer
-        with tracer.start_as_current_span(
+        # the span starts when the call was queued, so it shows the wait for admission
+        span = tracer.start_span(
             attr.chat_span_name(model.name),
-            context=parent,
+            context=batch.parent,
             kind=trace.SpanKind.CLIENT,
             attributes=span_attributes.chat_start(
-                provider=model.provider, model=model.name, max_tokens=request.max_tokens, depth=depth, role=role,
-                prompt_chars=request.prompt_chars, messages=request.messages, capture=capture,
+                provider=model.provider, model=model.name, max_tokens=request.max_tokens, depth=batch.depth,
+                role=role, prompt_chars=request.prompt_chars, messages=request.messages, capture=batch.capture,
             ),
+            start_time=batch.queued_ns,
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
+        )
+        # current while the request is out (provider instrumentation, log correlation); a span of
+        # no tracer at all carries nothing worth making current
+        token = otel_context.attach(trace.set_span_in_context(span)) if span.get_span_context().is_valid else None
+        try:
             try:
-                response = await self._attempts(model, request, lane, span, share, priority, window_tokens,
-                                                first_queued, tally)
+                response = await self._attempts(request, span, window_tokens, tally, batch)
             except BaseException as exc:
                 reservation.release()
                 self._finish_failed(span, exc, tally.attempts, tally.throttles, tally.queue_wait)
                 if isinstance(exc, Exception):
                     self._emit(
                         CallRecord(
-                            model.name, model.provider, role, depth, 0, 0, 0.0, tally.queue_wait,
-                            self._clock() - first_queued, tally.attempts, tally.throttles, type(exc).__name__,
-                            started_at,
+                            model.name, model.provider, role, batch.depth, 0, 0, 0.0, tally.queue_wait,
+                            self._clock() - batch.queued_at, tally.attempts, tally.throttles, type(exc).__name__,
+                            batch.queued_ns / 1e9,
                         ),
-                        record,
+                        batch.record,
                     )
                 raise
-            usage = response.usage
-            if usage.estimated or usage.input_tokens <= 0 < estimate.input_tokens:
-                # the provider reported no usage: charge at least the (conservative) reservation
-                usage = Usage(max(usage.input_tokens, estimate.input_tokens),
-                              max(usage.output_tokens, estimate.output_tokens), usage.calls or 1, estimated=True)
-                span.add_event("usage_unknown", {"rlm.usage.charged": "reservation"})
-            cost = self.cost(model, usage)
-            overrun = reservation.settle(usage, cost or 0.0)
-            if overrun != Spend():
-                self._report_overrun(span, model, overrun, reservation.amount)
+            return self._settle(model, response, estimate, reservation, span, tally, role, batch)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+            span.end()
+
+    def _settle(
+        self, model: LanguageModel, response: ModelResponse, estimate: Spend, reservation: Reservation, span: Span,
+        tally: _Tally, role: str, batch: _Batch,
+    ) -> ModelResponse:
+        """Charge a successful call to the ledger, finish its span and record it."""
+        usage = response.usage
+        if usage.estimated or usage.input_tokens <= 0 < estimate.input_tokens:
+            # the provider reported no usage: charge at least the (conservative) reservation
+            usage = Usage(max(usage.input_tokens, estimate.input_tokens),
+                          max(usage.output_tokens, estimate.output_tokens), usage.calls or 1, estimated=True)
+            span.add_event("usage_unknown", {"rlm.usage.charged": "reservation"})
+        cost = self.cost(model, usage)
+        overrun = reservation.settle(usage, cost or 0.0)
+        if overrun != Spend():
+            self._report_overrun(span, model, overrun, reservation.amount)
+        if span.is_recording():
             self._finish_ok(span, response, cost, tally.attempts, tally.throttles, tally.queue_wait)
             span.set_attributes(span_attributes.chat_end(
                 response_model=response.model, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                text=response.text, finish_reason=response.finish_reason, capture=capture,
+                text=response.text, finish_reason=response.finish_reason, capture=batch.capture,
             ))
-            self._emit(
-                CallRecord(
-                    model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens,
-                    cost, tally.queue_wait, tally.duration, tally.attempts, tally.throttles, None, started_at,
-                ),
-                record,
-            )
-            return response
+        self._emit(
+            CallRecord(
+                model.name, model.provider, role, batch.depth, usage.input_tokens, usage.output_tokens,
+                cost, tally.queue_wait, tally.duration, tally.attempts, tally.throttles, None, batch.queued_ns / 1e9,
+            ),
+            batch.record,
+        )
+        return response
 
     async def _attempts(
-        self,
-        model: LanguageModel,
-        request: ModelRequest,
-        lane: Lane | SharedLane,
-        span: Span,
-        share: RunShare,
-        priority: Priority,
-        window_tokens: float,
-        first_queued: float,
-        tally: _Tally,
+        self, request: ModelRequest, span: Span, window_tokens: float, tally: _Tally, batch: _Batch
     ) -> ModelResponse:
         """Send until success or until the retry policy gives up; every attempt reports to the lane."""
+        model, lane = batch.model, batch.lane
         seq: int | None = None
         while True:
             tally.attempts += 1
-            ticket = await lane.acquire(priority=priority, share=share, tokens=window_tokens, seq=seq)
+            ticket = await lane.acquire(priority=batch.priority, share=batch.share, tokens=window_tokens, seq=seq)
+            # the first attempt waited since the batch was queued; a retry since it asked again
+            queued_at = batch.queued_at if seq is None else ticket.queued_at
             seq = ticket.seq  # a retry keeps its place in line
-            tally.queue_wait += ticket.admitted_at - ticket.queued_at
+            tally.queue_wait += ticket.admitted_at - queued_at
             started = time.perf_counter()
             try:
                 response = await model.request(request)
@@ -407,7 +466,7 @@ class Dispatcher:
                 delay = self.retry.delay(tally.failures if not refused else tally.throttles, exc)
                 if not self.retry.should_retry(
                     exc, failures=tally.failures, throttles=tally.throttles,
-                    elapsed=self._clock() - first_queued, delay=delay,
+                    elapsed=self._clock() - batch.queued_at, delay=delay,
                 ):
                     raise
                 lane.retries += 1
@@ -416,7 +475,7 @@ class Dispatcher:
                 span.add_event(
                     "retry", {"attempt": tally.attempts, attr.ERROR_TYPE: type(exc).__name__, "delay_s": delay}
                 )
-                await anyio.sleep(delay)
+                await batch.sleep(delay)
                 continue
             except Exception as exc:  # an SDK error a model failed to translate
                 lane.on_error(ticket)

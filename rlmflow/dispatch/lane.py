@@ -116,6 +116,7 @@ class Lane:
             SlidingWindowLimiter(limits.tpm, window=limits.window, margin=margin, clock=clock) if limits.tpm else None
         )
         self.in_flight = 0
+        self.backlog = 0  # calls of batches not yet asking (the Dispatcher's senders take them in turn)
         self._root: deque[_Waiter] = deque()
         self._sub: dict[RunShare, deque[_Waiter]] = {}
         self._seq = itertools.count(1)
@@ -159,8 +160,8 @@ class Lane:
             if not queue:
                 del self._sub[waiter.share]
 
-    def _blocked_for(self, waiter: _Waiter, now: float) -> float:
-        """Seconds until time alone lets ``waiter`` in (0: it may go now)."""
+    def _blocked_for(self, tokens: float, now: float) -> float:
+        """Seconds until time alone lets a call of ``tokens`` in (0: it may go now)."""
         delay = max(0.0, self._paused_until - now)
         if delay == 0 and self._resume_pending:
             self._resume_pending = False
@@ -168,7 +169,7 @@ class Lane:
         if self.requests is not None:
             delay = max(delay, self.requests.delay(1))
         if self.tokens is not None:
-            delay = max(delay, self.tokens.delay(waiter.tokens))
+            delay = max(delay, self.tokens.delay(tokens))
         return delay
 
     def _dispatch(self) -> None:
@@ -179,7 +180,7 @@ class Lane:
             if waiter is None:
                 return
             now = self._clock()
-            delay = self._blocked_for(waiter, now)
+            delay = self._blocked_for(waiter.tokens, now)
             if delay == 0 and not self.concurrency.available(self.in_flight):
                 delay = self.concurrency.next_change_in()  # a held slot frees, or a probe is due
                 if delay == math.inf:
@@ -194,18 +195,31 @@ class Lane:
 
     def admit(self, waiter: _Waiter, now: float) -> None:
         """Take a slot and the windows' room for ``waiter`` and wake it."""
+        waiter.granted = self._grant(waiter.share, waiter.tokens, waiter.seq, now)
+        waiter.event.set()
+
+    def _grant(self, share: RunShare, tokens: float, seq: int, now: float) -> Ticket:
         self.in_flight += 1
-        waiter.share.in_flight += 1
-        waiter.granted = Ticket(
-            share=waiter.share,
+        share.in_flight += 1
+        return Ticket(
+            share=share,
             requests=self.requests.acquire_nowait(1) if self.requests else None,
-            tokens=self.tokens.acquire_nowait(waiter.tokens) if self.tokens else None,
+            tokens=self.tokens.acquire_nowait(tokens) if self.tokens else None,
             queued_at=now,
             admitted_at=now,
-            seq=waiter.seq,
+            seq=seq,
             stamp=self.concurrency.on_send(self.in_flight),
         )
-        waiter.event.set()
+
+    def _may_go_now(self, share: RunShare, tokens: float, now: float) -> bool:
+        """Whether a new call may be admitted at once: nobody waits ahead of it and no limit holds it."""
+        return (
+            not self._root
+            and not self._sub
+            and (share.max_concurrency is None or share.in_flight < share.max_concurrency)
+            and self._blocked_for(tokens, now) == 0
+            and self.concurrency.available(self.in_flight)
+        )
 
     def _remove(self, waiter: _Waiter) -> None:
         queue = self._root if waiter.priority == Priority.ROOT else self._sub.get(waiter.share)
@@ -223,19 +237,31 @@ class Lane:
         ``seq``: the place in line of an earlier attempt of the same call (a retry keeps it).
         """
         queued_at = self._clock()
-        waiter = _Waiter(priority, share, tokens, seq if seq is not None else next(self._seq))
+        seq = seq if seq is not None else next(self._seq)
+        if self._may_go_now(share, tokens, queued_at):
+            # the common case of a busy lane's steady state (a call ends, the next one starts):
+            # no waiter, no event, no timer; a cancelled caller still stops here
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            return self._grant(share, tokens, seq, queued_at)
+        waiter = _Waiter(priority, share, tokens, seq)
         self._enqueue(waiter)
+        waited = False
         try:
             self._dispatch()
             while waiter.granted is None:
+                waited = True
                 delay = self._timer_delay if self._timer_owner is waiter else math.inf
                 if waiter.event.is_set():
                     waiter.event = anyio.Event()
-                with anyio.move_on_after(delay):
-                    await waiter.event.wait()
+                if delay == math.inf:
+                    await waiter.event.wait()  # a completion or a departure wakes us
+                else:
+                    with anyio.move_on_after(delay):
+                        await waiter.event.wait()
                 if waiter.granted is None:
                     self._dispatch()
-            await anyio.lowlevel.checkpoint()
+            if not waited:
+                await anyio.lowlevel.checkpoint()  # admitted at once: still a point to be cancelled at
         except BaseException:
             if waiter.granted is not None:
                 self.on_cancel(waiter.granted)
@@ -302,7 +328,7 @@ class Lane:
             self._resume_pending = True
 
     def statistics(self) -> LaneStatistics:
-        waiting = len(self._root) + sum(len(q) for q in self._sub.values())
+        waiting = self.backlog + len(self._root) + sum(len(q) for q in self._sub.values())
         return LaneStatistics(
             key=self.key,
             limits=self.limits,

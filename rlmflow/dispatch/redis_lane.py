@@ -125,6 +125,15 @@ class SharedLane:
         state.register(self)
 
     @property
+    def backlog(self) -> int:
+        """Calls of batches not yet asking (counted in ``statistics().waiting``)."""
+        return self.local.backlog
+
+    @backlog.setter
+    def backlog(self, count: int) -> None:
+        self.local.backlog = count
+
+    @property
     def concurrency(self) -> _AgreedLimit:
         """The concurrency limit all processes agreed on, as last seen (what the lane gauge reads)."""
         return _AgreedLimit(self.limit_seen)
