@@ -242,12 +242,12 @@ async def peer_fan_out(provider: FakeProvider, prompts: int, concurrency: int) -
     }
 
 
-def add_peer(report: dict[str, Any], peer: dict[str, Any], capacity: int) -> str:
+def add_peer(report: dict[str, Any], peer: dict[str, Any], in_flight: int) -> str:
     """Store the peer in ``report`` (its ratio to the bound, ours to it); the words to print."""
     peer["ratio"] = peer["fanout_s"] / report["bound_s"]
     report["peer"] = peer
     report["ratio_to_peer"] = report["fanout_s"] / peer["fanout_s"]
-    return (f" | peer (bare aiohttp told {capacity}): {peer['fanout_s']:.2f} s -> ratio {peer['ratio']:.2f}, "
+    return (f" | peer (bare aiohttp, {in_flight} in flight): {peer['fanout_s']:.2f} s -> ratio {peer['ratio']:.2f}, "
             f"ours/peer {report['ratio_to_peer']:.2f}, host CPU/call {peer['host_cpu_per_call_us']:.0f} us, "
             f"fake CPU/req {peer['server_cpu_per_request_us']:.0f} us, host GC {peer['gc_line']}, "
             f"lost {peer['lost']}")
@@ -321,7 +321,10 @@ async def regime_capacity(prompts: int, capacity: int = 256) -> dict[str, Any]:
 async def regime_cpu(prompts: int, capacity: int = 1024) -> dict[str, Any]:
     """A large fan-out with no faults: host CPU per sub-call, all included."""
     report = await fan_out(FakeProvider("--capacity", str(capacity)), prompts, lag=False)
-    report["bound_s"] = math.ceil(prompts / capacity) * LATENCY  # context only: this regime has no target
+    # context only (this regime has no target): the Dispatcher's default ceiling, not the
+    # provider's capacity, sets the pace here, so the bound and the peer use the ceiling
+    in_flight = min(capacity, CEILING)
+    report["bound_s"] = math.ceil(prompts / in_flight) * LATENCY
     report["ratio"] = report["fanout_s"] / report["bound_s"]
     report["host_cpu_per_call_us"] = report["cpu_s"] / prompts * 1e6
     report["dispatcher_cpu_per_call_us"] = await dispatcher_overhead() * 1e6
@@ -331,10 +334,10 @@ async def regime_cpu(prompts: int, capacity: int = 1024) -> dict[str, Any]:
           f"{report['host_cpu_per_call_us']:.0f} us per sub-call all included (sandbox, Dispatcher, OpenAIModel, "
           f"HTTP); the Dispatcher alone "
           f"{report['dispatcher_cpu_per_call_us']:.0f} us ({report['dispatcher_cpu_per_call_traced_us']:.0f} us "
-          f"with SDK tracing); lost {report['lost']}; the provider allows {report['bound_s']:.1f} s -> ratio "
-          f"{report['ratio']:.2f}")
-    peer = await peer_fan_out(FakeProvider("--capacity", str(capacity)), prompts, capacity)
-    print(costs_line(report) + add_peer(report, peer, capacity))
+          f"with SDK tracing); lost {report['lost']}; {in_flight} in flight allow {report['bound_s']:.1f} s -> "
+          f"ratio {report['ratio']:.2f}")
+    peer = await peer_fan_out(FakeProvider("--capacity", str(capacity)), prompts, in_flight)
+    print(costs_line(report) + add_peer(report, peer, in_flight))
     return report
 
 
