@@ -17,6 +17,14 @@ told nothing about the provider's limits. Regimes, each printed as a ratio to it
 - ``cpu``: 10,000 prompts, no faults, capacity 1,024: host CPU per sub-call, everything included
   (sandbox, Dispatcher, OpenAIModel, HTTP).
 
+For ``capacity`` and ``cpu`` a PEER runs in the same invocation, against a fresh provider
+process of its own: a bare aiohttp client that is TOLD the capacity (a semaphore of exactly that
+many, one ClientSession made before the clock starts, the same prompts and ``max_tokens``). It
+is context, not the target: what the fake provider and this machine allow a client with no
+library at all. Every regime also records the host's GC pauses during the fan-out (``--gc-freeze``
+runs ``gc.freeze()`` first, to show what the collector's passes over the imported modules cost)
+and the fake provider's CPU per request (its process's time on a CPU, from /proc).
+
 Every regime must lose 0 prompts. Writes benchmarks/results/fanout.json; ``--plot`` draws the
 lane's concurrency limit over time in each regime from that data.
 """
@@ -33,9 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import anyio.to_thread
-from _common import RESULTS, percentile, write_result
+from _common import RESULTS, GCPauses, percentile, process_cpu_s, write_result
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -45,6 +54,15 @@ from rlmflow import RLM, BudgetLedger, Dispatcher, Limits, ModelRequest, OpenAIM
 FAKE_PROVIDER = Path(__file__).with_name("fake_provider.py")
 LATENCY = 0.2
 CEILING = 256  # the Dispatcher's default ceiling for remote providers
+SUB_MAX_TOKENS = 64
+# --gc-freeze: gc.freeze() in the host before each fan-out (ours and the peer's), to show what the
+# collector's full passes over the imported modules cost; off by default, as in a user's process
+GC_FREEZE = {"on": False}
+
+
+def prompt_list(n: int) -> list[str]:
+    """The prompts of every fan-out (the cell builds the same list in the sandbox)."""
+    return [f"chunk {i}: " + "lorem ipsum " * 33 for i in range(n)]
 
 
 def slow_start_ideal(n: int, latency: float, capacity: int, initial: int = 8, ceiling: int = CEILING) -> float:
@@ -94,8 +112,19 @@ class FakeProvider:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert self.process.stdout is not None
-        self.base_url = json.loads(self.process.stdout.readline())["base_url"]
+        started = json.loads(self.process.stdout.readline())
+        self.base_url: str = started["base_url"]
+        self.loop: str = started.get("loop", "asyncio")
         self.summary: dict[str, Any] = {}
+        self._cpu_mark = 0.0
+
+    def mark_cpu(self) -> None:
+        """Start counting the provider process's CPU from now."""
+        self._cpu_mark = process_cpu_s(self.process.pid)
+
+    def cpu_since_mark(self) -> float:
+        """The provider process's CPU seconds since :meth:`mark_cpu`."""
+        return process_cpu_s(self.process.pid) - self._cpu_mark
 
     async def stop(self) -> None:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -118,17 +147,20 @@ async def fan_out(provider: FakeProvider, prompts: int, *, lag: bool = True) -> 
     loop_lag = LoopLag()
     try:
         async with (
-            RLM(root=root, sub=sub, dispatcher=dispatcher, sub_max_tokens=64) as rlm,
+            RLM(root=root, sub=sub, dispatcher=dispatcher, sub_max_tokens=SUB_MAX_TOKENS) as rlm,
             anyio.create_task_group() as tg,
         ):
             if lag:
                 tg.start_soon(loop_lag.run)
             t0 = time.monotonic()  # the lane's clock
-            cpu_started, wall_started = time.process_time(), time.perf_counter()
-            result = await rlm.run("a small document", "fan out")
-            ended = time.time()
-            wall = time.perf_counter() - wall_started
-            cpu = time.process_time() - cpu_started
+            provider.mark_cpu()
+            with GCPauses(freeze=GC_FREEZE["on"]) as gc_pauses:
+                cpu_started, wall_started = time.process_time(), time.perf_counter()
+                result = await rlm.run("a small document", "fan out")
+                ended = time.time()
+                wall = time.perf_counter() - wall_started
+                cpu = time.process_time() - cpu_started
+            server_cpu = provider.cpu_since_mark()
             tg.cancel_scope.cancel()
     finally:
         await sub.aclose()
@@ -156,8 +188,74 @@ async def fan_out(provider: FakeProvider, prompts: int, *, lag: bool = True) -> 
         "limit_history": [(round(t - t0, 4), limit) for t, limit in lane.concurrency.history if t >= t0],
         "loop_lag_p99_ms": percentile(loop_lag.lags, 0.99) * 1000,
         "loop_lag_mean_ms": statistics.mean(loop_lag.lags) * 1000 if loop_lag.lags else 0.0,
+        "host_gc": gc_pauses.report(),
+        "gc_line": gc_pauses.line(),
+        "server_cpu_s": server_cpu,
+        "server_cpu_per_request_us": server_cpu / max(1, provider.summary.get("requests", 0)) * 1e6,
+        "server_loop": provider.loop,
         "server": provider.summary,
     }
+
+
+async def peer_fan_out(provider: FakeProvider, prompts: int, concurrency: int) -> dict[str, Any]:
+    """The same prompts from a bare aiohttp client TOLD the provider's capacity: a semaphore of
+    ``concurrency`` and one ClientSession (made before the clock starts), no library."""
+    url = provider.base_url + "/chat/completions"
+    headers = {"Authorization": "Bearer not-needed"}
+    gate = anyio.Semaphore(concurrency)
+    answers: list[str] = []
+
+    async def one(session: aiohttp.ClientSession, prompt: str) -> None:
+        body = {"model": "fake-sub", "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": SUB_MAX_TOKENS}
+        async with gate, session.post(url, json=body, headers=headers) as response:
+            reply = await response.json()
+        answers.append(reply["choices"][0]["message"]["content"])
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            provider.mark_cpu()
+            with GCPauses(freeze=GC_FREEZE["on"]) as gc_pauses:
+                cpu_started, started = time.process_time(), time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for prompt in prompt_list(prompts):
+                        tg.start_soon(one, session, prompt)
+                fanout = time.perf_counter() - started
+                cpu = time.process_time() - cpu_started
+            server_cpu = provider.cpu_since_mark()
+    finally:
+        await provider.stop()
+    return {
+        "client": f"bare aiohttp {aiohttp.__version__}, semaphore {concurrency}, one ClientSession",
+        "prompts": prompts,
+        "fanout_s": fanout,
+        "cpu_s": cpu,
+        "host_cpu_per_call_us": cpu / prompts * 1e6,
+        "lost": prompts - sum(a.startswith("answer:") for a in answers),
+        "host_gc": gc_pauses.report(),
+        "gc_line": gc_pauses.line(),
+        "server_cpu_s": server_cpu,
+        "server_cpu_per_request_us": server_cpu / max(1, provider.summary.get("requests", 0)) * 1e6,
+        "server_loop": provider.loop,
+        "server": provider.summary,
+    }
+
+
+def add_peer(report: dict[str, Any], peer: dict[str, Any], in_flight: int) -> str:
+    """Store the peer in ``report`` (its ratio to the bound, ours to it); the words to print."""
+    peer["ratio"] = peer["fanout_s"] / report["bound_s"]
+    report["peer"] = peer
+    report["ratio_to_peer"] = report["fanout_s"] / peer["fanout_s"]
+    return (f" | peer (bare aiohttp, {in_flight} in flight): {peer['fanout_s']:.2f} s -> ratio {peer['ratio']:.2f}, "
+            f"ours/peer {report['ratio_to_peer']:.2f}, host CPU/call {peer['host_cpu_per_call_us']:.0f} us, "
+            f"fake CPU/req {peer['server_cpu_per_request_us']:.0f} us, host GC {peer['gc_line']}, "
+            f"lost {peer['lost']}")
+
+
+def costs_line(report: dict[str, Any]) -> str:
+    """Where our run's time went besides the client: the fake's CPU and the host's GC pauses."""
+    return f"    fake CPU/req {report['server_cpu_per_request_us']:.0f} us, host GC {report['gc_line']}"
 
 
 async def regime_random(prompts: int) -> dict[str, Any]:
@@ -176,6 +274,7 @@ async def regime_random(prompts: int) -> dict[str, Any]:
           f"(a prompt was refused {report['max_refusals_one_prompt']} times) "
           f"-> ratio {report['ratio']:.2f} (target <= 1.5); lost {report['lost']}; "
           f"limit cuts {report['lane']['decreases']}, pauses {report['lane']['pauses']}")
+    print(costs_line(report))
     return report
 
 
@@ -195,6 +294,7 @@ async def regime_hidden(prompts: int, rpm: int = 600, concurrency: int = 32) -> 
           f"{server.get('requests')} requests = {report['refusal_fraction']:.1%} (target < 5%; "
           f"{server.get('rate_limited')} for rate, {server.get('over_concurrency')} for concurrency); "
           f"peak in flight at the server {server.get('peak_in_flight')}; lost {report['lost']}")
+    print(costs_line(report))
     return report
 
 
@@ -213,12 +313,19 @@ async def regime_capacity(prompts: int, capacity: int = 256) -> dict[str, Any]:
           f"starting at 8 and doubling per round trip, can do {report['slow_start_bound_s']:.2f} s -> ratio "
           f"{report['ratio_to_slow_start_bound']:.2f}; host CPU {per_call_cpu * 1e6:.0f} us per sub-call; "
           f"lost {report['lost']}")
+    peer = await peer_fan_out(FakeProvider("--capacity", str(capacity)), prompts, capacity)
+    print(costs_line(report) + add_peer(report, peer, capacity))
     return report
 
 
-async def regime_cpu(prompts: int) -> dict[str, Any]:
+async def regime_cpu(prompts: int, capacity: int = 1024) -> dict[str, Any]:
     """A large fan-out with no faults: host CPU per sub-call, all included."""
-    report = await fan_out(FakeProvider("--capacity", "1024"), prompts, lag=False)
+    report = await fan_out(FakeProvider("--capacity", str(capacity)), prompts, lag=False)
+    # context only (this regime has no target): the Dispatcher's default ceiling, not the
+    # provider's capacity, sets the pace here, so the bound and the peer use the ceiling
+    in_flight = min(capacity, CEILING)
+    report["bound_s"] = math.ceil(prompts / in_flight) * LATENCY
+    report["ratio"] = report["fanout_s"] / report["bound_s"]
     report["host_cpu_per_call_us"] = report["cpu_s"] / prompts * 1e6
     report["dispatcher_cpu_per_call_us"] = await dispatcher_overhead() * 1e6
     report["dispatcher_cpu_per_call_traced_us"] = await dispatcher_overhead(tracing=True) * 1e6
@@ -227,7 +334,10 @@ async def regime_cpu(prompts: int) -> dict[str, Any]:
           f"{report['host_cpu_per_call_us']:.0f} us per sub-call all included (sandbox, Dispatcher, OpenAIModel, "
           f"HTTP); the Dispatcher alone "
           f"{report['dispatcher_cpu_per_call_us']:.0f} us ({report['dispatcher_cpu_per_call_traced_us']:.0f} us "
-          f"with SDK tracing); lost {report['lost']}")
+          f"with SDK tracing); lost {report['lost']}; {in_flight} in flight allow {report['bound_s']:.1f} s -> "
+          f"ratio {report['ratio']:.2f}")
+    peer = await peer_fan_out(FakeProvider("--capacity", str(capacity)), prompts, in_flight)
+    print(costs_line(report) + add_peer(report, peer, in_flight))
     return report
 
 
@@ -278,6 +388,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    GC_FREEZE["on"] = args.gc_freeze
     regimes = {"random": regime_random, "hidden": regime_hidden, "capacity": regime_capacity}
     results: dict[str, Any] = {}
     existing = RESULTS / "fanout.json"
@@ -299,6 +410,8 @@ if __name__ == "__main__":
     parser.add_argument("--regimes", default="random,hidden,capacity,cpu")
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--cpu-prompts", type=int, default=10_000)
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() in the host before each fan-out (not the default: shows the GC's cost)")
     parser.add_argument("--keep", action="store_true", help="update fanout.json instead of replacing it")
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw the limit over time, e.g. docs/fanout.png")
     anyio.run(main, parser.parse_args())

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fake_openai import Admitted, FakeOpenAIServer, answer_for
+from .fake_openai import BACKLOG, Admitted, FakeOpenAIServer, answer_for
 
 __all__ = ["Admission", "FakeProviderBase"]
 
@@ -74,7 +74,7 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
         self.routes(app)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port, backlog=BACKLOG)
         await site.start()
         port = self._runner.addresses[0][1]
         self.base_url = f"http://127.0.0.1:{port}"
@@ -153,7 +153,7 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
         if admitted is None:
             return
         used = admission.prompt_tokens + output_tokens
-        if any(item is admitted for item in self._recent):
+        if self._in_window(admitted):
             self._recent_tokens += used - admitted.tokens
         admitted.tokens = used
 

@@ -20,7 +20,10 @@ whether every prompt got its own answer.
         model = OpenAIModel("fake", base_url=server.base_url)
 
 ``benchmarks/fake_provider.py`` runs it as a process of its own (for benchmarks, so its CPU is
-not the host's).
+not the host's). It is built to cost the benchmarks little: aiohttp's low-level server (no
+router), one parse of the body and one token count per request, answers encoded from a
+template, O(1) bookkeeping per request, and a listen backlog of :data:`BACKLOG` so a client that
+opens a thousand connections at once is not met with dropped SYNs (and 1 s retransmits).
 """
 
 from __future__ import annotations
@@ -38,7 +41,17 @@ from aiohttp import web
 
 from ..models.base import estimate_tokens
 
-__all__ = ["Admitted", "FakeOpenAIServer", "FaultPlan", "answer_for"]
+__all__ = ["BACKLOG", "Admitted", "FakeOpenAIServer", "FaultPlan", "answer_for"]
+
+#: Pending connections the listening socket holds (the kernel caps it at net.core.somaxconn).
+#: aiohttp's default, 128, drops the SYNs of a client that connects a thousand times at once.
+BACKLOG = 4096
+_PATH = "/v1/chat/completions"
+# json.dumps of an answer, with the same separators, for the parts that vary
+_ANSWER = ('{"id": "chatcmpl-%d", "object": "chat.completion", "created": 0, "model": %s, "choices": [{"index": 0, '
+           '"message": {"role": "assistant", "content": %s}, "finish_reason": "stop"}]')
+_USAGE = ', "usage": {"prompt_tokens": %d, "completion_tokens": %d, "total_tokens": %d}'
+_JSON = "application/json; charset=utf-8"
 
 
 def answer_for(prompt: str) -> str:
@@ -123,7 +136,7 @@ class FakeOpenAIServer:
         self.peak_in_flight = 0
         self._random = random.Random(seed)
         self._port = port
-        self._runner: web.AppRunner | None = None
+        self._runner: web.BaseRunner | None = None
         self._recent: deque[Admitted] = deque()
         self._recent_tokens = 0
         self.admitted: list[Admitted] = []
@@ -141,6 +154,15 @@ class FakeOpenAIServer:
         while self._recent and self._recent[0].at <= now - self.window:
             self._recent_tokens -= self._recent.popleft().tokens
 
+    def _in_window(self, item: Admitted) -> bool:
+        """Whether ``item`` (once admitted) is still in the sliding window, in O(1).
+
+        The window holds admissions in the order of their (monotonic) times and expires a prefix
+        of them up to a threshold that only grows, so an admission is still in it exactly when
+        its time is at least that of the oldest one left.
+        """
+        return bool(self._recent) and item.at >= self._recent[0].at
+
     def _retry_after(self, now: float, tokens: int) -> float:
         """Seconds until a request of ``tokens`` would fit."""
         waits = [0.0]
@@ -155,7 +177,15 @@ class FakeOpenAIServer:
                     break
         return max(waits)
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The one endpoint, as aiohttp's router would answer it (404, 405) without its cost."""
+        if request.path != _PATH:
+            return web.Response(status=404, text="404: Not Found")
+        if request.method != "POST":
+            return web.Response(status=405, text="405: Method Not Allowed", headers={"Allow": "POST"})
+        return await self._handle(request)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.counters.requests += 1
         if self.max_concurrency is not None and self._serving >= self.max_concurrency:
             self.counters.over_concurrency += 1
@@ -168,13 +198,14 @@ class FakeOpenAIServer:
         finally:
             self._serving -= 1
 
-    async def _serve(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = json.loads(await request.read())
         messages = body.get("messages") or []
         prompt = "".join(str(m.get("content", "")) for m in messages)
         last = str(messages[-1].get("content", "")) if messages else ""
         max_tokens = int(body.get("max_tokens") or 16)
-        tokens = self.count_tokens(prompt) + max_tokens
+        prompt_tokens = self.count_tokens(prompt)
+        tokens = prompt_tokens + max_tokens
         now = self._now()
         self._expire(now)
         wait = self._retry_after(now, tokens)
@@ -215,33 +246,29 @@ class FakeOpenAIServer:
         is_root = self.root_marker is not None and self.root_marker in prompt
         content = self.root_reply if is_root else answer_for(last)
         output = min(self.output_tokens, max_tokens)
-        used = self.count_tokens(prompt) + output
-        if any(item is admitted for item in self._recent):
+        used = prompt_tokens + output
+        if self._in_window(admitted):
             self._recent_tokens += used - admitted.tokens
         admitted.tokens = used
-        answer: dict[str, Any] = {
-            "id": f"chatcmpl-{self.counters.admitted}",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body.get("model", "fake"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": "stop"}],
-        }
-        usage = {"prompt_tokens": self.count_tokens(prompt), "completion_tokens": output, "total_tokens": used}
+        model = body.get("model", "fake")
         if body.get("stream"):
-            return await self._stream_chunks(request, body, content, usage if self.usage else None)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output, "total_tokens": used}
+            return await self._stream_chunks(request, model, body, content, usage if self.usage else None)
+        text = _ANSWER % (self.counters.admitted, json.dumps(model), json.dumps(content))
         if self.usage:
-            answer["usage"] = usage
-        return web.json_response(answer, headers=self._quota_headers(self._now()))
+            text += _USAGE % (prompt_tokens, output, used)
+        headers = self._quota_headers(self._now())
+        headers["Content-Type"] = _JSON
+        return web.Response(body=(text + "}").encode(), headers=headers)
 
-    async def _stream_chunks(self, request: web.Request, body: dict[str, Any], content: str,
-                      usage: dict[str, int] | None) -> web.StreamResponse:
+    async def _stream_chunks(self, request: web.BaseRequest, model: Any, body: dict[str, Any], content: str,
+                             usage: dict[str, int] | None) -> web.StreamResponse:
         """The reply as OpenAI's server-sent ``chat.completion.chunk`` events, 16 characters each."""
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._quota_headers(self._now())})
         await response.prepare(request)
         pieces = [content[i:i + 16] for i in range(0, len(content), 16)] or [""]
         base = {"id": f"chatcmpl-{self.counters.admitted}", "object": "chat.completion.chunk", "created": 0,
-                "model": body.get("model", "fake")}
+                "model": model}
         for piece in pieces:
             chunk = {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -297,11 +324,10 @@ class FakeOpenAIServer:
         return best
 
     async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        server = web.Server(self._route, handler_cancellation=True, access_log=None)
+        self._runner = web.ServerRunner(server)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port, backlog=BACKLOG)
         await site.start()
         port = self._runner.addresses[0][1]
         self.base_url = f"http://127.0.0.1:{port}/v1"
