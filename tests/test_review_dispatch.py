@@ -468,3 +468,48 @@ async def test_a_shared_lane_returns_to_idle_after_failures_retries_and_cancella
         assert (stats.in_flight, stats.waiting, lane.backlog) == (0, 0, 0)
         assert ledger.reserved == Spend()
 
+
+
+async def test_a_deadline_cancels_the_requests_in_flight_and_sends_nothing_more() -> None:
+    """A deadline over a batch reaches every request the senders have out, and no item is sent
+    after it."""
+    started: list[int] = []
+    cancelled: list[int] = []
+
+    async def reply(request: ModelRequest) -> str:
+        index = index_of(request)
+        started.append(index)
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(index)
+            raise
+        return "ok"
+
+    dispatcher = Dispatcher(limits={"scripted": Limits(max_concurrency=3, initial_concurrency=3)})
+    ledger = BudgetLedger()
+    with anyio.move_on_after(0.05) as scope:
+        await dispatcher.call_many(ScriptedModel(reply), prompts(20), ledger=ledger)
+    assert scope.cancelled_caught
+    assert sorted(started) == [0, 1, 2] and sorted(cancelled) == [0, 1, 2]
+    (lane,) = dispatcher.statistics()
+    assert (lane.in_flight, lane.waiting) == (0, 0) and ledger.reserved == Spend() and ledger.spent == Spend()
+
+
+async def test_the_fast_path_keeps_the_request_window() -> None:
+    """Calls admitted without a waiter still count against the RPM window: a batch never has
+    more than ``rpm`` requests start within one window."""
+    at: list[float] = []
+
+    async def reply(request: ModelRequest) -> str:
+        at.append(time.monotonic())
+        return "ok"
+
+    window = 0.2
+    dispatcher = Dispatcher(
+        limits={"scripted": Limits(max_concurrency=8, initial_concurrency=8, rpm=4, window=window)}
+    )
+    await dispatcher.call_many(ScriptedModel(reply), prompts(9), ledger=BudgetLedger())
+    assert len(at) == 9
+    for i, start in enumerate(at):
+        assert sum(1 for t in at[i:] if t - start < window) <= 4
