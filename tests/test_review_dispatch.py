@@ -513,3 +513,47 @@ async def test_the_fast_path_keeps_the_request_window() -> None:
     assert len(at) == 9
     for i, start in enumerate(at):
         assert sum(1 for t in at[i:] if t - start < window) <= 4
+
+
+async def test_two_dispatchers_pools_on_one_shared_lane_hold_its_ceiling_and_free_every_slot(
+    redis_server: RedisServer,
+) -> None:
+    """Two Dispatchers (two replicas' worth of state) each run a pool as wide as the shared
+    lane's ceiling of 3: together they never have more than 3 requests out, and after one batch
+    is cancelled mid-way and the other finishes, Redis holds no slot."""
+    out = peak = 0
+
+    async def reply(request: ModelRequest) -> str:
+        nonlocal out, peak
+        out += 1
+        peak = max(peak, out)
+        try:
+            await anyio.sleep(0.003)
+        finally:
+            out -= 1
+        return "ok"
+
+    limits = {"scripted": Limits(max_concurrency=3, initial_concurrency=3, window=1.0)}
+    async with SharedState(SharedConfig(redis_server.url, lease=5.0)) as a, \
+            SharedState(SharedConfig(redis_server.url, lease=5.0)) as b:
+        d1, d2 = Dispatcher(shared=a, limits=limits), Dispatcher(shared=b, limits=limits)
+        model = ScriptedModel(reply)
+        finished: list[int] = []
+
+        async def full() -> None:
+            outcomes = await d1.call_many(model, prompts(40, "one"), ledger=BudgetLedger())
+            finished.append(sum(not isinstance(o, Exception) for o in outcomes))
+
+        async def cut() -> None:
+            with anyio.move_on_after(0.05):
+                await d2.call_many(model, prompts(40, "two"), ledger=BudgetLedger())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(full)
+            tg.start_soon(cut)
+        await anyio.sleep(0.2)  # the background tasks send the last releases
+        slots = await a._client.zcard(a.lane_keys("scripted:scripted")[3])  # type: ignore[union-attr]
+        lanes = [d1.lane(model), d2.lane(model)]
+    assert finished == [40] and peak <= 3
+    assert slots == 0
+    assert all((lane.statistics().in_flight, lane.statistics().waiting, lane.backlog) == (0, 0, 0) for lane in lanes)
