@@ -15,10 +15,7 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   rate or concurrency limit comes back in milliseconds. So during that first round trip the
   limit is clocked by *time without a load-related refusal*: each ``fast_start_doubling / 4``
   seconds the limit has been full, it grows by ``2**(1/4)`` (at least one), doubling every
-  ``fast_start_doubling`` seconds (10 ms: 8 -> 256 in 50 ms, a quarter of a 200 ms round trip;
-  at 20 ms even a client with no CPU cost ends 1,000 calls at a capacity of 256 14% after the
-  capacity allows, at 10 ms 7%; at 5 ms the overshoot past a hidden cap of 32 before its first
-  refusal is read cost 13% of requests refused in ``benchmarks/fanout.py``, at 10 ms 3%). A
+  ``fast_start_doubling`` seconds (20 ms: 8 -> 256 in 100 ms, half a 200 ms round trip). A
   step is taken only once the lane has filled the limit it has (an idle lane does not grow),
   and one step per fill, so a client that lags grows slower, never in a burst. The first
   success ends the fast phase (the round-trip clock below takes over), and so does the first
@@ -132,7 +129,7 @@ class AdaptiveLimit:
         backoff_ratio: float = 0.7,
         false_alarm: float = 0.001,
         max_probe_wait: int = 64,
-        fast_start_doubling: float = 0.01,
+        fast_start_doubling: float = 0.02,
         clock: Callable[[], float],
     ) -> None:
         if maximum < 1:
