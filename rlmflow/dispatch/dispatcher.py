@@ -11,6 +11,7 @@ reservation and the lane slot, and cancels the request in flight.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import sys
 import time
@@ -298,11 +299,13 @@ class Dispatcher:
         # take the items in order. A task per item of a 10,000-item batch would cost a task, a
         # cancel scope, a span and a parked waiter each before the first answer came back, and
         # their garbage lengthens the collector's pauses. A worker about to sleep before a retry
-        # starts a stand-in, so sleeping retries never leave the lane short of senders.
+        # starts a stand-in, so sleeping retries never leave the lane short of senders: at most
+        # the ceiling plus one sender per item being retried are alive.
         total = len(requests)
-        target = min(total, lane.limits.max_concurrency)
+        target = min(total, lane.limits.max_concurrency, batch.share.max_concurrency or total)
         taken = workers = sleeping = 0
         lane.backlog += total
+        caller = contextvars.copy_context()  # stand-ins start here, not inside a sleeping call's span
 
         async def worker() -> None:
             nonlocal taken, workers
@@ -325,7 +328,7 @@ class Dispatcher:
             sleeping += 1
             if taken < total and workers - sleeping < target:
                 workers += 1
-                tg.start_soon(worker)
+                caller.run(tg.start_soon, worker)
             try:
                 await anyio.sleep(seconds)
             finally:
@@ -354,6 +357,8 @@ class Dispatcher:
         parent: otel_context.Context | None,
         capture: int,
     ) -> _Batch:
+        # the caller's span parents every call, whichever task sends it
+        parent = parent if parent is not None else otel_context.get_current()
         return _Batch(model, self.lane(model), share or RunShare(), priority, depth, record, parent, capture,
                       self._clock(), time.time_ns())
 

@@ -240,9 +240,16 @@ class Lane:
         seq = seq if seq is not None else next(self._seq)
         if self._may_go_now(share, tokens, queued_at):
             # the common case of a busy lane's steady state (a call ends, the next one starts):
-            # no waiter, no event, no timer; a cancelled caller still stops here
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            return self._grant(share, tokens, seq, queued_at)
+            # no waiter, no event, no timer. The slot is taken before yielding (two callers must
+            # not both pass the test), and acquire still yields: a batch of calls that never
+            # suspend would otherwise hold the loop and deafen its deadline.
+            ticket = self._grant(share, tokens, seq, queued_at)
+            try:
+                await anyio.lowlevel.checkpoint()
+            except BaseException:
+                self.on_cancel(ticket)
+                raise
+            return ticket
         waiter = _Waiter(priority, share, tokens, seq)
         self._enqueue(waiter)
         waited = False
