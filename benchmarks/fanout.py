@@ -188,6 +188,13 @@ async def fan_out(provider: FakeProvider, prompts: int, *, lag: bool = True) -> 
         "limit_history": [(round(t - t0, 4), limit) for t, limit in lane.concurrency.history if t >= t0],
         "loop_lag_p99_ms": percentile(loop_lag.lags, 0.99) * 1000,
         "loop_lag_mean_ms": statistics.mean(loop_lag.lags) * 1000 if loop_lag.lags else 0.0,
+        **costs(gc_pauses, server_cpu, provider),
+    }
+
+
+def costs(gc_pauses: GCPauses, server_cpu: float, provider: FakeProvider) -> dict[str, Any]:
+    """What a fan-out cost besides its time: the host's GC pauses and the fake provider's CPU."""
+    return {
         "host_gc": gc_pauses.report(),
         "gc_line": gc_pauses.line(),
         "server_cpu_s": server_cpu,
@@ -233,12 +240,7 @@ async def peer_fan_out(provider: FakeProvider, prompts: int, concurrency: int) -
         "cpu_s": cpu,
         "host_cpu_per_call_us": cpu / prompts * 1e6,
         "lost": prompts - sum(a.startswith("answer:") for a in answers),
-        "host_gc": gc_pauses.report(),
-        "gc_line": gc_pauses.line(),
-        "server_cpu_s": server_cpu,
-        "server_cpu_per_request_us": server_cpu / max(1, provider.summary.get("requests", 0)) * 1e6,
-        "server_loop": provider.loop,
-        "server": provider.summary,
+        **costs(gc_pauses, server_cpu, provider),
     }
 
 

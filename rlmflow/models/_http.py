@@ -23,7 +23,10 @@ from .._exceptions import ModelError
 from . import guard
 from .base import ModelRequest, ModelResponse, TextCallback, estimate_tokens
 
-__all__ = ["DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPModel", "HTTPStatus", "JSONTransport", "ServerEvent"]
+__all__ = [
+    "DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPModel", "HTTPStatus", "JSONTransport", "ServerEvent",
+    "rate_headers", "retry_after",
+]
 
 #: Connections per model's session unless its lane asks for more (>= the Dispatcher's default ceiling).
 DEFAULT_POOL_CONNECTIONS = 256
@@ -215,6 +218,17 @@ def _decode(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw.decode("utf-8", "replace")
+
+
+def rate_headers(headers: Mapping[str, str], prefixes: tuple[str, ...]) -> dict[str, str]:
+    """The headers whose lower-cased names start with one of ``prefixes`` (a provider's rate-limit
+    headers), names lower-cased; each name is lowered once."""
+    found: dict[str, str] = {}
+    for name, value in headers.items():
+        name = name.lower()
+        if name.startswith(prefixes):
+            found[name] = value
+    return found
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

@@ -22,7 +22,7 @@ from .._exceptions import (
     TransientModelError,
 )
 from . import guard
-from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, retry_after
+from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, rate_headers, retry_after
 from .base import (
     ModelRequest,
     ModelResponse,
@@ -97,7 +97,7 @@ class AnthropicModel(HTTPModel):
             usage=_usage(reply.get("usage"), request, text),
             model=reply.get("model") or self._model,
             finish_reason=reply.get("stop_reason"),
-            headers=_rate_headers(headers),
+            headers=rate_headers(headers, _RATE_HEADERS),
         )
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
@@ -112,7 +112,7 @@ class AnthropicModel(HTTPModel):
                                                   self._headers)) as events:
                 async for item in events:
                     if not isinstance(item, ServerEvent):
-                        headers = _rate_headers(item)
+                        headers = rate_headers(item, _RATE_HEADERS)
                         continue
                     data = json.loads(item.data)
                     kind = data.get("type")
@@ -163,16 +163,6 @@ class AnthropicModel(HTTPModel):
 def _status_of(event: dict[str, Any]) -> int:
     kind = str((event.get("error") or {}).get("type") or "")
     return {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}.get(kind, 500)
-
-
-def _rate_headers(headers: Any) -> dict[str, str]:
-    """The rate-limit headers of a response, names lower-cased (read once per call: each name lowered once)."""
-    found: dict[str, str] = {}
-    for name, value in headers.items():
-        name = name.lower()
-        if name.startswith(_RATE_HEADERS):
-            found[name] = value
-    return found
 
 
 def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:

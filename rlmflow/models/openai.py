@@ -22,7 +22,7 @@ from .._exceptions import (
     TransientModelError,
 )
 from . import guard
-from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, retry_after
+from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, rate_headers, retry_after
 from .base import ModelRequest, ModelResponse, TextCallback, Usage, estimated_usage, note_partial_output
 
 __all__ = ["OpenAIModel", "is_reasoning_model"]
@@ -103,7 +103,7 @@ class OpenAIModel(HTTPModel):
             usage=_usage(reply.get("usage"), request, text),
             model=reply.get("model") or self._model,
             finish_reason=choice.get("finish_reason"),
-            headers=_rate_headers(headers),
+            headers=rate_headers(headers, _RATE_HEADERS),
         )
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
@@ -118,7 +118,7 @@ class OpenAIModel(HTTPModel):
             async with aclosing(self._http.stream(self._url, body, self._headers)) as events:
                 async for item in events:
                     if not isinstance(item, ServerEvent):
-                        headers = _rate_headers(item)
+                        headers = rate_headers(item, _RATE_HEADERS)
                         continue
                     if item.data == "[DONE]":
                         break
@@ -170,16 +170,6 @@ class OpenAIModel(HTTPModel):
             return TransientModelError(f"server error {status}: {message}", **detail)
         return FatalModelError(f"request rejected ({status}): {message}", **detail)
 
-
-
-def _rate_headers(headers: Any) -> dict[str, str]:
-    """The rate-limit headers of a response, names lower-cased (read once per call: each name lowered once)."""
-    found: dict[str, str] = {}
-    for name, value in headers.items():
-        name = name.lower()
-        if name.startswith(_RATE_HEADERS):
-            found[name] = value
-    return found
 
 
 def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:
