@@ -229,6 +229,39 @@ def test_refusals_at_a_served_level_pause_the_lane_and_undo_the_cuts() -> None:
     assert rounds <= math.ceil(math.log2(before)) + 1  # slow start back, not one per round trip
 
 
+def test_refusals_of_calls_sent_before_a_pause_do_not_reset_what_the_lane_knew() -> None:
+    """A cap of 16 probed and failed three times; then the RPM window fills and every call is
+    refused. The refusals of calls sent before the pause, coming back after it, must not cut
+    again or restart the probing backoff: after the pause the lane knows the cap as before."""
+    clock = FakeClock()
+    limit = AdaptiveLimit(256, initial=16, clock=clock)
+    limit._slow_start = False
+    for _ in range(10):
+        serve_16(limit, clock)
+    for _ in range(3):  # the probe at 17 fails three times
+        served = [limit.on_send(level) for level in range(1, 17)]
+        for probe in (limit.on_send(17), limit.on_send(17)):
+            limit.on_refusal(probe)
+        clock.now += 0.2
+        for stamp in served:
+            limit.on_success(stamp)
+        while limit.probe_due_in() > 0:
+            serve_16(limit, clock)
+    known = (limit._probe_level, limit._probe_failures)
+    out = [limit.on_send(level) for level in range(1, 17)]  # the window fills: all 16 are refused
+    verdicts = [limit.on_refusal(stamp) for stamp in out]
+    assert any(v.pause for v in verdicts)
+    first_pause = next(i for i, v in enumerate(verdicts) if v.pause)
+    assert not any(v.decreased or v.pause for v in verdicts[first_pause + 1:])
+    assert (limit._probe_level, limit._probe_failures) == known
+    clock.now += 30.0
+    limit.on_resume()
+    while limit.limit < 16:
+        busy_round(limit, clock)
+    assert limit.limit == 16  # slow start back to the cap, not past it
+    assert (limit._probe_level, limit._probe_failures) == known  # the probing backoff goes on
+
+
 def test_a_spent_quota_pauses_at_once() -> None:
     limit = AdaptiveLimit(256, clock=FakeClock())
     verdict = limit.on_refusal(limit.on_send(1), exhausted=True)

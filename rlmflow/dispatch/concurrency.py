@@ -156,6 +156,7 @@ class AdaptiveLimit:
         self._decreases = 0
         self._pauses = 0
         self._paused_at = -math.inf
+        self._paused_at_seq = -1
         self._slow_start = True
         self._ssthresh = float(maximum)  # slow start stops here: below the level that failed last
         self._seq = 0
@@ -303,6 +304,12 @@ class AdaptiveLimit:
         now = self._clock()
         stamp.refused, stamp.refused_at = True, now
         self._recent_refusals.append(stamp)
+        self._fast = False  # a refusal came back before a success: no more growth by time alone
+        if stamp.seq <= self._paused_at_seq:
+            # sent before the lane paused for a spent quota, refused for the same reason: the
+            # pause has read that episode, and cutting or probing again would forget the cap
+            # that was known before it (a cap of 16 cost 49 refusals instead of ~20 that way)
+            return RefusalVerdict(True, False, False)
         k = self.run_length()
         first, last = self._run_through(stamp)
         run = last - first + 1
@@ -315,7 +322,6 @@ class AdaptiveLimit:
         # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
         pause = exhausted or (load_related and (stamp.well_below_floor or now - self._refused_since >= self.round_trip))
         decreased = False
-        self._fast = False  # a refusal came back before a success: no more growth by time alone
         if pause:
             self._pause()
         elif load_related:
@@ -432,6 +438,7 @@ class AdaptiveLimit:
             return  # the same pause, seen by another refused call
         self._pauses += 1
         self._paused_at = self._clock()
+        self._paused_at_seq = self._seq  # the calls out now belong to this episode
         if self._clock() - self._decreased_at <= 4 * self.round_trip:
             # undo this episode's cuts, and what they taught about concurrency: the quota refused
             self._set_limit(max(self._limit, self._limit_before_cuts))
