@@ -230,7 +230,7 @@ def test_refusals_at_a_served_level_pause_the_lane_and_undo_the_cuts() -> None:
 
 
 def test_refusals_of_calls_sent_before_a_pause_do_not_reset_what_the_lane_knew() -> None:
-    """A cap of 16 probed and failed three times; then the RPM window fills and every call is
+    """A cap of 16 probed and failed four times; then the RPM window fills and every call is
     refused. The refusals of calls sent before the pause, coming back after it, must not cut
     again or restart the probing backoff: after the pause the lane knows the cap as before."""
     clock = FakeClock()
@@ -238,15 +238,18 @@ def test_refusals_of_calls_sent_before_a_pause_do_not_reset_what_the_lane_knew()
     limit._slow_start = False
     for _ in range(10):
         serve_16(limit, clock)
-    for _ in range(3):  # the probe at 17 fails three times
+    for attempt in range(4):  # the probe at 17 fails four times: the next waits 8 round trips
         served = [limit.on_send(level) for level in range(1, 17)]
         for probe in (limit.on_send(17), limit.on_send(17)):
             limit.on_refusal(probe)
         clock.now += 0.2
         for stamp in served:
             limit.on_success(stamp)
-        while limit.probe_due_in() > 0:
+        while attempt < 3 and limit.probe_due_in() > 0:
             serve_16(limit, clock)
+    for _ in range(5):  # a second later (past the last cut's episode) the quota runs out
+        serve_16(limit, clock)
+    assert limit.probe_due_in() > 0
     known = (limit._probe_level, limit._probe_failures)
     out = [limit.on_send(level) for level in range(1, 17)]  # the window fills: all 16 are refused
     verdicts = [limit.on_refusal(stamp) for stamp in out]
@@ -254,12 +257,22 @@ def test_refusals_of_calls_sent_before_a_pause_do_not_reset_what_the_lane_knew()
     first_pause = next(i for i, v in enumerate(verdicts) if v.pause)
     assert not any(v.decreased or v.pause for v in verdicts[first_pause + 1:])
     assert (limit._probe_level, limit._probe_failures) == known
+    due_before = limit.probe_due_in()
     clock.now += 30.0
     limit.on_resume()
+    assert limit.probe_due_in() == pytest.approx(due_before)  # the wait paused with the lane
     while limit.limit < 16:
         busy_round(limit, clock)
     assert limit.limit == 16  # slow start back to the cap, not past it
     assert (limit._probe_level, limit._probe_failures) == known  # the probing backoff goes on
+    while limit.probe_due_in() > 0:
+        serve_16(limit, clock)
+    served = [limit.on_send(level) for level in range(1, 17)]
+    for probe in (limit.on_send(17), limit.on_send(17)):
+        limit.on_refusal(probe)
+    assert round(limit.probe_due_in() / limit.round_trip) == 16  # the fifth failure: 16, not 1
+    for stamp in served:
+        limit.on_success(stamp)
 
 
 def test_a_spent_quota_pauses_at_once() -> None:

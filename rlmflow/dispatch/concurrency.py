@@ -157,6 +157,7 @@ class AdaptiveLimit:
         self._pauses = 0
         self._paused_at = -math.inf
         self._paused_at_seq = -1
+        self._pause_started: float | None = None  # set by a pause this limit decided, until resumed
         self._slow_start = True
         self._ssthresh = float(maximum)  # slow start stops here: below the level that failed last
         self._seq = 0
@@ -342,6 +343,14 @@ class AdaptiveLimit:
         self._slow_start = True
         if self._probe_level is not None:
             self._ssthresh = min(self._ssthresh, float(self._probe_level - 1))
+        if self._pause_started is not None:
+            # time paused taught nothing about concurrency: the probing backoff and the age of
+            # the last cut resume where they were (else a long quota pause restarts the probes of
+            # a known cap at one round trip, and they fail all over again)
+            paused_for = max(0.0, self._clock() - self._pause_started)
+            self._decreased_at += paused_for
+            self._probe_after += paused_for
+            self._pause_started = None
         self._successes.clear()
         self._served.clear()
         self._holds.clear()
@@ -437,7 +446,7 @@ class AdaptiveLimit:
         if self._pauses and self._clock() < self._paused_at + self.round_trip:
             return  # the same pause, seen by another refused call
         self._pauses += 1
-        self._paused_at = self._clock()
+        self._paused_at = self._pause_started = self._clock()
         self._paused_at_seq = self._seq  # the calls out now belong to this episode
         if self._clock() - self._decreased_at <= 4 * self.round_trip:
             # undo this episode's cuts, and what they taught about concurrency: the quota refused
