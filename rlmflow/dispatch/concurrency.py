@@ -68,6 +68,8 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   ``retry-after``. The cuts of that episode are undone (the quota,
   not the concurrency, was the problem), and after the pause the lane resumes with one call
   and slow-starts back to where it was, so the reopening window is not met by a burst.
+  Refusals of calls sent before the pause change nothing more, and the time paused does not
+  age the probing backoff or the last cut: what the lane knew of a hidden cap survives it.
 
 Every state change is one method here (``on_send``, ``on_success``, ``on_refusal``,
 ``on_resume``), so a shared backend can hold the same state elsewhere.
