@@ -113,24 +113,41 @@ def test_a_load_related_refusal_ends_the_fast_phase() -> None:
         assert limit.limit == 32
 
 
-def test_any_refusal_or_the_first_success_ends_the_fast_phase() -> None:
-    for end in ("refusal", "success"):
-        clock = FakeClock()
-        limit = AdaptiveLimit(256, clock=clock)
-        out = fill(limit)
-        clock.now += STEP
-        assert limit.limit == 9  # growing by time
+def test_the_first_success_ends_the_fast_phase() -> None:
+    clock = FakeClock()
+    limit = AdaptiveLimit(256, clock=clock)
+    out = fill(limit)
+    clock.now += STEP
+    assert limit.limit == 9  # growing by time
+    out += fill(limit, len(out))
+    clock.now += 0.2
+    limit.on_success(out.pop())  # the round trip is known: slow start per success from here
+    before = limit.limit
+    for _ in range(8):
         out += fill(limit, len(out))
-        clock.now += 0.002 if end == "refusal" else 0.2
-        if end == "refusal":
-            assert not limit.on_refusal(out.pop(3)).load_related  # one refusal: no cut, but no more fast steps
-        else:
-            limit.on_success(out.pop())  # the round trip is known: slow start per success from here
-        before = limit.limit
-        for _ in range(8):
-            out += fill(limit, len(out))
-            clock.now += STEP
-            assert limit.limit == before
+        clock.now += STEP
+        assert limit.limit == before
+
+
+def test_a_refusal_that_may_be_random_only_delays_the_next_fast_step() -> None:
+    """One refusal cannot be told random from a limit: it cuts nothing and ends nothing, but the
+    next step waits for the lane to fill again and a step's time (a limit answers with a run of
+    refusals, which is load-related and ends the phase)."""
+    clock = FakeClock()
+    limit = AdaptiveLimit(256, clock=clock)
+    out = fill(limit)
+    clock.now += STEP
+    assert limit.limit == 9
+    out += fill(limit, len(out))
+    clock.now += 0.002
+    verdict = limit.on_refusal(out.pop(3))
+    assert not verdict.load_related and not verdict.decreased
+    clock.now += STEP
+    assert limit.limit == 9  # the refused slot is free: not full, no step
+    out += fill(limit, len(out) - 1)  # refused calls are not out any more
+    clock.now += STEP
+    assert limit.limit == 11  # full again for a step: one more step (9.5 x 2**(1/4))
+    assert limit.statistics().decreases == 0
 
 
 def test_scattered_refusals_are_not_load_related() -> None:

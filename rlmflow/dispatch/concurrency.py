@@ -22,10 +22,12 @@ One :class:`AdaptiveLimit` per lane holds the number of calls it may have in fli
   step is taken only once the lane has filled the limit it has (an idle lane does not grow),
   and one step per fill, so a client that lags grows slower, never in a burst. The first
   success ends the fast phase (the round-trip clock below takes over), and so does the first
-  refusal of any kind: random refusals cannot be told from a limit after one refusal, and a
-  client that lags sees its refusals late, so waiting for a verdict would let the limit run
-  far past a hidden cap. Over a hidden cap the overshoot is what the steps send before the
-  first refusal is read (one step, 19% of the cap, when the client keeps up). A load-related
+  load-related refusal. A refusal that may be random only delays the next step (the lane must
+  fill again and stay full a step's time), so growth stalls while refusals keep coming back and
+  goes on when they are scattered: ending the phase at any refusal left a lane under 20% random
+  refusals at about 10 for a whole round trip and cost regime (a) a fifth of its time. Over a
+  hidden cap the overshoot is what the steps send before the run of refusals above it is read
+  (one or two steps when the client keeps up). A load-related
   refusal before any success cuts to just below the level of the first call of its run (the
   calls below it are still out, unrefused), not by ``backoff_ratio``, and the first probe above
   it waits 4 round trips (the background rate has no data yet). The fast phase does not
@@ -307,7 +309,6 @@ class AdaptiveLimit:
         now = self._clock()
         stamp.refused, stamp.refused_at = True, now
         self._recent_refusals.append(stamp)
-        self._fast = False  # a refusal came back before a success: no more growth by time alone
         if stamp.seq <= self._paused_at_seq:
             # sent before the lane paused for a spent quota, refused for the same reason: the
             # pause has read that episode, and cutting or probing again would forget the cap
@@ -325,6 +326,10 @@ class AdaptiveLimit:
         # a busy lane: the quota (an RPM or TPM window), not concurrency, refuses every call
         pause = exhausted or (load_related and (stamp.well_below_floor or now - self._refused_since >= self.round_trip))
         decreased = False
+        if load_related:
+            self._fast = False  # a limit answered before a success: no more growth by time alone
+        else:
+            self._fast_full_at = None  # a refusal that may be random: the next step waits a fresh fill
         if pause:
             self._pause()
         elif load_related:
