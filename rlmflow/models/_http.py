@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +22,11 @@ import aiohttp
 
 from .._exceptions import ModelError
 from . import guard
-from .base import ModelRequest, ModelResponse, TextCallback, estimate_tokens
+from .base import ModelRequest, ModelResponse, TextCallback, estimate_tokens, note_partial_output
 
 __all__ = [
     "DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPModel", "HTTPStatus", "JSONTransport", "ServerEvent",
-    "rate_headers", "retry_after",
+    "StreamedText", "rate_headers", "retry_after",
 ]
 
 #: Connections per model's session unless its lane asks for more (>= the Dispatcher's default ceiling).
@@ -146,8 +147,33 @@ class JSONTransport:
                 self._sessions[owner] = session  # another thread's running loop closes its own
 
 
+class StreamedText:
+    """What a streamed reply has said so far: its pieces of text (each passed on to ``on_text``),
+    its finish reason and the rate-limit headers of its response."""
+
+    __slots__ = ("finish", "headers", "on_text", "parts")
+
+    def __init__(self, on_text: TextCallback | None) -> None:
+        self.on_text = on_text
+        self.parts: list[str] = []
+        self.finish: str | None = None
+        self.headers: dict[str, str] = {}
+
+    def add(self, piece: str) -> None:
+        self.parts.append(piece)
+        if self.on_text is not None:
+            self.on_text(piece)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 class HTTPModel(ABC):
     """What the JSON-over-HTTP models share: name, endpoint (two servers, two lanes), pool, streaming switch."""
+
+    #: Response headers kept on a reply (lower-cased name prefixes): the provider's rate-limit headers.
+    rate_header_prefixes: tuple[str, ...] = ("retry-after",)
 
     def __init__(
         self, model: str, base_url: str, *, provider: str, pool: int, timeout: float, stream: bool,
@@ -201,6 +227,25 @@ class HTTPModel(ABC):
             return await self._http.post(self._url, payload, self._headers)
         except (HTTPStatus, HTTPFailure) as exc:
             raise self._translate(exc) from exc
+
+    async def _post_streamed(
+        self, body: dict[str, Any], on_text: TextCallback | None, read: Callable[[ServerEvent, StreamedText], bool]
+    ) -> StreamedText:
+        """POST ``body`` and read its server-sent events with ``read`` (which returns True at the last
+        one). A failure, before the first piece or after, comes out as the provider's ModelError
+        carrying the text received so far."""
+        guard.check_request_allowed(self._url)
+        reply = StreamedText(on_text)
+        try:
+            async with aclosing(self._http.stream(self._url, body, self._headers)) as events:
+                async for item in events:
+                    if not isinstance(item, ServerEvent):
+                        reply.headers = rate_headers(item, self.rate_header_prefixes)
+                    elif read(item, reply):
+                        break
+        except (HTTPStatus, HTTPFailure) as exc:
+            raise note_partial_output(self._translate(exc), reply.parts) from exc
+        return reply
 
     @abstractmethod
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import aclosing
 from typing import Any
 
 from .._exceptions import (
@@ -21,22 +20,28 @@ from .._exceptions import (
     ThrottledError,
     TransientModelError,
 )
-from . import guard
-from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, rate_headers, retry_after
+from ._http import (
+    DEFAULT_POOL_CONNECTIONS,
+    HTTPFailure,
+    HTTPModel,
+    HTTPStatus,
+    ServerEvent,
+    StreamedText,
+    rate_headers,
+    retry_after,
+)
 from .base import (
     ModelRequest,
     ModelResponse,
     TextCallback,
     Usage,
     estimated_usage,
-    note_partial_output,
     split_system,
 )
 
 __all__ = ["AnthropicModel"]
 
 API_VERSION = "2023-06-01"
-_RATE_HEADERS = ("retry-after", "anthropic-ratelimit-")
 
 
 class AnthropicModel(HTTPModel):
@@ -46,6 +51,8 @@ class AnthropicModel(HTTPModel):
     key to ``$ANTHROPIC_API_KEY``. ``stream=True`` makes :meth:`request` stream, calling
     ``on_text`` with each piece of text as it arrives.
     """
+
+    rate_header_prefixes = ("retry-after", "anthropic-ratelimit-")
 
     def __init__(
         self,
@@ -97,42 +104,31 @@ class AnthropicModel(HTTPModel):
             usage=_usage(reply.get("usage"), request, text),
             model=reply.get("model") or self._model,
             finish_reason=reply.get("stop_reason"),
-            headers=rate_headers(headers, _RATE_HEADERS),
+            headers=rate_headers(headers, self.rate_header_prefixes),
         )
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
         """Stream one request (server-sent events), calling ``on_text`` with each piece of text."""
-        guard.check_request_allowed(self._url)
-        parts: list[str] = []
         usage: dict[str, Any] = {}
-        finish: str | None = None
-        headers: dict[str, str] = {}
-        try:
-            async with aclosing(self._http.stream(self._url, {**self.payload(request), "stream": True},
-                                                  self._headers)) as events:
-                async for item in events:
-                    if not isinstance(item, ServerEvent):
-                        headers = rate_headers(item, _RATE_HEADERS)
-                        continue
-                    data = json.loads(item.data)
-                    kind = data.get("type")
-                    if kind == "content_block_delta" and data["delta"].get("type") == "text_delta":
-                        piece = data["delta"]["text"]
-                        parts.append(piece)
-                        if on_text is not None:
-                            on_text(piece)
-                    elif kind == "message_start":
-                        usage.update(data["message"].get("usage") or {})
-                    elif kind == "message_delta":
-                        usage.update(data.get("usage") or {})
-                        finish = (data.get("delta") or {}).get("stop_reason") or finish
-                    elif kind == "error":  # after the 200 status line: overloaded, rate limit...
-                        raise HTTPStatus(_status_of(data), headers, data)
-        except (HTTPStatus, HTTPFailure) as exc:
-            raise note_partial_output(self._translate(exc), parts) from exc
-        text = "".join(parts)
+
+        def read(event: ServerEvent, reply: StreamedText) -> bool:
+            data = json.loads(event.data)
+            kind = data.get("type")
+            if kind == "content_block_delta" and data["delta"].get("type") == "text_delta":
+                reply.add(data["delta"]["text"])
+            elif kind == "message_start":
+                usage.update(data["message"].get("usage") or {})
+            elif kind == "message_delta":
+                usage.update(data.get("usage") or {})
+                reply.finish = (data.get("delta") or {}).get("stop_reason") or reply.finish
+            elif kind == "error":  # after the 200 status line: overloaded, rate limit...
+                raise HTTPStatus(_status_of(data), reply.headers, data)
+            return False
+
+        reply = await self._post_streamed({**self.payload(request), "stream": True}, on_text, read)
+        text = reply.text
         return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
-                             finish_reason=finish, headers=headers)
+                             finish_reason=reply.finish, headers=reply.headers)
 
     def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
         where: dict[str, Any] = {"provider": "anthropic", "model": self._model}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import aclosing
 from typing import Any
 
 from .._exceptions import (
@@ -21,13 +20,20 @@ from .._exceptions import (
     ThrottledError,
     TransientModelError,
 )
-from . import guard
-from ._http import DEFAULT_POOL_CONNECTIONS, HTTPFailure, HTTPModel, HTTPStatus, ServerEvent, rate_headers, retry_after
-from .base import ModelRequest, ModelResponse, TextCallback, Usage, estimated_usage, note_partial_output
+from ._http import (
+    DEFAULT_POOL_CONNECTIONS,
+    HTTPFailure,
+    HTTPModel,
+    HTTPStatus,
+    ServerEvent,
+    StreamedText,
+    rate_headers,
+    retry_after,
+)
+from .base import ModelRequest, ModelResponse, TextCallback, Usage, estimated_usage
 
 __all__ = ["OpenAIModel", "is_reasoning_model"]
 
-_RATE_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-")
 _REASONING = re.compile(r"^(o\d|gpt-5)")  # models that take max_completion_tokens and no temperature
 _TOO_LONG = ("context_length", "context length", "maximum context", "too many tokens", "prompt is too long")
 
@@ -48,6 +54,8 @@ class OpenAIModel(HTTPModel):
     Two servers serving one model name are two lanes: :attr:`endpoint` is the base URL.
     ``stream=True`` makes :meth:`request` stream, calling ``on_text`` with each piece of text.
     """
+
+    rate_header_prefixes = ("retry-after", "retry-after-ms", "x-ratelimit-")
 
     def __init__(
         self,
@@ -103,41 +111,33 @@ class OpenAIModel(HTTPModel):
             usage=_usage(reply.get("usage"), request, text),
             model=reply.get("model") or self._model,
             finish_reason=choice.get("finish_reason"),
-            headers=rate_headers(headers, _RATE_HEADERS),
+            headers=rate_headers(headers, self.rate_header_prefixes),
         )
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
         """Stream one request, calling ``on_text`` with each piece of text; return the whole reply."""
-        guard.check_request_allowed(self._url)
         body = {**self.payload(request), "stream": True, "stream_options": {"include_usage": True}}
-        parts: list[str] = []
         usage: dict[str, Any] | None = None
-        finish: str | None = None
-        headers: dict[str, str] = {}
-        try:
-            async with aclosing(self._http.stream(self._url, body, self._headers)) as events:
-                async for item in events:
-                    if not isinstance(item, ServerEvent):
-                        headers = rate_headers(item, _RATE_HEADERS)
-                        continue
-                    if item.data == "[DONE]":
-                        break
-                    chunk = json.loads(item.data)
-                    if "error" in chunk:  # a failure after the 200 status line
-                        raise HTTPStatus(500, headers, chunk)
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content")
-                        if piece:
-                            parts.append(piece)
-                            if on_text is not None:
-                                on_text(piece)
-                        finish = choice.get("finish_reason") or finish
-        except (HTTPStatus, HTTPFailure) as exc:
-            raise note_partial_output(self._translate(exc), parts) from exc
-        text = "".join(parts)
+
+        def read(event: ServerEvent, reply: StreamedText) -> bool:
+            nonlocal usage
+            if event.data == "[DONE]":
+                return True
+            chunk = json.loads(event.data)
+            if "error" in chunk:  # a failure after the 200 status line
+                raise HTTPStatus(500, reply.headers, chunk)
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    reply.add(piece)
+                reply.finish = choice.get("finish_reason") or reply.finish
+            return False
+
+        reply = await self._post_streamed(body, on_text, read)
+        text = reply.text
         return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
-                             finish_reason=finish, headers=headers)
+                             finish_reason=reply.finish, headers=reply.headers)
 
     def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
         where: dict[str, Any] = {"provider": self._provider, "model": self._model}
