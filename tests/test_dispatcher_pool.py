@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import anyio
 import anyio.lowlevel
@@ -419,19 +418,6 @@ async def test_a_root_turn_goes_before_every_queued_sub_call_of_a_big_batch() ->
 
 
 # -- the shared (Redis) lane -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    try:
-        server = RedisServer()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_a_shared_lane_returns_to_idle_after_failures_retries_and_cancellation(

@@ -73,16 +73,6 @@ def local_ray() -> Iterator[None]:
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
 async def provider() -> AsyncIterator[FakeOpenAIServer]:
     async with FakeOpenAIServer(latency=0.05, rpm=30, window=1.0) as server:
         yield server

@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +52,6 @@ from .redis_server import RedisServer, free_port
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("redis_worker.py")
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
