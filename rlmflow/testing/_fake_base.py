@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fake_openai import BACKLOG, Admitted, FakeOpenAIServer, answer_for
+from .fake_openai import Admitted, FakeOpenAIServer, answer_for
 
 __all__ = ["Admission", "FakeProviderBase"]
 
@@ -69,16 +69,12 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
     def routes(self, app: web.Application) -> None:
         """Add this protocol's endpoints to ``app``."""
 
-    async def start(self) -> str:
+    url_path = ""
+
+    def _make_runner(self) -> web.BaseRunner:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         self.routes(app)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port, backlog=BACKLOG)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}"
-        return self.base_url
+        return web.AppRunner(app, access_log=None, handler_cancellation=True)
 
     # -- shared steps of a request -----------------------------------------------------------------
     def enter(self) -> bool:

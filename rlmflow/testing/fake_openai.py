@@ -323,14 +323,19 @@ class FakeOpenAIServer:
             best = max(best, total)
         return best
 
+    #: What follows the host and port in :attr:`base_url`.
+    url_path = "/v1"
+
+    def _make_runner(self) -> web.BaseRunner:
+        return web.ServerRunner(web.Server(self._route, handler_cancellation=True, access_log=None))
+
     async def start(self) -> str:
-        server = web.Server(self._route, handler_cancellation=True, access_log=None)
-        self._runner = web.ServerRunner(server)
+        self._runner = self._make_runner()
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self._port, backlog=BACKLOG)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self.base_url = f"http://127.0.0.1:{port}{self.url_path}"
         return self.base_url
 
     async def aclose(self) -> None:
