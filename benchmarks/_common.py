@@ -1,14 +1,23 @@
-"""What every benchmark shares: percentiles, GC pauses, a process's CPU, and where results go."""
+"""What every benchmark shares: percentiles, GC pauses, a process's CPU, and where results go.
+
+The benchmarks run as scripts (``python benchmarks/x.py``: ``sys.path[0]`` is ``benchmarks/``).
+Importing this module puts the repository root on ``sys.path`` too, so the project's test doubles
+import as ``tests.fakes`` (and ``tests.redis_server``): import ``_common`` before them.
+"""
 
 from __future__ import annotations
 
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))  # after benchmarks/, before site-packages (as pytest puts it for tests/)
 RESULTS = Path(__file__).with_name("results")
 
 

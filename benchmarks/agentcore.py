@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/agentcore.py [--rtt-ms 0]
 
-The fake data-plane server (rlmflow.testing.fake_agentcore) runs in a process of its own, so its
+The fake data-plane server (tests/fakes/fake_agentcore.py) runs in a process of its own, so its
 CPU is not the host's; ``--rtt-ms`` adds that much delay to every API call to model the network
 round trip to AWS. The host answers every batch at once (no model latency), so the figures are
 pure sandbox overhead. Prints the per-batch cost of each backend and their ratio, and writes
@@ -66,7 +66,7 @@ async def measure(sandbox: Any, context: str) -> dict[str, Any]:
 
 async def serve(rtt: float) -> None:
     """The fake server as a process: prints its endpoint, stops when stdin closes."""
-    from rlmflow.testing.fake_agentcore import FakeAgentCoreServer
+    from tests.fakes.fake_agentcore import FakeAgentCoreServer
 
     async with FakeAgentCoreServer(latency=rtt) as server:
         print(json.dumps({"endpoint_url": server.endpoint_url}), flush=True)

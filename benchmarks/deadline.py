@@ -20,7 +20,7 @@ import anyio
 from _common import write_result
 
 from rlmflow import RLM, BudgetExceededError, Dispatcher, ModelRequest, OpenAIModel, ScriptedModel
-from rlmflow.testing import FakeOpenAIServer
+from tests.fakes import FakeOpenAIServer
 
 BOUND = 0.100
 

@@ -25,7 +25,9 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from rlmflow.testing import FakeOpenAIServer, FaultPlan
+import _common  # noqa: F401  (puts the repository root on sys.path, for tests.fakes)
+
+from tests.fakes import FakeOpenAIServer, FaultPlan
 
 
 async def serve(args: argparse.Namespace, root_reply: str, loop_name: str) -> None:

@@ -31,9 +31,7 @@ PROMPT = "Summarise this section of the report in one line. " * 8
 
 # -- the fake providers, each in a child process ---------------------------------------------------
 async def _serve(kind: str, latency: float) -> None:
-    from rlmflow.testing.fake_anthropic import FakeAnthropicServer
-    from rlmflow.testing.fake_bedrock import FakeBedrockServer
-    from rlmflow.testing.fake_openai import FakeOpenAIServer
+    from tests.fakes import FakeAnthropicServer, FakeBedrockServer, FakeOpenAIServer
 
     server: Any
     if kind == "openai":

@@ -31,11 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import percentile, write_result
+from _common import ROOT, percentile, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.redis_server import RedisServer  # noqa: E402
+from tests.redis_server import RedisServer
 
 FAKE_PROVIDER = Path(__file__).with_name("fake_provider.py")
 WORKER = ROOT / "tests" / "redis_worker.py"

@@ -31,14 +31,15 @@ from ._exceptions import (
     TransientModelError,
     UnknownModelError,
 )
-from .bridge import BridgeLimits
+from ._run.settings import BridgeLimits
 from .context import load_context_files, validate_context
 from .dispatch.budget import Budget, BudgetLedger, Spend
-from .dispatch.dispatcher import CallRecord, Dispatcher
+from .dispatch.dispatcher import Dispatcher
 from .dispatch.lane import LaneStatistics, RunShare
 from .dispatch.limits import Limits, Priority
 from .dispatch.pricing import Price, Pricing
 from .dispatch.process import default_dispatcher, set_default_dispatcher
+from .dispatch.records import CallRecord
 from .dispatch.redis_budget import SharedBudget
 from .dispatch.retry import RetryPolicy
 from .dispatch.shared import SharedConfig, SharedState

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["sanitize_text"]
+__all__ = ["cap_text", "sanitize_text", "traceback_summary"]
 
 # Complete escape sequences are removed: CSI (ESC [ ... final byte), OSC / DCS / SOS / PM / APC
 # strings up to their terminator (BEL or ESC \) or the end of the text, and two-byte ESC forms.
@@ -50,3 +50,20 @@ def sanitize_text(text: str) -> str:
 def _needs_work(text: str) -> bool:
     # isprintable() is False for "\n" and "\t" alone, the common case: check cheaply.
     return _CONTROL.search(text) is not None
+
+
+def traceback_summary(error: str) -> str:
+    """The last line of a traceback (``"KeyError: 'x'"``), the part that names what went wrong; "" if none."""
+    lines = error.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def cap_text(text: str, limit: int, *, total: int | None = None) -> str:
+    """Head and tail of ``text`` within ``limit`` characters, saying how much was left out."""
+    total = len(text) if total is None else total
+    if len(text) <= limit and total <= len(text):
+        return text
+    half = max(1, limit // 2)
+    head, tail = text[:half], text[-half:] if len(text) > half else ""
+    omitted = max(0, total - len(head) - len(tail))
+    return f"{head}\n[... output cut: {omitted:,} of {total:,} characters not shown ...]\n{tail}"

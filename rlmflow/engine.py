@@ -1,9 +1,10 @@
 """``RLM``: configuration and shared resources of Recursive Language Model runs.
 
-One :class:`RLM` holds the models, the sandbox factory, the Dispatcher and the policies; each
-``run`` is an independent :class:`rlmflow.run._Run` with its own sandbox session, ledger and
-transcript. Per-run settings (budget, deadline, turns, metadata, a tenant's ledger) are
-arguments of :meth:`RLM.run` and :meth:`RLM.stream`.
+One :class:`RLM` holds the models, the sandbox factory, the Dispatcher and the policies, frozen
+into one :class:`~rlmflow._run.settings.RunSettings` when it is built; each ``run`` is an
+independent run (:mod:`rlmflow._run`) with its own state, sandbox session, ledger and transcript,
+handed those settings and nothing else of the ``RLM``. Per-run settings (budget, deadline, turns,
+metadata, a tenant's ledger) are arguments of :meth:`RLM.run` and :meth:`RLM.stream`.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from opentelemetry import metrics, trace
 
 from . import prompts
 from ._exceptions import ConfigurationError
-from .bridge import DEFAULT_ALIAS, BridgeLimits
+from ._run.lifecycle import execute_run
+from ._run.settings import DEFAULT_ALIAS, BridgeLimits, RunOptions, RunSettings
+from ._run.state import RunState
 from .context import validate_context
 from .dispatch.budget import Budget, BudgetLedger
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.lane import RunShare
 from .dispatch.process import default_dispatcher
+from .events import EventSink
 from .models.base import LanguageModel
 from .models.registry import DEFAULT_MODEL, ModelRegistry
-from .recording import EventSink
 from .result import RLMResult, RunProgress, Turn
-from .run import _Run, _RunOptions
 from .sandbox.base import Context, Sandbox
 from .sandbox.local import LocalSandbox
 from .stream import RunStream
@@ -55,7 +57,7 @@ class RLM:
 
     - ``root``: the model that writes code (a model string or a ``LanguageModel``);
     - ``root_style``: ``"code"`` (the root replies with code blocks) or ``"strands"`` (a strands
-      Agent drives the run through one ``execute_python`` tool; see :mod:`rlmflow.strands`);
+      Agent drives the run through one ``execute_python`` tool; see :mod:`rlmflow._run.strands_loop`);
       by default ``"strands"`` exactly when ``root`` is a ``strands:`` string or a strands Model;
     - ``sub``: the model behind ``llm_query`` (default: the root model);
     - ``sub_models``: more models sandbox code may use, by alias: ``{"fast": ..., "strong": ...}``
@@ -117,48 +119,73 @@ class RLM:
         if max_depth < 0:
             raise ConfigurationError("max_depth must be >= 0")
         self._registry = ModelRegistry()
-        self.root_style = root_style or _root_style_of(root)
+        self.root_style: Literal["code", "strands"] = root_style or _root_style_of(root)
+        """``"code"`` or ``"strands"``: how the root model drives a run."""
         if self.root_style == "strands":
-            from .strands import strands_root_model
+            from .models.strands import strands_root_model
 
-            self.root: LanguageModel = strands_root_model(root)
+            root_model: LanguageModel = strands_root_model(root)
         else:
-            self.root = self._registry.resolve(root)
-        self.sub = self._registry.resolve(sub) if sub is not None else self.root
-        self.sub_models: dict[str, LanguageModel] = {DEFAULT_ALIAS: self.sub}
+            root_model = self._registry.resolve(root)
+        sub_model = self._registry.resolve(sub) if sub is not None else root_model
+        aliases: dict[str, LanguageModel] = {DEFAULT_ALIAS: sub_model}
         for alias, model in (sub_models or {}).items():
             if alias == DEFAULT_ALIAS or not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
                 raise ConfigurationError(
                     f"invalid model alias {alias!r}: use letters, digits, '_', '.', '-' (and not {DEFAULT_ALIAS!r}, "
                     "which is always the sub-model)"
                 )
-            self.sub_models[alias] = self._registry.resolve(model)
-        self.bridge_limits = bridge_limits or BridgeLimits()
-        self.sandbox: Sandbox = sandbox or LocalSandbox()
-        self.dispatcher = dispatcher or default_dispatcher()
+            aliases[alias] = self._registry.resolve(model)
         self.budget = budget or Budget()
+        """Each run's default caps (``run(budget=...)`` replaces them for one run)."""
         self.max_turns = min(max_turns, self.budget.max_turns or max_turns)
         self.max_depth = min(max_depth, self.budget.max_depth if self.budget.max_depth is not None else max_depth)
-        self.root_max_tokens = root_max_tokens
-        self.sub_max_tokens = sub_max_tokens
-        self.max_feedback_chars = max_feedback_chars
-        self.history_chars = history_chars
-        self.max_repeated_errors = max_repeated_errors
         self.run_weight = run_weight
         self.run_max_concurrency = run_max_concurrency
-        self.dedup = dedup
-        self.system_prompt = system_prompt or prompts.SYSTEM_PROMPT
-        self.trajectory = trajectory
-        self.capture_content = capture_content
-        self._tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
+        tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
+        self.settings = RunSettings(
+            root=root_model, root_style=self.root_style, sub=sub_model, sub_models=aliases,
+            bridge_limits=bridge_limits or BridgeLimits(), sandbox=sandbox or LocalSandbox(),
+            dispatcher=dispatcher or default_dispatcher(), tracer=tracer, child_slots=self._child_slots,
+            system_prompt=system_prompt or prompts.SYSTEM_PROMPT, root_max_tokens=root_max_tokens,
+            sub_max_tokens=sub_max_tokens, max_feedback_chars=max_feedback_chars, history_chars=history_chars,
+            max_repeated_errors=max_repeated_errors, dedup=dedup, trajectory=trajectory,
+            capture_content=capture_content,
+        )
+        """What every run of this RLM is given (frozen)."""
         # Calls of this RLM's runs report to its own providers even on a shared Dispatcher.
         self._telemetry: CallTelemetry | None = None
         if tracer_provider is not None or meter_provider is not None:
-            self._telemetry = CallTelemetry(self._tracer, CallMetrics(meter_provider, self.dispatcher.lanes))
+            self._telemetry = CallTelemetry(tracer, CallMetrics(meter_provider, self.dispatcher.lanes))
         # per event loop (run_sync starts a new one each time), then per depth
         self._children: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, anyio.CapacityLimiter]] = (
             weakref.WeakKeyDictionary()
         )
+
+    @property
+    def root(self) -> LanguageModel:
+        """The model that writes code."""
+        return self.settings.root
+
+    @property
+    def sub(self) -> LanguageModel:
+        """The model behind ``llm_query``."""
+        return self.settings.sub
+
+    @property
+    def sub_models(self) -> Mapping[str, LanguageModel]:
+        """The models sandbox code may name, by alias (``"default"`` is :attr:`sub`)."""
+        return self.settings.sub_models
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """Where this RLM's model calls are scheduled."""
+        return self.settings.dispatcher
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """Where this RLM's runs execute code."""
+        return self.settings.sandbox
 
     async def __aenter__(self) -> RLM:
         return self
@@ -169,8 +196,9 @@ class RLM:
     async def aclose(self) -> None:
         """Close the models this RLM created from model strings, and the trajectory file."""
         await self._registry.aclose()
-        if self.trajectory is not None:
-            await anyio.to_thread.run_sync(self.trajectory.close)
+        trajectory = self.settings.trajectory
+        if trajectory is not None:
+            await anyio.to_thread.run_sync(trajectory.close)
 
     def _child_slots(self, depth: int) -> anyio.CapacityLimiter:
         """Sandbox slots of child runs at ``depth``: one limiter per depth, so a parent waiting
@@ -178,7 +206,7 @@ class RLM:
         per_depth = self._children.setdefault(asyncio.get_running_loop(), {})
         slots = per_depth.get(depth)
         if slots is None:
-            slots = per_depth[depth] = anyio.CapacityLimiter(self.bridge_limits.max_concurrent_children)
+            slots = per_depth[depth] = anyio.CapacityLimiter(self.settings.bridge_limits.max_concurrent_children)
         return slots
 
     async def run(
@@ -218,10 +246,10 @@ class RLM:
         options = self._options(run_budget, deadline, max_turns, max_depth, metadata)
         run_ledger = ledger.child(run_budget) if ledger is not None else BudgetLedger(run_budget)
         share = RunShare(weight=self.run_weight, max_concurrency=self.run_max_concurrency)
-        run = _Run(self, context, query, options=options, ledger=run_ledger, share=share,
-                   progress=progress or RunProgress(), events=events)
+        state = RunState(context, query, options=options, ledger=run_ledger, share=share,
+                         progress=progress or RunProgress())
         with use_telemetry(self._telemetry):
-            return await run.execute(parent=None)
+            return await execute_run(self.settings, state, events=events, parent=None)
 
     def stream(
         self,
@@ -257,7 +285,7 @@ class RLM:
         max_turns: int | None,
         max_depth: int | None,
         metadata: Mapping[str, str] | None,
-    ) -> _RunOptions:
+    ) -> RunOptions:
         turns = max_turns if max_turns is not None else self.max_turns
         if budget.max_turns is not None:
             turns = min(turns, budget.max_turns)
@@ -274,4 +302,4 @@ class RLM:
         for key, value in pairs.items():
             if not isinstance(key, str) or not isinstance(value, str) or not _ALIAS.fullmatch(key):
                 raise ConfigurationError(f"metadata must map simple string keys to strings; got {key!r}")
-        return _RunOptions(max_turns=turns, max_depth=depth, deadline=deadline, metadata=pairs)
+        return RunOptions(max_turns=turns, max_depth=depth, deadline=deadline, metadata=pairs)

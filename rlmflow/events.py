@@ -8,6 +8,7 @@ appears in them. ``to_dict()`` gives a JSON-ready form with the event's ``kind``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ __all__ = [
     "BatchStarted",
     "CellFinished",
     "CodeSubmitted",
+    "EventSink",
     "RootText",
     "RunEvent",
     "RunFailed",
@@ -141,3 +143,7 @@ class RunFailed(RunEvent):
     error: str
     message: str
     turns: int
+
+
+EventSink = Callable[[RunEvent], None]
+"""Receives a run's events as they happen; must not block (it runs on the event loop)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from ._text import sanitize_text
+from ._text import cap_text, sanitize_text
 from .sandbox.base import CellResult, Context
 
 __all__ = [
@@ -13,14 +13,17 @@ __all__ = [
     "LAST_TURN",
     "NO_CODE_NUDGE",
     "REPEAT_NUDGE",
+    "START_WITH_CODE",
+    "START_WITH_TOOL",
     "STUCK",
     "SYSTEM_PROMPT",
-    "cap_text",
     "continue_message",
     "describe_context",
     "extract_code_blocks",
     "format_cell_feedback",
+    "opening_messages",
     "plain_answer",
+    "same_error_note",
     "stuck_message",
 ]
 
@@ -70,6 +73,29 @@ Write one ```repl block per reply, keep it short, and print what you need to see
 Printed output is cut to {output_cap:,} characters, so print summaries, not whole texts.
 """
 
+START_WITH_CODE = "Start by looking at `context` with code in a ```repl block."
+START_WITH_TOOL = "Start by looking at `context` with the execute_python tool."
+
+
+def opening_messages(
+    system_template: str,
+    context: Context,
+    query: str,
+    *,
+    start: str,
+    sub_max_tokens: int,
+    output_cap: int,
+    aliases: Sequence[str],
+) -> tuple[str, str]:
+    """The system prompt and the first user message of a run; ``start`` says how to run code."""
+    system = system_template.format(
+        context_kind=context_kind(context), chunk_hint=4 * sub_max_tokens * 4, output_cap=output_cap
+    )
+    if len(aliases) > 1:
+        system += f"\nHelper models you can name with llm_query(..., model=NAME): {', '.join(sorted(aliases))}.\n"
+    return system, f"{describe_context(context)}\n\nQuestion: {query}\n\n{start}"
+
+
 NO_CODE_NUDGE = (
     "Your reply had no ```repl code block, so nothing ran. Write Python in a ```repl block to "
     "inspect `context`, or call FINAL(answer) in a ```repl block if you know the answer."
@@ -116,6 +142,11 @@ _NEXT_AFTER_SUBCALLS = (
 )
 
 
+def same_error_note(times: int) -> str:
+    """Appended to a turn's output when its cell failed with the same error as the turn before."""
+    return f"\nThis is the same error as before ({times} times). Change your approach instead of repeating the code."
+
+
 def stuck_message(code: list[str], output: str, query: str) -> str:
     """The fresh user message after a repeated cell: what it printed, and the instruction to answer."""
     return STUCK.format(code="\n".join(code), output=output, query=query)
@@ -156,17 +187,6 @@ _FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL |
 def extract_code_blocks(reply: str) -> list[str]:
     """All ```repl / ```python blocks of a reply, in order; an unclosed last block counts."""
     return [block.strip("\n") for block in _FENCE.findall(reply) if block.strip()]
-
-
-def cap_text(text: str, limit: int, *, total: int | None = None) -> str:
-    """Head and tail of ``text`` within ``limit`` characters, saying how much was left out."""
-    total = len(text) if total is None else total
-    if len(text) <= limit and total <= len(text):
-        return text
-    half = max(1, limit // 2)
-    head, tail = text[:half], text[-half:] if len(text) > half else ""
-    omitted = max(0, total - len(head) - len(tail))
-    return f"{head}\n[... output cut: {omitted:,} of {total:,} characters not shown ...]\n{tail}"
 
 
 def _preview(text: str, limit: int = 240) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -230,109 +230,31 @@ class RayBatch:
     async def stream(self, items: Iterable[BatchItem]) -> AsyncIterator[BatchEvent]:
         """Run every item; yield events as they happen, each item ending in ``done`` or ``failed``."""
         await anyio.to_thread.run_sync(self._start)
-        ray = _ray()
-        refs: dict[int, Any] = {}  # id(context) -> object ref: each document is put once
-
-        def document(item: BatchItem) -> Any:
-            if item.context is None:
-                return None
-            key = id(item.context)
-            if key not in refs:
-                refs[key] = ray.put(item.context)
-            return refs[key]
-
-        queue: deque[tuple[BatchItem, int]] = deque((item, 1) for item in items)
-        load = [0] * len(self._actors)
-        pending: dict[asyncio.Future[Any], tuple[BatchItem, int, int]] = {}
-        # an actor whose worker died gets nothing new until it answers a probe (Ray restarts it)
-        probes: dict[asyncio.Future[Any], int] = {}
-        down: set[int] = set()
-        failed_probes = [0] * len(self._actors)
-        capacity = self.policy.runs_per_actor
-        relay: asyncio.Queue[BatchEvent] = asyncio.Queue()  # the runs' own events (run_events=True)
-        getter: asyncio.Future[BatchEvent] = asyncio.ensure_future(relay.get())
+        flight = _Flight(self, _ray(), items)
+        getter: asyncio.Future[BatchEvent] = asyncio.ensure_future(flight.relay.get())
         try:
-            while queue or pending:
-                if not pending and not probes and len(down) == len(self._actors):
-                    while queue:  # every actor is gone for good
-                        item, attempt = queue.popleft()
-                        gone = RLMError("no Ray actor is left to run this item")
-                        yield BatchEvent("failed", item.id, attempt, detail=str(gone),
-                                         outcome=BatchResult(item.id, attempt, error=gone))
+            while flight.queue or flight.pending:
+                if flight.all_gone():
+                    for event in flight.fail_waiting():
+                        yield event
                     break
-                while queue:
-                    ready = [i for i in range(len(load)) if i not in down and load[i] < capacity]
-                    if not ready:
-                        break
-                    index = min(ready, key=load.__getitem__)
-                    item, attempt = queue.popleft()
-                    actor = self._actors[index]
-                    future: asyncio.Future[Any]
-                    if self.policy.run_events:
-                        generator = actor.run_streaming.options(num_returns="streaming").remote(
-                            item.query, document(item), item.paths)
-                        future = asyncio.ensure_future(_relay(generator, item.id, attempt, relay))
-                    else:
-                        future = asyncio.wrap_future(
-                            actor.run.remote(item.query, document(item), item.paths).future())
-                    pending[future] = (item, attempt, index)
-                    load[index] += 1
-                    yield BatchEvent("submitted", item.id, attempt)
-                done, _ = await asyncio.wait([*pending, *probes, getter], return_when=asyncio.FIRST_COMPLETED)
+                for event in flight.submit():
+                    yield event
+                done, _ = await asyncio.wait([*flight.pending, *flight.probes, getter],
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield getter.result()
-                    getter = asyncio.ensure_future(relay.get())
-                while not relay.empty():  # a run's events come before its outcome
-                    yield relay.get_nowait()
+                    getter = asyncio.ensure_future(flight.relay.get())
+                while not flight.relay.empty():  # a run's events come before its outcome
+                    yield flight.relay.get_nowait()
                 for future in done:
-                    if future in probes:
-                        index = probes.pop(future)
-                        if future.exception() is None:
-                            down.discard(index)
-                            failed_probes[index] = 0
-                        elif failed_probes[index] < _PROBES:  # Ray could not restart it (yet)
-                            failed_probes[index] += 1
-                            await anyio.sleep(0.2 * failed_probes[index])
-                            self._probe(index, probes)
-                        continue
-                    if future not in pending:
-                        continue  # the relay's getter
-                    item, attempt, index = pending.pop(future)
-                    load[index] -= 1
-                    error: BaseException | None
-                    try:
-                        outcome = future.result()
-                    except Exception as exc:
-                        if not _worker_died(exc):
-                            raise
-                        error, retryable, pid = exc, True, None
-                        if index not in down:
-                            down.add(index)
-                            self._probe(index, probes)
-                    else:
-                        error, pid = outcome.get("error"), outcome["pid"]
-                        retryable = isinstance(error, self.policy.retry_on)
-                    if error is None:
-                        result = BatchResult(item.id, attempt, result=outcome["result"], worker=pid)
-                        yield BatchEvent("done", item.id, attempt, outcome=result)
-                    elif retryable and attempt < self.policy.max_attempts:
-                        queue.append((item, attempt + 1))
-                        yield BatchEvent("retrying", item.id, attempt, detail=f"{type(error).__name__}: {error}")
-                    else:
-                        rlm_error = error if isinstance(error, RLMError) else RLMError(
-                            f"the Ray worker died: {type(error).__name__}: {error}")
-                        result = BatchResult(item.id, attempt, error=rlm_error, worker=pid)
-                        yield BatchEvent("failed", item.id, attempt, detail=str(rlm_error), outcome=result)
+                    if future in flight.probes:
+                        await flight.probed(future)
+                    elif future in flight.pending:  # not the relay's getter
+                        yield flight.finished(future)
         finally:
             getter.cancel()
-            # probes of actors still restarting, and runs left when the reader stopped early: their
-            # errors (a killed actor's) must not surface later as never-retrieved exceptions
-            for leftover in (*probes, *pending):
-                leftover.cancel()
-                leftover.add_done_callback(_swallow)
-
-    def _probe(self, index: int, probes: dict[asyncio.Future[Any], int]) -> None:
-        probes[asyncio.wrap_future(self._actors[index].pid.remote().future())] = index
+            flight.abandon()
 
     async def run(self, items: Iterable[BatchItem]) -> list[BatchResult]:
         """Run every item; the outcomes in input order."""
@@ -360,6 +282,115 @@ class RayBatch:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class _Flight:
+    """What one :meth:`RayBatch.stream` keeps track of: the items waiting, the runs and probes in
+    flight, the load of each actor and which actors are down."""
+
+    def __init__(self, batch: RayBatch, ray: Any, items: Iterable[BatchItem]) -> None:
+        self.batch = batch
+        self.ray = ray
+        self.refs: dict[int, Any] = {}  # id(context) -> object ref: each document is put once
+        self.queue: deque[tuple[BatchItem, int]] = deque((item, 1) for item in items)
+        self.load = [0] * len(batch._actors)
+        self.pending: dict[asyncio.Future[Any], tuple[BatchItem, int, int]] = {}
+        # an actor whose worker died gets nothing new until it answers a probe (Ray restarts it)
+        self.probes: dict[asyncio.Future[Any], int] = {}
+        self.down: set[int] = set()
+        self.failed_probes = [0] * len(batch._actors)
+        self.relay: asyncio.Queue[BatchEvent] = asyncio.Queue()  # the runs' own events (run_events=True)
+
+    def all_gone(self) -> bool:
+        """Every actor is down for good: nothing runs, nothing is being probed."""
+        return not self.pending and not self.probes and len(self.down) == len(self.batch._actors)
+
+    def fail_waiting(self) -> Iterator[BatchEvent]:
+        while self.queue:
+            item, attempt = self.queue.popleft()
+            gone = RLMError("no Ray actor is left to run this item")
+            yield BatchEvent("failed", item.id, attempt, detail=str(gone),
+                             outcome=BatchResult(item.id, attempt, error=gone))
+
+    def submit(self) -> Iterator[BatchEvent]:
+        """Send waiting items to the least loaded actors that are up and have room.
+
+        A generator, so that each run is sent only when the reader takes the previous event.
+        """
+        capacity = self.batch.policy.runs_per_actor
+        while self.queue:
+            ready = [i for i in range(len(self.load)) if i not in self.down and self.load[i] < capacity]
+            if not ready:
+                break
+            index = min(ready, key=self.load.__getitem__)
+            item, attempt = self.queue.popleft()
+            self.pending[self._send(self.batch._actors[index], item, attempt)] = (item, attempt, index)
+            self.load[index] += 1
+            yield BatchEvent("submitted", item.id, attempt)
+
+    def _send(self, actor: Any, item: BatchItem, attempt: int) -> asyncio.Future[Any]:
+        if self.batch.policy.run_events:
+            generator = actor.run_streaming.options(num_returns="streaming").remote(
+                item.query, self._document(item), item.paths)
+            return asyncio.ensure_future(_relay(generator, item.id, attempt, self.relay))
+        return asyncio.wrap_future(actor.run.remote(item.query, self._document(item), item.paths).future())
+
+    def _document(self, item: BatchItem) -> Any:
+        if item.context is None:
+            return None
+        key = id(item.context)
+        if key not in self.refs:
+            self.refs[key] = self.ray.put(item.context)
+        return self.refs[key]
+
+    def probe(self, index: int) -> None:
+        self.probes[asyncio.wrap_future(self.batch._actors[index].pid.remote().future())] = index
+
+    async def probed(self, future: asyncio.Future[Any]) -> None:
+        """A probe answered: the actor is up again, or is probed again after a pause."""
+        index = self.probes.pop(future)
+        if future.exception() is None:
+            self.down.discard(index)
+            self.failed_probes[index] = 0
+        elif self.failed_probes[index] < _PROBES:  # Ray could not restart it (yet)
+            self.failed_probes[index] += 1
+            await anyio.sleep(0.2 * self.failed_probes[index])
+            self.probe(index)
+
+    def finished(self, future: asyncio.Future[Any]) -> BatchEvent:
+        """A run ended: ``done``, ``retrying`` (queued again) or ``failed``."""
+        item, attempt, index = self.pending.pop(future)
+        self.load[index] -= 1
+        error: BaseException | None
+        try:
+            outcome = future.result()
+        except Exception as exc:
+            if not _worker_died(exc):
+                raise
+            error, retryable, pid = exc, True, None
+            if index not in self.down:
+                self.down.add(index)
+                self.probe(index)
+        else:
+            error, pid = outcome.get("error"), outcome["pid"]
+            retryable = isinstance(error, self.batch.policy.retry_on)
+        if error is None:
+            return BatchEvent("done", item.id, attempt,
+                              outcome=BatchResult(item.id, attempt, result=outcome["result"], worker=pid))
+        if retryable and attempt < self.batch.policy.max_attempts:
+            self.queue.append((item, attempt + 1))
+            return BatchEvent("retrying", item.id, attempt, detail=f"{type(error).__name__}: {error}")
+        rlm_error = error if isinstance(error, RLMError) else RLMError(
+            f"the Ray worker died: {type(error).__name__}: {error}")
+        result = BatchResult(item.id, attempt, error=rlm_error, worker=pid)
+        return BatchEvent("failed", item.id, attempt, detail=str(rlm_error), outcome=result)
+
+    def abandon(self) -> None:
+        """Cancel the probes of actors still restarting and the runs left when the reader stopped
+        early; their errors (a killed actor's) must not surface later as never-retrieved exceptions."""
+        for leftover in (*self.probes, *self.pending):
+            leftover.cancel()
+            leftover.add_done_callback(_swallow)
 
 
 async def run_batch(

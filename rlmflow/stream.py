@@ -16,8 +16,7 @@ from types import TracebackType
 
 import anyio
 
-from .events import RunEvent
-from .recording import EventSink
+from .events import EventSink, RunEvent
 from .result import RLMResult
 
 __all__ = ["RunStream"]

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from rlmflow.testing import FakeOpenAIServer
+# run as a script (sys.path[0] is scripts/): the repository root for the project's test doubles
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from tests.fakes import FakeOpenAIServer
 
 CACHE = Path(os.environ.get("RLMFLOW_CACHE_DIR") or Path.home() / ".cache" / "rlmflow")
 PHOENIX = Path(os.environ.get("RLMFLOW_PHOENIX_VENV") or CACHE / "venv-phoenix") / "bin" / "phoenix"

@@ -8,6 +8,7 @@ for setup in scripts/setup/test-*.sh; do
 done
 .venv/bin/ruff check rlmflow tests benchmarks
 .venv/bin/mypy rlmflow
+.venv/bin/lint-imports  # the layers of pyproject.toml's [tool.importlinter]
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 if [ "$status" -eq 5 ]; then

@@ -25,8 +25,8 @@ from rlmflow.dispatch.retry import RetryPolicy
 from rlmflow.sandbox import AgentCoreSandbox
 from rlmflow.sandbox.agentcore_protocol import MARKER, Malformed, check_done, parse_status, pieces, valid_calls
 from rlmflow.sandbox.base import Context
-from rlmflow.testing.fake_agentcore import FakeAgentCoreServer, encode_event
 
+from .fakes.fake_agentcore import FakeAgentCoreServer, encode_event
 from .helpers import repl, turn_script
 
 pytestmark = pytest.mark.anyio

@@ -21,9 +21,9 @@ from rlmflow import (
 )
 from rlmflow.models import parse_model_string
 from rlmflow.models.anthropic import AnthropicModel
-from rlmflow.testing.fake_anthropic import FakeAnthropicServer
-from rlmflow.testing.fake_openai import answer_for
 
+from .fakes.fake_anthropic import FakeAnthropicServer
+from .fakes.fake_openai import answer_for
 from .helpers import turn_script
 
 pytestmark = pytest.mark.anyio

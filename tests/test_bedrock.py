@@ -23,9 +23,9 @@ from rlmflow import (
 )
 from rlmflow.models import parse_model_string
 from rlmflow.models.bedrock import BedrockModel
-from rlmflow.testing.fake_bedrock import FakeBedrockServer, encode_event
-from rlmflow.testing.fake_openai import answer_for
 
+from .fakes.fake_bedrock import FakeBedrockServer, encode_event
+from .fakes.fake_openai import answer_for
 from .helpers import turn_script
 
 pytestmark = pytest.mark.anyio

@@ -55,7 +55,7 @@ async def test_cli_answers_over_the_wire_and_exports_otlp(tmp_path: Path) -> Non
     import anyio
     from aiohttp import web
 
-    from rlmflow.testing import FakeOpenAIServer
+    from .fakes import FakeOpenAIServer
 
     received: list[bytes] = []
 

@@ -25,9 +25,9 @@ from rlmflow import (
 )
 from rlmflow.dispatch.headers import pause_from_headers
 from rlmflow.dispatch.lane import RunShare
-from rlmflow.testing import FakeOpenAIServer, FaultPlan
-from rlmflow.testing.fake_openai import answer_for
 
+from .fakes import FakeOpenAIServer, FaultPlan
+from .fakes.fake_openai import answer_for
 from .helpers import turn_script
 
 pytestmark = pytest.mark.anyio

@@ -31,8 +31,9 @@ from rlmflow import (
     Usage,
 )
 from rlmflow.dispatch.budget import Spend
-from rlmflow.testing import FakeOpenAIServer, FaultPlan
-from rlmflow.testing.fake_openai import answer_for
+
+from .fakes import FakeOpenAIServer, FaultPlan
+from .fakes.fake_openai import answer_for
 
 pytestmark = pytest.mark.anyio
 

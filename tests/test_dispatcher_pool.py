@@ -27,9 +27,9 @@ from rlmflow import (
     TransientModelError,
 )
 from rlmflow.dispatch.budget import Spend
-from rlmflow.dispatch.dispatcher import CallRecord
 from rlmflow.dispatch.lane import RunShare
 from rlmflow.dispatch.limits import Priority
+from rlmflow.dispatch.records import CallRecord
 from rlmflow.dispatch.shared import SharedConfig, SharedState
 
 from .redis_server import RedisServer

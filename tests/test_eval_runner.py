@@ -27,8 +27,8 @@ from rlmflow.eval import (
     summarise,
     write_charts,
 )
-from rlmflow.testing import FakeOpenAIServer
 
+from .fakes import FakeOpenAIServer
 from .helpers import turn_script
 
 pytestmark = pytest.mark.anyio

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlmflow.testing import FakeAnthropicServer, FakeOpenAIServer
-from rlmflow.testing.fake_openai import answer_for
+from .fakes import FakeAnthropicServer, FakeOpenAIServer
+from .fakes.fake_openai import answer_for
 
 FAKE_PROVIDER = Path(__file__).parent.parent / "benchmarks" / "fake_provider.py"
 

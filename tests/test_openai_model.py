@@ -28,9 +28,9 @@ from rlmflow import (
     TransientModelError,
     Usage,
 )
-from rlmflow.testing import FakeOpenAIServer
-from rlmflow.testing.fake_openai import answer_for
 
+from .fakes import FakeOpenAIServer
+from .fakes.fake_openai import answer_for
 from .helpers import turn_script
 
 pytestmark = pytest.mark.anyio

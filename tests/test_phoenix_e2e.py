@@ -23,7 +23,7 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from rlmflow.testing import FakeOpenAIServer
+from .fakes import FakeOpenAIServer
 
 _CACHE = Path(os.environ.get("RLMFLOW_CACHE_DIR") or Path.home() / ".cache" / "rlmflow")
 PHOENIX_VENV = Path(os.environ.get("RLMFLOW_PHOENIX_VENV") or _CACHE / "venv-phoenix")

@@ -36,9 +36,9 @@ from rlmflow import RLM, Dispatcher, Limits, OpenAIModel
 from rlmflow.cli import main
 from rlmflow.dispatch.shared import SharedConfig
 from rlmflow.ray import BatchItem, BatchPolicy, RayBatch
-from rlmflow.testing import FakeOpenAIServer
-from rlmflow.testing.fake_openai import answer_for
 
+from .fakes import FakeOpenAIServer
+from .fakes.fake_openai import answer_for
 from .helpers import turn_script
 from .redis_server import RedisServer
 

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rlmflow import RLM, FatalModelError, ModelRequest, ScriptedModel
-from rlmflow.dispatch.dispatcher import CallRecord
-from rlmflow.recording import UsageTally
+from rlmflow._run.state import UsageTally
+from rlmflow.dispatch.records import CallRecord
 from rlmflow.result import summarise_usage
 
 from .helpers import turn_script

@@ -44,9 +44,9 @@ from rlmflow.dispatch.limits import Priority
 from rlmflow.dispatch.redis_budget import SharedBudget
 from rlmflow.dispatch.redis_lane import SharedLane, SharedTicket
 from rlmflow.dispatch.shared import SharedConfig, SharedState, SharedStateUnavailableError
-from rlmflow.testing import FakeOpenAIServer
-from rlmflow.testing.fake_openai import answer_for
 
+from .fakes import FakeOpenAIServer
+from .fakes.fake_openai import answer_for
 from .redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio

@@ -278,7 +278,8 @@ async def test_usage_above_the_reservation_is_reported_as_overrun() -> None:
 
 async def test_a_streaming_root_shows_its_reply_as_it_arrives() -> None:
     from rlmflow import OpenAIModel, RootText
-    from rlmflow.testing import FakeOpenAIServer
+
+    from .fakes import FakeOpenAIServer
 
     reply = "Counting now.\n```repl\nFINAL(str(context.count('beta')))\n```"
     async with FakeOpenAIServer(root_marker="COUNT-BETA", root_reply=reply) as server:

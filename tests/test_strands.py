@@ -30,9 +30,9 @@ from rlmflow import (
     ThrottledError,
 )
 from rlmflow.models.strands import DispatchedModel, StrandsModel
-from rlmflow.testing.fake_bedrock import FakeBedrockServer
-from rlmflow.testing.fake_openai import answer_for
 
+from .fakes.fake_bedrock import FakeBedrockServer
+from .fakes.fake_openai import answer_for
 from .helpers import turn_script
 
 pytestmark = pytest.mark.anyio
@@ -216,7 +216,7 @@ async def test_a_strands_root_that_never_answers_runs_out_of_turns() -> None:
 
 
 def test_strands_model_strings_select_the_style() -> None:
-    from rlmflow.strands import strands_root_model
+    from rlmflow.models.strands import strands_root_model
 
     model = strands_root_model(f"strands:bedrock:{CLAUDE}@us-west-2")
     assert (model.provider, model.name) == ("aws.bedrock", CLAUDE)

@@ -29,8 +29,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from rlmflow import RLM, ScriptedModel
 from rlmflow.telemetry.export import Export, ExportConfigurationError, export_from_environment
 from rlmflow.telemetry.report import analyse, load_trace
-from rlmflow.testing import FakeOpenAIServer
 
+from .fakes import FakeOpenAIServer
 from .helpers import turn_script
 
 FAN_OUT = "r = llm_query_many(['a', 'b', 'c'])\nprint(r)\nFINAL(' '.join(r))"

@@ -39,6 +39,8 @@ from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
 from .limits import Limits, Priority
 from .pricing import Price, Pricing
+from .records import CallRecord as CallRecord
+from .records import CallRecorder
 from .redis_lane import SharedLane
 from .retry import RetryPolicy
 from .shared import SharedConfig, SharedState
@@ -68,28 +70,6 @@ INPUT_MARGIN = 0.1
 MESSAGE_OVERHEAD_TOKENS = 4
 
 
-@dataclass(frozen=True, slots=True)
-class CallRecord:
-    """What one model call cost and how long it took; ``error`` names the final exception type."""
-
-    model: str
-    provider: str
-    role: str
-    depth: int
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float | None
-    queue_wait: float
-    duration: float
-    attempts: int = 1
-    throttles: int = 0
-    error: str | None = None
-    started_at: float = 0.0  # wall clock (time.time()) when the call was queued
-
-
-Recorder = Callable[[CallRecord], None]
-
-
 @dataclass(slots=True)
 class _Tally:
     """What the attempts of one call add up to."""
@@ -110,7 +90,7 @@ class _Batch:
     share: RunShare
     priority: Priority
     depth: int
-    record: Recorder | None
+    record: CallRecorder | None
     parent: otel_context.Context | None
     capture: int
     queued_at: float  # the Dispatcher's clock when the calls were queued
@@ -258,7 +238,7 @@ class Dispatcher:
         share: RunShare | None = None,
         priority: Priority = Priority.SUB,
         depth: int = 0,
-        record: Recorder | None = None,
+        record: CallRecorder | None = None,
         parent: otel_context.Context | None = None,
         capture: int = 0,
     ) -> ModelResponse:
@@ -279,7 +259,7 @@ class Dispatcher:
         share: RunShare | None = None,
         priority: Priority = Priority.SUB,
         depth: int = 0,
-        record: Recorder | None = None,
+        record: CallRecorder | None = None,
         parent: otel_context.Context | None = None,
         capture: int = 0,
     ) -> list[ModelResponse | RLMError]:
@@ -353,7 +333,7 @@ class Dispatcher:
         share: RunShare | None,
         priority: Priority,
         depth: int,
-        record: Recorder | None,
+        record: CallRecorder | None,
         parent: otel_context.Context | None,
         capture: int,
     ) -> _Batch:
@@ -510,7 +490,7 @@ class Dispatcher:
         _logger.warning("model call spent more than its budget reservation", model=model.name,
                         overrun=excess, reserved=asdict(reserved))
 
-    def _emit(self, call: CallRecord, record: Recorder | None) -> None:
+    def _emit(self, call: CallRecord, record: CallRecorder | None) -> None:
         telemetry = current_telemetry()
         (telemetry.metrics if telemetry is not None else self._metrics).record(call)
         if record is not None:

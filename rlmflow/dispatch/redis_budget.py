@@ -160,13 +160,13 @@ class SharedBudget:
 
     async def _renew(self) -> None:
         if self._held:
-            await self.state._scripts["BUDGET_RENEW"](
-                keys=[self._keys[1]], args=[self.state.config.lease * 1000, *self._held]
+            await self.state.run_in_background(
+                "BUDGET_RENEW", [self._keys[1]], [self.state.config.lease * 1000, *self._held]
             )
 
     async def totals(self) -> tuple[Spend, Spend]:
         """(spent, reserved) across every process, as Redis has them now."""
-        raw = await self.state._client.hgetall(self._keys[0]) if self.state._client else {}
+        raw = await self.state.read_hash(self._keys[0])
 
         def read(prefix: str) -> Spend:
             values = {q: float(raw.get(f"{prefix}_{q}", 0)) for q in _QUANTITIES}

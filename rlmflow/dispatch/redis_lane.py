@@ -355,8 +355,8 @@ class SharedLane:
     async def renew(self) -> None:
         """Mark this process present on the lane; extend the leases of its calls in flight."""
         keys = self.state.lane_keys(self.key)
-        replicas, _ = await self.state._scripts["LANE_RENEW"](
-            keys=[keys[3], keys[4]], args=[self.state.config.lease * 1000, self.state.replica_id, *self._grants]
+        replicas, _ = await self.state.run_in_background(
+            "LANE_RENEW", [keys[3], keys[4]], [self.state.config.lease * 1000, self.state.replica_id, *self._grants]
         )
         self.replicas = max(1, int(replicas))
 
@@ -367,14 +367,15 @@ class SharedLane:
         if not self._own:
             return
         # local monotonic times become server times through one round trip's offset
-        _, server_now = await self.state._scripts["HEARTBEAT"](
-            keys=[f"{self.state.config.namespace}:replicas"], args=[self.state.replica_id, self.state._ttl_ms()]
+        state = self.state
+        _, server_now = await state.run_in_background(
+            "HEARTBEAT", [f"{state.config.namespace}:replicas"], [state.replica_id, state.presence_ttl_ms]
         )
         offset = float(server_now) - now * 1000
         args: list[object] = [self.window * 1000]
         for own in self._own:
             args += [own.id, own.at * 1000 + offset, own.tokens]
-        await self.state._scripts["LANE_REPLAY"](keys=self.state.lane_keys(self.key)[:3], args=args)
+        await self.state.run_in_background("LANE_REPLAY", self.state.lane_keys(self.key)[:3], args)
 
     # -- statistics -----------------------------------------------------------------------------------
     def statistics(self) -> LaneStatistics:

@@ -34,7 +34,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 from opentelemetry import metrics
@@ -43,15 +43,40 @@ from .._exceptions import ConfigurationError, SharedStateUnavailableError
 from ..telemetry.logs import get_logger
 from . import redis_scripts as scripts
 
-if TYPE_CHECKING:
-    from .redis_lane import SharedLane
-
-__all__ = ["SharedConfig", "SharedLostError", "SharedState", "SharedStateUnavailableError", "SharedStatistics"]
+__all__ = [
+    "ServedLane",
+    "SharedConfig",
+    "SharedLostError",
+    "SharedState",
+    "SharedStateUnavailableError",
+    "SharedStatistics",
+]
 
 _logger = get_logger("rlmflow.dispatch.shared")
 
 METRIC_FALLBACKS = "rlmflow.shared.fallbacks"
 METRIC_REPLICAS = "rlmflow.shared.replicas"
+
+
+class ServedLane(Protocol):
+    """What the state needs of a lane it serves (``rlmflow.dispatch.redis_lane.SharedLane`` is one).
+
+    A protocol rather than the class, so that this module need not import the lane that imports it.
+    """
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def replicas(self) -> int: ...
+
+    def notify(self) -> None: ...
+
+    def observe(self, *, limit: int, in_flight: int) -> None: ...
+
+    async def renew(self) -> None: ...
+
+    async def replay(self) -> None: ...
 
 
 class SharedLostError(Exception):
@@ -120,8 +145,8 @@ class SharedState:
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scripts: dict[str, Any] = {}
-        self._lanes: dict[str, SharedLane] = {}
-        self._releases: list[tuple[SharedLane, list[Any]]] = []
+        self._lanes: dict[str, ServedLane] = {}
+        self._releases: list[tuple[ServedLane, list[Any]]] = []
         self._release_ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._connect_lock = anyio.Lock()
@@ -191,7 +216,7 @@ class SharedState:
                 with anyio.fail_after(self.config.timeout * 2):
                     await client.ping()
                     replicas, _ = await client.register_script(scripts.HEARTBEAT)(
-                        keys=[f"{self.config.namespace}:replicas"], args=[self.replica_id, self._ttl_ms()]
+                        keys=[f"{self.config.namespace}:replicas"], args=[self.replica_id, self.presence_ttl_ms]
                     )
             except (OSError, TimeoutError, aioredis.RedisError) as exc:
                 await client.aclose()
@@ -231,7 +256,7 @@ class SharedState:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def register(self, lane: SharedLane) -> None:
+    def register(self, lane: ServedLane) -> None:
         self._lanes[lane.key] = lane
 
     # -- calls --------------------------------------------------------------------------------------
@@ -250,7 +275,16 @@ class SharedState:
             self._lose(exc)
             raise SharedLostError(str(exc)) from exc
 
-    def post_release(self, lane: SharedLane, args: list[Any]) -> None:
+    async def run_in_background(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script with no fallback switch, for the background work this state drives (lease
+        renewals, replays), which handles a Redis failure itself."""
+        return await self._scripts[name](keys=list(keys), args=list(args))
+
+    async def read_hash(self, key: str) -> dict[Any, Any]:
+        """A Redis hash as it is now (empty before the state connected)."""
+        return await self._client.hgetall(key) if self._client is not None else {}
+
+    def post_release(self, lane: ServedLane, args: list[Any]) -> None:
         """Queue a lane release; the background task sends it (a release must not block)."""
         if self.mode == "shared":
             self._releases.append((lane, args))
@@ -269,7 +303,9 @@ class SharedState:
         for lane in self._lanes.values():
             lane.notify()
 
-    def _ttl_ms(self) -> int:
+    @property
+    def presence_ttl_ms(self) -> int:
+        """How long a replica's presence mark lasts without renewal (the lease), in milliseconds."""
         return math.ceil(self.config.lease * 1000)
 
     # -- background ---------------------------------------------------------------------------------
@@ -336,7 +372,7 @@ class SharedState:
             try:
                 with anyio.fail_after(self.config.timeout):
                     replicas, _ = await self._scripts["HEARTBEAT"](
-                        keys=[f"{self.config.namespace}:replicas"], args=[self.replica_id, self._ttl_ms()]
+                        keys=[f"{self.config.namespace}:replicas"], args=[self.replica_id, self.presence_ttl_ms]
                     )
                     if self.mode == "fallback":
                         for lane in self._lanes.values():

@@ -20,8 +20,9 @@ import anyio.to_thread
 
 from .._exceptions import ContextOverflowError, NoAnswerError, RLMError
 from ..dispatch.budget import Budget, BudgetLedger
-from ..dispatch.dispatcher import CallRecord, Dispatcher
+from ..dispatch.dispatcher import Dispatcher
 from ..dispatch.limits import Priority
+from ..dispatch.records import CallRecord
 from ..engine import RLM
 from ..models.base import LanguageModel, Message, ModelRequest
 from ..result import RLMResult

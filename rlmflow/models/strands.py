@@ -25,15 +25,17 @@ from strands.types.exceptions import ContextWindowOverflowException, ModelThrott
 from strands.types.streaming import StreamEvent
 from strands.types.tools import ToolChoice, ToolSpec
 
-from .._exceptions import ContextOverflowError, FatalModelError, ModelError, ThrottledError
+from .._exceptions import ConfigurationError, ContextOverflowError, FatalModelError, ModelError, ThrottledError
 from ..dispatch.budget import BudgetLedger
-from ..dispatch.dispatcher import CallRecord, Dispatcher
+from ..dispatch.dispatcher import Dispatcher
 from ..dispatch.lane import RunShare
 from ..dispatch.limits import Priority
+from ..dispatch.records import CallRecorder
 from . import guard
 from .base import LanguageModel, Message, ModelRequest, ModelResponse, Usage, estimate_tokens
+from .registry import parse_model_string
 
-__all__ = ["DispatchedModel", "StrandsModel", "strands_messages_as_text"]
+__all__ = ["DispatchedModel", "StrandsModel", "strands_messages_as_text", "strands_root_model"]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -172,6 +174,36 @@ class StrandsModel:
         return f"StrandsModel({type(self.strands_model).__name__}, {self._name!r})"
 
 
+def strands_root_model(spec: object) -> StrandsModel:
+    """The root of a strands-style run from ``strands:bedrock:<id>[@region]``, a strands Model or a StrandsModel.
+
+    Raises ConfigurationError for anything else.
+    """
+    if isinstance(spec, StrandsModel):
+        return spec
+    if isinstance(spec, StrandsBaseModel):
+        return StrandsModel(spec)
+    if not isinstance(spec, str):
+        raise ConfigurationError(f"the strands root style needs a strands Model or a strands: string, not {spec!r}")
+    provider, name, where = parse_model_string(spec.removeprefix("strands:"))
+    if provider != "bedrock":
+        raise ConfigurationError(
+            f"{spec!r}: the strands root style builds strands' BedrockModel (strands:bedrock:<model-id>); "
+            "for another provider pass a strands Model object as root"
+        )
+    from botocore.config import Config
+    from strands.models.bedrock import BedrockModel as StrandsBedrock
+
+    model = StrandsBedrock(
+        model_id=name,
+        region_name=where,
+        streaming=True,
+        # the Dispatcher retries; botocore's own retry loop would hide throttles from the lane
+        boto_client_config=Config(retries={"total_max_attempts": 1}, read_timeout=300),
+    )
+    return StrandsModel(model)
+
+
 class _OneCall:
     """One strands stream call as a LanguageModel for the Dispatcher (same lane as its model)."""
 
@@ -224,7 +256,7 @@ class DispatchedModel(StrandsBaseModel):
         priority: Priority = Priority.SUB,
         depth: int = 0,
         max_tokens: int = 1024,
-        record: Callable[[CallRecord], None] | None = None,
+        record: CallRecorder | None = None,
         capture: int = 0,
     ) -> None:
         self.inner = model

@@ -20,7 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from . import attributes as attr
 
 if TYPE_CHECKING:
-    from ..dispatch.dispatcher import CallRecord
+    from ..dispatch.records import CallRecord
 
 __all__ = ["CallMetrics", "ObservedLane"]
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from ..prompts import cap_text
+from .._text import cap_text
 
 __all__ = ["Trajectory"]
 

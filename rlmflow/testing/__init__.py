@@ -1,8 +1,10 @@
-"""Offline doubles for tests and benchmarks: scripted models and a fake provider server."""
+"""Helpers for users' test suites.
 
-from ..models.scripted import ScriptedModel
-from .fake_anthropic import FakeAnthropicServer
-from .fake_bedrock import FakeBedrockServer
-from .fake_openai import FakeOpenAIServer, FaultPlan
+:func:`allow_only_loopback` (in :mod:`rlmflow.testing.network`) refuses, before sending, every
+model request to a host off the loopback interface. rlmflow's own fake provider servers are test
+doubles of the project (``tests/fakes/`` in the repository), not part of this API.
+"""
 
-__all__ = ["FakeAnthropicServer", "FakeBedrockServer", "FakeOpenAIServer", "FaultPlan", "ScriptedModel"]
+from .network import allow_only_loopback
+
+__all__ = ["allow_only_loopback"]

@@ -17,68 +17,52 @@ message the model can act on; nothing else of the run is lost.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 import anyio
 from opentelemetry import trace
+from opentelemetry.context import Context as OtelContext
 
-from ._exceptions import BatchError, ContextError, RLMError, SandboxRequestError
-from ._util import single_exception
-from .context import context_size, validate_context
-from .dispatch.limits import Priority
-from .events import BatchFinished, BatchStarted
-from .models.base import LanguageModel, Message, ModelRequest, ModelResponse
-from .telemetry import attributes as attr
-from .telemetry import spans as span_attributes
+from .._exceptions import BatchError, ContextError, RLMError, SandboxRequestError
+from .._util import single_exception
+from ..context import context_size, validate_context
+from ..events import BatchFinished, BatchStarted
+from ..models.base import LanguageModel, Message, ModelRequest, ModelResponse
+from ..result import RLMResult
+from ..sandbox.base import Context
+from ..telemetry import attributes as attr
+from ..telemetry import spans as span_attributes
+from .calls import CallScope
+from .recorder import RunRecorder
+from .settings import DEFAULT_ALIAS, BridgeLimits, RunSettings
+from .state import RunState
 
-if TYPE_CHECKING:
-    from .run import _Run
+__all__ = ["HostBridge", "SpawnChild"]
 
-__all__ = ["DEFAULT_ALIAS", "BridgeLimits", "HostBridge"]
-
-DEFAULT_ALIAS = "default"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BridgeLimits:
-    """What sandbox code may ask of the host in one run; requests beyond these are refused.
-
-    - ``max_batch_items``: prompts in one ``llm_query_many`` (or children in one
-      ``rlm_query_many``);
-    - ``max_prompt_chars`` / ``max_batch_chars``: size of one prompt and of one batch;
-    - ``max_output_tokens``: the largest ``max_tokens`` sandbox code may ask for (larger values
-      are clamped to it);
-    - ``max_sub_calls``: sub-calls a whole run (children included) may send when its budget sets
-      no ``max_calls`` (a safety net against runaway loops);
-    - ``max_child_context_chars``: size of a context passed to ``rlm_query``;
-    - ``max_concurrent_children``: child runs (each with its own sandbox) running at once per
-      depth of one ``RLM``; more wait for a slot;
-    - ``max_answer_chars``: the longest answer ``FINAL`` can give (longer ones are cut, and the
-      cut is stated).
-    """
-
-    max_batch_items: int = 10_000
-    max_prompt_chars: int = 2_000_000
-    max_batch_chars: int = 64_000_000
-    max_output_tokens: int = 16_384
-    max_sub_calls: int = 10_000
-    max_child_context_chars: int = 64_000_000
-    max_concurrent_children: int = 4
-    max_answer_chars: int = 200_000
-
-    def __post_init__(self) -> None:
-        for name in self.__slots__:
-            if getattr(self, name) < 1:
-                raise ValueError(f"BridgeLimits.{name} must be at least 1")
+SpawnChild = Callable[[str, Context | None], Awaitable[RLMResult]]
+"""Runs an ``rlm_query`` child (query, its context or ``None`` for the parent's) to its result."""
 
 
 class HostBridge:
     """Serves the host functions one run's sandbox code calls; one per run."""
 
-    def __init__(self, run: _Run) -> None:
-        self._run = run
+    def __init__(
+        self,
+        settings: RunSettings,
+        state: RunState,
+        *,
+        calls: CallScope,
+        recorder: RunRecorder,
+        spawn: SpawnChild,
+        cell_span: Callable[[], OtelContext | None],
+    ) -> None:
+        self._settings = settings
+        self._state = state
+        self._calls = calls
+        self._recorder = recorder
+        self._spawn = spawn
+        self._cell_span = cell_span  # the span of the cell whose code is calling, if any
         # dedup: (lane, max_tokens) -> prompt -> answer; failures are not kept (a later batch retries)
         self._answers: dict[tuple[str, int], dict[str, str]] = {}
 
@@ -100,7 +84,7 @@ class HostBridge:
     # -- validation of untrusted requests ----------------------------------------------------------
     @property
     def _limits(self) -> BridgeLimits:
-        return self._run.rlm.bridge_limits
+        return self._settings.bridge_limits
 
     def _prompts(self, raw: Any) -> list[str]:
         limits = self._limits
@@ -129,7 +113,7 @@ class HostBridge:
 
     def _model(self, alias: Any) -> LanguageModel:
         """The sub-model named by ``alias``: only the RLM's own aliases, never a model string."""
-        models = self._run.rlm.sub_models
+        models = self._settings.sub_models
         if alias is None:
             return models[DEFAULT_ALIAS]
         if isinstance(alias, str) and alias in models:
@@ -140,7 +124,7 @@ class HostBridge:
         )
 
     def _max_tokens(self, raw: Any) -> int:
-        default = self._run.rlm.sub_max_tokens
+        default = self._settings.sub_max_tokens
         if raw is None:
             return min(default, self._limits.max_output_tokens)
         if isinstance(raw, bool) or not isinstance(raw, int):
@@ -178,60 +162,52 @@ class HostBridge:
         return children
 
     def _admit_sub_calls(self, count: int) -> None:
-        run = self._run
-        if run.ledger.budget.max_calls is not None:
+        state = self._state
+        if state.ledger.budget.max_calls is not None:
             return  # the budget caps calls exactly
         cap = self._limits.max_sub_calls
-        if run.shared.sub_calls + count > cap:
+        tree = state.tree
+        if tree.sub_calls + count > cap:
             raise SandboxRequestError(
-                f"this run has sent {run.shared.sub_calls} sub-calls and may send {cap} in all; "
+                f"this run has sent {tree.sub_calls} sub-calls and may send {cap} in all; "
                 f"{count} more would pass that: aggregate what you have and answer"
             )
-        run.shared.sub_calls += count
+        tree.sub_calls += count
 
     # -- the host functions ---------------------------------------------------------------------
     async def llm_query_many(self, prompts: list[str], sub: LanguageModel, max_tokens: int) -> list[str]:
         """Answers in input order; a failed item raises :class:`BatchError` after all finished."""
-        run = self._run
-        rlm = run.rlm
+        settings, state = self._settings, self._state
         # A batch has one lane and one max_tokens, so within it a prompt alone is the dedup key:
         # no per-item key tuples to build and hash again on the way back (10,000 items per batch).
         answered: dict[str, str] | None = None
         to_send = prompts
-        if rlm.dedup:  # each distinct prompt not answered before in this run is sent once
-            answered = self._answers.setdefault((rlm.dispatcher.lane_key(sub), max_tokens), {})
+        if settings.dedup:  # each distinct prompt not answered before in this run is sent once
+            answered = self._answers.setdefault((settings.dispatcher.lane_key(sub), max_tokens), {})
             to_send = [prompt for prompt in dict.fromkeys(prompts) if prompt not in answered]
         self._admit_sub_calls(len(to_send))
         requests = [ModelRequest(messages=(Message("user", prompt),), max_tokens=max_tokens) for prompt in to_send]
         started = time.monotonic()
-        run.recorder.emit(BatchStarted, size=len(prompts), sent=len(requests), model=sub.name)
-        with rlm._tracer.start_as_current_span(
+        self._recorder.emit(BatchStarted, size=len(prompts), sent=len(requests), model=sub.name)
+        with settings.tracer.start_as_current_span(
             attr.SPAN_BATCH,
-            context=run.cell_span_context,
+            context=self._cell_span(),
             attributes=span_attributes.batch_start(
-                size=len(prompts), deduplicated=len(prompts) - len(requests), depth=run.depth, prompts=prompts,
-                capture=rlm.capture_content,
+                size=len(prompts), deduplicated=len(prompts) - len(requests), depth=state.depth, prompts=prompts,
+                capture=settings.capture_content,
             ),
         ) as span:
-            run.progress.calls_in_flight += len(requests)
+            state.progress.calls_in_flight += len(requests)
             try:
-                outcomes = await rlm.dispatcher.call_many(
-                    sub,
-                    requests,
-                    ledger=run.ledger,
-                    share=run.share,
-                    priority=Priority.SUB,
-                    depth=run.depth,
-                    record=run.recorder.record,
-                    parent=trace.set_span_in_context(span),
-                    capture=rlm.capture_content,
-                )
+                outcomes = await self._calls.ask_many(sub, requests, parent=trace.set_span_in_context(span))
             finally:
-                run.progress.calls_in_flight -= len(requests)
+                state.progress.calls_in_flight -= len(requests)
             results, errors = _answers_in_order(prompts, to_send, outcomes, answered)
-            run.recorder.emit(BatchFinished, size=len(prompts), failed=len(errors), duration=time.monotonic() - started)
+            self._recorder.emit(
+                BatchFinished, size=len(prompts), failed=len(errors), duration=time.monotonic() - started
+            )
             span.set_attributes(
-                span_attributes.batch_end(answers=results, failed=len(errors), capture=rlm.capture_content)
+                span_attributes.batch_end(answers=results, failed=len(errors), capture=settings.capture_content)
             )
             if errors:
                 raise _batch_error("calls", results, errors)
@@ -239,20 +215,19 @@ class HostBridge:
 
     async def rlm_query_many(self, children: list[tuple[str, Any]]) -> list[str]:
         """One child run per item (its own sandbox, a child ledger); plain sub-calls at the depth limit."""
-        run = self._run
-        rlm = run.rlm
-        if run.depth + 1 > run.options.max_depth:
+        state = self._state
+        if state.depth + 1 > state.options.max_depth:
             prompts = [f"{context}\n\n{prompt}" if isinstance(context, str) and context else prompt
                        for prompt, context in children]
             return await self.llm_query_many(self._prompts(prompts), self._model(None), self._max_tokens(None))
         results: list[str | None] = [None] * len(children)
         errors: dict[int, RLMError] = {}
-        slots = rlm._child_slots(run.depth + 1)
+        slots = self._settings.child_slots(state.depth + 1)
 
         async def child(index: int, prompt: str, context: Any) -> None:
             try:
                 async with slots:  # children wait for a sandbox slot instead of failing
-                    outcome = await run.spawn_child(prompt, context)
+                    outcome = await self._spawn(prompt, context)
                 results[index] = outcome.answer
             except RLMError as exc:
                 errors[index] = exc
@@ -267,20 +242,19 @@ class HostBridge:
 
     def budget_view(self) -> dict[str, Any]:
         """What the run may still spend, as sandbox code sees it from ``budget()``."""
-        run = self._run
-        remaining = run.ledger.remaining()
-        deadline = run.options.deadline
-        spent = run.ledger.spent
+        state = self._state
+        remaining = state.ledger.remaining()
+        spent = state.ledger.spent
         return {
             "calls_left": remaining["calls"],
             "input_tokens_left": remaining["input_tokens"],
             "output_tokens_left": remaining["output_tokens"],
             "cost_usd_left": remaining["cost_usd"],
-            "seconds_left": None if deadline is None else max(0.0, deadline - (time.monotonic() - run.started)),
-            "turns_left": run.options.max_turns - len(run.transcript) - 1,
-            "depth": run.depth,
-            "max_depth": run.options.max_depth,
-            "models": sorted(run.rlm.sub_models),
+            "seconds_left": state.seconds_left(),
+            "turns_left": state.options.max_turns - len(state.transcript) - 1,
+            "depth": state.depth,
+            "max_depth": state.options.max_depth,
+            "models": sorted(self._settings.sub_models),
             "spent": {
                 "calls": spent.calls,
                 "input_tokens": spent.input_tokens,

@@ -7,7 +7,7 @@ botocore and the dummy credentials it was given. Errors have Bedrock's shapes
 (``x-amzn-ErrorType`` and ``{"message": ...}``; in a stream, an ``exception`` message such as
 ``throttlingException`` after partial output). A ``tool_reply`` function makes it answer
 requests that offer tools with a ``toolUse`` block (a scripted Strands root). Limits, faults and latency are those of
-:class:`~rlmflow.testing.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
+:class:`~tests.fakes.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
 
     async with FakeBedrockServer(latency=0.05) as server:
         model = BedrockModel("us.anthropic.claude-sonnet-4-5-20250929-v1:0", region="us-east-1",

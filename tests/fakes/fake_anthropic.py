@@ -6,7 +6,7 @@ the cache fields), ``anthropic-ratelimit-*`` headers on every response, and erro
 ``overloaded_error``; a prompt over ``context_window`` gets 400 "prompt is too long". With
 ``"stream": true`` it sends ``message_start`` ... ``message_stop`` events, and an ``error``
 event after partial output for ``[[stream-throttle]]``. Limits, faults and latency are those of
-:class:`~rlmflow.testing.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
+:class:`~tests.fakes.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
 
     async with FakeAnthropicServer() as server:
         model = AnthropicModel("claude-sonnet-4-5", base_url=server.base_url)

@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..models.base import estimate_tokens
+from rlmflow.models.base import estimate_tokens
 
 __all__ = ["BACKLOG", "Admitted", "FakeOpenAIServer", "FaultPlan", "answer_for"]
 

@@ -1,6 +1,6 @@
 """The interpreter process behind one session of the fake AgentCore Code Interpreter.
 
-Started by :class:`rlmflow.testing.fake_agentcore.FakeAgentCoreServer` as ``python -I this_file``
+Started by :class:`tests.fakes.fake_agentcore.FakeAgentCoreServer` as ``python -I this_file``
 with the session directory as cwd and an empty environment. It reads requests from stdin and
 writes replies to the saved stdout, each a 4-byte big-endian length and a JSON object. Like a
 Jupyter kernel it keeps one global namespace across executions, shows the value of a trailing

@@ -4,7 +4,7 @@ For tests and benchmarks only; it binds to 127.0.0.1. It answers the three opera
 sandbox uses with the shapes of botocore's ``bedrock-agentcore`` service model (restJson):
 
 - ``PUT /code-interpreters/{id}/sessions/start`` starts a Python process for the session
-  (:mod:`rlmflow.testing.fake_agentcore_kernel`, an empty environment, a scratch directory);
+  (:mod:`tests.fakes.fake_agentcore_kernel`, an empty environment, a scratch directory);
 - ``POST /code-interpreters/{id}/tools/invoke`` runs ``executeCode`` in that process with
   persistent state and does ``writeFiles`` / ``readFiles`` / ``listFiles`` / ``removeFiles`` in
   the scratch directory; the answer is an AWS event stream (binary frames with CRCs);

@@ -1,0 +1,267 @@
+"""The code-block root loop: turns of root-model code until ``FINAL``, and what the root reads.
+
+:class:`RootLoop` decides what the root model sees each turn (the context's metadata, capped and
+sanitised cell output, nudges) and trims the transcript for small windows. A turn is two steps:
+:meth:`~RootLoop._ask_root` (one root call) and :meth:`~RootLoop._run_blocks` (its code blocks,
+through the :class:`~rlmflow._run.cells.CellRunner`); when to give up is the
+:class:`~rlmflow._run.stall.StallPolicy`'s call. It keeps no books: that is the recorder's job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .. import prompts
+from .._exceptions import NoAnswerError
+from .._text import cap_text, sanitize_text, traceback_summary
+from ..events import RootText
+from ..models.base import LanguageModel, Message, ModelRequest, StreamingLanguageModel, StreamingView
+from ..result import RLMResult, Turn
+from ..sandbox.base import SandboxSession
+from ..telemetry.logs import get_logger
+from .calls import CallScope
+from .cells import CellRunner, RanCell
+from .recorder import RunRecorder
+from .settings import RunSettings
+from .stall import StallPolicy
+from .state import RunState
+
+__all__ = ["RootLoop"]
+
+_logger = get_logger("rlmflow")
+
+
+@dataclass(frozen=True, slots=True)
+class _FollowUp:
+    """The next user message; ``restart``: the conversation starts again from the question with it."""
+
+    message: Message
+    restart: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """What one turn's code blocks did."""
+
+    cells: list[RanCell]
+    final: str | None  # FINAL's value, as the cell gave it
+    printed: str  # the cells' feedback as the root reads it
+    text: str  # ``printed`` and the note on variables the cells set
+    asked_helper: bool  # sub-calls answered and no cell failed
+
+
+class RootLoop:
+    """Drives one run's root model over one sandbox session."""
+
+    def __init__(
+        self, settings: RunSettings, state: RunState, *, calls: CallScope, cells: CellRunner, recorder: RunRecorder
+    ) -> None:
+        self._settings = settings
+        self._state = state
+        self._calls = calls
+        self._cells = cells
+        self._recorder = recorder
+        self._policy = StallPolicy(max_repeated_errors=settings.max_repeated_errors)
+        self._established = True  # the sandbox offers _rlmflow_established() until it fails once
+
+    def _opening(self) -> list[Message]:
+        settings, state = self._settings, self._state
+        system, user = prompts.opening_messages(
+            settings.system_prompt, state.context, state.query, start=prompts.START_WITH_CODE,
+            sub_max_tokens=settings.sub_max_tokens, output_cap=settings.max_feedback_chars,
+            aliases=list(settings.sub_models),
+        )
+        return [Message("system", system), Message("user", user)]
+
+    async def __call__(self, session: SandboxSession) -> RLMResult:
+        state = self._state
+        max_turns = state.options.max_turns
+        if state.depth == 0:
+            state.progress.max_turns = max_turns
+        messages = self._opening()
+        for turn in range(1, max_turns + 1):
+            with self._cells.turn(turn, max_turns):
+                if turn == max_turns:
+                    messages.append(Message("user", prompts.LAST_TURN))
+                started, wall = time.monotonic(), time.time()
+                reply = await self._ask_root(turn, messages)
+                messages.append(Message("assistant", reply))
+                blocks = prompts.extract_code_blocks(reply)
+                if not blocks:
+                    # told to answer now after working on the context, a small model often answers
+                    # in words: take them (a root that never ran code gets no such pass)
+                    words = prompts.plain_answer(reply) if self._policy.answer_due(turn, max_turns) else ""
+                    note = "" if words else prompts.NO_CODE_NUDGE
+                    self._cells.finish_turn(Turn(turn, reply, [], note, time.monotonic() - started, started_at=wall))
+                    if words:
+                        return self._done(words)
+                    messages.append(Message("user", note))
+                    continue
+                work = await self._run_blocks(session, blocks, turn)
+                self._cells.finish_turn(Turn(
+                    turn, reply, blocks, work.text, time.monotonic() - started, [ran.result for ran in work.cells],
+                    started_at=wall, cell_spans=[(ran.started_at, ran.seconds) for ran in work.cells],
+                ))
+                if work.final is not None:
+                    return self._done(work.final)
+                follow_up = await self._follow_up(blocks, work, turn=turn, turns_left=max_turns - turn)
+                if isinstance(follow_up, RLMResult):
+                    return follow_up
+                if follow_up.restart:
+                    messages = messages[:2]
+                messages.append(follow_up.message)
+        return await self._forced_answer(
+            self._policy.last_output, max_turns, f"no answer after {max_turns} turns: the root model never called FINAL"
+        )
+
+    async def _ask_root(self, turn: int, messages: list[Message]) -> str:
+        """The root model's reply to the (trimmed) conversation."""
+        self._state.progress.phase = "root model thinking"
+        request = ModelRequest(messages=tuple(self._trimmed(messages)), max_tokens=self._settings.root_max_tokens)
+        response = await self._calls.ask_root(self._root_model(turn), request)
+        return response.text
+
+    async def _run_blocks(self, session: SandboxSession, blocks: list[str], turn: int) -> _Work:
+        """Run a reply's code blocks in order, up to ``FINAL`` or the first error."""
+        progress = self._state.progress
+        progress.phase = "running code"
+        calls_before = progress.calls_done
+        cells: list[RanCell] = []
+        final: str | None = None
+        for block in blocks:
+            ran = await self._cells.run(session, block, turn=turn)
+            cells.append(ran)
+            if ran.result.final is not None:
+                final = ran.result.final
+                break
+            if ran.result.error:
+                break  # later blocks usually depend on this one
+        failed = any(ran.result.error for ran in cells)
+        text = printed = "\n".join(ran.shown for ran in cells)
+        if final is None and not failed:
+            text += await self._established_note(session, printed)
+        asked_helper = progress.calls_done > calls_before and not failed
+        return _Work(cells, final, printed, text, asked_helper)
+
+    async def _follow_up(self, blocks: list[str], work: _Work, *, turn: int, turns_left: int) -> _FollowUp | RLMResult:
+        """What comes after a turn without an answer: the next user message, or the run's forced end.
+
+        Raises :class:`NoAnswerError` when the same error came too many times in a row.
+        """
+        state = self._state
+        error = next((traceback_summary(ran.result.error) for ran in work.cells if ran.result.error), None)
+        verdict = self._policy.judge(blocks, work.printed, error, turns_left=turns_left)
+        if verdict.action == "give_up":
+            raise NoAnswerError(
+                f"stopped after the same error {verdict.same_error_times} times in a row: {error}",
+                partial=state.result(""),
+            )
+        if verdict.action == "answer_now":
+            return await self._forced_answer(
+                work.printed, turn,
+                "stopped: the same cell ran three times in a row with the same result",
+            )
+        text = work.text
+        if verdict.same_error_times >= 2:
+            text += prompts.same_error_note(verdict.same_error_times)
+        if verdict.action == "restart":
+            # a small root imitates its own last reply: restart from the question with what the
+            # cell printed, without the repeated turns, and ask for the answer
+            return _FollowUp(Message("user", prompts.stuck_message(blocks, text, state.query)), restart=True)
+        if verdict.repeated_code:
+            text += "\n" + prompts.REPEAT_NUDGE
+        return _FollowUp(Message(
+            "user", prompts.continue_message(text, state.query, turns_left, asked_helper=work.asked_helper)
+        ))
+
+    def _done(self, answer: str) -> RLMResult:
+        self._state.progress.phase = "done"
+        return self._state.result(self._cells.answer(answer))
+
+    async def _forced_answer(self, printed: str | None, turn: int, reason: str) -> RLMResult:
+        """The run's last chance: the root answers in words from what its last cell printed.
+
+        Raises :class:`NoAnswerError` (``reason``) when no cell printed anything to answer from,
+        or when the reply holds no answer.
+        """
+        settings, state = self._settings, self._state
+        if not printed or not printed.strip():
+            raise NoAnswerError(reason, partial=state.result(""))
+        started, wall = time.monotonic(), time.time()
+        state.progress.phase = "answering from the last output"
+        request = ModelRequest(
+            messages=(
+                Message("system", prompts.FORCED_ANSWER_SYSTEM),
+                Message(
+                    "user",
+                    prompts.forced_answer_message(printed, state.query, limit=settings.max_feedback_chars),
+                ),
+            ),
+            max_tokens=min(settings.root_max_tokens, 256),
+        )
+        response = await self._calls.ask_root(settings.root, request)
+        # a reply that is code again is not an answer (the words around it would be mistaken for one)
+        answer = "" if prompts.extract_code_blocks(response.text) else prompts.plain_answer(response.text)
+        # not a turn (max_turns caps those): the call is in the run's calls, the reply in the log
+        _logger.info("forced answer", reason=reason, answered=bool(answer), chars=len(response.text),
+                     duration_s=round(time.monotonic() - started, 3), turn=turn, started_at=wall)
+        if not answer:
+            raise NoAnswerError(reason, partial=state.result(""))
+        return self._done(answer)
+
+    def _root_model(self, turn: int) -> LanguageModel:
+        """The root model; one that can stream hands its reply to the progress and events live."""
+        state = self._state
+        root = self._settings.root
+        if not isinstance(root, StreamingLanguageModel):
+            return root
+        progress = state.progress
+        if state.depth == 0:
+            progress.root_chars = 0
+
+        def on_text(piece: str) -> None:
+            if state.depth == 0:
+                progress.root_chars += len(piece)
+            self._recorder.emit(RootText, turn=turn, text=piece)
+
+        return StreamingView(root, on_text)
+
+    async def _established_note(self, session: SandboxSession, printed: str) -> str:
+        """What the last cell set (names, types, sizes, short values) that its output did not show.
+
+        Asked of the sandbox's helper in one extra round trip, outside the recorded cells; a
+        sandbox without the helper (a remote one) is asked once, then never again.
+        """
+        if not self._established:
+            return ""
+        probe = await session.execute("print(_rlmflow_established())")
+        if probe.error or probe.restarted:
+            self._established = False
+            return ""
+        lines = []
+        for line in sanitize_text(probe.output).strip().splitlines():
+            value = line.partition(" = ")[2].rpartition(" (")[0].removesuffix("...")
+            if not value or value[:60] not in printed:  # a value already printed is not repeated
+                lines.append(line)
+        shown = cap_text("\n".join(lines), 800)
+        return f"\nVariables your code set: {shown}" if shown else ""
+
+    def _trimmed(self, messages: list[Message]) -> list[Message]:
+        """System and first user message always; then the newest turns that fit the history size."""
+        head, rest = messages[:2], messages[2:]
+        budget = self._settings.history_chars - sum(len(m.content) for m in head)
+        kept: list[Message] = []
+        for message in reversed(rest):
+            budget -= len(message.content)
+            if budget < 0 and len(kept) >= 2:
+                break
+            kept.append(message)
+        kept.reverse()
+        if len(kept) < len(rest):
+            if kept and kept[0].role == "user":  # keep assistant/user alternation after the note
+                kept = kept[1:]
+            omitted = len(rest) - len(kept)
+            note = Message("user", f"[{omitted} earlier messages omitted; variables in the sandbox are kept]")
+            return [*head, Message("assistant", "(earlier work)"), note, *kept]
+        return [*head, *kept]

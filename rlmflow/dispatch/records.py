@@ -1,0 +1,35 @@
+"""What a model call leaves behind: its :class:`CallRecord`, and the callback type that receives one.
+
+A leaf module: the Dispatcher writes records, telemetry and the run's books read them, and none
+of them has to import another to name the type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["CallRecord", "CallRecorder"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What one model call cost and how long it took; ``error`` names the final exception type."""
+
+    model: str
+    provider: str
+    role: str
+    depth: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    queue_wait: float
+    duration: float
+    attempts: int = 1
+    throttles: int = 0
+    error: str | None = None
+    started_at: float = 0.0  # wall clock (time.time()) when the call was queued
+
+
+#: Receives the record of each call as it finishes.
+CallRecorder = Callable[[CallRecord], None]
