@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from ._exceptions import ConfigurationError, RLMError
+from ._exceptions import ConfigurationError, InternalError, RLMError
 from .dispatch.dispatcher import Dispatcher
 from .engine import RLM
 from .models.registry import DEFAULT_MODEL
@@ -92,6 +92,12 @@ def _row(outcome: BatchResult) -> dict[str, Any]:
     return row
 
 
+def _internal(failure: Exception) -> InternalError:
+    error = InternalError(f"{type(failure).__name__}: {str(failure)[:300]}")
+    error.__cause__ = failure
+    return error
+
+
 async def _in_process(rlm: RLM, items: list[BatchItem], concurrency: int,
                       attempts: int) -> AsyncIterator[BatchEvent]:
     """The same events as :meth:`RayBatch.stream`, for runs in this process."""
@@ -106,7 +112,8 @@ async def _in_process(rlm: RLM, items: list[BatchItem], concurrency: int,
                     context = item.context if item.context is not None else (
                         await anyio.to_thread.run_sync(_load, list(item.paths or ())))
                     result = await rlm.run(context, item.query)
-                except RLMError as exc:
+                except Exception as failure:  # one item's failure, whatever it is, never ends the batch
+                    exc = failure if isinstance(failure, RLMError) else _internal(failure)
                     if attempt < attempts and isinstance(exc, BatchPolicy().retry_on):
                         await send.send(BatchEvent("retrying", item.id, attempt, detail=str(exc)))
                         continue

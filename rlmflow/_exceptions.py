@@ -21,7 +21,8 @@ Every error the library raises derives from :class:`RLMError`::
     │   └── IsolationUnavailableError  isolation="strict" and a confinement is missing
     ├── SandboxRequestError         sandbox code asked for something the host refuses
     ├── BatchError                  some items of an llm_query_many failed (carries partial results)
-    └── NoAnswerError               the run ended without FINAL (carries the transcript)
+    ├── NoAnswerError               the run ended without FINAL (carries the transcript)
+    └── InternalError               anything else that stopped a run (the original is its __cause__)
 
 Exceptions are picklable (``__reduce__``), so they survive process boundaries.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "ContextError",
     "ContextOverflowError",
     "FatalModelError",
+    "InternalError",
     "IsolationUnavailableError",
     "ModelError",
     "ModelNotReadyError",
@@ -230,3 +232,9 @@ class NoAnswerError(RLMError):
     def __init__(self, message: str, *, partial: Any = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+class InternalError(RLMError):
+    """A run stopped for a reason none of the other errors names: a bug in rlmflow or in a
+    component it drives. The original exception is the ``__cause__``; the work already paid for
+    is on ``partial`` as for every error that ends a run."""

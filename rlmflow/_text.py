@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["cap_text", "sanitize_text", "traceback_summary"]
+__all__ = ["cap_text", "safe_text", "sanitize_text", "traceback_summary"]
 
 # Complete escape sequences are removed: CSI (ESC [ ... final byte), OSC / DCS / SOS / PM / APC
 # strings up to their terminator (BEL or ESC \) or the end of the text, and two-byte ESC forms.
@@ -53,9 +53,12 @@ def _needs_work(text: str) -> bool:
 
 
 def traceback_summary(error: str) -> str:
-    """The last line of a traceback (``"KeyError: 'x'"``), the part that names what went wrong; "" if none."""
-    lines = error.strip().splitlines()
-    return lines[-1].strip() if lines else ""
+    """The last line of a traceback (``"KeyError: 'x'"``), the part that names what went wrong; "" if none.
+
+    Found from the end, so a huge error costs no more than its last line.
+    """
+    text = error.rstrip()
+    return text[text.rfind("\n") + 1:].strip()
 
 
 def cap_text(text: str, limit: int, *, total: int | None = None) -> str:
@@ -67,3 +70,12 @@ def cap_text(text: str, limit: int, *, total: int | None = None) -> str:
     head, tail = text[:half], text[-half:] if len(text) > half else ""
     omitted = max(0, total - len(head) - len(tail))
     return f"{head}\n[... output cut: {omitted:,} of {total:,} characters not shown ...]\n{tail}"
+
+
+def safe_text(text: str, limit: int, *, total: int | None = None) -> str:
+    """Sandbox text as a model or a person may read it: cut to ``limit``, then sanitised.
+
+    Cut first, so that the work is bounded by ``limit`` whatever the sandbox sent; cut again if
+    escaping control characters made it longer.
+    """
+    return cap_text(sanitize_text(cap_text(text, limit, total=total)), limit)

@@ -9,9 +9,7 @@ metadata, a tenant's ledger) are arguments of :meth:`RLM.run` and :meth:`RLM.str
 
 from __future__ import annotations
 
-import asyncio
 import re
-import weakref
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -146,7 +144,7 @@ class RLM:
         self.settings = RunSettings(
             root=root_model, root_style=self.root_style, sub=sub_model, sub_models=aliases,
             bridge_limits=bridge_limits or BridgeLimits(), sandbox=sandbox or LocalSandbox(),
-            dispatcher=dispatcher or default_dispatcher(), tracer=tracer, child_slots=self._child_slots,
+            dispatcher=dispatcher or default_dispatcher(), tracer=tracer,
             system_prompt=system_prompt or prompts.SYSTEM_PROMPT, root_max_tokens=root_max_tokens,
             sub_max_tokens=sub_max_tokens, max_feedback_chars=max_feedback_chars, history_chars=history_chars,
             max_repeated_errors=max_repeated_errors, dedup=dedup, trajectory=trajectory,
@@ -157,10 +155,6 @@ class RLM:
         self._telemetry: CallTelemetry | None = None
         if tracer_provider is not None or meter_provider is not None:
             self._telemetry = CallTelemetry(tracer, CallMetrics(meter_provider, self.dispatcher.lanes))
-        # per event loop (run_sync starts a new one each time), then per depth
-        self._children: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, anyio.CapacityLimiter]] = (
-            weakref.WeakKeyDictionary()
-        )
 
     @property
     def root(self) -> LanguageModel:
@@ -199,15 +193,6 @@ class RLM:
         trajectory = self.settings.trajectory
         if trajectory is not None:
             await anyio.to_thread.run_sync(trajectory.close)
-
-    def _child_slots(self, depth: int) -> anyio.CapacityLimiter:
-        """Sandbox slots of child runs at ``depth``: one limiter per depth, so a parent waiting
-        for its children never holds a slot its children need."""
-        per_depth = self._children.setdefault(asyncio.get_running_loop(), {})
-        slots = per_depth.get(depth)
-        if slots is None:
-            slots = per_depth[depth] = anyio.CapacityLimiter(self.settings.bridge_limits.max_concurrent_children)
-        return slots
 
     async def run(
         self,

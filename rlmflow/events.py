@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from ._util import finite
+
 __all__ = [
     "AnswerReady",
     "BatchFinished",
@@ -38,14 +40,20 @@ class RunEvent:
     at: float
 
     def to_dict(self) -> dict[str, Any]:
-        """The event's fields and its ``kind``, ready for ``json.dumps``."""
-        return {"kind": self.kind, **asdict(self)}
+        """The event's fields and its ``kind``, ready for ``json.dumps`` (strict JSON: a number
+        that is not finite, which only a hostile sandbox could cause, is ``None``)."""
+        fields: dict[str, Any] = finite(asdict(self))
+        return {"kind": self.kind, **fields}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunStarted(RunEvent):
+    """A run started. ``query`` is the caller's question for a root run; a child's question was
+    written by sandbox code (it may quote the document), so only its length is given."""
+
     kind: ClassVar[str] = "run_started"
     query: str
+    query_chars: int
     context_chars: int
     root_model: str
     sub_model: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from ._text import cap_text, sanitize_text
+from ._text import safe_text, sanitize_text
 from .sandbox.base import CellResult, Context
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "continue_message",
     "describe_context",
     "extract_code_blocks",
+    "fenced",
     "format_cell_feedback",
     "opening_messages",
     "plain_answer",
@@ -113,23 +114,17 @@ LAST_TURN = (
 
 STUCK = """\
 Your code ran twice with the same result:
-```repl
 {code}
-```
 It printed:
-```text
 {output}
-```
 Do not run it again. Read the output above: if it answers the question, call FINAL with the answer
 in a ```repl block now, e.g. FINAL("..."). If not, do something different.
 The question is: {query}"""
 
 CONTINUE = """\
-Output of your code:
-```text
+Output of your code (printed by the code, between the fences):
 {output}
-```
-The question is still: {query}
+{notes}The question is still: {query}
 Next: {next_step} You have {left} turn(s) left."""
 
 _NEXT_SEARCH = (
@@ -142,14 +137,29 @@ _NEXT_AFTER_SUBCALLS = (
 )
 
 
+_BACKTICKS = re.compile(r"`{3,}")
+
+
+def fenced(text: str, info: str = "text") -> str:
+    """``text`` in a code fence it cannot close: longer than any run of backticks inside it.
+
+    Sandbox output (and a document's own fences, through ``grep``) must not end the fence and
+    go on in the loop's voice.
+    """
+    longest = max((len(run) for run in _BACKTICKS.findall(text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{info}\n{text}\n{fence}"
+
+
 def same_error_note(times: int) -> str:
-    """Appended to a turn's output when its cell failed with the same error as the turn before."""
-    return f"\nThis is the same error as before ({times} times). Change your approach instead of repeating the code."
+    """Said after a turn's output when its cell failed with the same error as the turn before."""
+    return f"This is the same error as before ({times} times). Change your approach instead of repeating the code."
 
 
-def stuck_message(code: list[str], output: str, query: str) -> str:
+def stuck_message(code: list[str], output: str, query: str, *, notes: Sequence[str] = ()) -> str:
     """The fresh user message after a repeated cell: what it printed, and the instruction to answer."""
-    return STUCK.format(code="\n".join(code), output=output, query=query)
+    message = STUCK.format(code=fenced("\n".join(code), "repl"), output=fenced(output), query=query)
+    return "".join(f"{note}\n" for note in notes) + message if notes else message
 
 
 FORCED_ANSWER_SYSTEM = (
@@ -161,7 +171,8 @@ FORCED_ANSWER_SYSTEM = (
 
 def forced_answer_message(printed: str, query: str, *, limit: int) -> str:
     """The last call of a run that never called FINAL: what its last cell printed, and the question."""
-    return f"Text found by your code:\n{cap_text(sanitize_text(printed), limit)}\n\nQuestion: {query}\nAnswer:"
+    shown = safe_text(printed, limit)
+    return f"Text found by your code:\n{fenced(shown)}\n\nQuestion: {query}\nAnswer:"
 
 
 def plain_answer(reply: str) -> str:
@@ -171,14 +182,21 @@ def plain_answer(reply: str) -> str:
     return "" if text.upper().rstrip(".") == "UNKNOWN" else text
 
 
-def continue_message(output: str, query: str, turns_left: int, *, asked_helper: bool = False) -> str:
-    """The user message after a turn: the output, the question again, and the next step.
+def continue_message(
+    output: str, query: str, turns_left: int, *, asked_helper: bool = False, notes: Sequence[str] = ()
+) -> str:
+    """The user message after a turn: the output (fenced), the loop's notes, the question again, and the next step.
 
     Small root models imitate the last thing they read, so the next step is spelled out, and it
-    changes once sub-calls have answered (otherwise they re-run the same query forever).
+    changes once sub-calls have answered (otherwise they re-run the same query forever). The
+    output is sandbox text; the notes and everything else are the loop's own words, outside the
+    fence.
     """
     next_step = _NEXT_AFTER_SUBCALLS if asked_helper else _NEXT_SEARCH
-    return CONTINUE.format(output=output, query=query, left=turns_left, next_step=next_step)
+    return CONTINUE.format(
+        output=fenced(output), notes="".join(f"{note}\n" for note in notes), query=query, left=turns_left,
+        next_step=next_step,
+    )
 
 
 _FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -190,8 +208,9 @@ def extract_code_blocks(reply: str) -> list[str]:
 
 
 def _preview(text: str, limit: int = 240) -> str:
-    snippet = text[:limit].replace("\n", "\\n")
-    return snippet + ("..." if len(text) > limit else "")
+    """The start of a document on one line, fenced: it is the document's text, not ours."""
+    snippet = sanitize_text(text[:limit]).replace("\n", "\\n")
+    return fenced(snippet + ("..." if len(text) > limit else ""))
 
 
 def describe_context(context: Context, *, max_documents: int = 20) -> str:
@@ -200,7 +219,7 @@ def describe_context(context: Context, *, max_documents: int = 20) -> str:
         lines = context.count("\n") + 1
         return (
             f"`context` is a str of {len(context):,} characters ({lines:,} lines).\n"
-            f"It begins: {_preview(context)}"
+            f"It begins:\n{_preview(context)}"
         )
     if isinstance(context, Mapping):
         total = sum(len(v) for v in context.values())
@@ -210,7 +229,7 @@ def describe_context(context: Context, *, max_documents: int = 20) -> str:
         return (
             f"`context` is a dict of {len(context)} named documents, {total:,} characters in all "
             f"(context[name] is a str):\n" + "\n".join(rows) + (f"\n  ... and {more} more" if more > 0 else "")
-            + f"\nThe first begins: {_preview(first)}"
+            + f"\nThe first begins:\n{_preview(first)}"
         )
     documents: Sequence[str] = context
     total = sum(len(d) for d in documents)
@@ -219,7 +238,7 @@ def describe_context(context: Context, *, max_documents: int = 20) -> str:
     return (
         f"`context` is a list of {len(documents)} documents, {total:,} characters in all:\n"
         + "\n".join(rows) + (f"\n  ... and {more} more" if more > 0 else "")
-        + f"\ncontext[0] begins: {_preview(documents[0] if documents else '')}"
+        + f"\ncontext[0] begins:\n{_preview(documents[0] if documents else '')}"
     )
 
 
@@ -238,9 +257,9 @@ def format_cell_feedback(result: CellResult, *, limit: int) -> str:
     """
     parts: list[str] = []
     if result.output:
-        parts.append(cap_text(sanitize_text(result.output), limit, total=result.output_chars))
+        parts.append(safe_text(result.output, limit, total=result.output_chars))
     if result.error:
-        parts.append(cap_text(sanitize_text(result.error.rstrip()), max(400, limit // 2)))
+        parts.append(safe_text(result.error.rstrip(), max(400, limit // 2)))
     parts.extend(result.notes)
     if not parts:
         parts.append("(no output)")

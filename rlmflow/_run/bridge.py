@@ -17,6 +17,7 @@ message the model can act on; nothing else of the run is lost.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -39,6 +40,14 @@ from .settings import DEFAULT_ALIAS, BridgeLimits, RunSettings
 from .state import RunState
 
 __all__ = ["HostBridge", "SpawnChild"]
+
+# the arguments each host function takes (what cellapi sends); any other key is refused
+_ARGUMENTS: dict[str, frozenset[str]] = {
+    "llm_query_many": frozenset({"prompts", "model", "max_tokens"}),
+    "rlm_query_many": frozenset({"items"}),
+    "budget": frozenset(),
+}
+_CHILD_KEYS = frozenset({"prompt", "context"})
 
 SpawnChild = Callable[[str, Context | None], Awaitable[RLMResult]]
 """Runs an ``rlm_query`` child (query, its context or ``None`` for the parent's) to its result."""
@@ -63,12 +72,18 @@ class HostBridge:
         self._recorder = recorder
         self._spawn = spawn
         self._cell_span = cell_span  # the span of the cell whose code is calling, if any
-        # dedup: (lane, max_tokens) -> prompt -> answer; failures are not kept (a later batch retries)
-        self._answers: dict[tuple[str, int], dict[str, str]] = {}
+        # dedup: (lane, max_tokens) -> prompt -> answer, oldest first; failures are not kept (a later
+        # batch retries); at most max_dedup_chars characters of prompts and answers, oldest evicted
+        self._answers: OrderedDict[tuple[str, int], OrderedDict[str, str]] = OrderedDict()
+        self._answers_chars = 0
 
     async def __call__(self, fn: str, args: Any) -> Any:
         if not isinstance(args, Mapping):
-            raise SandboxRequestError(f"the arguments of {fn!r} must be a map")
+            raise SandboxRequestError(f"the arguments of {str(fn)[:60]!r} must be a map")
+        allowed = _ARGUMENTS.get(fn) if isinstance(fn, str) else None
+        if allowed is None:
+            raise SandboxRequestError(f"unknown host function {str(fn)[:60]!r}")
+        _refuse_unknown(args, allowed, f"{fn}()")
         if fn == "llm_query_many":
             return await self.llm_query_many(
                 self._prompts(args.get("prompts")),
@@ -77,9 +92,7 @@ class HostBridge:
             )
         if fn == "rlm_query_many":
             return await self.rlm_query_many(self._children(args.get("items")))
-        if fn == "budget":
-            return self.budget_view()
-        raise SandboxRequestError(f"unknown host function {str(fn)[:60]!r}")
+        return self.budget_view()
 
     # -- validation of untrusted requests ----------------------------------------------------------
     @property
@@ -143,6 +156,7 @@ class HostBridge:
         for index, item in enumerate(raw):
             if not isinstance(item, Mapping) or not isinstance(item.get("prompt"), str):
                 raise SandboxRequestError(f"child {index} needs a string prompt")
+            _refuse_unknown(item, _CHILD_KEYS, f"child {index}")
             prompt: str = item["prompt"]
             if len(prompt) > limits.max_prompt_chars:
                 raise SandboxRequestError(f"the prompt of child {index} has {len(prompt):,} characters; too long")
@@ -183,7 +197,10 @@ class HostBridge:
         answered: dict[str, str] | None = None
         to_send = prompts
         if settings.dedup:  # each distinct prompt not answered before in this run is sent once
-            answered = self._answers.setdefault((settings.dispatcher.lane_key(sub), max_tokens), {})
+            key = (settings.dispatcher.lane_key(sub), max_tokens)
+            answered = self._answers.get(key)
+            if answered is None:
+                answered = self._answers[key] = OrderedDict()
             to_send = [prompt for prompt in dict.fromkeys(prompts) if prompt not in answered]
         self._admit_sub_calls(len(to_send))
         requests = [ModelRequest(messages=(Message("user", prompt),), max_tokens=max_tokens) for prompt in to_send]
@@ -203,6 +220,8 @@ class HostBridge:
             finally:
                 state.progress.calls_in_flight -= len(requests)
             results, errors = _answers_in_order(prompts, to_send, outcomes, answered)
+            if answered is not None:
+                self._count_cached(to_send, outcomes)
             self._recorder.emit(
                 BatchFinished, size=len(prompts), failed=len(errors), duration=time.monotonic() - started
             )
@@ -213,6 +232,21 @@ class HostBridge:
                 raise _batch_error("calls", results, errors)
             return cast("list[str]", results)  # no failure: every item holds its answer
 
+    def _count_cached(self, sent: list[str], outcomes: list[ModelResponse | RLMError]) -> None:
+        """Add this batch's answers to the dedup cache's size; evict the oldest past its bound."""
+        self._answers_chars += sum(
+            len(prompt) + len(outcome.text)
+            for prompt, outcome in zip(sent, outcomes, strict=True)
+            if not isinstance(outcome, RLMError)
+        )
+        while self._answers_chars > self._limits.max_dedup_chars and self._answers:
+            key, bucket = next(iter(self._answers.items()))
+            if not bucket:
+                del self._answers[key]
+                continue
+            prompt, answer = bucket.popitem(last=False)
+            self._answers_chars -= len(prompt) + len(answer)
+
     async def rlm_query_many(self, children: list[tuple[str, Any]]) -> list[str]:
         """One child run per item (its own sandbox, a child ledger); plain sub-calls at the depth limit."""
         state = self._state
@@ -220,21 +254,25 @@ class HostBridge:
             prompts = [f"{context}\n\n{prompt}" if isinstance(context, str) and context else prompt
                        for prompt, context in children]
             return await self.llm_query_many(self._prompts(prompts), self._model(None), self._max_tokens(None))
+        self._admit_sub_calls(len(children))  # a child run counts as a sub-call of its parent
         results: list[str | None] = [None] * len(children)
         errors: dict[int, RLMError] = {}
-        slots = self._settings.child_slots(state.depth + 1)
+        slots = state.tree.slots_at(state.depth + 1, self._limits.max_concurrent_children)
 
         async def child(index: int, prompt: str, context: Any) -> None:
             try:
-                async with slots:  # children wait for a sandbox slot instead of failing
-                    outcome = await self._spawn(prompt, context)
+                outcome = await self._spawn(prompt, context)
                 results[index] = outcome.answer
             except RLMError as exc:
                 errors[index] = exc
+            finally:
+                slots.release()
 
         with single_exception():
             async with anyio.create_task_group() as tg:
                 for index, (prompt, context) in enumerate(children):
+                    # a child starts when a sandbox slot frees, not before: no task per waiting child
+                    await slots.acquire()
                     tg.start_soon(child, index, prompt, context)
         if errors:
             raise _batch_error("child runs", results, errors)
@@ -303,3 +341,13 @@ def _batch_error(what: str, results: list[str | None], errors: dict[int, RLMErro
         results=results,
         errors=errors,
     )
+
+
+def _refuse_unknown(args: Mapping[Any, Any], allowed: frozenset[str], what: str) -> None:
+    """Refuse keys a host function does not take (they would otherwise live as long as the call)."""
+    if len(args) > len(allowed) or any(key not in allowed for key in args):
+        unknown = next((key for key in args if key not in allowed), None)
+        shown = repr(unknown[:40]) if isinstance(unknown, str) else type(unknown).__name__
+        raise SandboxRequestError(
+            f"{what} takes {', '.join(sorted(allowed)) or 'no arguments'}; got an unknown argument {shown}"
+        )

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
 
@@ -29,6 +30,8 @@ from .settings import RunSettings
 from .state import RunState
 
 __all__ = ["CellRunner", "RanCell"]
+
+_SANITIZE_ON_LOOP = 20_000  # characters sanitised on the event loop (~10 ms); more go to a thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +103,19 @@ class CellRunner:
             state.progress.sandbox_restarts = max(state.progress.sandbox_restarts, session.restarts)
             return cell
 
-    def answer(self, final: str) -> str:
-        """The answer as the caller gets it: control characters escaped, length capped."""
+    async def answer(self, final: str) -> str:
+        """The answer as the caller gets it: length capped, then control characters escaped.
+
+        Cut before it is sanitised, so its size is bounded whatever the sandbox sent; a long one is
+        sanitised off the event loop (about half a second per million characters).
+        """
         limit = self._settings.bridge_limits.max_answer_chars
-        answer = sanitize_text(str(final))
-        if len(answer) > limit:
-            answer = answer[:limit] + f"\n[answer cut at {limit:,} of {len(answer):,} characters]"
+        text = str(final)
+        head = text[:limit]
+        if len(head) > _SANITIZE_ON_LOOP:
+            answer = await anyio.to_thread.run_sync(sanitize_text, head)
+        else:
+            answer = sanitize_text(head)
+        if len(text) > limit or len(answer) > limit:
+            answer = answer[:limit] + f"\n[answer cut at {limit:,} of {len(text):,} characters]"
         return answer

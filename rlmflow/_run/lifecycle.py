@@ -17,7 +17,7 @@ import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
 
-from .._exceptions import BudgetExceededError, RLMError
+from .._exceptions import BudgetExceededError, InternalError, RLMError
 from .._util import single_exception
 from ..context import context_digest, context_size
 from ..events import EventSink
@@ -115,6 +115,11 @@ class _Lifecycle:
                 exc.partial = state.result("")
             self.recorder.finished(None, exc)
             raise
+        except Exception as exc:  # only RLMErrors leave a run, each with what was paid for
+            internal = InternalError(f"the run stopped on an unexpected {type(exc).__name__}: {str(exc)[:300]}")
+            internal.partial = state.result("")
+            self.recorder.finished(None, internal)
+            raise internal from exc
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 # Cancellation must propagate; the caller still learns what was paid for.

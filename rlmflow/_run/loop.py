@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .. import prompts
 from .._exceptions import NoAnswerError
-from .._text import cap_text, sanitize_text, traceback_summary
+from .._text import cap_text, safe_text, traceback_summary
 from ..events import RootText
 from ..models.base import LanguageModel, Message, ModelRequest, StreamingLanguageModel, StreamingView
 from ..result import RLMResult, Turn
@@ -95,7 +95,7 @@ class RootLoop:
                     note = "" if words else prompts.NO_CODE_NUDGE
                     self._cells.finish_turn(Turn(turn, reply, [], note, time.monotonic() - started, started_at=wall))
                     if words:
-                        return self._done(words)
+                        return await self._done(words)
                     messages.append(Message("user", note))
                     continue
                 work = await self._run_blocks(session, blocks, turn)
@@ -104,7 +104,7 @@ class RootLoop:
                     started_at=wall, cell_spans=[(ran.started_at, ran.seconds) for ran in work.cells],
                 ))
                 if work.final is not None:
-                    return self._done(work.final)
+                    return await self._done(work.final)
                 follow_up = await self._follow_up(blocks, work, turn=turn, turns_left=max_turns - turn)
                 if isinstance(follow_up, RLMResult):
                     return follow_up
@@ -162,22 +162,23 @@ class RootLoop:
                 work.printed, turn,
                 "stopped: the same cell ran three times in a row with the same result",
             )
-        text = work.text
-        if verdict.same_error_times >= 2:
-            text += prompts.same_error_note(verdict.same_error_times)
+        # the loop's own words go outside the fence that holds what the sandbox printed
+        notes = [prompts.same_error_note(verdict.same_error_times)] if verdict.same_error_times >= 2 else []
         if verdict.action == "restart":
             # a small root imitates its own last reply: restart from the question with what the
             # cell printed, without the repeated turns, and ask for the answer
-            return _FollowUp(Message("user", prompts.stuck_message(blocks, text, state.query)), restart=True)
+            message = prompts.stuck_message(blocks, work.text, state.query, notes=notes)
+            return _FollowUp(Message("user", message), restart=True)
         if verdict.repeated_code:
-            text += "\n" + prompts.REPEAT_NUDGE
-        return _FollowUp(Message(
-            "user", prompts.continue_message(text, state.query, turns_left, asked_helper=work.asked_helper)
-        ))
+            notes.append(prompts.REPEAT_NUDGE)
+        return _FollowUp(Message("user", prompts.continue_message(
+            work.text, state.query, turns_left, asked_helper=work.asked_helper, notes=notes,
+        )))
 
-    def _done(self, answer: str) -> RLMResult:
+    async def _done(self, answer: str) -> RLMResult:
+        answer = await self._cells.answer(answer)
         self._state.progress.phase = "done"
-        return self._state.result(self._cells.answer(answer))
+        return self._state.result(answer)
 
     async def _forced_answer(self, printed: str | None, turn: int, reason: str) -> RLMResult:
         """The run's last chance: the root answers in words from what its last cell printed.
@@ -208,7 +209,7 @@ class RootLoop:
                      duration_s=round(time.monotonic() - started, 3), turn=turn, started_at=wall)
         if not answer:
             raise NoAnswerError(reason, partial=state.result(""))
-        return self._done(answer)
+        return await self._done(answer)
 
     def _root_model(self, turn: int) -> LanguageModel:
         """The root model; one that can stream hands its reply to the progress and events live."""
@@ -240,7 +241,7 @@ class RootLoop:
             self._established = False
             return ""
         lines = []
-        for line in sanitize_text(probe.output).strip().splitlines():
+        for line in safe_text(probe.output, 4000).strip().splitlines():
             value = line.partition(" = ")[2].rpartition(" (")[0].removesuffix("...")
             if not value or value[:60] not in printed:  # a value already printed is not repeated
                 lines.append(line)

@@ -74,8 +74,11 @@ class RunRecorder:
         state = self._state
         _logger.info("run started", query_chars=len(state.query), context_chars=context_chars,
                      root=root_model, sub=sub_model)
-        self.emit(RunStarted, query=state.query, context_chars=context_chars, root_model=root_model,
-                  sub_model=sub_model, parent_run_id=state.parent_run_id, metadata=dict(state.options.metadata))
+        # a child's query is sandbox text (it may quote the document): events say only how long it is
+        query = state.query if state.depth == 0 else ""
+        self.emit(RunStarted, query=query, query_chars=len(state.query), context_chars=context_chars,
+                  root_model=root_model, sub_model=sub_model, parent_run_id=state.parent_run_id,
+                  metadata=dict(state.options.metadata))
         trajectory = self._trajectory
         if trajectory is not None:
             context = state.context

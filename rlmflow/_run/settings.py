@@ -2,17 +2,15 @@
 
 The bottom of the run package: values only. :class:`RunSettings` is built once by
 :class:`rlmflow.RLM` and handed down to every part of a run (lifecycle, loops, cells, bridge,
-recorder), which read it and never reach back up to the ``RLM``. What a run needs from above
-comes down as a callable (``child_slots``), never as the object that owns it.
+recorder), which read it and never reach back up to the ``RLM``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-import anyio
 from opentelemetry import trace
 
 from ..dispatch.dispatcher import Dispatcher
@@ -39,9 +37,12 @@ class BridgeLimits:
       no ``max_calls`` (a safety net against runaway loops);
     - ``max_child_context_chars``: size of a context passed to ``rlm_query``;
     - ``max_concurrent_children``: child runs (each with its own sandbox) running at once per
-      depth of one ``RLM``; more wait for a slot;
+      depth of one run tree; more wait for a slot (each run has its own slots, so one run's
+      children never hold up another's);
     - ``max_answer_chars``: the longest answer ``FINAL`` can give (longer ones are cut, and the
-      cut is stated).
+      cut is stated);
+    - ``max_dedup_chars``: characters of prompts and answers a run keeps to answer repeated
+      prompts (``RLM(dedup=True)``); past it the oldest are forgotten (and would be sent again).
     """
 
     max_batch_items: int = 10_000
@@ -52,6 +53,7 @@ class BridgeLimits:
     max_child_context_chars: int = 64_000_000
     max_concurrent_children: int = 4
     max_answer_chars: int = 200_000
+    max_dedup_chars: int = 32_000_000
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
@@ -63,9 +65,8 @@ class BridgeLimits:
 class RunSettings:
     """Everything about an RLM's runs that does not change from one run to the next.
 
-    ``child_slots(depth)`` gives the limiter of child runs' sandboxes at ``depth`` (the RLM owns
-    the limiters; a run only takes a slot). ``tracer`` is the RLM's; ``capture_content`` is how
-    many characters of prompts, code and outputs go into span attributes (0: none).
+    ``tracer`` is the RLM's; ``capture_content`` is how many characters of prompts, code and
+    outputs go into span attributes (0: none).
     """
 
     root: LanguageModel
@@ -76,7 +77,6 @@ class RunSettings:
     sandbox: Sandbox
     dispatcher: Dispatcher
     tracer: trace.Tracer
-    child_slots: Callable[[int], anyio.CapacityLimiter]
     system_prompt: str
     root_max_tokens: int
     sub_max_tokens: int

@@ -12,6 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+import anyio
+
 from ..dispatch.budget import BudgetLedger
 from ..dispatch.lane import RunShare
 from ..dispatch.records import CallRecord
@@ -53,11 +55,21 @@ class UsageTally:
 
 @dataclass(slots=True)
 class RunTree:
-    """What a root run and all its children share: every call, their usage, sub-calls sent."""
+    """What a root run and all its children share: every call, their usage, sub-calls sent, and
+    the sandbox slots of its child runs (one limiter per depth, so a parent waiting for its
+    children never holds a slot its children need)."""
 
     calls: list[CallRecord] = field(default_factory=list)
     usage: UsageTally = field(default_factory=UsageTally)  # what ``calls`` add up to
-    sub_calls: int = 0
+    sub_calls: int = 0  # sub-calls and child runs admitted
+    child_slots: dict[int, anyio.Semaphore] = field(default_factory=dict)
+
+    def slots_at(self, depth: int, limit: int) -> anyio.Semaphore:
+        """The limiter of this tree's child runs at ``depth``."""
+        slots = self.child_slots.get(depth)
+        if slots is None:
+            slots = self.child_slots[depth] = anyio.Semaphore(limit)
+        return slots
 
 
 class RunState:

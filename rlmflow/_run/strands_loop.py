@@ -161,5 +161,5 @@ class StrandsRootLoop:
         self._cells.finish_turn(Turn(turn, code, [code], ran.shown, time.monotonic() - started, [ran.result],
                                      started_at=wall, cell_spans=[(ran.started_at, ran.seconds)]))
         if ran.result.final is not None:
-            self._answer = self._cells.answer(ran.result.final)
+            self._answer = await self._cells.answer(ran.result.final)
         return ran.shown

@@ -116,7 +116,7 @@ def _json_rows(path: Path) -> list[Any]:
             raise DatasetError("expected a JSON list of items", source=str(path))
         return rows
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -256,7 +256,7 @@ def load_jsonl(path: str | Path) -> list[EvalItem]:
     path = Path(path)
     source = str(path)
     items: list[EvalItem] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -103,7 +103,7 @@ def read_results(path: str | Path) -> list[ItemResult]:
     """
     path = Path(path)
     latest: dict[tuple[str, str, str], ItemResult] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -116,7 +116,8 @@ def _json_documents(text: str) -> list[dict[str, Any]]:
         whole = json.loads(stripped)
         return whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError:
-        return [json.loads(line) for line in stripped.splitlines() if line.strip()]
+        # JSON Lines end at "\n" only: splitlines() would also cut at U+2028 inside a string
+        return [json.loads(line) for line in stripped.split("\n") if line.strip()]
 
 
 def _from_trajectory(records: list[dict[str, Any]]) -> TraceData:

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from .._text import sanitize_text
+from .._text import sanitize_text, traceback_summary
 from . import attributes as attr
 
 __all__ = [
@@ -163,9 +163,10 @@ def cell_end(
         attr.RLM_SANDBOX_RESTARTS: restarts,
     }
     if error:
-        out[attr.ERROR_TYPE] = error.strip().splitlines()[-1].split(":")[0][:100] if error.strip() else "Error"
+        out[attr.ERROR_TYPE] = traceback_summary(error).split(":")[0][:100] or "Error"
     if capture > 0:
-        result = sanitize_text(output + (error or ""))[:capture]  # sandbox output may hold terminal escapes
+        # sandbox text: cut before sanitising (it may be huge), and it may hold terminal escapes
+        result = sanitize_text(output[:capture] + (error or "")[:capture])[:capture]
         out[attr.GEN_AI_TOOL_CALL_RESULT] = result
         out[attr.OUTPUT_VALUE] = result
         out[attr.OUTPUT_MIME_TYPE] = attr.MIME_TEXT

@@ -13,13 +13,13 @@ run and closed by :meth:`close` (``RLM.aclose`` calls it).
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
 from .._text import cap_text
+from .._util import json_line
 
 __all__ = ["Trajectory"]
 
@@ -35,7 +35,7 @@ class Trajectory:
         self._contexts: set[str] = set()
 
     def _write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=_jsonable)
+        line = json_line(record, default=_jsonable)
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
