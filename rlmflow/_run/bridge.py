@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
@@ -76,6 +77,7 @@ class HostBridge:
         # batch retries); at most max_dedup_chars characters of prompts and answers, oldest evicted
         self._answers: OrderedDict[tuple[str, int], OrderedDict[str, str]] = OrderedDict()
         self._answers_chars = 0
+        self._flights: dict[tuple[str, int], dict[str, _Flight]] = {}  # prompts being sent now
 
     async def __call__(self, fn: str, args: Any) -> Any:
         if not isinstance(args, Mapping):
@@ -190,38 +192,52 @@ class HostBridge:
 
     # -- the host functions ---------------------------------------------------------------------
     async def llm_query_many(self, prompts: list[str], sub: LanguageModel, max_tokens: int) -> list[str]:
-        """Answers in input order; a failed item raises :class:`BatchError` after all finished."""
+        """Answers in input order; a failed item raises :class:`BatchError` after all finished.
+
+        With dedup, each distinct prompt of the run is sent once: one answered before is read
+        from the run's answers, and one another batch is sending right now (another thread of
+        the sandbox code) waits for that batch's outcome instead of being sent again.
+        """
         settings, state = self._settings, self._state
-        # A batch has one lane and one max_tokens, so within it a prompt alone is the dedup key:
-        # no per-item key tuples to build and hash again on the way back (10,000 items per batch).
-        answered: dict[str, str] | None = None
-        to_send = prompts
-        if settings.dedup:  # each distinct prompt not answered before in this run is sent once
+        known: dict[str, str | RLMError] = {}
+        joined: dict[str, _Flight] = {}
+        fresh = prompts
+        flights: dict[str, _Flight] | None = None
+        if settings.dedup:
+            # A batch has one lane and one max_tokens, so within it a prompt alone is the key:
+            # no per-item key tuples to build and hash again on the way back (10,000 items).
             key = (settings.dispatcher.lane_key(sub), max_tokens)
             answered = self._answers.get(key)
-            if answered is None:
-                answered = self._answers[key] = OrderedDict()
-            to_send = [prompt for prompt in dict.fromkeys(prompts) if prompt not in answered]
-        self._admit_sub_calls(len(to_send))
-        requests = [ModelRequest(messages=(Message("user", prompt),), max_tokens=max_tokens) for prompt in to_send]
+            flights = self._flights.setdefault(key, {})
+            fresh = []
+            for prompt in dict.fromkeys(prompts):
+                if answered is not None and prompt in answered:
+                    known[prompt] = answered[prompt]
+                elif prompt in flights:
+                    joined[prompt] = flights[prompt]
+                else:
+                    fresh.append(prompt)
+        self._admit_sub_calls(len(fresh))
         started = time.monotonic()
-        self._recorder.emit(BatchStarted, size=len(prompts), sent=len(requests), model=sub.name)
+        self._recorder.emit(BatchStarted, size=len(prompts), sent=len(fresh), model=sub.name)
         with settings.tracer.start_as_current_span(
             attr.SPAN_BATCH,
             context=self._cell_span(),
             attributes=span_attributes.batch_start(
-                size=len(prompts), deduplicated=len(prompts) - len(requests), depth=state.depth, prompts=prompts,
+                size=len(prompts), deduplicated=len(prompts) - len(fresh), depth=state.depth, prompts=prompts,
                 capture=settings.capture_content,
             ),
         ) as span:
-            state.progress.calls_in_flight += len(requests)
-            try:
-                outcomes = await self._calls.ask_many(sub, requests, parent=trace.set_span_in_context(span))
-            finally:
-                state.progress.calls_in_flight -= len(requests)
-            results, errors = _answers_in_order(prompts, to_send, outcomes, answered)
-            if answered is not None:
-                self._count_cached(to_send, outcomes)
+            parent = trace.set_span_in_context(span)
+            if flights is None:
+                outcomes = [_text_or_error(o) for o in await self._send(sub, fresh, max_tokens, parent)]
+            else:
+                known.update(await self._fly(sub, fresh, max_tokens, parent, flights))
+                known.update(await self._join(sub, joined, max_tokens, parent))
+                self._remember(sub, max_tokens, known)
+                outcomes = [known[prompt] for prompt in prompts]
+            results: list[str | None] = [None if isinstance(o, RLMError) else o for o in outcomes]
+            errors = {i: o for i, o in enumerate(outcomes) if isinstance(o, RLMError)}
             self._recorder.emit(
                 BatchFinished, size=len(prompts), failed=len(errors), duration=time.monotonic() - started
             )
@@ -232,17 +248,72 @@ class HostBridge:
                 raise _batch_error("calls", results, errors)
             return cast("list[str]", results)  # no failure: every item holds its answer
 
-    def _count_cached(self, sent: list[str], outcomes: list[ModelResponse | RLMError]) -> None:
-        """Add this batch's answers to the dedup cache's size; evict the oldest past its bound."""
-        self._answers_chars += sum(
-            len(prompt) + len(outcome.text)
-            for prompt, outcome in zip(sent, outcomes, strict=True)
-            if not isinstance(outcome, RLMError)
-        )
+    async def _send(
+        self, sub: LanguageModel, prompts: list[str], max_tokens: int, parent: OtelContext
+    ) -> list[ModelResponse | RLMError]:
+        requests = [ModelRequest(messages=(Message("user", prompt),), max_tokens=max_tokens) for prompt in prompts]
+        progress = self._state.progress
+        progress.calls_in_flight += len(requests)
+        try:
+            return await self._calls.ask_many(sub, requests, parent=parent)
+        finally:
+            progress.calls_in_flight -= len(requests)
+
+    async def _fly(
+        self, sub: LanguageModel, prompts: list[str], max_tokens: int, parent: OtelContext,
+        flights: dict[str, _Flight],
+    ) -> dict[str, str | RLMError]:
+        """Send ``prompts`` as this batch's flight, which concurrent batches asking them can join."""
+        if not prompts:
+            return {}
+        flight = _Flight()
+        for prompt in prompts:
+            flights[prompt] = flight
+        try:
+            outcomes = await self._send(sub, prompts, max_tokens, parent)
+            flight.outcomes.update(zip(prompts, map(_text_or_error, outcomes), strict=True))
+        finally:
+            for prompt in prompts:
+                if flights.get(prompt) is flight:
+                    del flights[prompt]
+            flight.done.set()  # joiners of a flight that ended without outcomes send for themselves
+        return flight.outcomes
+
+    async def _join(
+        self, sub: LanguageModel, joined: dict[str, _Flight], max_tokens: int, parent: OtelContext
+    ) -> dict[str, str | RLMError]:
+        """The outcomes of prompts other batches were sending when this one came."""
+        outcomes: dict[str, str | RLMError] = {}
+        orphans: list[str] = []
+        for prompt, flight in joined.items():
+            await flight.done.wait()
+            outcome = flight.outcomes.get(prompt)
+            if outcome is None:
+                orphans.append(prompt)
+            else:
+                outcomes[prompt] = outcome
+        if orphans:
+            self._admit_sub_calls(len(orphans))
+            sent = await self._send(sub, orphans, max_tokens, parent)
+            outcomes.update(zip(orphans, map(_text_or_error, sent), strict=True))
+        return outcomes
+
+    def _remember(self, sub: LanguageModel, max_tokens: int, outcomes: dict[str, str | RLMError]) -> None:
+        """Keep the answers (not the failures: a later batch retries them) for the run's next batches."""
+        key = (self._settings.dispatcher.lane_key(sub), max_tokens)
+        answered = self._answers.get(key)
+        if answered is None:
+            answered = self._answers[key] = OrderedDict()
+        added = 0
+        for prompt, outcome in outcomes.items():
+            if not isinstance(outcome, RLMError) and prompt not in answered:
+                answered[prompt] = outcome
+                added += len(prompt) + len(outcome)
+        self._answers_chars += added
         while self._answers_chars > self._limits.max_dedup_chars and self._answers:
-            key, bucket = next(iter(self._answers.items()))
+            oldest_key, bucket = next(iter(self._answers.items()))
             if not bucket:
-                del self._answers[key]
+                del self._answers[oldest_key]
                 continue
             prompt, answer = bucket.popitem(last=False)
             self._answers_chars -= len(prompt) + len(answer)
@@ -302,34 +373,16 @@ class HostBridge:
         }
 
 
-def _answers_in_order(
-    prompts: list[str],
-    sent: list[str],
-    outcomes: list[ModelResponse | RLMError],
-    answered: dict[str, str] | None,
-) -> tuple[list[str | None], dict[int, RLMError]]:
-    """Each prompt's answer (``None`` where it failed) and the failures by index.
+@dataclass(eq=False)
+class _Flight:
+    """Prompts one batch is sending; batches that ask the same prompts meanwhile wait for it."""
 
-    Without dedup ``sent`` is ``prompts`` and the outcomes line up with them. With it, fresh
-    answers join ``answered`` (the run's) and every prompt, repeated or answered by an earlier
-    batch, reads its answer there.
-    """
-    if answered is None:
-        errors = {i: outcome for i, outcome in enumerate(outcomes) if isinstance(outcome, RLMError)}
-        return [None if isinstance(outcome, RLMError) else outcome.text for outcome in outcomes], errors
-    failed: dict[str, RLMError] = {}
-    for prompt, outcome in zip(sent, outcomes, strict=True):
-        if isinstance(outcome, RLMError):
-            failed[prompt] = outcome
-        else:
-            answered[prompt] = outcome.text
-    results = [answered.get(prompt) for prompt in prompts]
-    if not failed:
-        return results, {}
-    errors = {i: failed[prompt] for i, prompt in enumerate(prompts) if prompt in failed}
-    for index in errors:  # even if a concurrent batch answered the prompt meanwhile
-        results[index] = None
-    return results, errors
+    done: anyio.Event = field(default_factory=anyio.Event)
+    outcomes: dict[str, str | RLMError] = field(default_factory=dict)
+
+
+def _text_or_error(outcome: ModelResponse | RLMError) -> str | RLMError:
+    return outcome if isinstance(outcome, RLMError) else outcome.text
 
 
 def _batch_error(what: str, results: list[str | None], errors: dict[int, RLMError]) -> BatchError:
