@@ -76,7 +76,10 @@ def build_rlm(root: str, sub: str | None, policy: str | None, shared: str | None
     """The RLM of one worker (pickled by reference into each Ray actor)."""
     options: dict[str, Any] = {"shared": shared} if shared else {}
     dispatcher = Dispatcher.from_policy(policy, **options) if policy else Dispatcher(**options)
-    return RLM(root=root, sub=sub, dispatcher=dispatcher, max_turns=max_turns)
+    rlm = RLM(root=root, sub=sub, dispatcher=dispatcher, max_turns=max_turns)
+    if policy:
+        dispatcher.check_limits_used([rlm.root, *rlm.sub_models.values()], source=f"the policy {policy}")
+    return rlm
 
 
 def _row(outcome: BatchResult) -> dict[str, Any]:

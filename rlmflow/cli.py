@@ -36,6 +36,7 @@ from ._text import sanitize_text
 from ._util import single_exception
 from .context import load_context_files
 from .dispatch.budget import Budget
+from .dispatch.dispatcher import Dispatcher
 from .engine import RLM, RLMResult, RunProgress
 from .eval.cli import add_eval_parser, eval_main
 from .models.registry import DEFAULT_MODEL
@@ -71,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-turns", type=int, default=12)
     run.add_argument("--max-depth", type=int, default=1)
     run.add_argument("--max-calls", type=int, default=None, help="budget: most model calls")
+    run.add_argument("--max-cost", type=float, default=None, metavar="USD",
+                     help="budget: most US dollars the run may spend (the models' prices must be known)")
+    run.add_argument("--policy", metavar="TOML",
+                     help="a Dispatcher policy file: lanes, retry, [shared] (docs/policies.md)")
     run.add_argument("--deadline", type=float, default=None, help="budget: seconds for the whole run")
     run.add_argument("--cell-timeout", type=float, default=120.0, help="seconds of compute per cell")
     run.add_argument("--isolation", choices=("auto", "strict", "none"), default="auto",
@@ -190,7 +195,7 @@ async def _run(args: argparse.Namespace) -> int:
     loaded = await anyio.to_thread.run_sync(load_context_files, args.context)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    budget = Budget(max_calls=args.max_calls, deadline=args.deadline)
+    budget = Budget(max_calls=args.max_calls, max_cost_usd=args.max_cost, deadline=args.deadline)
     progress = RunProgress()
     export: Export = args.export
     try:
@@ -203,9 +208,14 @@ async def _answer(
     args: argparse.Namespace, context: Any, budget: Budget, progress: RunProgress, tracer_provider: Any,
     meter_provider: Any,
 ) -> int:
+    dispatcher = (
+        Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider, meter_provider=meter_provider)
+        if args.policy else None
+    )
     async with RLM(
         root=args.root,
         sub=args.sub,
+        dispatcher=dispatcher,
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,
@@ -215,6 +225,11 @@ async def _answer(
         meter_provider=meter_provider,
         capture_content=args.capture_content,
     ) as rlm:
+        models = [rlm.root, *rlm.sub_models.values()]
+        if dispatcher is not None:
+            dispatcher.check_limits_used(models, source=f"the policy {args.policy}")
+        for model in models:  # a cost cap needs every price before anything is sent
+            rlm.dispatcher.check_budget(model, budget)
         with _Display(progress, sys.stderr) as display:
             result: RLMResult | None = None
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,17 +37,13 @@ from .budget import Budget, BudgetLedger, Reservation, Spend
 from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
 from .limits import Limits, Priority
+from .policy import lane_key_of, load_policy
 from .pricing import Price, Pricing
 from .records import CallRecord as CallRecord
 from .records import CallRecorder
 from .redis_lane import SharedLane
 from .retry import RetryPolicy
 from .shared import SharedConfig, SharedState
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["DEFAULT_LIMITS", "CallRecord", "Dispatcher", "LaneStatistics", "RunShare"]
 
@@ -118,7 +113,8 @@ class Dispatcher:
         clock: Callable[[], float] | None = None,
         shared: str | SharedConfig | SharedState | None = None,
     ) -> None:
-        self._limits = dict(limits or {})
+        # model strings ("bedrock:<id>", "local") become the lane keys they stand for
+        self._limits = {lane_key_of(key): value for key, value in (limits or {}).items()}
         self._lanes: dict[str, Lane | SharedLane] = {}
         # shared=: lanes kept in Redis across processes (docs/scaling.md); None keeps them in memory
         self.shared = shared if isinstance(shared, SharedState) or shared is None else SharedState(
@@ -139,24 +135,33 @@ class Dispatcher:
     def from_policy(cls, path: str | Path, **kwargs: Any) -> Dispatcher:
         """A Dispatcher configured from a TOML policy file (see ``docs/policies.md``).
 
-        ``[lanes."<provider>:<model>"]`` and ``[lanes.<provider>]`` tables hold :class:`Limits`
-        fields; ``[retry]`` holds :class:`RetryPolicy` fields. Unknown keys are errors.
+        ``[lanes.<key>]`` tables hold :class:`Limits` fields (keyed by a provider, a lane key or a
+        model string), ``[retry]`` :class:`RetryPolicy` fields, ``[shared]`` :class:`SharedConfig`
+        fields; keyword arguments given here win over the file. Raises
+        :class:`ConfigurationError` naming the file, the table and the key of any bad value.
         """
-        try:
-            policy = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigurationError(f"cannot read the policy file {path}: {exc}") from exc
-        unknown = set(policy) - {"lanes", "retry", "shared"}
-        if unknown:
-            raise ConfigurationError(f"unknown sections in {path}: {sorted(unknown)}")
-        try:
-            limits = {key: Limits(**table) for key, table in (policy.get("lanes") or {}).items()}
-            retry = RetryPolicy(**policy["retry"]) if "retry" in policy else None
-            if "shared" in policy:
-                kwargs.setdefault("shared", SharedConfig(**policy["shared"]))
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"invalid policy in {path}: {exc}") from exc
-        return cls(limits=limits, retry=retry, **kwargs)
+        policy = load_policy(path)
+        if policy.shared is not None:
+            kwargs.setdefault("shared", policy.shared)
+        if policy.retry is not None:
+            kwargs.setdefault("retry", policy.retry)
+        kwargs["limits"] = {**policy.limits, **(kwargs.get("limits") or {})}
+        return cls(**kwargs)
+
+    def check_limits_used(self, models: Sequence[LanguageModel], *, source: str = "the limits") -> None:
+        """Raise :class:`ConfigurationError` if some configured limits would apply to none of
+        ``models`` (a misspelled model string in a policy file, say): a caller that knows all
+        the models it will call (the CLI) checks its policy so. ``source`` names the policy."""
+        used: set[str] = set()
+        for model in models:
+            used |= {self.lane_key(model), f"{model.provider}:{model.name}", model.provider}
+        unmatched = sorted(key for key in self._limits if key not in used)
+        if unmatched:
+            raise ConfigurationError(
+                f"{source} sets lanes no model of this run uses: {', '.join(unmatched)}; this run's lanes are "
+                f"{', '.join(sorted({self.lane_key(m) for m in models}))} (a lane is keyed by a model string such "
+                "as bedrock:<model-id>, a lane key such as aws.bedrock:<model-id>, or a provider)"
+            )
 
     # -- lanes ------------------------------------------------------------------------------------
     def lane_key(self, model: LanguageModel) -> str:

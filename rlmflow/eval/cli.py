@@ -208,6 +208,9 @@ async def _evaluate(args: argparse.Namespace) -> int:
         dispatcher = (Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider,
                                              meter_provider=meter_provider)
                       if args.policy else Dispatcher(tracer_provider=tracer_provider, meter_provider=meter_provider))
+        if args.policy:
+            models = [registry.resolve(spec) for spec in (args.root, args.sub, args.long_model) if spec]
+            dispatcher.check_limits_used(models, source=f"the policy {args.policy}")
         budget = Budget(max_cost_usd=args.item_max_cost, deadline=args.item_deadline, max_calls=args.item_max_calls)
         progress = EvalProgress()
         print(f"{len(items)} items x {len(approaches)} approaches -> {args.results}", file=sys.stderr)

@@ -1,0 +1,137 @@
+"""The policy file: an operator's lanes, retries and shared state, read as a checked contract.
+
+A TOML file with three tables, each optional (``docs/policies.md`` documents every key)::
+
+    [lanes."bedrock:anthropic.claude-3-5-haiku-20241022-v1:0"]   # a model string, as --root takes
+    rpm = 600
+    max_concurrency = 32
+    [lanes.openai]                                                # every model of a provider
+    tpm = 2_000_000
+    [retry]
+    max_attempts = 4
+    [shared]
+    url = "redis://127.0.0.1:6379/0"
+
+Every value is checked on load against the type of the field it sets (an integer where an
+integer is meant: ``4.5`` and ``true`` are refused, as is ``"600"``; numbers must be finite) and
+against its range; unknown tables and keys are refused. Every error is a
+:class:`~rlmflow.ConfigurationError` that names the file, the table (the lane) and the key.
+Lanes are keyed by a provider, a lane key (``aws.bedrock:<model-id>``) or a model string
+(``bedrock:<model-id>``, ``local:<name>``), which is turned into the lane key it stands for.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .._exceptions import ConfigurationError
+from .limits import Limits
+from .retry import RetryPolicy
+from .shared import SharedConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Policy", "lane_key_of", "load_policy"]
+
+# model-string prefixes (what --root takes) -> gen_ai.provider.name (what lanes are keyed by)
+_PROVIDER_OF_PREFIX = {"bedrock": "aws.bedrock", "local": "llama.cpp"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a policy file sets: limits per lane key, the retry policy, the shared state."""
+
+    limits: dict[str, Limits]
+    retry: RetryPolicy | None = None
+    shared: SharedConfig | None = None
+
+
+def lane_key_of(key: str) -> str:
+    """The lane key a policy table's name stands for: ``bedrock:<id>@<region>`` becomes
+    ``aws.bedrock:<id>@<region>``, ``local`` becomes ``llama.cpp``; lane keys stay as they are."""
+    provider, sep, rest = key.partition(":")
+    provider = _PROVIDER_OF_PREFIX.get(provider, provider)
+    return f"{provider}{sep}{rest}"
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and check a policy file; raises :class:`ConfigurationError` naming file, table and key."""
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the policy file {path}: {exc}") from exc
+    unknown = sorted(set(document) - {"lanes", "retry", "shared"})
+    if unknown:
+        raise ConfigurationError(
+            f"invalid policy in {path}: unknown tables {unknown}; a policy has [lanes.<key>], [retry] and [shared]"
+        )
+    lanes = document.get("lanes", {})
+    if not isinstance(lanes, dict):
+        raise ConfigurationError(f"invalid policy in {path}: 'lanes' must be tables, as [lanes.\"<model>\"]")
+    limits: dict[str, Limits] = {}
+    for name, table in lanes.items():
+        key = lane_key_of(name)
+        if key in limits:
+            raise ConfigurationError(f"invalid policy in {path}: [lanes.{name!r}] sets lane {key!r} a second time")
+        limits[key] = _build(Limits, table, f"{path}: [lanes.{name!r}]")
+    retry = _build(RetryPolicy, document["retry"], f"{path}: [retry]") if "retry" in document else None
+    shared = _build(SharedConfig, document["shared"], f"{path}: [shared]") if "shared" in document else None
+    return Policy(limits, retry, shared)
+
+
+def _build(cls: type[T], table: Any, where: str) -> T:
+    """``cls(**table)`` once every key is a field of ``cls`` and every value has the field's type."""
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"invalid policy in {where}: expected a table of keys, got {_shown(table)}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls) if f.init and not f.name.startswith("_")]  # type: ignore[arg-type]
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigurationError(f"invalid policy in {where}: unknown key {key!r}; known keys: {', '.join(known)}")
+        expected = hints[key]
+        if not _has_type(value, expected):
+            raise ConfigurationError(
+                f"invalid policy in {where}: {key} must be {_describe(expected)}, not {_shown(value)}"
+            )
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"invalid policy in {where}: {exc}") from None
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is int and type(value) is int:  # a TOML boolean is not a number
+            return True
+        if option is float and type(value) in (int, float) and math.isfinite(value):
+            return True
+        if option is str and type(value) is str:
+            return True
+    return False
+
+
+def _describe(expected: Any) -> str:
+    names = {int: "an integer", float: "a finite number", str: "a string"}
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    return " or ".join(names.get(option, getattr(option, "__name__", str(option))) for option in options
+                       if option is not type(None)) + (" (or left out)" if type(None) in options else "")
+
+
+def _shown(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a table",
+            list: "an array"}.get(type(value), type(value).__name__)
+    return f"{kind} ({str(value)[:40]!r})" if not isinstance(value, dict | list) else kind
