@@ -31,6 +31,7 @@ def load(tmp_path: Path, text: str) -> Dispatcher:
         ('[lanes.openai]\nrpmm = 5\n', ["unknown key 'rpmm'", "rpm"]),
         ('[retry]\nmax_attempts = "3"\n', ["[retry]", "max_attempts"]),
         ('[shared]\nurl = 5\n', ["[shared]", "url", "a string"]),
+        ('[shared]\nurl = "redis://127.0.0.1:1/0"\nlease = 0\n', ["[shared]", "lease"]),
         ('[limits]\nrpm = 5\n', ["unknown tables", "limits"]),
         ('[lanes."bedrock:m"]\nrpm = 1\n[lanes."aws.bedrock:m"]\nrpm = 2\n', ["a second time"]),
     ],

@@ -106,8 +106,8 @@ def _build(cls: type[T], table: Any, where: str) -> T:
             )
     try:
         return cls(**table)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"invalid policy in {where}: {exc}") from None
+    except (TypeError, ValueError, ConfigurationError) as exc:  # the range checks of ``cls`` itself
+        raise ConfigurationError(f"invalid policy in {where}: {getattr(exc, 'message', exc)}") from None
 
 
 def _has_type(value: Any, expected: Any) -> bool:
