@@ -78,7 +78,8 @@ class _Lifecycle:
         for key, value in state.options.metadata.items():
             attributes[f"{attr.RLM_METADATA_PREFIX}{key}"] = value
         with settings.tracer.start_as_current_span(
-            attr.SPAN_RUN, context=parent, kind=trace.SpanKind.INTERNAL, attributes=attributes
+            attr.SPAN_RUN, context=parent, kind=trace.SpanKind.INTERNAL, attributes=attributes,
+            record_exception=False, set_status_on_exception=False,  # _ended_by says it, cancellation too
         ) as span:
             span_context = span.get_span_context()
             if span_context.is_valid:
@@ -86,7 +87,17 @@ class _Lifecycle:
             with bound_contextvars(run_id=state.run_id, depth=state.depth):
                 self.recorder.started(context_hash=context_hash, context_chars=context_chars,
                                       root_model=settings.root.name, sub_model=settings.sub.name)
-                result = await self._within_deadline()
+                try:
+                    result = await self._within_deadline()
+                except BaseException as exc:
+                    _ended_by(span, exc)
+                    raise
+                finally:
+                    spent = state.ledger.spent  # this run and its children, however it ended
+                    span.set_attributes(span_attributes.run_totals(
+                        calls=spent.calls, input_tokens=spent.input_tokens, output_tokens=spent.output_tokens,
+                        cost_usd=spent.cost_usd,
+                    ))
                 span.set_attributes(span_attributes.run_end(answer=result.answer, capture=settings.capture_content))
                 return result
 
@@ -141,3 +152,15 @@ class _Lifecycle:
 
                 return await StrandsRootLoop(settings, state, calls=self.calls, cells=self.cells)(session)
             return await RootLoop(settings, state, calls=self.calls, cells=self.cells, recorder=self.recorder)(session)
+
+
+def _ended_by(span: trace.Span, exc: BaseException) -> None:
+    """Mark a run's span as failed: status, ``error.type``, the cap that stopped it."""
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        span.set_attributes(span_attributes.run_failed(error_type="cancelled", limit=None))
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "cancelled: the caller cancelled the run"))
+        return
+    limit = exc.limit if isinstance(exc, BudgetExceededError) else None
+    span.set_attributes(span_attributes.run_failed(error_type=type(exc).__name__, limit=limit))
+    span.record_exception(exc)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, str(getattr(exc, "message", None) or exc)[:200]))

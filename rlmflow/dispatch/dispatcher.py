@@ -364,6 +364,7 @@ class Dispatcher:
             attributes=span_attributes.chat_start(
                 provider=model.provider, model=model.name, max_tokens=request.max_tokens, depth=batch.depth,
                 role=role, prompt_chars=request.prompt_chars, messages=request.messages, capture=batch.capture,
+                endpoint=getattr(model, "endpoint", None),
             ),
             start_time=batch.queued_ns,
             record_exception=False,
@@ -522,7 +523,12 @@ class Dispatcher:
         span.set_attribute(attr.RLM_ATTEMPTS, attempts)
         span.set_attribute(attr.RLM_THROTTLES, throttles)
         span.set_attribute(attr.RLM_QUEUE_WAIT_S, queue_wait)
-        span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            # not the task machinery's own words ("Cancelled via cancel scope 7f7b... by <Task...>")
+            description = "cancelled: the run was cancelled or passed its deadline"
+        else:
+            description = str(getattr(exc, "message", None) or exc)[:200]
+        span.set_status(Status(StatusCode.ERROR, description))
 
     @property
     def lanes(self) -> Mapping[str, Lane | SharedLane]:

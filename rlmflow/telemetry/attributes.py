@@ -25,6 +25,8 @@ GEN_AI_TOOL_DESCRIPTION = "gen_ai.tool.description"
 GEN_AI_TOOL_CALL_ARGUMENTS = "gen_ai.tool.call.arguments"  # JSON; captured content only
 GEN_AI_TOOL_CALL_RESULT = "gen_ai.tool.call.result"  # captured content only
 ERROR_TYPE = "error.type"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
 GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
 
 OPERATION_CHAT = "chat"
@@ -105,6 +107,8 @@ METRIC_LANE_LIMIT = "rlm.lane.concurrency_limit"
 METRIC_BUDGET_OVERRUN = "rlm.budget.overrun"
 EVENT_BUDGET_OVERRUN = "rlm.budget.overrun"
 RLM_BUDGET_QUANTITY = "rlm.budget.quantity"
+RLM_BUDGET_LIMIT = "rlm.budget.limit"  # the cap that stopped a run (max_calls, deadline, ...)
+RLM_CALLS = "rlm.calls"  # model calls a run (and its children) made
 
 # span names
 SPAN_RUN = "invoke_agent rlm"

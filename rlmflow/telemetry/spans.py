@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from .._text import sanitize_text, traceback_summary
 from . import attributes as attr
@@ -30,12 +32,17 @@ __all__ = [
     "input_messages",
     "output_messages",
     "run_end",
+    "run_failed",
     "run_start",
+    "run_totals",
+    "server_of",
     "system_instructions",
     "turn_start",
 ]
 
 Attributes = dict[str, Any]
+
+_REGION = re.compile(r"[a-z]{2}(?:-gov)?-[a-z]+-\d")
 
 
 class ChatMessage(Protocol):
@@ -112,6 +119,24 @@ def run_start(
         out[attr.INPUT_VALUE] = query[:capture]
         out[attr.INPUT_MIME_TYPE] = attr.MIME_TEXT
         out[attr.GEN_AI_INPUT_MESSAGES] = _json([{"role": "user", "parts": _text_parts(query, capture)}])
+    return out
+
+
+def run_totals(*, calls: int, input_tokens: int, output_tokens: int, cost_usd: float) -> Attributes:
+    """What a run (its children included) spent, on its span however it ended."""
+    return {
+        attr.RLM_CALLS: calls,
+        attr.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
+        attr.GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
+        attr.RLM_COST_USD: cost_usd,
+    }
+
+
+def run_failed(*, error_type: str, limit: str | None) -> Attributes:
+    """Why a run ended without an answer: ``error.type`` and, for a budget stop, the cap hit."""
+    out: Attributes = {attr.ERROR_TYPE: error_type}
+    if limit:
+        out[attr.RLM_BUDGET_LIMIT] = limit
     return out
 
 
@@ -200,9 +225,22 @@ def batch_end(*, answers: Sequence[str | None], failed: int, capture: int) -> At
 
 
 # -- a model call ---------------------------------------------------------------------------------
+def server_of(endpoint: str | None) -> tuple[str, int | None] | None:
+    """``server.address`` and ``server.port`` of a model's endpoint: a base URL's host and port,
+    or a bare host or AWS region (``us-east-1`` -> Bedrock Runtime's regional host)."""
+    if not endpoint:
+        return None
+    if "://" in endpoint:
+        parsed = urlsplit(endpoint)
+        return (parsed.hostname, parsed.port) if parsed.hostname else None
+    if _REGION.fullmatch(endpoint):
+        return f"bedrock-runtime.{endpoint}.amazonaws.com", None
+    return endpoint, None
+
+
 def chat_start(
     *, provider: str, model: str, max_tokens: int, depth: int, role: str, prompt_chars: int,
-    messages: Sequence[ChatMessage], capture: int,
+    messages: Sequence[ChatMessage], capture: int, endpoint: str | None = None,
 ) -> Attributes:
     """Attributes of ``chat {model}`` (a CLIENT span) at its start: an LLM span."""
     out: Attributes = {
@@ -217,6 +255,11 @@ def chat_start(
         attr.RLM_ROLE: role,
         attr.RLM_PROMPT_CHARS: prompt_chars,
     }
+    server = server_of(endpoint)
+    if server is not None:
+        out[attr.SERVER_ADDRESS] = server[0]
+        if server[1] is not None:
+            out[attr.SERVER_PORT] = server[1]
     if capture > 0:
         instructions = system_instructions(messages, capture)
         if instructions is not None:
