@@ -14,8 +14,11 @@ driven with an aioboto3 client. A session:
    large); a cell that computes long is followed with short polls;
 5. ``StopCodeInterpreterSession`` on close, error and cancellation (shielded).
 
-Everything the remote side prints is untrusted: bounded before it is decoded, validated in shape,
-and never used to build a URL, a path, a credential or a client.
+Everything the remote side prints is untrusted: bounded before it is decoded, checked against
+the schema of its state (:mod:`.agentcore_protocol`) before the host acts on it, and never used to
+build a URL, a path, a credential or a client. A status that does not fit is a protocol violation:
+the session is replaced as after a crash and the cell reports it; every control call has a
+deadline, so no answer (or none at all) from the remote side can hold a cell past its time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 from botocore.config import Config
+from botocore.eventstream import ParserError
 from botocore.exceptions import BotoCoreError, ClientError
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -44,19 +49,24 @@ from ..dispatch.retry import RetryPolicy
 from ..telemetry.logs import get_logger
 from .agentcore_protocol import (
     MARKER,
-    MAX_CALLS_PER_STATUS,
+    MAX_CALLS_IN_FLIGHT,
+    Busy,
     Malformed,
     SessionLost,
+    Stuck,
     capped,
     check_done,
+    check_ready,
+    check_status,
+    cpu,
     cut,
+    cut_answer,
+    decode_status,
     explain,
-    number,
-    parse_status,
     pieces,
     read_result,
     sha256,
-    short,
+    status_line,
     valid_calls,
 )
 from .base import Bridge, CellResult, Context, SandboxReport
@@ -73,6 +83,8 @@ _REMOTE_MODULES = (  # (module name in the remote interpreter, source file); the
 _SESSION_ID = re.compile(r"[0-9a-zA-Z]{1,40}")
 _ENVELOPE = 2048  # room for the JSON around a request's payload
 _LOST = ("ResourceNotFoundException",)
+_ON_LOOP = 20_000  # characters decoded or sanitised on the event loop (~10 ms at worst); more in a thread
+_MAX_ERROR_CHARS = 200_000
 _logger = get_logger("rlmflow.sandbox")
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -91,6 +103,8 @@ class AgentCoreSandbox:
     - ``cell_timeout`` / ``interrupt_grace``: compute seconds per cell (waiting for the host is
       free), and how long an interrupted cell has to stop before the session is replaced;
     - ``max_output_chars``: cap of a cell's printed output (head and tail kept);
+    - ``max_answer_chars``: cap of a ``FINAL`` answer (its head kept, with its true length; errors
+      keep head and tail within ``max(20_000, 4 * max_output_chars)``, at most 200,000);
     - ``poll_wait``: the longest a control call waits in the remote session for an event;
     - ``max_request_bytes``: the largest request body sent (aiohttp warns past 1 MiB); the
       context goes in ``writeFiles`` chunks of this size, and a control call whose arguments
@@ -99,7 +113,10 @@ class AgentCoreSandbox:
     - ``max_request_chars``: the largest host request the remote runtime sends (checked there);
     - ``retry``: backoff for throttled API calls; ``sleep``: how to wait (tests inject one);
     - ``client_config``: a ``botocore.config.Config`` merged over the defaults;
-    - ``start_timeout`` / ``stop_timeout``: bounds of the (shielded) start and stop calls.
+    - ``start_timeout`` / ``stop_timeout``: bounds of the (shielded) start and stop calls;
+    - ``control_grace``: how much longer than the cell's remaining time (plus ``interrupt_grace``)
+      a control call may take before the session is taken as stuck and replaced (C code holding
+      the interpreter, or a runtime that cell code broke).
     """
 
     def __init__(
@@ -113,6 +130,7 @@ class AgentCoreSandbox:
         cell_timeout: float = 120.0,
         interrupt_grace: float = 2.0,
         max_output_chars: int = 20_000,
+        max_answer_chars: int = 200_000,
         poll_wait: float = 2.0,
         max_request_bytes: int = 1_000_000,
         max_response_chars: int = 64 << 20,
@@ -122,11 +140,14 @@ class AgentCoreSandbox:
         client_config: Config | None = None,
         stop_timeout: float = 10.0,
         start_timeout: float = 60.0,
+        control_grace: float = 30.0,
     ) -> None:
         if not 1 <= session_timeout <= 28800:
             raise ValueError("session_timeout must be between 1 and 28800 seconds")
-        if cell_timeout <= 0 or interrupt_grace < 0 or poll_wait <= 0:
-            raise ValueError("cell_timeout and poll_wait must be > 0, interrupt_grace >= 0")
+        if cell_timeout <= 0 or interrupt_grace < 0 or poll_wait <= 0 or control_grace <= 0:
+            raise ValueError("cell_timeout, poll_wait and control_grace must be > 0, interrupt_grace >= 0")
+        if max_output_chars < 1 or max_answer_chars < 1000:
+            raise ValueError("max_output_chars must be >= 1 and max_answer_chars >= 1000")
         if max_request_bytes < 16384 or max_response_chars < 1024:
             raise ValueError("max_request_bytes must be >= 16384 and max_response_chars >= 1024")
         self._session = session
@@ -137,6 +158,9 @@ class AgentCoreSandbox:
         self.cell_timeout = cell_timeout
         self.interrupt_grace = interrupt_grace
         self.max_output_chars = max_output_chars
+        self.max_answer_chars = max_answer_chars
+        self.max_error_chars = min(_MAX_ERROR_CHARS, max(20_000, 4 * max_output_chars))
+        self.control_grace = control_grace
         self.poll_wait = poll_wait
         self.max_request_bytes = max_request_bytes
         self.max_response_chars = max_response_chars
@@ -145,8 +169,10 @@ class AgentCoreSandbox:
         self.sleep: Sleep = sleep or anyio.sleep
         self.stop_timeout = stop_timeout
         self.start_timeout = start_timeout
-        # botocore's own retries off: throttles are retried here, where a test can inject the sleep
-        config = Config(retries={"total_max_attempts": 1}, read_timeout=max(60.0, 4 * poll_wait), connect_timeout=10)
+        # botocore's own retries off: throttles are retried here, where a test can inject the sleep.
+        # Its read timeout outlasts a control call's own deadline, which ends the cell, not the run.
+        read_timeout = max(60.0, 4 * poll_wait, cell_timeout + interrupt_grace + control_grace + 10)
+        config = Config(retries={"total_max_attempts": 1}, read_timeout=read_timeout, connect_timeout=10)
         self.client_config = config.merge(client_config) if client_config is not None else config
 
     def _boto_session(self) -> Any:
@@ -273,6 +299,8 @@ class AgentCoreSandboxSession:
                 if code.lower() == "resourcenotfoundexception":
                     raise SessionLost(code) from exc
                 raise SandboxError(explain(tool, code, str(exc)[:500], attempt)) from exc
+            except ParserError as exc:  # an event botocore refuses to read (over 24 MB, a bad checksum)
+                raise Malformed(f"an unreadable event stream ({type(exc).__name__}: {str(exc)[:200]})") from None
             finally:
                 stream.close()  # a response left unread (oversized) must not hold its connection
 
@@ -301,35 +329,43 @@ class AgentCoreSandboxSession:
         self._started_at = started
         self.session_ids.append(session_id)
         try:
-            await anyio.lowlevel.checkpoint()  # a cancellation that came during the start lands here
-            paths = await self._write_parts("context", self._context_text)
-            config = {
-                "context_paths": paths, "context_kind": self._context_kind,
-                "max_output_chars": self._config.max_output_chars,
-                "max_request_chars": self._config.max_request_chars,
-            }
-            install = "import sys as _rlmflow_sys, types as _rlmflow_types\n"
-            # The helpers model code may call (grep, chunks) and the runtime become modules of the
-            # remote interpreter, apart from the namespace model code runs in.
-            for module, path in _REMOTE_MODULES:
-                source = await anyio.to_thread.run_sync(path.read_text, "utf-8")
-                module_paths = await self._write_parts("runtime", source)
-                install += (
-                    f"_rlmflow_module = _rlmflow_types.ModuleType({module!r})\n"
-                    f"_rlmflow_source = ''.join(open(p, encoding='utf-8').read() for p in {module_paths!r})\n"
-                    f"exec(compile(_rlmflow_source, {path.name!r}, 'exec'), _rlmflow_module.__dict__)\n"
-                    f"_rlmflow_sys.modules[{module!r}] = _rlmflow_module\n"
-                )
-            status = await self._control("boot", config, prefix=install)
-            if status.get("state") != "ready":
-                raise SandboxError(f"the remote session did not load the context: {short(status)}")
-            if status.get("chars") != len(self._context_text) or status.get("sha256") != self._context_sha:
-                raise SandboxError("the context read back in the remote session differs from the one written")
+            await self._load()
             self.load_seconds = anyio.current_time() - started
+        except (Malformed, SessionLost) as exc:  # no model code ran yet, but the remote side is not trusted
+            with anyio.CancelScope(shield=True):
+                await self._stop()
+            raise SandboxError(f"the remote session did not load the context: {str(exc)[:300]}") from None
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._stop()
             raise
+
+    async def _load(self) -> None:
+        """Write the context and the runtime into the new session and boot the runtime."""
+        await anyio.lowlevel.checkpoint()  # a cancellation that came during the start lands here
+        paths = await self._write_parts("context", self._context_text)
+        config = {
+            "context_paths": paths, "context_kind": self._context_kind,
+            "max_output_chars": self._config.max_output_chars,
+            "max_request_chars": self._config.max_request_chars,
+            "max_error_chars": self._config.max_error_chars,
+            "max_answer_chars": self._config.max_answer_chars,
+        }
+        install = "import sys as _rlmflow_sys, types as _rlmflow_types\n"
+        # The helpers model code may call (grep, chunks) and the runtime become modules of the
+        # remote interpreter, apart from the namespace model code runs in.
+        for module, path in _REMOTE_MODULES:
+            source = await anyio.to_thread.run_sync(path.read_text, "utf-8")
+            module_paths = await self._write_parts("runtime", source)
+            install += (
+                f"_rlmflow_module = _rlmflow_types.ModuleType({module!r})\n"
+                f"_rlmflow_source = ''.join(open(p, encoding='utf-8').read() for p in {module_paths!r})\n"
+                f"exec(compile(_rlmflow_source, {path.name!r}, 'exec'), _rlmflow_module.__dict__)\n"
+                f"_rlmflow_sys.modules[{module!r}] = _rlmflow_module\n"
+            )
+        status = check_ready(await self._control("boot", config, prefix=install))
+        if status["chars"] != len(self._context_text) or status["sha256"] != self._context_sha:
+            raise SandboxError("the context read back in the remote session differs from the one written")
 
     async def _write_parts(self, kind: str, text: str) -> list[str]:
         """Write ``text`` in files whose requests stay under ``max_request_bytes``; their paths, in order.
@@ -381,7 +417,14 @@ class AgentCoreSandboxSession:
         await self._start_remote()
 
     # -- control calls -----------------------------------------------------------------------------
-    async def _control(self, method: str, args: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    async def _control(
+        self, method: str, args: dict[str, Any], *, prefix: str = "", deadline: float | None = None
+    ) -> dict[str, Any]:
+        """One control call: its decoded status (checked against a schema by the caller).
+
+        ``deadline`` bounds the ``executeCode`` call (not the writing of large arguments before
+        it): past it the remote session is :class:`Stuck`.
+        """
         text = json.dumps(args, ensure_ascii=False, default=str)
         payload = base64.b64encode(text.encode("utf-8")).decode("ascii")
         if len(payload) + len(prefix) + _ENVELOPE > self._config.max_request_bytes:
@@ -393,8 +436,26 @@ class AgentCoreSandboxSession:
             f"if _rlmflow_rt is None: print({MARKER!r} + '{{\"state\": \"lost\"}}')\n"
             f"else: _rlmflow_rt.control({method!r}, {payload!r})\n"
         )
-        result = await self._invoke("executeCode", {"code": code, "language": "python", "clearContext": False})
-        return parse_status(result, self._config.max_response_chars)
+        arguments = {"code": code, "language": "python", "clearContext": False}
+        if deadline is None:
+            result = await self._invoke("executeCode", arguments)
+        else:
+            with anyio.move_on_after(deadline) as scope:
+                result = await self._invoke("executeCode", arguments)
+            if scope.cancelled_caught:
+                raise Stuck(deadline)
+        line = status_line(result, self._config.max_response_chars)
+        if len(line) <= _ON_LOOP:
+            return decode_status(line)
+        return await anyio.to_thread.run_sync(decode_status, line)  # megabytes of calls: off the event loop
+
+    async def _cell_control(self, method: str, args: dict[str, Any], remaining: float) -> tuple[dict[str, Any], float]:
+        """A control call about the current cell, bounded in time; (its status, seconds it took)."""
+        config = self._config
+        deadline = max(remaining, args["wait"]) + config.interrupt_grace + config.control_grace
+        started = anyio.current_time()
+        status = await self._control(method, args, deadline=deadline)
+        return status, anyio.current_time() - started
 
     # -- cells -----------------------------------------------------------------------------------
     async def execute(self, code: str) -> CellResult:
@@ -412,40 +473,79 @@ class AgentCoreSandboxSession:
                 await self._restart()
                 notes.append("The sandbox session had ended and was restarted: variables were lost, context is "
                              "reloaded.")
+            reply, timed_out = await self._cell(code, notes)
+            return await self._result(reply, timed_out, notes)
+
+    async def _cell(self, code: str, notes: list[str]) -> tuple[dict[str, Any], bool]:
+        """Run the cell; whatever the remote side does, a reply (host-made if need be) and whether it timed out."""
+        timeout = self._config.cell_timeout
+        for attempt in (1, 2):
             self._cell_ids += 1
             try:
-                reply, timed_out = await self._run_cell(self._cell_ids, code)
+                return await self._run_cell(self._cell_ids, code)
+            except Busy as exc:
+                if attempt == 2:
+                    return await self._violation(Malformed("a new session answered 'busy'"))
+                _logger.warning("AgentCore session busy between cells", cpu=exc.cpu)
+                await self._restart()
+                notes.append(
+                    f"Threads of an earlier cell kept computing between cells ({exc.cpu:.1f} CPU-seconds, more than "
+                    f"the {timeout:g} s a cell may use): the sandbox session was replaced before this cell ran, ALL "
+                    "VARIABLES WERE LOST. `context` is loaded again. Join the threads a cell starts."
+                )
+            except Stuck as exc:
+                _logger.warning("AgentCore control call stuck", seconds=exc.seconds)
+                await self._restart()
+                return {
+                    "error": f"TimeoutError: the sandbox did not answer for {exc.seconds:g} s (C code holding the "
+                    "interpreter past the cell's time limit, or a broken runtime); the session was replaced.",
+                    "restart": True,
+                }, True
             except (SessionLost, Malformed) as exc:
                 # Not run again: the cell itself may be what ended the session (os._exit, memory).
-                reason = "the remote session ended" if isinstance(exc, SessionLost) else "a malformed response"
-                _logger.warning("AgentCore cell failed", reason=str(exc)[:200])
-                await self._restart()
-                reply, timed_out = {"error": f"SandboxCrash: {reason} ({str(exc)[:300]}) while running this cell.",
-                                    "restart": True}, False
-            restarted = bool(reply.get("restart"))
-            if restarted:
-                notes.append(
-                    "The sandbox session was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
-                    "recompute what you need."
-                )
-            output, output_chars = capped(reply.get("output"), reply.get("output_chars"),
-                                           self._config.max_output_chars)
-            error, final = reply.get("error"), reply.get("final")
-            # remote text goes to the root model, logs and terminals: shown, never obeyed (as locally)
-            return CellResult(
-                output=sanitize_text(output),
-                output_chars=output_chars,
-                error=sanitize_text(cut(error, max(20_000, 4 * self._config.max_output_chars)))
-                if isinstance(error, str) else None,
-                final=sanitize_text(final) if isinstance(final, str) else None,
-                duration=number(reply.get("duration")),
-                timed_out=timed_out,
-                restarted=restarted or bool(notes),
-                notes=tuple(notes),
+                return await self._violation(exc)
+        raise AssertionError("unreachable")
+
+    async def _violation(self, exc: Exception) -> tuple[dict[str, Any], bool]:
+        lost = isinstance(exc, SessionLost)
+        reason = "the remote session ended" if lost else "a protocol violation: a malformed response"
+        _logger.warning("AgentCore cell failed", reason=str(exc)[:200])
+        await self._restart()
+        return {"error": f"SandboxCrash: {reason} ({str(exc)[:300]}) while running this cell.", "restart": True}, False
+
+    async def _result(self, reply: dict[str, Any], timed_out: bool, notes: list[str]) -> CellResult:
+        """The cell's result: every text cut to its bound first, then sanitised (long ones off the loop)."""
+        config = self._config
+        restarted = bool(reply.get("restart"))
+        if restarted:
+            notes.append(
+                "The sandbox session was replaced: ALL VARIABLES WERE LOST. `context` is loaded again; "
+                "recompute what you need."
             )
+        output, output_chars = capped(reply.get("output"), reply.get("output_chars"), config.max_output_chars)
+        texts = (
+            _Text(output, output_chars, config.max_output_chars + 200, cut),
+            _Text.of(reply, "error", config.max_error_chars, cut),
+            _Text.of(reply, "final", config.max_answer_chars, cut_answer),
+        )
+        # remote text goes to the root model, logs and terminals: shown, never obeyed (as locally)
+        if sum(len(text.text or "") for text in texts) <= _ON_LOOP:
+            shown = _sanitize_all(texts)
+        else:
+            shown = await anyio.to_thread.run_sync(_sanitize_all, texts)
+        return CellResult(
+            output=shown[0] or "",
+            output_chars=output_chars,
+            error=shown[1],
+            final=shown[2],
+            duration=float(reply.get("duration", 0.0)),
+            timed_out=timed_out,
+            restarted=restarted or bool(notes),
+            notes=tuple(notes),
+        )
 
     async def _run_cell(self, cell_id: int, code: str) -> tuple[dict[str, Any], bool]:
-        send, receive = anyio.create_memory_object_stream[tuple[int, dict[str, Any]]](MAX_CALLS_PER_STATUS * 4)
+        send, receive = anyio.create_memory_object_stream[tuple[int, dict[str, Any]]](MAX_CALLS_IN_FLIGHT)
         with single_exception():
             async with send, receive, anyio.create_task_group() as tg:
                 try:
@@ -457,39 +557,57 @@ class AgentCoreSandboxSession:
     async def _drive(
         self, tg: anyio.abc.TaskGroup, send: Any, receive: Any, cell_id: int, code: str
     ) -> tuple[dict[str, Any], bool]:
-        """Start the cell, serve its host calls, poll while it computes; (result, timed out)."""
+        """Start the cell, serve its host calls, poll while it computes; (result, timed out).
+
+        Time counts against the cell while a control call runs (the remote computes meanwhile) and,
+        while the host serves the cell's calls, as the CPU the remote reports for that wait; a look
+        every ``poll_wait`` seconds of such a wait, so that a cell cannot compute unseen behind a
+        long call. Only a status that fits its schema is acted on.
+        """
         config = self._config
         remaining = config.cell_timeout
-        in_flight = 0
+        pending: set[int] = set()
+        last_id = 0  # call ids only grow within a cell
         method = "start"
-        args: dict[str, Any] = {"cell": cell_id, "code": code}
+        args: dict[str, Any] = {"cell": cell_id, "code": code, "idle_limit": config.cell_timeout}
+        looking = served = False  # this call only looks at the remote's CPU / the host served calls before it
         while True:
-            args["wait"] = min(config.poll_wait, max(remaining, 0.0))
-            started = anyio.current_time()
-            status = await self._control(method, args)
-            remaining -= anyio.current_time() - started  # compute time: the remote ran during the call
-            state = status.get("state")
+            args["wait"] = 0.0 if looking else min(config.poll_wait, max(remaining, 0.0))
+            raw, spent = await self._cell_control(method, args, remaining)
+            status = check_status(raw, cell_id)
+            state = status["state"]
+            if not looking:  # a 'running' sooner than the wait asked for is not honest: the wait counts
+                remaining -= max(spent, args["wait"]) if state == "running" else spent
+            remaining -= cpu(status) if served else 0.0
             if state == "done":
                 return check_done(status, cell_id), False
             if state == "lost":
                 raise SessionLost("the remote interpreter lost the rlmflow runtime")
+            if state == "busy":
+                if method != "start":
+                    raise Malformed("a 'busy' status while the cell runs")
+                raise Busy(cpu(status))
             if state == "calls":
-                for call_id, fn, call_args in valid_calls(status, cell_id):
-                    in_flight += 1
+                calls = valid_calls(status, cell_id, after=last_id, room=MAX_CALLS_IN_FLIGHT - len(pending))
+                last_id = calls[-1][0]
+                for call_id, fn, call_args in calls:
+                    pending.add(call_id)
                     tg.start_soon(self._serve, send.clone(), call_id, fn, call_args)
-            elif state != "running" or status.get("cell") != cell_id:
-                raise Malformed(f"unexpected status {short(status)}")
             replies: dict[str, Any] = {}
-            if in_flight and remaining > 0:
-                call_id, reply = await receive.receive()  # the cell waits for the host: no polling
-                replies[str(call_id)] = reply
+            served = bool(pending) and remaining > 0
+            if served:  # the cell waits for the host: no polling, but a look now and then
+                with anyio.move_on_after(config.poll_wait):
+                    call_id, reply = await receive.receive()
+                    replies[str(call_id)] = reply
+                    pending.discard(call_id)
             while True:
                 try:
                     call_id, reply = receive.receive_nowait()
                 except anyio.WouldBlock:
                     break
                 replies[str(call_id)] = reply
-            in_flight -= len(replies)
+                pending.discard(call_id)
+            looking = served and not replies
             if remaining <= 0:
                 return await self._interrupt(cell_id), True
             if replies:
@@ -512,7 +630,11 @@ class AgentCoreSandboxSession:
 
     async def _interrupt(self, cell_id: int) -> dict[str, Any]:
         timeout = self._config.cell_timeout
-        status = await self._control("interrupt", {"cell": cell_id, "wait": self._config.interrupt_grace})
+        try:
+            raw, _ = await self._cell_control("interrupt", {"cell": cell_id, "wait": self._config.interrupt_grace}, 0.0)
+            status = check_status(raw, cell_id)
+        except (Malformed, Stuck):
+            status = {}
         if status.get("state") == "done":
             reply = check_done(status, cell_id)
             if reply.get("interrupted"):
@@ -527,3 +649,32 @@ class AgentCoreSandboxSession:
             "(a C-level loop or sleep?); the session was replaced.",
             "restart": True,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """A text from the remote side, its true length, its bound and how to cut it to that bound."""
+
+    text: str | None
+    total: int
+    limit: int
+    cutter: Callable[[str, int, int], str]
+
+    @classmethod
+    def of(cls, reply: dict[str, Any], key: str, limit: int, cutter: Callable[[str, int, int], str]) -> _Text:
+        text = reply.get(key)
+        text = text if isinstance(text, str) else None
+        total = reply.get(f"{key}_chars")
+        return cls(text, total if type(total) is int else len(text or ""), limit, cutter)
+
+    def shown(self) -> str | None:
+        """Cut before it is sanitised (the work is bounded whatever was sent), cut again if
+        escaping control characters made it longer; the note keeps the true length."""
+        if self.text is None:
+            return None
+        shown = sanitize_text(self.cutter(self.text, self.limit, self.total))
+        return shown if len(shown) <= self.limit else self.cutter(shown, self.limit, self.total)
+
+
+def _sanitize_all(texts: tuple[_Text, ...]) -> tuple[str | None, ...]:
+    return tuple(text.shown() for text in texts)

@@ -12,8 +12,15 @@ only; remotely it never imports ``rlmflow``. The remote session holds no credent
 - the host serves the request through its bridge (the Dispatcher) and delivers the answer with the
   next control call (inline, or in files it wrote with ``writeFiles``), which wakes the thread.
 
-Every control call prints exactly one line ``MARKER + json``; the host reads the last such line.
-Output of the cell's threads goes to the cell's capped buffer, never into a status line.
+Every control call prints exactly one line ``MARKER + json`` (strict JSON: no ``NaN``); the host
+reads the last such line and checks it against the schema of its state
+(:mod:`rlmflow.sandbox.agentcore_protocol`). Output of the cell's threads goes to the cell's capped
+buffer, never into a status line; errors and answers are cut here too, with their true length.
+
+Each status about a cell carries ``cpu``: the CPU seconds the interpreter used since the previous
+control call ended, when nobody was watching (the host serving the cell's calls, or between
+cells). The host counts it against the cell; a ``start`` after more than ``idle_limit`` such
+seconds (threads of an earlier cell still computing) answers ``busy`` and runs nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ import threading
 import time
 from typing import Any
 
+# Bound now: cell code may replace time.perf_counter (a NaN clock) once it runs.
+_perf_counter = time.perf_counter
+_process_time = time.process_time
+_monotonic = time.monotonic
+
 try:  # in the package (tests, type checking)
     from . import cellapi
 except ImportError:  # in the remote interpreter: shipped beside this runtime as a module of its own
@@ -39,6 +51,19 @@ MARKER = "\x1erlmflow-status:"
 _GATHER = 0.002  # seconds between looks for more calls from a cell's other threads
 _GATHER_MAX = 0.05  # the longest a status waits for them after the last new call
 _HOST_FUNCTIONS = ("llm_query_many", "rlm_query_many", "budget")
+_MAX_CALLS = 1024  # calls reported and not yet answered (the host's MAX_CALLS_IN_FLIGHT)
+
+
+def _cut(text: str, limit: int, *, head_only: bool = False) -> str:
+    """``text`` in at most ``limit`` characters, saying how long it was (as the host's cut does)."""
+    if len(text) <= limit:
+        return text
+    if head_only:
+        note = f"\n[answer cut in the sandbox: {len(text):,} characters in all]"
+        return text[: max(0, limit - len(note))] + note
+    note = f"\n[... cut in the sandbox: {len(text):,} characters in all ...]\n"
+    half = max(0, (limit - len(note)) // 2)
+    return f"{text[:half]}{note}{text[len(text) - half:] if half else ''}"
 
 
 class _Router(io.TextIOBase):
@@ -93,6 +118,10 @@ class _Runtime:
     def __init__(self, config: dict[str, Any]) -> None:
         self.max_output_chars = int(config.get("max_output_chars", 20_000))
         self.max_request_chars = int(config.get("max_request_chars", 32 << 20))
+        self.max_error_chars = int(config.get("max_error_chars", 80_000))
+        self.max_answer_chars = int(config.get("max_answer_chars", 200_000))
+        self.last_cpu = _process_time()  # when the last control call ended
+        self.away = 0.0  # CPU seconds used since then, measured as a control call begins
         self.control_thread = threading.get_ident()
         self.cond = threading.Condition()
         self.cell: _Cell | None = None
@@ -122,8 +151,8 @@ class _Runtime:
                 f"{fn} request of {size:,} characters exceeds the limit of {self.max_request_chars:,}; "
                 "send smaller batches"
             )
-        call = _Call(next(self.call_ids), fn, args)
-        with self.cond:
+        with self.cond:  # numbered under the lock: ids reach the host in increasing order
+            call = _Call(next(self.call_ids), fn, args)
             cell.pending[call.id] = call
             self.cond.notify_all()
         while not call.event.wait(0.05):  # short waits: an interrupt can reach this thread
@@ -155,28 +184,37 @@ class _Runtime:
 
     # -- the cell thread ----------------------------------------------------------------------
     def run_cell(self, cell: _Cell, code: str) -> None:
-        started = time.perf_counter()
+        started = _perf_counter()
         error, interrupted = cellapi.run_code(code, f"<cell {cell.id}>", self.namespace)
+        duration = _perf_counter() - started
         result: dict[str, Any] = {
             "state": "done",
             "cell": cell.id,
             "output": cell.out.render(),
             "output_chars": cell.out.total,
-            "error": error,
+            "error": _cut(error, self.max_error_chars) if error is not None else None,
+            "error_chars": len(error) if error is not None else 0,
             "interrupted": interrupted,
-            "duration": time.perf_counter() - started,
+            "duration": duration if 0 <= duration < 1e9 else 0.0,
         }
         if cell.final:
-            result["final"] = cellapi.answer_text(cell.final[0])
+            try:
+                answer = cellapi.answer_text(cell.final[0])
+            except BaseException as exc:  # a value whose repr fails must not lose the cell's result
+                answer = f"<FINAL value could not be shown: {type(exc).__name__}>"
+            result["final"] = _cut(answer, self.max_answer_chars, head_only=True)
+            result["final_chars"] = len(answer)
         with self.cond:
             cell.result = result
             self.cond.notify_all()
 
     # -- control calls, from the interpreter's own thread ------------------------------------------
-    def start(self, cell_id: int, code: str, wait: float) -> dict[str, Any]:
+    def start(self, cell_id: int, code: str, wait: float, idle_limit: float) -> dict[str, Any]:
         previous = self.cell
         if previous is not None and previous.id == cell_id:  # a retried start: do not run it twice
             return self.wait(cell_id, wait)
+        if self.away > idle_limit:  # an earlier cell's threads kept computing: the host replaces us
+            return {"state": "busy", "cell": cell_id}
         if previous is not None:  # threads left blocked by an earlier cell get an error, not silence
             for call in list(previous.pending.values()):
                 call.reply = {"ok": False, "error": {"type": "RLMError", "message": "the cell ended"}}
@@ -204,12 +242,14 @@ class _Runtime:
         cell = self.cell
         if cell is None or cell.id != cell_id:
             return {"state": "error", "message": f"no cell {cell_id}"}
-        deadline = time.monotonic() + max(0.0, wait)
+        deadline = _monotonic() + max(0.0, wait)
         with self.cond:
             while True:
                 if cell.result is not None:
                     return cell.result
+                in_flight = len([call for call in cell.pending.values() if call.reported])
                 fresh = [call for call in cell.pending.values() if not call.reported]
+                fresh = fresh[: max(0, _MAX_CALLS - in_flight)]  # the rest once the host answers
                 if fresh and self._more_may_come(cell, len(fresh)):
                     self.cond.wait(_GATHER)
                     continue
@@ -222,7 +262,7 @@ class _Runtime:
                         "cell": cell.id,
                         "calls": [{"id": c.id, "fn": c.fn, "args": c.args} for c in fresh],
                     }
-                left = deadline - time.monotonic()
+                left = deadline - _monotonic()
                 if left <= 0:
                     return {"state": "running", "cell": cell.id}
                 self.cond.wait(left)
@@ -239,9 +279,9 @@ class _Runtime:
             return False
         if fresh > cell.gathered:  # new calls keep arriving: give the rest a moment
             cell.gathered = fresh
-            cell.gather_until = time.monotonic() + _GATHER_MAX
+            cell.gather_until = _monotonic() + _GATHER_MAX
         waiting = len([c for c in cell.pending.values() if c.reply is None])
-        return waiting < others + 1 and time.monotonic() < cell.gather_until
+        return waiting < others + 1 and _monotonic() < cell.gather_until
 
     def interrupt(self, cell_id: int, wait: float) -> dict[str, Any]:
         cell = self.cell
@@ -270,7 +310,7 @@ def _read_parts(paths: list[str]) -> str:
 
 def _boot(args: dict[str, Any]) -> dict[str, Any]:
     global _RUNTIME
-    started = time.perf_counter()
+    started = _perf_counter()
     text = _read_parts(list(args["context_paths"]))
     context = json.loads(text) if args.get("context_kind") == "json" else text
     runtime = _Runtime(args)
@@ -281,7 +321,7 @@ def _boot(args: dict[str, Any]) -> dict[str, Any]:
         "state": "ready",
         "chars": len(text),
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "load_seconds": time.perf_counter() - started,
+        "load_seconds": max(0.0, _perf_counter() - started),
     }
 
 
@@ -300,7 +340,7 @@ def _dispatch(method: str, args: dict[str, Any]) -> dict[str, Any]:
     wait = float(args.get("wait", 0.0))
     cell_id = int(args.get("cell", 0))
     if method == "start":
-        return runtime.start(cell_id, str(args["code"]), wait)
+        return runtime.start(cell_id, str(args["code"]), wait, float(args.get("idle_limit", 1e9)))
     if method == "resume":
         runtime.deliver(dict(args.get("replies") or {}))
         return runtime.wait(cell_id, wait)
@@ -313,13 +353,20 @@ def _dispatch(method: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def control(method: str, payload: str) -> None:
     """Entry point of every host control call: print exactly one status line."""
+    entered = _process_time()
+    if _RUNTIME is not None:
+        _RUNTIME.away = max(0.0, entered - _RUNTIME.last_cpu)
     try:
         args = json.loads(base64.b64decode(payload).decode("utf-8"))
         status = _dispatch(method, args)
+        if status.get("state") in ("running", "calls", "done", "busy") and _RUNTIME is not None:
+            status = {**status, "cpu": round(_RUNTIME.away, 6)}
+        line = MARKER + json.dumps(status, ensure_ascii=True, allow_nan=False)
     except Exception as exc:
-        status = {"state": "error", "message": f"{type(exc).__name__}: {exc}"}
-    line = MARKER + json.dumps(status, ensure_ascii=True)
+        line = MARKER + json.dumps({"state": "error", "message": f"{type(exc).__name__}: {exc}"[:2000]})
     runtime = _RUNTIME
     stream = runtime.stdout.inner if runtime is not None else sys.stdout
     stream.write("\n" + line + "\n")
     stream.flush()
+    if runtime is not None:
+        runtime.last_cpu = _process_time()
