@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from rlmflow import ModelRequest, ScriptedModel
 
@@ -23,3 +25,13 @@ def turn_script(cells: Sequence[str], *, name: str = "root") -> ScriptedModel:
 
 def echo_sub(transform: Callable[[str], str] = lambda p: p[:10], *, name: str = "sub") -> ScriptedModel:
     return ScriptedModel(lambda r: transform(r.messages[-1].content), name=name)
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that refuses connections for as long as the block runs: the kernel picks
+    a free one (bind to 0) and the socket holds it without listening, so nothing else can take it
+    and a connection gets ECONNREFUSED at once (no port assumed closed, no check-then-use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])

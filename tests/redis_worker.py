@@ -11,7 +11,6 @@ is ``"<name>-<i>"``, so the parent can check every answer against the fake provi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ from rlmflow import BudgetExceededError, Dispatcher, Limits, Message, ModelReque
 from rlmflow.dispatch.budget import Budget, BudgetLedger
 from rlmflow.dispatch.redis_budget import SharedBudget
 from rlmflow.dispatch.shared import SharedConfig
+from rlmflow.models._http import HTTPStatus
 
 
 async def main(spec: dict) -> None:  # type: ignore[type-arg]
@@ -31,10 +31,17 @@ async def main(spec: dict) -> None:  # type: ignore[type-arg]
     model = OpenAIModel("fake", base_url=spec["base_url"])
     if dispatcher.shared is not None:
         await dispatcher.shared.connect()
-    # warm the HTTP client up (imports, connection) off the lane: the first request of a fresh
-    # process can otherwise reach the provider a few hundred ms after its admission
-    with contextlib.suppress(Exception):
-        await model._client.models.list()
+    # warm the model's HTTP client up (imports, session, a kept-alive connection) off the lane: the
+    # first request of a fresh process can otherwise reach the provider a few hundred ms after its
+    # admission. The fake answers any other path 404 without counting it as a request. A warm-up
+    # that fails some other way stops the replica (the test then fails on its missing "ready").
+    try:
+        await model._http.post(f"{model.endpoint}/warm-up", {}, {})
+    except HTTPStatus as exc:
+        if exc.status != 404:
+            raise
+    else:
+        raise AssertionError("the fake provider answered a warm-up request")
     print(json.dumps({"ready": dispatcher.shared.replica_id if dispatcher.shared else "memory"}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     name, count, max_tokens = spec["name"], spec["prompts"], spec.get("max_tokens", 16)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -65,8 +64,23 @@ async def assert_kept(session: LocalSandboxSession, kept: bool = True) -> None:
     assert (await session.execute("len(context)")).output.strip() == str(len(CONTEXT))
 
 
+def _vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0) and return it. ru_maxrss
+    cannot be reset: an earlier test's peak would hide this one's."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _vm_hwm_bytes()
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The host's peak RSS since :func:`reset_peak_rss`."""
+    return _vm_hwm_bytes()
 
 
 # ------------------------------------------------------------------------- frames (first: peak RSS)
@@ -82,7 +96,7 @@ def _raw_send(body: str) -> str:
 
 async def test_an_amplifying_call_is_refused_and_nothing_else_is_lost(sandbox: LocalSandboxSession) -> None:
     await remember(sandbox)
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
     # 8 MB of one-byte empty maps: eight million dicts (over a gigabyte) if decoded naively
     payload = "b'\\xdd' + (8_000_000).to_bytes(4, 'big') + b'\\x80' * 8_000_000"
     body = f"msgpack.packb({{'op': 'call', 'id': 10**9, 'fn': 'llm_query_many', 'payload': {payload}}})"
@@ -97,7 +111,7 @@ async def test_an_amplifying_call_is_refused_and_nothing_else_is_lost(sandbox: L
 
 
 async def test_an_amplifying_frame_replaces_the_worker_with_bounded_host_memory(sandbox: LocalSandboxSession) -> None:
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
     body = "b'\\x82\\xa2op\\xa6result\\xa6output\\xdd' + (8_000_000).to_bytes(4, 'big') + b'\\x90' * 8_000_000"
     result = await sandbox.execute(_raw_send(body))
     assert result.restarted and "bad frame" in (result.error or ""), result

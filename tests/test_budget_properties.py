@@ -43,34 +43,108 @@ def within(ledger: BudgetLedger) -> bool:
     )
 
 
+QUANTITIES = (("calls", "max_calls"), ("input_tokens", "max_input_tokens"),
+              ("output_tokens", "max_output_tokens"), ("cost_usd", "max_cost_usd"))
+COST_SLACK = 1e-9  # sums of float costs in another order may differ by rounding: either answer is right there
+
+
+class Reference:
+    """The documented rule, kept apart from the ledger: a ledger's committed amount (what it
+    reserved or spent, its children's included) per quantity, and a request fits when, for this
+    ledger and each ancestor, committed + request <= cap on every capped quantity."""
+
+    def __init__(self) -> None:
+        self.parent: list[int | None] = []
+        self.caps: list[Budget] = []
+        self.committed: list[dict[str, float]] = []
+
+    def add(self, budget: Budget, parent: int | None) -> int:
+        self.parent.append(parent)
+        self.caps.append(budget)
+        self.committed.append({quantity: 0 for quantity, _ in QUANTITIES})
+        return len(self.caps) - 1
+
+    def chain(self, node: int) -> list[int]:
+        nodes: list[int] = []
+        current: int | None = node
+        while current is not None:
+            nodes.append(current)
+            current = self.parent[current]
+        return nodes
+
+    def verdict(self, node: int, request: dict[str, float]) -> bool | None:
+        """True: fits; False: crosses a cap; None: within rounding of a cost cap (either is right)."""
+        close = False
+        for each in self.chain(node):
+            for quantity, cap_name in QUANTITIES:
+                cap = getattr(self.caps[each], cap_name)
+                if cap is None:
+                    continue
+                total = self.committed[each][quantity] + request[quantity]
+                slack = COST_SLACK if quantity == "cost_usd" else 0
+                if total > cap + slack:
+                    return False
+                close = close or total > cap - slack
+        return None if close else True
+
+    def charge(self, node: int, delta: dict[str, float]) -> None:
+        for each in self.chain(node):
+            for quantity, _ in QUANTITIES:
+                self.committed[each][quantity] += delta[quantity]
+
+
+def as_dict(spend: Spend, times: int = 1) -> dict[str, float]:
+    return {quantity: getattr(spend, quantity) * times for quantity, _ in QUANTITIES}
+
+
+def matches(reference: dict[str, float], ledger: BudgetLedger) -> bool:
+    committed = ledger.spent + ledger.reserved
+    return all(
+        abs(getattr(committed, quantity) - value) <= (COST_SLACK if quantity == "cost_usd" else 0)
+        for quantity, value in reference.items()
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(budgets, budgets, actions)
-def test_ledger_never_commits_past_a_cap_and_returns_to_zero(root_budget: Budget, child_budget: Budget,
-                                                             steps: list) -> None:
-    root = BudgetLedger(root_budget)
-    ledgers = [root]
-    open_holds = []
+def test_ledger_refuses_exactly_what_crosses_a_cap_and_returns_to_zero(root_budget: Budget, child_budget: Budget,
+                                                                      steps: list) -> None:
+    reference = Reference()
+    ledgers = [BudgetLedger(root_budget)]
+    reference.add(root_budget, None)
+    open_holds = []  # (hold, node)
     for action, amount, pick, count in steps:
-        ledger = ledgers[pick % len(ledgers)]
+        node = pick % len(ledgers)
+        ledger = ledgers[node]
         if action == "child":
             ledgers.append(ledger.child(child_budget))
+            reference.add(child_budget, node)
         elif action in ("reserve", "reserve_many"):
+            times = count if action == "reserve_many" else 1
+            expected = reference.verdict(node, as_dict(amount, times))
             try:
-                holds = ledger.reserve_many([amount] * (count if action == "reserve_many" else 1))
+                holds = ledger.reserve_many([amount] * times)
             except BudgetExceededError:
+                assert expected is not True, f"refused {times} x {amount} though it fits"
                 continue
-            open_holds.extend(holds)
+            assert expected is not False, f"admitted {times} x {amount} past a cap"
+            reference.charge(node, as_dict(amount, times))
+            open_holds.extend((hold, node) for hold in holds)
         elif open_holds:
-            hold = open_holds.pop(pick % len(open_holds))
+            hold, held_by = open_holds.pop(pick % len(open_holds))
             if action == "settle":
                 # real usage never exceeds the worst case that was reserved
-                hold.settle(Usage(amount.input_tokens % (hold.amount.input_tokens + 1),
-                                  amount.output_tokens % (hold.amount.output_tokens + 1), 1),
-                            cost_usd=min(amount.cost_usd, hold.amount.cost_usd))
+                used = Spend(1, amount.input_tokens % (hold.amount.input_tokens + 1),
+                             amount.output_tokens % (hold.amount.output_tokens + 1),
+                             min(amount.cost_usd, hold.amount.cost_usd))
+                hold.settle(Usage(used.input_tokens, used.output_tokens, 1), cost_usd=used.cost_usd)
             else:
+                used = Spend()
                 hold.release()
+            reference.charge(held_by, {q: as_dict(used)[q] - as_dict(hold.amount)[q] for q, _ in QUANTITIES})
         assert all(within(each) for each in ledgers)
-    for hold in open_holds:
+        assert all(matches(reference.committed[i], each) for i, each in enumerate(ledgers))
+    for hold, _ in open_holds:
         hold.release()
     for ledger in ledgers:
         assert ledger.reserved.calls == 0
@@ -127,11 +201,19 @@ def test_usage_above_the_reservation_is_bounded_by_the_recorded_overrun(
     for action, amount, pick, factor, extra_calls in steps:
         ledger = children[pick % 2]
         if action == "reserve":
+            # the rule, from the ledgers' own caps and committed amounts (usage above estimates included)
+            crosses = any(
+                getattr(each.spent + each.reserved + amount, quantity) > cap
+                for each in (ledger, parent)
+                for quantity, cap_name in QUANTITIES
+                if (cap := getattr(each.budget, cap_name)) is not None
+            )
             try:
                 holds.append(ledger.reserve(amount))
             except BudgetExceededError:
-                # refused only because a cap of this ledger or its parent would be crossed
-                assert not ledger.fits(amount)
+                assert crosses, f"refused {amount} though it fits every cap"
+                continue
+            assert not crosses, f"admitted {amount} past a cap"
         elif holds:
             hold = holds.pop(pick % len(holds))
             if action == "settle":

@@ -91,3 +91,60 @@ async def test_cli_answers_over_the_wire_and_exports_otlp(tmp_path: Path) -> Non
     assert any(b"invoke_agent rlm" in body for body in received)  # spans arrived as OTLP protobuf
     assert any(b"gen_ai.client.token.usage" in body for body in received)  # and metrics
     assert trajectory.read_text().count('"type": "run_end"') == 1
+
+
+async def _cli_against(server_kwargs: dict[str, object], tmp_path: Path, *args: str,
+                       interrupt_when: str | None = None) -> tuple[int, str]:
+    """``python -m rlmflow.cli run`` with the fake OpenAI server as its root model; the exit code and
+    stderr. ``interrupt_when``: send SIGINT once a progress line on stderr contains this text."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import anyio
+
+    from .fakes import FakeOpenAIServer
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha beta " * 100)
+    async with FakeOpenAIServer(root_marker="EXIT-CODE", **server_kwargs) as server:  # type: ignore[arg-type]
+        command = [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(doc), "--query", "EXIT-CODE?",
+                   "--root", f"openai:fake@{server.base_url}", *args]
+        async with await anyio.open_process(command, stdout=subprocess.DEVNULL, env=dict(os.environ)) as process:
+            assert process.stderr is not None
+            err = b""
+            with anyio.fail_after(120):  # a safety net: each run ends in seconds
+                async for chunk in process.stderr:
+                    err += chunk
+                    if interrupt_when is not None and interrupt_when.encode() in err:
+                        process.send_signal(signal.SIGINT)
+                        interrupt_when = None
+                code = await process.wait()
+    return code, err.decode()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("server", "args", "expected", "message"),
+    [
+        ({"root_reply": "I will not write code."}, ("--max-turns", "2"), 1, "NoAnswerError"),
+        ({"root_reply": "```repl\nprint(len(llm_query_many(['a', 'b', 'c'])))\n```"}, ("--max-calls", "2"), 4,
+         "BudgetExceededError"),
+        ({"status_faults": {400: 1.0}}, (), 5, "injected 400"),
+    ],
+    ids=["1-no-answer", "4-budget", "5-model"],
+)
+async def test_run_exit_codes_as_documented(tmp_path: Path, server: dict[str, object], args: tuple[str, ...],
+                                            expected: int, message: str) -> None:
+    code, err = await _cli_against(server, tmp_path, *args)
+    assert code == expected, err
+    assert message in err
+
+
+@pytest.mark.anyio
+async def test_run_interrupted_in_a_cell_exits_130(tmp_path: Path) -> None:
+    reply = "```repl\nimport time\ntime.sleep(60)\n```"
+    code, err = await _cli_against({"root_reply": reply}, tmp_path, interrupt_when="| running code |")
+    assert code == 130, err
+    assert "interrupted" in err

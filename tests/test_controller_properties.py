@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -29,6 +31,64 @@ from rlmflow import (
 )
 from rlmflow.dispatch.lane import RunShare
 from rlmflow.dispatch.ratelimit import SlidingWindowLimiter
+
+QUANTITIES = (("calls", "max_calls"), ("input_tokens", "max_input_tokens"),
+              ("output_tokens", "max_output_tokens"), ("cost_usd", "max_cost_usd"))
+BATCH: contextvars.ContextVar[int] = contextvars.ContextVar("BATCH", default=-1)
+
+
+class RecordingLedger(BudgetLedger):
+    """A ledger that notes each reservation asked of it, whether it was refused, and whether the
+    documented rule says it had to be: refused exactly when, for this ledger or an ancestor, what
+    is committed (spent + reserved) plus the whole batch crosses a cap. The rule is applied here,
+    to the amounts the Dispatcher asked for, not taken from the ledger."""
+
+    def __init__(self, budget: Budget | None = None, *, parent: BudgetLedger | None = None) -> None:
+        super().__init__(budget, parent=parent)
+        self.asked: list[tuple[int, list[Spend], bool | None, bool]] = []  # batch, amounts, fits, refused
+
+    def rule(self, amounts: Sequence[Spend]) -> bool | None:
+        """True: fits; False: crosses a cap; None: within float rounding of a cost cap."""
+        close = False
+        ledger: BudgetLedger | None = self
+        while ledger is not None:
+            committed = ledger.spent + ledger.reserved
+            for quantity, cap_name in QUANTITIES:
+                cap = getattr(ledger.budget, cap_name)
+                if cap is None:
+                    continue
+                total = getattr(committed, quantity) + sum(getattr(a, quantity) for a in amounts)
+                slack = 1e-12 if quantity == "cost_usd" else 0
+                if total > cap + slack:
+                    return False
+                close = close or total > cap - slack
+            ledger = ledger.parent
+        return None if close else True
+
+    def reserve_many(self, amounts: Sequence[Spend]) -> list[Any]:
+        amounts = list(amounts)
+        fits = self.rule(amounts)
+        try:
+            holds = super().reserve_many(amounts)
+        except BudgetExceededError:
+            self.asked.append((BATCH.get(), amounts, fits, True))
+            raise
+        self.asked.append((BATCH.get(), amounts, fits, False))
+        return holds
+
+    def check(self, prompts: dict[int, list[str]], max_tokens: int, refused_batches: set[int]) -> None:
+        """Every refusal was needed, every admission allowed, and each reservation is a worst case:
+        one call, ``max_tokens`` out, at least a token per four characters in, priced at $1/$10 per
+        million tokens."""
+        assert {batch for batch, *_, refused in self.asked if refused} == refused_batches
+        for batch, amounts, fits, refused in self.asked:
+            wrong = fits is True if refused else fits is False
+            assert not wrong, f"batch {batch}: refused={refused} but the caps say fits={fits}"
+            assert len(amounts) == len(prompts[batch])
+            for amount, prompt in zip(amounts, prompts[batch], strict=True):
+                assert amount.calls == 1 and amount.output_tokens == max_tokens
+                assert amount.input_tokens >= len(prompt) / 4
+                assert abs(amount.cost_usd - (amount.input_tokens * 1e-6 + max_tokens * 1e-5)) < 1e-12
 
 
 class FakeClock:
@@ -102,15 +162,20 @@ def test_dispatcher_never_overspends_and_answers_every_prompt_once(
         pricing=Pricing({"m": Price(1.0, 10.0)}),  # $ per million tokens
     )
     budget = Budget(max_calls=max_calls, max_output_tokens=max_output, max_cost_usd=max_cost)
-    ledger = BudgetLedger(budget)
+    ledger = RecordingLedger(budget)
+    sent: dict[int, list[str]] = {}
+    refused: set[int] = set()
 
     async def scenario() -> None:
         async def batch(index: int, run: int, size: int, kind: str) -> None:
+            BATCH.set(index)
             requests = [ModelRequest.from_prompt(f"{kind}:{index}:{i}", max_tokens=20) for i in range(size)]
+            sent[index] = [r.messages[-1].content for r in requests]
             try:
                 outcomes = await dispatcher.call_many(model, requests, ledger=ledger, share=shares[run])
             except BudgetExceededError:
                 assert not any(r.messages[-1].content in attempts for r in requests)  # nothing was sent
+                refused.add(index)
                 return
             assert len(outcomes) == size
             for request, outcome in zip(requests, outcomes, strict=True):
@@ -128,6 +193,7 @@ def test_dispatcher_never_overspends_and_answers_every_prompt_once(
             assert lane.in_flight == 0 and lane.waiting == 0
 
     anyio.run(scenario)
+    ledger.check(sent, 20, refused)
     spent = ledger.spent
     assert max_calls is None or spent.calls <= max_calls
     assert max_output is None or spent.output_tokens <= max_output
@@ -184,16 +250,20 @@ def test_usage_above_estimates_refusals_and_cancellation_keep_the_guarantee(
 
     model = ScriptedModel(reply, name="m")
     tenant = BudgetLedger(Budget(max_calls=parent_calls))
-    ledger = tenant.child(Budget(max_calls=max_calls, max_input_tokens=max_input, max_output_tokens=max_output,
-                                 max_cost_usd=max_cost))
+    ledger = RecordingLedger(Budget(max_calls=max_calls, max_input_tokens=max_input, max_output_tokens=max_output,
+                                    max_cost_usd=max_cost), parent=tenant)
+    sent: dict[int, list[str]] = {}
+    refused: set[int] = set()
 
     async def scenario() -> None:
         async def batch(index: int, size: int) -> None:
+            BATCH.set(index)
             requests = [ModelRequest.from_prompt(f"{index}:{i} " + "w" * 40, max_tokens=20) for i in range(size)]
+            sent[index] = [r.messages[-1].content for r in requests]
             try:
                 await dispatcher.call_many(model, requests, ledger=ledger)
             except BudgetExceededError:
-                pass
+                refused.add(index)
 
         scopes.append(anyio.CancelScope())
         with scopes[0]:
@@ -204,6 +274,7 @@ def test_usage_above_estimates_refusals_and_cancellation_keep_the_guarantee(
             assert lane.in_flight == 0 and lane.waiting == 0
 
     anyio.run(scenario)
+    ledger.check(sent, 20, refused)
     for each in (ledger, tenant):
         committed = each.spent + each.reserved
         for quantity, cap in (("calls", each.budget.max_calls), ("input_tokens", each.budget.max_input_tokens),

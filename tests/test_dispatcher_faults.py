@@ -4,6 +4,7 @@ end to end, the status mappings, answers without usage, overruns and unknown pri
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -14,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from rlmflow import (
     Budget,
+    BudgetExceededError,
     BudgetLedger,
     ConfigurationError,
     Dispatcher,
@@ -30,12 +32,26 @@ from rlmflow import (
     TransientModelError,
     Usage,
 )
-from rlmflow.dispatch.budget import Spend
+from rlmflow.dispatch.budget import Reservation, Spend
 
 from .fakes import FakeOpenAIServer, FaultPlan
 from .fakes.fake_openai import answer_for
 
 pytestmark = pytest.mark.anyio
+
+
+class HeldLedger(BudgetLedger):
+    """A ledger that notes every amount it was asked to hold: what the Dispatcher reserved, read at
+    the ledger's door rather than recomputed with the Dispatcher's own estimate."""
+
+    def __init__(self, budget: Budget | None = None) -> None:
+        super().__init__(budget)
+        self.held: list[Spend] = []
+
+    def reserve_many(self, amounts: Sequence[Spend]) -> list[Reservation]:
+        holds = super().reserve_many(amounts)
+        self.held.extend(amounts)
+        return holds
 
 
 def prompts(n: int) -> list[ModelRequest]:
@@ -163,15 +179,18 @@ async def test_an_answer_without_usage_is_charged_its_reservation() -> None:
     async with FakeOpenAIServer(usage=False) as server:
         model = OpenAIModel("fake", base_url=server.base_url)
         dispatcher = Dispatcher()
-        ledger = BudgetLedger(Budget(max_input_tokens=10_000))
+        ledger = HeldLedger(Budget(max_input_tokens=10_000))
         request = prompts(1)[0]
         try:
             response = await dispatcher.call(model, request, ledger=ledger)
         finally:
             await model.aclose()
-    estimate = dispatcher.estimate(model, request)
     assert response.usage.estimated  # the answer said nothing; the model estimated from the text
-    assert ledger.spent.input_tokens == estimate.input_tokens and ledger.spent.output_tokens == 16
+    (held,) = ledger.held
+    # a worst case: every token of the prompt (about four characters each) and max_tokens out
+    assert held.calls == 1 and held.input_tokens >= len(request.messages[-1].content) / 4
+    assert held.output_tokens == request.max_tokens == 16
+    assert ledger.spent == Spend(1, held.input_tokens, held.output_tokens, 0.0) and ledger.reserved == Spend()
 
 
 async def test_an_overrun_is_recorded_on_the_ledger_the_span_and_the_metric() -> None:
@@ -181,12 +200,15 @@ async def test_an_overrun_is_recorded_on_the_ledger_the_span_and_the_metric() ->
     reader = InMemoryMetricReader()
     dispatcher = Dispatcher(tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader]),
                             pricing=Pricing({"big": Price(1.0, 1.0)}))
-    model = ScriptedModel(lambda r: ModelResponse("ok", Usage(5000, 500, 1), "big"), name="big")
-    ledger = BudgetLedger(Budget(max_input_tokens=6000))
+    sent: list[ModelRequest] = []
+    model = ScriptedModel(lambda r: sent.append(r) or ModelResponse("ok", Usage(5000, 500, 1), "big"), name="big")
+    ledger = HeldLedger(Budget(max_input_tokens=6000))
     await dispatcher.call(model, ModelRequest.from_prompt("short", max_tokens=100), ledger=ledger)
-    estimate = dispatcher.estimate(model, ModelRequest.from_prompt("short", max_tokens=100))
-    assert ledger.overrun.input_tokens == 5000 - estimate.input_tokens
-    assert ledger.overrun.output_tokens == 400
+    (held,) = ledger.held
+    assert 2 <= held.input_tokens < 100  # "short" with the chat format's overhead: a few tokens, not 5000
+    assert ledger.overrun.input_tokens == 5000 - held.input_tokens
+    assert ledger.overrun.output_tokens == 500 - 100
+    assert ledger.spent == Spend(1, 5000, 500, (5000 + 500) / 1e6)
     (span,) = exporter.get_finished_spans()
     (event,) = [e for e in span.events if e.name == "rlm.budget.overrun"]
     assert event.attributes is not None and event.attributes["rlm.budget.overrun.output_tokens"] == 400
@@ -198,8 +220,10 @@ async def test_an_overrun_is_recorded_on_the_ledger_the_span_and_the_metric() ->
         if m.name == "rlm.budget.overrun" for p in m.data.data_points
     }
     assert points["output_tokens"] == 400
-    with pytest.raises(Exception, match="max_input_tokens"):  # 5000 of 6000 spent: a second one cannot fit
+    # 5000 of 6000 spent: 4,000 characters (1,000 tokens at four a token) cannot fit, nothing is sent
+    with pytest.raises(BudgetExceededError, match="max_input_tokens"):
         await dispatcher.call(model, ModelRequest.from_prompt("x" * 4000, max_tokens=100), ledger=ledger)
+    assert len(ledger.held) == 1 and ledger.reserved == Spend() and len(sent) == 1
 
 
 async def test_a_cost_cap_needs_a_known_price() -> None:

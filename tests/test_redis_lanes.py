@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,7 +48,8 @@ from rlmflow.dispatch.shared import SharedConfig, SharedState, SharedStateUnavai
 
 from .fakes import FakeOpenAIServer
 from .fakes.fake_openai import answer_for
-from .redis_server import RedisServer, free_port
+from .helpers import refused_port
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,10 +233,15 @@ async def test_redis_stopped_mid_run_falls_back_to_a_share(redis_server: RedisSe
 
 
 async def test_unreachable_redis_is_a_clear_error_at_start() -> None:
-    state = SharedState(SharedConfig(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5))
+    with refused_port() as port:
+        await unreachable_redis_is_a_clear_error_at_start(port)
+
+
+async def unreachable_redis_is_a_clear_error_at_start(port: int) -> None:
+    state = SharedState(SharedConfig(f"redis://127.0.0.1:{port}/0", timeout=0.5))
     with pytest.raises(SharedStateUnavailableError, match=r"cannot reach Redis at redis://127\.0\.0\.1"):
         await state.connect()
-    dispatcher = Dispatcher(shared=f"redis://127.0.0.1:{free_port()}/0")
+    dispatcher = Dispatcher(shared=f"redis://127.0.0.1:{port}/0")
     async with FakeOpenAIServer() as provider:
         model = OpenAIModel("fake", base_url=provider.base_url)
         with pytest.raises(SharedStateUnavailableError):
@@ -424,3 +431,24 @@ def test_one_dispatcher_serves_successive_event_loops(redis_server: RedisServer)
     assert [anyio.run(once, k) for k in range(2)] == [answer_for("m0"), answer_for("m1")]
     assert dispatcher.shared is not None and dispatcher.shared.mode == "shared"
     anyio.run(dispatcher.aclose)
+
+
+def test_the_test_redis_server_moves_off_a_port_taken_before_it_starts() -> None:
+    """RedisServer's free port is checked before redis binds it: a port taken in between (here by a
+    listener that never answers) must not be mistaken for the server, nor fail the test."""
+    server = RedisServer()
+    taken = server.port
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", taken))
+        stranger.listen()
+        server.start()
+        try:
+            assert server.port != taken and server.process is not None
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(b"PING\r\n")
+                assert sock.recv(16).startswith(b"+PONG")
+            server.stop()
+            server.start()  # a restart keeps its port (the tests of losing Redis mid-run)
+            assert server.port != taken
+        finally:
+            server.close()

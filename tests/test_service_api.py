@@ -40,23 +40,58 @@ pytestmark = pytest.mark.anyio
 FAN_OUT = "a = llm_query_many([f'item {i}' for i in range(5)])\nprint(len(a))"
 
 
-def worker_pids() -> set[int]:
-    """Live sandbox worker processes that are children of this test process."""
-    pids = set()
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time in clock ticks) of a process, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def worker_processes() -> set[tuple[int, int]]:
+    """(pid, start time) of each live sandbox worker process descended from this test process, at
+    any depth: bubblewrap puts two processes of its own between us and the worker's Python, and
+    their command lines name worker.py too. A start time tells a reused pid from the worker."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            children.setdefault(stat[0], []).append(int(entry))
+    found: set[tuple[int, int]] = set()
+    stack = list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and b"worker.py" in cmdline and f" {entry} ".strip():
-            state = stat.rsplit(")", 1)[1].split()[0]
-            if state != "Z":
-                pids.add(int(entry))
-    return pids
+        stat = _stat(pid)
+        if stat is not None and stat[1] != "Z" and b"worker.py" in cmdline:
+            found.add((pid, stat[2]))
+    return found
+
+
+def alive(processes: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Those of ``processes`` still running, wherever they were reparented (zombies are gone)."""
+    return {(pid, start) for pid, start in processes if (stat := _stat(pid)) and stat[2] == start and stat[1] != "Z"}
+
+
+async def wait_for_worker() -> set[tuple[int, int]]:
+    """The sandbox workers below us once one has started (a session starts its worker lazily)."""
+    with anyio.move_on_after(30):  # a safety net; it starts within a second
+        while not worker_processes():  # noqa: ASYNC110 - /proc has no event to wait on
+            await anyio.sleep(0.01)
+    return worker_processes()
+
+
+async def gone(processes: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Wait until none of ``processes`` runs and no worker is left below us; return what still runs
+    after 10 s (a safety net: a stopped run ends its worker at once, in practice)."""
+    with anyio.move_on_after(10):
+        while alive(processes) | worker_processes():  # noqa: ASYNC110 - /proc has no event to wait on
+            await anyio.sleep(0.01)
+    return alive(processes) | worker_processes()
 
 
 async def test_per_run_overrides_and_metadata() -> None:
@@ -118,25 +153,33 @@ async def test_rlms_share_the_default_dispatcher_and_their_own_tracer() -> None:
 
 async def test_deadline_stops_a_busy_cell_and_keeps_the_partial_result() -> None:
     root = turn_script(["print('warm')", "import time\ntime.sleep(60)"])
+    workers: set[tuple[int, int]] = set()
+
+    def on_event(event: RunEvent) -> None:
+        if event.kind == "code" and "sleep" in getattr(event, "code", ""):
+            workers.update(worker_processes())  # the worker (and bubblewrap's processes) of this run
+
     async with RLM(root=root) as rlm:
         started = time.monotonic()
         with pytest.raises(BudgetExceededError) as caught:
-            await rlm.run("doc", "q?", deadline=1.5)
+            await rlm.run("doc", "q?", deadline=1.5, events=on_event)
         elapsed = time.monotonic() - started
     assert caught.value.limit == "deadline"
     assert caught.value.partial.turns == 1 and caught.value.partial.calls
     assert elapsed < 1.5 + 2.0  # generous here; benchmarks/ measures the real overshoot
-    await anyio.sleep(0.2)
-    assert worker_pids() == set()
+    assert workers, "the worker of the run was not found while it ran"
+    assert await gone(workers) == set()
 
 
 async def test_cancelled_run_reraises_with_partial_and_leaves_no_worker() -> None:
     root = turn_script(["print('warm')", "import time\ntime.sleep(60)"])
     caught: list[BaseException] = []
     sleeping = anyio.Event()
+    workers: set[tuple[int, int]] = set()
 
     def on_event(event: RunEvent) -> None:
         if event.kind == "code" and "sleep" in getattr(event, "code", ""):
+            workers.update(worker_processes())
             sleeping.set()
 
     async with RLM(root=root) as rlm:
@@ -156,8 +199,8 @@ async def test_cancelled_run_reraises_with_partial_and_leaves_no_worker() -> Non
     assert isinstance(caught[0], anyio.get_cancelled_exc_class())
     partial = caught[0].partial  # type: ignore[attr-defined]
     assert partial.turns == 1 and len(partial.calls) == 2
-    await anyio.sleep(0.2)
-    assert worker_pids() == set()
+    assert workers, "the worker of the run was not found while it ran"
+    assert await gone(workers) == set()
 
 
 async def test_stream_yields_events_in_order() -> None:
@@ -184,12 +227,14 @@ async def test_stream_reports_failure_and_reader_leaving_cancels_the_run() -> No
             await stream.wait()
 
         slow = RLM(root=turn_script(["import time\ntime.sleep(60)"]))
+        workers: set[tuple[int, int]] = set()
         async with slow.stream("doc", "q?") as events_:
             async for event in events_:
                 if event.kind == "code":
+                    workers = await wait_for_worker()
                     break
-        await anyio.sleep(0.3)
-        assert worker_pids() == set()
+        assert workers, "the worker of the run was not found while it ran"
+        assert await gone(workers) == set()
 
 
 async def test_history_is_trimmed_for_small_windows() -> None:

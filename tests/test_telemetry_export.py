@@ -31,7 +31,7 @@ from rlmflow.telemetry.export import Export, ExportConfigurationError, export_fr
 from rlmflow.telemetry.report import analyse, load_trace
 
 from .fakes import FakeOpenAIServer
-from .helpers import turn_script
+from .helpers import refused_port, turn_script
 
 FAN_OUT = "r = llm_query_many(['a', 'b', 'c'])\nprint(r)\nFINAL(' '.join(r))"
 
@@ -237,6 +237,7 @@ def test_trace_needs_exactly_one_source(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert cli.main(["trace"]) == 2
     assert cli.main(["trace", str(tmp_path / "x.json"), "--phoenix", "http://127.0.0.1:9"]) == 2
-    assert cli.main(["trace", "--phoenix", "http://127.0.0.1:9", "--project", "p"]) == 3  # nothing listens there
+    with refused_port() as port:
+        assert cli.main(["trace", "--phoenix", f"http://127.0.0.1:{port}", "--project", "p"]) == 3  # refused
     err = capsys.readouterr().err
     assert "one of them" in err and "cannot reach Phoenix" in err
