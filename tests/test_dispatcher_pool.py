@@ -257,18 +257,23 @@ def test_cancellation_at_any_point_leaves_lane_share_and_ledger_clean(
 ) -> None:
     """Cancel a batch after ``cancel_after`` loop turns (an anyio scope or ``task.cancel()``):
     no slot, no backlog, no waiter and no reservation stays behind, and the ledger charged
-    exactly the calls that were recorded as successful."""
+    exactly the calls that were recorded as successful and those cancelled inside the provider."""
 
     async def main() -> None:
         tried: set[int] = set()
+        inside = 0  # requests the provider holds: cancelled there, they are billed all the same
 
         async def reply(request: ModelRequest) -> str:
+            nonlocal inside
             index = index_of(request)
+            inside += 1
             await anyio.lowlevel.checkpoint()
             if index % fail_every == 0 and index not in tried:
                 tried.add(index)
+                inside -= 1
                 raise again(0.001)
             await anyio.lowlevel.checkpoint()
+            inside -= 1
             return "ok"
 
         dispatcher = Dispatcher(
@@ -300,7 +305,7 @@ def test_cancellation_at_any_point_leaves_lane_share_and_ledger_clean(
         assert (stats.in_flight, stats.waiting, lane.backlog, share.in_flight) == (0, 0, 0, 0)
         assert ledger.reserved == Spend()
         ok = [r for r in records if r.error is None]
-        assert ledger.spent.calls == len(ok)
+        assert ledger.spent.calls == len(ok) + inside
         assert stats.completed == len(ok)
 
     anyio.run(main)
@@ -480,7 +485,8 @@ async def test_a_deadline_cancels_the_requests_in_flight_and_sends_nothing_more(
     assert scope.cancelled_caught
     assert sorted(started) == [0, 1, 2] and sorted(cancelled) == [0, 1, 2]
     (lane,) = dispatcher.statistics()
-    assert (lane.in_flight, lane.waiting) == (0, 0) and ledger.reserved == Spend() and ledger.spent == Spend()
+    assert (lane.in_flight, lane.waiting) == (0, 0) and ledger.reserved == Spend()
+    assert ledger.spent.calls == 3  # the requests cancelled after they left are charged: they are billed
 
 
 async def test_the_fast_path_keeps_the_request_window() -> None:

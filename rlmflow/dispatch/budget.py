@@ -2,8 +2,12 @@
 
 A call reserves a conservative estimate of its cost (one call, the input estimate with a margin,
 ``max_tokens`` of output, and their price) before it is sent, and settles to its real usage
-afterwards; a failed or cancelled call releases its reservation. The check and the reservation
-happen together, so concurrent calls are admitted only while everything reserved fits.
+afterwards. A call that failed before the provider accepted it (refused, or cancelled while
+still waiting for admission) releases its reservation; one cancelled after its request left
+(the run was cancelled or passed its deadline, the client went away) is charged its whole
+reservation, since the provider finishes and bills it all the same. So a cap bounds what a run
+really spent however it ended. The check and the reservation happen together, so concurrent
+calls are admitted only while everything reserved fits.
 
 A call can still spend more than it reserved (a tokenizer counts more input tokens than the
 estimate, a provider ignores ``max_tokens``). The excess is recorded as the ledger's ``overrun``
@@ -110,6 +114,14 @@ class Reservation:
             return
         self._done = True
         self.ledger._settle(self.amount, Spend())
+
+    def keep(self) -> None:
+        """Charge the whole hold: the call's outcome is unknown but the provider may bill it (its
+        request was cancelled after it was sent)."""
+        if self._done:
+            return
+        self._done = True
+        self.ledger._settle(self.amount, self.amount)
 
 
 def _excess(actual: Spend, held: Spend) -> Spend:

@@ -74,6 +74,7 @@ class _Tally:
     failures: int = 0
     queue_wait: float = 0.0
     duration: float = 0.0
+    cancelled_in_flight: bool = False  # the provider may have accepted (and will bill) the request
 
 
 @dataclass(slots=True)
@@ -377,7 +378,12 @@ class Dispatcher:
             try:
                 response = await self._attempts(request, span, window_tokens, tally, batch)
             except BaseException as exc:
-                reservation.release()
+                if tally.cancelled_in_flight:
+                    # an HTTP request cancelled after it left is still done, and billed, by the
+                    # provider: its worst case is charged, so a cap bounds what was really spent
+                    reservation.keep()
+                else:
+                    reservation.release()
                 self._finish_failed(span, exc, tally.attempts, tally.throttles, tally.queue_wait)
                 if isinstance(exc, Exception):
                     self._emit(
@@ -477,6 +483,7 @@ class Dispatcher:
                 ) from exc
             except BaseException:  # cancelled in flight
                 lane.on_cancel(ticket)
+                tally.cancelled_in_flight = True
                 raise
             usage = response.usage
             lane.on_success(
