@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rlmflow import RLM, Budget, BudgetLedger, ConfigurationError, ContextError
+from rlmflow import RLM, Budget, BudgetExceededError, BudgetLedger, ConfigurationError, ContextError
 
 TENANT_BUDGET = Budget(max_cost_usd=5.0, max_calls=5_000)
 RUN_BUDGET = Budget(max_calls=500, deadline=300.0)
@@ -39,14 +39,20 @@ def create_app(rlm: RLM, *, tenant_budget: Budget = TENANT_BUDGET, run_budget: B
         try:
             body: dict[str, Any] = await request.json()
             document, query = body["document"], body["query"]
-            tenant = str(body.get("tenant", "default"))
+            tenant = body.get("tenant", "default")
+            if not isinstance(tenant, str) or not tenant.isidentifier():
+                raise TypeError("the tenant is a name")
         except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": "send JSON with 'document' and 'query'"}, status_code=400)
+            return JSONResponse({"error": "send JSON with 'document', 'query' and a 'tenant' name"}, status_code=400)
         ledger = ledgers.setdefault(tenant, BudgetLedger(tenant_budget))
-        try:
+        try:  # stream() checks everything a run would refuse before it starts: errors come before the 200
             stream = rlm.stream(document, query, budget=run_budget, ledger=ledger, metadata={"tenant": tenant})
-        except (ConfigurationError, ContextError) as exc:
+        except ContextError as exc:  # the document is unusable
+            return JSONResponse({"error": exc.message}, status_code=422)
+        except ConfigurationError as exc:  # an empty query; a model without a price or its key
             return JSONResponse({"error": exc.message}, status_code=400)
+        except BudgetExceededError as exc:  # the tenant has nothing left to spend
+            return JSONResponse({"error": exc.message, "limit": exc.limit}, status_code=402)
 
         async def events() -> AsyncIterator[str]:
             async with stream:  # leaving early (client gone) cancels the run

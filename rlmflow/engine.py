@@ -18,7 +18,7 @@ import anyio.to_thread
 from opentelemetry import metrics, trace
 
 from . import prompts
-from ._exceptions import ConfigurationError
+from ._exceptions import BudgetExceededError, ConfigurationError
 from ._run.lifecycle import execute_run
 from ._run.settings import DEFAULT_ALIAS, BridgeLimits, RunOptions, RunSettings
 from ._run.state import RunState
@@ -224,17 +224,76 @@ class RLM:
         work done so far on ``.partial`` (an :class:`RLMResult` with an empty answer); so does
         the ``CancelledError`` of a cancelled run, which is re-raised as it must be.
         """
-        context = validate_context(context)
-        if not isinstance(query, str) or not query.strip():
-            raise ConfigurationError("the query is empty: ask a question")
-        run_budget = budget if budget is not None else self.budget
-        options = self._options(run_budget, deadline, max_turns, max_depth, metadata)
+        context, run_budget, options = self._prepare(context, query, budget, deadline, max_turns, max_depth,
+                                                     metadata, ledger)
         run_ledger = ledger.child(run_budget) if ledger is not None else BudgetLedger(run_budget)
         share = RunShare(weight=self.run_weight, max_concurrency=self.run_max_concurrency)
         state = RunState(context, query, options=options, ledger=run_ledger, share=share,
                          progress=progress or RunProgress())
         with use_telemetry(self._telemetry):
             return await execute_run(self.settings, state, events=events, parent=None)
+
+    def check(
+        self,
+        context: Context,
+        query: str,
+        *,
+        budget: Budget | None = None,
+        deadline: float | None = None,
+        max_turns: int | None = None,
+        max_depth: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        ledger: BudgetLedger | None = None,
+    ) -> None:
+        """Everything :meth:`run` would refuse before it starts, checked now, without a sandbox or
+        a model call: a service calls it before it answers its client (so bad input gets a 4xx,
+        not a 200 followed by a failure). Same arguments as :meth:`run`.
+
+        Raises :class:`ContextError` for an unusable context; :class:`ConfigurationError` for an
+        empty query, bad options or metadata, a cost cap on a model whose price is unknown, or a
+        hosted model without its credentials; :class:`BudgetExceededError` when ``ledger`` (a
+        tenant's) has nothing left to spend.
+        """
+        self._prepare(context, query, budget, deadline, max_turns, max_depth, metadata, ledger)
+
+    def _prepare(
+        self,
+        context: Context,
+        query: str,
+        budget: Budget | None,
+        deadline: float | None,
+        max_turns: int | None,
+        max_depth: int | None,
+        metadata: Mapping[str, str] | None,
+        ledger: BudgetLedger | None,
+    ) -> tuple[Context, Budget, RunOptions]:
+        """The validated context, the run's budget and options; see :meth:`check`."""
+        context = validate_context(context)
+        if not isinstance(query, str) or not query.strip():
+            raise ConfigurationError("the query is empty: ask a question")
+        run_budget = budget if budget is not None else self.budget
+        if not isinstance(run_budget, Budget):
+            raise ConfigurationError(f"budget must be a Budget, not {type(run_budget).__name__}")
+        if ledger is not None and not isinstance(ledger, BudgetLedger):
+            raise ConfigurationError(f"ledger must be a BudgetLedger, not {type(ledger).__name__}")
+        options = self._options(run_budget, deadline, max_turns, max_depth, metadata)
+        models = [self.root, *self.sub_models.values()]
+        for model in models:  # a cost cap needs every price before anything is sent
+            self.dispatcher.check_budget(model, run_budget)
+            if ledger is not None:
+                self.dispatcher.check_budget(model, ledger)
+            ready = getattr(model, "check_ready", None)
+            if callable(ready):  # credentials of a hosted endpoint, without a request
+                ready()
+        if ledger is not None:
+            spent = next((q for q, left in ledger.remaining().items() if left is not None and left <= 0), None)
+            if spent is not None:
+                raise BudgetExceededError(
+                    f"the ledger this run would draw from has no {spent} left", limit=f"max_{spent}",
+                    spent={q: float(getattr(ledger.spent, q)) for q in ("calls", "input_tokens", "output_tokens",
+                                                                          "cost_usd")},
+                )
+        return context, run_budget, options
 
     def stream(
         self,
@@ -255,7 +314,13 @@ class RLM:
         Afterwards ``.result`` / ``.error`` hold the outcome, and ``await stream.wait()``
         returns the result or raises the error. Use ``async with rlm.stream(...) as events``
         to be sure the run is cancelled if you stop reading early.
+
+        Bad input raises here, at the call, as :meth:`check` does (so a service can answer its
+        client with an error before it sends a 200); once it returns, the stream always ends with
+        one of those two events.
         """
+        self.check(context, query, budget=budget, deadline=deadline, max_turns=max_turns, max_depth=max_depth,
+                   metadata=metadata, ledger=ledger)  # bad input raises here, before any event
         return RunStream(
             lambda sink: self.run(
                 context, query, budget=budget, deadline=deadline, max_turns=max_turns, max_depth=max_depth,

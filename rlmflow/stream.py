@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import anyio
 
-from .events import EventSink, RunEvent
+from .events import AnswerReady, EventSink, RunEvent, RunFailed
 from .result import RLMResult
 
 __all__ = ["RunStream"]
@@ -33,8 +34,11 @@ class RunStream:
         """The run's result, once it ended with an answer."""
         self.error: BaseException | None = None
         """Why the run ended without an answer, once it did."""
+        self._ended = False  # the root run's AnswerReady or RunFailed was sent
 
     def _sink(self, event: RunEvent) -> None:
+        if event.depth == 0 and isinstance(event, AnswerReady | RunFailed):
+            self._ended = True
         try:
             self._send.send_nowait(event)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -45,6 +49,10 @@ class RunStream:
             self.result = await self._start(self._sink)
         except Exception as exc:  # reported by the RunFailed event and kept for wait()
             self.error = exc
+            if not self._ended:  # it failed before the run could say so itself
+                message = str(getattr(exc, "message", None) or exc)[:500]
+                self._sink(RunFailed(run_id="", depth=0, at=time.time(), error=type(exc).__name__, message=message,
+                                     turns=0))
         except BaseException as exc:
             self.error = exc
             raise
