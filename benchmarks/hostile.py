@@ -53,14 +53,14 @@ async def longest_stall(code: str) -> dict[str, Any]:
     sub = ScriptedModel(lambda r: "ok", name="sub")
     outcome = "answered"
     started = time.perf_counter()
-    async with RLM(root=turn_script([code, "FINAL('end')"]), sub=sub, max_depth=0, max_turns=2) as rlm:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
-            try:
-                await rlm.run("a small document", "q?")
-            except RLMError as exc:
-                outcome = type(exc).__name__
-            done.set()
+    root = turn_script([code, "FINAL('end')"])
+    async with RLM(root=root, sub=sub, max_depth=0, max_turns=2) as rlm, anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        try:
+            await rlm.run("a small document", "q?")
+        except RLMError as exc:
+            outcome = type(exc).__name__
+        done.set()
     return {"stall_ms": round(worst * 1000, 1), "seconds": round(time.perf_counter() - started, 2), "outcome": outcome}
 
 

@@ -188,3 +188,46 @@ async def test_a_run_from_an_anthropic_model_string(
         assert isinstance(rlm.root, AnthropicModel)
         result = await rlm.run("some text", "what?")
     assert result.answer == "from claude" and result.calls[0].provider == "anthropic"
+
+
+async def test_the_fake_streams_the_documented_events(server: FakeAnthropicServer) -> None:
+    """message_start (input usage), content_block_start, ping, deltas, content_block_stop, message_delta
+    (stop_reason, output usage), message_stop: what the client reads, pings passed over."""
+    import json
+
+    import aiohttp
+
+    body = {"model": MODEL, "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "events"}]}
+    headers = {"x-api-key": server.api_key, "anthropic-version": "2023-06-01"}
+    async with aiohttp.ClientSession() as session, session.post(
+        server.base_url + "/v1/messages", json=body, headers=headers
+    ) as response:
+        raw = (await response.read()).decode()
+    blocks = [block.split("\n") for block in raw.split("\n\n") if block]
+    names = [lines[0].removeprefix("event: ") for lines in blocks]
+    data = [json.loads(lines[1].removeprefix("data: ")) for lines in blocks]
+    assert [d["type"] for d in data] == names
+    deltas = names.count("content_block_delta")
+    assert names == ["message_start", "content_block_start", "ping", *["content_block_delta"] * deltas,
+                     "content_block_stop", "message_delta", "message_stop"] and deltas > 1
+    assert data[0]["message"]["usage"]["input_tokens"] == server.count_tokens("events")
+    assert data[-2]["delta"]["stop_reason"] == "end_turn" and data[-2]["usage"]["output_tokens"] == 8
+    assert "".join(d["delta"]["text"] for d in data if d["type"] == "content_block_delta") == answer_for("events")
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "retryable"),
+    [("overloaded", ThrottledError, True), ("invalid", FatalModelError, False), ("cut", TransientModelError, True)],
+)
+async def test_stream_directives_script_one_in_stream_fault(
+    server: FakeAnthropicServer, kind: str, error: type[Exception], retryable: bool
+) -> None:
+    model = claude(server, stream=True)
+    try:
+        with pytest.raises(error, match=r"after \d+ characters") as caught:
+            await model.request(ModelRequest.from_prompt(f"[[stream-{kind}]] go"))
+        later = await model.request(ModelRequest.from_prompt("plain"))
+    finally:
+        await model.aclose()
+    assert type(caught.value) is error and caught.value.retryable is retryable  # type: ignore[attr-defined]
+    assert later.text == answer_for("plain")

@@ -319,3 +319,27 @@ async def test_hidden_concurrency_limit_and_status_faults_lose_nothing(server: F
     assert [getattr(r, "text", r) for r in results] == [answer_for(f"n{i}") for i in range(60)]
     assert server.peak_in_flight <= 4 and server.counters.over_concurrency > 0
     assert server.counters.faults.get("status_503", 0) > 0
+
+
+def test_the_fake_sends_every_exception_the_model_declares_for_converse_stream() -> None:
+    """botocore's model of ConverseStream's event stream names its in-stream exceptions: the fake can
+    send each one, and the client retries those the model gives a 5xx or 429 status or says to retry."""
+    from botocore.exceptions import EventStreamError
+    from botocore.session import get_session
+
+    from rlmflow.models.bedrock import translate_botocore
+
+    from .fakes.fake_bedrock import STREAM_ERRORS
+
+    service = get_session().get_service_model("bedrock-runtime")
+    stream = service.shape_for("ConverseStreamOutput")
+    declared = {name: shape for name, shape in stream.members.items() if shape.metadata.get("exception")}
+    sent = {code[:1].lower() + code[1:] for code, _ in STREAM_ERRORS.values()}
+    assert sent == set(declared) and len(sent) == 5
+    for name, shape in declared.items():
+        error = EventStreamError({"Error": {"Code": name, "Message": "in the stream"}}, "ConverseStream")
+        translated = translate_botocore(error, provider="aws.bedrock", model=CLAUDE)
+        status = shape.metadata["error"]["httpStatusCode"]
+        retry = status >= 500 or status == 429 or "retry your request" in shape.documentation.lower()
+        assert translated.retryable is retry, name
+    assert {"end_turn", "max_tokens", "tool_use"} <= set(service.shape_for("StopReason").enum)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -56,6 +57,8 @@ class FakeOpenAI:
                 headers={"retry-after": self.retry_after, "x-ratelimit-remaining-requests": "0"},
             )
         answer = "```repl\nFINAL('from fake')\n```" if "Question:" in prompt else f"echo {prompt}"
+        if body.get("stream") and prompt.startswith("stream:"):
+            return await self.stream_variant(request, prompt[7:])
         if body.get("stream"):
             return await self.stream(request, answer)
         if prompt.startswith("nousage"):
@@ -86,6 +89,25 @@ class FakeOpenAI:
         usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2,
                                           "prompt_tokens_details": {"cached_tokens": 3}}}
         await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+        return response
+
+
+    async def stream_variant(self, request: web.Request, variant: str) -> web.StreamResponse:
+        """Streams that end in other ways: after finish_reason without [DONE] or usage; with [DONE]
+        and no finish_reason; with an error object at the top level (older vLLM)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "part"}, "finish_reason": None}]}]
+        if variant == "no-done":
+            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        elif variant == "top-level-error":
+            events.append({"object": "error", "message": "generation failed", "type": "InternalServerError",
+                           "param": None, "code": 500})
+        for event in events:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        if variant == "done-only":
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
@@ -284,3 +306,68 @@ def test_one_model_across_two_event_loops() -> None:
     model = OpenAIModel("m", base_url="http://127.0.0.1:9/v1")
     assert asyncio.run(ask(model)) == asyncio.run(ask(model)) == answer_for("same model")
     asyncio.run(model.aclose())
+
+
+@pytest.mark.parametrize(("variant", "finish"), [("no-done", "stop"), ("done-only", None)])
+async def test_a_stream_is_whole_at_its_finish_reason_or_its_done(
+    fake_server: tuple[str, FakeOpenAI], variant: str, finish: str | None
+) -> None:
+    """A stream cut after its finish_reason (the usage chunk lost) is whole; so is one with [DONE] only."""
+    base_url, _ = fake_server
+    model = OpenAIModel("m", base_url=base_url, stream=True)
+    try:
+        response = await model.request(ModelRequest.from_prompt(f"stream:{variant}"))
+    finally:
+        await model.aclose()
+    assert (response.text, response.finish_reason, response.usage.estimated) == ("part", finish, True)
+
+
+async def test_an_error_object_at_the_top_of_a_chunk_is_an_error(fake_server: tuple[str, FakeOpenAI]) -> None:
+    base_url, _ = fake_server
+    model = OpenAIModel("m", base_url=base_url, stream=True)
+    try:
+        with pytest.raises(TransientModelError, match="generation failed") as caught:
+            await model.request(ModelRequest.from_prompt("stream:top-level-error"))
+    finally:
+        await model.aclose()
+    assert caught.value.status_code == 500 and "after 4 characters" in caught.value.message
+
+
+async def test_the_fake_streams_chunks_as_openai_documents() -> None:
+    """Role delta first, content deltas, an empty delta with the finish_reason, then (include_usage) a
+    last chunk with ``choices: []`` and the usage (``"usage": null`` on every other), then [DONE]."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "chunks please"}], "max_tokens": 64,
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with FakeOpenAIServer() as server, aiohttp.ClientSession() as session, session.post(
+        server.base_url + "/chat/completions", json=body
+    ) as response:
+        assert response.content_type == "text/event-stream"
+        raw = (await response.read()).decode()
+    events = [block.removeprefix("data: ") for block in raw.split("\n\n") if block]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
+    assert "".join(content) == answer_for("chunks please") and len(content) > 1
+    assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert all(c["usage"] is None and c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+
+
+async def test_a_refusal_for_rate_has_retry_after_and_rate_limit_headers() -> None:
+    async with FakeOpenAIServer(rpm=1, tpm=10_000) as server, aiohttp.ClientSession() as session:
+        url, body = server.base_url + "/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(url, json=body) as response:
+            assert response.status == 200
+        async with session.post(url, json=body) as response:
+            headers = response.headers
+        model = OpenAIModel("m", base_url=server.base_url)
+        try:
+            with pytest.raises(ThrottledError) as caught:
+                await model.request(ModelRequest.from_prompt("again"))
+        finally:
+            await model.aclose()
+    assert int(headers["retry-after"]) == 60 and int(headers["retry-after-ms"]) > 59_000
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("1", "0")
+    assert headers["x-ratelimit-limit-tokens"] == "10000" and headers["x-ratelimit-reset-requests"].endswith("s")
+    assert caught.value.retry_after is not None and caught.value.retry_after > 59

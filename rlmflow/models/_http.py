@@ -20,13 +20,13 @@ from typing import Any
 
 import aiohttp
 
-from .._exceptions import ModelError
+from .._exceptions import ModelError, TransientModelError
 from . import guard
 from .base import ModelRequest, ModelResponse, TextCallback, estimate_tokens, note_partial_output
 
 __all__ = [
-    "DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPModel", "HTTPStatus", "JSONTransport", "ServerEvent",
-    "StreamedText", "rate_headers", "retry_after",
+    "DEFAULT_POOL_CONNECTIONS", "HTTPFailure", "HTTPModel", "HTTPStatus", "JSONReply", "JSONTransport",
+    "ServerEvent", "StreamedText", "rate_headers", "retry_after",
 ]
 
 #: Connections per model's session unless its lane asks for more (>= the Dispatcher's default ceiling).
@@ -39,6 +39,13 @@ class ServerEvent:
 
     event: str
     data: str
+
+
+@dataclass(frozen=True, slots=True)
+class JSONReply:
+    """A whole JSON document where server-sent events were asked for (a server that ignores ``"stream": true``)."""
+
+    body: Any
 
 
 class HTTPFailure(Exception):
@@ -100,18 +107,27 @@ class JSONTransport:
 
     async def stream(
         self, url: str, payload: dict[str, Any], headers: Mapping[str, str]
-    ) -> AsyncGenerator[ServerEvent | Mapping[str, str], None]:
+    ) -> AsyncGenerator[ServerEvent | JSONReply | Mapping[str, str], None]:
         """POST and read server-sent events: first the response headers, then each event.
 
-        The response is closed when the iterator is closed or abandoned (also on cancellation).
+        A JSON response (some servers answer ``"stream": true`` with a plain completion) comes
+        out as one :class:`JSONReply`. An event cut inside one of its lines is dropped; one whose
+        lines are whole is kept even without the blank line after it. The response is closed
+        when the iterator is closed or abandoned (also on cancellation).
         """
         try:
             async with self._client().post(url, data=json.dumps(payload), headers=headers) as response:
                 if response.status >= 400:
                     raise HTTPStatus(response.status, response.headers, _decode(await response.read()))
                 yield response.headers
+                if response.content_type.endswith("/json"):
+                    yield JSONReply(json.loads(await response.read()))
+                    return
                 event, data = "", list[str]()
                 async for line in response.content:
+                    if not line.endswith(b"\n"):
+                        data = []  # the stream ended inside a line: that event is incomplete
+                        break
                     text = line.decode("utf-8").rstrip("\r\n")
                     if not text:
                         if data:
@@ -121,7 +137,7 @@ class JSONTransport:
                         data.append(text[5:].lstrip(" "))
                     elif text.startswith("event:"):
                         event = text[6:].strip()
-                if data:
+                if data:  # whole lines without the blank line after them (a lenient server's last event)
                     yield ServerEvent(event, "\n".join(data))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise HTTPFailure(f"{type(exc).__name__}: {exc}") from exc
@@ -149,15 +165,19 @@ class JSONTransport:
 
 class StreamedText:
     """What a streamed reply has said so far: its pieces of text (each passed on to ``on_text``),
-    its finish reason and the rate-limit headers of its response."""
+    its finish reason, usage and model as reported, the rate-limit headers of its response, and
+    whether its terminal event arrived (``done``: only then is the reply whole)."""
 
-    __slots__ = ("finish", "headers", "on_text", "parts")
+    __slots__ = ("done", "finish", "headers", "model", "on_text", "parts", "usage")
 
     def __init__(self, on_text: TextCallback | None) -> None:
         self.on_text = on_text
         self.parts: list[str] = []
         self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
         self.headers: dict[str, str] = {}
+        self.done = False
 
     def add(self, piece: str) -> None:
         self.parts.append(piece)
@@ -174,6 +194,8 @@ class HTTPModel(ABC):
 
     #: Response headers kept on a reply (lower-cased name prefixes): the provider's rate-limit headers.
     rate_header_prefixes: tuple[str, ...] = ("retry-after",)
+    #: What ends this protocol's streamed reply (named in the error when a stream ends without it).
+    terminal_event = "terminal event"
 
     def __init__(
         self, model: str, base_url: str, *, provider: str, pool: int, timeout: float, stream: bool,
@@ -229,23 +251,40 @@ class HTTPModel(ABC):
             raise self._translate(exc) from exc
 
     async def _post_streamed(
-        self, body: dict[str, Any], on_text: TextCallback | None, read: Callable[[ServerEvent, StreamedText], bool]
+        self, body: dict[str, Any], on_text: TextCallback | None, read: Callable[[ServerEvent, StreamedText], bool],
+        whole: Callable[[Any, StreamedText], None],
     ) -> StreamedText:
         """POST ``body`` and read its server-sent events with ``read`` (which returns True at the last
-        one). A failure, before the first piece or after, comes out as the provider's ModelError
-        carrying the text received so far."""
+        one), or a plain JSON completion answering the streamed request with ``whole``. Each sets
+        ``done`` when the reply's terminal event (or a whole completion) arrived.
+
+        A reply is whole only then: a stream that ends cleanly without it (a proxy or server cut it
+        short) is a :class:`TransientModelError`, retried like a broken connection. That error and
+        every other failure, before the first piece or after, carries the text received so far."""
         guard.check_request_allowed(self._url)
         reply = StreamedText(on_text)
         try:
             async with aclosing(self._http.stream(self._url, body, self._headers)) as events:
                 async for item in events:
-                    if not isinstance(item, ServerEvent):
+                    if isinstance(item, ServerEvent):
+                        if read(item, reply):
+                            break
+                    elif isinstance(item, JSONReply):
+                        whole(item.body, reply)
+                    else:
                         reply.headers = rate_headers(item, self.rate_header_prefixes)
-                    elif read(item, reply):
-                        break
         except (HTTPStatus, HTTPFailure) as exc:
             raise note_partial_output(self._translate(exc), reply.parts) from exc
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:  # not JSON, or not the protocol's shape
+            raise note_partial_output(
+                self._broken(f"a malformed reply ({type(exc).__name__}: {exc})"), reply.parts
+            ) from exc
+        if not reply.done:
+            raise note_partial_output(self._broken(f"the stream ended before its {self.terminal_event}"), reply.parts)
         return reply
+
+    def _broken(self, what: str) -> TransientModelError:
+        return TransientModelError(f"{what}: the reply is not whole", provider=self._provider, model=self._model)
 
     @abstractmethod
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:

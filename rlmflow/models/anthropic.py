@@ -53,6 +53,7 @@ class AnthropicModel(HTTPModel):
     """
 
     rate_header_prefixes = ("retry-after", "anthropic-ratelimit-")
+    terminal_event = "message_stop"
 
     def __init__(
         self,
@@ -98,7 +99,7 @@ class AnthropicModel(HTTPModel):
 
     async def _request(self, request: ModelRequest) -> ModelResponse:
         reply, headers = await self._post(self.payload(request))
-        text = "".join(b.get("text", "") for b in reply.get("content") or [] if b.get("type") == "text")
+        text = _text_of(reply)
         return ModelResponse(
             text=text,
             usage=_usage(reply.get("usage"), request, text),
@@ -108,26 +109,15 @@ class AnthropicModel(HTTPModel):
         )
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
-        """Stream one request (server-sent events), calling ``on_text`` with each piece of text."""
-        usage: dict[str, Any] = {}
+        """Stream one request (server-sent events), calling ``on_text`` with each piece of text.
 
-        def read(event: ServerEvent, reply: StreamedText) -> bool:
-            data = json.loads(event.data)
-            kind = data.get("type")
-            if kind == "content_block_delta" and data["delta"].get("type") == "text_delta":
-                reply.add(data["delta"]["text"])
-            elif kind == "message_start":
-                usage.update(data["message"].get("usage") or {})
-            elif kind == "message_delta":
-                usage.update(data.get("usage") or {})
-                reply.finish = (data.get("delta") or {}).get("stop_reason") or reply.finish
-            elif kind == "error":  # after the 200 status line: overloaded, rate limit...
-                raise HTTPStatus(_status_of(data), reply.headers, data)
-            return False
-
-        reply = await self._post_streamed({**self.payload(request), "stream": True}, on_text, read)
+        The reply is whole once ``message_stop`` arrived; a stream that ends before it is a
+        :class:`TransientModelError`. A server that answers with a plain ``message`` is read as one.
+        """
+        reply = await self._post_streamed({**self.payload(request), "stream": True}, on_text, _read_event,
+                                          _read_message)
         text = reply.text
-        return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
+        return ModelResponse(text=text, usage=_usage(reply.usage, request, text), model=reply.model or self._model,
                              finish_reason=reply.finish, headers=reply.headers)
 
     def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
@@ -156,9 +146,55 @@ class AnthropicModel(HTTPModel):
 
 
 
+def _read_event(event: ServerEvent, reply: StreamedText) -> bool:
+    """One Messages stream event into ``reply``; True at ``message_stop`` (pings and unknown events pass)."""
+    data = json.loads(event.data)
+    kind = data.get("type")
+    if kind == "content_block_delta":
+        delta = data.get("delta") or {}
+        if delta.get("type") == "text_delta":
+            reply.add(delta["text"])
+    elif kind == "message_start":
+        message = data.get("message") or {}
+        reply.usage = dict(message.get("usage") or {})
+        reply.model = message.get("model")
+    elif kind == "message_delta":
+        reply.usage = {**(reply.usage or {}), **(data.get("usage") or {})}
+        reply.finish = (data.get("delta") or {}).get("stop_reason") or reply.finish
+    elif kind == "message_stop":
+        reply.done = True
+        return True
+    elif kind == "error":  # after the 200 status line: overloaded, rate limit...
+        raise HTTPStatus(_status_of(data), reply.headers, data)
+    return False
+
+
+def _read_message(body: Any, reply: StreamedText) -> None:
+    """A plain ``message`` answering a streamed request, read into ``reply`` as a whole."""
+    if body.get("type") == "error":
+        raise HTTPStatus(_status_of(body), reply.headers, body)
+    if body.get("type") != "message":
+        return  # not a message: the reply stays not whole
+    text = _text_of(body)
+    if text:
+        reply.add(text)
+    reply.finish, reply.usage, reply.model = body.get("stop_reason"), body.get("usage"), body.get("model")
+    reply.done = True
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    return "".join(b.get("text", "") for b in message.get("content") or [] if b.get("type") == "text")
+
+
+#: The HTTP status of each error type, for an error event sent inside a stream.
+_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+           "permission_error": 403, "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
+           "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
+
+
 def _status_of(event: dict[str, Any]) -> int:
-    kind = str((event.get("error") or {}).get("type") or "")
-    return {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}.get(kind, 500)
+    error = event.get("error")
+    return _STATUS.get(str((error if isinstance(error, dict) else {}).get("type") or ""), 500)
 
 
 def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:

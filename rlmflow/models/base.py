@@ -146,11 +146,19 @@ def estimated_usage(request: ModelRequest, text: str) -> Usage:
 
 
 def note_partial_output(error: E, parts: Sequence[str]) -> E:
-    """``error`` with the length of the output streamed before it failed added to its message."""
+    """``error`` with the output streamed before it failed: its length added to the message, the
+    text itself kept on the error (read it with :func:`partial_output`)."""
     if parts:
-        error.message = f"{error.message} (after {sum(map(len, parts))} characters of output)"
+        text = "".join(parts)
+        error.message = f"{error.message} (after {len(text)} characters of output)"
         error.args = (error.message,)
+        error.__dict__["partial_output"] = text  # pickled with the error (RLMError.__reduce__)
     return error
+
+
+def partial_output(error: BaseException) -> str:
+    """The text a streamed reply had produced when it failed (empty if none, or not a stream)."""
+    return str(error.__dict__.get("partial_output", ""))
 
 
 def estimate_tokens(text: str) -> int:

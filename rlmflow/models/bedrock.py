@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 from contextlib import AsyncExitStack
@@ -68,6 +69,42 @@ _FATAL_CODES = {
     "AccessDeniedException", "ResourceNotFoundException", "UnrecognizedClientException",
     "ExpiredTokenException", "InvalidSignatureException", "IncompleteSignature",
 }
+
+
+class _Stream:
+    """What a ConverseStream reply has said so far, and whether its last events arrived."""
+
+    __slots__ = ("metadata", "on_text", "parts", "stop_reason", "stopped", "usage")
+
+    def __init__(self, on_text: TextCallback | None) -> None:
+        self.on_text = on_text
+        self.parts: list[str] = []
+        self.usage: dict[str, Any] | None = None
+        self.stop_reason: str | None = None
+        self.stopped = self.metadata = False
+
+    def add(self, piece: str) -> None:
+        self.parts.append(piece)
+        if self.on_text is not None:
+            self.on_text(piece)
+
+    def read(self, event: dict[str, Any]) -> None:
+        if "contentBlockDelta" in event:
+            piece = event["contentBlockDelta"].get("delta", {}).get("text")
+            if piece:
+                self.add(piece)
+        elif "messageStop" in event:
+            self.stop_reason, self.stopped = event["messageStop"].get("stopReason"), True
+        elif "metadata" in event:
+            self.usage, self.metadata = event["metadata"].get("usage"), True
+
+    def read_plain(self, reply: dict[str, Any]) -> None:
+        """A whole Converse reply where events were expected (read like the last events arrived)."""
+        text = _converse_text(reply)
+        if text:
+            self.add(text)
+        self.stop_reason, self.usage = reply.get("stopReason"), reply.get("usage")
+        self.stopped = self.metadata = "output" in reply
 
 
 @dataclass
@@ -190,8 +227,7 @@ class BedrockModel:
             reply = await client.converse(**self._arguments(request))
         except Exception as exc:
             raise self._translate(exc) from exc
-        content = (reply.get("output") or {}).get("message", {}).get("content") or []
-        text = "".join(block.get("text", "") for block in content)
+        text = _converse_text(reply)
         return ModelResponse(
             text=text,
             usage=_usage(reply.get("usage"), request, text),
@@ -200,33 +236,39 @@ class BedrockModel:
         )
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
-        """Send one request with ConverseStream, calling ``on_text`` with each piece of text."""
+        """Send one request with ConverseStream, calling ``on_text`` with each piece of text.
+
+        The reply is whole once ``messageStop`` and ``metadata`` arrived; a stream that ends
+        before them is a :class:`TransientModelError` carrying the text so far. An endpoint that
+        answers with a plain Converse reply (JSON) is read as one. ``stopReason`` is the
+        response's ``finish_reason`` (``max_tokens`` when the output hit the cap).
+        """
         client = await self._client()
-        parts: list[str] = []
-        usage: dict[str, Any] | None = None
-        stop_reason: str | None = None
+        stream = _Stream(on_text)
         try:
             reply = await client.converse_stream(**self._arguments(request))
             events = reply["stream"]
             try:
-                async for event in events:
-                    if "contentBlockDelta" in event:
-                        piece = event["contentBlockDelta"].get("delta", {}).get("text")
-                        if piece:
-                            parts.append(piece)
-                            if on_text is not None:
-                                on_text(piece)
-                    elif "messageStop" in event:
-                        stop_reason = event["messageStop"].get("stopReason")
-                    elif "metadata" in event:
-                        usage = event["metadata"].get("usage")
+                plain = reply.get(_PLAIN_REPLY)
+                if plain is not None:
+                    stream.read_plain(plain)
+                else:
+                    async for event in events:
+                        stream.read(event)
             finally:
                 events.close()  # returns the connection to the pool, also when cancelled mid-stream
         except Exception as exc:
-            raise note_partial_output(self._translate(exc), parts) from exc
-        text = "".join(parts)
+            raise note_partial_output(self._translate(exc), stream.parts) from exc
+        if not (stream.stopped and stream.metadata):
+            missing = "messageStop" if not stream.stopped else "metadata"
+            raise note_partial_output(TransientModelError(
+                f"the stream ended before its {missing}: the reply is not whole", provider=self.provider,
+                model=self._model_id,
+            ), stream.parts)
+        text = "".join(stream.parts)
         return ModelResponse(
-            text=text, usage=_usage(usage, request, text), model=self._model_id, finish_reason=stop_reason
+            text=text, usage=_usage(stream.usage, request, text), model=self._model_id,
+            finish_reason=stream.stop_reason,
         )
 
     async def aclose(self) -> None:
@@ -283,6 +325,7 @@ class BedrockModel:
                 "bedrock-runtime", region_name=self._region, endpoint_url=self._endpoint_url, config=config
             )
         )
+        client.meta.events.register("before-parse.bedrock-runtime.ConverseStream", _read_plain_reply)
         return _Shared(client=client, stack=stack, pool=self._pool)
 
     def _arguments(self, request: ModelRequest) -> dict[str, Any]:
@@ -363,6 +406,34 @@ def _warm_loader(session: Any) -> None:
     for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
         with contextlib.suppress(DataNotFoundError):
             loader.load_data(name)
+
+
+#: Where :func:`_read_plain_reply` leaves a JSON body that answered ConverseStream.
+_PLAIN_REPLY = "rlmflowPlainReply"
+
+
+async def _read_plain_reply(response_dict: dict[str, Any], customized_response_dict: dict[str, Any],
+                            **_: Any) -> None:
+    """botocore's ``before-parse`` hook for ConverseStream: a 200 answered with JSON (an endpoint
+    that ignores streaming) is read whole here and handed on beside the (then empty) event stream."""
+    headers = response_dict.get("headers") or {}
+    if response_dict.get("status_code") != 200 or "json" not in str(headers.get("content-type", "")):
+        return
+    body = response_dict.get("body")  # the raw response: aiohttp's (read) or httpx's (aread)
+    read = getattr(body, "aread", None) or getattr(body, "read", None)
+    if read is None:
+        return
+    raw = read()
+    raw = await raw if asyncio.iscoroutine(raw) else raw
+    try:
+        customized_response_dict[_PLAIN_REPLY] = json.loads(raw)
+    except ValueError:
+        customized_response_dict[_PLAIN_REPLY] = {}  # neither events nor a reply: not whole
+
+
+def _converse_text(reply: dict[str, Any]) -> str:
+    content = (reply.get("output") or {}).get("message", {}).get("content") or []
+    return "".join(block.get("text", "") for block in content)
 
 
 def _converse_messages(messages: list[Message]) -> list[dict[str, Any]]:

@@ -56,6 +56,7 @@ class OpenAIModel(HTTPModel):
     """
 
     rate_header_prefixes = ("retry-after", "retry-after-ms", "x-ratelimit-")
+    terminal_event = "finish_reason or [DONE]"
 
     def __init__(
         self,
@@ -115,28 +116,16 @@ class OpenAIModel(HTTPModel):
         )
 
     async def request_stream(self, request: ModelRequest, on_text: TextCallback | None) -> ModelResponse:
-        """Stream one request, calling ``on_text`` with each piece of text; return the whole reply."""
+        """Stream one request, calling ``on_text`` with each piece of text; return the whole reply.
+
+        The reply is whole once a choice's ``finish_reason`` or ``data: [DONE]`` arrived (the usage
+        chunk, ``choices: []``, comes between them); a stream that ends before both is a
+        :class:`TransientModelError`. A server that answers with a plain completion is read as one.
+        """
         body = {**self.payload(request), "stream": True, "stream_options": {"include_usage": True}}
-        usage: dict[str, Any] | None = None
-
-        def read(event: ServerEvent, reply: StreamedText) -> bool:
-            nonlocal usage
-            if event.data == "[DONE]":
-                return True
-            chunk = json.loads(event.data)
-            if "error" in chunk:  # a failure after the 200 status line
-                raise HTTPStatus(500, reply.headers, chunk)
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    reply.add(piece)
-                reply.finish = choice.get("finish_reason") or reply.finish
-            return False
-
-        reply = await self._post_streamed(body, on_text, read)
+        reply = await self._post_streamed(body, on_text, _read_chunk, _read_completion)
         text = reply.text
-        return ModelResponse(text=text, usage=_usage(usage, request, text), model=self._model,
+        return ModelResponse(text=text, usage=_usage(reply.usage, request, text), model=reply.model or self._model,
                              finish_reason=reply.finish, headers=reply.headers)
 
     def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
@@ -170,6 +159,60 @@ class OpenAIModel(HTTPModel):
             return TransientModelError(f"server error {status}: {message}", **detail)
         return FatalModelError(f"request rejected ({status}): {message}", **detail)
 
+
+
+def _read_chunk(event: ServerEvent, reply: StreamedText) -> bool:
+    """One ``chat.completion.chunk`` (or ``[DONE]``, or an error object) into ``reply``; True at the end."""
+    if event.data == "[DONE]":
+        reply.done = True
+        return True
+    chunk = json.loads(event.data)
+    if chunk.get("error") or chunk.get("object") == "error":  # a failure after the 200 status line
+        error = chunk.get("error", chunk)
+        raise HTTPStatus(_status_of(error), reply.headers, {"error": error})
+    reply.usage = chunk.get("usage") or reply.usage
+    reply.model = reply.model or chunk.get("model")
+    for choice in chunk.get("choices") or ():
+        piece = (choice.get("delta") or {}).get("content")
+        if piece:
+            reply.add(piece)
+        if choice.get("finish_reason"):
+            reply.finish, reply.done = choice["finish_reason"], True
+    return False
+
+
+def _read_completion(body: Any, reply: StreamedText) -> None:
+    """A plain ``chat.completion`` answering a streamed request, read into ``reply`` as a whole."""
+    if body.get("error") or body.get("object") == "error":
+        error = body.get("error", body)
+        raise HTTPStatus(_status_of(error), reply.headers, {"error": error})
+    choices = body.get("choices") or ()
+    if not choices:
+        return  # not a completion: the reply stays not whole
+    choice = choices[0]
+    text = (choice.get("message") or {}).get("content") or ""
+    if text:
+        reply.add(text)
+    reply.finish, reply.usage, reply.model = choice.get("finish_reason"), body.get("usage"), body.get("model")
+    reply.done = True
+
+
+def _status_of(error: Any) -> int:
+    """The HTTP status an error object sent inside a stream stands for (vLLM puts it in ``code``)."""
+    error = error if isinstance(error, dict) else {}
+    code, kind = error.get("code"), str(error.get("type") or "").lower()
+    if isinstance(code, int) or (isinstance(code, str) and code.isdigit()):
+        return int(code)
+    name = f"{code or ''} {kind}".lower()
+    if "rate_limit" in name or "insufficient_quota" in name or kind in ("requests", "tokens"):
+        return 429
+    if "context_length" in name or "invalid_request" in name or "badrequest" in name:
+        return 400
+    if "authentication" in name or "invalid_api_key" in name:
+        return 401
+    if "not_found" in name or "notfound" in name:
+        return 404
+    return 500
 
 
 def _usage(raw: dict[str, Any] | None, request: ModelRequest, text: str) -> Usage:

@@ -8,10 +8,15 @@ concurrency) and obeys directives written in a prompt, so a test can script one 
 - ``[[throttle]]``, ``[[quota]]``, ``[[not-ready]]``, ``[[server-error]]``, ``[[overloaded]]``,
   ``[[denied]]``: that error instead of an answer;
 - ``[[throttle x2]]``: the error for the first two attempts of this prompt, then an answer;
-- ``[[stream-throttle]]``: a streamed reply throttled after its first piece of text.
+- ``[[stream-throttle]]``: a streamed reply throttled after its first piece of text;
+- ``[[stream-<kind>]]``: a streamed reply with that in-stream fault after its first piece:
+  ``cut`` ends it cleanly there (no terminal event), ``torn`` the same in the middle of an event,
+  the other kinds are the provider's in-stream errors (listed in each fake's ``STREAM_ERRORS``).
 
-A prompt of more than ``context_window`` tokens gets the provider's "input too long" error. The
-OpenAI fake's ``max_concurrency``, ``capacity`` and ``status_faults`` knobs work here too.
+A prompt of more than ``context_window`` tokens gets the provider's "input too long" error; a
+reply longer than the request's ``max_tokens`` is cut to it and its stop reason says so. The
+OpenAI fake's ``max_concurrency``, ``capacity``, ``status_faults``, ``stream_faults`` and
+``never_stream`` knobs work here too.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fake_openai import Admitted, FakeOpenAIServer, answer_for
+from .fake_openai import Admitted, FakeOpenAIServer, answer_for, cap_reply
 
 __all__ = ["Admission", "FakeProviderBase"]
 
@@ -89,6 +94,13 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
 
     def leave(self) -> None:
         self.in_flight -= 1
+
+    def stream_fault_of(self, kind: str | None) -> str | None:
+        """The in-stream fault of a streamed reply: its ``[[stream-<kind>]]`` directive, else the
+        ``stream_faults`` plan's (drawn only for streamed replies)."""
+        if kind is not None and kind.startswith("stream-"):
+            return kind[len("stream-"):]
+        return self.next_stream_fault()
 
     def directive(self, prompt: str) -> str | None:
         """The scripted failure of this attempt of ``prompt``, if any."""
@@ -153,10 +165,11 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
             self._recent_tokens += used - admitted.tokens
         admitted.tokens = used
 
-    def answer(self, last: str, max_tokens: int) -> tuple[str, int]:
-        """The reply text and its output tokens (at most ``max_tokens``)."""
-        text = self.reply(last)
-        return text, min(max(self.output_tokens, self.count_tokens(text)), max_tokens)
+    def answer(self, last: str, max_tokens: int) -> tuple[str, int, bool]:
+        """The reply text, its output tokens (at most ``max_tokens``) and whether it was cut at
+        ``max_tokens`` (a reply longer than that stops there, as a model's would)."""
+        text, capped = cap_reply((self.reply or answer_for)(last), max_tokens)
+        return text, min(max(self.output_tokens, self.count_tokens(text)), max_tokens), capped
 
     def pieces(self, text: str) -> list[str]:
         """``text`` cut into about ``stream_pieces`` parts, as a stream would deliver it."""

@@ -4,9 +4,16 @@
 the cache fields), ``anthropic-ratelimit-*`` headers on every response, and errors shaped
 ``{"type": "error", "error": {"type": "rate_limit_error", ...}}`` with ``retry-after``; 529
 ``overloaded_error``; a prompt over ``context_window`` gets 400 "prompt is too long". With
-``"stream": true`` it sends ``message_start`` ... ``message_stop`` events, and an ``error``
-event after partial output for ``[[stream-throttle]]``. Limits, faults and latency are those of
-:class:`~tests.fakes.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
+``"stream": true`` it sends the documented sequence: ``message_start`` (with the input usage),
+``content_block_start``, a ``ping``, ``content_block_delta``s, ``content_block_stop``,
+``message_delta`` (``stop_reason``, output usage), ``message_stop``. A reply longer than
+``max_tokens`` is cut to it with ``stop_reason`` ``"max_tokens"``. In-stream faults, from a
+``[[stream-<kind>]]`` directive or the ``stream_faults`` knob: ``cut`` ends the stream cleanly
+after its first piece (no ``message_stop``), ``torn`` the same inside an event; the kinds of
+:data:`STREAM_ERRORS` send an ``error`` event there (``[[stream-throttle]]`` an
+``overloaded_error``). ``never_stream=True`` answers a streamed request with a plain ``message``.
+Limits, faults and latency are those of :class:`~tests.fakes.FakeOpenAIServer`; prompt
+directives are listed in ``_fake_base``.
 
     async with FakeAnthropicServer() as server:
         model = AnthropicModel("claude-sonnet-4-5", base_url=server.base_url)
@@ -24,7 +31,7 @@ from aiohttp import web
 
 from ._fake_base import Admission, FakeProviderBase
 
-__all__ = ["FakeAnthropicServer"]
+__all__ = ["STREAM_ERRORS", "FakeAnthropicServer"]
 
 _ERRORS = {  # directive -> (HTTP status, error type, message)
     "throttle": (429, "rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit"),
@@ -34,6 +41,15 @@ _ERRORS = {  # directive -> (HTTP status, error type, message)
     "server-error": (500, "api_error", "Internal server error"),
     "denied": (401, "authentication_error", "invalid x-api-key"),
     "too-long": (400, "invalid_request_error", "prompt is too long"),
+}
+
+#: In-stream error events (kind -> error type, message), sent after the first piece of text.
+STREAM_ERRORS = {
+    "throttle": ("overloaded_error", "Overloaded"),
+    "overloaded": ("overloaded_error", "Overloaded"),
+    "rate-limit": ("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit"),
+    "server-error": ("api_error", "Internal server error"),
+    "invalid": ("invalid_request_error", "Invalid request"),
 }
 
 
@@ -91,7 +107,7 @@ class FakeAnthropicServer(FakeProviderBase):
             prompt, last = system_text + "".join(texts), texts[-1] if texts else ""
             max_tokens = int(body["max_tokens"])
             kind = self.directive(prompt)
-            if kind is not None and kind != "stream-throttle":
+            if kind is not None and not kind.startswith("stream-"):
                 return self._refuse(kind)
             admission = self.admit(prompt, last, max_tokens)
             if admission.error in ("too-long", "throttle", "server-error", "overloaded"):
@@ -99,48 +115,58 @@ class FakeAnthropicServer(FakeProviderBase):
             await self.delay(admission, request)
             if admission.error == "server_error":
                 return self._refuse("server_error")
-            text, output = self.answer(last, max_tokens)
+            text, output, capped = self.answer(last, max_tokens)
             self.settle(admission, output)
-            if body.get("stream"):
-                return await self._stream(request, body, admission, text, output, kind == "stream-throttle")
-            return web.json_response(self._message(body, admission, text, output), headers=self._rate_headers())
+            stop = "max_tokens" if capped else "end_turn"
+            if body.get("stream") and not self.never_stream:
+                fault = self.stream_fault_of(kind)
+                return await self._stream(request, body, admission, (text, output, stop), fault)
+            return web.json_response(self._message(body, admission, text, output, stop), headers=self._rate_headers())
         finally:
             self.leave()
 
-    def _message(self, body: dict[str, Any], admission: Admission, text: str, output: int) -> dict[str, Any]:
+    def _message(self, body: dict[str, Any], admission: Admission, text: str, output: int,
+                 stop: str | None = "end_turn") -> dict[str, Any]:
         return {
             "id": f"msg_{self.counters.admitted}", "type": "message", "role": "assistant", "model": body["model"],
-            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+            "content": [{"type": "text", "text": text}], "stop_reason": stop, "stop_sequence": None,
             "usage": {"input_tokens": admission.prompt_tokens, "output_tokens": output,
                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
         }
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], admission: Admission, text: str, output: int,
-        throttle: bool,
+        self, request: web.Request, body: dict[str, Any], admission: Admission, reply: tuple[str, int, str],
+        fault: str | None,
     ) -> web.StreamResponse:
+        text, output, stop = reply
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **self._rate_headers()})
         await response.prepare(request)
 
         async def send(event: str, data: dict[str, Any]) -> None:
             await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
-        start = self._message(body, admission, "", 1)
-        start["content"], start["stop_reason"] = [], None
+        start = self._message(body, admission, "", 1, None)
+        start["content"] = []
         await send("message_start", {"type": "message_start", "message": start})
         await send("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}})
-        for index, piece in enumerate(self.pieces(text)):
-            if index == 1 and throttle:
-                await send("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-                await response.write_eof()
-                return response
+        await send("ping", {"type": "ping"})
+        pieces = self.pieces(text)
+        for piece in pieces[:1] if fault is not None else pieces:
             await send("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                "delta": {"type": "text_delta", "text": piece}})
             await asyncio.sleep(0)
+        if fault is not None:  # after the first piece: an error event, or ("cut") a clean end without message_stop
+            if fault == "torn":  # the connection ends cleanly inside an event
+                await response.write(b'event: content_block_delta\ndata: {"type": "content_blo')
+            elif fault != "cut":
+                error_type, message = STREAM_ERRORS[fault]
+                await send("error", {"type": "error", "error": {"type": error_type, "message": message}})
+            await response.write_eof()
+            return response
         await send("content_block_stop", {"type": "content_block_stop", "index": 0})
         await send("message_delta", {"type": "message_delta",
-                                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                     "delta": {"stop_reason": stop, "stop_sequence": None},
                                      "usage": {"output_tokens": output}})
         await send("message_stop", {"type": "message_stop"})
         await response.write_eof()

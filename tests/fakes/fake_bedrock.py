@@ -4,8 +4,15 @@ It answers what aioboto3 sends to ``endpoint_url``: ``POST /model/{modelId}/conv
 and ``POST /model/{modelId}/converse-stream`` (the AWS event-stream binary framing). Every
 request must carry a SigV4 signature, which the fake checks by signing the request again with
 botocore and the dummy credentials it was given. Errors have Bedrock's shapes
-(``x-amzn-ErrorType`` and ``{"message": ...}``; in a stream, an ``exception`` message such as
-``throttlingException`` after partial output). A ``tool_reply`` function makes it answer
+(``x-amzn-ErrorType`` and ``{"message": ...}``). ``stopReason`` is ``max_tokens`` when the reply
+was cut at the request's ``maxTokens``. In-stream faults, from a ``[[stream-<kind>]]`` directive
+or the ``stream_faults`` knob, come after the first piece of text: ``cut`` ends the stream cleanly
+there (no ``contentBlockStop``, ``messageStop`` or ``metadata``), ``torn`` the same inside a
+frame; the kinds of
+:data:`STREAM_ERRORS` send the exception events botocore's model declares for ConverseStream
+(``throttlingException``, ``internalServerException``, ``serviceUnavailableException``,
+``modelStreamErrorException``, ``validationException``). ``never_stream=True`` answers
+ConverseStream with a plain Converse reply (JSON). A ``tool_reply`` function makes it answer
 requests that offer tools with a ``toolUse`` block (a scripted Strands root). Limits, faults and latency are those of
 :class:`~tests.fakes.FakeOpenAIServer`; prompt directives are listed in ``_fake_base``.
 
@@ -31,7 +38,7 @@ from aiohttp import web
 
 from ._fake_base import Admission, FakeProviderBase
 
-__all__ = ["FakeBedrockServer", "encode_event"]
+__all__ = ["STREAM_ERRORS", "FakeBedrockServer", "encode_event"]
 
 _ERRORS = {  # directive -> (HTTP status, Bedrock error code, message)
     "throttle": (429, "ThrottlingException", "Too many requests, please wait before trying again."),
@@ -41,6 +48,17 @@ _ERRORS = {  # directive -> (HTTP status, Bedrock error code, message)
     "overloaded": (503, "ServiceUnavailableException", "The service is unavailable. Try again later."),
     "denied": (403, "AccessDeniedException", "You don't have access to the model with the specified model ID."),
     "too-long": (400, "ValidationException", "Input is too long for requested model."),
+}
+#: In-stream exceptions (kind -> the botocore shape, its fields), as ConverseStream's event stream declares them.
+STREAM_ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "throttle": ("ThrottlingException", {"message": _ERRORS["throttle"][2]}),
+    "server-error": ("InternalServerException", {"message": _ERRORS["server-error"][2]}),
+    "overloaded": ("ServiceUnavailableException", {"message": _ERRORS["overloaded"][2]}),
+    "model-stream-error": ("ModelStreamErrorException", {
+        "message": "The model stream was interrupted.", "originalStatusCode": 500,
+        "originalMessage": "An internal error occurred while streaming.",
+    }),
+    "validation": ("ValidationException", {"message": "The model returned an invalid tool use."}),
 }
 _REFUSED_UNADMITTED = ("too-long", "throttle", "server-error", "overloaded")
 _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
@@ -69,11 +87,11 @@ def _event(kind: str, body: dict[str, Any]) -> bytes:
     )
 
 
-def _exception(code: str, message: str) -> bytes:
+def _exception(code: str, fields: dict[str, Any]) -> bytes:
     lower = code[:1].lower() + code[1:]  # in a stream, exceptions are named in lowerCamelCase
     return encode_event(
         {":exception-type": lower, ":content-type": "application/json", ":message-type": "exception"},
-        json.dumps({"message": message}).encode(),
+        json.dumps(fields).encode(),
     )
 
 
@@ -162,7 +180,7 @@ class FakeBedrockServer(FakeProviderBase):
         """Read, check and admit a request; a refusal comes back as the response to send."""
         body, prompt, last, max_tokens = await self._read(request)
         kind = self.directive(prompt)
-        if kind is not None and kind != "stream-throttle":
+        if kind is not None and not kind.startswith("stream-"):
             return self._refuse(kind), body, last, max_tokens, kind
         admission = self.admit(prompt, last, max_tokens)
         if admission.error in _REFUSED_UNADMITTED:
@@ -179,18 +197,23 @@ class FakeBedrockServer(FakeProviderBase):
             admission, body, last, max_tokens, _kind = await self._admitted(request)
             if isinstance(admission, web.Response):
                 return admission
-            use = self.tool_reply(body) if self.tool_reply is not None and "toolConfig" in body else None
-            text, output = self.answer(last, max_tokens) if use is None else ("", self.output_tokens)
-            self.settle(admission, output)
-            content = [{"text": text}] if use is None else [{"toolUse": {**use, "toolUseId": self._tool_id()}}]
-            return web.json_response({
-                "output": {"message": {"role": "assistant", "content": content}},
-                "stopReason": "end_turn" if use is None else "tool_use",
-                "usage": self._usage(admission.prompt_tokens, output),
-                "metrics": {"latencyMs": int(self.latency * 1000)},
-            })
+            return web.json_response(self._converse_reply(admission, body, last, max_tokens))
         finally:
             self.leave()
+
+    def _converse_reply(self, admission: Admission, body: dict[str, Any], last: str, max_tokens: int
+                        ) -> dict[str, Any]:
+        """Converse's JSON reply (also ConverseStream's, with ``never_stream``)."""
+        use = self.tool_reply(body) if self.tool_reply is not None and "toolConfig" in body else None
+        text, output, capped = self.answer(last, max_tokens) if use is None else ("", self.output_tokens, False)
+        self.settle(admission, output)
+        content = [{"text": text}] if use is None else [{"toolUse": {**use, "toolUseId": self._tool_id()}}]
+        return {
+            "output": {"message": {"role": "assistant", "content": content}},
+            "stopReason": "tool_use" if use is not None else "max_tokens" if capped else "end_turn",
+            "usage": self._usage(admission.prompt_tokens, output),
+            "metrics": {"latencyMs": int(self.latency * 1000)},
+        }
 
     async def _converse_stream(self, request: web.Request) -> web.StreamResponse:
         if not self.enter():
@@ -199,24 +222,30 @@ class FakeBedrockServer(FakeProviderBase):
             admission, body, last, max_tokens, kind = await self._admitted(request)
             if isinstance(admission, web.Response):
                 return admission
+            if self.never_stream:
+                return web.json_response(self._converse_reply(admission, body, last, max_tokens))
             use = self.tool_reply(body) if self.tool_reply is not None and "toolConfig" in body else None
             response = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
             await response.prepare(request)
             await response.write(_event("messageStart", {"role": "assistant"}))
             if use is not None:
                 return await self._stream_tool_use(response, admission, use)
-            text, output = self.answer(last, max_tokens)
-            for index, piece in enumerate(self.pieces(text)):
-                if index == 1 and kind == "stream-throttle":
-                    _, code, message = _ERRORS["throttle"]
-                    await response.write(_exception(code, message))
-                    self.settle(admission, self.count_tokens(text[: len(piece)]))
-                    await response.write_eof()
-                    return response
+            text, output, capped = self.answer(last, max_tokens)
+            fault = self.stream_fault_of(kind)
+            pieces = self.pieces(text)
+            for piece in pieces[:1] if fault is not None else pieces:
                 await response.write(_event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}}))
                 await asyncio.sleep(0)
+            if fault is not None:  # after the first piece: an exception event, or ("cut") a clean end
+                if fault == "torn":  # the connection ends cleanly inside a frame
+                    await response.write(_event("contentBlockStop", {"contentBlockIndex": 0})[:20])
+                elif fault != "cut":
+                    await response.write(_exception(*STREAM_ERRORS[fault]))
+                self.settle(admission, self.count_tokens(pieces[0]))
+                await response.write_eof()
+                return response
             await response.write(_event("contentBlockStop", {"contentBlockIndex": 0}))
-            await response.write(_event("messageStop", {"stopReason": "end_turn"}))
+            await response.write(_event("messageStop", {"stopReason": "max_tokens" if capped else "end_turn"}))
             await response.write(_event("metadata", {
                 "usage": self._usage(admission.prompt_tokens, output), "metrics": {"latencyMs": 1},
             }))

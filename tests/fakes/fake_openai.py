@@ -3,8 +3,20 @@
 For tests and benchmarks only; it binds to 127.0.0.1. It enforces RPM and TPM over a sliding
 window the way providers do: tokens are counted at admission as prompt estimate + ``max_tokens``
 and corrected to the real output when the call ends, as Bedrock does. Past the limits it answers
-429 with ``retry-after``; it injects faults at given rates and logs what it admitted, so tests
-can check limits from the provider's side.
+429 with ``retry-after`` (seconds), ``retry-after-ms`` and, when it has limits, ``x-ratelimit-*``;
+it injects faults at given rates and logs what it admitted, so tests can check limits from the
+provider's side. A reply longer than the request's ``max_tokens`` is cut to it (``finish_reason``
+``"length"``).
+
+Streams are OpenAI's: a first chunk with ``delta: {"role": "assistant"}``, the content deltas, a
+chunk with the ``finish_reason`` and an empty delta, then (with ``stream_options.include_usage``,
+which also puts ``"usage": null`` on every other chunk) a last chunk with ``choices: []`` and the
+``usage``, then ``data: [DONE]``. Stream faults: ``stream_faults={"cut": 0.5}`` ends half of the
+streamed replies cleanly half-way (no ``finish_reason``, usage or ``[DONE]``), spread evenly (the
+first, the third...); ``"torn"`` ends it the same way but in the middle of an event's line; the
+other kinds (:data:`STREAM_ERRORS`) send an error object inside the stream
+(``data: {"error": {...}}``) after half of the text. ``never_stream=True`` answers streamed
+requests with a plain JSON completion, as some OpenAI-compatible servers do.
 
 Knobs for the Dispatcher's benchmarks and tests: ``max_concurrency`` refuses (429) any request
 beyond that many in flight, a limit the client is not told; ``capacity`` serves at most that
@@ -14,7 +26,7 @@ as OpenAI does; ``usage=False`` leaves ``usage`` out of answers; ``status_faults
 statuses (503, 408...) at given rates.
 
 Answers are deterministic: ``answer:<first 12 hex of sha1(prompt)>``, so a test can tell
-whether every prompt got its own answer.
+whether every prompt got its own answer; ``reply=`` gives another function of the last message.
 
     async with FakeOpenAIServer(latency=0.2, rpm=600) as server:
         model = OpenAIModel("fake", base_url=server.base_url)
@@ -34,6 +46,7 @@ import json
 import math
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +54,7 @@ from aiohttp import web
 
 from rlmflow.models.base import estimate_tokens
 
-__all__ = ["BACKLOG", "Admitted", "FakeOpenAIServer", "FaultPlan", "answer_for"]
+__all__ = ["BACKLOG", "STREAM_ERRORS", "Admitted", "FakeOpenAIServer", "FaultPlan", "answer_for", "cap_reply"]
 
 #: Pending connections the listening socket holds (the kernel caps it at net.core.somaxconn).
 #: aiohttp's default, 128, drops the SYNs of a client that connects a thousand times at once.
@@ -49,14 +62,32 @@ BACKLOG = 4096
 _PATH = "/v1/chat/completions"
 # json.dumps of an answer, with the same separators, for the parts that vary
 _ANSWER = ('{"id": "chatcmpl-%d", "object": "chat.completion", "created": 0, "model": %s, "choices": [{"index": 0, '
-           '"message": {"role": "assistant", "content": %s}, "finish_reason": "stop"}]')
+           '"message": {"role": "assistant", "content": %s}, "finish_reason": "%s"}]')
 _USAGE = ', "usage": {"prompt_tokens": %d, "completion_tokens": %d, "total_tokens": %d}'
 _JSON = "application/json; charset=utf-8"
+
+
+#: The error objects the fake can send inside a stream (``stream_faults`` kinds), as OpenAI and vLLM do.
+STREAM_ERRORS: dict[str, dict[str, Any]] = {
+    "server-error": {"message": "The server had an error while processing your request. Sorry about that!",
+                     "type": "server_error", "param": None, "code": None},
+    "rate-limit": {"message": "Rate limit reached for requests", "type": "requests", "param": None,
+                   "code": "rate_limit_exceeded"},
+    "invalid": {"object": "error", "message": "The request was rejected: invalid sampling parameters.",
+                "type": "BadRequestError", "param": None, "code": 400},  # vLLM's shape
+}
 
 
 def answer_for(prompt: str) -> str:
     """The fake server's answer to ``prompt``."""
     return "answer:" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
+
+
+def cap_reply(text: str, max_tokens: int) -> tuple[str, bool]:
+    """``text`` cut to ``max_tokens`` (by the fakes' estimate), and whether it was cut."""
+    if estimate_tokens(text) <= max_tokens:
+        return text, False
+    return text[: max(0, max_tokens) * 4], True
 
 
 @dataclass(frozen=True)
@@ -115,6 +146,9 @@ class FakeOpenAIServer:
         rate_headers: bool = False,
         usage: bool = True,
         status_faults: dict[int, float] | None = None,
+        stream_faults: dict[str, float] | None = None,
+        never_stream: bool = False,
+        reply: Callable[[str], str] | None = None,
     ) -> None:
         self.latency = latency
         self.latency_jitter = latency_jitter
@@ -132,6 +166,12 @@ class FakeOpenAIServer:
         self.rate_headers = rate_headers
         self.usage = usage
         self.status_faults = dict(status_faults or {})
+        # kind -> share of streamed replies given that fault, spread evenly ("cut": 0.5 = every other one)
+        self.stream_faults = dict(stream_faults or {})
+        self._stream_credit: dict[str, float] = {}
+        self.never_stream = never_stream
+        # the reply to a request whose last message is the argument (default: answer_for)
+        self.reply: Callable[[str], str] | None = reply
         self._serving = 0  # requests in flight (a subclass may count its own)
         self.peak_in_flight = 0
         self._random = random.Random(seed)
@@ -163,6 +203,21 @@ class FakeOpenAIServer:
         """
         return bool(self._recent) and item.at >= self._recent[0].at
 
+    def next_stream_fault(self) -> str | None:
+        """The ``stream_faults`` kind of the next streamed reply, if any, spread evenly: each kind
+        gains its share per stream and strikes when it has gathered a whole one, starting with the
+        first stream (a share of 0.5 faults streams 1, 3, 5...)."""
+        chosen = None
+        for kind, share in self.stream_faults.items():
+            credit = self._stream_credit.get(kind, 1.0 - share) + share
+            if chosen is None and credit >= 1.0 - 1e-9:
+                credit, chosen = credit - 1.0, kind
+            self._stream_credit[kind] = credit
+        if chosen is not None:
+            key = f"stream_{chosen}"
+            self.counters.faults[key] = self.counters.faults.get(key, 0) + 1
+        return chosen
+
     def _retry_after(self, now: float, tokens: int) -> float:
         """Seconds until a request of ``tokens`` would fit."""
         waits = [0.0]
@@ -190,7 +245,7 @@ class FakeOpenAIServer:
         if self.max_concurrency is not None and self._serving >= self.max_concurrency:
             self.counters.over_concurrency += 1
             return self._error(429, "too many concurrent requests", "rate_limit_exceeded",
-                               retry_after=self.concurrency_retry_after)
+                               retry_after=self.concurrency_retry_after, headers=self._limit_headers(self._now()))
         self._serving += 1
         self.peak_in_flight = max(self.peak_in_flight, self._serving)
         try:
@@ -203,7 +258,8 @@ class FakeOpenAIServer:
         messages = body.get("messages") or []
         prompt = "".join(str(m.get("content", "")) for m in messages)
         last = str(messages[-1].get("content", "")) if messages else ""
-        max_tokens = int(body.get("max_tokens") or 16)
+        stated = body.get("max_tokens") or body.get("max_completion_tokens")
+        max_tokens = int(stated or 16)
         prompt_tokens = self.count_tokens(prompt)
         tokens = prompt_tokens + max_tokens
         now = self._now()
@@ -212,16 +268,15 @@ class FakeOpenAIServer:
         if wait > 0:
             self.counters.limited += 1
             return self._error(429, "rate limit reached", "rate_limit_exceeded", retry_after=wait,
-                               headers=self._quota_headers(now))
+                               headers=self._limit_headers(now))
         for status, rate in self.status_faults.items():
             if self._random.random() < rate:
                 self.counters.faults[f"status_{status}"] = self.counters.faults.get(f"status_{status}", 0) + 1
                 return self._error(status, f"injected {status}", None)
         fault = self._draw_fault()
         if fault == "throttle":
-            return self._error(
-                429, "slow down (injected)", "rate_limit_exceeded", retry_after=self.faults.throttle_retry_after
-            )
+            return self._error(429, "slow down (injected)", "rate_limit_exceeded",
+                               retry_after=self.faults.throttle_retry_after, headers=self._limit_headers(now))
         admitted = Admitted(now, tokens, last)
         self._recent.append(admitted)
         self._recent_tokens += tokens
@@ -244,17 +299,21 @@ class FakeOpenAIServer:
             return self._error(self._random.choice((500, 503)), "internal error (injected)", None)
         # as Bedrock does: max_tokens is held at admission, the unused part returned at the end
         is_root = self.root_marker is not None and self.root_marker in prompt
-        content = self.root_reply if is_root else answer_for(last)
+        content = self.root_reply if is_root else self.reply(last) if self.reply is not None else answer_for(last)
+        capped = False
+        if stated is not None:  # a reply longer than the request allows stops there
+            content, capped = cap_reply(content, max_tokens)
         output = min(self.output_tokens, max_tokens)
         used = prompt_tokens + output
         if self._in_window(admitted):
             self._recent_tokens += used - admitted.tokens
         admitted.tokens = used
         model = body.get("model", "fake")
-        if body.get("stream"):
+        finish = "length" if capped else "stop"
+        if body.get("stream") and not self.never_stream:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output, "total_tokens": used}
-            return await self._stream_chunks(request, model, body, content, usage if self.usage else None)
-        text = _ANSWER % (self.counters.admitted, json.dumps(model), json.dumps(content))
+            return await self._stream_chunks(request, model, body, content, finish, usage if self.usage else None)
+        text = _ANSWER % (self.counters.admitted, json.dumps(model), json.dumps(content), finish)
         if self.usage:
             text += _USAGE % (prompt_tokens, output, used)
         headers = self._quota_headers(self._now())
@@ -262,20 +321,35 @@ class FakeOpenAIServer:
         return web.Response(body=(text + "}").encode(), headers=headers)
 
     async def _stream_chunks(self, request: web.BaseRequest, model: Any, body: dict[str, Any], content: str,
-                             usage: dict[str, int] | None) -> web.StreamResponse:
+                             finish: str, usage: dict[str, int] | None) -> web.StreamResponse:
         """The reply as OpenAI's server-sent ``chat.completion.chunk`` events, 16 characters each."""
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._quota_headers(self._now())})
         await response.prepare(request)
         pieces = [content[i:i + 16] for i in range(0, len(content), 16)] or [""]
-        base = {"id": f"chatcmpl-{self.counters.admitted}", "object": "chat.completion.chunk", "created": 0,
-                "model": model}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base: dict[str, Any] = {"id": f"chatcmpl-{self.counters.admitted}", "object": "chat.completion.chunk",
+                                "created": 0, "model": model}
+        if include_usage:
+            base["usage"] = None  # on every chunk but the last, with include_usage
+
+        async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+            await response.write(f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n".encode())
+
+        await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        fault = self.next_stream_fault()
+        if fault is not None:
+            pieces = pieces[: max(1, len(pieces) // 2)]
         for piece in pieces:
-            chunk = {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        final: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        if usage is not None and (body.get("stream_options") or {}).get("include_usage"):
-            final["usage"] = usage
-        await response.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+            await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+        if fault is None:
+            await send([{"index": 0, "delta": {}, "finish_reason": finish}])
+            if include_usage and usage is not None:
+                await send([], usage=usage)
+            await response.write(b"data: [DONE]\n\n")
+        elif fault == "torn":  # the connection ends cleanly inside an event
+            await response.write(b'data: {"id": "chatcmpl-')
+        elif fault != "cut":  # an error object inside the stream; "cut" just ends it here
+            await response.write(f"data: {json.dumps({'error': STREAM_ERRORS[fault]})}\n\n".encode())
         await response.write_eof()
         return response
 
@@ -288,6 +362,21 @@ class FakeOpenAIServer:
         reset = self._recent[0].at + self.window - now if self._recent else 0.0
         return {"x-ratelimit-limit-requests": str(self.rpm), "x-ratelimit-remaining-requests": str(remaining),
                 "x-ratelimit-reset-requests": f"{max(0.0, reset):.3f}s"}
+
+    def _limit_headers(self, now: float) -> dict[str, str]:
+        """Every ``x-ratelimit-*`` header of the limits the fake has, as OpenAI sends them with a 429."""
+        self._expire(now)
+        reset = f"{max(0.0, self._recent[0].at + self.window - now if self._recent else 0.0):.3f}s"
+        headers: dict[str, str] = {}
+        if self.rpm is not None:
+            headers |= {"x-ratelimit-limit-requests": str(self.rpm),
+                        "x-ratelimit-remaining-requests": str(max(0, self.rpm - len(self._recent))),
+                        "x-ratelimit-reset-requests": reset}
+        if self.tpm is not None:
+            headers |= {"x-ratelimit-limit-tokens": str(self.tpm),
+                        "x-ratelimit-remaining-tokens": str(max(0, self.tpm - self._recent_tokens)),
+                        "x-ratelimit-reset-tokens": reset}
+        return headers
 
     def _draw_fault(self) -> str | None:
         plan = self.faults
@@ -305,7 +394,8 @@ class FakeOpenAIServer:
     def _error(status: int, message: str, code: str | None, retry_after: float | None = None,
                headers: dict[str, str] | None = None) -> web.Response:
         headers = dict(headers or {})
-        if retry_after:
+        if retry_after:  # OpenAI sends both: whole seconds, and milliseconds
+            headers["retry-after"] = str(max(1, math.ceil(retry_after)))
             headers["retry-after-ms"] = str(math.ceil(retry_after * 1000))
         return web.json_response(
             {"error": {"message": message, "type": "fake", "code": code}}, status=status, headers=headers
