@@ -108,7 +108,12 @@ METRIC_BUDGET_OVERRUN = "rlm.budget.overrun"
 EVENT_BUDGET_OVERRUN = "rlm.budget.overrun"
 RLM_BUDGET_QUANTITY = "rlm.budget.quantity"
 RLM_BUDGET_LIMIT = "rlm.budget.limit"  # the cap that stopped a run (max_calls, deadline, ...)
-RLM_CALLS = "rlm.calls"  # model calls a run (and its children) made
+# what a run and its children spent, on the run's span; not gen_ai.usage.*, which dashboards sum
+# over every span of a trace (they would count each call twice)
+RLM_RUN_CALLS = "rlm.run.calls"
+RLM_RUN_INPUT_TOKENS = "rlm.run.input_tokens"
+RLM_RUN_OUTPUT_TOKENS = "rlm.run.output_tokens"
+RLM_RUN_COST_USD = "rlm.run.cost_usd"
 
 # span names
 SPAN_RUN = "invoke_agent rlm"

@@ -125,10 +125,10 @@ def run_start(
 def run_totals(*, calls: int, input_tokens: int, output_tokens: int, cost_usd: float) -> Attributes:
     """What a run (its children included) spent, on its span however it ended."""
     return {
-        attr.RLM_CALLS: calls,
-        attr.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
-        attr.GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
-        attr.RLM_COST_USD: cost_usd,
+        attr.RLM_RUN_CALLS: calls,
+        attr.RLM_RUN_INPUT_TOKENS: input_tokens,
+        attr.RLM_RUN_OUTPUT_TOKENS: output_tokens,
+        attr.RLM_RUN_COST_USD: cost_usd,
     }
 
 
