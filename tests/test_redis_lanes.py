@@ -266,7 +266,7 @@ async def test_in_process_lanes_agree_and_budget_holds_under_contention(redis_se
         async def one(i: int) -> None:
             nonlocal done
             dispatcher, tenant = (d1, tenants[0]) if i % 2 else (d2, tenants[1])
-            request = ModelRequest([Message("user", f"q{i}")], max_tokens=4)
+            request = ModelRequest([Message("user", f"q{i}")], max_tokens=16)
             try:
                 hold = await tenant.reserve(dispatcher.estimate(model, request))
             except RLMError:
@@ -423,7 +423,7 @@ def test_one_dispatcher_serves_successive_event_loops(redis_server: RedisServer)
     async def once(k: int) -> str:
         async with FakeOpenAIServer() as provider:
             model = OpenAIModel("fake", base_url=provider.base_url)
-            response = await dispatcher.call(model, ModelRequest([Message("user", f"m{k}")], max_tokens=4),
+            response = await dispatcher.call(model, ModelRequest([Message("user", f"m{k}")], max_tokens=16),
                                              ledger=BudgetLedger())
             await model.aclose()
             return response.text
