@@ -141,6 +141,7 @@ class AnswerReady(RunEvent):
     turns: int
     cost_usd: float | None
     duration: float
+    limited: str | None = None  # the budget cap that cut the work short, if one did
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

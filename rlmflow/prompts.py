@@ -17,6 +17,7 @@ __all__ = [
     "START_WITH_TOOL",
     "STUCK",
     "SYSTEM_PROMPT",
+    "budget_spent_message",
     "continue_message",
     "describe_context",
     "extract_code_blocks",
@@ -149,6 +150,16 @@ def fenced(text: str, info: str = "text") -> str:
     longest = max((len(run) for run in _BACKTICKS.findall(text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{info}\n{text}\n{fence}"
+
+
+def budget_spent_message(output: str, refusal: str, query: str) -> str:
+    """The user message after a turn in which the run's budget refused work: answer now."""
+    return (
+        f"Output of your code (printed by the code, between the fences):\n{fenced(output)}\n"
+        f"The run's budget is spent: {refusal}\nNo more sub-calls can be paid for. Call FINAL(answer) now "
+        f"in a ```repl block with the best answer to the question from what you already have.\n"
+        f"The question is: {query}"
+    )
 
 
 def same_error_note(times: int) -> str:

@@ -35,7 +35,9 @@ class RLMResult:
     ``calls`` lists every model call (root and sub, all depths) in completion order;
     ``metadata`` is what the caller passed to ``run``; ``sandbox`` is the sandbox's report of
     the isolation it applied (``None`` for sandboxes that give none); ``overrun`` is what calls
-    spent beyond their budget reservations (real usage above the estimate), zero normally.
+    spent beyond their budget reservations (real usage above the estimate), zero normally;
+    ``limited`` names the budget cap (``max_calls``, ``max_cost_usd``...) that refused some of the
+    run's work before it answered: the answer was given from what could be paid for.
     """
 
     answer: str
@@ -52,6 +54,7 @@ class RLMResult:
     metadata: dict[str, str] = field(default_factory=dict)
     sandbox: SandboxReport | None = None
     overrun: Spend = field(default_factory=Spend)
+    limited: str | None = None
 
     @property
     def total_usage(self) -> Usage:

@@ -26,7 +26,7 @@ import anyio
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
 
-from .._exceptions import BatchError, ContextError, RLMError, SandboxRequestError
+from .._exceptions import BatchError, BudgetExceededError, ContextError, RLMError, SandboxRequestError
 from .._util import single_exception
 from ..context import context_size, validate_context
 from ..events import BatchFinished, BatchStarted
@@ -256,8 +256,16 @@ class HostBridge:
         progress.calls_in_flight += len(requests)
         try:
             return await self._calls.ask_many(sub, requests, parent=parent)
+        except BudgetExceededError as exc:
+            self._budget_refused(exc)
+            raise
         finally:
             progress.calls_in_flight -= len(requests)
+
+    def _budget_refused(self, exc: BudgetExceededError) -> None:
+        """Note the run's first budget refusal: the loop tells the root once, then the run ends."""
+        if self._state.budget_stop is None:
+            self._state.budget_stop = exc
 
     async def _fly(
         self, sub: LanguageModel, prompts: list[str], max_tokens: int, parent: OtelContext,
@@ -336,6 +344,8 @@ class HostBridge:
                 results[index] = outcome.answer
             except RLMError as exc:
                 errors[index] = exc
+                if isinstance(exc, BudgetExceededError):
+                    self._budget_refused(exc)
             finally:
                 slots.release()
 

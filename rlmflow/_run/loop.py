@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .. import prompts
-from .._exceptions import NoAnswerError
+from .._exceptions import BudgetExceededError, NoAnswerError
 from .._text import cap_text, safe_text, traceback_summary
 from ..events import RootText
 from ..models.base import LanguageModel, Message, ModelRequest, StreamingLanguageModel, StreamingView
@@ -64,6 +64,7 @@ class RootLoop:
         self._recorder = recorder
         self._policy = StallPolicy(max_repeated_errors=settings.max_repeated_errors)
         self._established = True  # the sandbox offers _rlmflow_established() until it fails once
+        self._told_budget = False  # the root was told the budget is spent: its next turn is its last
 
     def _opening(self) -> list[Message]:
         settings, state = self._settings, self._state
@@ -91,11 +92,13 @@ class RootLoop:
                 if not blocks:
                     # told to answer now after working on the context, a small model often answers
                     # in words: take them (a root that never ran code gets no such pass)
-                    words = prompts.plain_answer(reply) if self._policy.answer_due(turn, max_turns) else ""
+                    due = self._policy.answer_due(turn, max_turns) or self._told_budget
+                    words = prompts.plain_answer(reply) if due else ""
                     note = "" if words else prompts.NO_CODE_NUDGE
                     self._cells.finish_turn(Turn(turn, reply, [], note, time.monotonic() - started, started_at=wall))
                     if words:
                         return await self._done(words)
+                    self._end_if_budget_spent()
                     messages.append(Message("user", note))
                     continue
                 work = await self._run_blocks(session, blocks, turn)
@@ -105,6 +108,12 @@ class RootLoop:
                 ))
                 if work.final is not None:
                     return await self._done(work.final)
+                stop = state.budget_stop
+                if stop is not None:  # told once to answer from what it has, then the run ends
+                    self._end_if_budget_spent()
+                    self._told_budget = True
+                    messages.append(Message("user", prompts.budget_spent_message(work.text, stop.message, state.query)))
+                    continue
                 follow_up = await self._follow_up(blocks, work, turn=turn, turns_left=max_turns - turn)
                 if isinstance(follow_up, RLMResult):
                     return follow_up
@@ -174,6 +183,14 @@ class RootLoop:
         return _FollowUp(Message("user", prompts.continue_message(
             work.text, state.query, turns_left, asked_helper=work.asked_helper, notes=notes,
         )))
+
+    def _end_if_budget_spent(self) -> None:
+        """End the run with the budget's refusal if the root, told once, still did not answer."""
+        stop = self._state.budget_stop
+        if self._told_budget and stop is not None:
+            raise BudgetExceededError(
+                f"{stop.message} (the root was told and did not answer)", limit=stop.limit, spent=stop.spent
+            )
 
     async def _done(self, answer: str) -> RLMResult:
         answer = await self._cells.answer(answer)

@@ -98,7 +98,8 @@ class RunRecorder:
         turns = len(state.transcript)
         if error is None and result is not None:
             _logger.info("run finished", turns=turns, duration_s=round(duration, 3))
-            self.emit(AnswerReady, answer=result.answer, turns=turns, cost_usd=result.cost_usd, duration=duration)
+            self.emit(AnswerReady, answer=result.answer, turns=turns, cost_usd=result.cost_usd, duration=duration,
+                      limited=result.limited)
         else:
             _logger.warning("run failed", error=type(error).__name__, turns=turns)
             message = str(getattr(error, "message", None) or error or "")

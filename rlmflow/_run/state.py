@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import anyio
 
+from .._exceptions import BudgetExceededError
 from ..dispatch.budget import BudgetLedger
 from ..dispatch.lane import RunShare
 from ..dispatch.records import CallRecord
@@ -102,6 +103,8 @@ class RunState:
         self.started = time.monotonic()
         self.trace_id: str | None = None
         self.sandbox_report: SandboxReport | None = None
+        self.budget_stop: BudgetExceededError | None = None
+        """The first budget refusal of this run's sub-calls or children: the run must end soon."""
 
     def child(self, query: str, context: Context | None) -> RunState:
         """The state of an ``rlm_query`` child: one level deeper, on this run's ledger, share and tree."""
@@ -140,4 +143,5 @@ class RunState:
             metadata=dict(self.options.metadata),
             sandbox=self.sandbox_report,
             overrun=self.ledger.overrun,
+            limited=self.budget_stop.limit if self.budget_stop is not None and answer else None,
         )

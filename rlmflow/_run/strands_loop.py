@@ -29,7 +29,7 @@ from typing import Any
 from opentelemetry import trace
 
 from .. import prompts
-from .._exceptions import ConfigurationError, NoAnswerError
+from .._exceptions import BudgetExceededError, ConfigurationError, NoAnswerError
 from ..dispatch.limits import Priority
 from ..models.strands import DispatchedModel, StrandsModel
 from ..result import RLMResult, Turn
@@ -95,6 +95,7 @@ class StrandsRootLoop:
         self._root = settings.root
         self._turns = 0
         self._answer: str | None = None
+        self._told_budget = False
 
     async def __call__(self, session: SandboxSession) -> RLMResult:
         from strands import Agent, tool
@@ -116,6 +117,12 @@ class StrandsRootLoop:
             if self._answer is not None:
                 agent.cancel(message="FINAL received", after_current_tools=True)
                 return shown + "\nFINAL received: the run is over."
+            stop = state.budget_stop
+            if stop is not None:  # told once to answer from what it has; the next call is its last
+                if self._told_budget:
+                    agent.cancel(message="budget spent", after_current_tools=True)
+                self._told_budget = True
+                return shown + f"\nThe run's budget is spent: {stop.message}\nCall FINAL(answer) now."
             if self._turns >= max_turns:
                 agent.cancel(message="out of turns", after_current_tools=True)
             return shown
@@ -145,6 +152,9 @@ class StrandsRootLoop:
         if self._answer is not None:
             state.progress.phase = "done"
             return state.result(self._answer)
+        if state.budget_stop is not None:
+            stop = state.budget_stop
+            raise BudgetExceededError(stop.message, limit=stop.limit, spent=stop.spent)
         raise NoAnswerError(
             f"the strands root ended after {self._turns} tool calls without calling FINAL",
             partial=state.result(""),
