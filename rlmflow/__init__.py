@@ -61,6 +61,7 @@ from .events import (
 from .models.base import LanguageModel, Message, ModelRequest, ModelResponse, Usage
 from .models.local import LocalModel
 from .models.scripted import ScriptedModel
+from .result import partial_result
 from .sandbox.base import CellResult, Sandbox, SandboxSession
 from .sandbox.local import LocalSandbox
 from .stream import RunStream
@@ -163,6 +164,7 @@ __all__ = [
     "Usage",
     "default_dispatcher",
     "load_context_files",
+    "partial_result",
     "run_sync",
     "set_default_dispatcher",
     "validate_context",

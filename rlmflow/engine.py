@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.to_thread
@@ -37,6 +37,9 @@ from .stream import RunStream
 from .telemetry.metrics import CallMetrics
 from .telemetry.scope import CallTelemetry, use_telemetry
 from .telemetry.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from strands.models.model import Model as StrandsModel
 
 __all__ = ["RLM", "RLMResult", "RunProgress", "Turn"]
 
@@ -88,7 +91,7 @@ class RLM:
     def __init__(
         self,
         *,
-        root: str | LanguageModel | Any = DEFAULT_MODEL,
+        root: str | LanguageModel | StrandsModel = DEFAULT_MODEL,
         root_style: Literal["code", "strands"] | None = None,
         sub: str | LanguageModel | None = None,
         sub_models: Mapping[str, str | LanguageModel] | None = None,
@@ -123,8 +126,12 @@ class RLM:
             from .models.strands import strands_root_model
 
             root_model: LanguageModel = strands_root_model(root)
-        else:
+        elif isinstance(root, str | LanguageModel):
             root_model = self._registry.resolve(root)
+        else:
+            raise ConfigurationError(
+                f"root must be a model string, a LanguageModel or a strands Model, not {type(root).__name__}"
+            )
         sub_model = self._registry.resolve(sub) if sub is not None else root_model
         aliases: dict[str, LanguageModel] = {DEFAULT_ALIAS: sub_model}
         for alias, model in (sub_models or {}).items():

@@ -10,7 +10,7 @@ from .dispatch.dispatcher import CallRecord
 from .models.base import Usage
 from .sandbox.base import CellResult, SandboxReport
 
-__all__ = ["RLMResult", "RunProgress", "Turn", "summarise_usage"]
+__all__ = ["RLMResult", "RunProgress", "Turn", "partial_result", "summarise_usage"]
 
 
 @dataclass
@@ -96,3 +96,17 @@ def summarise_usage(calls: list[CallRecord]) -> tuple[dict[str, Usage], float | 
         if call.error is None:
             cost = None if cost is None or call.cost_usd is None else cost + call.cost_usd
     return usage, cost
+
+
+def partial_result(error: BaseException) -> RLMResult | None:
+    """The work a failed or cancelled run had done (its ``.partial``), typed.
+
+    Every :class:`~rlmflow.RLMError` that ends a run carries it, and so does the
+    ``CancelledError`` of a cancelled run (an attribute ``mypy --strict`` cannot see there)::
+
+        except BaseException as exc:
+            done = partial_result(exc)   # RLMResult | None: usage, calls, spent, transcript
+            raise
+    """
+    partial = getattr(error, "partial", None)
+    return partial if isinstance(partial, RLMResult) else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .._exceptions import UnknownModelError
+from .._exceptions import ConfigurationError, UnknownModelError
 from .base import LanguageModel
 from .weights import KNOWN_WEIGHTS
 
@@ -93,7 +93,16 @@ class ModelRegistry:
         self._created: dict[str, LanguageModel] = {}
 
     def resolve(self, model: str | LanguageModel) -> LanguageModel:
+        """The model a string names (built once per registry), or ``model`` itself.
+
+        Raises :class:`UnknownModelError` for a malformed string and :class:`ConfigurationError`
+        for anything that is neither a string nor a :class:`LanguageModel`.
+        """
         if not isinstance(model, str):
+            if not isinstance(model, LanguageModel):
+                raise ConfigurationError(
+                    f"a model is a model string or a LanguageModel, not {type(model).__name__}: {str(model)[:60]!r}"
+                )
             return model
         existing = self._created.get(model)
         if existing is not None:
