@@ -47,10 +47,12 @@ from .dispatch.shared import SharedConfig, SharedState
 from .engine import RLM, RLMResult, RunProgress, Turn
 from .events import (
     AnswerReady,
+    AnyRunEvent,
     BatchFinished,
     BatchStarted,
     CellFinished,
     CodeSubmitted,
+    Heartbeat,
     RootText,
     RunEvent,
     RunFailed,
@@ -98,6 +100,7 @@ __all__ = [
     "AgentCoreSandbox",
     "AnswerReady",
     "AnthropicModel",
+    "AnyRunEvent",
     "BatchError",
     "BatchFinished",
     "BatchStarted",
@@ -115,6 +118,7 @@ __all__ = [
     "ContextOverflowError",
     "Dispatcher",
     "FatalModelError",
+    "Heartbeat",
     "InternalError",
     "IsolationUnavailableError",
     "LaneStatistics",

@@ -313,6 +313,8 @@ class RLM:
         max_depth: int | None = None,
         metadata: Mapping[str, str] | None = None,
         ledger: BudgetLedger | None = None,
+        heartbeat: float = 15.0,
+        max_buffered: int = 10_000,
     ) -> RunStream:
         """Run like :meth:`run`, yielding :mod:`rlmflow.events` as they happen.
 
@@ -320,7 +322,9 @@ class RLM:
         :class:`~rlmflow.events.AnswerReady` or a :class:`~rlmflow.events.RunFailed` of depth 0.
         Afterwards ``.result`` / ``.error`` hold the outcome, and ``await stream.wait()``
         returns the result or raises the error. Use ``async with rlm.stream(...) as events``
-        to be sure the run is cancelled if you stop reading early.
+        to be sure the run is cancelled if you stop reading early. A reader waiting ``heartbeat``
+        seconds gets a :class:`~rlmflow.events.Heartbeat`; past ``max_buffered`` unread events
+        the per-call ones are shed (see :class:`RunStream`).
 
         Bad input raises here, at the call, as :meth:`check` does (so a service can answer its
         client with an error before it sends a 200); once it returns, the stream always ends with
@@ -332,7 +336,9 @@ class RLM:
             lambda sink: self.run(
                 context, query, budget=budget, deadline=deadline, max_turns=max_turns, max_depth=max_depth,
                 metadata=metadata, ledger=ledger, events=sink,
-            )
+            ),
+            heartbeat=heartbeat,
+            max_buffered=max_buffered,
         )
 
     def _options(

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from ._util import finite
 
 __all__ = [
     "AnswerReady",
+    "AnyRunEvent",
     "BatchFinished",
     "BatchStarted",
     "CellFinished",
     "CodeSubmitted",
     "EventSink",
+    "Heartbeat",
     "RootText",
     "RunEvent",
     "RunFailed",
@@ -38,6 +40,9 @@ class RunEvent:
     run_id: str
     depth: int
     at: float
+    seq: int = 0
+    """The event's place in its stream: 1, 2, 3... over a run and its children (a heartbeat
+    repeats the last one), so a client that reconnects can say where it was."""
 
     def to_dict(self) -> dict[str, Any]:
         """The event's fields and its ``kind``, ready for ``json.dumps`` (strict JSON: a number
@@ -51,7 +56,7 @@ class RunStarted(RunEvent):
     """A run started. ``query`` is the caller's question for a root run; a child's question was
     written by sandbox code (it may quote the document), so only its length is given."""
 
-    kind: ClassVar[str] = "run_started"
+    kind: ClassVar[Literal["run_started"]] = "run_started"
     query: str
     query_chars: int
     context_chars: int
@@ -63,7 +68,7 @@ class RunStarted(RunEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TurnStarted(RunEvent):
-    kind: ClassVar[str] = "turn_started"
+    kind: ClassVar[Literal["turn_started"]] = "turn_started"
     turn: int
     max_turns: int
 
@@ -73,7 +78,7 @@ class RootText(RunEvent):
     """A piece of the root model's reply as it is generated (models that stream: Bedrock,
     Anthropic, OpenAI-compatible)."""
 
-    kind: ClassVar[str] = "root_text"
+    kind: ClassVar[Literal["root_text"]] = "root_text"
     turn: int
     text: str
 
@@ -82,7 +87,7 @@ class RootText(RunEvent):
 class CodeSubmitted(RunEvent):
     """The root model's reply of one turn yielded this code block (one event per block)."""
 
-    kind: ClassVar[str] = "code"
+    kind: ClassVar[Literal["code"]] = "code"
     turn: int
     code: str
 
@@ -91,7 +96,7 @@ class CodeSubmitted(RunEvent):
 class CellFinished(RunEvent):
     """A code block ran; ``output`` is what the root model will see (capped, sanitised)."""
 
-    kind: ClassVar[str] = "cell_output"
+    kind: ClassVar[Literal["cell_output"]] = "cell_output"
     turn: int
     output: str
     output_chars: int
@@ -104,7 +109,7 @@ class CellFinished(RunEvent):
 class BatchStarted(RunEvent):
     """Sandbox code asked for ``size`` sub-calls; ``sent`` of them go out (the rest are reused)."""
 
-    kind: ClassVar[str] = "batch_started"
+    kind: ClassVar[Literal["batch_started"]] = "batch_started"
     size: int
     sent: int
     model: str
@@ -112,7 +117,7 @@ class BatchStarted(RunEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BatchFinished(RunEvent):
-    kind: ClassVar[str] = "batch_finished"
+    kind: ClassVar[Literal["batch_finished"]] = "batch_finished"
     size: int
     failed: int
     duration: float
@@ -122,7 +127,7 @@ class BatchFinished(RunEvent):
 class SubCallDone(RunEvent):
     """One model call finished (root turns and sub-calls alike; ``role`` tells which)."""
 
-    kind: ClassVar[str] = "call_done"
+    kind: ClassVar[Literal["call_done"]] = "call_done"
     role: str
     model: str
     input_tokens: int
@@ -136,7 +141,7 @@ class SubCallDone(RunEvent):
 class AnswerReady(RunEvent):
     """The run ended with an answer; the stream's last event for a successful root run."""
 
-    kind: ClassVar[str] = "answer"
+    kind: ClassVar[Literal["answer"]] = "answer"
     answer: str
     turns: int
     cost_usd: float | None
@@ -148,11 +153,28 @@ class AnswerReady(RunEvent):
 class RunFailed(RunEvent):
     """The run ended without an answer (``error`` is the exception's type name)."""
 
-    kind: ClassVar[str] = "run_failed"
+    kind: ClassVar[Literal["run_failed"]] = "run_failed"
     error: str
     message: str
     turns: int
 
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(RunEvent):
+    """Nothing happened for a while (a long model call, a long cell): the stream is alive.
+
+    Sent by :class:`~rlmflow.RunStream` to its reader, never to an ``events=`` sink."""
+
+    kind: ClassVar[Literal["heartbeat"]] = "heartbeat"
+    phase: str
+
+
+AnyRunEvent = (
+    RunStarted | TurnStarted | RootText | CodeSubmitted | CellFinished | BatchStarted | BatchFinished
+    | SubCallDone | AnswerReady | RunFailed | Heartbeat
+)
+"""Every event a stream yields, as a union a type checker narrows on ``event.kind``."""
 
 EventSink = Callable[[RunEvent], None]
 """Receives a run's events as they happen; must not block (it runs on the event loop)."""

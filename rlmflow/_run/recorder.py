@@ -40,8 +40,10 @@ class RunRecorder:
         if self.sink is None:
             return
         state = self._state
+        state.tree.events += 1
         try:
-            self.sink(event_type(run_id=state.run_id, depth=state.depth, at=time.time(), **fields))
+            self.sink(event_type(run_id=state.run_id, depth=state.depth, at=time.time(), seq=state.tree.events,
+                                 **fields))
         except Exception:
             _logger.exception("event sink failed", event=event_type.kind)
 

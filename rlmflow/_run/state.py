@@ -63,6 +63,7 @@ class RunTree:
     calls: list[CallRecord] = field(default_factory=list)
     usage: UsageTally = field(default_factory=UsageTally)  # what ``calls`` add up to
     sub_calls: int = 0  # sub-calls and child runs admitted
+    events: int = 0  # events sent so far: the last one's ``seq``
     child_slots: dict[int, anyio.Semaphore] = field(default_factory=dict)
 
     def slots_at(self, depth: int, limit: int) -> anyio.Semaphore:
