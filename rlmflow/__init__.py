@@ -21,6 +21,7 @@ from ._exceptions import (
     ModelError,
     ModelNotReadyError,
     NoAnswerError,
+    NotInJournalError,
     QuotaExhaustedError,
     RLMError,
     SandboxCrashedError,
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
     from .models.openai import OpenAIModel
     from .sandbox.agentcore import AgentCoreSandbox
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 # Remote providers and the AgentCore sandbox are imported when first named, so `import rlmflow`
 # loads no HTTP or AWS client.
@@ -132,6 +133,7 @@ __all__ = [
     "ModelRequest",
     "ModelResponse",
     "NoAnswerError",
+    "NotInJournalError",
     "OpenAIModel",
     "Price",
     "Pricing",

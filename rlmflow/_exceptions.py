@@ -22,6 +22,7 @@ Every error the library raises derives from :class:`RLMError`::
     ├── SandboxRequestError         sandbox code asked for something the host refuses
     ├── BatchError                  some items of an llm_query_many failed (carries partial results)
     ├── NoAnswerError               the run ended without FINAL (carries the transcript)
+    ├── NotInJournalError           a replay met a request its journal does not hold
     └── InternalError               anything else that stopped a run (the original is its __cause__)
 
 Exceptions are picklable (``__reduce__``), so they survive process boundaries.
@@ -44,6 +45,7 @@ __all__ = [
     "ModelError",
     "ModelNotReadyError",
     "NoAnswerError",
+    "NotInJournalError",
     "QuotaExhaustedError",
     "RLMError",
     "SandboxCrashedError",
@@ -232,6 +234,11 @@ class NoAnswerError(RLMError):
     def __init__(self, message: str, *, partial: Any = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+class NotInJournalError(RLMError):
+    """A replayed run (``RLM(replay=...)``) asked for a model call its journal does not hold: a
+    replay sends nothing, so the run cannot go on (its code or its inputs differ from the record)."""
 
 
 class InternalError(RLMError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -22,11 +23,14 @@ from ._exceptions import BudgetExceededError, ConfigurationError
 from ._run.lifecycle import execute_run
 from ._run.settings import DEFAULT_ALIAS, BridgeLimits, RunOptions, RunSettings
 from ._run.state import RunState
-from .context import validate_context
+from ._version import __version__
+from .context import context_digest, validate_context
 from .dispatch.budget import Budget, BudgetLedger
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.lane import RunShare
 from .dispatch.process import default_dispatcher
+from .durable.journal import Journal, JournalRun
+from .durable.memory import CallMemory
 from .events import EventSink
 from .models.base import LanguageModel
 from .models.registry import DEFAULT_MODEL, ModelRegistry
@@ -80,6 +84,11 @@ class RLM:
       their own cap on sub-calls in flight;
     - ``dedup``: send identical sub-prompts of a run once and reuse the answer;
     - ``trajectory``: a :class:`Trajectory` that records every run as JSONL (``rlmflow trace``);
+    - ``journal``: a :class:`~rlmflow.durable.journal.Journal` (or its SQLite file's path) that
+      records every run as it goes, every paid call included, so a run whose process died can
+      be resumed without paying again (:meth:`resume`; ``docs/durability.md``);
+    - ``replay``: a journal every run is answered from instead of the providers (no request is
+      sent; one the journal lacks raises :class:`NotInJournalError`): offline, free pipeline tests;
     - ``capture_content``: put prompts, replies, code and outputs into span attributes, each cut
       to this many characters (0, the default, records lengths and hashes only);
     - ``tracer_provider`` / ``meter_provider``: where spans and metrics go (default: the global
@@ -111,6 +120,8 @@ class RLM:
         dedup: bool = True,
         system_prompt: str | None = None,
         trajectory: Trajectory | None = None,
+        journal: Journal | str | Path | None = None,
+        replay: Journal | str | Path | None = None,
         capture_content: int = 0,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
@@ -147,6 +158,12 @@ class RLM:
         self.max_depth = min(max_depth, self.budget.max_depth if self.budget.max_depth is not None else max_depth)
         self.run_weight = run_weight
         self.run_max_concurrency = run_max_concurrency
+        if journal is not None and replay is not None:
+            raise ConfigurationError("a run is journaled or replayed, not both: give journal= or replay=")
+        self._owns_journal = isinstance(journal, str | Path) or isinstance(replay, str | Path)
+        self.journal: Journal | None = Journal(journal) if isinstance(journal, str | Path) else journal
+        """Where every run is recorded as it goes, so it can be resumed (:meth:`resume`)."""
+        self._replay: Journal | None = Journal(replay) if isinstance(replay, str | Path) else replay
         tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
         self.settings = RunSettings(
             root=root_model, root_style=self.root_style, sub=sub_model, sub_models=aliases,
@@ -200,6 +217,9 @@ class RLM:
         trajectory = self.settings.trajectory
         if trajectory is not None:
             await anyio.to_thread.run_sync(trajectory.close)
+        for journal in (self.journal, self._replay):
+            if journal is not None and self._owns_journal:
+                await anyio.to_thread.run_sync(journal.close)
 
     async def run(
         self,
@@ -231,14 +251,92 @@ class RLM:
         work done so far on ``.partial`` (an :class:`RLMResult` with an empty answer); so does
         the ``CancelledError`` of a cancelled run, which is re-raised as it must be.
         """
+        return await self._start(context, query, budget=budget, deadline=deadline, max_turns=max_turns,
+                                 max_depth=max_depth, metadata=metadata, ledger=ledger, progress=progress,
+                                 events=events, resumed=None)
+
+    async def _start(
+        self,
+        context: Context,
+        query: str,
+        *,
+        budget: Budget | None,
+        deadline: float | None,
+        max_turns: int | None,
+        max_depth: int | None,
+        metadata: Mapping[str, str] | None,
+        ledger: BudgetLedger | None,
+        progress: RunProgress | None,
+        events: EventSink | None,
+        resumed: JournalRun | None,
+    ) -> RLMResult:
         context, run_budget, options = self._prepare(context, query, budget, deadline, max_turns, max_depth,
                                                      metadata, ledger)
         run_ledger = ledger.child(run_budget) if ledger is not None else BudgetLedger(run_budget)
         share = RunShare(weight=self.run_weight, max_concurrency=self.run_max_concurrency)
         state = RunState(context, query, options=options, ledger=run_ledger, share=share,
-                         progress=progress or RunProgress())
+                         progress=progress or RunProgress(), run_id=resumed.run_id if resumed else None)
+        if resumed is not None:
+            state.tree.memory = CallMemory(journal=self.journal, run_id=resumed.run_id, recorded=resumed.calls,
+                                           turns=resumed.turns)
+        elif self._replay is not None:
+            recorded = await anyio.to_thread.run_sync(self._replay.all_calls)
+            state.tree.memory = CallMemory(journal=None, run_id=state.run_id, recorded=recorded, strict=True)
+        elif self.journal is not None:
+            state.tree.memory = CallMemory(journal=self.journal, run_id=state.run_id)
         with use_telemetry(self._telemetry):
             return await execute_run(self.settings, state, events=events, parent=None)
+
+    async def resume(
+        self,
+        context: Context,
+        run_id: str | None = None,
+        *,
+        budget: Budget | None = None,
+        deadline: float | None = None,
+        progress: RunProgress | None = None,
+        events: EventSink | None = None,
+    ) -> RLMResult:
+        """Continue a journaled run that did not answer (its process was killed, it was cancelled,
+        a budget stopped it): the latest such run of this RLM's journal unless ``run_id`` names one.
+
+        The journal holds the document's digest, not the document: pass the same ``context``. A
+        fresh sandbox runs the recorded turns again; every model call the run had already paid
+        for is answered from the journal (no request is sent, the ledger is charged what it cost)
+        and the run goes on live from its last recorded call. If re-run code prints otherwise than
+        it did (not deterministic), ``result.diverged_at`` says from which turn the run went on
+        live. The result's ``replayed_calls`` counts the calls answered from the journal.
+
+        Raises :class:`ConfigurationError` without a journal, for an unknown run, a run recorded
+        by another rlmflow version or over another document; then what :meth:`run` raises.
+        """
+        journal = self.journal
+        if journal is None:
+            raise ConfigurationError("resume needs RLM(journal=...): the journal the run was recorded in")
+        chosen = run_id or await anyio.to_thread.run_sync(journal.latest_unfinished)
+        if chosen is None:
+            raise ConfigurationError(f"{journal.path} holds no run without an answer to resume")
+        recorded = await anyio.to_thread.run_sync(journal.read_run, chosen)
+        if recorded is None:
+            raise ConfigurationError(f"{journal.path} holds no run {chosen!r}")
+        if recorded.version != __version__:
+            raise ConfigurationError(
+                f"run {chosen} was recorded by rlmflow {recorded.version}; this is {__version__}: its calls "
+                "may not be asked the same way (start it again)"
+            )
+        context = validate_context(context)
+        digest = await anyio.to_thread.run_sync(context_digest, context)
+        if digest != recorded.context_sha256:
+            raise ConfigurationError(
+                f"run {chosen} was recorded over another document (sha256 {recorded.context_sha256[:12]}..., this "
+                f"one is {digest[:12]}...): resume it with the same document"
+            )
+        settings = recorded.settings
+        return await self._start(
+            context, recorded.query, budget=budget, deadline=deadline, max_turns=settings.get("max_turns"),
+            max_depth=settings.get("max_depth"), metadata=settings.get("metadata"), ledger=None, progress=progress,
+            events=events, resumed=recorded,
+        )
 
     def check(
         self,

@@ -21,6 +21,7 @@ __all__ = [
     "BatchStarted",
     "CellFinished",
     "CodeSubmitted",
+    "Diverged",
     "EventSink",
     "Heartbeat",
     "RootText",
@@ -161,6 +162,15 @@ class RunFailed(RunEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Diverged(RunEvent):
+    """A resumed run's cells printed otherwise than the journal recorded at ``turn`` (code that
+    is not deterministic): from there the run goes on live, not from its record."""
+
+    kind: ClassVar[Literal["diverged"]] = "diverged"
+    turn: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat(RunEvent):
     """Nothing happened for a while (a long model call, a long cell): the stream is alive.
 
@@ -172,7 +182,7 @@ class Heartbeat(RunEvent):
 
 AnyRunEvent = (
     RunStarted | TurnStarted | RootText | CodeSubmitted | CellFinished | BatchStarted | BatchFinished
-    | SubCallDone | AnswerReady | RunFailed | Heartbeat
+    | SubCallDone | AnswerReady | RunFailed | Diverged | Heartbeat
 )
 """Every event a stream yields, as a union a type checker narrows on ``event.kind``."""
 

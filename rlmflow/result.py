@@ -38,6 +38,9 @@ class RLMResult:
     spent beyond their budget reservations (real usage above the estimate), zero normally;
     ``limited`` names the budget cap (``max_calls``, ``max_cost_usd``...) that refused some of the
     run's work before it answered: the answer was given from what could be paid for.
+    ``replayed_calls`` counts the calls a resumed or replayed run answered from its journal (no
+    request sent); ``diverged_at`` is the first root turn whose cells printed otherwise than the
+    journal recorded (code that is not deterministic): from there the run went on live.
     """
 
     answer: str
@@ -55,6 +58,8 @@ class RLMResult:
     sandbox: SandboxReport | None = None
     overrun: Spend = field(default_factory=Spend)
     limited: str | None = None
+    replayed_calls: int = 0
+    diverged_at: int | None = None
 
     @property
     def total_usage(self) -> Usage:

@@ -53,7 +53,7 @@ class _Lifecycle:
         self.recorder = RunRecorder(state, trajectory=settings.trajectory, sink=events)
         self.calls = CallScope(
             dispatcher=settings.dispatcher, ledger=state.ledger, share=state.share, depth=state.depth,
-            record=self.recorder.record, capture=settings.capture_content,
+            record=self.recorder.record, capture=settings.capture_content, memory=state.tree.memory,
         )
         self.cells = CellRunner(settings, state, self.recorder)
         self.bridge = HostBridge(

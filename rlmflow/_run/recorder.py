@@ -12,9 +12,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
+from opentelemetry import trace
+
 from .._text import traceback_summary
 from ..dispatch.records import CallRecord
-from ..events import AnswerReady, EventSink, RunEvent, RunFailed, RunStarted, SubCallDone
+from ..durable.journal import RecordedTurn
+from ..durable.keys import text_digest
+from ..durable.memory import CallMemory
+from ..events import AnswerReady, Diverged, EventSink, RunEvent, RunFailed, RunStarted, SubCallDone
 from ..result import RLMResult, Turn
 from ..telemetry.logs import get_logger
 from ..telemetry.trajectory import Trajectory
@@ -81,6 +86,13 @@ class RunRecorder:
         self.emit(RunStarted, query=query, query_chars=len(state.query), context_chars=context_chars,
                   root_model=root_model, sub_model=sub_model, parent_run_id=state.parent_run_id,
                   metadata=dict(state.options.metadata))
+        memory = state.tree.memory
+        if state.depth == 0 and memory is not None and memory.writes is not None:
+            memory.writes.run_started(
+                state.run_id, query=state.query, context_sha256=context_hash, context_chars=context_chars,
+                settings={"root": root_model, "sub": sub_model, "max_turns": state.options.max_turns,
+                          "max_depth": state.options.max_depth, "metadata": dict(state.options.metadata)},
+            )
         trajectory = self._trajectory
         if trajectory is not None:
             context = state.context
@@ -106,6 +118,12 @@ class RunRecorder:
             _logger.warning("run failed", error=type(error).__name__, turns=turns)
             message = str(getattr(error, "message", None) or error or "")
             self.emit(RunFailed, error=type(error).__name__, message=message[:500], turns=turns)
+        memory = state.tree.memory
+        if state.depth == 0 and memory is not None and memory.writes is not None and result is not None:
+            memory.writes.run_ended(state.run_id, status="done", answer=result.answer, error=None)
+        elif state.depth == 0 and memory is not None and memory.writes is not None and isinstance(error, Exception):
+            # still resumable (with a larger budget, a fixed model...): only an answer ends a run's record
+            memory.writes.run_ended(state.run_id, status="failed", answer=None, error=type(error).__name__)
         trajectory = self._trajectory
         if trajectory is not None:
             usage, cost = state.tree.usage.summary()
@@ -120,6 +138,8 @@ class RunRecorder:
     def turn(self, turn: Turn) -> None:
         state = self._state
         state.transcript.append(turn)
+        if state.depth == 0 and state.tree.memory is not None:
+            self._journal_turn(turn, state.tree.memory)
         error = next((traceback_summary(c.error)[:200] for c in turn.cells if c.error), None)
         _logger.info("turn finished", turn=turn.index, cells=len(turn.cells), duration_s=round(turn.duration, 3),
                      error=error)
@@ -138,3 +158,17 @@ class RunRecorder:
                 for cell, (start, wall) in zip(turn.cells, turn.cell_spans, strict=False)
             ],
         )
+
+    def _journal_turn(self, turn: Turn, memory: CallMemory) -> None:
+        """Write the root turn's digests; report the first that differs from its record."""
+        state = self._state
+        recorded_turn = RecordedTurn("", turn.index, text_digest("\n".join(turn.code)), text_digest(turn.feedback))
+        before = memory.turns.get(turn.index)
+        differs = before is not None and before.output_sha256 != recorded_turn.output_sha256
+        if differs and state.tree.diverged_at is None:
+            state.tree.diverged_at = turn.index
+            _logger.warning("resumed run diverged", turn=turn.index)
+            trace.get_current_span().add_event("rlm.resume.diverged", {"rlm.turn": turn.index})
+            self.emit(Diverged, turn=turn.index)
+        if memory.writes is not None:
+            memory.writes.turn_done(state.run_id, recorded_turn)

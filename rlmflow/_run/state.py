@@ -18,6 +18,7 @@ from .._exceptions import BudgetExceededError
 from ..dispatch.budget import BudgetLedger
 from ..dispatch.lane import RunShare
 from ..dispatch.records import CallRecord
+from ..durable.memory import CallMemory
 from ..models.base import Usage
 from ..result import RLMResult, RunProgress, Turn
 from ..sandbox.base import Context, SandboxReport
@@ -64,6 +65,8 @@ class RunTree:
     usage: UsageTally = field(default_factory=UsageTally)  # what ``calls`` add up to
     sub_calls: int = 0  # sub-calls and child runs admitted
     events: int = 0  # events sent so far: the last one's ``seq``
+    memory: CallMemory | None = None  # the journal: calls to answer from, where new ones go
+    diverged_at: int | None = None  # the first root turn that printed otherwise than its record
     child_slots: dict[int, anyio.Semaphore] = field(default_factory=dict)
 
     def slots_at(self, depth: int, limit: int) -> anyio.Semaphore:
@@ -89,6 +92,7 @@ class RunState:
         depth: int = 0,
         tree: RunTree | None = None,
         parent_run_id: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.context = context
         self.query = query
@@ -99,7 +103,7 @@ class RunState:
         self.depth = depth
         self.tree = tree or RunTree()
         self.parent_run_id = parent_run_id
-        self.run_id = uuid.uuid4().hex[:16]
+        self.run_id = run_id or uuid.uuid4().hex[:16]  # a resumed run keeps its id
         self.transcript: list[Turn] = []
         self.started = time.monotonic()
         self.trace_id: str | None = None
@@ -145,4 +149,6 @@ class RunState:
             sandbox=self.sandbox_report,
             overrun=self.ledger.overrun,
             limited=self.budget_stop.limit if self.budget_stop is not None and answer else None,
+            replayed_calls=self.tree.memory.replayed if self.tree.memory is not None else 0,
+            diverged_at=self.tree.diverged_at,
         )

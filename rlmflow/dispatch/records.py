@@ -29,6 +29,7 @@ class CallRecord:
     throttles: int = 0
     error: str | None = None
     started_at: float = 0.0  # wall clock (time.time()) when the call was queued
+    from_journal: bool = False  # answered from a journal (a resumed or replayed run): nothing was sent
 
 
 #: Receives the record of each call as it finishes.

@@ -1,0 +1,27 @@
+"""What identifies a model call across processes: its model and everything that shapes its answer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..models.base import LanguageModel, ModelRequest
+
+__all__ = ["request_key", "text_digest"]
+
+
+def request_key(model: LanguageModel, request: ModelRequest) -> str:
+    """A digest of the model (provider, name, endpoint) and of the request (messages, generation
+    limit and sampling settings): two calls with the same key would be asked the same thing."""
+    endpoint = getattr(model, "endpoint", None)
+    shape = [
+        model.provider, model.name, endpoint if isinstance(endpoint, str) else None,
+        request.max_tokens, request.temperature, request.top_p, list(request.stop), request.reasoning_effort,
+        [[message.role, message.content] for message in request.messages],
+    ]
+    return text_digest(json.dumps(shape, ensure_ascii=False, separators=(",", ":")))
+
+
+def text_digest(text: str) -> str:
+    """SHA-256 of ``text`` (lone surrogates from sandbox text included)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

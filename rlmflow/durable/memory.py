@@ -1,0 +1,112 @@
+"""What a run tree may be answered from instead of a provider, and where its new calls are written.
+
+One :class:`CallMemory` per run tree (a run and its ``rlm_query`` children). Resuming a run, it
+holds the calls the journal recorded for it: a request asked again (same model, same messages,
+same settings: the same :func:`~rlmflow.durable.keys.request_key`) is answered from there, the
+n-th time from the n-th record, and costs no provider request. Every call that does go out is
+written to the journal as it completes, so a second crash loses no more than the first. A replay
+memory (``strict``) holds a whole journal's calls and refuses any request it does not hold.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+
+from .._exceptions import NotInJournalError
+from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
+from .journal import Journal, RecordedCall, RecordedTurn
+from .keys import request_key
+
+__all__ = ["CallMemory", "RecordingModel"]
+
+
+class CallMemory:
+    """Recorded calls to answer from (each once) and the journal new calls go to."""
+
+    def __init__(
+        self, *, journal: Journal | None, run_id: str, recorded: Iterable[RecordedCall] = (),
+        turns: Iterable[RecordedTurn] = (), strict: bool = False,
+    ) -> None:
+        self.journal = journal
+        self.run_id = run_id
+        self.strict = strict
+        self.turns = {turn.turn: turn for turn in turns if turn.child_path == ""}
+        """The root run's recorded turns by number (the latest record of each)."""
+        self._recorded: defaultdict[str, deque[RecordedCall]] = defaultdict(deque)
+        for call in recorded:
+            self._recorded[call.key].append(call)
+        self.replayed = 0
+        """Calls answered from the journal so far."""
+
+    def take(self, key: str) -> RecordedCall | None:
+        """The next recorded answer to the request ``key``, or ``None`` (it must be sent)."""
+        answers = self._recorded.get(key)
+        if not answers:
+            return None
+        self.replayed += 1
+        return answers.popleft()
+
+    def missed(self, model: LanguageModel, request: ModelRequest) -> None:
+        """A request the memory cannot answer; raises :class:`NotInJournalError` in a replay."""
+        if self.strict:
+            last = request.messages[-1].content if request.messages else ""
+            raise NotInJournalError(
+                f"the journal holds no answer to this request to {model.provider}:{model.name} "
+                f"({len(request.messages)} messages, the last beginning {last[:80]!r}); a replay sends nothing"
+            )
+
+    @property
+    def writes(self) -> Journal | None:
+        """The journal new records go to (none in a replay)."""
+        return None if self.strict else self.journal
+
+    def write(self, call: RecordedCall) -> None:
+        if self.writes is not None:
+            self.writes.call_done(self.run_id, call)
+
+
+class RecordingModel:
+    """``model`` whose every answered request is written to a :class:`CallMemory`'s journal.
+
+    Given to the Dispatcher in the model's place: the same lane (provider, name and every other
+    attribute are the model's), and the write happens as each call completes, also inside a
+    batch that a crash interrupts half-way.
+    """
+
+    def __init__(
+        self, model: LanguageModel, memory: CallMemory, *, role: str, depth: int,
+        cost: Callable[[LanguageModel, Usage], float | None],
+    ) -> None:
+        self.model = model
+        self._memory = memory
+        self._role = role
+        self._depth = depth
+        self._cost = cost
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def count_tokens(self, text: str) -> int:
+        return self.model.count_tokens(text)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        response = await self.model.request(request)
+        usage = response.usage
+        self._memory.write(RecordedCall(
+            key=request_key(self.model, request), role=self._role, depth=self._depth, model=response.model,
+            text=response.text, finish_reason=response.finish_reason, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cost_usd=self._cost(self.model, usage),
+        ))
+        return response
+
+    async def aclose(self) -> None:
+        return None  # the model belongs to whoever made it
+
+    def __getattr__(self, name: str) -> object:  # endpoint, lane_limits, price, reserve_connections...
+        return getattr(self.model, name)
