@@ -47,11 +47,12 @@ class CallScope:
     async def ask_root(self, model: LanguageModel, request: ModelRequest) -> ModelResponse:
         """One root call, admitted before any queued sub-call."""
         memory = self.memory
-        if memory is not None:
+        if memory is not None and memory.answers:
             recorded = memory.take(request_key(model, request))
             if recorded is not None:
                 return self._answered(model, recorded)
             memory.missed(model, request)
+        if memory is not None:
             model = self._recording(model, memory, "root")
         return await self.dispatcher.call(
             model, request, ledger=self.ledger, share=self.share, priority=Priority.ROOT, depth=self.depth,
@@ -65,6 +66,8 @@ class CallScope:
         memory = self.memory
         if memory is None:
             return await self._send_many(model, requests, parent)
+        if not memory.answers:  # a fresh journaled run: every call is sent, and written as it completes
+            return await self._send_many(self._recording(model, memory, "sub"), requests, parent)
         outcomes: list[ModelResponse | RLMError | None] = []
         missing: list[int] = []
         for index, request in enumerate(requests):

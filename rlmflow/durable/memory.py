@@ -39,6 +39,12 @@ class CallMemory:
         self.replayed = 0
         """Calls answered from the journal so far."""
 
+    @property
+    def answers(self) -> bool:
+        """Whether a request may be answered from here (a resume or replay): otherwise no
+        request needs its key looked up before it is sent."""
+        return self.strict or any(self._recorded.values())
+
     def take(self, key: str) -> RecordedCall | None:
         """The next recorded answer to the request ``key``, or ``None`` (it must be sent)."""
         answers = self._recorded.get(key)
