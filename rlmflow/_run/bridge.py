@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import anyio
@@ -29,6 +29,7 @@ from opentelemetry.context import Context as OtelContext
 from .._exceptions import BatchError, BudgetExceededError, ContextError, RLMError, SandboxRequestError
 from .._util import single_exception
 from ..context import context_size, validate_context
+from ..dispatch.records import CallRecord
 from ..events import BatchFinished, BatchStarted
 from ..models.base import LanguageModel, Message, ModelRequest, ModelResponse
 from ..result import RLMResult
@@ -253,14 +254,23 @@ class HostBridge:
     ) -> list[ModelResponse | RLMError]:
         requests = [ModelRequest(messages=(Message("user", prompt),), max_tokens=max_tokens) for prompt in prompts]
         progress = self._state.progress
+        landed = 0
+        record = self._calls.record
+
+        def land(call: CallRecord) -> None:  # each call leaves "in flight" as it lands, not with its batch
+            nonlocal landed
+            landed += 1
+            progress.calls_in_flight -= 1
+            record(call)
+
         progress.calls_in_flight += len(requests)
         try:
-            return await self._calls.ask_many(sub, requests, parent=parent)
+            return await replace(self._calls, record=land).ask_many(sub, requests, parent=parent)
         except BudgetExceededError as exc:
             self._budget_refused(exc)
             raise
         finally:
-            progress.calls_in_flight -= len(requests)
+            progress.calls_in_flight -= len(requests) - landed  # those that never landed (refused, cancelled)
 
     def _budget_refused(self, exc: BudgetExceededError) -> None:
         """Note the run's first budget refusal: the loop tells the root once, then the run ends."""
