@@ -1,6 +1,6 @@
 """A small ASGI service that answers questions over documents and streams each run's events.
 
-    pip install 'rlmflow[service]' uvicorn
+    pip install 'rlmflow-async[service]' uvicorn
     uvicorn --factory examples.service:main   # embedded model; RLMFLOW_ROOT / RLMFLOW_SUB change it
 
     curl -N localhost:8000/runs -H 'content-type: application/json' \\

@@ -7,6 +7,11 @@ Each input line is ``{"id": ..., "query": ..., "context": "..."}`` or ``{"id": .
 the answer or the error, the attempts, turns, tokens, cost and duration. With ``--ray ADDRESS``
 (``local`` starts a Ray instance here) the runs go to warm actors; ``--shared redis://...`` or a
 policy file's ``[shared]`` table makes every actor share the lanes' limits.
+
+``--sandbox`` (here, on ``rlmflow run`` and on ``rlmflow eval``) chooses where the root's code runs:
+``local`` (the default) or ``agentcore[:IDENTIFIER][@REGION]``, the AgentCore Code Interpreter.
+botocore's standard endpoint variables (``AWS_ENDPOINT_URL_BEDROCK_AGENTCORE``,
+``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``) point the sandbox and Bedrock models elsewhere (a local fake).
 """
 
 from __future__ import annotations
@@ -29,8 +34,43 @@ from .dispatch.dispatcher import Dispatcher
 from .engine import RLM
 from .models.registry import DEFAULT_MODEL
 from .ray import BatchEvent, BatchItem, BatchPolicy, BatchResult, RayBatch
+from .sandbox.base import Isolation, Sandbox
 
-__all__ = ["add_batch_parser", "batch_main"]
+__all__ = ["add_batch_parser", "add_sandbox_argument", "batch_main", "build_sandbox", "check_sandbox"]
+
+def check_sandbox(spec: str) -> str:
+    """``spec`` if it is a well-formed ``--sandbox`` string (argparse's ``type``); the AgentCore
+    backend (botocore) is imported only when one is named."""
+    if spec == "local":
+        return spec
+    from .sandbox.agentcore import parse_sandbox_string
+
+    try:
+        parse_sandbox_string(spec)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return spec
+
+
+def build_sandbox(spec: str, *, cell_timeout: float = 120.0, isolation: Isolation = "auto") -> Sandbox:
+    """The sandbox a ``--sandbox`` string names; see :func:`rlmflow.sandbox.agentcore.sandbox_from_string`."""
+    if spec == "local":
+        from .sandbox.local import LocalSandbox
+
+        return LocalSandbox(cell_timeout=cell_timeout, isolation=isolation)
+    from .sandbox.agentcore import sandbox_from_string
+
+    return sandbox_from_string(spec, cell_timeout=cell_timeout, isolation=isolation)
+
+
+def add_sandbox_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--sandbox`` to a subcommand (``run`` and ``batch``; ``eval`` has its own copy)."""
+    parser.add_argument(
+        "--sandbox", type=check_sandbox, default="local", metavar="SPEC",
+        help="where the root's code runs: local (default) or agentcore[:IDENTIFIER][@REGION], the AgentCore "
+        "Code Interpreter (AWS credentials from the usual chain; AWS_ENDPOINT_URL_BEDROCK_AGENTCORE "
+        "overrides its endpoint; docs/agentcore.md)",
+    )
 
 
 def add_batch_parser(commands: Any) -> None:
@@ -48,6 +88,7 @@ def add_batch_parser(commands: Any) -> None:
     batch.add_argument("--runs-per-actor", type=int, default=4, help="runs in flight per actor (or in this process)")
     batch.add_argument("--max-attempts", type=int, default=3, help="tries per item (a dead worker is retried)")
     batch.add_argument("--max-turns", type=int, default=12)
+    add_sandbox_argument(batch)
     batch.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
 
 
@@ -58,6 +99,7 @@ def read_items(path: str) -> list[BatchItem]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc}") from exc
+    seen: dict[str, int] = {}  # id -> its line: results are matched to items by id
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -67,16 +109,24 @@ def read_items(path: str) -> list[BatchItem]:
                                    paths=row.get("paths")))
         except (ValueError, KeyError, TypeError, AttributeError, ConfigurationError) as exc:
             raise ConfigurationError(f"{path}:{number}: {exc}") from exc
+        first = seen.setdefault(items[-1].id, number)
+        if first != number:
+            raise ConfigurationError(
+                f"{path}:{number}: duplicate id {items[-1].id!r} (line {first} has it too): each item needs an "
+                "id of its own, since results are matched to items by id"
+            )
     if not items:
         raise ConfigurationError(f"{path} holds no items")
     return items
 
 
-def build_rlm(root: str, sub: str | None, policy: str | None, shared: str | None, max_turns: int) -> RLM:
-    """The RLM of one worker (pickled by reference into each Ray actor)."""
+def build_rlm(root: str, sub: str | None, policy: str | None, shared: str | None, max_turns: int,
+              sandbox: str = "local") -> RLM:
+    """The RLM of one worker (pickled by reference into each Ray actor; ``sandbox`` is a
+    ``--sandbox`` string, built in the worker)."""
     options: dict[str, Any] = {"shared": shared} if shared else {}
     dispatcher = Dispatcher.from_policy(policy, **options) if policy else Dispatcher(**options)
-    rlm = RLM(root=root, sub=sub, dispatcher=dispatcher, max_turns=max_turns)
+    rlm = RLM(root=root, sub=sub, dispatcher=dispatcher, max_turns=max_turns, sandbox=build_sandbox(sandbox))
     if policy:
         dispatcher.check_limits_used([rlm.root, *rlm.sub_models.values()], source=f"the policy {policy}")
     return rlm
@@ -185,7 +235,8 @@ class _Progress:
 
 
 async def _batch(args: argparse.Namespace, items: list[BatchItem], out: TextIO) -> int:
-    factory = functools.partial(build_rlm, args.root, args.sub, args.policy, args.shared, args.max_turns)
+    factory = functools.partial(build_rlm, args.root, args.sub, args.policy, args.shared, args.max_turns,
+                                args.sandbox)
     failed = 0
     with _Progress(len(items), sys.stderr) as progress:
         if args.ray:

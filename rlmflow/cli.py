@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 
 from . import __version__
-from ._batch_cli import add_batch_parser, batch_main
+from ._batch_cli import add_batch_parser, add_sandbox_argument, batch_main, build_sandbox
 from ._exceptions import (
     BudgetExceededError,
     ConfigurationError,
@@ -40,7 +40,6 @@ from .dispatch.dispatcher import Dispatcher
 from .engine import RLM, RLMResult, RunProgress
 from .eval.cli import add_eval_parser, eval_main
 from .models.registry import DEFAULT_MODEL
-from .sandbox.local import LocalSandbox
 from .telemetry.export import Export, ExportConfigurationError, export_from_environment
 from .telemetry.html import render_html
 from .telemetry.phoenix import PhoenixError, load_phoenix_trace
@@ -78,9 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="a Dispatcher policy file: lanes, retry, [shared] (docs/policies.md)")
     run.add_argument("--deadline", type=float, default=None, help="budget: seconds for the whole run")
     run.add_argument("--cell-timeout", type=float, default=120.0, help="seconds of compute per cell")
+    add_sandbox_argument(run)
     run.add_argument("--isolation", choices=("auto", "strict", "none"), default="auto",
-                     help="sandbox isolation: the strongest available (auto), refuse to run unconfined "
-                     "(strict), or none; -v prints what held")
+                     help="the local sandbox's isolation: the strongest available (auto), refuse to run "
+                     "unconfined (strict), or none; -v prints what held")
     run.add_argument("--show-transcript", action="store_true", help="print every turn's code and output")
     run.add_argument("--trajectory", metavar="PATH", help="record the run as JSONL (read it with rlmflow trace)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
@@ -219,7 +219,7 @@ async def _answer(
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,
-        sandbox=LocalSandbox(cell_timeout=args.cell_timeout, isolation=args.isolation),
+        sandbox=build_sandbox(args.sandbox, cell_timeout=args.cell_timeout, isolation=args.isolation),
         trajectory=Trajectory(args.trajectory) if args.trajectory else None,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,

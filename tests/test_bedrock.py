@@ -90,28 +90,80 @@ async def test_converse_stream_hands_out_pieces(server: FakeBedrockServer) -> No
     assert response.finish_reason == "end_turn" and response.usage.output_tokens == 8
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["converse", "converse-stream"])
 @pytest.mark.parametrize(
-    ("directive", "error", "retryable"),
+    ("directive", "code", "error", "retryable"),
     [
-        ("throttle", ThrottledError, True),
-        ("quota", QuotaExhaustedError, True),
-        ("not-ready", ModelNotReadyError, True),
-        ("server-error", TransientModelError, True),
-        ("overloaded", TransientModelError, True),
-        ("denied", FatalModelError, False),
+        ("throttle", "ThrottlingException", ThrottledError, True),
+        # Converse has no ServiceQuotaExceededException: a spent daily quota is a ThrottlingException
+        ("quota", "ThrottlingException", QuotaExhaustedError, True),
+        ("not-ready", "ModelNotReadyException", ModelNotReadyError, True),
+        ("server-error", "InternalServerException", TransientModelError, True),
+        ("overloaded", "ServiceUnavailableException", TransientModelError, True),
+        ("model-timeout", "ModelTimeoutException", TransientModelError, True),
+        ("model-error", "ModelErrorException", TransientModelError, True),
+        ("denied", "AccessDeniedException", FatalModelError, False),
+        ("not-found", "ResourceNotFoundException", FatalModelError, False),
+        ("invalid", "ValidationException", FatalModelError, False),  # not about length: no ContextOverflowError
     ],
 )
 async def test_errors_are_classified(
-    server: FakeBedrockServer, directive: str, error: type[Exception], retryable: bool
+    server: FakeBedrockServer, directive: str, code: str, error: type[Exception], retryable: bool, stream: bool
 ) -> None:
-    model = bedrock(server)
+    """Each error Converse and ConverseStream declare in botocore's model, as the Dispatcher's class."""
+    from botocore.exceptions import ClientError
+    from botocore.session import get_session
+
+    operation = "ConverseStream" if stream else "Converse"
+    declared = {e.name for e in get_session().get_service_model("bedrock-runtime").operation_model(operation)
+                .error_shapes}
+    model = bedrock(server, stream=stream)
     try:
         with pytest.raises(error) as caught:
             await model.request(ModelRequest.from_prompt(f"[[{directive}]] hello"))
     finally:
         await model.aclose()
     assert type(caught.value) is error and caught.value.retryable is retryable  # type: ignore[attr-defined]
+    cause = caught.value.__cause__
+    assert isinstance(cause, ClientError) and cause.response["Error"]["Code"] == code and code in declared
     assert server.counters.requests == 1  # botocore's own retries are off
+
+
+async def test_tool_results_must_answer_the_previous_turns_tool_uses(server: FakeBedrockServer) -> None:
+    """Bedrock refuses a toolResult whose toolUseId is not one of the previous turn's toolUse blocks;
+    the fake does too (it used to drop toolResult blocks), so a Strands root that mixed up ids fails."""
+    import aioboto3
+    from botocore.exceptions import ClientError
+
+    from rlmflow.models.bedrock import translate_botocore
+
+    tool = {"tools": [{"toolSpec": {"name": "execute_python", "inputSchema": {"json": {"type": "object"}}}}]}
+
+    def conversation(result_id: str) -> list[dict[str, object]]:
+        return [
+            {"role": "user", "content": [{"text": "run it"}]},
+            {"role": "assistant", "content": [{"toolUse": {"toolUseId": "tooluse_a", "name": "execute_python",
+                                                           "input": {"code": "1"}}}]},
+            {"role": "user", "content": [{"toolResult": {"toolUseId": result_id,
+                                                         "content": [{"text": "printed 1"}]}}]},
+        ]
+
+    async with aioboto3.Session().client("bedrock-runtime", endpoint_url=server.base_url) as client:
+        paired = await client.converse(modelId=CLAUDE, messages=conversation("tooluse_a"), toolConfig=tool)
+        assert paired["stopReason"] == "end_turn"
+        with pytest.raises(ClientError) as mixed_up:
+            await client.converse(modelId=CLAUDE, messages=conversation("tooluse_b"), toolConfig=tool)
+        with pytest.raises(ClientError) as no_config:
+            await client.converse(modelId=CLAUDE, messages=conversation("tooluse_a"))
+    error = mixed_up.value.response["Error"]
+    assert error["Code"] == "ValidationException"
+    assert mixed_up.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert "Expected toolResult blocks at messages.2.content for the following Ids: tooluse_a" in error["Message"]
+    assert "toolConfig" in no_config.value.response["Error"]["Message"]
+    translated = translate_botocore(mixed_up.value, provider="aws.bedrock", model=CLAUDE)
+    assert type(translated) is FatalModelError and not translated.retryable
+    # the tool result is part of the prompt the fake counted
+    assert paired["usage"]["inputTokens"] == server.count_tokens("run it" + '{"code": "1"}' + "printed 1")
 
 
 async def test_too_long_input_is_context_overflow(server: FakeBedrockServer) -> None:

@@ -25,6 +25,7 @@ from ..dispatch.limits import Priority
 from ..dispatch.records import CallRecord
 from ..engine import RLM
 from ..models.base import LanguageModel, Message, ModelRequest
+from ..models.registry import parse_model_string
 from ..result import RLMResult
 from .items import EvalItem
 
@@ -199,6 +200,8 @@ class RLMApproach:
     @property
     def model_label(self) -> str:
         def label(model: str | LanguageModel) -> str:
+            if isinstance(model, str) and model.startswith("strands:"):  # the model under the Strands Agent,
+                return parse_model_string(model.removeprefix("strands:"))[1]  # as base's rows name it
             return model if isinstance(model, str) else model.name
 
         root = label(self._root)

@@ -25,6 +25,7 @@ from .._util import single_exception
 from ..dispatch.budget import Budget
 from ..dispatch.dispatcher import Dispatcher
 from ..models.registry import DEFAULT_MODEL, ModelRegistry
+from ..sandbox.base import Sandbox
 from ..sandbox.local import LocalSandbox
 from .approaches import Approach, DirectApproach, RLMApproach
 from .generate import KINDS, generate_task, parse_size, write_tasks
@@ -36,10 +37,32 @@ from .runner import EvalProgress, ItemResult, read_results, run_eval
 __all__ = ["add_eval_parser", "eval_main"]
 
 APPROACHES = ("base", "long-context", "rlm")
+DEMO_CORPUS = "examples/data/shakespeare_plays.txt"  # in the repository, not in the wheel
 
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _sandbox(spec: str) -> str:
+    """``spec`` if it is a well-formed ``--sandbox`` string; botocore is imported only for AgentCore."""
+    if spec == "local":
+        return spec
+    from ..sandbox.agentcore import parse_sandbox_string
+
+    try:
+        parse_sandbox_string(spec)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return spec
+
+
+def _build_sandbox(spec: str, cell_timeout: float) -> Sandbox:
+    if spec == "local":
+        return LocalSandbox(cell_timeout=cell_timeout)
+    from ..sandbox.agentcore import sandbox_from_string
+
+    return sandbox_from_string(spec, cell_timeout=cell_timeout)
 
 
 def add_eval_parser(commands: Any) -> None:
@@ -69,6 +92,9 @@ def add_eval_parser(commands: Any) -> None:
     ev.add_argument("--max-turns", type=int, default=12)
     ev.add_argument("--max-depth", type=int, default=1)
     ev.add_argument("--cell-timeout", type=float, default=120.0)
+    ev.add_argument("--sandbox", type=_sandbox, default="local", metavar="SPEC",
+                    help="where rlm's code runs: local (default) or agentcore[:IDENTIFIER][@REGION], the AgentCore "
+                    "Code Interpreter (AWS_ENDPOINT_URL_BEDROCK_AGENTCORE overrides its endpoint)")
     ev.add_argument("--max-cost", type=float, default=None, help="USD cap of the whole evaluation")
     ev.add_argument("--item-max-cost", type=float, default=None, help="USD cap per item")
     ev.add_argument("--item-deadline", type=float, default=None, help="seconds per item")
@@ -86,7 +112,9 @@ def add_eval_parser(commands: Any) -> None:
     gen.add_argument("--kinds", type=_csv, default=list(KINDS), help=f"of {', '.join(KINDS)}")
     gen.add_argument("--sizes", type=_csv, default=["100KB", "1MB"], help="e.g. 100KB,1MB,10MB (100KB-50MB)")
     gen.add_argument("--seeds", type=_csv, default=["0"], help="one task per kind, size and seed")
-    gen.add_argument("--corpus", default="examples/data/shakespeare_plays.txt", help="filler text")
+    gen.add_argument("--corpus", default=None, metavar="FILE",
+                     help=f"filler text: a plain-text file of a few dozen paragraphs or more (default {DEMO_CORPUS} "
+                     "when run from a source checkout; the code kind needs none)")
     gen.add_argument("--out", required=True, help="output directory")
 
 
@@ -108,9 +136,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus(args: argparse.Namespace) -> str:
+    """The filler text: --corpus, else the demo corpus of a source checkout; a clear error otherwise."""
+    if all(kind == "code" for kind in args.kinds):
+        return ""
+    if args.corpus is None and not Path(DEMO_CORPUS).is_file():
+        raise ConfigurationError(
+            f"give --corpus FILE: the filler text the records are planted in (any plain text of a few dozen "
+            f"paragraphs or more; the default, {DEMO_CORPUS}, is in the source repository, not in the installed "
+            "package), or generate only --kinds code"
+        )
+    path = Path(args.corpus or DEMO_CORPUS)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the corpus {path}: {exc}") from exc
+
+
 def _generate(args: argparse.Namespace) -> int:
-    corpus_path = Path(args.corpus)
-    corpus = corpus_path.read_text(encoding="utf-8") if any(k != "code" for k in args.kinds) else ""
+    corpus = _corpus(args)
     tasks = []
     for size in args.sizes:
         for kind in args.kinds:
@@ -191,26 +235,34 @@ async def _evaluate(args: argparse.Namespace) -> int:
     tracer_provider, meter_provider = export.tracer_provider, export.meter_provider
     registry = ModelRegistry()  # one instance per model string: base and rlm share local weights
     try:
-        root = registry.resolve(args.root)
+        # a strands: root (a Strands Agent driving the run) is rlm's; base calls the model under it
+        strands_root = args.root.startswith("strands:")
+        plain_root = args.root.removeprefix("strands:")
+        root = registry.resolve(plain_root)
         approaches: list[Approach] = []
         for name in names:
             if name == "base":
                 approaches.append(DirectApproach(root, name="base", window=args.window))
             elif name == "long-context":
-                approaches.append(DirectApproach(registry.resolve(args.long_model or args.root), name="long-context",
+                approaches.append(DirectApproach(registry.resolve(args.long_model or plain_root), name="long-context",
                                                  window=args.long_window))
             else:
                 approaches.append(RLMApproach(
-                    root, registry.resolve(args.sub) if args.sub else None, max_turns=args.max_turns,
-                    max_depth=args.max_depth, sandbox=LocalSandbox(cell_timeout=args.cell_timeout),
+                    args.root if strands_root else root, registry.resolve(args.sub) if args.sub else None,
+                    max_turns=args.max_turns,
+                    max_depth=args.max_depth, sandbox=_build_sandbox(args.sandbox, args.cell_timeout),
                     tracer_provider=tracer_provider, meter_provider=meter_provider,
                 ))
         dispatcher = (Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider,
                                              meter_provider=meter_provider)
                       if args.policy else Dispatcher(tracer_provider=tracer_provider, meter_provider=meter_provider))
+        models = [registry.resolve(spec) for spec in (plain_root, args.sub, args.long_model) if spec]
         if args.policy:
-            models = [registry.resolve(spec) for spec in (args.root, args.sub, args.long_model) if spec]
             dispatcher.check_limits_used(models, source=f"the policy {args.policy}")
+        for model in models:  # a hosted endpoint without its key fails here, before any item runs
+            ready = getattr(model, "check_ready", None)
+            if callable(ready):
+                ready()
         budget = Budget(max_cost_usd=args.item_max_cost, deadline=args.item_deadline, max_calls=args.item_max_calls)
         progress = EvalProgress()
         print(f"{len(items)} items x {len(approaches)} approaches -> {args.results}", file=sys.stderr)

@@ -38,6 +38,7 @@ from .base import (
     estimated_usage,
     split_system,
 )
+from .openai import missing_key_error, needs_api_key
 
 __all__ = ["AnthropicModel"]
 
@@ -48,7 +49,9 @@ class AnthropicModel(HTTPModel):
     """A Claude model on Anthropic's API (``anthropic:<model>``).
 
     ``base_url`` defaults to ``$ANTHROPIC_BASE_URL``, then ``https://api.anthropic.com``; the
-    key to ``$ANTHROPIC_API_KEY``. ``stream=True`` makes :meth:`request` stream, calling
+    key to ``$ANTHROPIC_API_KEY`` (Anthropic's own API without one fails :meth:`check_ready`,
+    which ``RLM.check`` and ``RLM.run`` call before anything runs; another base URL, a gateway or
+    a local server, may need none). ``stream=True`` makes :meth:`request` stream, calling
     ``on_text`` with each piece of text as it arrives.
     """
 
@@ -71,11 +74,18 @@ class AnthropicModel(HTTPModel):
             provider="anthropic", pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
         )
         self._url = self._base_url + "/v1/messages"
+        self._api_key = api_key or os.environ.get("ANTHROPIC_API_KEY") or None
         self._headers = {
-            "x-api-key": api_key or os.environ.get("ANTHROPIC_API_KEY") or "",
+            "x-api-key": self._api_key or "",
             "anthropic-version": API_VERSION,
             "content-type": "application/json",
         }
+
+    def check_ready(self) -> None:
+        """Raise :class:`ConfigurationError` at once if this model's endpoint is a hosted API and no
+        key was given (rather than a 401, or a DNS failure retried for seconds, on the first call)."""
+        if self._api_key is None and needs_api_key(self._base_url):
+            raise missing_key_error(self._provider, self._model, self._base_url, "ANTHROPIC_API_KEY")
 
     def payload(self, request: ModelRequest) -> dict[str, Any]:
         """The JSON body of ``request``: system apart, consecutive turns of one role merged."""

@@ -61,6 +61,12 @@ _TOO_LONG = re.compile(
 # Bedrock counts each output token of these Claude models as 5 tokens against the TPM quota
 # (Claude 3.7 Sonnet and the Claude 4 generation on); other models 1:1.
 _HEAVY_OUTPUT = re.compile(r"anthropic\.claude-(3-7-|(sonnet|opus|haiku)-[4-9])")
+# A ThrottlingException about a quota per day (Converse's "Too many tokens per day"): a spent quota.
+_DAILY_QUOTA = re.compile(r"per day|daily", re.IGNORECASE)
+# Retried, as botocore's standard retry mode and the model's documentation have them: 5xx faults
+# (InternalServer, ServiceUnavailable), ModelTimeoutException (408: the model took too long this
+# time), ModelErrorException (424: "Try your request again"), ModelStreamErrorException ("Retry your
+# request"). ThrottlingException and ModelNotReadyException (the model's retryable trait) apart.
 _TRANSIENT_CODES = {
     "InternalServerException", "ServiceUnavailableException", "ModelStreamErrorException",
     "ModelTimeoutException", "ModelErrorException", "RequestTimeout", "RequestTimeoutException",
@@ -370,9 +376,11 @@ def translate_botocore(exc: BaseException, *, provider: str, model: str) -> Mode
         message = str(error.get("Message") or exc)
         status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
         detail: dict[str, Any] = {**where, "status_code": status}
+        if code == "ThrottlingException" and _DAILY_QUOTA.search(message):
+            return QuotaExhaustedError(f"Bedrock quota spent: {message}", **detail)
         if code == "ThrottlingException":
             return ThrottledError(f"throttled by Bedrock: {message}", **detail)
-        if code == "ServiceQuotaExceededException":
+        if code == "ServiceQuotaExceededException":  # InvokeModel's (strands models may use it), not Converse's
             return QuotaExhaustedError(f"Bedrock service quota exceeded: {message}", **detail)
         if code == "ModelNotReadyException":
             return ModelNotReadyError(f"model not ready: {message}", **detail)

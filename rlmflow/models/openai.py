@@ -10,8 +10,10 @@ import json
 import os
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._exceptions import (
+    ConfigurationError,
     ContextOverflowError,
     FatalModelError,
     ModelError,
@@ -32,10 +34,34 @@ from ._http import (
 )
 from .base import ModelRequest, ModelResponse, TextCallback, Usage, estimated_usage
 
-__all__ = ["OpenAIModel", "is_reasoning_model"]
+__all__ = ["HOSTED_ENDPOINTS", "OpenAIModel", "is_reasoning_model", "needs_api_key"]
+
+#: Hosts of hosted APIs that answer nothing without a key. A model whose base URL points at one of
+#: them (or a subdomain) and has no key is a ConfigurationError before anything runs; any other host
+#: (loopback, a self-hosted vLLM/Ollama/llama.cpp server, a gateway) is trusted to need none.
+HOSTED_ENDPOINTS = frozenset({
+    "api.openai.com", "api.anthropic.com", "openrouter.ai", "api.groq.com", "api.together.xyz",
+    "api.together.ai", "api.deepseek.com", "api.mistral.ai", "api.fireworks.ai", "api.x.ai",
+    "generativelanguage.googleapis.com",
+})
 
 _REASONING = re.compile(r"^(o\d|gpt-5)")  # models that take max_completion_tokens and no temperature
 _TOO_LONG = ("context_length", "context length", "maximum context", "too many tokens", "prompt is too long")
+
+
+def needs_api_key(base_url: str) -> bool:
+    """Whether ``base_url`` is a hosted API's (one of :data:`HOSTED_ENDPOINTS`, or a subdomain) and
+    so cannot answer without a key. Loopback and self-hosted servers are not."""
+    host = (urlsplit(base_url).hostname or "").lower().rstrip(".")
+    return any(host == hosted or host.endswith("." + hosted) for hosted in HOSTED_ENDPOINTS)
+
+
+def missing_key_error(provider: str, model: str, base_url: str, variable: str) -> ConfigurationError:
+    """The error of a hosted endpoint's model that has no key."""
+    return ConfigurationError(
+        f"{provider}:{model} is served by {base_url}, which needs an API key, and none was given: "
+        f"set {variable} (or pass api_key=...); a self-hosted server needs none (give its base URL)"
+    )
 
 
 def is_reasoning_model(model: str) -> bool:
@@ -47,7 +73,9 @@ class OpenAIModel(HTTPModel):
     """A chat model behind the OpenAI chat-completions protocol.
 
     ``base_url`` defaults to ``$OPENAI_BASE_URL``, then OpenAI's; the key to ``$OPENAI_API_KEY``
-    (servers that need none get a placeholder). ``reasoning`` marks a reasoning model (sent
+    (servers that need none get a placeholder). A hosted API (:data:`HOSTED_ENDPOINTS`: OpenAI's
+    own, OpenRouter, Groq...) without a key fails :meth:`check_ready`, which ``RLM.check`` and
+    ``RLM.run`` call before anything runs. ``reasoning`` marks a reasoning model (sent
     ``max_completion_tokens``, never ``temperature``/``top_p``); by default it is inferred from
     the name. Nothing is retried here: the Dispatcher owns retries.
 
@@ -76,9 +104,16 @@ class OpenAIModel(HTTPModel):
             provider=provider, pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
         )
         self._url = self._base_url + "/chat/completions"
-        key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+        key = self._api_key or "not-needed"
         self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self._reasoning = is_reasoning_model(model) if reasoning is None else reasoning
+
+    def check_ready(self) -> None:
+        """Raise :class:`ConfigurationError` at once if this model's endpoint is a hosted API and no
+        key was given (rather than a 401, or a DNS failure retried for seconds, on the first call)."""
+        if self._api_key is None and needs_api_key(self._base_url):
+            raise missing_key_error(self._provider, self._model, self._base_url, "OPENAI_API_KEY")
 
     def payload(self, request: ModelRequest) -> dict[str, Any]:
         """The JSON body of ``request`` for this model."""

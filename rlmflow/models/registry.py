@@ -26,6 +26,7 @@ _FORMS = (
     "bedrock:<model-id>@<region>"
 )
 _REGION = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d")
+_PROVIDERS = ("local", "openai", "anthropic", "bedrock", "strands")
 
 
 def parse_model_string(spec: str) -> tuple[str, str, str | None]:
@@ -34,6 +35,12 @@ def parse_model_string(spec: str) -> tuple[str, str, str | None]:
     ``where`` is the base URL for ``openai`` and ``anthropic``, the region for ``bedrock``, else ``None``.
     """
     provider, sep, rest = spec.partition(":")
+    if sep and not rest.strip() and provider in _PROVIDERS:
+        raise UnknownModelError(
+            f"model string {spec!r} names no model after {provider + ':'!r}; use one of: {_FORMS}"
+        )
+    if sep and not rest and provider:
+        raise UnknownModelError(f"unknown provider {provider!r} in {spec!r}; use one of: {_FORMS}")
     if not sep or not rest:
         raise UnknownModelError(f"model string {spec!r} has no provider prefix; use one of: {_FORMS}")
     if provider == "local":

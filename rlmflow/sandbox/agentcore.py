@@ -42,7 +42,7 @@ from botocore.eventstream import ParserError
 from botocore.exceptions import BotoCoreError, ClientError
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .._exceptions import RLMError, SandboxError, SandboxProtocolError
+from .._exceptions import ConfigurationError, RLMError, SandboxError, SandboxProtocolError
 from .._text import sanitize_text
 from .._util import single_exception
 from ..dispatch.retry import RetryPolicy
@@ -69,10 +69,11 @@ from .agentcore_protocol import (
     status_line,
     valid_calls,
 )
-from .base import Bridge, CellResult, Context, SandboxReport
+from .base import Bridge, CellResult, Context, Isolation, Sandbox, SandboxReport
 from .local import error_to_wire
 
-__all__ = ["DEFAULT_IDENTIFIER", "AgentCoreSandbox", "AgentCoreSandboxSession"]
+__all__ = ["DEFAULT_IDENTIFIER", "SANDBOX_FORMS", "AgentCoreSandbox", "AgentCoreSandboxSession",
+           "parse_sandbox_string", "sandbox_from_string"]
 
 DEFAULT_IDENTIFIER = "aws.codeinterpreter.v1"
 _REMOTE_MODULES = (  # (module name in the remote interpreter, source file); the runtime's imports first
@@ -83,6 +84,19 @@ _REMOTE_MODULES = (  # (module name in the remote interpreter, source file); the
 _SESSION_ID = re.compile(r"[0-9a-zA-Z]{1,40}")
 _ENVELOPE = 2048  # room for the JSON around a request's payload
 _LOST = ("ResourceNotFoundException",)
+# Retried with backoff: what botocore's model of the three operations marks as passing (a 429, and
+# InternalServerException, a 5xx fault "that will resolve itself with retries"), in the HTTP answer
+# or as an exception event in the stream. Safe to send again: a retried start carries the first
+# one's clientToken, file calls are idempotent, and each control call names its cell (the runtime
+# does not start a cell twice; replies are taken once). Quota, conflict, validation and access
+# errors are not retried.
+_RETRIED = frozenset({"ThrottlingException", "InternalServerException"})
+_HINTS = {
+    "InvalidSignatureException": " (the request was signed with other credentials than the caller's, or the "
+                                 "clock is off)",
+    "UnrecognizedClientException": " (the access key is not known to AWS)",
+    "ConflictException": " (another execution is running in the session)",
+}
 _ON_LOOP = 20_000  # characters decoded or sanitised on the event loop (~10 ms at worst); more in a thread
 _MAX_ERROR_CHARS = 200_000
 _logger = get_logger("rlmflow.sandbox")
@@ -269,12 +283,12 @@ class AgentCoreSandboxSession:
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 message = str(exc.response.get("Error", {}).get("Message", ""))[:500]
-                if code == "ThrottlingException" and attempt < self._config.retry.max_attempts:
+                if code in _RETRIED and attempt < self._config.retry.max_attempts:
                     await self._config.sleep(self._config.retry.delay(attempt))
                     continue
                 if code in _LOST and self._session_id is not None:
                     raise SessionLost(f"{code}: {message}") from exc
-                raise SandboxError(explain(operation, code, message, attempt)) from exc
+                raise SandboxError(_explain(operation, code, message, attempt)) from exc
             except BotoCoreError as exc:
                 raise SandboxError(f"AgentCore {operation} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -291,14 +305,16 @@ class AgentCoreSandboxSession:
             stream = response["stream"]
             try:
                 return await read_result(stream, self._config.max_response_chars)
-            except ClientError as exc:  # an exception event inside the stream
+            except ClientError as exc:  # an exception event inside the stream (named in lowerCamelCase)
                 code = str(exc.response.get("Error", {}).get("Code", ""))
-                if code.lower() == "throttlingexception" and attempt < self._config.retry.max_attempts:
+                code = code[:1].upper() + code[1:]
+                message = str(exc.response.get("Error", {}).get("Message", "") or exc)[:500]
+                if code in _RETRIED and attempt < self._config.retry.max_attempts:
                     await self._config.sleep(self._config.retry.delay(attempt))
                     continue
-                if code.lower() == "resourcenotfoundexception":
-                    raise SessionLost(code) from exc
-                raise SandboxError(explain(tool, code, str(exc)[:500], attempt)) from exc
+                if code in _LOST:
+                    raise SessionLost(f"{code}: {message}") from exc
+                raise SandboxError(_explain(tool, code, message, attempt)) from exc
             except ParserError as exc:  # an event botocore refuses to read (over 24 MB, a bad checksum)
                 raise Malformed(f"an unreadable event stream ({type(exc).__name__}: {str(exc)[:200]})") from None
             finally:
@@ -316,9 +332,10 @@ class AgentCoreSandboxSession:
         started = anyio.current_time()
         # Shielded: a start cancelled in flight would leave a session nobody knows the id of to stop.
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._config.start_timeout) as deadline:
-            response = await self._api(
+            response = await self._api(  # one clientToken for its retries: a retried start is the same session
                 "start_code_interpreter_session", codeInterpreterIdentifier=self._config.identifier,
                 name=f"rlmflow-{uuid.uuid4().hex[:12]}", sessionTimeoutSeconds=self._config.session_timeout,
+                clientToken=str(uuid.uuid4()),
             )
         if deadline.cancelled_caught:
             raise SandboxError(f"StartCodeInterpreterSession did not answer within {self._config.start_timeout:g} s")
@@ -651,6 +668,10 @@ class AgentCoreSandboxSession:
         }
 
 
+def _explain(operation: str, code: str, message: str, attempts: int) -> str:
+    return explain(operation, code, message, attempts) + _HINTS.get(code, "")
+
+
 @dataclass(frozen=True, slots=True)
 class _Text:
     """A text from the remote side, its true length, its bound and how to cut it to that bound."""
@@ -678,3 +699,45 @@ class _Text:
 
 def _sanitize_all(texts: tuple[_Text, ...]) -> tuple[str | None, ...]:
     return tuple(text.shown() for text in texts)
+
+
+# -- the --sandbox string of the command line ----------------------------------------------------------
+SANDBOX_FORMS = "local, agentcore, agentcore:IDENTIFIER, agentcore@REGION or agentcore:IDENTIFIER@REGION"
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_REGION = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d")
+
+
+def parse_sandbox_string(spec: str) -> tuple[str, str | None, str | None]:
+    """Split a ``--sandbox`` string into (kind, identifier, region); :class:`ConfigurationError` if malformed.
+
+    ``local`` is the local worker process; ``agentcore[:IDENTIFIER][@REGION]`` the AgentCore Code
+    Interpreter (identifier default :data:`DEFAULT_IDENTIFIER`, region default the AWS chain's).
+    """
+    if spec == "local":
+        return "local", None, None
+    head, at, region = spec.partition("@")  # an identifier holds no '@'
+    kind, colon, identifier = head.partition(":")
+    if kind != "agentcore":
+        raise ConfigurationError(f"unknown sandbox {spec!r}: use one of {SANDBOX_FORMS}")
+    if colon and not _IDENTIFIER.fullmatch(identifier):
+        raise ConfigurationError(f"malformed sandbox {spec!r}: the identifier after 'agentcore:' is a code "
+                                 f"interpreter's id (letters, digits, '.', '_', '-'); use one of {SANDBOX_FORMS}")
+    if at and not _REGION.fullmatch(region):
+        raise ConfigurationError(f"malformed sandbox {spec!r}: {region!r} is not an AWS region (us-east-1); "
+                                 f"use one of {SANDBOX_FORMS}")
+    return "agentcore", identifier or None, region or None
+
+
+def sandbox_from_string(spec: str, *, cell_timeout: float = 120.0, isolation: Isolation = "auto") -> Sandbox:
+    """The sandbox a ``--sandbox`` string names (``isolation`` applies to the local one only).
+
+    The AgentCore sandbox finds its credentials, and without ``@REGION`` its region, through the
+    standard AWS chain; botocore's ``AWS_ENDPOINT_URL_BEDROCK_AGENTCORE`` points it at another
+    endpoint (a local fake), as ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME`` does Bedrock models.
+    """
+    kind, identifier, region = parse_sandbox_string(spec)
+    if kind == "local":
+        from .local import LocalSandbox
+
+        return LocalSandbox(cell_timeout=cell_timeout, isolation=isolation)
+    return AgentCoreSandbox(identifier=identifier or DEFAULT_IDENTIFIER, region_name=region, cell_timeout=cell_timeout)

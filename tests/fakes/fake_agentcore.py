@@ -10,10 +10,20 @@ sandbox uses with the shapes of botocore's ``bedrock-agentcore`` service model (
   the scratch directory; the answer is an AWS event stream (binary frames with CRCs);
 - ``PUT /code-interpreters/{id}/sessions/stop?sessionId=`` ends the process.
 
-Requests must carry a valid SigV4 signature for the credentials given (checked with botocore).
-Errors have the service's shapes: ``ThrottlingException`` (429, injected with ``throttle``),
-``ValidationException`` (400, with ``reason`` and ``fieldList``), ``ResourceNotFoundException``
-(404). Everything received is recorded in ``requests`` and ``sessions`` for tests to inspect.
+Requests must carry a valid SigV4 signature for the credentials given (checked with botocore):
+else AWS's common errors, ``InvalidSignatureException`` (a signature that does not match),
+``UnrecognizedClientException`` (an unknown access key) or ``MissingAuthenticationTokenException``
+(none), all 403. Every other error is one botocore's ``bedrock-agentcore`` model declares for the
+operation, with its status and members (:data:`ERRORS`; ``tests/test_fakes_vs_botocore.py``
+checks them and every reply against the model): ``ValidationException`` (400, with ``reason`` and
+``fieldList``), ``ResourceNotFoundException`` (404: a stopped or expired session),
+``ServiceQuotaExceededException`` (402: past ``max_sessions`` live sessions),
+``ConflictException`` (409: an ``executeCode`` while another runs in the same session, one
+execution at a time as in a kernel), and any of them injected with ``throttle`` / ``fail``
+(answered before the stream) or ``stream_fail`` (an exception event inside InvokeCodeInterpreter's
+event stream, in the lowerCamelCase name the model gives it). A ``clientToken`` given to
+StartCodeInterpreterSession makes it idempotent: the same token answers the same session.
+Everything received is recorded in ``requests`` and ``sessions`` for tests to inspect.
 
     async with FakeAgentCoreServer() as server:
         sandbox = AgentCoreSandbox(endpoint_url=server.endpoint_url, region_name="us-east-1", ...)
@@ -43,7 +53,27 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-__all__ = ["FakeAgentCoreServer", "FakeSession", "RecordedRequest", "encode_event"]
+__all__ = ["AUTH_ERRORS", "ERRORS", "FakeAgentCoreServer", "FakeSession", "RecordedRequest", "encode_event"]
+
+#: The errors the fake answers (code -> HTTP status, default message), each declared by botocore's
+#: model for StartCodeInterpreterSession, InvokeCodeInterpreter and StopCodeInterpreterSession, and
+#: (in lowerCamelCase) in InvokeCodeInterpreter's event stream.
+ERRORS: dict[str, tuple[int, str]] = {
+    "ValidationException": (400, "The input fails to satisfy the constraints specified by the service."),
+    "ServiceQuotaExceededException": (402, "The request would exceed the quota of concurrent sessions."),
+    "AccessDeniedException": (403, "You do not have sufficient permissions to perform this action."),
+    "ResourceNotFoundException": (404, "The specified resource does not exist."),
+    "ConflictException": (409, "The session is running another execution."),
+    "ThrottlingException": (429, "Rate exceeded"),
+    "InternalServerException": (500, "The service encountered an internal error. Try again."),
+}
+#: AWS's common authentication errors (not in the service model; every AWS API answers them).
+AUTH_ERRORS: dict[str, tuple[int, str]] = {
+    "MissingAuthenticationTokenException": (403, "Missing Authentication Token"),
+    "UnrecognizedClientException": (403, "The security token included in the request is invalid."),
+    "InvalidSignatureException": (403, "The request signature we calculated does not match the signature you "
+                                  "provided. Check your AWS Secret Access Key and signing method."),
+}
 
 _KERNEL = Path(__file__).with_name("fake_agentcore_kernel.py")
 _HEADER = struct.Struct(">I")
@@ -100,6 +130,15 @@ class _Error(Exception):
         self.code = code
         self.body = body
 
+    @classmethod
+    def of(cls, code: str, message: str | None = None) -> _Error:
+        """The error ``code`` with its status and the members the model requires."""
+        status, default = ERRORS.get(code) or AUTH_ERRORS[code]
+        body: dict[str, Any] = {"message": message or default}
+        if code == "ValidationException":
+            body["reason"] = "FieldValidationFailed"
+        return cls(status, code, body)
+
 
 def _validation(message: str, name: str) -> _Error:
     return _Error(400, "ValidationException", {
@@ -112,9 +151,15 @@ class FakeAgentCoreServer:
 
     - ``access_key`` / ``secret_key`` / ``region``: the credentials requests must be signed with;
     - ``throttle``: operation name -> how many of the next requests get a ``ThrottlingException``;
+    - ``fail``: operation name -> the error codes (of :data:`ERRORS`) the next requests get, in order,
+      before any stream;
+    - ``stream_fail``: tool name (``executeCode``, ``writeFiles``...) -> the error codes the next
+      calls of that tool get as an exception event inside the stream (after the 200), the tool not run;
+    - ``max_sessions``: live sessions allowed at once (more: ``ServiceQuotaExceededException``);
     - ``max_session_timeout``: larger ``sessionTimeoutSeconds`` get a ``ValidationException``;
     - ``latency``: seconds added to every request (a network round trip, for benchmarks);
     - ``on_request``: called with each request as it is recorded (tests wait on it);
+    - ``on_execute``: called with the session once an ``executeCode`` runs in it (holding the session);
     - ``python``: the interpreter of the session processes (default: this one).
     """
 
@@ -132,9 +177,15 @@ class FakeAgentCoreServer:
         self.region = region
         self.python = python or sys.executable
         self.throttle: dict[str, int] = {}
+        self.fail: dict[str, list[str]] = {}
+        self.stream_fail: dict[str, list[str]] = {}
+        self.max_sessions: int | None = None
+        self.conflicts = 0
+        self._tokens: dict[str, str] = {}  # clientToken -> session id
         self.max_session_timeout = 28800
         self.latency = latency
         self.on_request: Callable[[RecordedRequest], None] | None = None
+        self.on_execute: Callable[[FakeSession], None] | None = None
         self.requests: list[RecordedRequest] = []
         self.sessions: dict[str, FakeSession] = {}
         self.rejected_signatures = 0
@@ -197,7 +248,10 @@ class FakeAgentCoreServer:
             scope = authorization.split("Credential=")[1].split(",")[0]
         except IndexError:
             self.rejected_signatures += 1
-            raise _Error(403, "AccessDeniedException", {"message": "missing SigV4 authorization"}) from None
+            raise _Error.of("MissingAuthenticationTokenException") from None
+        if not scope.startswith(self.credentials.access_key + "/"):
+            self.rejected_signatures += 1
+            raise _Error.of("UnrecognizedClientException")
         headers = {name: request.headers.get(name, "") for name in signed}
         aws_request = AWSRequest(method=request.method, url=f"http://{request.host}{request.raw_path}",
                                  headers=headers, data=body)
@@ -205,9 +259,9 @@ class FakeAgentCoreServer:
         signer = SigV4Auth(self.credentials, "bedrock-agentcore", self.region)
         expected = signer.signature(signer.string_to_sign(aws_request, signer.canonical_request(aws_request)),
                                     aws_request)
-        if not scope.startswith(self.credentials.access_key + "/") or expected != claimed:
+        if expected != claimed:
             self.rejected_signatures += 1
-            raise _Error(403, "AccessDeniedException", {"message": "the request signature does not match"})
+            raise _Error.of("InvalidSignatureException")
 
     def _record(self, request: RecordedRequest) -> None:
         self.requests.append(request)
@@ -215,10 +269,14 @@ class FakeAgentCoreServer:
             self.on_request(request)
 
     def _throttled(self, operation: str) -> None:
+        """The error injected for this request of ``operation`` (``throttle``, then ``fail``), if any."""
         left = self.throttle.get(operation, 0)
         if left > 0:
             self.throttle[operation] = left - 1
-            raise _Error(429, "ThrottlingException", {"message": "Rate exceeded"})
+            raise _Error.of("ThrottlingException")
+        planned = self.fail.get(operation)
+        if planned:
+            raise _Error.of(planned.pop(0))
 
     def _session(self, request: web.Request, session_id: str | None) -> FakeSession:
         session = self.sessions.get(session_id or "")
@@ -246,6 +304,16 @@ class FakeAgentCoreServer:
         if not isinstance(timeout, int) or not 1 <= timeout <= self.max_session_timeout:
             raise _validation(f"sessionTimeoutSeconds must be between 1 and {self.max_session_timeout}",
                               "sessionTimeoutSeconds")
+        token = body.get("clientToken")
+        known = self.sessions.get(self._tokens.get(token, "")) if isinstance(token, str) else None
+        if known is not None:  # a retried start: the session the first one started
+            return web.json_response({
+                "codeInterpreterIdentifier": request.match_info["identifier"], "sessionId": known.id,
+                "createdAt": _now(),
+            })
+        if self.max_sessions is not None and len(self.live_sessions) >= self.max_sessions:
+            raise _Error.of("ServiceQuotaExceededException",
+                            f"the account's quota of {self.max_sessions} concurrent sessions is reached")
         session_id = uuid.uuid4().hex[:26].upper()
         directory = self._root / session_id
         directory.mkdir()
@@ -260,6 +328,8 @@ class FakeAgentCoreServer:
         self.sessions[session_id] = FakeSession(
             session_id, str(body.get("name", "")), timeout, directory, process, request.headers.get("traceparent")
         )
+        if isinstance(token, str):
+            self._tokens[token] = session_id
         return web.json_response({
             "codeInterpreterIdentifier": request.match_info["identifier"], "sessionId": session_id,
             "createdAt": _now(),
@@ -295,21 +365,40 @@ class FakeAgentCoreServer:
         if tool not in _TOOLS:
             raise _validation(f"unknown tool {tool!r}", "name")
         session = self._session(request, session_id)
+        planned = self.stream_fail.get(str(tool))
+        if planned:  # accepted, then an exception event instead of a result
+            return await self._stream(request, session, exception=planned.pop(0))
         if tool == "executeCode":
+            if session.lock.locked():  # one execution at a time in a session
+                self.conflicts += 1
+                raise _Error.of("ConflictException", f"session {session.id} is running another execution")
             result = await self._execute(session, arguments)
         elif tool in ("writeFiles", "readFiles", "listFiles", "removeFiles"):
             result = await anyio.to_thread.run_sync(self._files, session, tool, arguments)
         else:
             raise _validation(f"the fake does not implement {tool}", "name")
+        return await self._stream(request, session, result=result)
+
+    async def _stream(self, request: web.Request, session: FakeSession, *, result: dict[str, Any] | None = None,
+                      exception: str | None = None) -> web.StreamResponse:
+        """InvokeCodeInterpreter's 200: an event stream of the result, or of one exception event."""
         response = web.StreamResponse(headers={
             "Content-Type": "application/vnd.amazon.eventstream",
             "x-amzn-code-interpreter-session-id": session.id,
         })
         await response.prepare(request)
-        await response.write(encode_event(
-            {":message-type": "event", ":event-type": "result", ":content-type": "application/json"},
-            json.dumps(result).encode("utf-8"),
-        ))
+        if exception is not None:
+            body = _Error.of(exception).body
+            await response.write(encode_event(
+                {":message-type": "exception", ":exception-type": exception[:1].lower() + exception[1:],
+                 ":content-type": "application/json"},
+                json.dumps(body).encode("utf-8"),
+            ))
+        else:
+            await response.write(encode_event(
+                {":message-type": "event", ":event-type": "result", ":content-type": "application/json"},
+                json.dumps(result).encode("utf-8"),
+            ))
         await response.write_eof()
         return response
 
@@ -324,6 +413,8 @@ class FakeAgentCoreServer:
             data = json.dumps({"code": code}).encode("utf-8")
             try:
                 await stdin.send(_HEADER.pack(len(data)) + data)
+                if self.on_execute is not None:
+                    self.on_execute(session)
                 reply = await _receive_frame(stdout)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
                 raise _Error(404, "ResourceNotFoundException", {"message": "the session ended"}) from None

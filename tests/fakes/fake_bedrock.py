@@ -4,8 +4,15 @@ It answers what aioboto3 sends to ``endpoint_url``: ``POST /model/{modelId}/conv
 and ``POST /model/{modelId}/converse-stream`` (the AWS event-stream binary framing). Every
 request must carry a SigV4 signature, which the fake checks by signing the request again with
 botocore and the dummy credentials it was given. Errors have Bedrock's shapes
-(``x-amzn-ErrorType`` and ``{"message": ...}``). ``stopReason`` is ``max_tokens`` when the reply
-was cut at the request's ``maxTokens``. In-stream faults, from a ``[[stream-<kind>]]`` directive
+(``x-amzn-ErrorType`` and ``{"message": ...}``), and each is one botocore's model declares for
+Converse and ConverseStream (:data:`ERRORS`; ``tests/test_fakes_vs_botocore.py`` checks them and
+every reply against the model): a spent quota is a ``ThrottlingException`` ("Too many tokens per
+day"), as Converse answers it. Requests are checked as Bedrock checks them: the conversation
+starts with a user message and alternates, ``toolUse`` / ``toolResult`` blocks need a
+``toolConfig``, and the message after an assistant's ``toolUse`` blocks must hold a ``toolResult``
+for each of their ``toolUseId`` s and no more (else a ``ValidationException``); tool results and
+tool inputs count in the prompt. ``stopReason`` is ``max_tokens`` when the reply was cut at the
+request's ``maxTokens``. In-stream faults, from a ``[[stream-<kind>]]`` directive
 or the ``stream_faults`` knob, come after the first piece of text: ``cut`` ends the stream cleanly
 there (no ``contentBlockStop``, ``messageStop`` or ``metadata``), ``torn`` the same inside a
 frame; the kinds of
@@ -27,6 +34,7 @@ with ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` set to the fake's ``acces
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import struct
@@ -38,22 +46,43 @@ from aiohttp import web
 
 from ._fake_base import Admission, FakeProviderBase
 
-__all__ = ["STREAM_ERRORS", "FakeBedrockServer", "encode_event"]
+__all__ = ["ERRORS", "SIGNATURE_ERROR", "STREAM_ERRORS", "FakeBedrockServer", "encode_event"]
 
-_ERRORS = {  # directive -> (HTTP status, Bedrock error code, message)
+#: Every error the fake answers before a reply: directive -> (HTTP status, Bedrock error code, message).
+#: ``[[<directive>]]`` in a prompt sends it; the fault plans send ``throttle``, ``server-error`` and
+#: ``overloaded``; ``too-long`` comes from the context window, ``invalid-request`` (the message
+#: varies) from the request checks.
+ERRORS: dict[str, tuple[int, str, str]] = {
     "throttle": (429, "ThrottlingException", "Too many requests, please wait before trying again."),
-    "quota": (400, "ServiceQuotaExceededException", "Your request exceeds the service quota for your account."),
+    # Converse has no ServiceQuotaExceededException (botocore's model lists it for InvokeModel*,
+    # ApplyGuardrail and StartAsyncInvoke only): a spent daily quota is a throttle that says so
+    "quota": (429, "ThrottlingException", "Too many tokens per day, please wait before trying again."),
     "not-ready": (429, "ModelNotReadyException", "The model is not ready to serve inference requests."),
     "server-error": (500, "InternalServerException", "The server encountered an internal error."),
     "overloaded": (503, "ServiceUnavailableException", "The service is unavailable. Try again later."),
     "denied": (403, "AccessDeniedException", "You don't have access to the model with the specified model ID."),
+    "not-found": (404, "ResourceNotFoundException",
+                  "This model version has reached the end of its life. Please refer to the AWS documentation "
+                  "for more details."),
+    "model-timeout": (408, "ModelTimeoutException", "Model has timed out in processing the request. Try your "
+                      "request again."),
+    "model-error": (424, "ModelErrorException", "The system encountered an unexpected error during processing. "
+                    "Try your request again."),
+    "invalid": (400, "ValidationException", "The provided model identifier is invalid."),
+    "invalid-request": (400, "ValidationException", "Malformed input request, please reformat your input and try "
+                        "again."),
     "too-long": (400, "ValidationException", "Input is too long for requested model."),
 }
+#: Extra members of an error's body, as botocore's model gives them (ModelErrorException's).
+_ERROR_FIELDS: dict[str, dict[str, Any]] = {"model-error": {"originalStatusCode": 500}}
+#: A request whose SigV4 signature does not match (one of AWS's common errors, not in the model).
+SIGNATURE_ERROR = (403, "InvalidSignatureException", "The request signature we calculated does not match the "
+                   "signature you provided. Check your AWS Secret Access Key and signing method.")
 #: In-stream exceptions (kind -> the botocore shape, its fields), as ConverseStream's event stream declares them.
 STREAM_ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
-    "throttle": ("ThrottlingException", {"message": _ERRORS["throttle"][2]}),
-    "server-error": ("InternalServerException", {"message": _ERRORS["server-error"][2]}),
-    "overloaded": ("ServiceUnavailableException", {"message": _ERRORS["overloaded"][2]}),
+    "throttle": ("ThrottlingException", {"message": ERRORS["throttle"][2]}),
+    "server-error": ("InternalServerException", {"message": ERRORS["server-error"][2]}),
+    "overloaded": ("ServiceUnavailableException", {"message": ERRORS["overloaded"][2]}),
     "model-stream-error": ("ModelStreamErrorException", {
         "message": "The model stream was interrupted.", "originalStatusCode": 500,
         "originalMessage": "An internal error occurred while streaming.",
@@ -139,14 +168,15 @@ class FakeBedrockServer(FakeProviderBase):
         raw = await request.read()
         if self.check_signatures and not self._signed(request, raw):
             self.bad_signatures += 1
+            _status, code, message = SIGNATURE_ERROR  # 403
             raise web.HTTPForbidden(
-                text=json.dumps({"message": "The request signature we calculated does not match."}),
-                headers={"x-amzn-ErrorType": "InvalidSignatureException"}, content_type="application/json",
+                text=json.dumps({"message": message}), headers={"x-amzn-ErrorType": code},
+                content_type="application/json",
             )
         body = json.loads(raw)
         body["modelId"] = request.match_info["model_id"]
         self.requests_seen.append(body)
-        texts = [b.get("text", "") for m in body.get("messages", []) for b in m.get("content", [])]
+        texts = [_block_text(b) for m in body.get("messages", []) for b in m.get("content", [])]
         system = [b.get("text", "") for b in body.get("system", [])]
         max_tokens = int((body.get("inferenceConfig") or {}).get("maxTokens") or 512)
         return body, "".join(system + texts), texts[-1] if texts else "", max_tokens
@@ -168,17 +198,23 @@ class FakeBedrockServer(FakeProviderBase):
         canonical = auth.canonical_request(copy)
         return bool(auth.signature(auth.string_to_sign(copy, canonical), copy) == match.group(6))
 
-    def _refuse(self, kind: str, prompt_tokens: int = 0) -> web.Response:
-        status, code, message = _ERRORS["server-error" if kind == "server_error" else kind]
+    def _refuse(self, kind: str, prompt_tokens: int = 0, *, message: str | None = None) -> web.Response:
+        kind = "server-error" if kind == "server_error" else kind
+        status, code, default = ERRORS[kind]
+        message = message or default
         if kind == "too-long":
             message = f"{message} ({prompt_tokens} tokens > {self.context_window} maximum)"
-        return web.json_response({"message": message}, status=status, headers={"x-amzn-ErrorType": code})
+        body = {"message": message, **_ERROR_FIELDS.get(kind, {})}
+        return web.json_response(body, status=status, headers={"x-amzn-ErrorType": code})
 
     async def _admitted(
         self, request: web.Request
     ) -> tuple[Admission | web.Response, dict[str, Any], str, int, str | None]:
         """Read, check and admit a request; a refusal comes back as the response to send."""
         body, prompt, last, max_tokens = await self._read(request)
+        invalid = _invalid_conversation(body)
+        if invalid is not None:
+            return self._refuse("invalid-request", message=invalid), body, last, max_tokens, None
         kind = self.directive(prompt)
         if kind is not None and not kind.startswith("stream-"):
             return self._refuse(kind), body, last, max_tokens, kind
@@ -282,3 +318,45 @@ class FakeBedrockServer(FakeProviderBase):
         return {"inputTokens": prompt_tokens - read - write, "outputTokens": output,
                 "totalTokens": prompt_tokens + output, "cacheReadInputTokens": read, "cacheWriteInputTokens": write}
 
+
+def _block_text(block: dict[str, Any]) -> str:
+    """What a content block adds to the prompt: its text, a tool's input, a tool result's content."""
+    if "text" in block:
+        return str(block["text"])
+    if "toolUse" in block:
+        return json.dumps(block["toolUse"].get("input") or {})
+    if "toolResult" in block:
+        content = block["toolResult"].get("content") or []
+        return "".join(str(c["text"]) if "text" in c else json.dumps(c.get("json")) for c in content)
+    return ""
+
+
+def _invalid_conversation(body: dict[str, Any]) -> str | None:
+    """What Converse's request checks refuse in ``body``'s messages (the ValidationException's
+    message), or None: roles, and every assistant ``toolUse`` answered by one ``toolResult``."""
+    messages = body.get("messages") or []
+    if not messages or messages[0].get("role") != "user":
+        return "A conversation must start with a user message. Try again with a conversation that starts with a " \
+               "user message."
+    for before, after in itertools.pairwise(messages):
+        if before.get("role") == after.get("role"):
+            return "A conversation must alternate between user and assistant roles. Make sure the conversation " \
+                   "alternates between user and assistant roles and try again."
+    blocks = [b for m in messages for b in m.get("content") or []]
+    if "toolConfig" not in body and any("toolUse" in b or "toolResult" in b for b in blocks):
+        return "The toolConfig field must be defined when using toolUse and toolResult content blocks."
+    used: list[str] = []  # the toolUseIds of the previous (assistant) turn
+    for index, message in enumerate(messages):
+        content = message.get("content") or []
+        if message.get("role") == "assistant":
+            used = [b["toolUse"].get("toolUseId", "") for b in content if "toolUse" in b]
+            continue
+        results = [b["toolResult"].get("toolUseId", "") for b in content if "toolResult" in b]
+        if len(results) > len(used):
+            return (f"The number of toolResult blocks at messages.{index}.content exceeds the number of toolUse "
+                    "blocks of previous turn.")
+        missing = [tool_id for tool_id in used if tool_id not in results]
+        if missing:
+            return f"Expected toolResult blocks at messages.{index}.content for the following Ids: {', '.join(missing)}"
+        used = []
+    return None
