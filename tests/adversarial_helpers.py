@@ -70,3 +70,41 @@ def pending_connections(listener: Any) -> Iterator[Any]:
             return
         conn.close()
         yield conn
+
+
+def raw_frames(body: str, *, then: str = "time.sleep(0.2)") -> str:
+    """Cell code that writes raw frames (``body``: a Python expression of the bytes of one frame's
+    msgpack body, or of a list of them) on the worker's own socket, then runs ``then``."""
+    return (
+        "import msgpack, os, socket, struct, sys, time\n"
+        "_s = socket.socket(fileno=os.dup(int(sys.argv[1])))\n"
+        f"_bodies = {body}\n"
+        "_bodies = [_bodies] if isinstance(_bodies, bytes) else _bodies\n"
+        "_s.sendall(b''.join(struct.pack('>I', len(b)) + b for b in _bodies))\n"
+        f"{then}"
+    )
+
+
+CURRENT_CELL_ID = (
+    "import sys\n_f = sys._getframe()\nwhile _f.f_code.co_name != 'serve':\n    _f = _f.f_back\n"
+    "cell_id = _f.f_locals['message']['id']\n"
+)
+"""Cell code that finds its own cell id (the worker's serve loop holds it): cell code runs in the
+worker's process and can read anything the worker knows."""
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants (all threads), from /proc."""
+    total = 0.0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            data = Path(f"/proc/{current}/stat").read_bytes()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stack.extend(int(child) for child in children)
+    return total

@@ -5,18 +5,21 @@ namespace survives); if it does not stop within the grace period the worker is k
 replaced, ``context`` is reloaded and the cell's result says that variables were lost. A worker
 that crashes or sends a bad frame is replaced the same way; the host never goes down with it.
 
-Time the worker spends waiting for the host (sub-LLM calls) does not count against the cell
-timeout: the watchdog pauses while any host call of the cell is in flight.
+A cell's time is its wall time while none of its host calls is in flight, and the worker's CPU
+time while one is (waiting for a sub-LLM is free; computing meanwhile is not). Between cells the
+worker is stopped (SIGSTOP), so threads a cell left behind cannot compute or call the host until
+the next cell, whose time they then use.
 
 The host trusts nothing the worker sends: frames are bounded before they are read and while
-they decode, and text is sanitised before it reaches the root model. Closing a session (at the
-end of a run, on cancellation or on a deadline) kills the worker's whole process group at once.
+they decode, each is checked against its op's schema before it is acted on (a violation replaces
+the worker), and text is cut and sanitised before it reaches the root model. The host never
+waits on the worker: its frames go through an outbox drained by one task. Closing a session (at
+the end of a run, on cancellation or on a deadline) kills the worker's whole process group at once.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -38,7 +41,18 @@ from .._util import single_exception
 from ..telemetry.logs import get_logger
 from . import scratch, wire
 from .base import Bridge, CellResult, Context, Isolation, SandboxReport
-from .incarnation import Cell, Incarnation, call_args, error_reply, error_to_wire, first_child, number
+from .incarnation import (
+    Cell,
+    Incarnation,
+    ProtocolViolation,
+    call_args,
+    check_call,
+    check_result,
+    error_reply,
+    error_to_wire,
+    first_child,
+    number,
+)
 from .layers import host_layers, make_report, warn_once, worker_command, worker_env
 
 __all__ = ["IsolationUnavailableError", "LocalSandbox", "LocalSandboxSession", "error_to_wire"]
@@ -48,6 +62,21 @@ _logger = get_logger("rlmflow.sandbox")
 # How deep the current task is in nested sessions: a child's session waits only for sessions of
 # its own depth, so a parent holding a slot never deadlocks its children.
 _DEPTH: ContextVar[int] = ContextVar("rlmflow_sandbox_depth", default=0)
+# Texts longer than this (in total) are sanitised in a thread, off the event loop.
+_SANITIZE_ON_LOOP = 50_000
+_CPUS = os.cpu_count() or 1  # how fast a worker's threads can spend CPU time
+
+
+def _encodable(code: str) -> str:
+    """``code`` as UTF-8 can carry it: a lone surrogate (a model's output may hold one) is written
+    as its escape, which means the same character inside a string literal."""
+    if code.isascii():
+        return code
+    try:
+        code.encode("utf-8")
+    except UnicodeEncodeError:
+        return code.encode("utf-8", "backslashreplace").decode("utf-8")
+    return code
 
 
 class LocalSandbox:
@@ -231,8 +260,15 @@ class LocalSandboxSession:
         finally:
             child.close()
         stream = await anyio.abc.UNIXSocketStream.from_socket(parent)
-        incarnation = Incarnation(process, stream, config.max_frame_bytes, bwrap=self._bwrap is not None)
+        incarnation = Incarnation(
+            process,
+            stream,
+            config.max_frame_bytes,
+            bwrap=self._bwrap is not None,
+            max_output_chars=config.max_output_chars,
+        )
         self._tg.start_soon(self._drain_stderr, incarnation)
+        self._tg.start_soon(incarnation.write_loop)
         confine = config.isolation != "none"
         init = {
             "op": "init",
@@ -256,7 +292,7 @@ class LocalSandboxSession:
             },
         }
         try:
-            await incarnation.send(init)
+            incarnation.post(init)
             with anyio.fail_after(config.start_timeout):
                 ready = await incarnation.receive()
         except (TimeoutError, OSError, anyio.BrokenResourceError, wire.FrameError) as exc:
@@ -271,13 +307,16 @@ class LocalSandboxSession:
             await self._reap(incarnation)
             detail = (ready or {}).get("error") or incarnation.stderr_text() or incarnation.describe_exit()
             raise SandboxCrashedError(
-                f"the sandbox worker failed to start: {detail}", returncode=incarnation.process.returncode
+                f"the sandbox worker failed to start: {sanitize_text(str(detail)[:2000])}",
+                returncode=incarnation.process.returncode,
             )
+        # sent before any model code ran, so trusted to say what it applied; still only read with care
         worker_report = ready.get("report")
         worker_report = worker_report if isinstance(worker_report, dict) else {}
         self.report = make_report(config.isolation, worker_report, bwrap=self._bwrap is not None, missing=self._missing)
         self.isolation = list(self.report.layers)
-        self.load_seconds = float(ready.get("load_seconds", 0.0))
+        self.load_seconds = number(ready.get("load_seconds"))
+        await anyio.to_thread.run_sync(incarnation.attach)
         self._incarnation = incarnation
         self._tg.start_soon(self._read_loop, incarnation)
 
@@ -301,6 +340,7 @@ class LocalSandboxSession:
             # dies a moment after the group is killed); its transport closes at that EOF
             with anyio.move_on_after(2):
                 await incarnation.stderr_done.wait()
+            incarnation.release()
             await incarnation.stream.aclose()
             incarnation.dead.set()
 
@@ -312,7 +352,7 @@ class LocalSandboxSession:
             incarnation.kill()
             await self._reap(incarnation)
         if self._dir is not None:
-            await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
+            await anyio.to_thread.run_sync(scratch.remove_tree, self._dir)
         if self._context is not None:
             context, self._context = self._context, None
             await anyio.to_thread.run_sync(scratch.release_context, context)
@@ -340,12 +380,21 @@ class LocalSandboxSession:
                 op = message["op"]
                 if op == "result":
                     cell = self._cell
-                    if cell is not None and cell.id == message.get("id"):
-                        cell.finish(message)
+                    result = check_result(message, cell, self._config.max_output_chars)
+                    assert cell is not None  # check_result refuses a result when no cell runs
+                    cell.finish(result)
                 elif op == "call":
+                    check_call(message)
                     # backpressure: a worker flooding calls waits (and times out), the host's tasks stay bounded
                     await incarnation.calls.acquire()
-                    self._tg.start_soon(self._serve_call, incarnation, self._cell, message)
+                    cell = self._cell
+                    if cell is None or cell.done.is_set():  # a thread of an ended cell: not served
+                        refused = RLMError("no cell is running: host calls are served only while their cell runs")
+                        incarnation.post(error_reply(message["id"], refused), incarnation.calls.release)
+                        continue
+                    self._tg.start_soon(self._serve_call, incarnation, cell, message)
+                else:  # ready/failed are read by _spawn, before any model code ran; nothing else exists
+                    raise ProtocolViolation(f"an unexpected {op[:40]!r} frame")
         except wire.FrameError as exc:
             incarnation.failure = f"the worker sent a bad frame ({exc})"
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -376,17 +425,15 @@ class LocalSandboxSession:
                 }
             )
 
-    async def _serve_call(self, incarnation: Incarnation, cell: Cell | None, message: dict[str, Any]) -> None:
-        call_id = message.get("id")
-        if cell is not None:
-            cell.in_flight += 1
-            cell.bump()
+    async def _serve_call(self, incarnation: Incarnation, cell: Cell, message: dict[str, Any]) -> None:
+        call_id = message["id"]
+        cell.in_flight += 1
+        cell.bump()
         reply: dict[str, Any]
         try:
             with anyio.CancelScope() as scope:
-                if cell is not None:
-                    cell.call_scopes.add(scope)
-                value = await self._bridge(str(message.get("fn")), call_args(message))
+                cell.call_scopes.add(scope)
+                value = await self._bridge(message["fn"], call_args(message))
                 reply = {"op": "reply", "id": call_id, "ok": True, "value": value}
             if scope.cancelled_caught:
                 reply = error_reply(call_id, RLMError("the cell ended before this call finished"))
@@ -395,19 +442,18 @@ class LocalSandboxSession:
         except wire.FrameError as exc:  # refused before any work: the worker and its state go on
             reply = error_reply(call_id, RLMError(f"the host refused this call's arguments: {exc}"))
         except Exception as exc:  # a bug on the host side must still answer the waiting thread
-            _logger.exception("host call failed", fn=message.get("fn"))
+            _logger.exception("host call failed", fn=message["fn"])
             reply = error_reply(call_id, RLMError(f"internal error in the host: {type(exc).__name__}: {exc}"))
         finally:
-            if cell is not None:
-                cell.call_scopes.discard(scope)
-                cell.in_flight -= 1
-                cell.bump()
-        try:
-            await incarnation.send(reply)
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # the worker is gone; its cell already reports that
-        finally:
-            incarnation.calls.release()
+            cell.call_scopes.discard(scope)
+            cell.in_flight -= 1
+            cell.bump()
+        try:  # queued, never awaited: the call's slot is free once the reply is written
+            incarnation.post(reply, incarnation.calls.release)
+        except Exception as exc:  # a value msgpack cannot carry: still answer
+            _logger.exception("host call reply not encodable", fn=message["fn"])
+            failed = RLMError(f"internal error in the host: {type(exc).__name__}: {exc}")
+            incarnation.post(error_reply(call_id, failed), incarnation.calls.release)
 
     # -- cells -------------------------------------------------------------------------------
     async def execute(self, code: str) -> CellResult:
@@ -415,7 +461,12 @@ class LocalSandboxSession:
         async with self._lock:
             notes: list[str] = []
             incarnation = self._incarnation
-            if incarnation is None or incarnation.dead.is_set() or incarnation.process.returncode is not None:
+            if (
+                incarnation is None
+                or incarnation.expected_exit
+                or incarnation.dead.is_set()
+                or incarnation.process.returncode is not None
+            ):
                 await self._restart()
                 notes.append(
                     "The sandbox had stopped and was restarted: variables were lost (and scratch files), "
@@ -424,18 +475,19 @@ class LocalSandboxSession:
                 incarnation = self._incarnation
             assert incarnation is not None
             self._cell_ids += 1
-            cell = Cell(self._cell_ids)
+            cell = Cell(self._cell_ids, started=anyio.current_time())
+            exec_frame = {"op": "exec", "id": cell.id, "code": _encodable(code)}
             self._cell = cell
-            try:
-                await incarnation.send({"op": "exec", "id": cell.id, "code": code})
-            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the read loop reports the crash to the cell
+            incarnation.post(exec_frame)
+            incarnation.thaw()  # after the frame: the worker wakes to find it waiting
             try:
                 timed_out = await self._supervise(cell, incarnation)
             finally:
                 self._cell = None
                 for scope in list(cell.call_scopes):
                     scope.cancel()
+                if not cell.done.is_set():  # cancelled (a deadline, the run's end): its state is unknown
+                    incarnation.kill()
             reply = cell.reply or {}
             restarted = False
             if reply.get("crashed") or reply.get("killed"):
@@ -446,21 +498,37 @@ class LocalSandboxSession:
                     "The sandbox worker was replaced: ALL VARIABLES WERE LOST, and the files it wrote. "
                     "`context` is loaded again; recompute what you need."
                 )
-            if not restarted:
+            else:
+                incarnation.freeze()  # threads the cell left running wait for the next cell
                 quota_note = await self._check_quota()
                 if quota_note:
                     notes.append(quota_note)
-            error, final = reply.get("error"), reply.get("final")
+            output, error, final = await self._sanitized(reply)
             return CellResult(
-                output=sanitize_text(str(reply.get("output", ""))),
+                output=output,
                 output_chars=int(number(reply.get("output_chars"))),
-                error=None if error is None else sanitize_text(str(error)),
-                final=None if final is None else sanitize_text(str(final)),
-                duration=number(reply.get("duration")),
+                error=error,
+                final=final,
+                duration=max(0.0, (cell.ended or anyio.current_time()) - cell.started),  # the host's clock
                 timed_out=timed_out,
                 restarted=restarted,
                 notes=tuple(notes),
             )
+
+    @staticmethod
+    async def _sanitized(reply: dict[str, Any]) -> tuple[str, str | None, str | None]:
+        """Output, error and answer with control characters made visible; already cut to size
+        (``check_result``), and sanitised off the event loop when long."""
+        texts = [reply.get("output", ""), reply.get("error"), reply.get("final")]
+
+        def clean() -> list[str | None]:
+            return [None if text is None else sanitize_text(str(text)) for text in texts]
+
+        if sum(len(text) for text in texts if isinstance(text, str)) > _SANITIZE_ON_LOOP:
+            cleaned = await anyio.to_thread.run_sync(clean)
+        else:
+            cleaned = clean()
+        return cleaned[0] or "", cleaned[1], cleaned[2]
 
     async def _check_quota(self) -> str | None:
         """The scratch quota (files and bytes; bubblewrap's tmpfs also caps bytes itself) is checked
@@ -493,29 +561,44 @@ class LocalSandboxSession:
         )
 
     async def _supervise(self, cell: Cell, incarnation: Incarnation) -> bool:
-        """Wait for the cell; interrupt it when its own compute time runs out. True if it timed out."""
+        """Wait for the cell; interrupt it when its own time runs out. True if it timed out.
+
+        While none of the cell's host calls is in flight its wall time counts; while one is, the
+        worker waits for the host (free) but another thread may compute meanwhile, so the worker
+        process's CPU time counts instead, polled often enough that it cannot run far past the limit.
+        """
         remaining = self._config.cell_timeout
+        cpu_mark: float | None = None
         while not cell.done.is_set():
             changed = cell.changed
-            if cell.in_flight:  # paused: the worker waits for the host, not computing
-                await changed.wait()
-                continue
-            started = anyio.current_time()
-            with anyio.move_on_after(remaining) as scope:
-                await changed.wait()
-            if not scope.cancelled_caught:
-                remaining -= anyio.current_time() - started
-                continue
-            await self._interrupt(cell, incarnation)
-            return True
+            if cell.in_flight:
+                if cpu_mark is None:
+                    cpu_mark = incarnation.cpu_seconds()
+                    if cpu_mark is None:  # no /proc to tell: waiting for the host is not counted
+                        await changed.wait()
+                        continue
+                with anyio.move_on_after(min(0.25, max(0.01, remaining / _CPUS))):
+                    await changed.wait()
+                now = incarnation.cpu_seconds()
+                if now is not None:
+                    remaining -= now - cpu_mark
+                cpu_mark = now
+            else:
+                cpu_mark = None
+                started = anyio.current_time()
+                with anyio.move_on_after(remaining) as scope:
+                    await changed.wait()
+                remaining = 0.0 if scope.cancelled_caught else remaining - (anyio.current_time() - started)
+            if remaining <= 0 and not cell.done.is_set():
+                await self._interrupt(cell, incarnation)
+                return True
         return False
 
     async def _interrupt(self, cell: Cell, incarnation: Incarnation) -> None:
+        """Ask the worker to interrupt the cell; past ``interrupt_grace``, kill it. Waits on nothing
+        else: the frame is queued (a worker that stopped reading never gets it, and is killed)."""
         timeout = self._config.cell_timeout
-        try:  # the worker's reader thread signals its main thread (bubblewrap hides its pid)
-            await incarnation.send({"op": "interrupt"})
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+        incarnation.post({"op": "interrupt"})  # its reader thread signals the main thread (bubblewrap hides its pid)
         with anyio.move_on_after(self._config.interrupt_grace):
             await cell.done.wait()
         if cell.done.is_set():

@@ -21,7 +21,16 @@ from pathlib import Path
 
 from .base import Context
 
-__all__ = ["ContextFile", "ScratchUsage", "acquire_context", "make_scratch", "measure", "release_context"]
+__all__ = [
+    "ContextFile",
+    "ScratchUsage",
+    "acquire_context",
+    "empty",
+    "make_scratch",
+    "measure",
+    "release_context",
+    "remove_tree",
+]
 
 _PREFIX = "rlmflow-"
 # only what mkdtemp below names: rlmflow-<pid namespace>-<pid>-[contexts-]<8 random characters>
@@ -126,7 +135,7 @@ def _sweep_stale(parent: Path) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            remove_tree(entry.path)
         except OSError:
             pass  # alive (someone else's), or not a pid we may ask about
 
@@ -161,12 +170,126 @@ def measure(directory: Path, *, stop_files: int, stop_bytes: int) -> ScratchUsag
 
 
 def empty(directory: Path) -> None:
-    """Remove everything inside ``directory``, keeping it. Blocking."""
-    for entry in os.scandir(directory):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
+    """Remove everything inside ``directory``, keeping it. Blocking; never raises."""
+    remove_tree(directory, keep_root=True)
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_BY_DESCRIPTOR = {os.open, os.unlink, os.rmdir} <= os.supports_dir_fd and os.scandir in os.supports_fd
+
+
+def remove_tree(path: str | os.PathLike[str], *, keep_root: bool = False) -> None:
+    """Remove ``path`` and everything under it, whatever its shape. Blocking; never raises.
+
+    The tree was written by sandbox code: it may be a directory chain thousands of levels deep
+    (``shutil.rmtree`` recurses and raises ``RecursionError``, which ``ignore_errors`` does not
+    catch) and hold symbolic links to anything. This walks without recursion, never follows a
+    link, and works through directory descriptors (``openat``/``unlinkat``), a few open at a
+    time whatever the depth, so a directory renamed or swapped for a link while it runs cannot lead it outside the
+    tree: it climbs back with ``..`` only to the directory it came from (checked by inode).
+    What cannot be removed is left in place (best effort, like ``ignore_errors=True``).
+    """
+    try:
+        if _BY_DESCRIPTOR:
+            _remove_by_descriptor(os.fspath(path), keep_root)
+        else:  # pragma: no cover - platforms without openat (the sandbox confines nothing there)
+            _remove_by_path(os.fspath(path), keep_root)
+    except OSError:
+        pass
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _clear(fd: int) -> list[str]:
+    """Unlink every non-directory in the directory ``fd``; the names of its subdirectories."""
+    subdirectories = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
             try:
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    subdirectories.append(entry.name)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            except OSError:
+                continue
+    return subdirectories
+
+
+def _remove_by_descriptor(path: str, keep_root: bool) -> None:
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    except OSError:  # a link or a file where a directory was expected: remove the name itself
+        if not keep_root:
+            os.unlink(path)
+        return
+    # the way back up: for each directory above the current one, its identity and what is left of it
+    above: list[tuple[tuple[int, int], str, list[str]]] = []
+    pending = _clear(fd)
+    try:
+        while True:
+            if pending:
+                name = pending.pop()
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError:  # gone, or no longer a directory: try it as a file
+                    try:
+                        os.unlink(name, dir_fd=fd)
+                    except OSError:
+                        pass
+                    continue
+                above.append((_identity(fd), name, pending))
+                os.close(fd)
+                fd = child
+                pending = _clear(fd)
+                continue
+            if not above:
+                break
+            identity, name, pending = above.pop()
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            if _identity(fd) != identity:  # moved under us: stop rather than act outside the tree
+                return
+            try:
+                os.rmdir(name, dir_fd=fd)
             except OSError:
                 pass
+    finally:
+        os.close(fd)
+    if not keep_root:
+        os.rmdir(path)
+
+
+def _remove_by_path(path: str, keep_root: bool) -> None:  # pragma: no cover - see remove_tree
+    if os.path.islink(path) or not os.path.isdir(path):
+        if not keep_root:
+            os.unlink(path)
+        return
+    stack = [(path, False)]
+    while stack:
+        current, visited = stack.pop()
+        if visited:
+            if current != path or not keep_root:
+                try:
+                    os.rmdir(current)
+                except OSError:
+                    pass
+            continue
+        stack.append((current, True))
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, False))
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                continue

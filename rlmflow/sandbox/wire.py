@@ -25,6 +25,13 @@ MAX_CONTAINER_LEN = 100_000
 """Elements of one array or entries of one map."""
 
 
+MAX_TEXT_CHARS = 200_000
+"""The longest error or ``FINAL`` answer one cell reports: the worker cuts there, and the host cuts
+again when the result arrives, before it does any work on the text."""
+CUT_NOTE_ROOM = 128
+"""Characters a cut's note may add: text within ``limit + CUT_NOTE_ROOM`` is never cut again."""
+
+
 class FrameError(Exception):
     """A frame that is oversized or does not decode to a map with an ``op``."""
 
@@ -44,6 +51,18 @@ def check_length(length: int, max_frame: int) -> None:
         raise FrameError(f"frame of {length} bytes exceeds the limit of {max_frame}")
 
 
+def cut_text(text: str, limit: int) -> str:
+    """Head and tail of ``text`` within ``limit`` characters and a note of its true length.
+
+    Idempotent: a text already cut (``limit`` plus the note) is returned as it is.
+    """
+    if len(text) <= limit + CUT_NOTE_ROOM:
+        return text
+    half = max(1, limit // 2)
+    omitted = len(text) - 2 * half
+    return f"{text[:half]}\n[... {omitted:,} of {len(text):,} characters omitted ...]\n{text[-half:]}"
+
+
 def decode(body: bytes) -> dict[str, Any]:
     """A frame from the trusted side (the host's frames, read by the worker)."""
     try:
@@ -55,12 +74,18 @@ def decode(body: bytes) -> dict[str, Any]:
     return message
 
 
-def unpack_untrusted(body: bytes, *, max_items: int = MAX_ITEMS, max_len: int = MAX_CONTAINER_LEN) -> Any:
+def unpack_untrusted(
+    body: bytes | bytearray,
+    *,
+    max_items: int = MAX_ITEMS,
+    max_len: int = MAX_CONTAINER_LEN,
+    max_str: int | None = None,
+) -> Any:
     """Decode bytes from the worker with every allocation bounded; ``FrameError`` past a bound.
 
-    Strings and binaries are bounded by ``len(body)`` (already capped); arrays and maps by
-    ``max_len`` each and, with their elements, by ``max_items`` in total. Map keys must be
-    strings; extension types are refused.
+    Binaries are bounded by ``len(body)`` (already capped), strings by ``max_str`` bytes too when
+    given (refused before they are decoded); arrays and maps by ``max_len`` each and, with their
+    elements, by ``max_items`` in total. Map keys must be strings; extension types are refused.
     """
     count = 0
 
@@ -80,7 +105,7 @@ def unpack_untrusted(body: bytes, *, max_items: int = MAX_ITEMS, max_len: int = 
             object_hook=counted,
             max_array_len=max_len,
             max_map_len=max_len,
-            max_str_len=len(body),
+            max_str_len=len(body) if max_str is None else min(max_str, len(body)),
             max_bin_len=len(body),
             max_ext_len=0,
         )
@@ -90,9 +115,9 @@ def unpack_untrusted(body: bytes, *, max_items: int = MAX_ITEMS, max_len: int = 
         raise FrameError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
 
 
-def decode_untrusted(body: bytes) -> dict[str, Any]:
+def decode_untrusted(body: bytes | bytearray, *, max_str: int | None = None) -> dict[str, Any]:
     """A frame from the worker: :func:`unpack_untrusted`, then it must be a map with an ``op``."""
-    message = unpack_untrusted(body)
+    message = unpack_untrusted(body, max_str=max_str)
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise FrameError("frame is not a map with an 'op'")
     return message

@@ -31,6 +31,8 @@ import helpers_prelude
 import isolation
 import wire
 
+_clock = time.perf_counter  # bound now: cell code may replace time.perf_counter
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -55,6 +57,8 @@ class Worker:
             self._sock.sendall(data)
 
     def _reader(self) -> None:
+        # Whatever stops this loop (the host gone, a bad frame, an exception cell code injected
+        # into this thread) ends the process: a worker that cannot hear the host is useless.
         try:
             while True:
                 message = wire.read_frame_blocking(self._sock, self.max_frame)
@@ -64,8 +68,9 @@ class Worker:
                 if op == "exec":
                     self._cells.put(message)
                 elif op == "reply":
+                    call_id = message.get("id")
                     with self._pending_lock:
-                        slot = self._pending.get(int(message["id"]))
+                        slot = self._pending.get(call_id) if type(call_id) is int else None
                     if slot is not None:
                         slot[1] = message
                         slot[0].set()
@@ -74,9 +79,8 @@ class Worker:
                     signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
                 elif op == "shutdown":
                     break
-        except (OSError, wire.FrameError):
-            pass
-        os._exit(0)  # the host is gone or done: nothing here is worth finishing
+        finally:
+            os._exit(0)  # the host is gone or done: nothing here is worth finishing
 
     def call_host(self, fn: str, **args: Any) -> Any:
         """Send a request to the host and block this thread until the reply comes."""
@@ -123,23 +127,36 @@ class Worker:
         filename = f"<cell {self._cell_counter}>"
         out = cellapi.CappedText(self.max_output_chars)
         self._final.clear()
-        started = time.perf_counter()
+        started = _clock()
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = out
         try:
             error, interrupted = cellapi.run_code(code, filename, self.namespace)
         finally:
             sys.stdout, sys.stderr = saved
+        return self._report(out, error, interrupted, _clock() - started)
+
+    def _report(self, out: cellapi.CappedText, error: str | None, interrupted: bool, duration: Any) -> dict[str, Any]:
+        """The result frame of a cell, valid whatever the cell did to the objects behind it.
+
+        Cell code runs in this process and may have tampered with the output buffer (a counter
+        set to ``inf``) or the clock; error and answer are cut to ``wire.MAX_TEXT_CHARS``; text
+        that UTF-8 cannot carry (lone surrogates) is escaped. The host checks all of it again.
+        """
+        total = out.total
+        if not (type(total) is int and 0 <= total < 1 << 63):
+            out.total = total = 0  # a counter the cell broke: what is kept is all that is known
+        output = _text(out.render(), self.max_output_chars)
         reply: dict[str, Any] = {
             "op": "result",
-            "output": out.render(),
-            "output_chars": out.total,
-            "error": error,
-            "interrupted": interrupted,
-            "duration": time.perf_counter() - started,
+            "output": output,
+            "output_chars": max(total, len(output)),
+            "error": None if error is None else _text(error, wire.MAX_TEXT_CHARS),
+            "interrupted": bool(interrupted),
+            "duration": duration if type(duration) is float and 0.0 <= duration < 1e9 else 0.0,
         }
         if self._final:
-            reply["final"] = cellapi.answer_text(self._final[0])
+            reply["final"] = _text(cellapi.answer_text(self._final[0]), wire.MAX_TEXT_CHARS)
         return reply
 
     def serve(self) -> None:
@@ -149,11 +166,25 @@ class Worker:
                 message = self._cells.get()
                 if message is None:
                     return
-                reply = self.run_cell(str(message["code"]))
-                reply["id"] = message["id"]
+                cell_id = message["id"]
+                try:
+                    reply = self.run_cell(str(message["code"]))
+                except Exception as exc:  # the cell broke the worker's own objects: say so, keep serving
+                    error = f"SandboxError: the worker could not report this cell ({type(exc).__name__})"
+                    self._final.clear()
+                    reply = self._report(cellapi.CappedText(self.max_output_chars), error, False, 0.0)
+                reply["id"] = cell_id
                 self.send(reply)
             except KeyboardInterrupt:
                 continue  # an interrupt that raced the end of a cell: nothing to stop
+
+
+def _text(value: Any, limit: int) -> str:
+    """``value`` as text within ``limit`` (plus a note) that msgpack can encode."""
+    text: str = wire.cut_text(value if type(value) is str else str(value), limit)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _load_context(path: str, kind: str) -> Any:
@@ -169,7 +200,7 @@ def main() -> None:
         sys.exit(2)
     worker.max_output_chars = int(init.get("max_output_chars", 20_000))
     worker.max_frame = int(init.get("max_frame", wire.DEFAULT_MAX_FRAME))
-    started = time.perf_counter()
+    started = _clock()
     try:
         report = isolation.harden(init.get("isolation") or {})
         context = _load_context(init["context_path"], init["context_kind"])
@@ -178,7 +209,7 @@ def main() -> None:
         sys.exit(3)
     worker.install_api(context)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    worker.send({"op": "ready", "load_seconds": time.perf_counter() - started, "report": report})
+    worker.send({"op": "ready", "load_seconds": _clock() - started, "report": report})
     worker.serve()
 
 
