@@ -61,14 +61,20 @@ async def test_helpers_on_a_dict_context() -> None:
 
 async def test_established_lists_what_the_last_cell_set() -> None:
     async with LocalSandbox().session(DOC, no_host) as sandbox:
-        first = await sandbox.execute("print(_rlmflow_established())")
-        assert first.output.strip() == ""  # nothing set yet: the API and helpers are not the model's
-        await sandbox.execute("import re\nhits = [m.start() for m in re.finditer('trapdoor', context)]\nn = 3")
-        shown = await sandbox.execute("print(_rlmflow_established())")
-        lines = shown.output.strip().splitlines()
-        assert lines == [f"hits = [{DOC.find('trapdoor')}] (list, 1 items)", "n = 3 (int)"]
-        await sandbox.execute("hits.append(5)\ntext = 'x' * 500")
-        again = (await sandbox.execute("print(_rlmflow_established())")).output.strip().splitlines()
+        first = await sandbox.execute("_x = 1")
+        assert first.established == ""  # nothing set: private names, the API and helpers are not the model's
+        shown = await sandbox.execute("import re\nhits = [m.start() for m in re.finditer('trapdoor', context)]\nn = 3")
+        assert shown.established.splitlines() == [f"hits = [{DOC.find('trapdoor')}] (list, 1 items)", "n = 3 (int)"]
+        again = (await sandbox.execute("hits.append(5)\ntext = 'x' * 500")).established.splitlines()
         assert again[0].startswith("hits = [") and again[0].endswith("(list, 2 items)")
         assert again[1].startswith("text = 'xxxx") and "..." in again[1] and again[1].endswith("(str, 500 characters)")
-        assert (await sandbox.execute("print(repr(_rlmflow_established()))")).output.strip() == "''"
+        assert (await sandbox.execute("pass")).established == ""
+
+
+async def test_cell_code_cannot_redefine_what_is_reported_or_run_host_code_unrecorded() -> None:
+    async with LocalSandbox().session(DOC, no_host) as sandbox:
+        forged = await sandbox.execute(
+            "_rlmflow_established = lambda *a, **k: 'FORGED'\nimport helpers_prelude\n"
+            "helpers_prelude._established_for = lambda *a: (lambda *b, **c: 'FORGED')\nm = 1"
+        )
+        assert "FORGED" not in forged.established and "m = 1 (int)" in forged.established

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .. import prompts
 from .._exceptions import BudgetExceededError, NoAnswerError
-from .._text import cap_text, safe_text, traceback_summary
+from .._text import cap_text, traceback_summary
 from ..events import RootText
 from ..models.base import LanguageModel, Message, ModelRequest, StreamingLanguageModel, StreamingView
 from ..result import RLMResult, Turn
@@ -63,7 +63,6 @@ class RootLoop:
         self._cells = cells
         self._recorder = recorder
         self._policy = StallPolicy(max_repeated_errors=settings.max_repeated_errors)
-        self._established = True  # the sandbox offers _rlmflow_established() until it fails once
         self._told_budget = False  # the root was told the budget is spent: its next turn is its last
 
     def _opening(self) -> list[Message]:
@@ -149,7 +148,7 @@ class RootLoop:
         failed = any(ran.result.error for ran in cells)
         text = printed = "\n".join(ran.shown for ran in cells)
         if final is None and not failed:
-            text += await self._established_note(session, printed)
+            text += self._established_note(cells, printed)
         asked_helper = progress.calls_done > calls_before and not failed
         return _Work(cells, final, printed, text, asked_helper)
 
@@ -245,20 +244,12 @@ class RootLoop:
 
         return StreamingView(root, on_text)
 
-    async def _established_note(self, session: SandboxSession, printed: str) -> str:
-        """What the last cell set (names, types, sizes, short values) that its output did not show.
-
-        Asked of the sandbox's helper in one extra round trip, outside the recorded cells; a
-        sandbox without the helper (a remote one) is asked once, then never again.
-        """
-        if not self._established:
-            return ""
-        probe = await session.execute("print(_rlmflow_established())")
-        if probe.error or probe.restarted:
-            self._established = False
-            return ""
+    @staticmethod
+    def _established_note(cells: list[RanCell], printed: str) -> str:
+        """What the turn's cells set (names, types, sizes, short values) that their output did not
+        show, as the sandbox reported it with each cell's result (nothing for a sandbox that does not)."""
         lines = []
-        for line in safe_text(probe.output, 4000).strip().splitlines():
+        for line in "\n".join(ran.result.established for ran in cells).strip().splitlines():
             value = line.partition(" = ")[2].rpartition(" (")[0].removesuffix("...")
             if not value or value[:60] not in printed:  # a value already printed is not repeated
                 lines.append(line)

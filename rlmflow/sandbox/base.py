@@ -27,6 +27,8 @@ class CellResult:
     ``output`` is stdout and stderr interleaved, already capped (head + tail) by the sandbox;
     ``output_chars`` is the true length. ``final`` is the answer given to ``FINAL`` in this
     cell, if any. ``restarted`` means the worker was replaced and variables were lost.
+    ``established`` names the variables the cell created or changed, one short line each, as the
+    sandbox's own code (not the cell's namespace) reports them ("" where a sandbox does not).
     """
 
     output: str
@@ -37,6 +39,7 @@ class CellResult:
     timed_out: bool = False
     restarted: bool = False
     notes: Sequence[str] = field(default_factory=tuple)
+    established: str = ""
 
     @property
     def has_final(self) -> bool:

@@ -87,17 +87,18 @@ def _compile(pattern: str, ignore_case: bool) -> re.Pattern[str]:
         return re.compile(re.escape(pattern), flags)
 
 
-def install(namespace: dict[str, Any]) -> None:
-    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``),
-    ``Final``/``final`` as aliases of ``FINAL``, and ``_rlmflow_established()``, which the host
-    calls to tell the root what a cell established."""
+def install(namespace: dict[str, Any]) -> Callable[..., str]:
+    """Add ``grep`` and ``chunks`` to a sandbox namespace (they read ``namespace['context']``) and
+    ``Final``/``final`` as aliases of ``FINAL``; return the function that tells what a cell
+    established. It is the worker's, not the namespace's: cell code cannot redefine what the
+    worker reports after each cell."""
     reserved = set(namespace) | {"grep", "chunks"}  # taken before any cell ran: never reported as established
     namespace["grep"] = _grep_for(namespace)
     namespace["chunks"] = _chunks_for(namespace)
     if "FINAL" in namespace:  # small models write Final(...) or final(...) as often as FINAL(...)
         namespace.setdefault("Final", namespace["FINAL"])
         namespace.setdefault("final", namespace["FINAL"])
-    namespace["_rlmflow_established"] = _established_for(namespace, reserved)
+    return _established_for(namespace, reserved)
 
 
 # -- grep ---------------------------------------------------------------------------------------------
@@ -214,8 +215,8 @@ def _established_for(namespace: dict[str, Any], reserved: set[str]) -> Callable[
     def established(limit: int = 6, width: int = 100) -> str:
         """The variables the last cell created or changed, one short line each ("" if none).
 
-        The host calls it after a cell so the root model sees what its code established, not
-        only what it printed. Changes are told by identity and size, so an in-place append counts.
+        The worker calls it after each cell so the root model sees what its code established,
+        not only what it printed. Changes are told by identity and size, so an in-place append counts.
         """
         current = _marks(namespace, reserved)
         changed = [name for name, mark in current.items() if seen.get(name) != mark]

@@ -351,7 +351,7 @@ def number(value: Any) -> float:
 # the cell reports a crash, as for a frame that does not decode.
 
 _RESULT_REQUIRED = frozenset({"op", "id", "output", "output_chars", "error", "interrupted", "duration"})
-_RESULT_KEYS = _RESULT_REQUIRED | {"final"}
+_RESULT_KEYS = _RESULT_REQUIRED | {"final", "established"}
 _CALL_KEYS = frozenset({"op", "id", "fn", "payload"})
 
 
@@ -382,9 +382,9 @@ def check_result(message: dict[str, Any], cell: Cell | None, max_output_chars: i
     """A ``result`` frame, for the running cell: the result with its texts cut to size.
 
     ``id`` must be the running cell's (a result when no cell runs, for another cell, or a second
-    one for the same cell is a violation); ``output``, ``error`` (or nil) and ``final`` (optional)
-    strings; ``output_chars`` an int in [0, MAX_ID]; ``duration`` a finite number in
-    [0, MAX_DURATION]; ``interrupted`` a bool. ``output`` is cut to ``max_output_chars``, error
+    one for the same cell is a violation); ``output``, ``error`` (or nil), ``final`` and
+    ``established`` (both optional) strings; ``output_chars`` an int in [0, MAX_ID]; ``duration``
+    a finite number in [0, MAX_DURATION]; ``interrupted`` a bool. ``output`` is cut to ``max_output_chars``, error
     and answer to ``wire.MAX_TEXT_CHARS`` (each with a note of its true length) before anything
     else looks at them.
     """
@@ -399,6 +399,9 @@ def check_result(message: dict[str, Any], cell: Cell | None, max_output_chars: i
         raise ProtocolViolation("a result whose output or error is not a string")
     if "final" in message and type(final) is not str:
         raise ProtocolViolation("a result whose final answer is not a string")
+    established = message.get("established", "")
+    if type(established) is not str:
+        raise ProtocolViolation("a result whose note on established variables is not a string")
     if not _int(message["output_chars"], 0, MAX_ID):
         raise ProtocolViolation("a result whose output_chars is not an integer >= 0")
     duration = message["duration"]
@@ -415,6 +418,7 @@ def check_result(message: dict[str, Any], cell: Cell | None, max_output_chars: i
     }
     if isinstance(final, str):
         result["final"] = wire.cut_text(final, wire.MAX_TEXT_CHARS)
+    result["established"] = wire.cut_text(established, wire.MAX_ESTABLISHED_CHARS)
     return result
 
 

@@ -503,9 +503,10 @@ class LocalSandboxSession:
                 quota_note = await self._check_quota()
                 if quota_note:
                     notes.append(quota_note)
-            output, error, final = await self._sanitized(reply)
+            output, error, final, established = await self._sanitized(reply)
             return CellResult(
                 output=output,
+                established=established or "",
                 output_chars=int(number(reply.get("output_chars"))),
                 error=error,
                 final=final,
@@ -516,10 +517,10 @@ class LocalSandboxSession:
             )
 
     @staticmethod
-    async def _sanitized(reply: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    async def _sanitized(reply: dict[str, Any]) -> tuple[str, str | None, str | None, str | None]:
         """Output, error and answer with control characters made visible; already cut to size
         (``check_result``), and sanitised off the event loop when long."""
-        texts = [reply.get("output", ""), reply.get("error"), reply.get("final")]
+        texts = [reply.get("output", ""), reply.get("error"), reply.get("final"), reply.get("established")]
 
         def clean() -> list[str | None]:
             return [None if text is None else sanitize_text(str(text)) for text in texts]
@@ -528,7 +529,7 @@ class LocalSandboxSession:
             cleaned = await anyio.to_thread.run_sync(clean)
         else:
             cleaned = clean()
-        return cleaned[0] or "", cleaned[1], cleaned[2]
+        return cleaned[0] or "", cleaned[1], cleaned[2], cleaned[3]
 
     async def _check_quota(self) -> str | None:
         """The scratch quota (files and bytes; bubblewrap's tmpfs also caps bytes itself) is checked

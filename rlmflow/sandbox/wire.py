@@ -26,6 +26,7 @@ MAX_CONTAINER_LEN = 100_000
 
 
 MAX_TEXT_CHARS = 200_000
+MAX_ESTABLISHED_CHARS = 2_000  # the note on what a cell set: a few short lines
 """The longest error or ``FINAL`` answer one cell reports: the worker cuts there, and the host cuts
 again when the result arrives, before it does any work on the text."""
 CUT_NOTE_ROOM = 128

@@ -119,7 +119,8 @@ class Worker:
                 **cellapi.api(lambda fn, args: worker.call_host(fn, **args), submit),
             }
         )
-        helpers_prelude.install(self.namespace)  # grep(), chunks(): vetted helpers for small models
+        # grep(), chunks(): vetted helpers for small models; what a cell established, told after each
+        self._established = helpers_prelude.install(self.namespace)
 
     # -- cells ---------------------------------------------------------------------
     def run_cell(self, code: str) -> dict[str, Any]:
@@ -157,6 +158,11 @@ class Worker:
         }
         if self._final:
             reply["final"] = _text(cellapi.answer_text(self._final[0]), wire.MAX_TEXT_CHARS)
+        try:  # part of the cell (its watchdog runs): names, types and sizes of what it set
+            established = self._established()
+        except Exception:
+            established = ""
+        reply["established"] = _text(established if type(established) is str else "", wire.MAX_ESTABLISHED_CHARS)
         return reply
 
     def serve(self) -> None:
