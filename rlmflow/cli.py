@@ -39,6 +39,7 @@ from .dispatch.budget import Budget
 from .dispatch.dispatcher import Dispatcher
 from .engine import RLM, RLMResult, RunProgress
 from .eval.cli import add_eval_parser, eval_main
+from .events import RunEvent, RunStarted
 from .models.registry import DEFAULT_MODEL
 from .telemetry.export import Export, ExportConfigurationError, export_from_environment
 from .telemetry.html import render_html
@@ -83,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                      "unconfined (strict), or none; -v prints what held")
     run.add_argument("--show-transcript", action="store_true", help="print every turn's code and output")
     run.add_argument("--trajectory", metavar="PATH", help="record the run as JSONL (read it with rlmflow trace)")
+    run.add_argument("--journal", metavar="PATH",
+                     help="record the run in this SQLite journal, so it can be resumed (docs/durability.md)")
+    run.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_ID",
+                     help="continue the latest run of --journal that has no answer (or RUN_ID), paying nothing twice")
+    run.add_argument("--replay", metavar="PATH",
+                     help="answer every model call from this journal and send nothing (offline, deterministic)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     run.add_argument(
         "--capture-content", type=int, metavar="N", default=None,
@@ -212,10 +219,22 @@ async def _answer(
         Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider, meter_provider=meter_provider)
         if args.policy else None
     )
+    if args.resume is not None and not args.journal:
+        raise ConfigurationError("--resume continues a run of a journal: give --journal PATH too")
+    if args.replay and args.journal:
+        raise ConfigurationError("--replay answers from a journal and records nothing: drop --journal")
+
+    def announce(event: RunEvent) -> None:  # so an operator can find the run to resume
+        if isinstance(event, RunStarted) and event.depth == 0 and args.journal:
+            print(f"run {event.run_id}, journal {args.journal} (continue it with --resume {event.run_id})",
+                  file=sys.stderr)
+
     async with RLM(
         root=args.root,
         sub=args.sub,
         dispatcher=dispatcher,
+        journal=args.journal,
+        replay=args.replay,
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,
@@ -242,7 +261,11 @@ async def _answer(
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(refresher)
                     try:
-                        result = await rlm.run(context, args.query, progress=progress)
+                        if args.resume is not None:
+                            result = await rlm.resume(context, args.resume or None, budget=budget,
+                                                      progress=progress, events=announce)
+                        else:
+                            result = await rlm.run(context, args.query, progress=progress, events=announce)
                     finally:
                         tg.cancel_scope.cancel()
             display.refresh()

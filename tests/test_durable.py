@@ -9,6 +9,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rlmflow import RLM, ConfigurationError, ModelRequest, NotInJournalError, ScriptedModel
 from rlmflow.durable.journal import Journal
@@ -129,3 +131,20 @@ async def test_code_that_prints_otherwise_when_run_again_is_reported_and_goes_on
         resumed = await rlm.resume("the document")
     assert resumed.answer == "done" and resumed.diverged_at == 1
     assert len(root.requests) == 2  # turn 1 from the journal; its output differed, so turns 2 and 3 live
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hang_from=st.integers(1, PROMPTS))
+def test_wherever_the_fan_out_is_cut_a_resume_pays_only_what_was_not_answered(tmp_path: Path, hang_from: int) -> None:
+    async def scenario() -> None:
+        journal = tmp_path / f"journal-{hang_from}.sqlite"
+        _, first_sub = await interrupted_run(journal, hang_from=hang_from)
+        answered = {r.messages[-1].content for r in first_sub.requests[: hang_from - 1]}
+        sub = sub_model()
+        async with RLM(root=turn_script(CELLS), sub=sub, journal=journal) as rlm:
+            resumed = await rlm.resume("the document")
+        again = [r.messages[-1].content for r in sub.requests]
+        assert resumed.answer.startswith("total ")
+        assert not answered & set(again) and len(again) == PROMPTS - len(answered)
+
+    anyio.run(scenario)

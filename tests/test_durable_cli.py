@@ -1,0 +1,79 @@
+"""A real CLI process killed mid-fan-out (SIGKILL) and resumed with --resume: each prompt paid once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import anyio
+import pytest
+
+from .fakes import FakeOpenAIServer
+
+pytestmark = pytest.mark.anyio
+
+PROMPTS = 60
+CELL = (
+    f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\n"
+    "FINAL('total ' + str(sum(len(a) for a in answers)))"
+)
+EXPECTED = "total " + str(sum(len(f"ANSWER item {i}") for i in range(PROMPTS)))
+
+
+def journaled_sub_prompts(journal: Path) -> int:
+    if not journal.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(journal, timeout=5)) as connection:
+            return int(connection.execute("SELECT count(*) FROM calls WHERE role = 'sub'").fetchone()[0])
+    except sqlite3.OperationalError:  # the tables are not there yet
+        return 0
+
+
+def command(server: FakeOpenAIServer, document: Path, journal: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(document), "--query", "how long?",
+            "--root", f"openai:root@{server.base_url}", "--sub", f"openai:sub@{server.base_url}",
+            "--journal", str(journal), *extra]
+
+
+async def test_a_killed_run_resumed_pays_each_prompt_once_and_answers_exactly(tmp_path: Path) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text("a document about nothing in particular\n" * 20)
+    journal = tmp_path / "journal.sqlite"
+    asked: list[str] = []
+
+    def reply(last: str) -> str:
+        asked.append(last)
+        return "ANSWER " + last
+
+    env = {**os.environ, "OPENAI_API_KEY": "test"}
+    async with FakeOpenAIServer(latency=0.15, root_marker="Question: how long?", root_reply=f"```repl\n{CELL}\n```",
+                                reply=reply) as server:
+        log = tmp_path / "first.log"
+        with log.open("wb") as err:
+            process = await anyio.open_process(command(server, document, journal), env=env, stdout=err, stderr=err)
+            try:
+                with anyio.fail_after(60):
+                    while journaled_sub_prompts(journal) < 20:
+                        assert process.returncode is None, log.read_text()
+                        await anyio.sleep(0.02)
+            finally:
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+                await process.aclose()
+        first_err = log.read_text()
+        assert "journal" in first_err and "--resume" in first_err  # the run's id and where it is
+        with closing(sqlite3.connect(journal)) as connection:  # what the killed run had recorded
+            paid = {row[0].removeprefix("ANSWER ") for row in connection.execute(
+                "SELECT text FROM calls WHERE role = 'sub'")}
+        asked.clear()
+        resumed = await anyio.run_process(command(server, document, journal, "--resume"), env=env, check=False)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert resumed.stdout.decode().strip() == EXPECTED
+    assert len(paid) >= 20
+    assert not paid & set(asked)  # nothing the killed run had recorded was paid for again
+    assert sorted(asked) == sorted({f"item {i}" for i in range(PROMPTS)} - paid)  # each other prompt, once
