@@ -450,3 +450,15 @@ async def test_a_replaced_clock_cannot_make_a_duration_nan(session: LocalSandbox
     for result in (replaced, during):
         assert math.isfinite(result.duration) and result.duration >= 0 and not result.restarted, result
         json.dumps({"duration": result.duration}, allow_nan=False)
+
+
+async def test_a_call_too_big_to_decode_quickly_is_refused_before_decoding_and_the_cell_goes_on() -> None:
+    # decoding holds the event loop (~1 ms per MB): arguments past MAX_CALL_PAYLOAD are refused unread
+    code = (
+        "host = next(c.cell_contents for c in llm_query_many.__closure__ if callable(c.cell_contents))\n"
+        "try:\n    host('llm_query_many', {'prompts': ['x' * 80_000_000]})\n"
+        "except Exception as e:\n    print(type(e).__name__, str(e)[:200])\nprint('alive')"
+    )
+    async with LocalSandbox().session(CONTEXT, bridge) as session:
+        cell = await session.execute(code)
+    assert "split the batch" in cell.output and "alive" in cell.output and not cell.restarted

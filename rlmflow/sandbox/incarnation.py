@@ -350,6 +350,9 @@ def number(value: Any) -> float:
 # what the host expects. Anything else is a ProtocolViolation: the read loop kills the worker and
 # the cell reports a crash, as for a frame that does not decode.
 
+MAX_CALL_PAYLOAD = 72 * 1024 * 1024
+"""Bytes of one host call's arguments: a default batch (64 M characters of prompts) and its framing."""
+
 _RESULT_REQUIRED = frozenset({"op", "id", "output", "output_chars", "error", "interrupted", "duration"})
 _RESULT_KEYS = _RESULT_REQUIRED | {"final", "established"}
 _CALL_KEYS = frozenset({"op", "id", "fn", "payload"})
@@ -423,10 +426,19 @@ def check_result(message: dict[str, Any], cell: Cell | None, max_output_chars: i
 
 
 def call_args(message: dict[str, Any]) -> dict[str, Any]:
-    """A call's arguments, decoded with the same bounds as a frame; ``FrameError`` past them."""
+    """A call's arguments, decoded with the same bounds as a frame; ``FrameError`` past them.
+
+    At most :data:`MAX_CALL_PAYLOAD` bytes are decoded: decoding holds the event loop (about a
+    millisecond per megabyte of strings, and a thread would not release it), so a bigger payload
+    is refused before it is looked at.
+    """
     payload = message.get("payload")
     if not isinstance(payload, bytes):
         raise wire.FrameError("a call without a binary payload")
+    if len(payload) > MAX_CALL_PAYLOAD:
+        raise wire.FrameError(
+            f"the arguments take {len(payload):,} bytes; one call may send {MAX_CALL_PAYLOAD:,}: split the batch"
+        )
     args = wire.unpack_untrusted(payload)
     if not isinstance(args, dict):
         raise wire.FrameError("a call's arguments are not a map")
