@@ -1,0 +1,77 @@
+"""Claims the docs make that had no test: output_weight in TPM admission, .partial after a root
+model error and after a sandbox that cannot run."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from rlmflow import (
+    RLM,
+    BudgetLedger,
+    Dispatcher,
+    FatalModelError,
+    Limits,
+    ModelRequest,
+    SandboxCrashedError,
+    ScriptedModel,
+)
+from rlmflow.sandbox.base import Context, SandboxSession
+
+from .helpers import turn_script
+
+pytestmark = pytest.mark.anyio
+
+
+async def sent_within(limits: Limits, seconds: float) -> int:
+    """How many of two small calls (``max_tokens`` 10) a lane with ``limits`` sends within ``seconds``
+    (each is held by the provider, so its reservation is not corrected to its real usage meanwhile)."""
+
+    async def held(request: ModelRequest) -> str:
+        await anyio.sleep_forever()
+        return "never"
+
+    model = ScriptedModel(held, name="m", provider="fake")
+    dispatcher = Dispatcher(limits={"fake": limits})
+    requests = [ModelRequest.from_prompt("hi", max_tokens=10) for _ in range(2)]
+    with anyio.move_on_after(seconds):
+        await dispatcher.call_many(model, requests, ledger=BudgetLedger())
+    return len(model.requests)
+
+
+async def test_output_weight_counts_max_tokens_that_many_times_against_tpm() -> None:
+    # each call holds its input estimate (5 tokens) + max_tokens x output_weight against a 60 s window
+    assert await sent_within(Limits(tpm=40, output_weight=1.0), 0.5) == 2  # 15 + 15 fit in 40
+    assert await sent_within(Limits(tpm=40, output_weight=3.0), 0.5) == 1  # 35 + 35 do not
+
+
+async def test_a_root_model_error_ends_the_run_with_what_was_paid() -> None:
+    def root(request: ModelRequest) -> str | BaseException:
+        if any(m.role == "assistant" for m in request.messages):
+            return FatalModelError("the model is gone", provider="scripted", model="root")
+        return "```repl\nprint(llm_query('a'))\n```"
+
+    async with RLM(root=ScriptedModel(root, name="root"), sub=ScriptedModel(["x"], name="sub")) as rlm:
+        with pytest.raises(FatalModelError) as caught:
+            await rlm.run("doc", "q?")
+    partial = caught.value.partial
+    assert partial is not None and partial.answer == "" and partial.turns == 1
+    assert [c.role for c in partial.calls] == ["root", "sub", "root"] and partial.calls[-1].error == "FatalModelError"
+
+
+class _NoSandbox:
+    @asynccontextmanager
+    async def session(self, context: Context, bridge: Any) -> AsyncIterator[SandboxSession]:
+        raise SandboxCrashedError("the worker could not start")
+        yield  # pragma: no cover
+
+
+async def test_a_sandbox_that_cannot_run_ends_the_run_with_a_partial() -> None:
+    async with RLM(root=turn_script(["print(1)"]), sandbox=_NoSandbox()) as rlm:  # type: ignore[arg-type]
+        with pytest.raises(SandboxCrashedError) as caught:
+            await rlm.run("doc", "q?")
+    assert caught.value.partial is not None and caught.value.partial.turns == 0
