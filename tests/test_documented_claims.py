@@ -12,6 +12,8 @@ import pytest
 
 from rlmflow import (
     RLM,
+    Budget,
+    BudgetExceededError,
     BudgetLedger,
     Dispatcher,
     FatalModelError,
@@ -19,10 +21,16 @@ from rlmflow import (
     ModelRequest,
     SandboxCrashedError,
     ScriptedModel,
+    SharedBudget,
+    SharedConfig,
+    SharedState,
+    Spend,
+    Usage,
 )
 from rlmflow.sandbox.base import Context, SandboxSession
 
 from .helpers import turn_script
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +83,14 @@ async def test_a_sandbox_that_cannot_run_ends_the_run_with_a_partial() -> None:
         with pytest.raises(SandboxCrashedError) as caught:
             await rlm.run("doc", "q?")
     assert caught.value.partial is not None and caught.value.partial.turns == 0
+
+
+async def test_a_shared_budget_refuses_while_redis_is_down_and_sends_nothing(redis_server: RedisServer) -> None:
+    async with SharedState(SharedConfig(redis_server.url, timeout=0.5)) as state:
+        tenant = SharedBudget(state, "acme", Budget(max_calls=10))
+        held = await tenant.reserve(Spend(calls=1))
+        await held.settle(Usage(1, 1, 1))
+        redis_server.stop()
+        with pytest.raises(BudgetExceededError) as caught:
+            await tenant.reserve(Spend(calls=1))
+    assert caught.value.limit == "shared" and "nothing was sent" in caught.value.message
