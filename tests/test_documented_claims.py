@@ -94,3 +94,14 @@ async def test_a_shared_budget_refuses_while_redis_is_down_and_sends_nothing(red
         with pytest.raises(BudgetExceededError) as caught:
             await tenant.reserve(Spend(calls=1))
     assert caught.value.limit == "shared" and "nothing was sent" in caught.value.message
+
+
+async def test_tracebacks_the_root_reads_name_no_host_path() -> None:
+    cells = ["import json\ntry:\n    json.loads('{bad')\nexcept ValueError as e:\n    raise KeyError('k') from e"]
+    root = turn_script([*cells, "grep(5)", "FINAL('x')"])
+    async with RLM(root=root, max_turns=3) as rlm:
+        result = await rlm.run("doc", "q?")
+    shown = "\n".join(turn.feedback for turn in result.transcript)
+    assert 'File "json/decoder.py"' in shown and "KeyError" in shown  # the library frame, as the model knows it
+    for host_path in ("/work/", "/root/", "/usr/lib/", "site-packages", "/rlmflow/"):
+        assert host_path not in shown, host_path

@@ -13,6 +13,7 @@ import ast
 import io
 import json
 import linecache
+import re
 import threading
 import traceback
 from collections.abc import Callable
@@ -166,12 +167,25 @@ def answer_text(value: Any) -> str:
         return repr(value)
 
 
+_HOST_PATH = re.compile(r'File "(/[^"\n]+)"')
+_LIBRARY_ROOT = re.compile(r".*/(?:site-packages|dist-packages|lib/python\d+\.\d+)/")
+
+
+def _short_path(match: re.Match[str]) -> str:
+    """A library frame named as the model knows it (``json/decoder.py``), not by the host's paths."""
+    path = match.group(1)
+    short = _LIBRARY_ROOT.sub("", path)
+    return f'File "{short if short != path else path.rsplit("/", 1)[-1]}"'
+
+
 def format_user_traceback(exc: BaseException) -> str:
-    """The traceback from the first frame of model code on: the sandbox's own frames are noise."""
+    """The traceback from the first frame of model code on: the sandbox's own frames are noise,
+    and no frame shows where the host keeps its files (``/usr/lib/python3.11/json/decoder.py`` is
+    ``json/decoder.py``; a sandbox helper is its file name), chained exceptions included."""
     tb = exc.__traceback__
     while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
         tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    return _HOST_PATH.sub(_short_path, "".join(traceback.format_exception(type(exc), exc, tb)))
 
 
 def run_code(code: str, filename: str, namespace: dict[str, Any]) -> tuple[str | None, bool]:
