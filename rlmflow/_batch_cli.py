@@ -8,7 +8,7 @@ the answer or the error, the attempts, turns, tokens, cost and duration. With ``
 (``local`` starts a Ray instance here) the runs go to warm actors; ``--shared redis://...`` or a
 policy file's ``[shared]`` table makes every actor share the lanes' limits.
 
-``--sandbox`` (here, on ``rlmflow run`` and on ``rlmflow eval``) chooses where the root's code runs:
+``--sandbox`` (as on ``rlmflow run`` and ``rlmflow eval``; rlmflow.sandbox.choice) chooses where the root's code runs:
 ``local`` (the default) or ``agentcore[:IDENTIFIER][@REGION]``, the AgentCore Code Interpreter.
 botocore's standard endpoint variables (``AWS_ENDPOINT_URL_BEDROCK_AGENTCORE``,
 ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``) point the sandbox and Bedrock models elsewhere (a local fake).
@@ -34,44 +34,9 @@ from .dispatch.dispatcher import Dispatcher
 from .engine import RLM
 from .models.registry import DEFAULT_MODEL
 from .ray import BatchEvent, BatchItem, BatchPolicy, BatchResult, RayBatch
-from .sandbox.base import Isolation, Sandbox
+from .sandbox.choice import add_sandbox_argument, build_sandbox
 
-__all__ = ["add_batch_parser", "add_sandbox_argument", "batch_main", "build_sandbox", "check_sandbox"]
-
-def check_sandbox(spec: str) -> str:
-    """``spec`` if it is a well-formed ``--sandbox`` string (argparse's ``type``); the AgentCore
-    backend (botocore) is imported only when one is named."""
-    if spec == "local":
-        return spec
-    from .sandbox.agentcore import parse_sandbox_string
-
-    try:
-        parse_sandbox_string(spec)
-    except ConfigurationError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-    return spec
-
-
-def build_sandbox(spec: str, *, cell_timeout: float = 120.0, isolation: Isolation = "auto") -> Sandbox:
-    """The sandbox a ``--sandbox`` string names; see :func:`rlmflow.sandbox.agentcore.sandbox_from_string`."""
-    if spec == "local":
-        from .sandbox.local import LocalSandbox
-
-        return LocalSandbox(cell_timeout=cell_timeout, isolation=isolation)
-    from .sandbox.agentcore import sandbox_from_string
-
-    return sandbox_from_string(spec, cell_timeout=cell_timeout, isolation=isolation)
-
-
-def add_sandbox_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--sandbox`` to a subcommand (``run`` and ``batch``; ``eval`` has its own copy)."""
-    parser.add_argument(
-        "--sandbox", type=check_sandbox, default="local", metavar="SPEC",
-        help="where the root's code runs: local (default) or agentcore[:IDENTIFIER][@REGION], the AgentCore "
-        "Code Interpreter (AWS credentials from the usual chain; AWS_ENDPOINT_URL_BEDROCK_AGENTCORE "
-        "overrides its endpoint; docs/agentcore.md)",
-    )
-
+__all__ = ["add_batch_parser", "batch_main"]
 
 def add_batch_parser(commands: Any) -> None:
     """Add the ``batch`` subcommand to the CLI's subparsers."""

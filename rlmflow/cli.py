@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 
 from . import __version__
-from ._batch_cli import add_batch_parser, add_sandbox_argument, batch_main, build_sandbox
+from ._batch_cli import add_batch_parser, batch_main
 from ._exceptions import (
     BudgetExceededError,
     ConfigurationError,
@@ -41,6 +41,7 @@ from .engine import RLM, RLMResult, RunProgress
 from .eval.cli import add_eval_parser, eval_main
 from .events import RunEvent, RunStarted
 from .models.registry import DEFAULT_MODEL
+from .sandbox.choice import add_sandbox_argument, build_sandbox
 from .telemetry.export import Export, ExportConfigurationError, export_from_environment
 from .telemetry.html import render_html
 from .telemetry.phoenix import PhoenixError, load_phoenix_trace

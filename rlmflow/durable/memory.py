@@ -14,7 +14,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 
 from .._exceptions import NotInJournalError
-from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
+from ..models.base import LanguageModel, ModelRequest, ModelResponse, ModelView, Usage
 from .journal import Journal, RecordedCall, RecordedTurn
 from .keys import request_key
 
@@ -72,34 +72,22 @@ class CallMemory:
             self.writes.call_done(self.run_id, call)
 
 
-class RecordingModel:
+class RecordingModel(ModelView):
     """``model`` whose every answered request is written to a :class:`CallMemory`'s journal.
 
-    Given to the Dispatcher in the model's place: the same lane (provider, name and every other
-    attribute are the model's), and the write happens as each call completes, also inside a
-    batch that a crash interrupts half-way.
+    Given to the Dispatcher in the model's place (the same lane), the write happens as each call
+    completes, also inside a batch that a crash interrupts half-way.
     """
 
     def __init__(
         self, model: LanguageModel, memory: CallMemory, *, role: str, depth: int,
         cost: Callable[[LanguageModel, Usage], float | None],
     ) -> None:
-        self.model = model
+        super().__init__(model)
         self._memory = memory
         self._role = role
         self._depth = depth
         self._cost = cost
-
-    @property
-    def provider(self) -> str:
-        return self.model.provider
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    def count_tokens(self, text: str) -> int:
-        return self.model.count_tokens(text)
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         response = await self.model.request(request)
@@ -110,9 +98,3 @@ class RecordingModel:
             output_tokens=usage.output_tokens, cost_usd=self._cost(self.model, usage),
         ))
         return response
-
-    async def aclose(self) -> None:
-        return None  # the model belongs to whoever made it
-
-    def __getattr__(self, name: str) -> object:  # endpoint, lane_limits, price, reserve_connections...
-        return getattr(self.model, name)

@@ -25,8 +25,7 @@ from .._util import single_exception
 from ..dispatch.budget import Budget
 from ..dispatch.dispatcher import Dispatcher
 from ..models.registry import DEFAULT_MODEL, ModelRegistry
-from ..sandbox.base import Sandbox
-from ..sandbox.local import LocalSandbox
+from ..sandbox.choice import add_sandbox_argument, build_sandbox
 from .approaches import Approach, DirectApproach, RLMApproach
 from .generate import KINDS, generate_task, parse_size, write_tasks
 from .items import EvalItem
@@ -42,27 +41,6 @@ DEMO_CORPUS = "examples/data/shakespeare_plays.txt"  # in the repository, not in
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _sandbox(spec: str) -> str:
-    """``spec`` if it is a well-formed ``--sandbox`` string; botocore is imported only for AgentCore."""
-    if spec == "local":
-        return spec
-    from ..sandbox.agentcore import parse_sandbox_string
-
-    try:
-        parse_sandbox_string(spec)
-    except ConfigurationError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-    return spec
-
-
-def _build_sandbox(spec: str, cell_timeout: float) -> Sandbox:
-    if spec == "local":
-        return LocalSandbox(cell_timeout=cell_timeout)
-    from ..sandbox.agentcore import sandbox_from_string
-
-    return sandbox_from_string(spec, cell_timeout=cell_timeout)
 
 
 def add_eval_parser(commands: Any) -> None:
@@ -92,9 +70,7 @@ def add_eval_parser(commands: Any) -> None:
     ev.add_argument("--max-turns", type=int, default=12)
     ev.add_argument("--max-depth", type=int, default=1)
     ev.add_argument("--cell-timeout", type=float, default=120.0)
-    ev.add_argument("--sandbox", type=_sandbox, default="local", metavar="SPEC",
-                    help="where rlm's code runs: local (default) or agentcore[:IDENTIFIER][@REGION], the AgentCore "
-                    "Code Interpreter (AWS_ENDPOINT_URL_BEDROCK_AGENTCORE overrides its endpoint)")
+    add_sandbox_argument(ev)
     ev.add_argument("--max-cost", type=float, default=None, help="USD cap of the whole evaluation")
     ev.add_argument("--item-max-cost", type=float, default=None, help="USD cap per item")
     ev.add_argument("--item-deadline", type=float, default=None, help="seconds per item")
@@ -250,7 +226,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
                 approaches.append(RLMApproach(
                     args.root if strands_root else root, registry.resolve(args.sub) if args.sub else None,
                     max_turns=args.max_turns,
-                    max_depth=args.max_depth, sandbox=_build_sandbox(args.sandbox, args.cell_timeout),
+                    max_depth=args.max_depth, sandbox=build_sandbox(args.sandbox, cell_timeout=args.cell_timeout),
                     tracer_provider=tracer_provider, meter_provider=meter_provider,
                 ))
         dispatcher = (Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider,

@@ -166,16 +166,13 @@ def estimate_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-class StreamingView:
-    """``model`` whose :meth:`request` streams, handing each piece of text to ``on_text``.
+class ModelView:
+    """``model`` seen through a wrapper that changes only how a request is made: given to the
+    Dispatcher in the model's place, it uses the same lane (provider, name and every other
+    attribute are the model's own), and closing it leaves the model to whoever made it."""
 
-    For a root model shown live: ``dispatcher.call(StreamingView(root, on_text), ...)`` goes
-    through the same lane as ``root`` (every other attribute is the model's own).
-    """
-
-    def __init__(self, model: StreamingLanguageModel, on_text: TextCallback) -> None:
+    def __init__(self, model: LanguageModel) -> None:
         self.model = model
-        self.on_text = on_text
 
     @property
     def provider(self) -> str:
@@ -189,10 +186,26 @@ class StreamingView:
         return self.model.count_tokens(text)
 
     async def request(self, request: ModelRequest) -> ModelResponse:
-        return await self.model.request_stream(request, self.on_text)
+        return await self.model.request(request)
 
     async def aclose(self) -> None:
         return None  # the model belongs to whoever made it
 
-    def __getattr__(self, name: str) -> object:  # endpoint, lane_limits, reserve_connections...
+    def __getattr__(self, name: str) -> object:  # endpoint, lane_limits, price, reserve_connections...
         return getattr(self.model, name)
+
+
+class StreamingView(ModelView):
+    """``model`` whose :meth:`request` streams, handing each piece of text to ``on_text``.
+
+    For a root model shown live: ``dispatcher.call(StreamingView(root, on_text), ...)`` goes
+    through the same lane as ``root``.
+    """
+
+    def __init__(self, model: StreamingLanguageModel, on_text: TextCallback) -> None:
+        super().__init__(model)
+        self.streaming = model
+        self.on_text = on_text
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self.streaming.request_stream(request, self.on_text)
