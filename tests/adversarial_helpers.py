@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from rlmflow.sandbox.base import SandboxReport
+from rlmflow.sandbox.local import LocalSandboxSession
 
 CONTEXT = "the contents of a document nobody may change " * 1000
 
@@ -108,3 +109,18 @@ def tree_cpu_seconds(pid: int) -> float:
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         stack.extend(int(child) for child in children)
     return total
+
+
+async def remember(session: LocalSandboxSession) -> None:
+    """Set a variable that a cell after a crash or a restart should (or should not) still see."""
+    await session.execute("kept = 'still here'")
+
+
+async def assert_kept(session: LocalSandboxSession, kept: bool = True) -> None:
+    """The variable of :func:`remember` is still there (or gone), and ``context`` is loaded."""
+    result = await session.execute("kept")
+    if kept:
+        assert result.output.strip() == "'still here'", result
+    else:
+        assert "NameError" in (result.error or ""), result
+    assert (await session.execute("len(context)")).output.strip() == str(len(CONTEXT))

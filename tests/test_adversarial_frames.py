@@ -25,7 +25,7 @@ from rlmflow import RLM, LocalSandbox, ModelRequest, ScriptedModel
 from rlmflow.sandbox import scratch
 from rlmflow.sandbox.local import LocalSandboxSession
 
-from .adversarial_helpers import CONTEXT, CURRENT_CELL_ID, bridge, raw_frames, tree_cpu_seconds
+from .adversarial_helpers import CONTEXT, CURRENT_CELL_ID, assert_kept, bridge, raw_frames, remember, tree_cpu_seconds
 from .helpers import repl, turn_script
 
 pytestmark = pytest.mark.anyio
@@ -46,17 +46,6 @@ async def session() -> AsyncIterator[LocalSandboxSession]:
         yield opened
 
 
-async def remember(session: LocalSandboxSession) -> None:
-    await session.execute("kept = 'still here'")
-
-
-async def assert_kept(session: LocalSandboxSession, kept: bool = True) -> None:
-    result = await session.execute("kept")
-    if kept:
-        assert result.output.strip() == "'still here'", result
-    else:
-        assert "NameError" in (result.error or ""), result
-    assert (await session.execute("len(context)")).output.strip() == str(len(CONTEXT))
 
 
 def call_frame(

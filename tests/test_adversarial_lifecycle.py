@@ -26,7 +26,7 @@ from rlmflow.sandbox import scratch
 from rlmflow.sandbox.incarnation import MAX_CALLS_IN_FLIGHT
 from rlmflow.sandbox.local import LocalSandboxSession
 
-from .adversarial_helpers import CONTEXT, bridge, need, processes_with_env
+from .adversarial_helpers import CONTEXT, assert_kept, bridge, need, processes_with_env, remember
 from .helpers import repl
 
 pytestmark = pytest.mark.anyio
@@ -51,17 +51,6 @@ async def hasty() -> AsyncIterator[LocalSandboxSession]:
         yield session
 
 
-async def remember(session: LocalSandboxSession) -> None:
-    await session.execute("kept = 'still here'")
-
-
-async def assert_kept(session: LocalSandboxSession, kept: bool = True) -> None:
-    result = await session.execute("kept")
-    if kept:
-        assert result.output.strip() == "'still here'", result
-    else:
-        assert "NameError" in (result.error or "")
-    assert (await session.execute("len(context)")).output.strip() == str(len(CONTEXT))
 
 
 def _vm_hwm_bytes() -> int:

@@ -3,10 +3,8 @@ with partial results, deadlines, the event stream, and the example ASGI app over
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from rlmflow import (
     default_dispatcher,
 )
 
-from .helpers import repl, turn_script
+from .helpers import load_example, repl, turn_script
 
 pytestmark = pytest.mark.anyio
 
@@ -276,14 +274,6 @@ async def test_a_failing_child_does_not_lose_its_siblings() -> None:
     assert BatchError.__name__ == "BatchError"
 
 
-def load_example() -> object:
-    path = Path(__file__).resolve().parents[1] / "examples" / "service.py"
-    spec = importlib.util.spec_from_file_location("example_service", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["example_service"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 async def test_example_service_streams_sse_and_charges_the_tenant() -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +19,7 @@ from rlmflow import (
 )
 from rlmflow.events import RunFailed
 
-from .helpers import turn_script
+from .helpers import load_example, turn_script
 
 pytestmark = pytest.mark.anyio
 
@@ -33,14 +30,6 @@ class UnpricedModel(ScriptedModel):
     price = None  # type: ignore[assignment]
 
 
-def load_example() -> Any:
-    path = Path(__file__).resolve().parents[1] / "examples" / "service.py"
-    spec = importlib.util.spec_from_file_location("example_service_preflight", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["example_service_preflight"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 async def test_check_refuses_what_a_run_would_refuse_without_running() -> None:
