@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from rlmflow.sandbox import scratch
 
@@ -47,3 +50,45 @@ def test_contexts_are_shared_until_the_last_release() -> None:
     scratch.release_context(second)
     scratch.release_context(other)
     assert not second.path.exists() and not other.path.exists()
+
+
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_directory_is_swept_once_its_owners_lock_is_free_whatever_its_pid_namespace(tmp_path: Path) -> None:
+    token = "0123456789abcdef"
+    owned = [tmp_path / f"rlmflow-L{token}-abcd_123", tmp_path / f"rlmflow-L{token}-contexts-abcd_123"]
+    for directory in owned:
+        (directory / "work").mkdir(parents=True)
+    lock = tmp_path / f"rlmflow-L{token}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        scratch._sweep_stale(tmp_path)
+        assert all(d.exists() for d in owned) and lock.exists()  # its host is alive: kept
+    finally:
+        holder.kill()  # SIGKILL: no atexit, no cleanup; only the kernel drops the lock
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    scratch._sweep_stale(tmp_path)
+    assert not any(d.exists() for d in owned) and not lock.exists()
+
+
+def test_a_hosts_own_directories_are_never_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scratch.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(scratch, "_owner", None)
+    mine = Path(scratch.tempfile.mkdtemp(prefix=scratch._prefix(), dir=tmp_path))
+    scratch._sweep_stale(tmp_path)
+    assert mine.exists()
+    assert scratch._owner is not None
+    os.close(scratch._owner[1])  # as if this host had died: its lock is free
+    monkeypatch.setattr(scratch, "_owner", None)
+    scratch._sweep_stale(tmp_path)
+    assert not mine.exists()

@@ -2,17 +2,27 @@
 
 A context is written once per host process and shared, read-only, by every session that loads
 the same text (a parent and the children it starts with the same document): files are keyed by
-sha256 and reference-counted. Scratch directories carry the host's pid in their name, so a later
-host removes what a SIGKILLed one left behind.
+sha256 and reference-counted.
+
+A host process that dies without cleaning up (SIGKILL, an OOM kill, a server that re-raises
+SIGTERM past ``atexit``) leaves its directories behind; the next host removes them. Whether their
+owner is alive is told by a lock, not a pid: each host holds an exclusive ``flock`` on its own
+``rlmflow-L<token>.lock`` for as long as it lives, and its directories carry the same token. The
+kernel drops the lock when the process dies, however it dies, and a lock means the same thing
+in every pid namespace sharing the directory: a restarted container reclaims what the one before
+it left. (Directories named by the pid scheme of earlier versions are still swept by pid.)
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -33,12 +43,17 @@ __all__ = [
 ]
 
 _PREFIX = "rlmflow-"
-# only what mkdtemp below names: rlmflow-<pid namespace>-<pid>-[contexts-]<8 random characters>
+# only what mkdtemp below names: rlmflow-L<owner token>-[contexts-]<8 random characters>
+_OWNED = re.compile(rf"^{_PREFIX}L([0-9a-f]{{16}})-(?:contexts-)?[a-z0-9_]{{8}}$")
+_LOCK = re.compile(rf"^{_PREFIX}L([0-9a-f]{{16}})\.lock$")
+# earlier versions' names: rlmflow-<pid namespace>-<pid>-[contexts-]<8 random characters>
 _STALE = re.compile(rf"^{_PREFIX}(\d+)-(\d+)-(?:contexts-)?[a-z0-9_]{{8}}$")
 _lock = threading.Lock()
 _contexts: dict[str, tuple[Path, int]] = {}  # sha256 -> (directory, references)
 _root: Path | None = None
 _swept = False
+_owner: tuple[str, int] | None = None  # this process's token and the descriptor of its held lock
+_owner_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +128,51 @@ def _pid_namespace() -> int:
 
 
 def _prefix() -> str:
-    return f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-"
+    return f"{_PREFIX}L{_owner_token()}-"
+
+
+def _owner_token() -> str:
+    """This process's token, its lock taken (once) and held until the process ends."""
+    global _owner
+    with _owner_lock:  # not _lock: acquire_context holds that one when it makes its directory
+        while _owner is None:
+            token = secrets.token_hex(8)
+            path = Path(tempfile.gettempdir()) / f"{_PREFIX}L{token}.lock"
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:  # a sweep took the name meanwhile
+                    raise BlockingIOError
+            except OSError:
+                os.close(fd)
+                continue
+            _owner = (token, fd)
+            atexit.register(_unlink, path)
+        return _owner[0]
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _owner_gone(parent: Path, token: str) -> bool:
+    """Whether the host of ``token`` has ended: its lock file is gone, or nobody holds its lock."""
+    if _owner is not None and token == _owner[0]:
+        return False
+    try:
+        fd = os.open(parent / f"{_PREFIX}L{token}.lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: its host is alive, in this pid namespace or another
+    finally:
+        os.close(fd)  # (releases the lock if it was taken)
+    return True
 
 
 def _sweep_stale(parent: Path) -> None:
@@ -121,6 +180,22 @@ def _sweep_stale(parent: Path) -> None:
         entries = list(os.scandir(parent))
     except OSError:
         return
+    gone: dict[str, bool] = {}
+    for entry in entries:  # directories of hosts that ended, then their lock files
+        owned = _OWNED.match(entry.name)
+        if owned is not None and entry.is_dir(follow_symlinks=False):
+            token = owned.group(1)
+            if gone.setdefault(token, _owner_gone(parent, token)):
+                remove_tree(entry.path)
+    for entry in entries:
+        lock = _LOCK.match(entry.name)
+        if lock is not None and gone.get(lock.group(1), _owner_gone(parent, lock.group(1))):
+            _unlink(Path(entry.path))
+    _sweep_by_pid(entries)
+
+
+def _sweep_by_pid(entries: list[os.DirEntry[str]]) -> None:
+    """Earlier versions' directories, named by their host's pid namespace and pid."""
     namespace = _pid_namespace()
     for entry in entries:
         match = _STALE.match(entry.name)
