@@ -128,7 +128,8 @@ class Workers:
         for process in self.processes:
             if process.returncode is None:
                 process.kill()
-                await process.wait()
+            # read to EOF and close the pipes: transports left to the garbage collector warn later
+            await process.communicate()
 
 
 def spec(redis: RedisServer, provider: FakeOpenAIServer, name: str, prompts: int, **extra: Any) -> dict[str, Any]:

@@ -340,6 +340,10 @@ class LocalSandboxSession:
             # dies a moment after the group is killed); its transport closes at that EOF
             with anyio.move_on_after(2):
                 await incarnation.stderr_done.wait()
+            if incarnation.process.stderr is not None:
+                # closed here even if that EOF never came: a transport left to the garbage
+                # collector is a ResourceWarning at some later, unrelated moment
+                await incarnation.process.stderr.aclose()
             incarnation.release()
             await incarnation.stream.aclose()
             incarnation.dead.set()
