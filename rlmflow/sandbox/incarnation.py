@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -103,16 +104,16 @@ class Incarnation:
         *,
         bwrap: bool,
         max_output_chars: int = 20_000,
+        stderr_path: Path | None = None,
     ) -> None:
         self.process = process
+        self.stderr_path = stderr_path
         self.bwrap = bwrap
         self.stream = stream
         self.receiver = BufferedByteReceiveStream(stream)
         self.max_frame = max_frame
         self.max_str = max_str_bytes(max_output_chars)
-        self.stderr_tail: deque[bytes] = deque(maxlen=64)
         self.dead = anyio.Event()
-        self.stderr_done = anyio.Event()
         self.calls = anyio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self.expected_exit = False
         self.failure: str | None = None
@@ -309,8 +310,16 @@ class Incarnation:
         return f"exited with status {code}"
 
     def stderr_text(self, limit: int = 1500) -> str:
-        text = b"".join(self.stderr_tail).decode("utf-8", "replace").strip()
-        return text[-limit:]
+        """The end of what the worker wrote to stderr (read only to explain a failure: a few KB)."""
+        if self.stderr_path is None:
+            return ""
+        try:
+            with self.stderr_path.open("rb") as file:
+                file.seek(max(0, file.seek(0, os.SEEK_END) - 4 * limit))
+                tail = file.read()
+        except OSError:
+            return ""
+        return tail.decode("utf-8", "replace").strip()[-limit:]
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -242,12 +242,17 @@ class LocalSandboxSession:
             scratch_bytes=config.scratch_bytes,
         )
         env = worker_env(work, config.env)
+        # stderr goes to a file of the host's (outside the worker's work directory), not a pipe: a
+        # pipe held open by a dying namespace left its transport to the garbage collector, and a
+        # file needs no reader; its tail is read only to explain a failure
+        stderr_path = self._dir / f"stderr-{self.restarts}.log"
+        stderr_file = await anyio.to_thread.run_sync(stderr_path.open, "wb")
         try:
             process = await anyio.open_process(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=stderr_file,
                 cwd=str(work),
                 env=env,
                 pass_fds=[child.fileno()],
@@ -259,6 +264,7 @@ class LocalSandboxSession:
             raise SandboxCrashedError(f"cannot start the sandbox worker with {config.python}: {exc}") from exc
         finally:
             child.close()
+            stderr_file.close()
         stream = await anyio.abc.UNIXSocketStream.from_socket(parent)
         incarnation = Incarnation(
             process,
@@ -266,8 +272,8 @@ class LocalSandboxSession:
             config.max_frame_bytes,
             bwrap=self._bwrap is not None,
             max_output_chars=config.max_output_chars,
+            stderr_path=stderr_path,
         )
-        self._tg.start_soon(self._drain_stderr, incarnation)
         self._tg.start_soon(incarnation.write_loop)
         confine = config.isolation != "none"
         init = {
@@ -336,14 +342,6 @@ class LocalSandboxSession:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(5):
                 await incarnation.process.wait()
-            # the pipe ends when the last holder of its write end is gone (bubblewrap's namespace
-            # dies a moment after the group is killed); its transport closes at that EOF
-            with anyio.move_on_after(2):
-                await incarnation.stderr_done.wait()
-            if incarnation.process.stderr is not None:
-                # closed here even if that EOF never came: a transport left to the garbage
-                # collector is a ResourceWarning at some later, unrelated moment
-                await incarnation.process.stderr.aclose()
             incarnation.release()
             await incarnation.stream.aclose()
             incarnation.dead.set()
@@ -362,19 +360,6 @@ class LocalSandboxSession:
             await anyio.to_thread.run_sync(scratch.release_context, context)
 
     # -- tasks -------------------------------------------------------------------------------
-    async def _drain_stderr(self, incarnation: Incarnation) -> None:
-        stream = incarnation.process.stderr
-        if stream is None:
-            incarnation.stderr_done.set()
-            return
-        try:
-            async for chunk in stream:
-                incarnation.stderr_tail.append(chunk[-4096:])
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        finally:
-            incarnation.stderr_done.set()
-
     async def _read_loop(self, incarnation: Incarnation) -> None:
         try:
             while True:
