@@ -21,6 +21,7 @@ CELL = (
     f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\n"
     "FINAL('total ' + str(sum(len(a) for a in answers)))"
 )
+HELD_AFTER = 24  # answers the fake gives before it holds every later request (a run of 60 cannot finish)
 EXPECTED = "total " + str(sum(len(f"ANSWER item {i}") for i in range(PROMPTS)))
 
 
@@ -35,9 +36,13 @@ def journaled_sub_prompts(journal: Path) -> int:
 
 
 def command(server: FakeOpenAIServer, document: Path, journal: Path, *extra: str) -> list[str]:
+    # at most 8 calls in flight: the fake holds every request after HELD_AFTER answers, so the first
+    # run pays at most HELD_AFTER + 8 of its PROMPTS and cannot finish before it is killed
+    policy = journal.with_name("policy.toml")
+    policy.write_text("[lanes.openai]\nmax_concurrency = 8\n")
     return [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(document), "--query", "how long?",
             "--root", f"openai:root@{server.base_url}", "--sub", f"openai:sub@{server.base_url}",
-            "--journal", str(journal), *extra]
+            "--journal", str(journal), "--policy", str(policy), *extra]
 
 
 async def test_a_killed_run_resumed_pays_each_prompt_once_and_answers_exactly(tmp_path: Path) -> None:
@@ -45,9 +50,13 @@ async def test_a_killed_run_resumed_pays_each_prompt_once_and_answers_exactly(tm
     document.write_text("a document about nothing in particular\n" * 20)
     journal = tmp_path / "journal.sqlite"
     asked: list[str] = []
+    server: FakeOpenAIServer
+    resuming = False
 
     def reply(last: str) -> str:
         asked.append(last)
+        if len(asked) == HELD_AFTER and not resuming:  # the first run never ends on its own: it is killed mid-fan-out
+            server.latency = 3600.0
         return "ANSWER " + last
 
     env = {**os.environ, "OPENAI_API_KEY": "test"}
@@ -71,9 +80,10 @@ async def test_a_killed_run_resumed_pays_each_prompt_once_and_answers_exactly(tm
             paid = {row[0].removeprefix("ANSWER ") for row in connection.execute(
                 "SELECT text FROM calls WHERE role = 'sub'")}
         asked.clear()
+        resuming, server.latency = True, 0.15
         resumed = await anyio.run_process(command(server, document, journal, "--resume"), env=env, check=False)
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert resumed.stdout.decode().strip() == EXPECTED
-    assert len(paid) >= 20
+    assert 20 <= len(paid) <= HELD_AFTER + 8, len(paid)
     assert not paid & set(asked)  # nothing the killed run had recorded was paid for again
     assert sorted(asked) == sorted({f"item {i}" for i in range(PROMPTS)} - paid)  # each other prompt, once
