@@ -29,6 +29,7 @@ from .dispatch.budget import Budget, BudgetLedger
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.lane import RunShare
 from .dispatch.process import default_dispatcher
+from .durable.cache import CallCache, SQLiteCallCache
 from .durable.journal import Journal, JournalRun
 from .durable.memory import CallMemory
 from .events import EventSink
@@ -89,6 +90,11 @@ class RLM:
       be resumed without paying again (:meth:`resume`; ``docs/durability.md``);
     - ``replay``: a journal every run is answered from instead of the providers (no request is
       sent; one the journal lacks raises :class:`NotInJournalError`): offline, free pipeline tests;
+    - ``cache``: a :class:`~rlmflow.durable.cache.CallCache` (or an SQLite file's path for a
+      :class:`~rlmflow.durable.cache.SQLiteCallCache`) shared across runs: a request asked
+      before (same model, settings and messages) is answered from it, sent and charged nothing,
+      and marked ``cached`` in its record, span, metric and event; root calls included unless
+      the cache says otherwise (``docs/durability.md``);
     - ``capture_content``: put prompts, replies, code and outputs into span attributes, each cut
       to this many characters (0, the default, records lengths and hashes only);
     - ``tracer_provider`` / ``meter_provider``: where spans and metrics go (default: the global
@@ -122,6 +128,7 @@ class RLM:
         trajectory: Trajectory | None = None,
         journal: Journal | str | Path | None = None,
         replay: Journal | str | Path | None = None,
+        cache: CallCache | str | Path | None = None,
         capture_content: int = 0,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
@@ -164,6 +171,9 @@ class RLM:
         self.journal: Journal | None = Journal(journal) if isinstance(journal, str | Path) else journal
         """Where every run is recorded as it goes, so it can be resumed (:meth:`resume`)."""
         self._replay: Journal | None = Journal(replay) if isinstance(replay, str | Path) else replay
+        self._owns_cache = isinstance(cache, str | Path)
+        self.cache: CallCache | None = SQLiteCallCache(cache) if isinstance(cache, str | Path) else cache
+        """Where answers are kept across runs, if anywhere."""
         tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
         self.settings = RunSettings(
             root=root_model, root_style=self.root_style, sub=sub_model, sub_models=aliases,
@@ -172,7 +182,7 @@ class RLM:
             system_prompt=system_prompt or prompts.SYSTEM_PROMPT, root_max_tokens=root_max_tokens,
             sub_max_tokens=sub_max_tokens, max_feedback_chars=max_feedback_chars, history_chars=history_chars,
             max_repeated_errors=max_repeated_errors, dedup=dedup, trajectory=trajectory,
-            capture_content=capture_content,
+            capture_content=capture_content, cache=self.cache,
         )
         """What every run of this RLM is given (frozen)."""
         # Calls of this RLM's runs report to its own providers even on a shared Dispatcher.
@@ -212,7 +222,8 @@ class RLM:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the models this RLM created from model strings, and the trajectory file."""
+        """Close the models this RLM created from model strings, the trajectory file, and the journal
+        and cache files it opened from paths."""
         await self._registry.aclose()
         trajectory = self.settings.trajectory
         if trajectory is not None:
@@ -220,6 +231,8 @@ class RLM:
         for journal in (self.journal, self._replay):
             if journal is not None and self._owns_journal:
                 await anyio.to_thread.run_sync(journal.close)
+        if self.cache is not None and self._owns_cache:
+            await self.cache.aclose()
 
     async def run(
         self,

@@ -126,7 +126,11 @@ class BatchFinished(RunEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubCallDone(RunEvent):
-    """One model call finished (root turns and sub-calls alike; ``role`` tells which)."""
+    """One model call finished (root turns and sub-calls alike; ``role`` tells which).
+
+    ``source`` is ``"cache"`` or ``"journal"`` for a call answered without a provider request
+    (a cache hit costs nothing; a journal's answer costs what the run paid for it before).
+    """
 
     kind: ClassVar[Literal["call_done"]] = "call_done"
     role: str
@@ -136,6 +140,7 @@ class SubCallDone(RunEvent):
     cost_usd: float | None
     duration: float
     error: str | None
+    source: Literal["cache", "journal"] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -95,9 +95,9 @@ def summarise_usage(calls: list[CallRecord]) -> tuple[dict[str, Usage], float | 
     usage: dict[str, Usage] = {}
     cost: float | None = 0.0
     for call in calls:
-        usage[call.model] = usage.get(call.model, Usage()) + Usage(
+        usage[call.model] = usage.get(call.model, Usage()) + (Usage(cached_calls=1) if call.cached else Usage(
             call.input_tokens, call.output_tokens, 1 if call.error is None else 0
-        )
+        ))
         if call.error is None:
             cost = None if cost is None or call.cost_usd is None else cost + call.cost_usd
     return usage, cost

@@ -23,10 +23,11 @@ from ..dispatch.budget import BudgetLedger, Spend
 from ..dispatch.dispatcher import Dispatcher
 from ..dispatch.lane import RunShare
 from ..dispatch.limits import Priority
-from ..dispatch.records import CallRecord, CallRecorder
+from ..dispatch.records import CallRecorder
+from ..durable.cache import CachedAnswer, CallCache
 from ..durable.journal import RecordedCall
 from ..durable.keys import request_key
-from ..durable.memory import CallMemory, RecordingModel
+from ..durable.memory import CachingModel, CallMemory, RecordingModel
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 
 __all__ = ["CallScope"]
@@ -43,46 +44,59 @@ class CallScope:
     record: CallRecorder
     capture: int
     memory: CallMemory | None = None
+    cache: CallCache | None = None
 
     async def ask_root(self, model: LanguageModel, request: ModelRequest) -> ModelResponse:
         """One root call, admitted before any queued sub-call."""
-        memory = self.memory
-        if memory is not None and memory.answers:
-            recorded = memory.take(request_key(model, request))
-            if recorded is not None:
-                return self._answered(model, recorded)
-            memory.missed(model, request)
-        if memory is not None:
-            model = self._recording(model, memory, "root")
+        cache = self.cache if self.cache is not None and self.cache.roots else None
+        answered = await self._answer_known(model, [request], "root", None, cache)
+        if isinstance(answered[0], ModelResponse):
+            return answered[0]
         return await self.dispatcher.call(
-            model, request, ledger=self.ledger, share=self.share, priority=Priority.ROOT, depth=self.depth,
-            record=self.record, capture=self.capture,
+            self._guarded(model, "root", cache), request, ledger=self.ledger, share=self.share,
+            priority=Priority.ROOT, depth=self.depth, record=self.record, capture=self.capture,
         )
 
     async def ask_many(
         self, model: LanguageModel, requests: Sequence[ModelRequest], *, parent: OtelContext | None
     ) -> list[ModelResponse | RLMError]:
         """Sub-calls sent concurrently; outcomes in input order, a failure in its own place."""
+        answered = await self._answer_known(model, requests, "sub", parent, self.cache)
+        missing = [index for index, known in enumerate(answered) if not isinstance(known, ModelResponse)]
+        if not missing:
+            return [known for known in answered if isinstance(known, ModelResponse)]
+        outcomes: list[ModelResponse | RLMError | str | None] = list(answered)
+        sent = await self._send_many(self._guarded(model, "sub", self.cache), [requests[i] for i in missing], parent)
+        for index, outcome in zip(missing, sent, strict=True):
+            outcomes[index] = outcome
+        return [outcome for outcome in outcomes if isinstance(outcome, ModelResponse | RLMError)]
+
+    async def _answer_known(
+        self, model: LanguageModel, requests: Sequence[ModelRequest], role: str, parent: OtelContext | None,
+        cache: CallCache | None,
+    ) -> list[ModelResponse | str | None]:
+        """Each request's answer from the journal (a resumed or replayed run) or the cache; for
+        the others, their key when one was computed (``None`` when nothing could answer)."""
         memory = self.memory
-        if memory is None:
-            return await self._send_many(model, requests, parent)
-        if not memory.answers:  # a fresh journaled run: every call is sent, and written as it completes
-            return await self._send_many(self._recording(model, memory, "sub"), requests, parent)
-        outcomes: list[ModelResponse | RLMError | None] = []
-        missing: list[int] = []
-        for index, request in enumerate(requests):
-            recorded = memory.take(request_key(model, request))
-            if recorded is None:
-                memory.missed(model, request)
-                missing.append(index)
-            outcomes.append(None if recorded is None else self._answered(model, recorded))
-        if missing:
-            sent = await self._send_many(
-                self._recording(model, memory, "sub"), [requests[i] for i in missing], parent
-            )
-            for index, outcome in zip(missing, sent, strict=True):
-                outcomes[index] = outcome
-        return [outcome for outcome in outcomes if outcome is not None]
+        answering = memory is not None and memory.answers
+        if not answering and cache is None:
+            return [None] * len(requests)
+        keys = [request_key(model, request) for request in requests]
+        outcomes: list[ModelResponse | str | None] = list(keys)
+        if memory is not None and answering:
+            for index, request in enumerate(requests):
+                recorded = memory.take(keys[index])
+                if recorded is None:
+                    memory.missed(model, request)
+                else:
+                    outcomes[index] = self._from_journal(model, request, recorded, parent)
+        if cache is not None:
+            asked = [index for index, outcome in enumerate(outcomes) if isinstance(outcome, str)]
+            found = await cache.lookup([keys[index] for index in asked])
+            for index, hit in zip(asked, found, strict=True):
+                if hit is not None:
+                    outcomes[index] = self._from_cache(model, requests[index], hit, role, parent)
+        return outcomes
 
     async def _send_many(
         self, model: LanguageModel, requests: Sequence[ModelRequest], parent: OtelContext | None
@@ -92,17 +106,41 @@ class CallScope:
             record=self.record, parent=parent, capture=self.capture,
         )
 
-    def _recording(self, model: LanguageModel, memory: CallMemory, role: str) -> LanguageModel:
-        return RecordingModel(model, memory, role=role, depth=self.depth, cost=self.dispatcher.cost)
+    def _guarded(self, model: LanguageModel, role: str, cache: CallCache | None) -> LanguageModel:
+        """``model`` as the Dispatcher sends it: each answer written to the journal and kept in
+        the cache as it completes (also inside a batch a crash interrupts half-way)."""
+        if self.memory is not None and self.memory.writes is not None:
+            model = RecordingModel(model, self.memory, role=role, depth=self.depth, cost=self.dispatcher.cost)
+        if cache is not None:
+            model = CachingModel(model, cache)
+        return model
 
-    def _answered(self, model: LanguageModel, recorded: RecordedCall) -> ModelResponse:
-        """A call the journal answers: charged to the ledger as it was paid, recorded as such."""
+    def _from_journal(
+        self, model: LanguageModel, request: ModelRequest, recorded: RecordedCall, parent: OtelContext | None
+    ) -> ModelResponse:
+        """A call the journal answers: charged to the ledger as it was paid, reported as such."""
         usage = Usage(recorded.input_tokens, recorded.output_tokens, 1)
         cost = recorded.cost_usd
         spend = Spend(1, recorded.input_tokens, recorded.output_tokens, cost or 0.0)
         self.ledger.reserve(spend).settle(usage, cost or 0.0)  # a run's caps hold across its crash
-        self.record(CallRecord(
-            model.name, model.provider, recorded.role, self.depth, recorded.input_tokens, recorded.output_tokens,
-            cost, 0.0, 0.0, attempts=0, from_journal=True,
-        ))
-        return ModelResponse(recorded.text, usage, recorded.model, recorded.finish_reason)
+        response = ModelResponse(recorded.text, usage, recorded.model, recorded.finish_reason)
+        self.dispatcher.answered(model, request, response, source="journal", cost=cost, role=recorded.role,
+                                 depth=self.depth, record=self.record, parent=parent, capture=self.capture)
+        return response
+
+    def _from_cache(
+        self, model: LanguageModel, request: ModelRequest, hit: CachedAnswer, role: str, parent: OtelContext | None
+    ) -> ModelResponse:
+        """A call the cache answers: nothing sent, nothing charged; journaled (cost 0) so that a
+        resume or replay of this run gives the same answer."""
+        response = ModelResponse(hit.text, Usage(cached_calls=1), hit.model, hit.finish_reason)
+        memory = self.memory
+        if memory is not None:
+            memory.write(RecordedCall(
+                key=request_key(model, request), role=role, depth=self.depth, model=hit.model, text=hit.text,
+                finish_reason=hit.finish_reason, input_tokens=0, output_tokens=0, cost_usd=0.0,
+            ))
+        self.dispatcher.answered(model, request, response, source="cache", cost=0.0, role=role, depth=self.depth,
+                                 record=self.record, parent=parent, capture=self.capture)
+        return response
+

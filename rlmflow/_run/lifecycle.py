@@ -54,6 +54,7 @@ class _Lifecycle:
         self.calls = CallScope(
             dispatcher=settings.dispatcher, ledger=state.ledger, share=state.share, depth=state.depth,
             record=self.recorder.record, capture=settings.capture_content, memory=state.tree.memory,
+            cache=settings.cache,
         )
         self.cells = CellRunner(settings, state, self.recorder)
         self.bridge = HostBridge(

@@ -14,6 +14,7 @@ from typing import Literal
 from opentelemetry import trace
 
 from ..dispatch.dispatcher import Dispatcher
+from ..durable.cache import CallCache
 from ..models.base import LanguageModel
 from ..sandbox.base import Sandbox
 from ..telemetry.trajectory import Trajectory
@@ -66,7 +67,8 @@ class RunSettings:
     """Everything about an RLM's runs that does not change from one run to the next.
 
     ``tracer`` is the RLM's; ``capture_content`` is how many characters of prompts, code and
-    outputs go into span attributes (0: none).
+    outputs go into span attributes (0: none); ``cache`` answers requests asked before, by any
+    run that shares it.
     """
 
     root: LanguageModel
@@ -86,6 +88,7 @@ class RunSettings:
     dedup: bool
     trajectory: Trajectory | None
     capture_content: int
+    cache: CallCache | None = None
 
 
 @dataclass(frozen=True, slots=True)

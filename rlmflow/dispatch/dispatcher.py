@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from opentelemetry import context as otel_context
@@ -430,6 +430,45 @@ class Dispatcher:
             batch.record,
         )
         return response
+
+    def answered(
+        self, model: LanguageModel, request: ModelRequest, response: ModelResponse, *,
+        source: Literal["cache", "journal"], cost: float | None, role: str, depth: int, record: CallRecorder | None,
+        parent: otel_context.Context | None, capture: int = 0,
+    ) -> None:
+        """Report a call answered without a provider request (from the sub-call cache or a
+        journal): a ``chat`` span marked ``rlm.call.source``, a metric, and a record. Nothing is
+        admitted on a lane or charged here: the caller charges a journal's answer to its ledger
+        (it was paid by the run), a cache hit costs nothing.
+        """
+        telemetry = current_telemetry()
+        tracer = telemetry.tracer if telemetry is not None else self._tracer
+        usage = response.usage
+        span = tracer.start_span(
+            attr.chat_span_name(model.name),
+            context=parent if parent is not None else otel_context.get_current(),
+            kind=trace.SpanKind.CLIENT,
+            attributes=span_attributes.chat_start(
+                provider=model.provider, model=model.name, max_tokens=request.max_tokens, depth=depth, role=role,
+                prompt_chars=request.prompt_chars, messages=request.messages, capture=capture,
+                endpoint=getattr(model, "endpoint", None),
+            ),
+        )
+        if span.is_recording():
+            span.set_attribute(attr.RLM_CALL_SOURCE, source)
+            self._finish_ok(span, response, cost, 0, 0, 0.0)
+            span.set_attributes(span_attributes.chat_end(
+                response_model=response.model, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                text=response.text, finish_reason=response.finish_reason, capture=capture,
+            ))
+        span.end()
+        self._emit(
+            CallRecord(
+                model.name, model.provider, role, depth, usage.input_tokens, usage.output_tokens, cost, 0.0, 0.0,
+                attempts=0, started_at=time.time(), from_journal=source == "journal", cached=source == "cache",
+            ),
+            record,
+        )
 
     async def _attempts(
         self, request: ModelRequest, span: Span, window_tokens: float, tally: _Tally, batch: _Batch

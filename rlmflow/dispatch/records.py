@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = ["CallRecord", "CallRecorder"]
 
@@ -30,6 +31,12 @@ class CallRecord:
     error: str | None = None
     started_at: float = 0.0  # wall clock (time.time()) when the call was queued
     from_journal: bool = False  # answered from a journal (a resumed or replayed run): nothing was sent
+    cached: bool = False  # answered from the sub-call cache (RLM(cache=...)): nothing sent, nothing charged
+
+    @property
+    def source(self) -> Literal["cache", "journal"] | None:
+        """``"cache"`` or ``"journal"`` for a call answered without a provider request, else ``None``."""
+        return "cache" if self.cached else "journal" if self.from_journal else None
 
 
 #: Receives the record of each call as it finishes.

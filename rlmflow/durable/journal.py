@@ -20,19 +20,15 @@ as it does the calls that were in flight.
 from __future__ import annotations
 
 import json
-import os
-import queue
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import ConfigurationError
 from .._version import __version__
+from .sqlite_file import SQLiteFile, check_format
 
 __all__ = ["Journal", "JournalRun", "RecordedCall", "RecordedTurn"]
 
@@ -56,8 +52,6 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS turns_by_run ON turns (run_id);
 """
 _FORMAT = "1"  # the layout above; a journal of another layout is refused, not misread
-_GATHER = 4096  # records written in one transaction at most
-_PAUSE = 0.05  # seconds the writer lets records gather before a transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,35 +105,11 @@ class Journal:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._queue: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._failed: BaseException | None = None
-        self._open_checked()
-        self._thread = threading.Thread(target=self._write_loop, name=f"rlmflow-journal {self.path.name}",
-                                        daemon=True)
-        self._thread.start()
+        self._file = SQLiteFile(self.path, prepare=self._prepare, name="a journal")
 
-    # -- opening ------------------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a killed process
-        return connection
-
-    def _open_checked(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # the host's alone
-            with closing(self._connect()) as connection:
-                connection.executescript(_SCHEMA)
-                found = connection.execute("SELECT value FROM journal WHERE key = 'format'").fetchone()
-                if found is None:
-                    connection.execute("INSERT INTO journal VALUES ('format', ?)", (_FORMAT,))
-                elif found[0] != _FORMAT:
-                    raise ConfigurationError(
-                        f"{self.path} is a journal of format {found[0]}; this rlmflow reads format {_FORMAT}"
-                    )
-        except sqlite3.DatabaseError as exc:
-            raise ConfigurationError(f"{self.path} cannot be used as a journal: {exc}") from exc
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        connection.executescript(_SCHEMA)
+        check_format(connection, table="journal", version=_FORMAT, path=self.path, what="a journal")
 
     # -- writing (never blocks the caller) --------------------------------------------------------------
     def run_started(self, run_id: str, *, query: str, context_sha256: str, context_chars: int,
@@ -164,66 +134,21 @@ class Journal:
                   (status, answer, error, time.time(), run_id))
 
     def _put(self, sql: str, values: tuple[Any, ...]) -> None:
-        if self._failed is not None:
-            return  # already reported: a run never fails because its journal did
-        self._queue.put((sql, values))
-
-    def _write_loop(self) -> None:
-        connection = self._connect()
-        try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                # let a fan-out's records gather: one commit per pause, not per call (each commit
-                # and each wake-up of this thread takes the GIL from the event loop)
-                time.sleep(_PAUSE)
-                gathered = [first]
-                while len(gathered) < _GATHER:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        self._write(connection, gathered)
-                        return
-                    gathered.append(item)
-                self._write(connection, gathered)
-        except BaseException as exc:  # a full disk, a deleted file: the runs go on unrecorded
-            self._failed = exc
-        finally:
-            connection.close()
-
-    @staticmethod
-    def _write(connection: sqlite3.Connection, gathered: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
-        connection.execute("BEGIN")
-        statement: str | None = None
-        rows: list[tuple[Any, ...]] = []
-        for sql, values in gathered:  # runs of the same statement in one executemany, in order
-            if sql != statement and rows:
-                connection.executemany(statement or sql, rows)
-                rows = []
-            statement = sql
-            rows.append(values)
-        if rows and statement is not None:
-            connection.executemany(statement, rows)
-        connection.execute("COMMIT")
+        self._file.put(sql, values)  # a run never fails because its journal did
 
     def close(self) -> None:
         """Write what is queued and stop the writer (blocking: call it off the event loop)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._file.close()
 
     @property
     def failure(self) -> BaseException | None:
         """Why the writer stopped recording, if it did (the runs went on without it)."""
-        return self._failed
+        return self._file.failure
 
     # -- reading (blocking: call these off the event loop) ----------------------------------------------
     def read_run(self, run_id: str) -> JournalRun | None:
         """The run's record, or ``None`` if the journal has no such run."""
-        with closing(self._connect()) as connection:
+        with closing(self._file.connect()) as connection:
             row = connection.execute(
                 "SELECT run_id, version, query, context_sha256, context_chars, settings, status, answer "
                 "FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -239,14 +164,14 @@ class Journal:
 
     def latest_unfinished(self) -> str | None:
         """The most recently started run that has no answer (killed, cancelled or failed), if any."""
-        with closing(self._connect()) as connection:
+        with closing(self._file.connect()) as connection:
             row = connection.execute(
                 "SELECT run_id FROM runs WHERE status != 'done' ORDER BY started DESC LIMIT 1").fetchone()
         return None if row is None else str(row[0])
 
     def all_calls(self) -> list[RecordedCall]:
         """Every call of every run, in order (what a replay may answer from)."""
-        with closing(self._connect()) as connection:
+        with closing(self._file.connect()) as connection:
             return [RecordedCall(*r) for r in connection.execute(
                 "SELECT key, role, depth, model, text, finish_reason, input_tokens, output_tokens, cost_usd "
                 "FROM calls ORDER BY seq")]

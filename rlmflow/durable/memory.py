@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable
 
 from .._exceptions import NotInJournalError
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, ModelView, Usage
+from .cache import CachedAnswer, CallCache
 from .journal import Journal, RecordedCall, RecordedTurn
 from .keys import request_key
 
-__all__ = ["CallMemory", "RecordingModel"]
+__all__ = ["CachingModel", "CallMemory", "RecordingModel"]
 
 
 class CallMemory:
@@ -96,5 +97,22 @@ class RecordingModel(ModelView):
             key=request_key(self.model, request), role=self._role, depth=self._depth, model=response.model,
             text=response.text, finish_reason=response.finish_reason, input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, cost_usd=self._cost(self.model, usage),
+        ))
+        return response
+
+
+class CachingModel(ModelView):
+    """``model`` whose every answer is kept in a :class:`~rlmflow.durable.cache.CallCache` as
+    it completes (a failed call raises, and leaves nothing there)."""
+
+    def __init__(self, model: LanguageModel, cache: CallCache) -> None:
+        super().__init__(model)
+        self._cache = cache
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        response = await self.model.request(request)
+        usage = response.usage
+        await self._cache.store(request_key(self.model, request), CachedAnswer(
+            response.text, response.model, response.finish_reason, usage.input_tokens, usage.output_tokens,
         ))
         return response

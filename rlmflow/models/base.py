@@ -40,6 +40,7 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     estimated: bool = False
+    cached_calls: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -49,6 +50,7 @@ class Usage:
             self.cache_read_tokens + other.cache_read_tokens,
             self.cache_write_tokens + other.cache_write_tokens,
             self.estimated or other.estimated,
+            self.cached_calls + other.cached_calls,
         )
 
     @property

@@ -73,6 +73,7 @@ RLM_BATCH_FAILED = "rlm.batch.failed"
 RLM_QUEUE_WAIT_S = "rlm.queue_wait_s"
 RLM_ATTEMPTS = "rlm.call.attempts"
 RLM_THROTTLES = "rlm.call.throttles"
+RLM_CALL_SOURCE = "rlm.call.source"  # "cache" or "journal": answered without a provider request
 RLM_DEDUPLICATED = "rlm.batch.deduplicated"
 RLM_CELL_DURATION_S = "rlm.cell.duration_s"
 RLM_CELL_OUTPUT_CHARS = "rlm.cell.output_chars"
@@ -101,6 +102,7 @@ METRIC_QUEUE_WAIT = "rlm.client.queue_wait"
 METRIC_COST = "rlm.client.cost"
 METRIC_THROTTLES = "rlm.client.throttles"
 METRIC_RETRIES = "rlm.client.retries"
+METRIC_ANSWERED = "rlm.client.answered_without_request"  # by rlm.call.source: cache or journal
 METRIC_LANE_IN_FLIGHT = "rlm.lane.in_flight"
 METRIC_LANE_LIMIT = "rlm.lane.concurrency_limit"
 # what a call spent beyond its budget reservation (a metric by quantity, and a span event)

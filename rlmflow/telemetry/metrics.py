@@ -65,6 +65,9 @@ class CallMetrics:
         self._cost = meter.create_counter(attr.METRIC_COST, unit="USD", description="Cost of model calls")
         self._throttles = meter.create_counter(attr.METRIC_THROTTLES, description="Calls refused for rate")
         self._retries = meter.create_counter(attr.METRIC_RETRIES, description="Retried attempts")
+        self._answered = meter.create_counter(
+            attr.METRIC_ANSWERED, description="Calls answered from the sub-call cache or a journal, no request sent"
+        )
         self._lanes = lanes
         if lanes is not None:
             meter.create_observable_gauge(attr.METRIC_LANE_IN_FLIGHT, callbacks=[self._observe_in_flight],
@@ -79,6 +82,10 @@ class CallMetrics:
             attr.GEN_AI_REQUEST_MODEL: call.model,
             attr.RLM_ROLE: call.role,
         }
+        source = call.source
+        if source is not None:  # no provider request: its duration and tokens are not a client's
+            self._answered.add(1, {**common, attr.RLM_CALL_SOURCE: source})
+            return
         if call.error is not None:
             common[attr.ERROR_TYPE] = call.error
         self._duration.record(call.duration, common)

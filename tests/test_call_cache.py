@@ -1,0 +1,173 @@
+"""The sub-call cache across runs: asked again, a request is answered from it, sent and charged nothing."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from rlmflow import RLM, ConfigurationError, ModelRequest, ScriptedModel
+from rlmflow.durable.cache import CachedAnswer, SQLiteCallCache
+from rlmflow.events import RunEvent, SubCallDone
+
+from .helpers import turn_script
+
+pytestmark = pytest.mark.anyio
+
+PROMPTS = 12
+CELLS = [
+    f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\nprint(len(answers))",
+    "FINAL('total ' + str(sum(len(a) for a in answers)))",
+]
+
+
+def sub_model(failing: str | None = None) -> ScriptedModel:
+    async def reply(request: ModelRequest) -> str:
+        prompt = request.messages[-1].content
+        if prompt == failing:
+            raise RuntimeError("the provider failed this one")
+        return "ANSWER " + prompt
+
+    return ScriptedModel(reply, name="sub")
+
+
+def sent(model: ScriptedModel) -> list[str]:
+    return [request.messages[-1].content for request in model.requests]
+
+
+async def test_an_identical_second_run_sends_nothing_and_costs_nothing(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.sqlite"
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache) as rlm:
+        first = await rlm.run("the document", "how long are the answers?")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+
+    root, sub = turn_script(CELLS), sub_model()
+    events: list[RunEvent] = []
+    async with RLM(root=root, sub=sub, cache=cache) as rlm:  # another RLM: as a new process would
+        second = await rlm.run("the document", "how long are the answers?", events=events.append)
+    assert second.answer == first.answer
+    assert root.requests == [] and sub.requests == []  # the root's turns too: same question, same document
+    assert second.cost_usd == 0.0 and second.spent.calls == 0
+    assert second.usage["sub"].cached_calls == PROMPTS and second.usage["sub"].calls == 0
+    assert all(call.cached and call.source == "cache" for call in second.calls)
+    done = [event for event in events if isinstance(event, SubCallDone)]
+    assert len(done) == PROMPTS + 2 and {event.source for event in done} == {"cache"}
+
+
+async def test_only_what_changed_is_paid_again(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.sqlite"
+    one_by_one = (  # llm_query and llm_query_many ask a prompt the same way: one key
+        f"answers = []\nfor i in range({PROMPTS}):\n"
+        "    try:\n        answers.append(llm_query('item %d' % i))\n"
+        "    except Exception:\n        answers.append('')\nprint(len(answers))"
+    )
+    async with RLM(root=turn_script([one_by_one, CELLS[1]]), sub=sub_model(failing="item 3"), cache=cache) as rlm:
+        await rlm.run("the document", "how long are the answers?")
+    changed = [CELLS[0].replace("'item %d' % i", "('item %d' % i if i != 5 else 'other 5')"), CELLS[1]]
+    sub, subs_only = sub_model(), SQLiteCallCache(cache, roots=False)  # the root's new code is asked for
+    async with RLM(root=turn_script(changed), sub=sub, cache=subs_only) as rlm:
+        result = await rlm.run("the document", "how long are the answers?")
+    await subs_only.aclose()
+    # the failed call left nothing to answer from; the changed prompt was never asked before
+    assert sorted(sent(sub)) == ["item 3", "other 5"]
+    assert result.usage["sub"].calls == 2 and result.usage["sub"].cached_calls == PROMPTS - 2
+
+
+async def test_settings_that_change_the_answer_are_part_of_the_key(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.sqlite"
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache, sub_max_tokens=100) as rlm:
+        await rlm.run("the document", "how long are the answers?")
+    sub = sub_model()
+    async with RLM(root=turn_script(CELLS), sub=sub, cache=cache, sub_max_tokens=200) as rlm:
+        await rlm.run("the document", "how long are the answers?")
+    assert len(sent(sub)) == PROMPTS
+
+
+async def test_root_calls_can_be_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    for _ in range(2):
+        cache = SQLiteCallCache(path, roots=False)
+        root, sub = turn_script(CELLS), sub_model()
+        async with RLM(root=root, sub=sub, cache=cache) as rlm:
+            await rlm.run("the document", "how long are the answers?")
+        await cache.aclose()
+    assert len(root.requests) == 2 and sub.requests == []
+
+
+async def test_ttl_and_eviction(tmp_path: Path) -> None:
+    now = [1000.0]
+    path = tmp_path / "cache.sqlite"
+    answer = CachedAnswer("x" * 1000, "sub", "stop", 10, 20)
+    cache = SQLiteCallCache(path, ttl=60, max_bytes=5_000, clock=lambda: now[0])
+    for index in range(4):
+        await cache.store(f"key {index}", answer)
+        now[0] += 1
+    await cache.aclose()
+
+    cache = SQLiteCallCache(path, ttl=60, max_bytes=5_000, clock=lambda: now[0])  # from the file, not memory
+    assert await cache.lookup(["key 0", "key 9"]) == [answer, None]
+    now[0] += 1
+    await cache.store("key 4", answer)  # past the cap: the least recently used (1, then 2) go
+    await cache.aclose()
+    cache = SQLiteCallCache(path, ttl=60, max_bytes=5_000, clock=lambda: now[0])
+    assert [hit is not None for hit in await cache.lookup([f"key {i}" for i in range(5)])] == [
+        True, False, False, True, True
+    ]
+    now[0] += 61  # every answer is now older than the ttl
+    assert await cache.lookup(["key 0", "key 4"]) == [None, None]
+    await cache.aclose()
+
+
+async def test_cache_hits_are_marked_in_spans_and_metrics(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.sqlite"
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache) as rlm:
+        await rlm.run("the document", "how long are the answers?")
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache, tracer_provider=tracer_provider,
+                   meter_provider=MeterProvider(metric_readers=[reader])) as rlm:
+        await rlm.run("the document", "how long are the answers?")
+    chats = [span for span in exporter.get_finished_spans() if span.name.startswith("chat")]
+    assert len(chats) == PROMPTS + 2
+    assert {span.attributes["rlm.call.source"] for span in chats if span.attributes} == {"cache"}
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = [point for resource in data.resource_metrics for scope in resource.scope_metrics
+              for metric in scope.metrics if metric.name == "rlm.client.answered_without_request"
+              for point in metric.data.data_points]
+    assert sum(point.value for point in points) == PROMPTS + 2  # type: ignore[attr-defined]
+    assert not any(metric.name == "gen_ai.client.token.usage" for resource in data.resource_metrics
+                   for scope in resource.scope_metrics for metric in scope.metrics)
+
+
+async def test_a_cached_answer_in_a_journaled_run_is_journaled_free(tmp_path: Path) -> None:
+    cache, journal = tmp_path / "cache.sqlite", tmp_path / "journal.sqlite"
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache) as rlm:
+        first = await rlm.run("the document", "how long are the answers?")
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache, journal=journal) as rlm:
+        await rlm.run("the document", "how long are the answers?")
+    root, sub = turn_script(CELLS), sub_model()
+    async with RLM(root=root, sub=sub, replay=journal) as rlm:  # no cache: the journal alone answers
+        replayed = await rlm.run("the document", "how long are the answers?")
+    assert replayed.answer == first.answer and root.requests == [] and sub.requests == []
+    assert replayed.cost_usd == 0.0
+
+
+@pytest.mark.parametrize("bad", [{"ttl": 0}, {"ttl": -1.0}, {"max_bytes": 0}, {"max_bytes": 1.5}])
+async def test_bad_settings_are_refused(tmp_path: Path, bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError):
+        SQLiteCallCache(tmp_path / "cache.sqlite", **bad)  # type: ignore[arg-type]
+
+
+async def test_a_file_that_is_not_a_cache_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ConfigurationError, match="cannot be used as a sub-call cache"):
+        SQLiteCallCache(path)
