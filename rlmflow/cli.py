@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue the latest run of --journal that has no answer (or RUN_ID), paying nothing twice")
     run.add_argument("--replay", metavar="PATH",
                      help="answer every model call from this journal and send nothing (offline, deterministic)")
+    run.add_argument("--cache", metavar="PATH",
+                     help="answer requests asked before from this SQLite sub-call cache, and keep new answers "
+                     "there (docs/durability.md)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     run.add_argument(
         "--capture-content", type=int, metavar="N", default=None,
@@ -236,6 +239,7 @@ async def _answer(
         dispatcher=dispatcher,
         journal=args.journal,
         replay=args.replay,
+        cache=args.cache,
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,

@@ -87,3 +87,24 @@ async def test_a_killed_run_resumed_pays_each_prompt_once_and_answers_exactly(tm
     assert 20 <= len(paid) <= HELD_AFTER + 8, len(paid)
     assert not paid & set(asked)  # nothing the killed run had recorded was paid for again
     assert sorted(asked) == sorted({f"item {i}" for i in range(PROMPTS)} - paid)  # each other prompt, once
+
+
+async def test_an_identical_second_run_with_the_cache_sends_nothing(tmp_path: Path) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text("a document about nothing in particular\n" * 20)
+    cache = tmp_path / "cache.sqlite"
+    env = {**os.environ, "OPENAI_API_KEY": "test"}
+    async with FakeOpenAIServer(root_marker="Question: how long?", root_reply=f"```repl\n{CELL}\n```",
+                                reply=lambda last: "ANSWER " + last) as server:
+        def command() -> list[str]:
+            return [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(document), "--query", "how long?",
+                    "--root", f"openai:root@{server.base_url}", "--sub", f"openai:sub@{server.base_url}",
+                    "--cache", str(cache)]
+
+        first = await anyio.run_process(command(), env=env, check=False)
+        assert first.returncode == 0, first.stderr.decode()
+        assert server.counters.requests == 1 + PROMPTS
+        second = await anyio.run_process(command(), env=env, check=False)
+        assert second.returncode == 0, second.stderr.decode()
+        assert server.counters.requests == 1 + PROMPTS  # the root's turn and every sub-call from the cache
+    assert first.stdout == second.stdout and second.stdout.decode().strip() == EXPECTED

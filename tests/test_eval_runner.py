@@ -208,3 +208,36 @@ async def test_cli_eval_resume_and_report(tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr.decode()
     assert "| fake | RLM | 100.0% (3/3) | 100.0% (3/3) |" in shown.stdout.decode()
     assert sorted(p.name for p in out.iterdir()) == ["eval_by_approach.png", "eval_by_length.png", "eval_report.md"]
+
+
+async def test_cli_eval_rerun_with_the_cache_pays_only_for_what_changed(tmp_path: Path) -> None:
+    def items(questions: list[str]) -> Path:
+        dataset = tmp_path / f"items{len(list(tmp_path.glob('items*')))}.jsonl"
+        dataset.write_text("".join(json.dumps({"id": f"q{i}", "context": f"{FILLER} (document {i})",
+                                                "question": question, "answer": "B", "choices": ["no", "yes"]})
+                                    + "\n" for i, question in enumerate(questions)))
+        return dataset
+
+    reply = "```repl\nparts = llm_query_many(['part %d of ' % i + context[-40:] for i in range(4)])\nFINAL('B')\n```"
+    cache = tmp_path / "cache.sqlite"
+    async with FakeOpenAIServer(root_marker="Exactly one choice is correct", root_reply=reply) as server:
+        def command(dataset: Path, results: str) -> list[str]:
+            return [sys.executable, "-m", "rlmflow.cli", "eval", "--dataset", str(dataset), "--approach", "base,rlm",
+                    "--root", f"openai:fake@{server.base_url}", "--concurrency", "3",
+                    "--results", str(tmp_path / results), "--cache", str(cache)]
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        questions = ["Pick 0", "Pick 1", "Pick 2"]
+        first = await anyio.run_process(command(items(questions), "first.jsonl"), env=env, check=False)
+        assert first.returncode == 0, first.stderr.decode()
+        paid = server.counters.requests
+        assert paid == 3 * (1 + 1 + 4)  # per item: the base call, the run's one root turn, its 4 sub-calls
+        again = await anyio.run_process(command(items(questions), "again.jsonl"), env=env, check=False)
+        assert again.returncode == 0, again.stderr.decode()
+        assert server.counters.requests == paid  # every item run again, nothing sent
+        questions[1] = "Pick one"
+        changed = await anyio.run_process(command(items(questions), "changed.jsonl"), env=env, check=False)
+        assert changed.returncode == 0, changed.stderr.decode()
+    # the changed item's base call and its run's root turn; its sub-calls ask what was asked before
+    assert server.counters.requests - paid == 2
+    assert [row.correct for row in read_results(tmp_path / "again.jsonl")] == [True] * 6

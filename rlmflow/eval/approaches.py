@@ -19,10 +19,12 @@ from typing import Protocol
 import anyio.to_thread
 
 from .._exceptions import ContextOverflowError, NoAnswerError, RLMError
+from .._run.calls import CallScope
 from ..dispatch.budget import Budget, BudgetLedger
 from ..dispatch.dispatcher import Dispatcher
-from ..dispatch.limits import Priority
+from ..dispatch.lane import RunShare
 from ..dispatch.records import CallRecord
+from ..durable.cache import CallCache
 from ..engine import RLM
 from ..models.base import LanguageModel, Message, ModelRequest
 from ..models.registry import parse_model_string
@@ -113,12 +115,15 @@ class DirectApproach:
 
     ``window`` overrides the model's declared window (tokens); with neither, only the provider's
     error can tell an overflow. ``max_tokens`` leaves room for a short explanation before the letter.
+    ``cache``: an item asked before is answered from it (an evaluation rerun pays nothing for it).
     """
 
     def __init__(
-        self, model: LanguageModel, *, name: str = "base", window: int | None = None, max_tokens: int = 256
+        self, model: LanguageModel, *, name: str = "base", window: int | None = None, max_tokens: int = 256,
+        cache: CallCache | None = None,
     ) -> None:
         self._model = model
+        self._cache = cache
         self._name = name
         self._window = window if window is not None else model_window(model)
         self._max_tokens = max_tokens
@@ -155,10 +160,11 @@ class DirectApproach:
                 )
         calls: list[CallRecord] = []
         outcome: Outcome
+        # a root call of a run of one turn: answered from the cache when asked before
+        scope = CallScope(dispatcher=dispatcher, ledger=BudgetLedger(budget), share=RunShare(), depth=0,
+                          record=calls.append, capture=0, cache=self._cache)
         try:
-            response = await dispatcher.call(
-                self._model, request, ledger=BudgetLedger(budget), priority=Priority.ROOT, record=calls.append
-            )
+            response = await scope.ask_root(self._model, request)
             outcome = Outcome(response.text, True, turns=1)
         except ContextOverflowError as exc:  # the provider said so
             outcome = Outcome(None, False, "ContextOverflowError", exc.message)

@@ -24,6 +24,7 @@ from .._exceptions import ConfigurationError, RLMError
 from .._util import single_exception
 from ..dispatch.budget import Budget
 from ..dispatch.dispatcher import Dispatcher
+from ..durable.cache import SQLiteCallCache
 from ..models.registry import DEFAULT_MODEL, ModelRegistry
 from ..sandbox.choice import add_sandbox_argument, build_sandbox
 from .approaches import Approach, DirectApproach, RLMApproach
@@ -76,6 +77,8 @@ def add_eval_parser(commands: Any) -> None:
     ev.add_argument("--item-deadline", type=float, default=None, help="seconds per item")
     ev.add_argument("--item-max-calls", type=int, default=None, help="model calls per item")
     ev.add_argument("--policy", default=None, metavar="TOML", help="Dispatcher policy file (docs/policies.md)")
+    ev.add_argument("--cache", metavar="PATH", default=None,
+                    help="SQLite sub-call cache shared by every approach: a rerun pays only for what changed")
     ev.add_argument("--report", action="store_true", help="print the Markdown report at the end")
     ev.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     sub = ev.add_subparsers(dest="eval_command", required=False)
@@ -210,6 +213,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
     export = args.export  # the application's OTLP wiring from the OTEL_* environment (rlmflow.cli)
     tracer_provider, meter_provider = export.tracer_provider, export.meter_provider
     registry = ModelRegistry()  # one instance per model string: base and rlm share local weights
+    cache = SQLiteCallCache(args.cache) if args.cache else None
     try:
         # a strands: root (a Strands Agent driving the run) is rlm's; base calls the model under it
         strands_root = args.root.startswith("strands:")
@@ -218,16 +222,16 @@ async def _evaluate(args: argparse.Namespace) -> int:
         approaches: list[Approach] = []
         for name in names:
             if name == "base":
-                approaches.append(DirectApproach(root, name="base", window=args.window))
+                approaches.append(DirectApproach(root, name="base", window=args.window, cache=cache))
             elif name == "long-context":
                 approaches.append(DirectApproach(registry.resolve(args.long_model or plain_root), name="long-context",
-                                                 window=args.long_window))
+                                                 window=args.long_window, cache=cache))
             else:
                 approaches.append(RLMApproach(
                     args.root if strands_root else root, registry.resolve(args.sub) if args.sub else None,
                     max_turns=args.max_turns,
                     max_depth=args.max_depth, sandbox=build_sandbox(args.sandbox, cell_timeout=args.cell_timeout),
-                    tracer_provider=tracer_provider, meter_provider=meter_provider,
+                    tracer_provider=tracer_provider, meter_provider=meter_provider, cache=cache,
                 ))
         dispatcher = (Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider,
                                              meter_provider=meter_provider)
@@ -263,6 +267,8 @@ async def _evaluate(args: argparse.Namespace) -> int:
     finally:
         with anyio.CancelScope(shield=True):
             await registry.aclose()
+            if cache is not None:
+                await cache.aclose()
             await anyio.to_thread.run_sync(export.shutdown)  # flushes the exporters
     print(f"{progress.resumed} resumed from {args.results}, {progress.done} run in "
           f"{time.monotonic() - progress.started:.1f}s", file=sys.stderr)
