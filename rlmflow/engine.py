@@ -31,7 +31,7 @@ from .dispatch.lane import RunShare
 from .dispatch.process import default_dispatcher
 from .durable.cache import CallCache, SQLiteCallCache
 from .durable.journal import Journal, JournalRun
-from .durable.memory import CallMemory
+from .durable.memory import CallMemory, first_turns
 from .events import EventSink
 from .models.base import LanguageModel
 from .models.registry import DEFAULT_MODEL, ModelRegistry
@@ -282,14 +282,23 @@ class RLM:
         progress: RunProgress | None,
         events: EventSink | None,
         resumed: JournalRun | None,
+        fork_turn: int | None = None,
     ) -> RLMResult:
         context, run_budget, options = self._prepare(context, query, budget, deadline, max_turns, max_depth,
                                                      metadata, ledger)
         run_ledger = ledger.child(run_budget) if ledger is not None else BudgetLedger(run_budget)
         share = RunShare(weight=self.run_weight, max_concurrency=self.run_max_concurrency)
         state = RunState(context, query, options=options, ledger=run_ledger, share=share,
-                         progress=progress or RunProgress(), run_id=resumed.run_id if resumed else None)
-        if resumed is not None:
+                         progress=progress or RunProgress(),
+                         run_id=resumed.run_id if resumed is not None and fork_turn is None else None)
+        if resumed is not None and fork_turn is not None:
+            calls, roots = first_turns(resumed.calls, fork_turn)
+            state.tree.memory = CallMemory(
+                journal=self.journal, run_id=state.run_id, recorded=calls, root_turns=roots,
+                turns=[turn for turn in resumed.turns if turn.turn <= fork_turn],
+                forked_from=(resumed.run_id, fork_turn),
+            )
+        elif resumed is not None:
             state.tree.memory = CallMemory(journal=self.journal, run_id=resumed.run_id, recorded=resumed.calls,
                                            turns=resumed.turns)
         elif self._replay is not None:
@@ -329,27 +338,75 @@ class RLM:
         chosen = run_id or await anyio.to_thread.run_sync(journal.latest_unfinished)
         if chosen is None:
             raise ConfigurationError(f"{journal.path} holds no run without an answer to resume")
-        recorded = await anyio.to_thread.run_sync(journal.read_run, chosen)
-        if recorded is None:
-            raise ConfigurationError(f"{journal.path} holds no run {chosen!r}")
-        if recorded.version != __version__:
-            raise ConfigurationError(
-                f"run {chosen} was recorded by rlmflow {recorded.version}; this is {__version__}: its calls "
-                "may not be asked the same way (start it again)"
-            )
-        context = validate_context(context)
-        digest = await anyio.to_thread.run_sync(context_digest, context)
-        if digest != recorded.context_sha256:
-            raise ConfigurationError(
-                f"run {chosen} was recorded over another document (sha256 {recorded.context_sha256[:12]}..., this "
-                f"one is {digest[:12]}...): resume it with the same document"
-            )
+        context, recorded = await self._recorded(journal, chosen, context)
         settings = recorded.settings
         return await self._start(
             context, recorded.query, budget=budget, deadline=deadline, max_turns=settings.get("max_turns"),
             max_depth=settings.get("max_depth"), metadata=settings.get("metadata"), ledger=None, progress=progress,
             events=events, resumed=recorded,
         )
+
+    async def fork(
+        self,
+        context: Context,
+        run_id: str,
+        *,
+        turn: int,
+        budget: Budget | None = None,
+        deadline: float | None = None,
+        max_turns: int | None = None,
+        progress: RunProgress | None = None,
+        events: EventSink | None = None,
+    ) -> RLMResult:
+        """A new run that starts as the journaled run ``run_id`` did and goes its own way after
+        its first ``turn`` root turns: those turns' replies and every call they made are answered
+        from the journal (nothing sent, the ledger charged what they cost), then this RLM's root
+        (another model, another system prompt) continues live under this call's budget.
+
+        Build an RLM with the root, prompt or budget to try, on the parent's journal, and pass
+        the parent's ``context``. The fork is journaled as a run of its own, which records
+        ``forked_from`` and ``forked_at_turn`` in its settings; the parent is left as it was.
+
+        Raises :class:`ConfigurationError` without a journal, for an unknown run, a ``turn``
+        outside ``0..`` the run's recorded turns, or what :meth:`resume` refuses; then what
+        :meth:`run` raises.
+        """
+        journal = self.journal
+        if journal is None:
+            raise ConfigurationError("fork needs RLM(journal=...): the journal the run was recorded in")
+        context, recorded = await self._recorded(journal, run_id, context)
+        recorded_turns = sum(call.role == "root" and call.depth == 0 for call in recorded.calls)
+        if isinstance(turn, bool) or not isinstance(turn, int) or not 0 <= turn <= recorded_turns:
+            raise ConfigurationError(
+                f"run {run_id} has {recorded_turns} recorded root turns: fork it at a turn from 0 to "
+                f"{recorded_turns}, not {turn!r}"
+            )
+        settings = recorded.settings
+        return await self._start(
+            context, recorded.query, budget=budget, deadline=deadline,
+            max_turns=max_turns if max_turns is not None else settings.get("max_turns"),
+            max_depth=settings.get("max_depth"), metadata=settings.get("metadata"), ledger=None, progress=progress,
+            events=events, resumed=recorded, fork_turn=turn,
+        )
+
+    async def _recorded(self, journal: Journal, run_id: str, context: Context) -> tuple[Context, JournalRun]:
+        """The journal's record of ``run_id``, checked against this rlmflow and ``context``."""
+        recorded = await anyio.to_thread.run_sync(journal.read_run, run_id)
+        if recorded is None:
+            raise ConfigurationError(f"{journal.path} holds no run {run_id!r}")
+        if recorded.version != __version__:
+            raise ConfigurationError(
+                f"run {run_id} was recorded by rlmflow {recorded.version}; this is {__version__}: its calls "
+                "may not be asked the same way (start it again)"
+            )
+        context = validate_context(context)
+        digest = await anyio.to_thread.run_sync(context_digest, context)
+        if digest != recorded.context_sha256:
+            raise ConfigurationError(
+                f"run {run_id} was recorded over another document (sha256 {recorded.context_sha256[:12]}..., this "
+                f"one is {digest[:12]}...): pass the same document"
+            )
+        return context, recorded
 
     def check(
         self,

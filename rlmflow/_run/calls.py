@@ -84,8 +84,9 @@ class CallScope:
         keys = [request_key(model, request) for request in requests]
         outcomes: list[ModelResponse | str | None] = list(keys)
         if memory is not None and answering:
+            take = memory.take_root_turn if role == "root" and self.depth == 0 else memory.take
             for index, request in enumerate(requests):
-                recorded = memory.take(keys[index])
+                recorded = take(keys[index])
                 if recorded is None:
                     memory.missed(model, request)
                 else:

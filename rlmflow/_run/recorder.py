@@ -92,7 +92,9 @@ class RunRecorder:
             memory.writes.run_started(
                 state.run_id, query=state.query, context_sha256=context_hash, context_chars=context_chars,
                 settings={"root": root_model, "sub": sub_model, "max_turns": state.options.max_turns,
-                          "max_depth": state.options.max_depth, "metadata": dict(state.options.metadata)},
+                          "max_depth": state.options.max_depth, "metadata": dict(state.options.metadata),
+                          **({"forked_from": memory.forked_from[0], "forked_at_turn": memory.forked_from[1]}
+                             if memory.forked_from is not None else {})},
             )
         trajectory = self._trajectory
         if trajectory is not None:

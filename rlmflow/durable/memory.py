@@ -19,7 +19,7 @@ from .cache import CachedAnswer, CallCache
 from .journal import Journal, RecordedCall, RecordedTurn
 from .keys import request_key
 
-__all__ = ["CachingModel", "CallMemory", "RecordingModel"]
+__all__ = ["CachingModel", "CallMemory", "RecordingModel", "first_turns"]
 
 
 class CallMemory:
@@ -27,11 +27,17 @@ class CallMemory:
 
     def __init__(
         self, *, journal: Journal | None, run_id: str, recorded: Iterable[RecordedCall] = (),
-        turns: Iterable[RecordedTurn] = (), strict: bool = False,
+        turns: Iterable[RecordedTurn] = (), strict: bool = False, root_turns: Iterable[RecordedCall] = (),
+        forked_from: tuple[str, int] | None = None,
     ) -> None:
         self.journal = journal
         self.run_id = run_id
         self.strict = strict
+        self.forked_from = forked_from
+        """``(run id, turn)`` of the run this one was forked from, if it was."""
+        # a fork's first root turns, answered in order whatever the request (its root model or
+        # system prompt may differ from the parent's: the parent's turns are kept as they were)
+        self._root_turns = deque(root_turns)
         self.turns = {turn.turn: turn for turn in turns if turn.child_path == ""}
         """The root run's recorded turns by number (the latest record of each)."""
         self._recorded: defaultdict[str, deque[RecordedCall]] = defaultdict(deque)
@@ -44,7 +50,7 @@ class CallMemory:
     def answers(self) -> bool:
         """Whether a request may be answered from here (a resume or replay): otherwise no
         request needs its key looked up before it is sent."""
-        return self.strict or any(self._recorded.values())
+        return self.strict or bool(self._root_turns) or any(self._recorded.values())
 
     def take(self, key: str) -> RecordedCall | None:
         """The next recorded answer to the request ``key``, or ``None`` (it must be sent)."""
@@ -53,6 +59,13 @@ class CallMemory:
             return None
         self.replayed += 1
         return answers.popleft()
+
+    def take_root_turn(self, key: str) -> RecordedCall | None:
+        """The next root turn's recorded answer: a fork's next inherited turn, else by ``key``."""
+        if self._root_turns:
+            self.replayed += 1
+            return self._root_turns.popleft()
+        return self.take(key)
 
     def missed(self, model: LanguageModel, request: ModelRequest) -> None:
         """A request the memory cannot answer; raises :class:`NotInJournalError` in a replay."""
@@ -71,6 +84,21 @@ class CallMemory:
     def write(self, call: RecordedCall) -> None:
         if self.writes is not None:
             self.writes.call_done(self.run_id, call)
+
+
+def first_turns(calls: Iterable[RecordedCall], turns: int) -> tuple[list[RecordedCall], list[RecordedCall]]:
+    """A recorded run cut before its root turn ``turns + 1``: the root's first ``turns`` replies
+    (its depth-0 root calls, in order) and every other call made before the next one."""
+    before: list[RecordedCall] = []
+    roots: list[RecordedCall] = []
+    for call in calls:
+        if call.role == "root" and call.depth == 0:
+            if len(roots) == turns:
+                break
+            roots.append(call)
+        else:
+            before.append(call)
+    return before, roots
 
 
 class RecordingModel(ModelView):
