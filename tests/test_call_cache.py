@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import anyio
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -171,3 +172,77 @@ async def test_a_file_that_is_not_a_cache_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"not a database at all" * 100)
     with pytest.raises(ConfigurationError, match="cannot be used as a sub-call cache"):
         SQLiteCallCache(path)
+
+
+async def joined(cache: SQLiteCallCache) -> None:
+    """Until every prompt is in flight and another run waits on them."""
+    with anyio.fail_after(10):
+        while len(cache.in_flight) < PROMPTS or not any(  # noqa: ASYNC110 (the state of two runs: no event)
+            flight.done.statistics().tasks_waiting for flight in list(cache.in_flight.values())
+        ):
+            await anyio.sleep(0.01)
+
+
+async def test_concurrent_runs_on_one_cache_send_a_request_once(tmp_path: Path) -> None:
+    """Two runs asking the same prompts at the same time: one sends each, the other waits for it."""
+    both_asked = anyio.Event()
+    asked: list[str] = []
+
+    async def slow(request: ModelRequest) -> str:
+        asked.append(request.messages[-1].content)
+        await both_asked.wait()
+        return "ANSWER " + request.messages[-1].content
+
+    cache = SQLiteCallCache(tmp_path / "cache.sqlite", roots=False)
+    sub = ScriptedModel(slow, name="sub")
+    results: list[str] = []
+
+    async def one_run() -> None:
+        async with RLM(root=turn_script(CELLS), sub=sub, cache=cache) as rlm:
+            results.append((await rlm.run("the document", "how long are the answers?")).answer)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(one_run)
+        group.start_soon(one_run)
+        await joined(cache)  # the second run waits on the first's flights instead of sending
+        both_asked.set()
+    await cache.aclose()
+    assert sorted(asked) == sorted(f"item {i}" for i in range(PROMPTS))  # each prompt sent once
+    assert results[0] == results[1]
+    assert cache.in_flight == {}
+
+
+async def test_a_failed_flight_is_sent_again_by_those_who_waited(tmp_path: Path) -> None:
+    release = anyio.Event()
+    asked: list[str] = []
+
+    async def first_fails(request: ModelRequest) -> str:
+        asked.append(request.messages[-1].content)
+        if len(asked) <= PROMPTS:  # the leader's calls: held, then refused
+            await release.wait()
+            raise RuntimeError("the provider failed")
+        return "ANSWER " + request.messages[-1].content
+
+    cache = SQLiteCallCache(tmp_path / "cache.sqlite", roots=False)
+    sub = ScriptedModel(first_fails, name="sub")
+    tolerant = [
+        f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\n"
+        "FINAL(str(sum(a.startswith('ANSWER') for a in answers)))"
+    ]
+    answers: list[str] = []
+
+    async def one_run() -> None:
+        async with RLM(root=turn_script(tolerant), sub=sub, cache=cache) as rlm:
+            try:
+                answers.append((await rlm.run("the document", "count")).answer)
+            except Exception as exc:  # the leader's run: its batch failed
+                answers.append(type(exc).__name__)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(one_run)
+        group.start_soon(one_run)
+        await joined(cache)
+        release.set()
+    await cache.aclose()
+    assert str(PROMPTS) in answers  # the second run sent each prompt itself and got every answer
+    assert len(asked) == 2 * PROMPTS

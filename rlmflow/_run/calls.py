@@ -13,9 +13,10 @@ run's caps hold across a crash. Every other call is written to the journal as it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import anyio
 from opentelemetry.context import Context as OtelContext
 
 from .._exceptions import RLMError
@@ -24,7 +25,7 @@ from ..dispatch.dispatcher import Dispatcher
 from ..dispatch.lane import RunShare
 from ..dispatch.limits import Priority
 from ..dispatch.records import CallRecorder
-from ..durable.cache import CachedAnswer, CallCache
+from ..durable.cache import CachedAnswer, CallCache, Flight
 from ..durable.journal import RecordedCall
 from ..durable.keys import request_key
 from ..durable.memory import CachingModel, CallMemory, RecordingModel
@@ -60,16 +61,59 @@ class CallScope:
     async def ask_many(
         self, model: LanguageModel, requests: Sequence[ModelRequest], *, parent: OtelContext | None
     ) -> list[ModelResponse | RLMError]:
-        """Sub-calls sent concurrently; outcomes in input order, a failure in its own place."""
+        """Sub-calls sent concurrently; outcomes in input order, a failure in its own place.
+
+        With a cache, a request another run of this process is sending now is not sent again:
+        this run waits for that answer (and sends it itself if that call fails).
+        """
         answered = await self._answer_known(model, requests, "sub", parent, self.cache)
-        missing = [index for index, known in enumerate(answered) if not isinstance(known, ModelResponse)]
-        if not missing:
-            return [known for known in answered if isinstance(known, ModelResponse)]
         outcomes: list[ModelResponse | RLMError | str | None] = list(answered)
-        sent = await self._send_many(self._guarded(model, "sub", self.cache), [requests[i] for i in missing], parent)
-        for index, outcome in zip(missing, sent, strict=True):
-            outcomes[index] = outcome
+        missing = [index for index, known in enumerate(answered) if not isinstance(known, ModelResponse)]
+        cache = self.cache
+        if missing and cache is None:
+            await self._send_into(outcomes, missing, model, requests, parent, None)
+        elif missing and cache is not None:
+            joined: list[tuple[int, Flight]] = []
+            led: dict[str, Flight] = {}
+            sent: list[int] = []
+            for index in missing:
+                key = answered[index]
+                assert isinstance(key, str)  # a cache was asked: every miss has its key
+                flight = cache.in_flight.get(key)
+                if flight is not None and key not in led:
+                    joined.append((index, flight))
+                    continue
+                if key not in led:
+                    led[key] = cache.in_flight[key] = Flight()
+                sent.append(index)
+            try:
+                async with anyio.create_task_group() as group:
+                    if sent:
+                        group.start_soon(self._send_into, outcomes, sent, model, requests, parent, led)
+                    for _, flight in joined:
+                        await flight.done.wait()
+            finally:
+                for key, flight in led.items():
+                    flight.land(None)  # failed or cancelled: those waiting send it themselves
+                    if cache.in_flight.get(key) is flight:
+                        del cache.in_flight[key]
+            again = [index for index, flight in joined if flight.answer is None]
+            for index, flight in joined:
+                if flight.answer is not None:
+                    outcomes[index] = self._from_cache(model, requests[index], flight.answer, "sub", parent)
+            if again:
+                await self._send_into(outcomes, again, model, requests, parent, None)
         return [outcome for outcome in outcomes if isinstance(outcome, ModelResponse | RLMError)]
+
+    async def _send_into(
+        self, outcomes: list[ModelResponse | RLMError | str | None], indexes: list[int], model: LanguageModel,
+        requests: Sequence[ModelRequest], parent: OtelContext | None, flights: Mapping[str, Flight] | None,
+    ) -> None:
+        """Send ``requests[i]`` for each index, concurrently; each outcome in its place."""
+        sent = await self._send_many(self._guarded(model, "sub", self.cache, flights), [requests[i] for i in indexes],
+                                     parent)
+        for index, outcome in zip(indexes, sent, strict=True):
+            outcomes[index] = outcome
 
     async def _answer_known(
         self, model: LanguageModel, requests: Sequence[ModelRequest], role: str, parent: OtelContext | None,
@@ -107,13 +151,15 @@ class CallScope:
             record=self.record, parent=parent, capture=self.capture,
         )
 
-    def _guarded(self, model: LanguageModel, role: str, cache: CallCache | None) -> LanguageModel:
+    def _guarded(
+        self, model: LanguageModel, role: str, cache: CallCache | None, flights: Mapping[str, Flight] | None = None
+    ) -> LanguageModel:
         """``model`` as the Dispatcher sends it: each answer written to the journal and kept in
         the cache as it completes (also inside a batch a crash interrupts half-way)."""
         if self.memory is not None and self.memory.writes is not None:
             model = RecordingModel(model, self.memory, role=role, depth=self.depth, cost=self.dispatcher.cost)
         if cache is not None:
-            model = CachingModel(model, cache)
+            model = CachingModel(model, cache, flights)
         return model
 
     def _from_journal(

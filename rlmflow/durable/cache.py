@@ -27,12 +27,13 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import anyio.to_thread
 
 from .._exceptions import ConfigurationError
 from .sqlite_file import SQLiteFile, check_format
 
-__all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_CACHE_TTL", "CachedAnswer", "CallCache", "SQLiteCallCache"]
+__all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_CACHE_TTL", "CachedAnswer", "CallCache", "Flight", "SQLiteCallCache"]
 
 DEFAULT_CACHE_TTL = 7 * 24 * 3600.0
 """Seconds an answer is kept by default: a week."""
@@ -66,14 +67,34 @@ class CachedAnswer:
     output_tokens: int
 
 
+class Flight:
+    """A request some run of this process is sending now: runs asking the same wait for its
+    answer instead of sending it again. ``answer`` stays ``None`` if the call failed or was
+    cancelled (those who waited then send it themselves)."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.answer: CachedAnswer | None = None
+
+    def land(self, answer: CachedAnswer | None) -> None:
+        if not self.done.is_set():
+            self.answer = answer
+            self.done.set()
+
+
 class CallCache(ABC):
     """Answers to model requests, by :func:`~rlmflow.durable.keys.request_key`.
 
     ``roots``: whether root calls are answered from it too (then an identical question over an
     identical document, asked again, costs nothing at all); sub-calls always are.
+    ``in_flight``: the sub-calls this process's runs are sending now, by key; a run asking one
+    of them joins it (implementations call ``super().__init__()``).
     """
 
     roots: bool
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, Flight] = {}
 
     @abstractmethod
     async def lookup(self, keys: Sequence[str]) -> list[CachedAnswer | None]:
@@ -103,6 +124,7 @@ class SQLiteCallCache(CallCache):
             raise ConfigurationError(f"a cache's ttl must be a positive number of seconds (or None), not {ttl!r}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             raise ConfigurationError(f"a cache's max_bytes must be a positive integer, not {max_bytes!r}")
+        super().__init__()
         self.path = Path(path)
         self.ttl = ttl
         self.max_bytes = max_bytes

@@ -11,11 +11,11 @@ memory (``strict``) holds a whole journal's calls and refuses any request it doe
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from .._exceptions import NotInJournalError
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, ModelView, Usage
-from .cache import CachedAnswer, CallCache
+from .cache import CachedAnswer, CallCache, Flight
 from .journal import Journal, RecordedCall, RecordedTurn
 from .keys import request_key
 
@@ -131,16 +131,22 @@ class RecordingModel(ModelView):
 
 class CachingModel(ModelView):
     """``model`` whose every answer is kept in a :class:`~rlmflow.durable.cache.CallCache` as
-    it completes (a failed call raises, and leaves nothing there)."""
+    it completes, and handed to the runs waiting on its ``flights`` (a failed call raises, and
+    leaves nothing there)."""
 
-    def __init__(self, model: LanguageModel, cache: CallCache) -> None:
+    def __init__(self, model: LanguageModel, cache: CallCache, flights: Mapping[str, Flight] | None = None) -> None:
         super().__init__(model)
         self._cache = cache
+        self._flights = flights or {}
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         response = await self.model.request(request)
         usage = response.usage
-        await self._cache.store(request_key(self.model, request), CachedAnswer(
-            response.text, response.model, response.finish_reason, usage.input_tokens, usage.output_tokens,
-        ))
+        key = request_key(self.model, request)
+        answer = CachedAnswer(response.text, response.model, response.finish_reason, usage.input_tokens,
+                              usage.output_tokens)
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.land(answer)
+        await self._cache.store(key, answer)
         return response
