@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--replay", metavar="PATH",
                      help="answer every model call from this journal and send nothing (offline, deterministic)")
     run.add_argument("--cache", metavar="PATH",
-                     help="answer requests asked before from this SQLite sub-call cache, and keep new answers "
-                     "there (docs/durability.md)")
+                     help="answer requests asked before from this sub-call cache (an SQLite file, or a redis:// "
+                     "URL shared by replicas), and keep new answers there (docs/durability.md)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     run.add_argument(
         "--capture-content", type=int, metavar="N", default=None,

@@ -29,7 +29,8 @@ from .dispatch.budget import Budget, BudgetLedger
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.lane import RunShare
 from .dispatch.process import default_dispatcher
-from .durable.cache import CallCache, SQLiteCallCache
+from .durable.cache import CallCache
+from .durable.choice import open_cache
 from .durable.journal import Journal, JournalRun
 from .durable.memory import CallMemory, first_turns
 from .events import EventSink
@@ -91,7 +92,8 @@ class RLM:
     - ``replay``: a journal every run is answered from instead of the providers (no request is
       sent; one the journal lacks raises :class:`NotInJournalError`): offline, free pipeline tests;
     - ``cache``: a :class:`~rlmflow.durable.cache.CallCache` (or an SQLite file's path for a
-      :class:`~rlmflow.durable.cache.SQLiteCallCache`) shared across runs: a request asked
+      :class:`~rlmflow.durable.cache.SQLiteCallCache`, or a ``redis://`` URL for a
+      :class:`~rlmflow.durable.redis_cache.RedisCallCache`) shared across runs: a request asked
       before (same model, settings and messages) is answered from it, sent and charged nothing,
       and marked ``cached`` in its record, span, metric and event; root calls included unless
       the cache says otherwise (``docs/durability.md``);
@@ -172,7 +174,7 @@ class RLM:
         """Where every run is recorded as it goes, so it can be resumed (:meth:`resume`)."""
         self._replay: Journal | None = Journal(replay) if isinstance(replay, str | Path) else replay
         self._owns_cache = isinstance(cache, str | Path)
-        self.cache: CallCache | None = SQLiteCallCache(cache) if isinstance(cache, str | Path) else cache
+        self.cache: CallCache | None = open_cache(cache) if isinstance(cache, str | Path) else cache
         """Where answers are kept across runs, if anywhere."""
         tracer = trace.get_tracer("rlmflow", tracer_provider=tracer_provider)
         self.settings = RunSettings(

@@ -13,7 +13,7 @@ least recently used entries are evicted down to nine tenths of it.
 :class:`SQLiteCallCache` keeps the cache in one file (several processes may share it: an
 evaluation rerun, parallel batch workers). Lookups of a batch are one query on a worker thread;
 writes go to a background writer, so neither ever holds the event loop. For a cache shared by
-replicas on several machines, see :class:`rlmflow.dispatch.redis_cache.RedisCallCache`.
+replicas on several machines, see :class:`rlmflow.durable.redis_cache.RedisCallCache`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from .._exceptions import ConfigurationError, RLMError
 from .._util import single_exception
 from ..dispatch.budget import Budget
 from ..dispatch.dispatcher import Dispatcher
-from ..durable.cache import SQLiteCallCache
+from ..durable.choice import open_cache
 from ..models.registry import DEFAULT_MODEL, ModelRegistry
 from ..sandbox.choice import add_sandbox_argument, build_sandbox
 from .approaches import Approach, DirectApproach, RLMApproach
@@ -78,7 +78,8 @@ def add_eval_parser(commands: Any) -> None:
     ev.add_argument("--item-max-calls", type=int, default=None, help="model calls per item")
     ev.add_argument("--policy", default=None, metavar="TOML", help="Dispatcher policy file (docs/policies.md)")
     ev.add_argument("--cache", metavar="PATH", default=None,
-                    help="SQLite sub-call cache shared by every approach: a rerun pays only for what changed")
+                    help="sub-call cache (an SQLite file or a redis:// URL) shared by every approach: a rerun pays "
+                    "only for what changed")
     ev.add_argument("--report", action="store_true", help="print the Markdown report at the end")
     ev.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     sub = ev.add_subparsers(dest="eval_command", required=False)
@@ -213,7 +214,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
     export = args.export  # the application's OTLP wiring from the OTEL_* environment (rlmflow.cli)
     tracer_provider, meter_provider = export.tracer_provider, export.meter_provider
     registry = ModelRegistry()  # one instance per model string: base and rlm share local weights
-    cache = SQLiteCallCache(args.cache) if args.cache else None
+    cache = open_cache(args.cache) if args.cache else None
     try:
         # a strands: root (a Strands Agent driving the run) is rlm's; base calls the model under it
         strands_root = args.root.startswith("strands:")
