@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--show-transcript", action="store_true", help="print every turn's code and output")
     run.add_argument("--trajectory", metavar="PATH", help="record the run as JSONL (read it with rlmflow trace)")
     run.add_argument("--journal", metavar="PATH",
-                     help="record the run in this SQLite journal, so it can be resumed (docs/durability.md)")
+                     help="record the run in this journal (an SQLite file, or a redis:// URL shared by replicas), "
+                     "so it can be resumed (docs/durability.md)")
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_ID",
                      help="continue the latest run of --journal that has no answer (or RUN_ID), paying nothing twice")
     run.add_argument("--replay", metavar="PATH",
@@ -229,8 +230,8 @@ async def _answer(
         raise ConfigurationError("--replay answers from a journal and records nothing: drop --journal")
 
     def announce(event: RunEvent) -> None:  # so an operator can find the run to resume
-        if isinstance(event, RunStarted) and event.depth == 0 and args.journal:
-            print(f"run {event.run_id}, journal {args.journal} (continue it with --resume {event.run_id})",
+        if isinstance(event, RunStarted) and event.depth == 0 and rlm.journal is not None:
+            print(f"run {event.run_id}, journal {rlm.journal.where} (continue it with --resume {event.run_id})",
                   file=sys.stderr)
 
     async with RLM(

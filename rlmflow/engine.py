@@ -30,8 +30,8 @@ from .dispatch.dispatcher import Dispatcher
 from .dispatch.lane import RunShare
 from .dispatch.process import default_dispatcher
 from .durable.cache import CallCache
-from .durable.choice import open_cache
-from .durable.journal import Journal, JournalRun
+from .durable.choice import open_cache, open_journal
+from .durable.journal import JournalRun, RunJournal
 from .durable.memory import CallMemory, first_turns
 from .events import EventSink
 from .models.base import LanguageModel
@@ -86,7 +86,8 @@ class RLM:
       their own cap on sub-calls in flight;
     - ``dedup``: send identical sub-prompts of a run once and reuse the answer;
     - ``trajectory``: a :class:`Trajectory` that records every run as JSONL (``rlmflow trace``);
-    - ``journal``: a :class:`~rlmflow.durable.journal.Journal` (or its SQLite file's path) that
+    - ``journal``: a :class:`~rlmflow.durable.journal.Journal` (or its SQLite file's path, or a
+      ``redis://`` URL for a :class:`~rlmflow.durable.redis_journal.RedisJournal`) that
       records every run as it goes, every paid call included, so a run whose process died can
       be resumed without paying again (:meth:`resume`; ``docs/durability.md``);
     - ``replay``: a journal every run is answered from instead of the providers (no request is
@@ -128,8 +129,8 @@ class RLM:
         dedup: bool = True,
         system_prompt: str | None = None,
         trajectory: Trajectory | None = None,
-        journal: Journal | str | Path | None = None,
-        replay: Journal | str | Path | None = None,
+        journal: RunJournal | str | Path | None = None,
+        replay: RunJournal | str | Path | None = None,
         cache: CallCache | str | Path | None = None,
         capture_content: int = 0,
         tracer_provider: trace.TracerProvider | None = None,
@@ -170,9 +171,9 @@ class RLM:
         if journal is not None and replay is not None:
             raise ConfigurationError("a run is journaled or replayed, not both: give journal= or replay=")
         self._owns_journal = isinstance(journal, str | Path) or isinstance(replay, str | Path)
-        self.journal: Journal | None = Journal(journal) if isinstance(journal, str | Path) else journal
+        self.journal: RunJournal | None = open_journal(journal) if isinstance(journal, str | Path) else journal
         """Where every run is recorded as it goes, so it can be resumed (:meth:`resume`)."""
-        self._replay: Journal | None = Journal(replay) if isinstance(replay, str | Path) else replay
+        self._replay: RunJournal | None = open_journal(replay) if isinstance(replay, str | Path) else replay
         self._owns_cache = isinstance(cache, str | Path)
         self.cache: CallCache | None = open_cache(cache) if isinstance(cache, str | Path) else cache
         """Where answers are kept across runs, if anywhere."""
@@ -339,7 +340,7 @@ class RLM:
             raise ConfigurationError("resume needs RLM(journal=...): the journal the run was recorded in")
         chosen = run_id or await anyio.to_thread.run_sync(journal.latest_unfinished)
         if chosen is None:
-            raise ConfigurationError(f"{journal.path} holds no run without an answer to resume")
+            raise ConfigurationError(f"{journal.where} holds no run without an answer to resume")
         context, recorded = await self._recorded(journal, chosen, context)
         settings = recorded.settings
         return await self._start(
@@ -391,11 +392,11 @@ class RLM:
             events=events, resumed=recorded, fork_turn=turn,
         )
 
-    async def _recorded(self, journal: Journal, run_id: str, context: Context) -> tuple[Context, JournalRun]:
+    async def _recorded(self, journal: RunJournal, run_id: str, context: Context) -> tuple[Context, JournalRun]:
         """The journal's record of ``run_id``, checked against this rlmflow and ``context``."""
         recorded = await anyio.to_thread.run_sync(journal.read_run, run_id)
         if recorded is None:
-            raise ConfigurationError(f"{journal.path} holds no run {run_id!r}")
+            raise ConfigurationError(f"{journal.where} holds no run {run_id!r}")
         if recorded.version != __version__:
             raise ConfigurationError(
                 f"run {run_id} was recorded by rlmflow {recorded.version}; this is {__version__}: its calls "

@@ -50,6 +50,7 @@ __all__ = [
     "SharedState",
     "SharedStateUnavailableError",
     "SharedStatistics",
+    "redacted_url",
 ]
 
 _logger = get_logger("rlmflow.dispatch.shared")
@@ -221,7 +222,7 @@ class SharedState:
             except (OSError, TimeoutError, aioredis.RedisError) as exc:
                 await client.aclose()
                 raise SharedStateUnavailableError(
-                    f"cannot reach Redis at {_redact(self.config.url)}: {type(exc).__name__}: {exc}"
+                    f"cannot reach Redis at {redacted_url(self.config.url)}: {type(exc).__name__}: {exc}"
                 ) from exc
             self.replicas = int(replicas)
             self._client = client
@@ -230,7 +231,7 @@ class SharedState:
                          "BUDGET_RESERVE", "BUDGET_RELEASE", "BUDGET_RENEW"):
                 self._scripts[name] = client.register_script(getattr(scripts, name))
             self._task = asyncio.get_running_loop().create_task(self._pump(), name="rlmflow-shared-state")
-            _logger.info("shared state connected", url=_redact(self.config.url), replica=self.replica_id,
+            _logger.info("shared state connected", url=redacted_url(self.config.url), replica=self.replica_id,
                          replicas=self.replicas)
 
     async def aclose(self) -> None:
@@ -402,7 +403,7 @@ class SharedState:
         return SharedStatistics(self.mode, self.replicas, self.fallbacks, len(self._releases))
 
     def __repr__(self) -> str:
-        return (f"SharedState({_redact(self.config.url)!r}, mode={self.mode}, replicas={self.replicas}, "
+        return (f"SharedState({redacted_url(self.config.url)!r}, mode={self.mode}, replicas={self.replicas}, "
                 f"lanes={sorted(self._lanes)})")
 
 
@@ -432,7 +433,7 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError)
 
 
-def _redact(url: str) -> str:
+def redacted_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     if "@" not in url:
         return url

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from abc import ABC, abstractmethod
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 from .._version import __version__
 from .sqlite_file import SQLiteFile, check_format
 
-__all__ = ["Journal", "JournalRun", "RecordedCall", "RecordedTurn"]
+__all__ = ["Journal", "JournalRun", "RecordedCall", "RecordedTurn", "RunJournal"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,7 +96,56 @@ class JournalRun:
     turns: tuple[RecordedTurn, ...]
 
 
-class Journal:
+class RunJournal(ABC):
+    """Where runs are recorded as they go: written without waiting (each write queued for a
+    writer thread), read off the event loop. :class:`Journal` keeps it in an SQLite file,
+    :class:`~rlmflow.durable.redis_journal.RedisJournal` in Redis (for replicas)."""
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """Where the journal is, for messages (a path, or a URL without its credentials)."""
+
+    @abstractmethod
+    def run_started(self, run_id: str, *, query: str, context_sha256: str, context_chars: int,
+                    settings: dict[str, Any]) -> None:
+        """A run's identity and inputs (written once: a resumed run keeps its first record)."""
+
+    @abstractmethod
+    def call_done(self, run_id: str, call: RecordedCall) -> None:
+        """A model call the run was answered."""
+
+    @abstractmethod
+    def turn_done(self, run_id: str, turn: RecordedTurn) -> None:
+        """A root turn's digests."""
+
+    @abstractmethod
+    def run_ended(self, run_id: str, *, status: str, answer: str | None, error: str | None) -> None:
+        """How the run ended (``done`` with an answer; anything else stays resumable)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Write what is queued and stop the writer (blocking: call it off the event loop)."""
+
+    @property
+    @abstractmethod
+    def failure(self) -> BaseException | None:
+        """Why the writer stopped recording, if it did (the runs went on without it)."""
+
+    @abstractmethod
+    def read_run(self, run_id: str) -> JournalRun | None:
+        """The run's record, or ``None`` if the journal has no such run (blocking)."""
+
+    @abstractmethod
+    def latest_unfinished(self) -> str | None:
+        """The most recently started run that has no answer (killed, cancelled or failed), if any (blocking)."""
+
+    @abstractmethod
+    def all_calls(self) -> list[RecordedCall]:
+        """Every call of every run, each run's in order (what a replay may answer from; blocking)."""
+
+
+class Journal(RunJournal):
     """An append-only journal in one SQLite file (created ``0600``). Safe to share by many runs
     of one process; one writer thread per journal.
 
@@ -106,6 +156,10 @@ class Journal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file = SQLiteFile(self.path, prepare=self._prepare, name="a journal")
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
         connection.executescript(_SCHEMA)

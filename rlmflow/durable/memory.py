@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from .._exceptions import NotInJournalError
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, ModelView, Usage
 from .cache import CachedAnswer, CallCache, Flight
-from .journal import Journal, RecordedCall, RecordedTurn
+from .journal import RecordedCall, RecordedTurn, RunJournal
 from .keys import request_key
 
 __all__ = ["CachingModel", "CallMemory", "RecordingModel", "first_turns"]
@@ -26,7 +26,7 @@ class CallMemory:
     """Recorded calls to answer from (each once) and the journal new calls go to."""
 
     def __init__(
-        self, *, journal: Journal | None, run_id: str, recorded: Iterable[RecordedCall] = (),
+        self, *, journal: RunJournal | None, run_id: str, recorded: Iterable[RecordedCall] = (),
         turns: Iterable[RecordedTurn] = (), strict: bool = False, root_turns: Iterable[RecordedCall] = (),
         forked_from: tuple[str, int] | None = None,
     ) -> None:
@@ -77,7 +77,7 @@ class CallMemory:
             )
 
     @property
-    def writes(self) -> Journal | None:
+    def writes(self) -> RunJournal | None:
         """The journal new records go to (none in a replay)."""
         return None if self.strict else self.journal
 

@@ -1,4 +1,5 @@
-"""One SQLite file the host writes from a background thread: opened ``0600`` in WAL mode, its
+"""Writes that never hold the event loop: a thread applying queued records in batches, and one
+SQLite file the host writes through it: opened ``0600`` in WAL mode, its
 writes queued by the event loop and committed in batches, its reads done on a fresh connection.
 
 The journal and the sub-call cache are both such files. Their writers must never make the event
@@ -14,17 +15,19 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .._exceptions import ConfigurationError
 
-__all__ = ["SQLiteFile", "Statement", "check_format"]
+__all__ = ["BatchedWriter", "SQLiteFile", "Statement", "check_format"]
 
 Statement = tuple[str, tuple[Any, ...]]
 """An SQL statement and its values, as queued for the writer."""
+
+T = TypeVar("T")
 
 _GATHER = 4096  # records written in one transaction at most
 _PAUSE = 0.05  # seconds the writer lets records gather before a transaction
@@ -40,50 +43,30 @@ def check_format(connection: sqlite3.Connection, *, table: str, version: str, pa
         raise ConfigurationError(f"{path} is {what} of format {found[0]}; this rlmflow reads format {version}")
 
 
-class SQLiteFile:
-    """``path`` opened (created ``0600``), its schema applied by ``prepare``, and a writer thread.
-
-    ``after_write`` runs on the writer's connection after each transaction (housekeeping such
-    as a cache's eviction). Raises :class:`ConfigurationError` when the file cannot be opened
-    or ``prepare`` refuses it.
+class BatchedWriter(Generic[T]):
+    """A thread that applies queued items in batches: ``write`` gets what gathered in 50 ms (at
+    most 4,096 items). ``open`` runs first on the thread, and ``closing`` last. A failure stops
+    the writer (reported by :attr:`failure`); later items are dropped, the callers never wait.
     """
 
     def __init__(
-        self, path: str | Path, *, prepare: Callable[[sqlite3.Connection], None], name: str,
-        after_write: Callable[[sqlite3.Connection], None] | None = None,
+        self, write: Callable[[list[T]], None], *, name: str, on_start: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
-        self.path = Path(path)
-        self._queue: queue.SimpleQueue[Statement | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[T | None] = queue.SimpleQueue()
         self._failed: BaseException | None = None
-        self._after_write = after_write
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # the host's alone
-            with closing(self.connect()) as connection:
-                prepare(connection)
-        except sqlite3.DatabaseError as exc:
-            raise ConfigurationError(f"{self.path} cannot be used as {name}: {exc}") from exc
-        except OSError as exc:
-            raise ConfigurationError(f"{self.path} cannot be opened as {name}: {exc}") from exc
-        self._thread = threading.Thread(target=self._write_loop, name=f"rlmflow {name} {self.path.name}",
-                                        daemon=True)
+        self._write, self._on_start, self._on_stop = write, on_start, on_stop
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def connect(self) -> sqlite3.Connection:
-        """A new connection (blocking: use it off the event loop, and close it)."""
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a killed process
-        return connection
-
-    def put(self, sql: str, values: tuple[Any, ...]) -> None:
-        """Queue a write (never blocks); dropped once the writer has failed (reported by :attr:`failure`)."""
+    def put(self, item: T) -> None:
+        """Queue an item (never blocks); dropped once the writer has failed."""
         if self._failed is None:
-            self._queue.put((sql, values))
+            self._queue.put(item)
 
     @property
     def failure(self) -> BaseException | None:
-        """Why the writer stopped writing, if it did (a full disk, a deleted file)."""
+        """Why the writer stopped writing, if it did (a full disk, a deleted file, a lost server)."""
         return self._failed
 
     def close(self) -> None:
@@ -92,9 +75,10 @@ class SQLiteFile:
             self._queue.put(None)
             self._thread.join()
 
-    def _write_loop(self) -> None:
-        connection = self.connect()
+    def _loop(self) -> None:
         try:
+            if self._on_start is not None:
+                self._on_start()
             while True:
                 first = self._queue.get()
                 if first is None:
@@ -113,15 +97,74 @@ class SQLiteFile:
                         stop = True
                         break
                     gathered.append(item)
-                self._write(connection, gathered)
+                self._write(gathered)
                 if stop:
                     return
-        except BaseException as exc:  # the runs go on without this file
+        except BaseException as exc:  # the runs go on without what this thread wrote
             self._failed = exc
         finally:
-            connection.close()
+            if self._on_stop is not None:
+                self._on_stop()
 
-    def _write(self, connection: sqlite3.Connection, gathered: Iterable[Statement]) -> None:
+
+class SQLiteFile:
+    """``path`` opened (created ``0600``), its schema applied by ``prepare``, and a writer thread.
+
+    ``after_write`` runs on the writer's connection after each transaction (housekeeping such
+    as a cache's eviction). Raises :class:`ConfigurationError` when the file cannot be opened
+    or ``prepare`` refuses it.
+    """
+
+    def __init__(
+        self, path: str | Path, *, prepare: Callable[[sqlite3.Connection], None], name: str,
+        after_write: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._after_write = after_write
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # the host's alone
+            with closing(self.connect()) as connection:
+                prepare(connection)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(f"{self.path} cannot be used as {name}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigurationError(f"{self.path} cannot be opened as {name}: {exc}") from exc
+        self._connection: sqlite3.Connection | None = None
+        self._writer: BatchedWriter[Statement] = BatchedWriter(
+            self._write, name=f"rlmflow {name} {self.path.name}", on_start=self._open, on_stop=self._close_connection,
+        )
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection (blocking: use it off the event loop, and close it)."""
+        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a killed process
+        return connection
+
+    def put(self, sql: str, values: tuple[Any, ...]) -> None:
+        """Queue a write (never blocks); dropped once the writer has failed (reported by :attr:`failure`)."""
+        self._writer.put((sql, values))
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the writer stopped writing, if it did (a full disk, a deleted file)."""
+        return self._writer.failure
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer (blocking: call it off the event loop)."""
+        self._writer.close()
+
+    def _open(self) -> None:
+        self._connection = self.connect()
+
+    def _close_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+    def _write(self, gathered: list[Statement]) -> None:
+        connection = self._connection
+        assert connection is not None  # opened by the writer before its first batch
         connection.execute("BEGIN")
         statement: str | None = None
         rows: list[tuple[Any, ...]] = []
