@@ -5,7 +5,8 @@ The reference architecture: the root is a strands ``Agent`` whose single tool,
 ``rlm_query`` and ``FINAL`` are the same as in the default (code-block) root style. One Agent is
 built per run, with no console callback handler, strands' own retries off (the Dispatcher
 retries) and every model call of the Agent going through the run's Dispatcher, ledger and lane
-share (:class:`~rlmflow.models.strands.DispatchedModel` at root priority). Each tool call is one
+share (:class:`~rlmflow.models.strands.DispatchedModel` at root priority, through the run's
+:class:`~rlmflow._run.calls.CallScope`: journaled and cached as the code style's root calls are). Each tool call is one
 turn, run by the same :class:`~rlmflow._run.cells.CellRunner` as the code-block loop's cells, so
 both styles return the same :class:`RLMResult`, with the same budgets, events and spans.
 
@@ -136,7 +137,7 @@ class StrandsRootLoop:
         model = DispatchedModel(
             self._root.strands_model, dispatcher=scope.dispatcher, ledger=scope.ledger, share=scope.share,
             priority=Priority.ROOT, depth=scope.depth, max_tokens=settings.root_max_tokens, record=scope.record,
-            capture=scope.capture,
+            capture=scope.capture, ask=scope.ask_root,  # journaled and cached as the code style's root calls
         )
         agent = Agent(
             model=model,

@@ -14,7 +14,8 @@ strands-agents is imported only when this module is.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
@@ -230,7 +231,10 @@ class _OneCall:
                 self.collected.add(event)
         except Exception as exc:
             raise _translate(exc, self.provider, self.name) from exc
-        return self.collected.response(self.name, request)
+        # the whole stream as the reply, tool calls included: what a journal or a cache keeps is
+        # then enough to give the Agent the same events again
+        return replace(self.collected.response(self.name, request),
+                       text=json.dumps(self.collected.events, default=str))
 
     async def aclose(self) -> None:
         return None
@@ -243,7 +247,9 @@ class DispatchedModel(StrandsBaseModel):
     offered to it) or a strands ``Model`` (sent as is, tools included). Calls are reserved on
     ``ledger`` (a fresh unlimited one by default), admitted by the model's lane at ``priority``,
     retried by the Dispatcher's policy and reported to ``record``. ``max_tokens`` sizes the
-    budget reservation (and is the generation limit of an rlmflow model).
+    budget reservation (and is the generation limit of an rlmflow model). ``ask``, when given,
+    sends each call instead of the Dispatcher (a run's :class:`~rlmflow._run.calls.CallScope`,
+    which may answer it from a journal or a cache and sends the rest to the Dispatcher).
     """
 
     def __init__(
@@ -258,8 +264,10 @@ class DispatchedModel(StrandsBaseModel):
         max_tokens: int = 1024,
         record: CallRecorder | None = None,
         capture: int = 0,
+        ask: Callable[[LanguageModel, ModelRequest], Awaitable[ModelResponse]] | None = None,
     ) -> None:
         self.inner = model
+        self._ask = ask
         self._strands = model if isinstance(model, StrandsBaseModel) else None
         self._language = model if not isinstance(model, StrandsBaseModel) else None
         self.provider = _provider_of(model) if isinstance(model, StrandsBaseModel) else model.provider
@@ -283,6 +291,8 @@ class DispatchedModel(StrandsBaseModel):
         return dict(self._config)
 
     async def _call(self, model: LanguageModel, request: ModelRequest) -> ModelResponse:
+        if self._ask is not None:
+            return await self._ask(model, request)
         return await self._dispatcher.call(
             model, request, ledger=self._ledger, share=self._share, priority=self._priority, depth=self._depth,
             record=self._record, parent=otel_context.get_current(), capture=self._capture,
@@ -313,9 +323,8 @@ class DispatchedModel(StrandsBaseModel):
         def run() -> AsyncIterable[StreamEvent]:
             return inner.stream(messages, tool_specs, system_prompt, tool_choice=tool_choice, **kwargs)
 
-        call = _OneCall(self, run)
-        await self._call(call, request)
-        for event in call.collected.events:
+        response = await self._call(_OneCall(self, run), request)
+        for event in _stream_of(response.text):
             yield event
 
     async def structured_output(
@@ -325,6 +334,17 @@ class DispatchedModel(StrandsBaseModel):
             raise FatalModelError("structured output needs a strands model inside DispatchedModel")
         async for event in self._strands.structured_output(output_model, prompt, system_prompt, **kwargs):
             yield event
+
+
+def _stream_of(text: str) -> list[StreamEvent]:
+    """The events of a strands stream, from the reply :class:`_OneCall` gave (or a journal kept)."""
+    try:
+        events = json.loads(text)
+    except ValueError:
+        events = None
+    if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
+        raise FatalModelError("a recorded strands reply is not a list of stream events")
+    return events
 
 
 def _text_events(response: ModelResponse) -> list[StreamEvent]:
