@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from rlmflow.models.base import estimate_tokens
 
-__all__ = ["CacheUse", "PromptCache", "Prompt"]
+__all__ = ["CacheUse", "Prompt", "PromptCache"]
 
 
 @dataclass

@@ -179,7 +179,8 @@ class FakeBedrockServer(FakeProviderBase):
         body = json.loads(raw)
         body["modelId"] = request.match_info["model_id"]
         self.requests_seen.append(body)
-        texts = [_block_text(b) for m in body.get("messages", []) for b in m.get("content", []) if "cachePoint" not in b]
+        texts = [_block_text(b) for m in body.get("messages", []) for b in m.get("content", [])
+                 if "cachePoint" not in b]
         max_tokens = int((body.get("inferenceConfig") or {}).get("maxTokens") or 512)
         return body, _prompt(body).text, texts[-1] if texts else "", max_tokens
 
