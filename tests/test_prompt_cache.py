@@ -7,6 +7,7 @@ overrun.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -22,8 +23,8 @@ from rlmflow.dispatch.budget import Budget
 from rlmflow.models.anthropic import AnthropicModel
 from rlmflow.models.base import LanguageModel, Message, Usage
 from rlmflow.models.bedrock import BedrockModel
-from rlmflow.models.scripted import ScriptedModel
 from rlmflow.models.caching import PromptCache, cache_points, default_prompt_cache
+from rlmflow.models.scripted import ScriptedModel
 from rlmflow.result import RLMResult
 from rlmflow.telemetry import attributes as attr
 from rlmflow.telemetry.report import analyse, format_text, trace_from_spans
@@ -124,7 +125,8 @@ async def test_at_most_four_points_the_system_prompt_and_the_newest(bedrock_serv
 
 async def test_caching_off_and_models_that_do_not_cache(bedrock_server: FakeBedrockServer) -> None:
     request = marked(("system", LONG), ("user", LONG))
-    for model in (bedrock(bedrock_server, prompt_cache=False), bedrock(bedrock_server, "meta.llama3-70b-instruct-v1:0")):
+    llama = "meta.llama3-70b-instruct-v1:0"
+    for model in (bedrock(bedrock_server, prompt_cache=False), bedrock(bedrock_server, llama)):
         try:
             response = await model.request(request)
         finally:
@@ -164,7 +166,7 @@ async def run_cached(root: LanguageModel, turns: int = 8) -> tuple[RLMResult, In
 def assert_history_read(calls: Sequence[Any]) -> None:
     """Each turn from the third on reads at least what the turn before it wrote and read."""
     assert calls[0].cache_read_tokens == 0
-    for before, after in zip(calls[1:], calls[2:], strict=False):
+    for before, after in itertools.pairwise(calls[1:]):
         assert after.cache_read_tokens > 0
         assert after.cache_read_tokens >= before.cache_read_tokens + before.cache_write_tokens
 
@@ -257,7 +259,7 @@ async def test_trimmed_history_keeps_its_prefix_for_several_turns() -> None:
     requests = [r.messages for r in root.requests]
     assert len(requests) == 12
     kept = [len(after) > len(before) and tuple(after[: len(before)]) == tuple(before)
-            for before, after in zip(requests, requests[1:], strict=False)]
+            for before, after in itertools.pairwise(requests)]
     assert any("earlier messages omitted" in m.content for m in requests[-1])  # it was trimmed
     assert sum(kept) >= 8, kept  # 11 pairs; the cut moved at most three times
 
