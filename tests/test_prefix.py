@@ -25,7 +25,8 @@ CELL = f"answers = llm_query_many({QUESTIONS!r}, prefix=context)\nFINAL(repr(ans
 
 @pytest.fixture
 async def bedrock_server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeBedrockServer]:
-    async with FakeBedrockServer() as fake:
+    # a reply takes 50 ms: requests sent together with the first one would all miss its write
+    async with FakeBedrockServer(latency=0.05) as fake:
         for name, value in fake.credentials_env().items():
             monkeypatch.setenv(name, value)
         yield fake
@@ -57,7 +58,7 @@ async def test_a_bedrock_batch_writes_its_prefix_once_and_reads_it_after(bedrock
 
 
 async def test_an_anthropic_batch_writes_its_prefix_once_and_reads_it_after() -> None:
-    async with FakeAnthropicServer() as server:
+    async with FakeAnthropicServer(latency=0.05) as server:
         calls = await run_batch(AnthropicModel("claude-sonnet-4-5", base_url=server.base_url, api_key=server.api_key))
         first = server.requests_seen[0]["messages"][0]["content"]
     assert first[0] == {"type": "text", "text": CHUNK, "cache_control": {"type": "ephemeral"}}

@@ -31,12 +31,12 @@ import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from ._prompt_cache import PromptCache
+from ._prompt_cache import CacheUse, PromptCache
 from .fake_openai import Admitted, FakeOpenAIServer, answer_for, cap_reply
 
 __all__ = ["Admission", "FakeProviderBase"]
@@ -54,6 +54,7 @@ class Admission:
     retry_after: float = 0.0
     admitted: Admitted | None = None
     prompt_tokens: int = 0
+    cache: CacheUse = field(default_factory=CacheUse)  # what the prompt cache gave it on arrival
 
 
 class FakeProviderBase(FakeOpenAIServer, ABC):

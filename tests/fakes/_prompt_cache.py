@@ -6,7 +6,9 @@ block's role and text, byte for byte); a point whose prefix is shorter than ``mi
 ignored (the provider caches nothing there, without an error). The longest prefix found in the
 cache, not expired, is read (and its entry lives ``ttl`` seconds from now again); the tokens from
 there to the last valid point are written, and every valid point's prefix is stored. Tokens after
-the last point are plain input. More than ``max_points`` points is the provider's validation
+the last point are plain input. A request is looked up when it arrives, and what it writes can
+be read once its reply has begun (``ready_in`` seconds later: the fake's latency), so requests
+sent together with the first one that writes a prefix miss it, as they do at the providers. More than ``max_points`` points is the provider's validation
 error (the fake answers it). Unlike the providers, nothing is looked up between cache points (no
 "lookback" over earlier block boundaries): a client gets a hit only where it placed a point, which
 is what rlmflow does (a point at the end of every turn, the newest kept).
@@ -66,7 +68,7 @@ class PromptCache:
         self.min_tokens = min_tokens
         self.max_points = max_points
         self.ttl = ttl
-        self.entries: dict[bytes, float] = {}  # key -> when it expires
+        self.entries: dict[bytes, tuple[float, float]] = {}  # key -> (readable from, expires)
         self.reads = self.writes = 0  # tokens, over every request
         self._offset = 0.0
 
@@ -80,8 +82,9 @@ class PromptCache:
     def too_many(self, prompt: Prompt) -> bool:
         return len(prompt.points) > self.max_points
 
-    def use(self, model: str, prompt: Prompt) -> CacheUse:
-        """Read and write the cache for ``prompt`` as the provider would; the tokens of each."""
+    def use(self, model: str, prompt: Prompt, *, ready_in: float = 0.0) -> CacheUse:
+        """Read and write the cache for ``prompt``, arriving now, as the provider would; the tokens
+        of each. What it writes is readable ``ready_in`` seconds from now."""
         now = self._now()
         valid: list[tuple[bytes, int]] = []
         for index in prompt.points:
@@ -92,12 +95,16 @@ class PromptCache:
             return CacheUse(points=len(prompt.points))
         read = 0
         for key, tokens in valid:
-            expires = self.entries.get(key)
-            if expires is not None and expires > now:
+            ready, expires = self.entries.get(key, (0.0, 0.0))
+            if ready <= now < expires:
                 read = max(read, tokens)
         write = max(0, valid[-1][1] - read)
         for key, _tokens in valid:
-            self.entries[key] = now + self.ttl  # written, or its life renewed by this use
+            ready, expires = self.entries.get(key, (0.0, 0.0))
+            if ready <= now < expires:  # read: its life renewed by this use
+                self.entries[key] = (ready, now + self.ttl)
+            else:  # written (again, if it expired, or if the write before has not landed yet)
+                self.entries[key] = (now + ready_in, now + ready_in + self.ttl)
         self.reads += read
         self.writes += write
         return CacheUse(read, write, len(prompt.points))

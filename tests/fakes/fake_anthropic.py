@@ -118,13 +118,13 @@ class FakeAnthropicServer(FakeProviderBase):
             admission = self.admit(prompt, last, max_tokens)
             if admission.error in ("too-long", "throttle", "server-error", "overloaded"):
                 return self._refuse(admission.error or "", admission.prompt_tokens, admission.retry_after)
+            cache = self.prompt_cache.use(str(body["model"]), cached, ready_in=self.latency)
             await self.delay(admission, request)
             if admission.error == "server_error":
                 return self._refuse("server_error")
             text, output, capped = self.answer(last, max_tokens)
             self.settle(admission, output)
             stop = "max_tokens" if capped else "end_turn"
-            cache = self.prompt_cache.use(str(body["model"]), cached)
             if body.get("stream") and not self.never_stream:
                 fault = self.stream_fault_of(kind)
                 return await self._stream(request, body, admission, (text, output, stop), fault, cache)

@@ -226,6 +226,7 @@ class FakeBedrockServer(FakeProviderBase):
         admission = self.admit(prompt, last, max_tokens)
         if admission.error in _REFUSED_UNADMITTED:
             return self._refuse(admission.error or "", admission.prompt_tokens), body, last, max_tokens, kind
+        admission.cache = self.prompt_cache.use(str(body.get("modelId")), _prompt(body), ready_in=self.latency)
         await self.delay(admission, request)
         if admission.error == "server_error":
             return self._refuse("server_error"), body, last, max_tokens, kind
@@ -252,7 +253,7 @@ class FakeBedrockServer(FakeProviderBase):
         return {
             "output": {"message": {"role": "assistant", "content": content}},
             "stopReason": "tool_use" if use is not None else "max_tokens" if capped else "end_turn",
-            "usage": self._usage(admission.prompt_tokens, output, self._cache_use(body)),
+            "usage": self._usage(admission.prompt_tokens, output, admission.cache),
             "metrics": {"latencyMs": int(self.latency * 1000)},
         }
 
@@ -270,7 +271,7 @@ class FakeBedrockServer(FakeProviderBase):
             await response.prepare(request)
             await response.write(_event("messageStart", {"role": "assistant"}))
             if use is not None:
-                return await self._stream_tool_use(response, admission, use, self._cache_use(body))
+                return await self._stream_tool_use(response, admission, use, admission.cache)
             text, output, capped = self.answer(last, max_tokens)
             fault = self.stream_fault_of(kind)
             pieces = self.pieces(text)
@@ -288,7 +289,7 @@ class FakeBedrockServer(FakeProviderBase):
             await response.write(_event("contentBlockStop", {"contentBlockIndex": 0}))
             await response.write(_event("messageStop", {"stopReason": "max_tokens" if capped else "end_turn"}))
             await response.write(_event("metadata", {
-                "usage": self._usage(admission.prompt_tokens, output, self._cache_use(body)),
+                "usage": self._usage(admission.prompt_tokens, output, admission.cache),
                 "metrics": {"latencyMs": 1},
             }))
             self.settle(admission, output)
@@ -316,10 +317,6 @@ class FakeBedrockServer(FakeProviderBase):
         self.settle(admission, self.output_tokens)
         await response.write_eof()
         return response
-
-    def _cache_use(self, body: dict[str, Any]) -> CacheUse:
-        """The prompt cache read and written for this (admitted, answered) request."""
-        return self.prompt_cache.use(str(body.get("modelId")), _prompt(body))
 
     def _usage(self, prompt_tokens: int, output: int, cache: CacheUse) -> dict[str, int]:
         """Converse's usage: ``inputTokens`` leaves out the tokens read from or written to the
