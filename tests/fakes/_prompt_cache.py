@@ -9,9 +9,10 @@ there to the last valid point are written, and every valid point's prefix is sto
 the last point are plain input. A request is looked up when it arrives, and what it writes can
 be read once its reply has begun (``ready_in`` seconds later: the fake's latency), so requests
 sent together with the first one that writes a prefix miss it, as they do at the providers.
-More than ``max_points`` points is the provider's validation error (the fake answers it). Unlike the providers, nothing is looked up between cache points (no
-"lookback" over earlier block boundaries): a client gets a hit only where it placed a point, which
-is what rlmflow does (a point at the end of every turn, the newest kept).
+More than ``max_points`` points is the provider's validation error (the fake answers it).
+Unlike the providers, nothing is looked up between cache points (no "lookback" over earlier
+block boundaries): a client gets a hit only where it placed a point, which is what rlmflow does
+(a point at the end of every turn, the newest kept).
 
 Time is the event loop's clock plus :meth:`PromptCache.advance`, so a test expires entries
 without waiting.
