@@ -34,14 +34,13 @@ from typing import Any
 import anyio
 from _common import write_result
 
-from tests.fakes import FakeAnthropicServer, FakeBedrockServer
-from tests.fakes.root_script import CellScript, harbour_document, realistic_cells
-
 from rlmflow import RLM, Dispatcher, Pricing, ScriptedModel
 from rlmflow.dispatch.records import CallRecord
 from rlmflow.models.anthropic import AnthropicModel
 from rlmflow.models.base import LanguageModel, Usage
 from rlmflow.models.bedrock import BedrockModel
+from tests.fakes import FakeAnthropicServer, FakeBedrockServer
+from tests.fakes.root_script import CellScript, harbour_document, realistic_cells
 
 BEDROCK_MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 ANTHROPIC_MODEL = "claude-sonnet-4-5"
