@@ -318,3 +318,41 @@ async def test_a_cached_call_settles_to_its_real_price(bedrock_server: FakeBedro
     assert write.cost_usd > write.cost_without_cache == read.cost_without_cache > read.cost_usd
     assert ledger.spent.cost_usd == pytest.approx(write.cost_usd + read.cost_usd)
     assert ledger.overrun == Spend()  # nothing spent beyond a reservation
+
+
+# -- reports and metrics ---------------------------------------------------------------------------------
+def test_eval_report_shows_cost_with_and_without_the_cache() -> None:
+    from rlmflow.eval.report import format_markdown, summarise
+    from rlmflow.eval.runner import ItemResult
+
+    def item(i: str, cost: float, uncached: float | None, read: int) -> ItemResult:
+        return ItemResult(item_id=i, approach="rlm", model="claude", expected="A", answer="A", correct=True,
+                          success=True, turns=3, sub_calls=0, input_tokens=1000, output_tokens=10, cost_usd=cost,
+                          latency_s=1.0, trace_id=None, error_type=None, cache_read_tokens=read,
+                          cache_write_tokens=100, uncached_cost_usd=uncached)
+
+    rows = [item("1", 0.01, 0.03, 600), item("2", 0.02, 0.05, 200)]
+    (summary,) = summarise(rows)
+    assert summary.uncached_cost_usd == pytest.approx(0.08) and summary.cache_read_tokens == 800
+    text = format_markdown(rows)
+    assert "| claude | RLM | $0.0150 | $0.0400 | 800 / 200 | 40.0% |" in text
+    # an older results file (no uncached cost) with cache tokens: the cost without it is unknown
+    rows[1] = item("2", 0.02, None, 200)
+    assert "| claude | RLM | $0.0150 | unknown |" in format_markdown(rows)
+
+
+def test_the_cache_metric_counts_reads_and_writes() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from rlmflow import CallRecord
+    from rlmflow.telemetry.metrics import CallMetrics
+
+    reader = InMemoryMetricReader()
+    metrics = CallMetrics(MeterProvider(metric_readers=[reader]))
+    metrics.record(CallRecord("m", "anthropic", "root", 0, 2000, 10, 0.01, 0.0, 0.1,
+                              cache_read_tokens=1500, cache_write_tokens=300))
+    data = reader.get_metrics_data()
+    points = [p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+              if m.name == attr.METRIC_CACHE_TOKENS for p in m.data.data_points]
+    assert {p.attributes[attr.RLM_CACHE_OPERATION]: p.value for p in points} == {"read": 1500, "write": 300}
