@@ -177,10 +177,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 args.repeat, "cache_on", "cache_off",
             )
             result["root"][f"{name}, history_chars={history}"] = root
-            print(f"{name:9s} root, history_chars={history:,}: input cost ${root['cache_on']['input_cost_usd']:.4f} "
-                  f"with the cache, ${root['cache_off']['input_cost_usd']:.4f} without ({root['input_cost_ratio']:.2f}x,"
-                  f" target <= 0.35x); wall {root['cache_on']['wall_s']:.2f} s vs {root['cache_off']['wall_s']:.2f} s "
-                  f"({root['wall_ratio']:.2f}x)")
+            on, off = root["cache_on"], root["cache_off"]
+            print(f"{name:9s} root, history_chars={history:,}: input cost ${on['input_cost_usd']:.4f} with the "
+                  f"cache, ${off['input_cost_usd']:.4f} without ({root['input_cost_ratio']:.2f}x, target <= 0.35x); "
+                  f"wall {on['wall_s']:.2f} s vs {off['wall_s']:.2f} s ({root['wall_ratio']:.2f}x)")
             print(f"          hit rate per turn: {root['cache_on']['hit_rate_per_turn']}")
         batch = await compare(lambda prefixed, n=name: batch_run(n, prefixed, args.batch, args.latency),
                               args.repeat, "prefix", "inline")
