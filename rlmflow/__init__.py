@@ -62,6 +62,7 @@ from .events import (
     TurnStarted,
 )
 from .models.base import LanguageModel, Message, ModelRequest, ModelResponse, Usage
+from .models.caching import PromptCache
 from .models.local import LocalModel
 from .models.scripted import ScriptedModel
 from .result import partial_result
@@ -138,6 +139,7 @@ __all__ = [
     "Price",
     "Pricing",
     "Priority",
+    "PromptCache",
     "QuotaExhaustedError",
     "RLMError",
     "RLMResult",

@@ -140,6 +140,8 @@ class SubCallDone(RunEvent):
     cost_usd: float | None
     duration: float
     error: str | None
+    cache_read_tokens: int = 0  # parts of input_tokens read from / written to the provider's prompt cache
+    cache_write_tokens: int = 0
     source: Literal["cache", "journal"] | None = None
 
 

@@ -40,6 +40,9 @@ Available in the sandbox (variables persist between your replies):
   {chunk_hint:,} characters at most per prompt).
 - `llm_query_many(prompts) -> list[str]`: ask many prompts at once, in parallel; answers come back
   in the same order. Much faster than calling llm_query in a loop.
+  `llm_query_many(questions, prefix=text)`: when every prompt starts with the same long text (one
+  piece asked many questions, or one long instruction), pass that text once as `prefix`: it goes
+  before each prompt and is cached, so it is paid for about once.
 - `rlm_query(prompt, context=None) -> str`: give a sub-task to a helper that works like you, with
   its own sandbox (use it for big sub-documents).
 - `grep(pattern, window=300)`: where `pattern` (words or a regex) occurs in `context`: a list of

@@ -96,7 +96,8 @@ def summarise_usage(calls: list[CallRecord]) -> tuple[dict[str, Usage], float | 
     cost: float | None = 0.0
     for call in calls:
         usage[call.model] = usage.get(call.model, Usage()) + (Usage(cached_calls=1) if call.cached else Usage(
-            call.input_tokens, call.output_tokens, 1 if call.error is None else 0
+            call.input_tokens, call.output_tokens, 1 if call.error is None else 0, call.cache_read_tokens,
+            call.cache_write_tokens,
         ))
         if call.error is None:
             cost = None if cost is None or call.cost_usd is None else cost + call.cost_usd

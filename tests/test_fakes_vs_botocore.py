@@ -297,6 +297,66 @@ async def test_bedrock_replies_and_fault_plans_on_the_wire(http: aiohttp.ClientS
     assert stops == {"end_turn", "max_tokens", "tool_use"} <= set(model.shape_for("StopReason").enum)
 
 
+CACHE_POINT = {"cachePoint": {"type": "default"}}
+
+
+def cached_body(system: str, turns: list[str], *, points: int = 1) -> dict[str, Any]:
+    """A Converse body: ``system`` then a cache point, and user/assistant ``turns`` with a cache
+    point after each of the last ``points - 1`` user turns."""
+    messages = []
+    for i, text in enumerate(turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        content: list[dict[str, Any]] = [{"text": text}]
+        if role == "user" and i >= len(turns) - 2 * (points - 1):
+            content.append(CACHE_POINT)
+        messages.append({"role": role, "content": content})
+    return {"system": [{"text": system}, CACHE_POINT], "messages": messages, "inferenceConfig": {"maxTokens": 64}}
+
+
+async def test_prompt_cache_on_the_wire(http: aiohttp.ClientSession) -> None:
+    """Requests with cachePoint blocks fit Converse's request shape; the answers of both operations
+    carry cacheReadInputTokens / cacheWriteInputTokens that fit TokenUsage: a write, then a read of
+    the same prefix, nothing for a prefix under the minimum, and too many points refused with a
+    declared ValidationException."""
+    model = service("bedrock-runtime")
+    long = "The ledger of the harbour office lists every ship. " * 200  # ~2,500 tokens
+    answers: list[tuple[OperationModel, int, Any, bytes]] = []
+    usages = []
+    async with FakeBedrockServer(cache_min_tokens=1024, max_cache_points=4) as server:
+        for operation_name in BEDROCK_OPERATIONS:
+            operation = model.operation_model(operation_name)
+            body = cached_body(long + operation_name, ["q1", "a1", "q2"], points=2)
+            shape_problems = problems(operation.input_shape, body)  # modelId is in the path
+            assert shape_problems == []
+            for _ in range(2):  # a write, then a read
+                status, headers, raw = await bedrock_call(http, server, operation_name, body)
+                answers.append((operation, status, headers, raw))
+                assert status == 200
+                if operation_name == "Converse":
+                    usages.append(json.loads(raw)["usage"])
+                else:
+                    buffer = EventStreamBuffer()
+                    buffer.add_data(raw)
+                    events = [json.loads(m.payload) for m in buffer if m.headers.get(":event-type") == "metadata"]
+                    usages.append(events[0]["usage"])
+            short = cached_body("short system prompt", ["q"], points=1)  # under the minimum: not cached
+            answers.append((operation, *await bedrock_call(http, server, operation_name, short)))
+            usages.append(json.loads(answers[-1][3])["usage"] if operation_name == "Converse" else None)
+            too_many = cached_body(long, ["q1", "a1", "q2", "a2", "q3", "a3", "q4"], points=5)
+            answers.append((operation, *await bedrock_call(http, server, operation_name, too_many)))
+            assert answers[-1][1] == 400 and answers[-1][2]["x-amzn-ErrorType"] == "ValidationException"
+    found = [p for operation, status, headers, raw in answers
+             for p in bedrock_answer_problems(operation, status, headers, raw)]
+    assert found == []
+    write, read = usages[0], usages[1]
+    assert write["cacheWriteInputTokens"] > 1024 and write["cacheReadInputTokens"] == 0
+    assert read["cacheReadInputTokens"] == write["cacheWriteInputTokens"] and read["cacheWriteInputTokens"] == 0
+    assert read["inputTokens"] + read["cacheReadInputTokens"] == write["inputTokens"] + write["cacheWriteInputTokens"]
+    assert usages[2] is not None and (usages[2]["cacheReadInputTokens"], usages[2]["cacheWriteInputTokens"]) == (0, 0)
+    stream_write, stream_read = usages[3], usages[4]  # another prefix (the operation's name is in it)
+    assert stream_write["cacheWriteInputTokens"] > 1024 and stream_read["cacheReadInputTokens"] > 1024
+
+
 # ======================================================================================= AgentCore
 class AgentCoreWire:
     """Raw signed requests to the AgentCore fake."""
@@ -444,12 +504,13 @@ async def test_a_concurrent_execution_is_a_declared_conflict(http: aiohttp.Clien
 BEDROCK_KNOBS = {
     "wire": {"faults", "status_faults", "rpm", "tpm", "max_concurrency", "context_window", "tool_reply",
              "cache_read_tokens", "cache_write_tokens", "stream_faults", "access_key", "secret_key", "region",
-             "check_signatures", "output_tokens", "stream_pieces"},
+             "check_signatures", "output_tokens", "stream_pieces", "cache_min_tokens", "max_cache_points",
+             "cache_ttl"},
     "no shape": {"latency", "latency_jitter", "window", "seed", "port", "capacity", "reply", "usage",
                  "rate_headers", "root_marker", "root_reply", "concurrency_retry_after"},
     "departure": {"never_stream"},
     "records": {"requests_seen", "bad_signatures", "peak_in_flight", "in_flight", "admitted", "counters",
-                "base_url"},
+                "base_url", "prompt_cache"},
 }
 AGENTCORE_KNOBS = {
     "wire": {"throttle", "fail", "stream_fail", "max_sessions", "max_session_timeout", "access_key", "secret_key",

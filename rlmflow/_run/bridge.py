@@ -16,6 +16,7 @@ message the model can act on; nothing else of the run is lost.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,7 +46,7 @@ __all__ = ["HostBridge", "SpawnChild"]
 
 # the arguments each host function takes (what cellapi sends); any other key is refused
 _ARGUMENTS: dict[str, frozenset[str]] = {
-    "llm_query_many": frozenset({"prompts", "model", "max_tokens"}),
+    "llm_query_many": frozenset({"prompts", "model", "max_tokens", "prefix"}),
     "rlm_query_many": frozenset({"items"}),
     "budget": frozenset(),
 }
@@ -74,11 +75,12 @@ class HostBridge:
         self._recorder = recorder
         self._spawn = spawn
         self._cell_span = cell_span  # the span of the cell whose code is calling, if any
-        # dedup: (lane, max_tokens) -> prompt -> answer, oldest first; failures are not kept (a later
-        # batch retries); at most max_dedup_chars characters of prompts and answers, oldest evicted
-        self._answers: OrderedDict[tuple[str, int], OrderedDict[str, str]] = OrderedDict()
+        # dedup: (lane, max_tokens, prefix digest) -> prompt -> answer, oldest first; failures are not
+        # kept (a later batch retries); at most max_dedup_chars characters of prompts and answers,
+        # oldest evicted
+        self._answers: OrderedDict[tuple[str, int, str], OrderedDict[str, str]] = OrderedDict()
         self._answers_chars = 0
-        self._flights: dict[tuple[str, int], dict[str, _Flight]] = {}  # prompts being sent now
+        self._flights: dict[tuple[str, int, str], dict[str, _Flight]] = {}  # prompts being sent now
 
     async def __call__(self, fn: str, args: Any) -> Any:
         if not isinstance(args, Mapping):
@@ -88,10 +90,12 @@ class HostBridge:
             raise SandboxRequestError(f"unknown host function {str(fn)[:60]!r}")
         _refuse_unknown(args, allowed, f"{fn}()")
         if fn == "llm_query_many":
+            prefix = self._prefix(args.get("prefix"))
             return await self.llm_query_many(
-                self._prompts(args.get("prompts")),
+                self._prompts(args.get("prompts"), prefix=len(prefix)),
                 self._model(args.get("model")),
                 self._max_tokens(args.get("max_tokens")),
+                prefix=prefix,
             )
         if fn == "rlm_query_many":
             return await self.rlm_query_many(self._children(args.get("items")))
@@ -102,7 +106,22 @@ class HostBridge:
     def _limits(self) -> BridgeLimits:
         return self._settings.bridge_limits
 
-    def _prompts(self, raw: Any) -> list[str]:
+    def _prefix(self, raw: Any) -> str:
+        """The text every prompt of a batch starts with ("" for none)."""
+        if raw is None:
+            return ""
+        if not isinstance(raw, str):
+            raise SandboxRequestError(f"prefix must be a string, not {type(raw).__name__}")
+        if len(raw) > self._limits.max_prompt_chars:
+            raise SandboxRequestError(
+                f"the prefix has {len(raw):,} characters; the limit is {self._limits.max_prompt_chars:,} "
+                "(with each prompt): send a smaller slice"
+            )
+        return raw
+
+    def _prompts(self, raw: Any, *, prefix: int = 0) -> list[str]:
+        """The batch's prompts; each is sent after a ``prefix``-character prefix (its size counts
+        in each prompt's limit, and once in the batch's)."""
         limits = self._limits
         if not isinstance(raw, list | tuple):
             raise SandboxRequestError("prompts must be a list of strings")
@@ -115,12 +134,14 @@ class HostBridge:
         for index, prompt in enumerate(raw):
             if not isinstance(prompt, str):
                 raise SandboxRequestError(f"prompt {index} is a {type(prompt).__name__}, not a string")
-            if len(prompt) > limits.max_prompt_chars:
+            if len(prompt) + prefix > limits.max_prompt_chars:
+                with_prefix = f" (with the prefix's {prefix:,})" if prefix else ""
                 raise SandboxRequestError(
-                    f"prompt {index} has {len(prompt):,} characters; the limit is {limits.max_prompt_chars:,}: "
-                    "send a smaller slice"
+                    f"prompt {index} has {len(prompt) + prefix:,} characters{with_prefix}; the limit is "
+                    f"{limits.max_prompt_chars:,}: send a smaller slice"
                 )
             total += len(prompt)
+        total += prefix
         if total > limits.max_batch_chars:
             raise SandboxRequestError(
                 f"the batch holds {total:,} characters; the limit is {limits.max_batch_chars:,}: split it"
@@ -192,8 +213,13 @@ class HostBridge:
         tree.sub_calls += count
 
     # -- the host functions ---------------------------------------------------------------------
-    async def llm_query_many(self, prompts: list[str], sub: LanguageModel, max_tokens: int) -> list[str]:
+    async def llm_query_many(
+        self, prompts: list[str], sub: LanguageModel, max_tokens: int, *, prefix: str = ""
+    ) -> list[str]:
         """Answers in input order; a failed item raises :class:`BatchError` after all finished.
+
+        A ``prefix`` goes before every prompt, as a message of its own marked for the provider's
+        prompt cache (:attr:`Message.cache_point`): the first call writes it, the others read it.
 
         With dedup, each distinct prompt of the run is sent once: one answered before is read
         from the run's answers, and one another batch is sending right now (another thread of
@@ -207,7 +233,7 @@ class HostBridge:
         if settings.dedup:
             # A batch has one lane and one max_tokens, so within it a prompt alone is the key:
             # no per-item key tuples to build and hash again on the way back (10,000 items).
-            key = (settings.dispatcher.lane_key(sub), max_tokens)
+            key = _dedup_key(settings.dispatcher.lane_key(sub), max_tokens, prefix)
             answered = self._answers.get(key)
             flights = self._flights.setdefault(key, {})
             fresh = []
@@ -230,12 +256,13 @@ class HostBridge:
             ),
         ) as span:
             parent = trace.set_span_in_context(span)
+            ask = _Ask(sub, max_tokens, prefix, parent)
             if flights is None:
-                outcomes = [_text_or_error(o) for o in await self._send(sub, fresh, max_tokens, parent)]
+                outcomes = [_text_or_error(o) for o in await self._send(ask, fresh)]
             else:
-                known.update(await self._fly(sub, fresh, max_tokens, parent, flights))
-                known.update(await self._join(sub, joined, max_tokens, parent))
-                self._remember(sub, max_tokens, known)
+                known.update(await self._fly(ask, fresh, flights))
+                known.update(await self._join(ask, joined))
+                self._remember(ask, known)
                 outcomes = [known[prompt] for prompt in prompts]
             results: list[str | None] = [None if isinstance(o, RLMError) else o for o in outcomes]
             errors = {i: o for i, o in enumerate(outcomes) if isinstance(o, RLMError)}
@@ -249,10 +276,8 @@ class HostBridge:
                 raise _batch_error("calls", results, errors)
             return cast("list[str]", results)  # no failure: every item holds its answer
 
-    async def _send(
-        self, sub: LanguageModel, prompts: list[str], max_tokens: int, parent: OtelContext
-    ) -> list[ModelResponse | RLMError]:
-        requests = [ModelRequest(messages=(Message("user", prompt),), max_tokens=max_tokens) for prompt in prompts]
+    async def _send(self, ask: _Ask, prompts: list[str]) -> list[ModelResponse | RLMError]:
+        requests = [ModelRequest(messages=ask.messages(prompt), max_tokens=ask.max_tokens) for prompt in prompts]
         progress = self._state.progress
         landed = 0
         record = self._calls.record
@@ -264,8 +289,14 @@ class HostBridge:
             record(call)
 
         progress.calls_in_flight += len(requests)
+        calls = replace(self._calls, record=land)
         try:
-            return await replace(self._calls, record=land).ask_many(sub, requests, parent=parent)
+            if not ask.warms_cache or len(requests) < 2:
+                return await calls.ask_many(ask.sub, requests, parent=ask.parent)
+            # a prefix is cached once a reply to it has begun: requests sent at the same moment as
+            # the first would each write it again, so the first goes alone and the others read it
+            first = await calls.ask_many(ask.sub, requests[:1], parent=ask.parent)
+            return first + await calls.ask_many(ask.sub, requests[1:], parent=ask.parent)
         except BudgetExceededError as exc:
             self._budget_refused(exc)
             raise
@@ -277,10 +308,7 @@ class HostBridge:
         if self._state.budget_stop is None:
             self._state.budget_stop = exc
 
-    async def _fly(
-        self, sub: LanguageModel, prompts: list[str], max_tokens: int, parent: OtelContext,
-        flights: dict[str, _Flight],
-    ) -> dict[str, str | RLMError]:
+    async def _fly(self, ask: _Ask, prompts: list[str], flights: dict[str, _Flight]) -> dict[str, str | RLMError]:
         """Send ``prompts`` as this batch's flight, which concurrent batches asking them can join."""
         if not prompts:
             return {}
@@ -288,7 +316,7 @@ class HostBridge:
         for prompt in prompts:
             flights[prompt] = flight
         try:
-            outcomes = await self._send(sub, prompts, max_tokens, parent)
+            outcomes = await self._send(ask, prompts)
             flight.outcomes.update(zip(prompts, map(_text_or_error, outcomes), strict=True))
         finally:
             for prompt in prompts:
@@ -297,9 +325,7 @@ class HostBridge:
             flight.done.set()  # joiners of a flight that ended without outcomes send for themselves
         return flight.outcomes
 
-    async def _join(
-        self, sub: LanguageModel, joined: dict[str, _Flight], max_tokens: int, parent: OtelContext
-    ) -> dict[str, str | RLMError]:
+    async def _join(self, ask: _Ask, joined: dict[str, _Flight]) -> dict[str, str | RLMError]:
         """The outcomes of prompts other batches were sending when this one came."""
         outcomes: dict[str, str | RLMError] = {}
         orphans: list[str] = []
@@ -312,13 +338,13 @@ class HostBridge:
                 outcomes[prompt] = outcome
         if orphans:
             self._admit_sub_calls(len(orphans))
-            sent = await self._send(sub, orphans, max_tokens, parent)
+            sent = await self._send(ask, orphans)
             outcomes.update(zip(orphans, map(_text_or_error, sent), strict=True))
         return outcomes
 
-    def _remember(self, sub: LanguageModel, max_tokens: int, outcomes: dict[str, str | RLMError]) -> None:
+    def _remember(self, ask: _Ask, outcomes: dict[str, str | RLMError]) -> None:
         """Keep the answers (not the failures: a later batch retries them) for the run's next batches."""
-        key = (self._settings.dispatcher.lane_key(sub), max_tokens)
+        key = _dedup_key(self._settings.dispatcher.lane_key(ask.sub), ask.max_tokens, ask.prefix)
         answered = self._answers.get(key)
         if answered is None:
             answered = self._answers[key] = OrderedDict()
@@ -391,6 +417,33 @@ class HostBridge:
                 "cost_usd": round(spent.cost_usd, 6),
             },
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """How one batch's prompts are sent: the model, the output limit, the shared prefix, the span."""
+
+    sub: LanguageModel
+    max_tokens: int
+    prefix: str
+    parent: OtelContext
+
+    @property
+    def warms_cache(self) -> bool:
+        """The batch has a prefix and its model caches prompts: its first call should go first."""
+        return bool(self.prefix) and getattr(self.sub, "caches_prompts", False) is True
+
+    def messages(self, prompt: str) -> tuple[Message, ...]:
+        if not self.prefix:
+            return (Message("user", prompt),)
+        # the prefix first, marked: the provider caches it once and reads it for every other prompt
+        return Message("user", self.prefix, cache_point=True), Message("user", prompt)
+
+
+def _dedup_key(lane: str, max_tokens: int, prefix: str) -> tuple[str, int, str]:
+    """What answers are remembered under: a prompt means the same only after the same prefix
+    (held as its digest, not as a second copy of the text)."""
+    return lane, max_tokens, hashlib.sha256(prefix.encode("utf-8", "surrogatepass")).hexdigest() if prefix else ""
 
 
 @dataclass(eq=False)

@@ -95,9 +95,12 @@ class _Lifecycle:
                     raise
                 finally:
                     spent = state.ledger.spent  # this run and its children, however it ended
+                    # the cache's share is counted per run tree: the top run's span has it
+                    usage = state.tree.usage.summary()[0].values() if state.depth == 0 else ()
                     span.set_attributes(span_attributes.run_totals(
                         calls=spent.calls, input_tokens=spent.input_tokens, output_tokens=spent.output_tokens,
-                        cost_usd=spent.cost_usd,
+                        cost_usd=spent.cost_usd, cache_read_tokens=sum(u.cache_read_tokens for u in usage),
+                        cache_write_tokens=sum(u.cache_write_tokens for u in usage),
                     ))
                 span.set_attributes(span_attributes.run_end(answer=result.answer, capture=settings.capture_content))
                 return result

@@ -10,7 +10,7 @@ through the :class:`~rlmflow._run.cells.CellRunner`); when to give up is the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import prompts
 from .._exceptions import BudgetExceededError, NoAnswerError
@@ -64,6 +64,7 @@ class RootLoop:
         self._recorder = recorder
         self._policy = StallPolicy(max_repeated_errors=settings.max_repeated_errors)
         self._told_budget = False  # the root was told the budget is spent: its next turn is its last
+        self._cut = 0  # history messages left out of the root's requests (see _trimmed)
 
     def _opening(self) -> list[Message]:
         settings, state = self._settings, self._state
@@ -126,7 +127,8 @@ class RootLoop:
     async def _ask_root(self, turn: int, messages: list[Message]) -> str:
         """The root model's reply to the (trimmed) conversation."""
         self._state.progress.phase = "root model thinking"
-        request = ModelRequest(messages=tuple(self._trimmed(messages)), max_tokens=self._settings.root_max_tokens)
+        request = ModelRequest(messages=_cache_marked(self._trimmed(messages)),
+                               max_tokens=self._settings.root_max_tokens)
         response = await self._calls.ask_root(self._root_model(turn), request)
         return response.text
 
@@ -257,20 +259,44 @@ class RootLoop:
         return f"\nVariables your code set: {shown}" if shown else ""
 
     def _trimmed(self, messages: list[Message]) -> list[Message]:
-        """System and first user message always; then the newest turns that fit the history size."""
+        """System and first user message always; then the newest turns that fit the history size.
+
+        Turns are left out in coarse steps: once the history outgrows its size, the oldest turns
+        go until what is kept fills half of it, and that cut then stays where it is for the turns
+        that follow (until the history outgrows the size again). Every turn in between sends
+        the same prefix as the turn before, so a provider's prompt cache can serve it; dropping
+        one turn each time would change the prefix, and miss the cache, on every turn.
+        """
         head, rest = messages[:2], messages[2:]
-        budget = self._settings.history_chars - sum(len(m.content) for m in head)
-        kept: list[Message] = []
-        for message in reversed(rest):
-            budget -= len(message.content)
-            if budget < 0 and len(kept) >= 2:
-                break
-            kept.append(message)
-        kept.reverse()
-        if len(kept) < len(rest):
-            if kept and kept[0].role == "user":  # keep assistant/user alternation after the note
-                kept = kept[1:]
-            omitted = len(rest) - len(kept)
-            note = Message("user", f"[{omitted} earlier messages omitted; variables in the sandbox are kept]")
-            return [*head, Message("assistant", "(earlier work)"), note, *kept]
-        return [*head, *kept]
+        room = self._settings.history_chars - sum(len(m.content) for m in head)
+        if self._cut > len(rest):  # the conversation restarted from the question
+            self._cut = 0
+        if sum(len(m.content) for m in rest[self._cut:]) > room:
+            self._cut = _cut_to_fit(rest, room // 2)
+        if self._cut == 0:
+            return [*head, *rest]
+        note = Message("user", f"[{self._cut} earlier messages omitted; variables in the sandbox are kept]")
+        return [*head, Message("assistant", "(earlier work)"), note, *rest[self._cut:]]
+
+
+def _cut_to_fit(rest: list[Message], room: int) -> int:
+    """How many of the oldest messages of ``rest`` to leave out so the newest fit ``room`` characters
+    (at least the newest two are kept), the kept part starting with an assistant reply (the note
+    that stands for the others is a user message)."""
+    kept = 0
+    for message in reversed(rest):
+        room -= len(message.content)
+        if room < 0 and kept >= 2:
+            break
+        kept += 1
+    cut = len(rest) - kept
+    if cut and rest[cut].role == "user" and cut + 1 < len(rest):
+        cut += 1
+    return cut
+
+
+def _cache_marked(messages: list[Message]) -> tuple[Message, ...]:
+    """The root's request with a cache mark after the system prompt and after each user message
+    (the end of a turn of the history, which the next turns repeat byte for byte); the model
+    keeps the marks its provider can use (:func:`rlmflow.models.caching.cache_points`)."""
+    return tuple(m if m.role == "assistant" else replace(m, cache_point=True) for m in messages)

@@ -75,6 +75,7 @@ class RunRecorder:
             self.emit(
                 SubCallDone, role=call.role, model=call.model, input_tokens=call.input_tokens,
                 output_tokens=call.output_tokens, cost_usd=call.cost_usd, duration=call.duration, error=call.error,
+                cache_read_tokens=call.cache_read_tokens, cache_write_tokens=call.cache_write_tokens,
                 source=call.source,
             )
 

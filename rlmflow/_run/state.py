@@ -36,19 +36,22 @@ class UsageTally:
     """
 
     def __init__(self) -> None:
-        # model -> [input tokens, output tokens, successful calls, calls answered from the cache]
+        # model -> [input tokens, output tokens, successful calls, cache reads, cache writes, calls answered
+        # from the sub-call cache]
         self._tokens: dict[str, list[int]] = {}
         self._cost: float | None = 0.0  # None once a successful call has no known price
 
     def add(self, call: CallRecord) -> None:
         tokens = self._tokens.get(call.model)
         if tokens is None:
-            tokens = self._tokens[call.model] = [0, 0, 0, 0]
+            tokens = self._tokens[call.model] = [0, 0, 0, 0, 0, 0]
         if call.cached:  # no request sent: no tokens, no cost
-            tokens[3] += 1
+            tokens[5] += 1
             return
         tokens[0] += call.input_tokens
         tokens[1] += call.output_tokens
+        tokens[3] += call.cache_read_tokens
+        tokens[4] += call.cache_write_tokens
         if call.error is None:
             tokens[2] += 1
             if self._cost is not None:
@@ -56,7 +59,8 @@ class UsageTally:
 
     def summary(self) -> tuple[dict[str, Usage], float | None]:
         """Usage per model and the total cost (``None`` if any successful call's price is unknown)."""
-        return {model: Usage(i, o, n, cached_calls=c) for model, (i, o, n, c) in self._tokens.items()}, self._cost
+        return {model: Usage(i, o, n, r, w, cached_calls=c) for model, (i, o, n, r, w, c) in self._tokens.items()}, \
+            self._cost
 
 
 @dataclass(slots=True)

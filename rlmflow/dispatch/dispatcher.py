@@ -227,11 +227,19 @@ class Dispatcher:
 
     def estimate(self, model: LanguageModel, request: ModelRequest) -> Spend:
         """A conservative worst case for a request: its input tokens with a margin, ``max_tokens``,
-        and their price."""
+        and their price.
+
+        For a model that caches prompts (``caches_prompts``) the price is the dearer of every input
+        token plain and every input token written to the cache (a write costs 1.25x the input
+        price on Claude): whatever mix of reads, writes and plain tokens the provider reports,
+        the call settles at or below what it reserved.
+        """
         counted = sum(model.count_tokens(m.content) for m in request.messages)
         input_tokens = math.ceil(counted * (1 + INPUT_MARGIN)) + MESSAGE_OVERHEAD_TOKENS * len(request.messages)
-        worst = Usage(input_tokens, request.max_tokens, 1)
-        cost = self.cost(model, worst)
+        cost = self.cost(model, Usage(input_tokens, request.max_tokens, 1))
+        if cost is not None and getattr(model, "caches_prompts", False) is True:
+            written = self.cost(model, Usage(input_tokens, request.max_tokens, 1, cache_write_tokens=input_tokens))
+            cost = max(cost, written or 0.0)
         return Spend(calls=1, input_tokens=input_tokens, output_tokens=request.max_tokens, cost_usd=cost or 0.0)
 
     # -- calls --------------------------------------------------------------------------------------
@@ -413,6 +421,8 @@ class Dispatcher:
                           max(usage.output_tokens, estimate.output_tokens), usage.calls or 1, estimated=True)
             span.add_event("usage_unknown", {"rlm.usage.charged": "reservation"})
         cost = self.cost(model, usage)
+        cached = usage.cache_read_tokens or usage.cache_write_tokens
+        uncached = self.cost(model, Usage(usage.input_tokens, usage.output_tokens, usage.calls)) if cached else cost
         overrun = reservation.settle(usage, cost or 0.0)
         if overrun != Spend():
             self._report_overrun(span, model, overrun, reservation.amount)
@@ -421,11 +431,14 @@ class Dispatcher:
             span.set_attributes(span_attributes.chat_end(
                 response_model=response.model, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                 text=response.text, finish_reason=response.finish_reason, capture=batch.capture,
+                cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
             ))
         self._emit(
             CallRecord(
                 model.name, model.provider, role, batch.depth, usage.input_tokens, usage.output_tokens,
                 cost, tally.queue_wait, tally.duration, tally.attempts, tally.throttles, None, batch.queued_ns / 1e9,
+                cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
+                uncached_cost_usd=uncached,
             ),
             batch.record,
         )
@@ -555,6 +568,9 @@ class Dispatcher:
         span.set_attribute(attr.GEN_AI_RESPONSE_MODEL, response.model)
         span.set_attribute(attr.GEN_AI_USAGE_INPUT_TOKENS, response.usage.input_tokens)
         span.set_attribute(attr.GEN_AI_USAGE_OUTPUT_TOKENS, response.usage.output_tokens)
+        if response.usage.cache_read_tokens or response.usage.cache_write_tokens:
+            span.set_attribute(attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, response.usage.cache_read_tokens)
+            span.set_attribute(attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, response.usage.cache_write_tokens)
         if response.finish_reason:
             span.set_attribute(attr.GEN_AI_RESPONSE_FINISH_REASONS, (response.finish_reason,))
         if cost is not None:

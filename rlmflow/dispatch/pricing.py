@@ -24,13 +24,26 @@ _FREE_PROVIDERS = {"llama.cpp"}
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million input and output tokens."""
+    """USD per million input and output tokens, and per million input tokens read from and written
+    to a prompt cache (``None``: at the input price, for a model that has no cache prices)."""
 
     input_per_mtok: float
     output_per_mtok: float
+    cache_read_per_mtok: float | None = None
+    cache_write_per_mtok: float | None = None
 
     def cost(self, usage: Usage) -> float:
-        return (usage.input_tokens * self.input_per_mtok + usage.output_tokens * self.output_per_mtok) / 1e6
+        read = self.input_per_mtok if self.cache_read_per_mtok is None else self.cache_read_per_mtok
+        write = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        plain = usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens
+        return (plain * self.input_per_mtok + usage.cache_read_tokens * read + usage.cache_write_tokens * write
+                + usage.output_tokens * self.output_per_mtok) / 1e6
+
+    @classmethod
+    def anthropic_style(cls, input_per_mtok: float, output_per_mtok: float) -> Price:
+        """A price with the cache rates of Claude on Anthropic and Bedrock: a read costs 0.1x the
+        input price, a write (5-minute cache) 1.25x."""
+        return cls(input_per_mtok, output_per_mtok, input_per_mtok * 0.1, input_per_mtok * 1.25)
 
 
 class Pricing:

@@ -54,17 +54,25 @@ class Outcome:
     cost_usd: float | None = 0.0
     trace_id: str | None = None
     calls: list[CallRecord] = field(default_factory=list)
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    uncached_cost_usd: float | None = 0.0  # what the calls would have cost with no prompt cache
 
     def add_calls(self, calls: list[CallRecord]) -> None:
         self.calls.extend(calls)
         for call in calls:
             self.input_tokens += call.input_tokens
             self.output_tokens += call.output_tokens
+            self.cache_read_tokens += call.cache_read_tokens
+            self.cache_write_tokens += call.cache_write_tokens
             if call.role != "root":
                 self.sub_calls += 1
             if call.error is None:
                 known = self.cost_usd is not None and call.cost_usd is not None
                 self.cost_usd = self.cost_usd + call.cost_usd if known else None  # type: ignore[operator]
+                uncached = call.cost_without_cache
+                known = self.uncached_cost_usd is not None and uncached is not None
+                self.uncached_cost_usd = self.uncached_cost_usd + uncached if known else None  # type: ignore[operator]
 
 
 class Approach(Protocol):

@@ -44,6 +44,9 @@ class Summary:
     input_tokens: int
     output_tokens: int
     errors: dict[str, int]
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    uncached_cost_usd: float | None = None  # the same calls with no prompt cache; None when unknown
 
     @property
     def success_rate(self) -> float:
@@ -63,9 +66,15 @@ def summarise(results: Iterable[ItemResult]) -> list[Summary]:
     for (model, approach), rows in groups.items():
         latencies = [r.latency_s for r in rows]
         cost: float | None = 0.0
+        uncached: float | None = 0.0
         errors: dict[str, int] = {}
         for r in rows:
             cost = None if cost is None or r.cost_usd is None else cost + r.cost_usd
+            # an item with no cache tokens cost the same without a cache (results files from before
+            # the cache was counted have no uncached cost)
+            plain = r.cost_usd if not (r.cache_read_tokens or r.cache_write_tokens) else None
+            item = r.uncached_cost_usd if r.uncached_cost_usd is not None else plain
+            uncached = None if uncached is None or item is None else uncached + item
             if r.error_type:
                 errors[r.error_type] = errors.get(r.error_type, 0) + 1
         summaries.append(Summary(
@@ -74,7 +83,8 @@ def summarise(results: Iterable[ItemResult]) -> list[Summary]:
             latency_p95=_percentile(latencies, 0.95), mean_turns=sum(r.turns for r in rows) / len(rows),
             mean_sub_calls=sum(r.sub_calls for r in rows) / len(rows),
             input_tokens=sum(r.input_tokens for r in rows), output_tokens=sum(r.output_tokens for r in rows),
-            errors=errors,
+            errors=errors, cache_read_tokens=sum(r.cache_read_tokens for r in rows),
+            cache_write_tokens=sum(r.cache_write_tokens for r in rows), uncached_cost_usd=uncached,
         ))
     return summaries
 
@@ -111,6 +121,22 @@ def format_markdown(results: Sequence[ItemResult], *, title: str | None = None) 
             f"{_cost(per_item)} | {s.latency_p50:.1f} s | {s.latency_p95:.1f} s | {s.mean_turns:.1f} | "
             f"{s.mean_sub_calls:.1f} | {s.input_tokens:,} / {s.output_tokens:,} |"
         )
+    cached = [s for s in summaries if s.cache_read_tokens or s.cache_write_tokens]
+    if cached:
+        lines += [
+            "",
+            "| Model | Approach | Cost / item | Cost / item without the cache | Cache reads / writes (tokens) "
+            "| Input read from the cache |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for s in cached:
+            per_item = None if s.cost_usd is None else s.cost_usd / s.items
+            without = None if s.uncached_cost_usd is None else s.uncached_cost_usd / s.items
+            share = s.cache_read_tokens / s.input_tokens if s.input_tokens else 0.0
+            lines.append(
+                f"| {s.model} | {_APPROACH_LABELS.get(s.approach, s.approach)} | {_cost(per_item)} | "
+                f"{_cost(without)} | {s.cache_read_tokens:,} / {s.cache_write_tokens:,} | {_pct(share)} |"
+            )
     failing = [s for s in summaries if s.errors]
     if failing:
         lines += ["", "Errors and unanswered items:", ""]

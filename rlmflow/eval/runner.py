@@ -58,6 +58,9 @@ class ItemResult:
     length: str = ""
     dataset: str = ""
     finished_at: float = 0.0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    uncached_cost_usd: float | None = None  # the cost with no prompt cache (None: unknown, or an older file)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -176,6 +179,8 @@ def _result(item: EvalItem, approach: Approach, outcome: Outcome, latency: float
         answer=answer, correct=correct and outcome.success, success=outcome.success, turns=outcome.turns,
         sub_calls=outcome.sub_calls, input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
         cost_usd=outcome.cost_usd, latency_s=round(latency, 3), trace_id=outcome.trace_id,
+        cache_read_tokens=outcome.cache_read_tokens, cache_write_tokens=outcome.cache_write_tokens,
+        uncached_cost_usd=outcome.uncached_cost_usd,
         error_type=outcome.error_type, error=outcome.error[:500] if outcome.error else None,
         reply=outcome.reply[:_REPLY_CAP] if outcome.reply else outcome.reply, context_chars=item.context_chars,
         domain=item.domain, sub_domain=item.sub_domain, difficulty=item.difficulty, length=item.length,

@@ -38,11 +38,14 @@ from .base import (
     estimated_usage,
     split_system,
 )
+from .caching import PromptCache, cache_points, resolve_prompt_cache
 from .openai import missing_key_error, needs_api_key
 
 __all__ = ["AnthropicModel"]
 
 API_VERSION = "2023-06-01"
+#: A breakpoint: the prompt up to the end of this block is cached (5 minutes from its last use).
+EPHEMERAL: dict[str, str] = {"type": "ephemeral"}
 
 
 class AnthropicModel(HTTPModel):
@@ -53,6 +56,11 @@ class AnthropicModel(HTTPModel):
     which ``RLM.check`` and ``RLM.run`` call before anything runs; another base URL, a gateway or
     a local server, may need none). ``stream=True`` makes :meth:`request` stream, calling
     ``on_text`` with each piece of text as it arrives.
+
+    ``prompt_cache`` says where ``cache_control`` goes: by default on the messages a request marks
+    (``Message.cache_point``), within the model's minimum cacheable length and the API's 4
+    breakpoints; ``False`` sends none (and the messages as plain strings), a
+    :class:`~rlmflow.models.caching.PromptCache` sets the rules.
     """
 
     rate_header_prefixes = ("retry-after", "anthropic-ratelimit-")
@@ -68,7 +76,9 @@ class AnthropicModel(HTTPModel):
         max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
         stream: bool = False,
         on_text: TextCallback | None = None,
+        prompt_cache: PromptCache | bool | None = None,
     ) -> None:
+        self.prompt_cache = resolve_prompt_cache(prompt_cache, "anthropic", model)
         super().__init__(
             model, base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
             provider="anthropic", pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
@@ -87,8 +97,21 @@ class AnthropicModel(HTTPModel):
         if self._api_key is None and needs_api_key(self._base_url):
             raise missing_key_error(self._provider, self._model, self._base_url, "ANTHROPIC_API_KEY")
 
+    @property
+    def caches_prompts(self) -> bool:
+        """Whether requests may carry breakpoints (a cache write costs more: the Dispatcher reserves it)."""
+        return self.prompt_cache.enabled
+
     def payload(self, request: ModelRequest) -> dict[str, Any]:
-        """The JSON body of ``request``: system apart, consecutive turns of one role merged."""
+        """The JSON body of ``request``: system apart, consecutive turns of one role merged.
+
+        With caching on, messages of one role are not joined but sent as text blocks of their own
+        (a turn reads the same whether or not a breakpoint is on it this time) and marked ones
+        carry ``cache_control``; a lone block without one is sent as a plain string, which the
+        API reads as that same block.
+        """
+        if self.prompt_cache.enabled:
+            return self._cached_payload(request)
         system, messages = split_system(request)
         turns: list[dict[str, Any]] = []
         for message in messages:
@@ -96,9 +119,32 @@ class AnthropicModel(HTTPModel):
                 turns[-1]["content"] += "\n\n" + message.content
             else:
                 turns.append({"role": message.role, "content": message.content})
-        body: dict[str, Any] = {"model": self._model, "max_tokens": request.max_tokens, "messages": turns}
+        return self._settings({"model": self._model, "max_tokens": request.max_tokens, "messages": turns},
+                              request, "\n\n".join(system))
+
+    def _cached_payload(self, request: ModelRequest) -> dict[str, Any]:
+        points = cache_points(request.messages, self.prompt_cache, self.count_tokens)
+        system: list[dict[str, Any]] = []
+        turns: list[dict[str, Any]] = []
+        for index, message in enumerate(request.messages):
+            block: dict[str, Any] = {"type": "text", "text": message.content}
+            if index in points:
+                block["cache_control"] = EPHEMERAL
+            if message.role == "system":
+                system.append(block)
+            elif turns and turns[-1]["role"] == message.role:
+                turns[-1]["content"].append(block)
+            else:
+                turns.append({"role": message.role, "content": [block]})
+        for turn in turns:
+            turn["content"] = _plain(turn["content"])
+        return self._settings({"model": self._model, "max_tokens": request.max_tokens, "messages": turns},
+                              request, _plain(system) if system else "")
+
+    @staticmethod
+    def _settings(body: dict[str, Any], request: ModelRequest, system: str | list[dict[str, Any]]) -> dict[str, Any]:
         if system:
-            body["system"] = "\n\n".join(system)
+            body["system"] = system
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.top_p is not None:
@@ -154,6 +200,11 @@ class AnthropicModel(HTTPModel):
             return TransientModelError(f"server error {status}: {message}", **detail)
         return FatalModelError(f"request rejected ({status} {kind}): {message}", **detail)
 
+
+
+def _plain(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """One text block with no breakpoint as the string it stands for; blocks otherwise."""
+    return blocks[0]["text"] if len(blocks) == 1 and "cache_control" not in blocks[0] else blocks
 
 
 def _read_event(event: ServerEvent, reply: StreamedText) -> bool:

@@ -18,10 +18,17 @@ E = TypeVar("E", bound="ModelError")
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat message."""
+    """One chat message.
+
+    ``cache_point``: the conversation up to the end of this message is a prefix worth caching
+    (a system prompt, a turn of history every later turn repeats, a prefix many prompts share).
+    A model that caches prompts sends a cache point there when its rules allow
+    (:mod:`rlmflow.models.caching`); the others ignore it. It never changes what the model reads.
+    """
 
     role: Role
     content: str
+    cache_point: bool = False
 
 
 @dataclass(frozen=True, slots=True)

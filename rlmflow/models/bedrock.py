@@ -45,8 +45,8 @@ from .base import (
     estimate_tokens,
     estimated_usage,
     note_partial_output,
-    split_system,
 )
+from .caching import PromptCache, cache_points, resolve_prompt_cache
 
 __all__ = ["DEFAULT_POOL_CONNECTIONS", "BedrockModel", "translate_botocore"]
 
@@ -145,6 +145,11 @@ class BedrockModel:
     does), calling ``on_text`` with each piece of text as it arrives: use it for a root model
     whose turns are shown live.
 
+    ``prompt_cache`` says where ``cachePoint`` blocks go: by default after the messages a request
+    marks (``Message.cache_point``) for the models Bedrock caches for (Claude, Nova), within
+    their minimum length and their 4 points a request; ``False`` sends none, a
+    :class:`~rlmflow.models.caching.PromptCache` sets the rules.
+
     Raises :class:`ConfigurationError` when aioboto3 is not installed.
     """
 
@@ -161,6 +166,7 @@ class BedrockModel:
         connect_timeout: float = 10.0,
         stream: bool = False,
         on_text: TextCallback | None = None,
+        prompt_cache: PromptCache | bool | None = None,
     ) -> None:
         try:
             import aioboto3
@@ -169,6 +175,7 @@ class BedrockModel:
         if not model_id:
             raise ConfigurationError("a Bedrock model needs a model id")
         self._model_id = model_id
+        self.prompt_cache = resolve_prompt_cache(prompt_cache, "aws.bedrock", model_id)
         self._session = session or aioboto3.Session(profile_name=profile, region_name=region)
         self._region = region or self._session.region_name
         if not self._region:
@@ -334,8 +341,16 @@ class BedrockModel:
         client.meta.events.register("before-parse.bedrock-runtime.ConverseStream", _read_plain_reply)
         return _Shared(client=client, stack=stack, pool=self._pool)
 
+    @property
+    def caches_prompts(self) -> bool:
+        """Whether requests may carry cache points (a cache write costs more: the Dispatcher reserves it)."""
+        return self.prompt_cache.enabled
+
     def _arguments(self, request: ModelRequest) -> dict[str, Any]:
-        system, messages = split_system(request)
+        points = cache_points(request.messages, self.prompt_cache, self.count_tokens)
+        system = [block for i, m in enumerate(request.messages) if m.role == "system"
+                  for block in _blocks(m.content, i in points)]
+        messages = [(m, i in points) for i, m in enumerate(request.messages) if m.role != "system"]
         config: dict[str, Any] = {"maxTokens": request.max_tokens}
         if request.temperature is not None:
             config["temperature"] = request.temperature
@@ -349,7 +364,7 @@ class BedrockModel:
             "inferenceConfig": config,
         }
         if system:
-            arguments["system"] = [{"text": text} for text in system]
+            arguments["system"] = system
         return arguments
 
     def _translate(self, exc: Exception) -> ModelError:
@@ -444,14 +459,23 @@ def _converse_text(reply: dict[str, Any]) -> str:
     return "".join(block.get("text", "") for block in content)
 
 
-def _converse_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """Converse messages: text blocks, consecutive messages of one role merged (Converse needs alternation)."""
+#: The block that ends a cached prefix (botocore's CachePointBlock; "default" is its one type).
+CACHE_POINT: dict[str, Any] = {"cachePoint": {"type": "default"}}
+
+
+def _blocks(text: str, cached: bool) -> list[dict[str, Any]]:
+    return [{"text": text}, CACHE_POINT] if cached else [{"text": text}]
+
+
+def _converse_messages(messages: list[tuple[Message, bool]]) -> list[dict[str, Any]]:
+    """Converse messages: text blocks (a cache point after a marked one), consecutive messages of
+    one role merged (Converse needs alternation)."""
     out: list[dict[str, Any]] = []
-    for message in messages:
+    for message, cached in messages:
         if out and out[-1]["role"] == message.role:
-            out[-1]["content"].append({"text": message.content})
+            out[-1]["content"].extend(_blocks(message.content, cached))
         else:
-            out.append({"role": message.role, "content": [{"text": message.content}]})
+            out.append({"role": message.role, "content": _blocks(message.content, cached)})
     return out
 
 

@@ -153,6 +153,11 @@ class StrandsModel:
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)
 
+    @property
+    def caches_prompts(self) -> bool:
+        """Whether the strands model places cache points of its own (its ``cache_config``)."""
+        return _caches(self.strands_model)
+
     async def request(self, request: ModelRequest) -> ModelResponse:
         system = "\n\n".join(m.content for m in request.messages if m.role == "system") or None
         messages: Messages = [
@@ -175,10 +180,18 @@ class StrandsModel:
         return f"StrandsModel({type(self.strands_model).__name__}, {self._name!r})"
 
 
-def strands_root_model(spec: object) -> StrandsModel:
+def _caches(model: StrandsBaseModel) -> bool:
+    config = model.get_config()
+    return bool(config.get("cache_config") or config.get("cache_prompt")) if isinstance(config, dict) else False
+
+
+def strands_root_model(spec: object, *, prompt_cache: bool = True) -> StrandsModel:
     """The root of a strands-style run from ``strands:bedrock:<id>[@region]``, a strands Model or a StrandsModel.
 
-    Raises ConfigurationError for anything else.
+    A root built from a string caches its prompt with strands' own cache points
+    (``CacheConfig(strategy="auto")``: after the system prompt and at the end of the newest user
+    message, for the Claude models Bedrock caches for) unless ``prompt_cache`` is False; a model
+    passed in keeps its own configuration. Raises ConfigurationError for anything else.
     """
     if isinstance(spec, StrandsModel):
         return spec
@@ -194,6 +207,7 @@ def strands_root_model(spec: object) -> StrandsModel:
         )
     from botocore.config import Config
     from strands.models.bedrock import BedrockModel as StrandsBedrock
+    from strands.models.model import CacheConfig
 
     model = StrandsBedrock(
         model_id=name,
@@ -201,6 +215,7 @@ def strands_root_model(spec: object) -> StrandsModel:
         streaming=True,
         # the Dispatcher retries; botocore's own retry loop would hide throttles from the lane
         boto_client_config=Config(retries={"total_max_attempts": 1}, read_timeout=300),
+        cache_config=CacheConfig(strategy="auto") if prompt_cache else None,
     )
     return StrandsModel(model)
 
@@ -223,6 +238,11 @@ class _OneCall:
 
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)
+
+    @property
+    def caches_prompts(self) -> bool:
+        inner = self._owner.inner
+        return _caches(inner) if isinstance(inner, StrandsBaseModel) else bool(getattr(inner, "caches_prompts", False))
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         self.collected = _Collected()  # a retry starts from scratch
@@ -356,6 +376,10 @@ def _text_events(response: ModelResponse) -> list[StreamEvent]:
         {"contentBlockStop": {}},
         {"messageStop": {"stopReason": "max_tokens" if response.finish_reason in ("length", "max_tokens")
                          else "end_turn"}},
-        {"metadata": {"usage": {"inputTokens": usage.input_tokens, "outputTokens": usage.output_tokens,
-                                "totalTokens": usage.total_tokens}, "metrics": {"latencyMs": 0}}},
+        # Converse's inputTokens leaves the cached parts out, as strands expects
+        {"metadata": {"usage": {
+            "inputTokens": usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens,
+            "outputTokens": usage.output_tokens, "totalTokens": usage.total_tokens,
+            "cacheReadInputTokens": usage.cache_read_tokens, "cacheWriteInputTokens": usage.cache_write_tokens,
+        }, "metrics": {"latencyMs": 0}}},
     ]

@@ -75,18 +75,32 @@ def error_from_wire(error: Any) -> RLMError:
 def api(host: HostCall, submit: Callable[[Any], None]) -> dict[str, Any]:
     """The names model code gets: host functions over ``host``, ``FINAL`` over ``submit``, errors."""
 
-    def llm_query(prompt: str, *, model: str | None = None, max_tokens: int | None = None) -> str:
+    def llm_query(
+        prompt: str, *, model: str | None = None, max_tokens: int | None = None, prefix: str | None = None
+    ) -> str:
         """Ask a sub-LLM one question; returns its answer as a string."""
-        return llm_query_many([prompt], model=model, max_tokens=max_tokens)[0]
+        return llm_query_many([prompt], model=model, max_tokens=max_tokens, prefix=prefix)[0]
 
-    def llm_query_many(prompts: list[str], *, model: str | None = None, max_tokens: int | None = None) -> list[str]:
-        """Ask many prompts concurrently; answers come back in input order."""
+    def llm_query_many(
+        prompts: list[str], *, model: str | None = None, max_tokens: int | None = None, prefix: str | None = None
+    ) -> list[str]:
+        """Ask many prompts concurrently; answers come back in input order.
+
+        ``prefix``: text every prompt shares (a long instruction, or one chunk asked many
+        questions), sent once before each prompt and cached by the provider where it can be,
+        so each prompt after the first pays a fraction of its price.
+        """
         prompts = list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("llm_query_many expects a list of strings")
+        if prefix is not None and not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string, not {type(prefix).__name__}")
         if not prompts:
             return []
-        result: list[str] = host("llm_query_many", {"prompts": prompts, "model": model, "max_tokens": max_tokens})
+        args: dict[str, Any] = {"prompts": prompts, "model": model, "max_tokens": max_tokens}
+        if prefix:
+            args["prefix"] = prefix
+        result: list[str] = host("llm_query_many", args)
         return result
 
     def rlm_query(prompt: str, context: Any = None) -> str:

@@ -63,6 +63,10 @@ class CallMetrics:
             attr.METRIC_QUEUE_WAIT, unit="s", description="Time calls waited for admission on their lane"
         )
         self._cost = meter.create_counter(attr.METRIC_COST, unit="USD", description="Cost of model calls")
+        self._cache = meter.create_counter(
+            attr.METRIC_CACHE_TOKENS, unit="{token}",
+            description="Input tokens read from or written to a prompt cache, by rlm.cache.operation",
+        )
         self._throttles = meter.create_counter(attr.METRIC_THROTTLES, description="Calls refused for rate")
         self._retries = meter.create_counter(attr.METRIC_RETRIES, description="Retried attempts")
         self._answered = meter.create_counter(
@@ -95,6 +99,10 @@ class CallMetrics:
             self._tokens.record(call.output_tokens, {**common, attr.GEN_AI_TOKEN_TYPE: "output"})
             if call.cost_usd:
                 self._cost.add(call.cost_usd, common)
+            if call.cache_read_tokens:
+                self._cache.add(call.cache_read_tokens, {**common, attr.RLM_CACHE_OPERATION: "read"})
+            if call.cache_write_tokens:
+                self._cache.add(call.cache_write_tokens, {**common, attr.RLM_CACHE_OPERATION: "write"})
         if call.throttles:
             self._throttles.add(call.throttles, common)
         if call.attempts > 1:

@@ -36,6 +36,8 @@ class Call:
     output_tokens: int = 0
     cost_usd: float | None = 0.0
     error: str | None = None
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass
@@ -141,7 +143,7 @@ def _from_trajectory(records: list[dict[str, Any]]) -> TraceData:
             data.calls.append(
                 Call(r["run_id"], r["role"], r.get("depth", 0), r["model"], queued, started,
                      started + r.get("duration", 0.0), r.get("input_tokens", 0), r.get("output_tokens", 0),
-                     r.get("cost_usd"), r.get("error"))
+                     r.get("cost_usd"), r.get("error"), r.get("cache_read_tokens", 0), r.get("cache_write_tokens", 0))
             )
     return data
 
@@ -197,7 +199,9 @@ def trace_from_spans(spans: Iterable[dict[str, Any]]) -> TraceData:
                 Call(run_of(span), str(a.get(attr.RLM_ROLE, "sub")), int(a.get(attr.RLM_DEPTH, 0)),
                      str(a.get(attr.GEN_AI_REQUEST_MODEL, "?")), start, start + wait, end,
                      int(a.get(attr.GEN_AI_USAGE_INPUT_TOKENS, 0)), int(a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)),
-                     a.get(attr.RLM_COST_USD), a.get(attr.ERROR_TYPE))
+                     a.get(attr.RLM_COST_USD), a.get(attr.ERROR_TYPE),
+                     int(a.get(attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, 0)),
+                     int(a.get(attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, 0)))
             )
     return data
 
@@ -285,9 +289,12 @@ def analyse(data: TraceData) -> Analysis:
     for call in data.calls:
         group = groups.setdefault((call.depth, call.model), {"depth": call.depth, "model": call.model, "calls": 0,
                                                              "input_tokens": 0, "output_tokens": 0,
+                                                             "cache_read_tokens": 0, "cache_write_tokens": 0,
                                                              "cost_usd": 0.0, "errors": 0})
         group["calls"] += 1
         group["input_tokens"] += call.input_tokens
+        group["cache_read_tokens"] += call.cache_read_tokens
+        group["cache_write_tokens"] += call.cache_write_tokens
         group["output_tokens"] += call.output_tokens
         group["errors"] += call.error is not None
         if group["cost_usd"] is not None:
@@ -299,6 +306,8 @@ def analyse(data: TraceData) -> Analysis:
         "sub_calls": sum(1 for c in data.calls if c.role == "sub"),
         "input_tokens": sum(c.input_tokens for c in data.calls),
         "output_tokens": sum(c.output_tokens for c in data.calls),
+        "cache_read_tokens": sum(c.cache_read_tokens for c in data.calls),
+        "cache_write_tokens": sum(c.cache_write_tokens for c in data.calls),
         "cost_usd": None if any(g["cost_usd"] is None for g in groups.values())
         else sum(g["cost_usd"] for g in groups.values()),
         "max_depth": max(r.depth for r in data.runs.values()),
@@ -326,5 +335,21 @@ def format_text(analysis: Analysis) -> str:
     for g in analysis.cost_by_depth_model:
         cost = "unknown" if g["cost_usd"] is None else f"${g['cost_usd']:.4f}"
         lines.append(f"  depth {g['depth']} {g['model']:28s} {g['calls']:5d} calls {g['input_tokens']:>9,} in "
-                     f"{g['output_tokens']:>8,} out {cost:>10s}" + (f" ({g['errors']} failed)" if g["errors"] else ""))
+                     f"{g['output_tokens']:>8,} out {cost:>10s}" + _cache_note(g)
+                     + (f" ({g['errors']} failed)" if g["errors"] else ""))
+    totals = analysis.totals
+    if totals.get("cache_read_tokens") or totals.get("cache_write_tokens"):
+        lines.append(f"\nprompt cache: {totals['cache_read_tokens']:,} input tokens read, "
+                     f"{totals['cache_write_tokens']:,} written, of {totals['input_tokens']:,} "
+                     f"({_share(totals['cache_read_tokens'], totals['input_tokens'])} read)")
     return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole * 100:.0f}%" if whole else "0%"
+
+
+def _cache_note(group: dict[str, Any]) -> str:
+    """`` (cache: N read, M written)`` for a group that used a prompt cache, else nothing."""
+    read, write = group.get("cache_read_tokens", 0), group.get("cache_write_tokens", 0)
+    return f" (cache: {read:,} read, {write:,} written)" if read or write else ""

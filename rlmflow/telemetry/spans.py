@@ -122,13 +122,18 @@ def run_start(
     return out
 
 
-def run_totals(*, calls: int, input_tokens: int, output_tokens: int, cost_usd: float) -> Attributes:
+def run_totals(
+    *, calls: int, input_tokens: int, output_tokens: int, cost_usd: float, cache_read_tokens: int = 0,
+    cache_write_tokens: int = 0,
+) -> Attributes:
     """What a run (its children included) spent, on its span however it ended."""
     return {
         attr.RLM_RUN_CALLS: calls,
         attr.RLM_RUN_INPUT_TOKENS: input_tokens,
         attr.RLM_RUN_OUTPUT_TOKENS: output_tokens,
         attr.RLM_RUN_COST_USD: cost_usd,
+        attr.RLM_RUN_CACHE_READ_TOKENS: cache_read_tokens,
+        attr.RLM_RUN_CACHE_WRITE_TOKENS: cache_write_tokens,
     }
 
 
@@ -274,7 +279,7 @@ def chat_start(
 
 def chat_end(
     *, response_model: str, input_tokens: int, output_tokens: int, text: str, finish_reason: str | None,
-    capture: int,
+    capture: int, cache_read_tokens: int = 0, cache_write_tokens: int = 0,
 ) -> Attributes:
     """OpenInference's usage, and the reply when captured, for a finished ``chat`` span.
 
@@ -286,6 +291,9 @@ def chat_end(
         attr.LLM_TOKEN_COUNT_COMPLETION: output_tokens,
         attr.LLM_TOKEN_COUNT_TOTAL: input_tokens + output_tokens,
     }
+    if cache_read_tokens or cache_write_tokens:
+        out[attr.LLM_TOKEN_COUNT_CACHE_READ] = cache_read_tokens
+        out[attr.LLM_TOKEN_COUNT_CACHE_WRITE] = cache_write_tokens
     if response_model:
         out[attr.LLM_MODEL_NAME] = response_model
     if capture > 0:

@@ -13,6 +13,11 @@ concurrency) and obeys directives written in a prompt, so a test can script one 
   ``cut`` ends it cleanly there (no terminal event), ``torn`` the same in the middle of an event,
   the other kinds are the provider's in-stream errors (listed in each fake's ``STREAM_ERRORS``).
 
+Both model the prompt cache as their providers document it (:mod:`._prompt_cache`): cache
+points (``cachePoint`` blocks, ``cache_control``), prefix match up to a point, the minimum
+length (``cache_min_tokens``), at most ``max_cache_points`` points, entries that live
+``cache_ttl`` seconds from their last use, and the cache fields of the usage.
+
 A prompt of more than ``context_window`` tokens gets the provider's "input too long" error; a
 reply longer than the request's ``max_tokens`` is cut to it and its stop reason says so. The
 OpenAI fake's ``max_concurrency``, ``capacity``, ``status_faults``, ``stream_faults`` and
@@ -26,11 +31,12 @@ import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from ._prompt_cache import CacheUse, PromptCache
 from .fake_openai import Admitted, FakeOpenAIServer, answer_for, cap_reply
 
 __all__ = ["Admission", "FakeProviderBase"]
@@ -48,6 +54,7 @@ class Admission:
     retry_after: float = 0.0
     admitted: Admitted | None = None
     prompt_tokens: int = 0
+    cache: CacheUse = field(default_factory=CacheUse)  # what the prompt cache gave it on arrival
 
 
 class FakeProviderBase(FakeOpenAIServer, ABC):
@@ -59,9 +66,13 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
         context_window: int = 200_000,
         reply: Callable[[str], str] | None = None,
         stream_pieces: int = 4,
+        cache_min_tokens: int = 1024,
+        max_cache_points: int = 4,
+        cache_ttl: float = 300.0,
         **knobs: Any,
     ) -> None:
         super().__init__(**knobs)
+        self.prompt_cache = PromptCache(min_tokens=cache_min_tokens, max_points=max_cache_points, ttl=cache_ttl)
         self.context_window = context_window
         self.reply = reply or answer_for
         self.stream_pieces = stream_pieces

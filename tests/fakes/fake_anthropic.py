@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from ._fake_base import Admission, FakeProviderBase
+from ._prompt_cache import CacheUse, Prompt
 
 __all__ = ["STREAM_ERRORS", "FakeAnthropicServer"]
 
@@ -41,6 +42,7 @@ _ERRORS = {  # directive -> (HTTP status, error type, message)
     "server-error": (500, "api_error", "Internal server error"),
     "denied": (401, "authentication_error", "invalid x-api-key"),
     "too-long": (400, "invalid_request_error", "prompt is too long"),
+    "cache-points": (400, "invalid_request_error", "A maximum of 4 blocks with cache_control may be provided."),
 }
 
 #: In-stream error events (kind -> error type, message), sent after the first piece of text.
@@ -85,6 +87,9 @@ class FakeAnthropicServer(FakeProviderBase):
         status, error_type, message = _ERRORS["server-error" if kind == "server_error" else kind]
         if kind == "too-long":
             message = f"prompt is too long: {prompt_tokens} tokens > {self.context_window} maximum"
+        if kind == "cache-points":  # prompt_tokens: the number of blocks found
+            message = (f"A maximum of {self.prompt_cache.max_points} blocks with cache_control may be provided. "
+                       f"Found {prompt_tokens}.")
         headers = self._rate_headers()
         if status in (429, 529):
             headers["retry-after"] = str(max(1, math.ceil(retry_after or self.faults.throttle_retry_after)))
@@ -100,18 +105,20 @@ class FakeAnthropicServer(FakeProviderBase):
                 return self._refuse("denied")
             body = await request.json()
             self.requests_seen.append(body)
-            system = body.get("system") or ""
-            system_text = system if isinstance(system, str) else "".join(b.get("text", "") for b in system)
+            cached = _prompt(body)
             texts = [m["content"] if isinstance(m["content"], str) else "".join(b.get("text", "") for b in m["content"])
                      for m in body.get("messages", [])]
-            prompt, last = system_text + "".join(texts), texts[-1] if texts else ""
+            prompt, last = cached.text, texts[-1] if texts else ""
             max_tokens = int(body["max_tokens"])
+            if self.prompt_cache.too_many(cached):
+                return self._refuse("cache-points", len(cached.points))
             kind = self.directive(prompt)
             if kind is not None and not kind.startswith("stream-"):
                 return self._refuse(kind)
             admission = self.admit(prompt, last, max_tokens)
             if admission.error in ("too-long", "throttle", "server-error", "overloaded"):
                 return self._refuse(admission.error or "", admission.prompt_tokens, admission.retry_after)
+            cache = self.prompt_cache.use(str(body["model"]), cached, ready_in=self.latency)
             await self.delay(admission, request)
             if admission.error == "server_error":
                 return self._refuse("server_error")
@@ -120,23 +127,25 @@ class FakeAnthropicServer(FakeProviderBase):
             stop = "max_tokens" if capped else "end_turn"
             if body.get("stream") and not self.never_stream:
                 fault = self.stream_fault_of(kind)
-                return await self._stream(request, body, admission, (text, output, stop), fault)
-            return web.json_response(self._message(body, admission, text, output, stop), headers=self._rate_headers())
+                return await self._stream(request, body, admission, (text, output, stop), fault, cache)
+            return web.json_response(self._message(body, admission, text, output, stop, cache),
+                                     headers=self._rate_headers())
         finally:
             self.leave()
 
     def _message(self, body: dict[str, Any], admission: Admission, text: str, output: int,
-                 stop: str | None = "end_turn") -> dict[str, Any]:
+                 stop: str | None, cache: CacheUse) -> dict[str, Any]:
+        # input_tokens leaves out what was read from or written to the cache, as the API's does
         return {
             "id": f"msg_{self.counters.admitted}", "type": "message", "role": "assistant", "model": body["model"],
             "content": [{"type": "text", "text": text}], "stop_reason": stop, "stop_sequence": None,
-            "usage": {"input_tokens": admission.prompt_tokens, "output_tokens": output,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            "usage": {"input_tokens": admission.prompt_tokens - cache.read - cache.write, "output_tokens": output,
+                      "cache_creation_input_tokens": cache.write, "cache_read_input_tokens": cache.read},
         }
 
     async def _stream(
         self, request: web.Request, body: dict[str, Any], admission: Admission, reply: tuple[str, int, str],
-        fault: str | None,
+        fault: str | None, cache: CacheUse,
     ) -> web.StreamResponse:
         text, output, stop = reply
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **self._rate_headers()})
@@ -145,7 +154,7 @@ class FakeAnthropicServer(FakeProviderBase):
         async def send(event: str, data: dict[str, Any]) -> None:
             await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
-        start = self._message(body, admission, "", 1, None)
+        start = self._message(body, admission, "", 1, None, cache)
         start["content"] = []
         await send("message_start", {"type": "message_start", "message": start})
         await send("content_block_start", {"type": "content_block_start", "index": 0,
@@ -171,3 +180,20 @@ class FakeAnthropicServer(FakeProviderBase):
         await send("message_stop", {"type": "message_stop"})
         await response.write_eof()
         return response
+
+
+def _prompt(body: dict[str, Any]) -> Prompt:
+    """A Messages request's blocks (system, then messages) and its breakpoints, for the cache."""
+    prompt = Prompt()
+    system = body.get("system") or ""
+    for block in [{"text": system}] if isinstance(system, str) else system:
+        prompt.add("system", str(block.get("text", "")))
+        if block.get("cache_control"):
+            prompt.point()
+    for message in body.get("messages") or []:
+        content = message["content"]
+        for block in [{"text": content}] if isinstance(content, str) else content:
+            prompt.add(str(message.get("role")), str(block.get("text", "")))
+            if block.get("cache_control"):
+                prompt.point()
+    return prompt

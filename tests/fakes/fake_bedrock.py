@@ -45,6 +45,7 @@ from typing import Any
 from aiohttp import web
 
 from ._fake_base import Admission, FakeProviderBase
+from ._prompt_cache import CacheUse, Prompt
 
 __all__ = ["ERRORS", "SIGNATURE_ERROR", "STREAM_ERRORS", "FakeBedrockServer", "encode_event"]
 
@@ -72,6 +73,8 @@ ERRORS: dict[str, tuple[int, str, str]] = {
     "invalid-request": (400, "ValidationException", "Malformed input request, please reformat your input and try "
                         "again."),
     "too-long": (400, "ValidationException", "Input is too long for requested model."),
+    "cache-points": (400, "ValidationException", "The number of cache points in the request exceeds the "
+                     "maximum allowed."),
 }
 #: Extra members of an error's body, as botocore's model gives them (ModelErrorException's).
 _ERROR_FIELDS: dict[str, dict[str, Any]] = {"model-error": {"originalStatusCode": 500}}
@@ -176,10 +179,10 @@ class FakeBedrockServer(FakeProviderBase):
         body = json.loads(raw)
         body["modelId"] = request.match_info["model_id"]
         self.requests_seen.append(body)
-        texts = [_block_text(b) for m in body.get("messages", []) for b in m.get("content", [])]
-        system = [b.get("text", "") for b in body.get("system", [])]
+        texts = [_block_text(b) for m in body.get("messages", []) for b in m.get("content", [])
+                 if "cachePoint" not in b]
         max_tokens = int((body.get("inferenceConfig") or {}).get("maxTokens") or 512)
-        return body, "".join(system + texts), texts[-1] if texts else "", max_tokens
+        return body, _prompt(body).text, texts[-1] if texts else "", max_tokens
 
     def _signed(self, request: web.Request, raw: bytes) -> bool:
         """Sign the request again with botocore and compare: the client really signed it."""
@@ -215,12 +218,15 @@ class FakeBedrockServer(FakeProviderBase):
         invalid = _invalid_conversation(body)
         if invalid is not None:
             return self._refuse("invalid-request", message=invalid), body, last, max_tokens, None
+        if self.prompt_cache.too_many(_prompt(body)):
+            return self._refuse("cache-points"), body, last, max_tokens, None
         kind = self.directive(prompt)
         if kind is not None and not kind.startswith("stream-"):
             return self._refuse(kind), body, last, max_tokens, kind
         admission = self.admit(prompt, last, max_tokens)
         if admission.error in _REFUSED_UNADMITTED:
             return self._refuse(admission.error or "", admission.prompt_tokens), body, last, max_tokens, kind
+        admission.cache = self.prompt_cache.use(str(body.get("modelId")), _prompt(body), ready_in=self.latency)
         await self.delay(admission, request)
         if admission.error == "server_error":
             return self._refuse("server_error"), body, last, max_tokens, kind
@@ -247,7 +253,7 @@ class FakeBedrockServer(FakeProviderBase):
         return {
             "output": {"message": {"role": "assistant", "content": content}},
             "stopReason": "tool_use" if use is not None else "max_tokens" if capped else "end_turn",
-            "usage": self._usage(admission.prompt_tokens, output),
+            "usage": self._usage(admission.prompt_tokens, output, admission.cache),
             "metrics": {"latencyMs": int(self.latency * 1000)},
         }
 
@@ -265,7 +271,7 @@ class FakeBedrockServer(FakeProviderBase):
             await response.prepare(request)
             await response.write(_event("messageStart", {"role": "assistant"}))
             if use is not None:
-                return await self._stream_tool_use(response, admission, use)
+                return await self._stream_tool_use(response, admission, use, admission.cache)
             text, output, capped = self.answer(last, max_tokens)
             fault = self.stream_fault_of(kind)
             pieces = self.pieces(text)
@@ -283,7 +289,8 @@ class FakeBedrockServer(FakeProviderBase):
             await response.write(_event("contentBlockStop", {"contentBlockIndex": 0}))
             await response.write(_event("messageStop", {"stopReason": "max_tokens" if capped else "end_turn"}))
             await response.write(_event("metadata", {
-                "usage": self._usage(admission.prompt_tokens, output), "metrics": {"latencyMs": 1},
+                "usage": self._usage(admission.prompt_tokens, output, admission.cache),
+                "metrics": {"latencyMs": 1},
             }))
             self.settle(admission, output)
             await response.write_eof()
@@ -296,7 +303,7 @@ class FakeBedrockServer(FakeProviderBase):
         return f"tooluse_{self._tool_uses}"
 
     async def _stream_tool_use(
-        self, response: web.StreamResponse, admission: Admission, use: dict[str, Any]
+        self, response: web.StreamResponse, admission: Admission, use: dict[str, Any], cache: CacheUse
     ) -> web.StreamResponse:
         start = {"toolUse": {"toolUseId": self._tool_id(), "name": use["name"]}}
         await response.write(_event("contentBlockStart", {"contentBlockIndex": 0, "start": start}))
@@ -305,18 +312,43 @@ class FakeBedrockServer(FakeProviderBase):
         await response.write(_event("contentBlockStop", {"contentBlockIndex": 0}))
         await response.write(_event("messageStop", {"stopReason": "tool_use"}))
         await response.write(_event("metadata", {
-            "usage": self._usage(admission.prompt_tokens, self.output_tokens), "metrics": {"latencyMs": 1},
+            "usage": self._usage(admission.prompt_tokens, self.output_tokens, cache), "metrics": {"latencyMs": 1},
         }))
         self.settle(admission, self.output_tokens)
         await response.write_eof()
         return response
 
-    def _usage(self, prompt_tokens: int, output: int) -> dict[str, int]:
-        # Bedrock's inputTokens leaves out the tokens read from or written to the prompt cache
-        read = min(self.cache_read_tokens, prompt_tokens)
-        write = min(self.cache_write_tokens, prompt_tokens - read)
-        return {"inputTokens": prompt_tokens - read - write, "outputTokens": output,
-                "totalTokens": prompt_tokens + output, "cacheReadInputTokens": read, "cacheWriteInputTokens": write}
+    def _usage(self, prompt_tokens: int, output: int, cache: CacheUse) -> dict[str, int]:
+        """Converse's usage: ``inputTokens`` leaves out the tokens read from or written to the
+        cache; the cache fields are sent when the request had cache points (as Bedrock does).
+        ``cache_read_tokens`` / ``cache_write_tokens``, when set, are reported instead of the
+        cache's own figures, whatever the request."""
+        read, write = cache.read, cache.write
+        if self.cache_read_tokens or self.cache_write_tokens:
+            read = min(self.cache_read_tokens, prompt_tokens)
+            write = min(self.cache_write_tokens, prompt_tokens - read)
+        usage = {"inputTokens": prompt_tokens - read - write, "outputTokens": output,
+                 "totalTokens": prompt_tokens + output}
+        if cache.points or read or write:
+            usage |= {"cacheReadInputTokens": read, "cacheWriteInputTokens": write}
+        return usage
+
+
+def _prompt(body: dict[str, Any]) -> Prompt:
+    """A Converse request's blocks (system, then messages) and its cache points, for the cache."""
+    prompt = Prompt()
+    for block in body.get("system") or []:
+        if "cachePoint" in block:
+            prompt.point()
+        else:
+            prompt.add("system", str(block.get("text", "")))
+    for message in body.get("messages") or []:
+        for block in message.get("content") or []:
+            if "cachePoint" in block:
+                prompt.point()
+            else:
+                prompt.add(str(message.get("role")), _block_text(block))
+    return prompt
 
 
 def _block_text(block: dict[str, Any]) -> str:
