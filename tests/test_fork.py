@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlmflow import RLM, ConfigurationError, ModelRequest, ScriptedModel
+from rlmflow.durable.journal import Journal
 
 from .helpers import repl, turn_script
 
@@ -56,6 +57,10 @@ async def test_a_fork_keeps_the_first_turns_and_goes_on_with_another_root(tmp_pa
     with closing(sqlite3.connect(journal)) as connection:
         rows = dict(connection.execute("SELECT run_id, settings FROM runs").fetchall())
         answers = dict(connection.execute("SELECT run_id, answer FROM runs").fetchall())
+    reader = Journal(journal)
+    record = reader.read_run(forked.run_id)
+    reader.close()
+    assert record is not None and len(record.calls) == 2 + 6 + 1  # inherited, then its own: resumable alone
     settings = json.loads(rows[forked.run_id])
     assert (settings["forked_from"], settings["forked_at_turn"]) == (parent, 2)
     assert answers[parent].startswith("parent: ") and answers[forked.run_id] == forked.answer  # parent untouched

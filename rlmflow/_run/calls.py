@@ -171,6 +171,9 @@ class CallScope:
         spend = Spend(1, recorded.input_tokens, recorded.output_tokens, cost or 0.0)
         self.ledger.reserve(spend).settle(usage, cost or 0.0)  # a run's caps hold across its crash
         response = ModelResponse(recorded.text, usage, recorded.model, recorded.finish_reason)
+        memory = self.memory
+        if memory is not None and memory.forked_from is not None:  # a fork's record is whole without its parent's
+            memory.write(recorded)
         self.dispatcher.answered(model, request, response, source="journal", cost=cost, role=recorded.role,
                                  depth=self.depth, record=self.record, parent=parent, capture=self.capture)
         return response
