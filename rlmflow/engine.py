@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RLM", "RLMResult", "RunProgress", "Turn"]
 
+_HISTORY_CHARS = 100_000
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -57,6 +58,13 @@ def _root_style_of(root: object) -> Literal["code", "strands"]:
         return "strands" if root.startswith("strands:") else "code"
     is_strands = any(f"{c.__module__}.{c.__name__}" == "strands.models.model.Model" for c in type(root).__mro__)
     return "strands" if is_strands else "code"
+
+
+def default_history_chars(root: LanguageModel) -> int:
+    """How much of its transcript a root is given by default: three characters per token of the
+    window it declares, at most 100,000 characters (about 25,000 tokens)."""
+    window = getattr(root, "context_window", None)
+    return min(_HISTORY_CHARS, 3 * window) if isinstance(window, int) and window > 0 else _HISTORY_CHARS
 
 
 class RLM:
@@ -81,7 +89,10 @@ class RLM:
       nesting (0 makes ``rlm_query`` a plain ``llm_query``);
     - ``root_max_tokens`` / ``sub_max_tokens``: generation caps per call;
     - ``max_feedback_chars``: how much of a cell's output the root sees;
-    - ``history_chars``: the root's transcript is trimmed (oldest turns first) to this size;
+    - ``history_chars``: the root's transcript is trimmed (oldest turns first, in coarse steps
+      that keep a cached prefix) to this size; by default three characters per token of a root
+      that declares its ``context_window`` (24,576 for the embedded 8,192-token model), at most
+      100,000 (what a hosted root is given: its whole run then stays in its prompt cache);
     - ``run_weight`` / ``run_max_concurrency``: this RLM's runs' fair share of shared lanes and
       their own cap on sub-calls in flight;
     - ``dedup``: send identical sub-prompts of a run once and reuse the answer;
@@ -122,7 +133,7 @@ class RLM:
         root_max_tokens: int = 1024,
         sub_max_tokens: int = 512,
         max_feedback_chars: int = 4000,
-        history_chars: int = 24_000,
+        history_chars: int | None = None,
         max_repeated_errors: int = 4,
         run_weight: float = 1.0,
         run_max_concurrency: int | None = None,
@@ -183,7 +194,8 @@ class RLM:
             bridge_limits=bridge_limits or BridgeLimits(), sandbox=sandbox or LocalSandbox(),
             dispatcher=dispatcher or default_dispatcher(), tracer=tracer,
             system_prompt=system_prompt or prompts.SYSTEM_PROMPT, root_max_tokens=root_max_tokens,
-            sub_max_tokens=sub_max_tokens, max_feedback_chars=max_feedback_chars, history_chars=history_chars,
+            sub_max_tokens=sub_max_tokens, max_feedback_chars=max_feedback_chars,
+            history_chars=history_chars if history_chars is not None else default_history_chars(root_model),
             max_repeated_errors=max_repeated_errors, dedup=dedup, trajectory=trajectory,
             capture_content=capture_content, cache=self.cache,
         )

@@ -356,3 +356,12 @@ def test_the_cache_metric_counts_reads_and_writes() -> None:
     points = [p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
               if m.name == attr.METRIC_CACHE_TOKENS for p in m.data.data_points]
     assert {p.attributes[attr.RLM_CACHE_OPERATION]: p.value for p in points} == {"read": 1500, "write": 300}
+
+
+def test_a_hosted_roots_history_is_long_enough_to_stay_cached_and_a_small_windows_fits_it() -> None:
+    class SmallWindow(ScriptedModel):
+        context_window = 8192
+
+    assert RLM(root=ScriptedModel(["x"])).settings.history_chars == 100_000
+    assert RLM(root=SmallWindow(["x"])).settings.history_chars == 3 * 8192
+    assert RLM(root=SmallWindow(["x"]), history_chars=5000).settings.history_chars == 5000
