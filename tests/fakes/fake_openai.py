@@ -24,7 +24,8 @@ many at once and queues the rest (a provider's fixed capacity, slower but no ref
 ``rate_headers`` sends ``x-ratelimit-remaining-requests`` / ``-reset-requests`` on every answer,
 as OpenAI does; ``usage=False`` leaves ``usage`` out of answers; ``status_faults`` answers given
 statuses (503, 408...) at given rates; ``quota_refusals`` answers the next that many requests 429
-"quota exceeded" with a ``retry-after`` of ``quota_retry_after`` (a spent quota, which pauses a lane).
+"quota exceeded" with a ``retry-after`` of ``quota_retry_after`` (a spent quota, which pauses a lane);
+``latency_of`` gives each request its own latency (a function of its last message).
 
 What the server did with each request it served: ``serving`` are in flight now, ``counters.answered``
 were answered (whatever the status), ``counters.cancelled`` ended without an answer because the
@@ -158,6 +159,7 @@ class FakeOpenAIServer:
         reply: Callable[[str], str] | None = None,
         quota_refusals: int = 0,
         quota_retry_after: float = 1.0,
+        latency_of: Callable[[str], float] | None = None,
     ) -> None:
         self.latency = latency
         self.latency_jitter = latency_jitter
@@ -181,6 +183,8 @@ class FakeOpenAIServer:
         self.never_stream = never_stream
         self.quota_refusals = quota_refusals
         self.quota_retry_after = quota_retry_after
+        # the latency of a request whose last message is the argument (default: latency, with jitter)
+        self.latency_of = latency_of
         # the reply to a request whose last message is the argument (default: answer_for)
         self.reply: Callable[[str], str] | None = reply
         self._serving = 0  # requests in flight (a subclass may count its own)
@@ -315,6 +319,8 @@ class FakeOpenAIServer:
         if fault == "timeout":
             await asyncio.sleep(self.faults.timeout_delay)
         delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
+        if self.latency_of is not None:
+            delay = self.latency_of(last)
         if delay > 0:
             if self.capacity is not None:
                 async with self.capacity:
