@@ -94,9 +94,10 @@ async def test_cli_answers_over_the_wire_and_exports_otlp(tmp_path: Path) -> Non
 
 
 async def _cli_against(server_kwargs: dict[str, object], tmp_path: Path, *args: str,
-                       interrupt_when: str | None = None) -> tuple[int, str]:
+                       interrupt_when: str | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
     """``python -m rlmflow.cli run`` with the fake OpenAI server as its root model; the exit code and
-    stderr. ``interrupt_when``: send SIGINT once a progress line on stderr contains this text."""
+    stderr. ``interrupt_when``: send SIGINT once a progress line on stderr contains this text;
+    ``env``: variables added to the command's environment."""
     import os
     import signal
     import subprocess
@@ -108,10 +109,12 @@ async def _cli_against(server_kwargs: dict[str, object], tmp_path: Path, *args: 
 
     doc = tmp_path / "doc.txt"
     doc.write_text("alpha beta " * 100)
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no account of the caller's
     async with FakeOpenAIServer(root_marker="EXIT-CODE", **server_kwargs) as server:  # type: ignore[arg-type]
         command = [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(doc), "--query", "EXIT-CODE?",
                    "--root", f"openai:fake@{server.base_url}", *args]
-        async with await anyio.open_process(command, stdout=subprocess.DEVNULL, env=dict(os.environ)) as process:
+        environment = {**inherited, **(env or {})}
+        async with await anyio.open_process(command, stdout=subprocess.DEVNULL, env=environment) as process:
             assert process.stderr is not None
             err = b""
             with anyio.fail_after(120):  # a safety net: each run ends in seconds
@@ -148,3 +151,23 @@ async def test_run_interrupted_in_a_cell_exits_130(tmp_path: Path) -> None:
     code, err = await _cli_against({"root_reply": reply}, tmp_path, interrupt_when="| running code |")
     assert code == 130, err
     assert "interrupted" in err
+
+
+@pytest.mark.anyio
+async def test_run_exits_6_when_no_sandbox_can_run(tmp_path: Path) -> None:
+    """Exit code 6 (sandbox failure): the AgentCore Code Interpreter refuses to start a session
+    (a local fake of its data plane, found through botocore's standard endpoint variable)."""
+    from .fakes.fake_agentcore import FakeAgentCoreServer
+
+    async with FakeAgentCoreServer() as agentcore:
+        agentcore.fail["StartCodeInterpreterSession"] = ["AccessDeniedException"]
+        env = {"AWS_ACCESS_KEY_ID": agentcore.credentials.access_key,
+               "AWS_SECRET_ACCESS_KEY": agentcore.credentials.secret_key, "AWS_REGION": agentcore.region,
+               "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+               "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_BEDROCK_AGENTCORE": agentcore.endpoint_url}
+        code, err = await _cli_against({"root_reply": "```repl\nFINAL('never')\n```"}, tmp_path,
+                                       "--sandbox", "agentcore@us-east-1", env=env)
+        starts = [r for r in agentcore.requests if r.operation == "StartCodeInterpreterSession"]
+    assert code == 6, err
+    assert "SandboxError" in err and "AccessDeniedException" in err
+    assert len(starts) == 1 and agentcore.live_sessions == []  # refused once, not retried; nothing left

@@ -1,16 +1,16 @@
 """A run exported by the CLI into a real Arize Phoenix server, read back over Phoenix's REST API.
 
 Phoenix lives in its own virtual environment (``scripts/setup/test-phoenix.sh`` installs it);
-the test starts ``phoenix serve`` on free ports of 127.0.0.1 with its working directory in a
-temporary directory, and stops it. The model is the fake OpenAI-compatible server, so the run is
-deterministic and nothing leaves the machine.
+the test starts ``phoenix serve`` on ports of 127.0.0.1 that the kernel picks (its HTTP port read
+from its log), with its working directory in a temporary directory, and stops it. The model is
+the fake OpenAI-compatible server, so the run is deterministic and nothing leaves the machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -48,49 +48,57 @@ SUB_MODEL = "acme-mini"  # a model Phoenix has no price for until the docs' cust
 PRICES = {"input": 50.0, "output": 150.0}  # USD per million tokens
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+_LISTENING = re.compile(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
-def phoenix_environment(working_dir: Path) -> tuple[dict[str, str], str]:
-    """The environment of a private Phoenix on 127.0.0.1 that makes no request of its own outside."""
-    port, grpc_port = _free_port(), _free_port()
-    env = {
+def phoenix_environment(working_dir: Path) -> dict[str, str]:
+    """The environment of a private Phoenix on 127.0.0.1 that makes no request of its own outside.
+
+    Its ports are the kernel's choice (port 0: the server binds and the kernel picks a free port),
+    never one checked free beforehand and taken in between; the HTTP port is read from the
+    server's log (:func:`listening_url`), the gRPC one is not used.
+    """
+    return {
         **os.environ,
         "PHOENIX_HOST": "127.0.0.1",
-        "PHOENIX_PORT": str(port),
-        "PHOENIX_GRPC_PORT": str(grpc_port),
+        "PHOENIX_PORT": "0",
+        "PHOENIX_GRPC_PORT": "0",
         "PHOENIX_WORKING_DIR": str(working_dir),
         "PHOENIX_TELEMETRY_ENABLED": "false",
         "PHOENIX_ALLOW_EXTERNAL_RESOURCES": "false",
     }
-    return env, f"http://127.0.0.1:{port}"
+
+
+def listening_url(log: bytes) -> str | None:
+    """The URL Phoenix's HTTP server listens on, once its log says (uvicorn names the bound port)."""
+    found = _LISTENING.search(log)
+    return f"http://127.0.0.1:{int(found.group(1))}" if found else None
 
 
 @pytest.fixture(scope="module")
 def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A running Phoenix: (base URL, its log file)."""
     home = tmp_path_factory.mktemp("phoenix")
-    env, url = phoenix_environment(home / "data")
+    env = phoenix_environment(home / "data")
     log = home / "phoenix.log"
     with log.open("wb") as out:
         process = subprocess.Popen([str(PHOENIX), "serve"], cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240  # a cold start migrates its database: tens of seconds on 2 cores
+        url = None
         while True:
             if process.poll() is not None:
                 pytest.fail(f"phoenix serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            url = url or listening_url(log.read_bytes())
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if url is not None and httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"phoenix serve did not answer within 240 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)  # polling a real server's start-up, not waiting for a fixed time
+        assert url is not None
         yield url, log
     finally:
         process.terminate()
@@ -99,6 +107,12 @@ def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def test_the_port_is_read_from_the_servers_log() -> None:
+    log = b"INFO:     Application startup complete.\nINFO:     Uvicorn running on http://127.0.0.1:46779 (Press CTRL+C"
+    assert listening_url(log) == "http://127.0.0.1:46779"
+    assert listening_url(b"Web UI              http://127.0.0.1:0\n") is None  # Phoenix's banner names port 0
 
 
 def _spans(url: str, project: str, expected: int) -> list[dict[str, Any]]:

@@ -149,6 +149,7 @@ class SharedState:
         self._lanes: dict[str, ServedLane] = {}
         self._releases: list[tuple[ServedLane, list[Any]]] = []
         self._release_ready = asyncio.Event()
+        self._sending = anyio.Lock()  # held while a batch of releases is on its way to Redis
         self._task: asyncio.Task[None] | None = None
         self._connect_lock = anyio.Lock()
         self._counter = 0
@@ -190,7 +191,7 @@ class SharedState:
             # the old loop, so start afresh; leases of anything it held end on their own
             _abandon(self._client)
             self._client, self._task, self._releases = None, None, []
-            self._connect_lock, self._release_ready = anyio.Lock(), asyncio.Event()
+            self._connect_lock, self._release_ready, self._sending = anyio.Lock(), asyncio.Event(), anyio.Lock()
             for lane in self._lanes.values():
                 lane.notify()  # fresh wake-up events, bound to the new loop
         async with self._connect_lock:
@@ -235,9 +236,13 @@ class SharedState:
                          replicas=self.replicas)
 
     async def aclose(self) -> None:
-        """Send pending releases (best effort, bounded by ``timeout``), stop the task, disconnect."""
+        """Send pending releases (best effort, bounded by ``timeout``), stop the task, disconnect.
+
+        A batch the background task is sending is finished first: cancelling it would leave its
+        slots taken in Redis until their leases end, though this process freed them.
+        """
         if self._task is not None:
-            if self.mode == "shared" and self._releases:
+            if self.mode == "shared":
                 with anyio.move_on_after(self.config.timeout):
                     await self._send_releases()
             self._task.cancel()
@@ -324,7 +329,12 @@ class SharedState:
                 await self._send_releases()
 
     async def _send_releases(self) -> None:
-        batch, self._releases = self._releases, []
+        async with self._sending:  # one batch at a time; aclose waits for the one in flight
+            batch, self._releases = self._releases, []
+            if batch and self.mode == "shared":
+                await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[tuple[ServedLane, list[Any]]]) -> None:
         try:
             with anyio.fail_after(self.config.timeout):
                 async with self._client.pipeline(transaction=False) as pipe:

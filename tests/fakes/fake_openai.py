@@ -23,7 +23,13 @@ beyond that many in flight, a limit the client is not told; ``capacity`` serves 
 many at once and queues the rest (a provider's fixed capacity, slower but no refusal);
 ``rate_headers`` sends ``x-ratelimit-remaining-requests`` / ``-reset-requests`` on every answer,
 as OpenAI does; ``usage=False`` leaves ``usage`` out of answers; ``status_faults`` answers given
-statuses (503, 408...) at given rates.
+statuses (503, 408...) at given rates; ``quota_refusals`` answers the next that many requests 429
+"quota exceeded" with a ``retry-after`` of ``quota_retry_after`` (a spent quota, which pauses a lane);
+``latency_of`` gives each request its own latency (a function of its last message).
+
+What the server did with each request it served: ``serving`` are in flight now, ``counters.answered``
+were answered (whatever the status), ``counters.cancelled`` ended without an answer because the
+client went away (aiohttp cancels the handler of a closed connection; a ``reset`` fault counts too).
 
 Answers are deterministic: ``answer:<first 12 hex of sha1(prompt)>``, so a test can tell
 whether every prompt got its own answer; ``reply=`` gives another function of the last message.
@@ -117,6 +123,8 @@ class Admitted:
 class _Counters:
     requests: int = 0
     admitted: int = 0
+    answered: int = 0
+    cancelled: int = 0
     limited: int = 0
     over_concurrency: int = 0
     faults: dict[str, int] = field(default_factory=lambda: {"throttle": 0, "server_error": 0, "reset": 0,
@@ -149,6 +157,9 @@ class FakeOpenAIServer:
         stream_faults: dict[str, float] | None = None,
         never_stream: bool = False,
         reply: Callable[[str], str] | None = None,
+        quota_refusals: int = 0,
+        quota_retry_after: float = 1.0,
+        latency_of: Callable[[str], float] | None = None,
     ) -> None:
         self.latency = latency
         self.latency_jitter = latency_jitter
@@ -170,6 +181,10 @@ class FakeOpenAIServer:
         self.stream_faults = dict(stream_faults or {})
         self._stream_credit: dict[str, float] = {}
         self.never_stream = never_stream
+        self.quota_refusals = quota_refusals
+        self.quota_retry_after = quota_retry_after
+        # the latency of a request whose last message is the argument (default: latency, with jitter)
+        self.latency_of = latency_of
         # the reply to a request whose last message is the argument (default: answer_for)
         self.reply: Callable[[str], str] | None = reply
         self._serving = 0  # requests in flight (a subclass may count its own)
@@ -249,9 +264,19 @@ class FakeOpenAIServer:
         self._serving += 1
         self.peak_in_flight = max(self.peak_in_flight, self._serving)
         try:
-            return await self._serve(request)
+            response = await self._serve(request)
+        except asyncio.CancelledError:
+            self.counters.cancelled += 1
+            raise
         finally:
             self._serving -= 1
+        self.counters.answered += 1
+        return response
+
+    @property
+    def serving(self) -> int:
+        """Requests in flight now (admitted or not, not yet answered)."""
+        return self._serving
 
     async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
         body = json.loads(await request.read())
@@ -269,6 +294,11 @@ class FakeOpenAIServer:
             self.counters.limited += 1
             return self._error(429, "rate limit reached", "rate_limit_exceeded", retry_after=wait,
                                headers=self._limit_headers(now))
+        if self.quota_refusals > 0:
+            self.quota_refusals -= 1
+            self.counters.faults["quota"] = self.counters.faults.get("quota", 0) + 1
+            return self._error(429, "You exceeded your current quota for this window (injected)",
+                               "rate_limit_exceeded", retry_after=self.quota_retry_after)
         for status, rate in self.status_faults.items():
             if self._random.random() < rate:
                 self.counters.faults[f"status_{status}"] = self.counters.faults.get(f"status_{status}", 0) + 1
@@ -289,6 +319,8 @@ class FakeOpenAIServer:
         if fault == "timeout":
             await asyncio.sleep(self.faults.timeout_delay)
         delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
+        if self.latency_of is not None:
+            delay = self.latency_of(last)
         if delay > 0:
             if self.capacity is not None:
                 async with self.capacity:
