@@ -81,6 +81,19 @@ async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
             await anyio.sleep(0.01)
 
 
+def each_seen_after_the_other(provider: FakeOpenAIServer, names: list[str], margin: float = 0.2) -> bool:
+    """Whether each named replica had a call admitted ``margin`` s after every other's first."""
+    firsts: dict[str, float] = {}
+    lasts: dict[str, float] = {}
+    for admitted in provider.admitted:
+        name = admitted.prompt.split("-")[0]
+        firsts.setdefault(name, admitted.at)
+        lasts[name] = admitted.at
+    return all(name in lasts for name in names) and all(
+        lasts[name] > firsts[other] + margin for name in names for other in names if other != name
+    )
+
+
 class Workers:
     """Replica processes started together; each prints one JSON result line."""
 
@@ -315,10 +328,12 @@ async def test_redis_stopped_mid_run_falls_back_to_a_share(redis_server: RedisSe
     async with FakeOpenAIServer(latency=0.05, rpm=8, window=1.0) as provider:
         workers = Workers()
         try:
-            await workers.start([spec(redis_server, provider, f"f{i}", 10, limits={"rpm": 8, "max_concurrency": 2,
+            await workers.start([spec(redis_server, provider, f"f{i}", 20, limits={"rpm": 8, "max_concurrency": 2,
                                                                                     "window": 1.0})
                                  for i in range(2)])
-            await until(lambda: provider.counters.admitted >= 4)
+            # each process has acquired since the other's first call, so each has counted both (the
+            # N of its 1/N fallback) before Redis goes
+            await until(lambda: each_seen_after_the_other(provider, ["f0", "f1"]))
             redis_server.stop()
             results = [await workers.result(i, within=30) for i in range(2)]
         finally:
@@ -326,7 +341,7 @@ async def test_redis_stopped_mid_run_falls_back_to_a_share(redis_server: RedisSe
     for result in results:
         assert result["errors"] == [] and all(result["answers"])  # nothing lost, nothing hung
         assert result["fallbacks"] == 1 and result["mode"] == "fallback" and result["replicas"] == 2
-    assert provider.counters.admitted == 20
+    assert provider.counters.admitted == 40
     assert provider.summary()["rate_limited"] == 0
     assert provider.max_in_window() <= 8
 
