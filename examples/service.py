@@ -11,6 +11,12 @@
 has one budget ledger shared by all its runs, so a tenant's cap holds across concurrent
 requests; every RLM in the process shares the default Dispatcher, so all requests share the
 provider's rate limits. A client that disconnects cancels its run.
+
+``GET /tenants/{tenant}/spend`` reads a tenant's ledger: what it spent (``calls``, ``input_tokens``,
+``output_tokens``, ``cost_usd``) and, under ``reserved``, what its runs in flight hold (each call's
+worst case until it settles; all zero once no run of the tenant is running). A run cancelled by a
+disconnect is charged every request the provider had accepted (an unanswered one at its worst
+case: the provider finishes and bills it), so ``spent`` never shows less than the provider bills.
 """
 
 from __future__ import annotations
@@ -65,9 +71,11 @@ def create_app(rlm: RLM, *, tenant_budget: Budget = TENANT_BUDGET, run_budget: B
         ledger = ledgers.get(request.path_params["tenant"])
         if ledger is None:
             return JSONResponse({"error": "unknown tenant"}, status_code=404)
-        spent = ledger.spent
+        spent, reserved = ledger.spent, ledger.reserved
         return JSONResponse({"calls": spent.calls, "input_tokens": spent.input_tokens,
-                             "output_tokens": spent.output_tokens, "cost_usd": spent.cost_usd})
+                             "output_tokens": spent.output_tokens, "cost_usd": spent.cost_usd,
+                             "reserved": {"calls": reserved.calls, "input_tokens": reserved.input_tokens,
+                                          "output_tokens": reserved.output_tokens, "cost_usd": reserved.cost_usd}})
 
     return Starlette(routes=[
         Route("/runs", start_run, methods=["POST"]),

@@ -9,7 +9,8 @@ the answer or the error, the attempts, turns, tokens, cost and duration. With ``
 policy file's ``[shared]`` table makes every actor share the lanes' limits.
 
 ``--sandbox`` (as on ``rlmflow run`` and ``rlmflow eval``; rlmflow.sandbox.choice) chooses where the root's code runs:
-``local`` (the default) or ``agentcore[:IDENTIFIER][@REGION]``, the AgentCore Code Interpreter.
+``local`` (the default) or ``agentcore[:IDENTIFIER][@REGION]``, the AgentCore Code Interpreter; without
+it, a policy file's ``[sandbox]`` table chooses.
 botocore's standard endpoint variables (``AWS_ENDPOINT_URL_BEDROCK_AGENTCORE``,
 ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``) point the sandbox and Bedrock models elsewhere (a local fake).
 """
@@ -31,10 +32,11 @@ import anyio
 
 from ._exceptions import ConfigurationError, InternalError, RLMError
 from .dispatch.dispatcher import Dispatcher
+from .dispatch.policy import load_policy
 from .engine import RLM
 from .models.registry import DEFAULT_MODEL
 from .ray import BatchEvent, BatchItem, BatchPolicy, BatchResult, RayBatch
-from .sandbox.choice import add_sandbox_argument, build_sandbox
+from .sandbox.choice import add_sandbox_argument, build_sandbox, chosen_sandbox
 
 __all__ = ["add_batch_parser", "batch_main"]
 
@@ -47,7 +49,7 @@ def add_batch_parser(commands: Any) -> None:
                        '"local" starts one here); without it the runs share this process')
     batch.add_argument("--root", default=DEFAULT_MODEL, help=f"root model (default {DEFAULT_MODEL})")
     batch.add_argument("--sub", default=None, help="sub-call model (default: the root model)")
-    batch.add_argument("--policy", metavar="TOML", help="a Dispatcher policy file (lanes, retry, [shared])")
+    batch.add_argument("--policy", metavar="TOML", help="a policy file (lanes, retry, [shared], [sandbox])")
     batch.add_argument("--shared", metavar="URL", help="keep lanes in Redis, shared by every worker (redis://...)")
     batch.add_argument("--actors", type=int, default=2, help="Ray actors (each keeps a warm RLM)")
     batch.add_argument("--runs-per-actor", type=int, default=4, help="runs in flight per actor (or in this process)")
@@ -200,8 +202,10 @@ class _Progress:
 
 
 async def _batch(args: argparse.Namespace, items: list[BatchItem], out: TextIO) -> int:
-    factory = functools.partial(build_rlm, args.root, args.sub, args.policy, args.shared, args.max_turns,
-                                args.sandbox)
+    # the sandbox is chosen here, once: the flag, else the policy file's [sandbox], else local
+    policy_file = load_policy(args.policy) if args.policy else None
+    sandbox = chosen_sandbox(args.sandbox, policy_file.sandbox if policy_file is not None else None)
+    factory = functools.partial(build_rlm, args.root, args.sub, args.policy, args.shared, args.max_turns, sandbox)
     failed = 0
     with _Progress(len(items), sys.stderr) as progress:
         if args.ray:

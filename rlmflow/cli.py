@@ -37,11 +37,12 @@ from ._util import single_exception
 from .context import load_context_files
 from .dispatch.budget import Budget
 from .dispatch.dispatcher import Dispatcher
+from .dispatch.policy import load_policy
 from .engine import RLM, RLMResult, RunProgress
 from .eval.cli import add_eval_parser, eval_main
 from .events import RunEvent, RunStarted
 from .models.registry import DEFAULT_MODEL
-from .sandbox.choice import add_sandbox_argument, build_sandbox
+from .sandbox.choice import add_sandbox_argument, build_sandbox, chosen_sandbox
 from .telemetry.export import Export, ExportConfigurationError, export_from_environment
 from .telemetry.html import render_html
 from .telemetry.phoenix import PhoenixError, load_phoenix_trace
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-cost", type=float, default=None, metavar="USD",
                      help="budget: most US dollars the run may spend (the models' prices must be known)")
     run.add_argument("--policy", metavar="TOML",
-                     help="a Dispatcher policy file: lanes, retry, [shared] (docs/policies.md)")
+                     help="a policy file: lanes, retry, [shared], [sandbox] (docs/policies.md)")
     run.add_argument("--deadline", type=float, default=None, help="budget: seconds for the whole run")
     run.add_argument("--cell-timeout", type=float, default=120.0, help="seconds of compute per cell")
     add_sandbox_argument(run)
@@ -220,10 +221,12 @@ async def _answer(
     args: argparse.Namespace, context: Any, budget: Budget, progress: RunProgress, tracer_provider: Any,
     meter_provider: Any,
 ) -> int:
+    policy = load_policy(args.policy) if args.policy else None
     dispatcher = (
-        Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider, meter_provider=meter_provider)
-        if args.policy else None
+        Dispatcher.from_policy(policy, tracer_provider=tracer_provider, meter_provider=meter_provider)
+        if policy is not None else None
     )
+    sandbox = chosen_sandbox(args.sandbox, policy.sandbox if policy is not None else None)
     if args.resume is not None and not args.journal:
         raise ConfigurationError("--resume continues a run of a journal: give --journal PATH too")
     if args.replay and args.journal:
@@ -244,7 +247,7 @@ async def _answer(
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,
-        sandbox=build_sandbox(args.sandbox, cell_timeout=args.cell_timeout, isolation=args.isolation),
+        sandbox=build_sandbox(sandbox, cell_timeout=args.cell_timeout, isolation=args.isolation),
         trajectory=Trajectory(args.trajectory) if args.trajectory else None,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,

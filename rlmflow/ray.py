@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -173,6 +173,30 @@ async def _relay(generator: Any, item_id: str, attempt: int, relay: asyncio.Queu
 _PROBES = 5
 
 
+#: Duplicated ids a refused batch names (the count of the others is given).
+_NAMED_DUPLICATES = 5
+
+
+def _unique_items(items: Iterable[BatchItem]) -> list[BatchItem]:
+    """``items`` as a list, or :class:`ConfigurationError` naming the first ids given twice or more.
+
+    A batch's outcomes are told apart by id (``BatchResult.id``, ``run``'s order, the CLI's output
+    lines): two items with one id would both run and be paid for, and one answer would hide the other.
+    """
+    items = list(items)
+    counts = Counter(item.id for item in items)
+    duplicated = [item_id for item_id, count in counts.items() if count > 1]
+    if duplicated:
+        first = duplicated[:_NAMED_DUPLICATES]
+        named = ", ".join(f"{str(item_id)[:60]!r} ({counts[item_id]} items)" for item_id in first)
+        more = len(duplicated) - _NAMED_DUPLICATES
+        raise ConfigurationError(
+            f"batch item ids must be unique (outcomes are matched to items by id); {len(duplicated)} ids are "
+            f"given to more than one item: {named}" + (f" and {more} more" if more > 0 else "")
+        )
+    return items
+
+
 def _ray() -> Any:
     try:
         import ray
@@ -228,7 +252,12 @@ class RayBatch:
         return list(await asyncio.gather(*(actor.pid.remote() for actor in self._actors)))
 
     async def stream(self, items: Iterable[BatchItem]) -> AsyncIterator[BatchEvent]:
-        """Run every item; yield events as they happen, each item ending in ``done`` or ``failed``."""
+        """Run every item; yield events as they happen, each item ending in ``done`` or ``failed``.
+
+        Raises :class:`ConfigurationError` naming the ids given to more than one item, before Ray
+        is touched or anything is sent: outcomes are told apart by id.
+        """
+        items = _unique_items(items)
         await anyio.to_thread.run_sync(self._start)
         flight = _Flight(self, _ray(), items)
         getter: asyncio.Future[BatchEvent] = asyncio.ensure_future(flight.relay.get())
@@ -257,10 +286,8 @@ class RayBatch:
             flight.abandon()
 
     async def run(self, items: Iterable[BatchItem]) -> list[BatchResult]:
-        """Run every item; the outcomes in input order."""
-        items = list(items)
-        if len({item.id for item in items}) != len(items):
-            raise ConfigurationError("batch item ids must be unique")
+        """Run every item; the outcomes in input order (the ids must be unique, as for :meth:`stream`)."""
+        items = _unique_items(items)
         outcomes: dict[str, BatchResult] = {}
         async for event in self.stream(items):
             if event.outcome is not None:

@@ -175,6 +175,26 @@ async def test_rlmflow_batch_and_eval_take_the_sandbox_too(tmp_path: Path) -> No
     assert any(r.operation == "InvokeCodeInterpreter" for r in agentcore.requests)
 
 
+@pytest.mark.anyio
+async def test_the_policy_files_sandbox_runs_the_stack_and_the_flag_overrides_it(tmp_path: Path) -> None:
+    """``[sandbox]`` in the policy file chooses AgentCore as ``--sandbox`` would; ``--sandbox local``
+    given as well wins, and the AgentCore endpoint then sees nothing."""
+    document, total = _reports()
+    (tmp_path / "reports.txt").write_text(document)
+    (tmp_path / "policy.toml").write_text('[sandbox]\nkind = "agentcore"\nregion = "us-east-1"\n')
+    command = ["run", "--policy", "policy.toml", "--context", "reports.txt", "--query", "Total revenue?",
+               "--root", f"strands:bedrock:{CLAUDE}@us-east-1", "--sub", f"bedrock:{HAIKU}@us-east-1"]
+    done, agentcore, _ = await _stack_cli(tmp_path, command)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == f"total={total}"
+    operations = {r.operation for r in agentcore.requests}
+    assert {"StartCodeInterpreterSession", "InvokeCodeInterpreter", "StopCodeInterpreterSession"} <= operations
+    done, agentcore, _ = await _stack_cli(tmp_path, [*command, "--sandbox", "local"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == f"total={total}"
+    assert agentcore.requests == []  # the cells ran in a local worker
+
+
 @pytest.mark.parametrize(("spec", "expected"), [
     ("local", ("local", None, None)),
     ("agentcore", ("agentcore", None, None)),

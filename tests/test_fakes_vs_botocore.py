@@ -507,10 +507,10 @@ BEDROCK_KNOBS = {
              "check_signatures", "output_tokens", "stream_pieces", "cache_min_tokens", "max_cache_points",
              "cache_ttl"},
     "no shape": {"latency", "latency_jitter", "window", "seed", "port", "capacity", "reply", "usage",
-                 "rate_headers", "root_marker", "root_reply", "concurrency_retry_after"},
+                 "rate_headers", "root_marker", "root_reply", "concurrency_retry_after", "hold_after"},
     "departure": {"never_stream"},
-    "records": {"requests_seen", "bad_signatures", "peak_in_flight", "in_flight", "admitted", "counters",
-                "base_url", "prompt_cache"},
+    "records": {"requests_seen", "bad_signatures", "peak_in_flight", "in_flight", "requests_in_flight", "admitted",
+                "counters", "base_url", "prompt_cache"},
 }
 AGENTCORE_KNOBS = {
     "wire": {"throttle", "fail", "stream_fail", "max_sessions", "max_session_timeout", "access_key", "secret_key",

@@ -8,6 +8,7 @@ import pytest
 
 from rlmflow import ConfigurationError, Dispatcher, ScriptedModel
 from rlmflow.cli import main
+from rlmflow.dispatch.policy import load_policy
 
 
 def load(tmp_path: Path, text: str) -> Dispatcher:
@@ -34,6 +35,23 @@ def load(tmp_path: Path, text: str) -> Dispatcher:
         ('[shared]\nurl = "redis://127.0.0.1:1/0"\nlease = 0\n', ["[shared]", "lease"]),
         ('[limits]\nrpm = 5\n', ["unknown tables", "limits"]),
         ('[lanes."bedrock:m"]\nrpm = 1\n[lanes."aws.bedrock:m"]\nrpm = 2\n', ["a second time"]),
+        ('[shared]\nlease = 5\n', ["[shared]", "missing key 'url'"]),
+        # [sandbox]: where the root's code runs
+        ('[sandbox]\nkind = "docker"\n', ["[sandbox]", "kind must be 'local' or 'agentcore'", "'docker'"]),
+        ('[sandbox]\nkind = 5\n', ["[sandbox]", "kind must be a string", "an integer"]),
+        ('[sandbox]\nregion = "us-east-1"\n', ["[sandbox]", "missing key 'kind'"]),
+        ('[sandbox]\nkind = "agentcore"\nregoin = "us-east-1"\n', ["[sandbox]", "unknown key 'regoin'", "region"]),
+        ('[sandbox]\nkind = "agentcore"\nregion = "moon"\n', ["[sandbox]", "region", "'moon' is not an AWS region"]),
+        ('[sandbox]\nkind = "agentcore"\nregion = true\n', ["[sandbox]", "region must be a string", "a boolean"]),
+        ('[sandbox]\nkind = "agentcore"\nidentifier = "my interpreter"\n', ["[sandbox]", "identifier",
+                                                                            "'my interpreter'"]),
+        ('[sandbox]\nkind = "agentcore"\nidentifier = ""\n', ["[sandbox]", "identifier"]),
+        ('[sandbox]\nkind = "local"\nregion = "us-east-1"\n', ["[sandbox]", "region is for kind = 'agentcore'"]),
+        ('sandbox = 5\n', ["[sandbox]", "expected a table", "an integer"]),
+        ('sandbox = "agentcore:my-ci@us-east-1"\n', [
+            "command line's syntax", 'sandbox = { kind = "agentcore", identifier = "my-ci", region = "us-east-1" }']),
+        ('sandbox = "docker"\n', ["command line's syntax", "kind, identifier and region"]),
+        ('[sandbox.agentcore]\nregion = "us-east-1"\n', ["[sandbox]", "unknown key 'agentcore'"]),
     ],
 )
 def test_bad_values_are_refused_on_load_naming_file_lane_and_key(tmp_path: Path, text: str, names: list[str]) -> None:
@@ -98,3 +116,126 @@ def test_run_with_a_cost_cap_refuses_a_model_without_a_price_before_anything_run
                  "--max-cost", "1.0"])
     err = capsys.readouterr().err
     assert code == 2 and "no price is known" in err
+
+
+# -- [sandbox]: where the root's code runs -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("table", "spec"),
+    [
+        ('kind = "local"', "local"),
+        ('kind = "agentcore"', "agentcore"),
+        ('kind = "agentcore"\nregion = "us-west-2"', "agentcore@us-west-2"),
+        ('kind = "agentcore"\nidentifier = "my-ci_1.0"', "agentcore:my-ci_1.0"),
+        ('kind = "agentcore"\nidentifier = "aws.codeinterpreter.v1"\nregion = "us-gov-west-1"',
+         "agentcore:aws.codeinterpreter.v1@us-gov-west-1"),
+    ],
+)
+def test_the_sandbox_table_loads_as_the_flag_it_stands_for(tmp_path: Path, table: str, spec: str) -> None:
+    from rlmflow.sandbox.agentcore import parse_sandbox_string
+
+    path = tmp_path / "policy.toml"
+    path.write_text(f"[lanes.openai]\nrpm = 5\n[sandbox]\n{table}\n")
+    policy = load_policy(path)
+    assert policy.sandbox == spec and policy.limits["openai"].rpm == 5
+    assert parse_sandbox_string(spec)  # the same grammar as --sandbox
+    path.write_text(f"sandbox = {{ {table.replace(chr(10), ', ')} }}\n")  # an inline table is the same table
+    assert load_policy(path).sandbox == spec
+    path.write_text("[lanes.openai]\nrpm = 5\n")
+    assert load_policy(path).sandbox is None  # no table: the command line's default
+
+
+def test_the_flag_wins_over_the_file_and_the_file_over_the_default() -> None:
+    from rlmflow.sandbox.choice import chosen_sandbox
+
+    assert chosen_sandbox(None, None) == "local"
+    assert chosen_sandbox(None, "agentcore@us-east-1") == "agentcore@us-east-1"
+    assert chosen_sandbox("local", "agentcore@us-east-1") == "local"
+    assert chosen_sandbox("agentcore:x", "agentcore@us-east-1") == "agentcore:x"
+
+
+class _SandboxChosen(ConfigurationError):
+    """Raised by the stand-in for build_sandbox: the command stops where it would build one."""
+
+
+COMMANDS = {
+    "run": ("rlmflow.cli", ["run", "--context", "{doc}", "--query", "q?"]),
+    "eval": ("rlmflow.eval.cli", ["eval", "--dataset", "{dataset}", "--approach", "rlm", "--results", "{results}"]),
+    "batch": ("rlmflow._batch_cli", ["batch", "--input", "{items}"]),
+}
+AGENTCORE_FILE = '[sandbox]\nkind = "agentcore"\nregion = "us-east-1"\n'
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    ("flag", "file", "chosen"),
+    [
+        (None, None, "local"),
+        (None, AGENTCORE_FILE, "agentcore@us-east-1"),
+        (None, '[sandbox]\nkind = "local"\n', "local"),
+        ("local", AGENTCORE_FILE, "local"),
+        ("agentcore:other@eu-west-1", AGENTCORE_FILE, "agentcore:other@eu-west-1"),
+    ],
+)
+def test_run_eval_and_batch_take_the_sandbox_from_the_policy_file_unless_the_flag_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str,
+    flag: str | None, file: str | None, chosen: str,
+) -> None:
+    import importlib
+    import json
+
+    built: list[str] = []
+
+    def build_sandbox(spec: str, **options: object) -> object:
+        built.append(spec)
+        raise _SandboxChosen(f"stopped at the sandbox {spec}")
+
+    module, argv = COMMANDS[command]
+    monkeypatch.setattr(importlib.import_module(module), "build_sandbox", build_sandbox)
+    (tmp_path / "doc.txt").write_text("a document")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "e1", "question": "q?", "context": "doc", "answer": "a"}))
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "a", "query": "q?", "context": "doc"}))
+    places = {"doc": tmp_path / "doc.txt", "dataset": tmp_path / "eval.jsonl", "items": tmp_path / "items.jsonl",
+              "results": tmp_path / "results.jsonl"}
+    args = [part.format(**places) for part in argv] + ["--root", "openai:m@http://127.0.0.1:9/v1"]
+    if flag is not None:
+        args += ["--sandbox", flag]
+    if file is not None:
+        (tmp_path / "policy.toml").write_text(file)
+        args += ["--policy", str(tmp_path / "policy.toml")]
+    assert main(args) == 2
+    assert built == [chosen], capsys.readouterr().err
+    assert f"stopped at the sandbox {chosen}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_bad_sandbox_table_stops_each_command_naming_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    import json
+
+    (tmp_path / "doc.txt").write_text("a document")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "e1", "question": "q?", "context": "doc", "answer": "a"}))
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "a", "query": "q?", "context": "doc"}))
+    places = {"doc": tmp_path / "doc.txt", "dataset": tmp_path / "eval.jsonl", "items": tmp_path / "items.jsonl",
+              "results": tmp_path / "results.jsonl"}
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[sandbox]\nkind = "agentcore"\nregion = "moon"\n')
+    args = [part.format(**places) for part in COMMANDS[command][1]]
+    assert main([*args, "--root", "openai:m@http://127.0.0.1:9/v1", "--policy", str(policy)]) == 2
+    err = capsys.readouterr().err
+    assert "policy.toml" in err and "[sandbox]" in err and "region" in err and "'moon'" in err, err
+
+
+def test_the_documented_policy_file_loads(tmp_path: Path) -> None:
+    """docs/policies.md's example, every table of it, is a valid policy."""
+    import re
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "policies.md"
+    example = re.search(r"```toml\n(.*?)```", docs.read_text(encoding="utf-8"), re.S)
+    assert example is not None
+    path = tmp_path / "policy.toml"
+    path.write_text(example.group(1), encoding="utf-8")
+    policy = load_policy(path)
+    assert policy.sandbox == "agentcore:aws.codeinterpreter.v1@us-east-1"
+    assert policy.retry is not None and policy.shared is not None
+    assert policy.limits["openai"].max_concurrency == 32

@@ -32,7 +32,7 @@ if shutil.which("redis-server") is None:  # pragma: no cover - the setup script 
 
 import ray
 
-from rlmflow import RLM, Dispatcher, Limits, OpenAIModel
+from rlmflow import RLM, ConfigurationError, Dispatcher, Limits, OpenAIModel
 from rlmflow.cli import main
 from rlmflow.dispatch.shared import SharedConfig
 from rlmflow.ray import BatchItem, BatchPolicy, RayBatch
@@ -171,3 +171,35 @@ async def test_run_events_stream_back_before_each_outcome(
     for kinds in seen.values():
         assert kinds[0] == "run_started" and kinds[-2:] == ["answer", "done"]
         assert kinds.count("call_done") >= 3, kinds
+
+
+async def test_duplicate_ids_are_refused_by_name_before_ray_is_touched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python API refuses what ``rlmflow batch`` refuses: two items with one id would both be
+    run and paid for, and one outcome would hide the other. Nothing reaches Ray (no actor, no run)."""
+    import rlmflow.ray
+
+    def no_ray() -> None:
+        raise AssertionError("Ray was touched before the ids were checked")
+
+    monkeypatch.setattr(rlmflow.ray, "_ray", no_ray)
+
+    def factory() -> RLM:
+        raise AssertionError("no RLM may be built")
+
+    ids = ["a", "b", "a", "c", "c", "c"] + [f"d{k}" for k in range(8) for _ in range(2)]
+    items = [BatchItem(item_id, "q", context="doc") for item_id in ids]
+    batch = RayBatch(factory)
+    with pytest.raises(ConfigurationError) as streamed:
+        async for _ in batch.stream(iter(items)):  # any iterable, read once
+            pass
+    message = streamed.value.message
+    assert "10 ids are given to more than one item" in message
+    assert "'a' (2 items), 'c' (3 items), 'd0' (2 items), 'd1' (2 items), 'd2' (2 items) and 5 more" in message
+    assert "'b'" not in message and "'d3'" not in message  # bounded: the first five are named
+    with pytest.raises(ConfigurationError, match="'a' \\(2 items\\)"):
+        await batch.run(items)
+    assert batch._actors == []
+    twice = [BatchItem("x" * 500, "q", context="doc")] * 2
+    with pytest.raises(ConfigurationError) as long_id:  # a long id is cut in the message
+        await batch.run(twice)
+    assert f"'{'x' * 60}' (2 items)" in long_id.value.message and "x" * 61 not in long_id.value.message

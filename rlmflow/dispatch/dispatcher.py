@@ -37,7 +37,7 @@ from .budget import Budget, BudgetLedger, Reservation, Spend
 from .headers import pause_from_headers
 from .lane import Lane, LaneStatistics, RunShare
 from .limits import Limits, Priority
-from .policy import lane_key_of, load_policy
+from .policy import Policy, lane_key_of, load_policy
 from .pricing import Price, Pricing
 from .records import CallRecord as CallRecord
 from .records import CallRecorder
@@ -133,15 +133,17 @@ class Dispatcher:
         self._clock = clock or time.monotonic
 
     @classmethod
-    def from_policy(cls, path: str | Path, **kwargs: Any) -> Dispatcher:
-        """A Dispatcher configured from a TOML policy file (see ``docs/policies.md``).
+    def from_policy(cls, path: str | Path | Policy, **kwargs: Any) -> Dispatcher:
+        """A Dispatcher configured from a TOML policy file (see ``docs/policies.md``), or from the
+        :class:`~rlmflow.dispatch.policy.Policy` :func:`~rlmflow.dispatch.policy.load_policy` read.
 
         ``[lanes.<key>]`` tables hold :class:`Limits` fields (keyed by a provider, a lane key or a
         model string), ``[retry]`` :class:`RetryPolicy` fields, ``[shared]`` :class:`SharedConfig`
-        fields; keyword arguments given here win over the file. Raises
-        :class:`ConfigurationError` naming the file, the table and the key of any bad value.
+        fields; keyword arguments given here win over the file. ``[sandbox]`` is not the
+        Dispatcher's (the command line reads it). Raises :class:`ConfigurationError` naming the
+        file, the table and the key of any bad value.
         """
-        policy = load_policy(path)
+        policy = path if isinstance(path, Policy) else load_policy(path)
         if policy.shared is not None:
             kwargs.setdefault("shared", policy.shared)
         if policy.retry is not None:

@@ -1,6 +1,6 @@
 """The policy file: an operator's lanes, retries and shared state, read as a checked contract.
 
-A TOML file with three tables, each optional (``docs/policies.md`` documents every key)::
+A TOML file with four tables, each optional (``docs/policies.md`` documents every key)::
 
     [lanes."bedrock:anthropic.claude-3-5-haiku-20241022-v1:0"]   # a model string, as --root takes
     rpm = 600
@@ -11,6 +11,9 @@ A TOML file with three tables, each optional (``docs/policies.md`` documents eve
     max_attempts = 4
     [shared]
     url = "redis://127.0.0.1:6379/0"
+    [sandbox]                                                     # read by the command line
+    kind = "agentcore"
+    region = "us-west-2"
 
 Every value is checked on load against the type of the field it sets (an integer where an
 integer is meant: ``4.5`` and ``true`` are refused, as is ``"600"``; numbers must be finite) and
@@ -18,6 +21,8 @@ against its range; unknown tables and keys are refused. Every error is a
 :class:`~rlmflow.ConfigurationError` that names the file, the table (the lane) and the key.
 Lanes are keyed by a provider, a lane key (``aws.bedrock:<model-id>``) or a model string
 (``bedrock:<model-id>``, ``local:<name>``), which is turned into the lane key it stands for.
+``[sandbox]`` is plain data for whoever builds the sandbox (the CLI, through
+:mod:`rlmflow.sandbox.choice`): the Dispatcher does not read it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import math
 import sys
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .._exceptions import ConfigurationError
+from .._sandbox_string import KINDS, check_identifier, check_region, join_sandbox_string, split_sandbox_string
 from .limits import Limits
 from .retry import RetryPolicy
 from .shared import SharedConfig
@@ -45,16 +51,50 @@ __all__ = ["Policy", "lane_key_of", "load_policy"]
 # model-string prefixes (what --root takes) -> gen_ai.provider.name (what lanes are keyed by)
 _PROVIDER_OF_PREFIX = {"bedrock": "aws.bedrock", "local": "llama.cpp"}
 
+_TABLES = ("lanes", "retry", "shared", "sandbox")
+
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """What a policy file sets: limits per lane key, the retry policy, the shared state."""
+    """What a policy file sets: limits per lane key, the retry policy, the shared state, and
+    where the root's code runs (``sandbox``: a ``--sandbox`` string, ``None`` when the file has
+    no ``[sandbox]``; :func:`rlmflow.sandbox.choice.build_sandbox` builds it)."""
 
     limits: dict[str, Limits]
     retry: RetryPolicy | None = None
     shared: SharedConfig | None = None
+    sandbox: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _SandboxTable:
+    """The ``[sandbox]`` table: ``kind`` ``"local"`` or ``"agentcore"``; for ``agentcore``, the code
+    interpreter's ``identifier`` (default ``aws.codeinterpreter.v1``) and its AWS ``region``
+    (default: the AWS chain's). :attr:`spec` is the same choice as a ``--sandbox`` string."""
+
+    kind: str
+    identifier: str | None = None
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be {' or '.join(map(repr, KINDS))}, not {self.kind!r}")
+        for key, value, check in (("identifier", self.identifier, check_identifier),
+                                  ("region", self.region, check_region)):
+            if value is None:
+                continue
+            if self.kind == "local":
+                raise ValueError(f"{key} is for kind = 'agentcore' only: the local sandbox takes none")
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+
+    @property
+    def spec(self) -> str:
+        return join_sandbox_string(self.kind, self.identifier, self.region)
 
 
 def lane_key_of(key: str) -> str:
@@ -71,11 +111,10 @@ def load_policy(path: str | Path) -> Policy:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigurationError(f"cannot read the policy file {path}: {exc}") from exc
-    unknown = sorted(set(document) - {"lanes", "retry", "shared"})
+    unknown = sorted(set(document) - set(_TABLES))
     if unknown:
-        raise ConfigurationError(
-            f"invalid policy in {path}: unknown tables {unknown}; a policy has [lanes.<key>], [retry] and [shared]"
-        )
+        raise ConfigurationError(f"invalid policy in {path}: unknown tables {unknown}; a policy has "
+                                 "[lanes.<key>], [retry], [shared] and [sandbox]")
     lanes = document.get("lanes", {})
     if not isinstance(lanes, dict):
         raise ConfigurationError(f"invalid policy in {path}: 'lanes' must be tables, as [lanes.\"<model>\"]")
@@ -87,7 +126,23 @@ def load_policy(path: str | Path) -> Policy:
         limits[key] = _build(Limits, table, f"{path}: [lanes.{name!r}]")
     retry = _build(RetryPolicy, document["retry"], f"{path}: [retry]") if "retry" in document else None
     shared = _build(SharedConfig, document["shared"], f"{path}: [shared]") if "shared" in document else None
-    return Policy(limits, retry, shared)
+    sandbox = _sandbox(document["sandbox"], path) if "sandbox" in document else None
+    return Policy(limits, retry, shared, sandbox)
+
+
+def _sandbox(table: Any, path: str | Path) -> str:
+    """The ``--sandbox`` string of a ``[sandbox]`` table; a string in the flag's syntax is refused,
+    with the table it stands for written out."""
+    if isinstance(table, str):
+        try:
+            parts = zip(("kind", "identifier", "region"), split_sandbox_string(table), strict=True)
+        except ValueError:
+            instead = "kind, identifier and region"
+        else:
+            instead = "sandbox = { " + ", ".join(f'{key} = "{value}"' for key, value in parts if value) + " }"
+        raise ConfigurationError(f"invalid policy in {path}: sandbox = {table[:60]!r} is the command line's syntax; "
+                                 f"the policy file takes a [sandbox] table: {instead}")
+    return _build(_SandboxTable, table, f"{path}: [sandbox]").spec
 
 
 def _build(cls: type[T], table: Any, where: str) -> T:
@@ -104,6 +159,13 @@ def _build(cls: type[T], table: Any, where: str) -> T:
             raise ConfigurationError(
                 f"invalid policy in {where}: {key} must be {_describe(expected)}, not {_shown(value)}"
             )
+    required = [f.name for f in fields(cls)  # type: ignore[arg-type]
+                if f.init and f.default is MISSING and f.default_factory is MISSING]
+    missing = [key for key in required if key not in table]
+    if missing:
+        raise ConfigurationError(
+            f"invalid policy in {where}: missing key {missing[0]!r}; known keys: {', '.join(known)}"
+        )
     try:
         return cls(**table)
     except (TypeError, ValueError, ConfigurationError) as exc:  # the range checks of ``cls`` itself

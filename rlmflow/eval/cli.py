@@ -24,9 +24,10 @@ from .._exceptions import ConfigurationError, RLMError
 from .._util import single_exception
 from ..dispatch.budget import Budget
 from ..dispatch.dispatcher import Dispatcher
+from ..dispatch.policy import load_policy
 from ..durable.choice import open_cache
 from ..models.registry import DEFAULT_MODEL, ModelRegistry
-from ..sandbox.choice import add_sandbox_argument, build_sandbox
+from ..sandbox.choice import add_sandbox_argument, build_sandbox, chosen_sandbox
 from .approaches import Approach, DirectApproach, RLMApproach
 from .generate import KINDS, generate_task, parse_size, write_tasks
 from .items import EvalItem
@@ -76,7 +77,8 @@ def add_eval_parser(commands: Any) -> None:
     ev.add_argument("--item-max-cost", type=float, default=None, help="USD cap per item")
     ev.add_argument("--item-deadline", type=float, default=None, help="seconds per item")
     ev.add_argument("--item-max-calls", type=int, default=None, help="model calls per item")
-    ev.add_argument("--policy", default=None, metavar="TOML", help="Dispatcher policy file (docs/policies.md)")
+    ev.add_argument("--policy", default=None, metavar="TOML",
+                    help="policy file: lanes, retry, [shared], [sandbox] (docs/policies.md)")
     ev.add_argument("--cache", metavar="PATH", default=None,
                     help="sub-call cache (an SQLite file or a redis:// URL) shared by every approach: a rerun pays "
                     "only for what changed")
@@ -216,6 +218,8 @@ async def _evaluate(args: argparse.Namespace) -> int:
     registry = ModelRegistry()  # one instance per model string: base and rlm share local weights
     cache = open_cache(args.cache) if args.cache else None
     try:
+        policy = load_policy(args.policy) if args.policy else None
+        sandbox = chosen_sandbox(args.sandbox, policy.sandbox if policy is not None else None)
         # a strands: root (a Strands Agent driving the run) is rlm's; base calls the model under it
         strands_root = args.root.startswith("strands:")
         plain_root = args.root.removeprefix("strands:")
@@ -231,14 +235,14 @@ async def _evaluate(args: argparse.Namespace) -> int:
                 approaches.append(RLMApproach(
                     args.root if strands_root else root, registry.resolve(args.sub) if args.sub else None,
                     max_turns=args.max_turns,
-                    max_depth=args.max_depth, sandbox=build_sandbox(args.sandbox, cell_timeout=args.cell_timeout),
+                    max_depth=args.max_depth, sandbox=build_sandbox(sandbox, cell_timeout=args.cell_timeout),
                     tracer_provider=tracer_provider, meter_provider=meter_provider, cache=cache,
                 ))
-        dispatcher = (Dispatcher.from_policy(args.policy, tracer_provider=tracer_provider,
-                                             meter_provider=meter_provider)
-                      if args.policy else Dispatcher(tracer_provider=tracer_provider, meter_provider=meter_provider))
+        dispatcher = (Dispatcher.from_policy(policy, tracer_provider=tracer_provider, meter_provider=meter_provider)
+                      if policy is not None
+                      else Dispatcher(tracer_provider=tracer_provider, meter_provider=meter_provider))
         models = [registry.resolve(spec) for spec in (plain_root, args.sub, args.long_model) if spec]
-        if args.policy:
+        if policy is not None:
             dispatcher.check_limits_used(models, source=f"the policy {args.policy}")
         for model in models:  # a hosted endpoint without its key fails here, before any item runs
             ready = getattr(model, "check_ready", None)

@@ -43,6 +43,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .._exceptions import ConfigurationError, RLMError, SandboxError, SandboxProtocolError
+from .._sandbox_string import DEFAULT_IDENTIFIER, SANDBOX_FORMS, split_sandbox_string
 from .._text import sanitize_text
 from .._util import single_exception
 from ..dispatch.retry import RetryPolicy
@@ -75,7 +76,6 @@ from .local import error_to_wire
 __all__ = ["DEFAULT_IDENTIFIER", "SANDBOX_FORMS", "AgentCoreSandbox", "AgentCoreSandboxSession",
            "parse_sandbox_string", "sandbox_from_string"]
 
-DEFAULT_IDENTIFIER = "aws.codeinterpreter.v1"
 _REMOTE_MODULES = (  # (module name in the remote interpreter, source file); the runtime's imports first
     ("_rlmflow_cellapi", Path(__file__).with_name("cellapi.py")),
     ("_rlmflow_helpers", Path(__file__).with_name("helpers_prelude.py")),
@@ -702,30 +702,17 @@ def _sanitize_all(texts: tuple[_Text, ...]) -> tuple[str | None, ...]:
 
 
 # -- the --sandbox string of the command line ----------------------------------------------------------
-SANDBOX_FORMS = "local, agentcore, agentcore:IDENTIFIER, agentcore@REGION or agentcore:IDENTIFIER@REGION"
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_REGION = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d")
-
-
 def parse_sandbox_string(spec: str) -> tuple[str, str | None, str | None]:
     """Split a ``--sandbox`` string into (kind, identifier, region); :class:`ConfigurationError` if malformed.
 
     ``local`` is the local worker process; ``agentcore[:IDENTIFIER][@REGION]`` the AgentCore Code
     Interpreter (identifier default :data:`DEFAULT_IDENTIFIER`, region default the AWS chain's).
+    The grammar is :mod:`rlmflow._sandbox_string`'s, which the policy file's ``[sandbox]`` shares.
     """
-    if spec == "local":
-        return "local", None, None
-    head, at, region = spec.partition("@")  # an identifier holds no '@'
-    kind, colon, identifier = head.partition(":")
-    if kind != "agentcore":
-        raise ConfigurationError(f"unknown sandbox {spec!r}: use one of {SANDBOX_FORMS}")
-    if colon and not _IDENTIFIER.fullmatch(identifier):
-        raise ConfigurationError(f"malformed sandbox {spec!r}: the identifier after 'agentcore:' is a code "
-                                 f"interpreter's id (letters, digits, '.', '_', '-'); use one of {SANDBOX_FORMS}")
-    if at and not _REGION.fullmatch(region):
-        raise ConfigurationError(f"malformed sandbox {spec!r}: {region!r} is not an AWS region (us-east-1); "
-                                 f"use one of {SANDBOX_FORMS}")
-    return "agentcore", identifier or None, region or None
+    try:
+        return split_sandbox_string(spec)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def sandbox_from_string(spec: str, *, cell_timeout: float = 120.0, isolation: Isolation = "auto") -> Sandbox:

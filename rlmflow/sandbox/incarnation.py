@@ -114,6 +114,8 @@ class Incarnation:
         self.max_frame = max_frame
         self.max_str = max_str_bytes(max_output_chars)
         self.dead = anyio.Event()
+        self.reading = False  # the host's read loop waits on the socket
+        self.read_done = anyio.Event()  # the read loop has ended
         self.calls = anyio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self.expected_exit = False
         self.failure: str | None = None

@@ -55,6 +55,7 @@ class Admission:
     admitted: Admitted | None = None
     prompt_tokens: int = 0
     cache: CacheUse = field(default_factory=CacheUse)  # what the prompt cache gave it on arrival
+    held: bool = False  # past ``hold_after``: never answered
 
 
 class FakeProviderBase(FakeOpenAIServer, ABC):
@@ -80,6 +81,10 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
         self.peak_in_flight = 0
         self.requests_seen: list[dict[str, Any]] = []
         self._attempts: Counter[str] = Counter()
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self.in_flight
 
     @abstractmethod
     def routes(self, app: web.Application) -> None:
@@ -143,15 +148,18 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
         fault = self._draw_fault()
         if fault == "throttle":
             return Admission("throttle", retry_after=self.faults.throttle_retry_after, prompt_tokens=prompt_tokens)
-        admitted = Admitted(now, tokens, last)
+        admitted = Admitted(now, tokens, last, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
         self._recent.append(admitted)
         self._recent_tokens += tokens
         self.admitted.append(admitted)
         self.counters.admitted += 1
-        return Admission(fault, admitted=admitted, prompt_tokens=prompt_tokens)
+        held = self.hold_after is not None and self.counters.admitted > self.hold_after
+        return Admission(fault, admitted=admitted, prompt_tokens=prompt_tokens, held=held)
 
     async def delay(self, admission: Admission, request: web.Request) -> None:
-        """Latency, and the reset and timeout faults (a reset never returns)."""
+        """Latency, and the reset and timeout faults (a reset and a held request never return)."""
+        if admission.held:
+            await asyncio.Event().wait()  # until the client goes (handler cancellation) or the server stops
         if admission.error == "reset":
             if request.transport is not None:
                 request.transport.abort()
@@ -174,7 +182,7 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
         used = admission.prompt_tokens + output_tokens
         if self._in_window(admitted):
             self._recent_tokens += used - admitted.tokens
-        admitted.tokens = used
+        admitted.tokens, admitted.output_tokens = used, output_tokens
 
     def answer(self, last: str, max_tokens: int) -> tuple[str, int, bool]:
         """The reply text, its output tokens (at most ``max_tokens``) and whether it was cut at

@@ -25,11 +25,16 @@ many at once and queues the rest (a provider's fixed capacity, slower but no ref
 as OpenAI does; ``usage=False`` leaves ``usage`` out of answers; ``status_faults`` answers given
 statuses (503, 408...) at given rates; ``quota_refusals`` answers the next that many requests 429
 "quota exceeded" with a ``retry-after`` of ``quota_retry_after`` (a spent quota, which pauses a lane);
-``latency_of`` gives each request its own latency (a function of its last message).
+``latency_of`` gives each request its own latency (a function of its last message);
+``hold_after=n`` answers the first ``n`` requests it admits and holds every later one, admitted and
+never answered, until its client goes (a provider busy with work a disconnecting client will still
+be billed for; the Anthropic and Bedrock fakes built on this one hold too).
 
 What the server did with each request it served: ``serving`` are in flight now, ``counters.answered``
 were answered (whatever the status), ``counters.cancelled`` ended without an answer because the
 client went away (aiohttp cancels the handler of a closed connection; a ``reset`` fault counts too).
+Each :class:`Admitted` record keeps what a bill needs: the model, the prompt's tokens,
+``max_tokens`` and, once answered, the output tokens.
 
 Answers are deterministic: ``answer:<first 12 hex of sha1(prompt)>``, so a test can tell
 whether every prompt got its own answer; ``reply=`` gives another function of the last message.
@@ -117,6 +122,10 @@ class Admitted:
     at: float
     tokens: int
     prompt: str
+    model: str = ""
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    output_tokens: int | None = None  # None: admitted, never answered
 
 
 @dataclass
@@ -160,6 +169,7 @@ class FakeOpenAIServer:
         quota_refusals: int = 0,
         quota_retry_after: float = 1.0,
         latency_of: Callable[[str], float] | None = None,
+        hold_after: int | None = None,
     ) -> None:
         self.latency = latency
         self.latency_jitter = latency_jitter
@@ -187,6 +197,7 @@ class FakeOpenAIServer:
         self.latency_of = latency_of
         # the reply to a request whose last message is the argument (default: answer_for)
         self.reply: Callable[[str], str] | None = reply
+        self.hold_after = hold_after
         self._serving = 0  # requests in flight (a subclass may count its own)
         self.peak_in_flight = 0
         self._random = random.Random(seed)
@@ -197,6 +208,11 @@ class FakeOpenAIServer:
         self.admitted: list[Admitted] = []
         self.counters = _Counters()
         self.base_url = ""
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests being served now (held ones included)."""
+        return self._serving
 
     @staticmethod
     def count_tokens(text: str) -> int:
@@ -307,11 +323,13 @@ class FakeOpenAIServer:
         if fault == "throttle":
             return self._error(429, "slow down (injected)", "rate_limit_exceeded",
                                retry_after=self.faults.throttle_retry_after, headers=self._limit_headers(now))
-        admitted = Admitted(now, tokens, last)
+        admitted = Admitted(now, tokens, last, str(body.get("model", "")), prompt_tokens, max_tokens)
         self._recent.append(admitted)
         self._recent_tokens += tokens
         self.admitted.append(admitted)
         self.counters.admitted += 1
+        if self.hold_after is not None and self.counters.admitted > self.hold_after:
+            await asyncio.Event().wait()  # until the client goes (handler cancellation) or the server stops
         if fault == "reset":
             if request.transport is not None:
                 request.transport.abort()
@@ -339,7 +357,7 @@ class FakeOpenAIServer:
         used = prompt_tokens + output
         if self._in_window(admitted):
             self._recent_tokens += used - admitted.tokens
-        admitted.tokens = used
+        admitted.tokens, admitted.output_tokens = used, output
         model = body.get("model", "fake")
         finish = "length" if capped else "stop"
         if body.get("stream") and not self.never_stream:
