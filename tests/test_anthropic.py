@@ -19,7 +19,7 @@ from rlmflow import (
     ThrottledError,
     TransientModelError,
 )
-from rlmflow.models import parse_model_string
+from rlmflow.models import estimate_tokens, parse_model_string
 from rlmflow.models.anthropic import AnthropicModel
 
 from .fakes.fake_anthropic import FakeAnthropicServer
@@ -231,3 +231,48 @@ async def test_stream_directives_script_one_in_stream_fault(
         await model.aclose()
     assert type(caught.value) is error and caught.value.retryable is retryable  # type: ignore[attr-defined]
     assert later.text == answer_for("plain")
+
+
+# -- count_tokens --------------------------------------------------------------------------------------
+async def test_count_tokens_is_what_the_same_request_is_billed(server: FakeAnthropicServer) -> None:
+    """``/v1/messages/count_tokens`` with the request's model, system prompt and messages (no
+    max_tokens or sampling settings, which the endpoint refuses) answers the prompt tokens the same
+    Messages request's usage reports: the provider's count, not the host's estimate."""
+    server.tokenizer = lambda text: len(text) // 2  # this model counts twice what the estimate says
+    model = claude(server)
+    request = ModelRequest(messages=ModelRequest.from_prompt("count the reports", system="be exact").messages,
+                           max_tokens=32, temperature=0.3, top_p=0.9, stop=("END",))
+    try:
+        counted = await model.count_request_tokens(request)
+        response = await model.request(request)
+    finally:
+        await model.aclose()
+    text = "be exact" + "count the reports"
+    assert counted == response.usage.input_tokens == server.count_tokens(text) == len(text) // 2
+    assert counted != estimate_tokens(text)
+    assert server.counts_seen == [{"model": MODEL, "system": "be exact",
+                                   "messages": [{"role": "user", "content": "count the reports"}]}]
+    assert len(server.admitted) == 1  # a count is not a model call
+
+
+@pytest.mark.parametrize(
+    ("model_name", "prompt", "error", "match"),
+    [
+        ("gpt-4o", "hi", FatalModelError, "404 not_found_error"),
+        (MODEL, "[[count-throttle]] hi", ThrottledError, "throttled"),
+        (MODEL, "[[count-overloaded]] hi", ThrottledError, "overloaded"),
+        (MODEL, "[[count-denied]] hi", FatalModelError, "authentication_error"),
+    ],
+)
+async def test_count_tokens_errors_are_classified(
+    server: FakeAnthropicServer, model_name: str, prompt: str, error: type[Exception], match: str
+) -> None:
+    model = AnthropicModel(model_name, base_url=server.base_url, api_key=server.api_key)
+    try:
+        with pytest.raises(error, match=match) as caught:
+            await model.count_request_tokens(ModelRequest.from_prompt(prompt))
+        if model_name == MODEL:  # a count's directive is the count's only
+            assert (await model.request(ModelRequest.from_prompt(prompt))).text == answer_for(prompt)
+    finally:
+        await model.aclose()
+    assert type(caught.value) is error

@@ -21,7 +21,7 @@ from rlmflow import (
     TransientModelError,
     UnknownModelError,
 )
-from rlmflow.models import parse_model_string
+from rlmflow.models import Message, estimate_tokens, parse_model_string
 from rlmflow.models.bedrock import BedrockModel
 
 from .fakes.fake_bedrock import FakeBedrockServer, encode_event
@@ -395,3 +395,54 @@ def test_the_fake_sends_every_exception_the_model_declares_for_converse_stream()
         retry = status >= 500 or status == 429 or "retry your request" in shape.documentation.lower()
         assert translated.retryable is retry, name
     assert {"end_turn", "max_tokens", "tool_use"} <= set(service.shape_for("StopReason").enum)
+
+
+# -- CountTokens ---------------------------------------------------------------------------------------
+def ledger_request() -> ModelRequest:
+    return ModelRequest(messages=(Message("system", "be brief", cache_point=True),
+                                  Message("user", "what is in the ledger?")), max_tokens=64)
+
+
+async def test_count_tokens_is_what_the_same_request_is_billed(server: FakeBedrockServer) -> None:
+    """CountTokens through aioboto3 (signed, on the shared client) answers the prompt tokens the
+    same Converse request's usage reports: the provider's count, not the host's estimate."""
+    server.tokenizer = lambda text: len(text) // 2  # this model counts twice what the estimate says
+    model = bedrock(server)
+    request = ledger_request()
+    try:
+        counted = await model.count_request_tokens(request)
+        response = await model.request(request)
+    finally:
+        await model.aclose()
+    text = "be brief" + "what is in the ledger?"
+    assert counted == response.usage.input_tokens == server.count_tokens(text) == len(text) // 2
+    assert counted != estimate_tokens(text)
+    # the inference profile is counted as the foundation model it routes to (CountTokens takes no profile)
+    assert server.counts_seen == [{"modelId": "anthropic.claude-sonnet-4-5-20250929-v1:0", "input": {"converse": {
+        "system": [{"text": "be brief"}],
+        "messages": [{"role": "user", "content": [{"text": "what is in the ledger?"}]}]}}}]
+    assert server.bad_signatures == 0 and len(server.admitted) == 1  # a count is not a model call
+
+
+@pytest.mark.parametrize(
+    ("model_id", "prompt", "error", "match"),
+    [
+        ("amazon.nova-pro-v1:0", "hi", FatalModelError, "doesn't support counting tokens"),
+        ("arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc", "hi", FatalModelError,
+         "doesn't support counting tokens"),
+        (CLAUDE, "[[count-throttle]] hi", ThrottledError, "ThrottlingException|throttled"),
+        (CLAUDE, "[[count-overloaded]] hi", TransientModelError, "ServiceUnavailableException"),
+        (CLAUDE, "[[count-denied]] hi", FatalModelError, "AccessDeniedException"),
+    ],
+)
+async def test_count_tokens_errors_are_classified(
+    server: FakeBedrockServer, model_id: str, prompt: str, error: type[Exception], match: str
+) -> None:
+    model = bedrock(server, model_id)
+    try:
+        with pytest.raises(error, match=match) as caught:
+            await model.count_request_tokens(ModelRequest.from_prompt(prompt))
+        answered = await model.request(ModelRequest.from_prompt(prompt))  # a count's directive is the count's only
+    finally:
+        await model.aclose()
+    assert type(caught.value) is error and answered.text == answer_for(prompt)

@@ -10,7 +10,9 @@ SigV4, read with no SDK in between) and validated against the operation it answe
   fake, the ``throttle`` / ``fail`` / ``stream_fail`` / quota / conflict knobs of the AgentCore
   fake), and each in-stream exception;
 - the replies: Converse's JSON, ConverseStream's events (text, tool use, max_tokens stops), and
-  InvokeCodeInterpreter's results for every tool the fake implements.
+  InvokeCodeInterpreter's results for every tool the fake implements;
+- CountTokens: the requests (``input.converse`` and ``input.invokeModel``, also as aioboto3 sends
+  them) against its input shape, its ``{"inputTokens": N}`` and every error it answers.
 
 The knobs of each fake are enumerated from its constructor and its public attributes: a knob this
 module does not know fails :func:`test_every_knob_is_covered` until it is added here with how it is
@@ -198,17 +200,17 @@ def converse_body(prompt: str, **extra: Any) -> dict[str, Any]:
 
 async def bedrock_call(
     http: aiohttp.ClientSession, server: FakeBedrockServer, operation: str, body: dict[str, Any],
-    *, secret: str | None = None,
+    *, secret: str | None = None, model_id: str = "fake-model",
 ) -> tuple[int, Any, bytes]:
-    path = "converse-stream" if operation == "ConverseStream" else "converse"
-    return await signed(http, "POST", f"{server.base_url}/model/fake-model/{path}", body, service_name="bedrock",
+    path = {"ConverseStream": "converse-stream", "CountTokens": "count-tokens"}.get(operation, "converse")
+    return await signed(http, "POST", f"{server.base_url}/model/{model_id}/{path}", body, service_name="bedrock",
                         key=server.access_key, secret=secret or server.secret_key)
 
 
 def bedrock_answer_problems(operation: OperationModel, status: int, headers: Any, raw: bytes) -> list[str]:
     if status != 200:
         return error_problems(operation, status, headers, raw)
-    if operation.name == "Converse":
+    if operation.name in ("Converse", "CountTokens"):
         return problems(operation.output_shape, json.loads(raw))
     found, _ = stream_problems(operation, raw)
     return found
@@ -229,6 +231,10 @@ def test_the_error_tables_are_the_models() -> None:
     assert {"throttle", "server-error"} <= set(fake_bedrock.ERRORS)
     status, code, _ = fake_bedrock.SIGNATURE_ERROR
     assert COMMON_ERRORS.get(code) == status
+    counting = {s.name: s for s in model.operation_model("CountTokens").error_shapes}
+    for kind, (status, code, _message) in fake_bedrock.COUNT_ERRORS.items():
+        assert code in counting, f"[[count-{kind}]]: CountTokens does not declare {code}"
+        assert status == counting[code].metadata["error"]["httpStatusCode"], kind
     stream = model.operation_model("ConverseStream").get_event_stream_output()
     assert stream is not None
     for kind, (code, fields) in fake_bedrock.STREAM_ERRORS.items():
@@ -298,6 +304,7 @@ async def test_bedrock_replies_and_fault_plans_on_the_wire(http: aiohttp.ClientS
 
 
 CACHE_POINT = {"cachePoint": {"type": "default"}}
+CLAUDE_PROFILE = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 
 
 def cached_body(system: str, turns: list[str], *, points: int = 1) -> dict[str, Any]:
@@ -355,6 +362,74 @@ async def test_prompt_cache_on_the_wire(http: aiohttp.ClientSession) -> None:
     assert usages[2] is not None and (usages[2]["cacheReadInputTokens"], usages[2]["cacheWriteInputTokens"]) == (0, 0)
     stream_write, stream_read = usages[3], usages[4]  # another prefix (the operation's name is in it)
     assert stream_write["cacheWriteInputTokens"] > 1024 and stream_read["cacheReadInputTokens"] > 1024
+
+
+FOUNDATION_CLAUDE = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+async def test_count_tokens_on_the_wire(http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CountTokens' requests fit its input shape (both members of the ``input`` union, and what
+    aioboto3 sends for ``BedrockModel.count_request_tokens``); its answers fit ``CountTokensResponse``
+    and each error is one it declares with the model's status: the models it does not count for
+    (an inference profile id, another vendor's model), every ``[[count-<kind>]]``, a malformed
+    input, a bad signature. The count is the prompt tokens a Converse of the same messages reports."""
+    from rlmflow import ModelRequest
+    from rlmflow.models.bedrock import BedrockModel
+
+    model = service("bedrock-runtime")
+    count = model.operation_model("CountTokens")
+    converse = {"system": [{"text": "be brief"}, CACHE_POINT],
+                "messages": [{"role": "user", "content": [{"text": "what is in the ledger?"}]},
+                             {"role": "assistant", "content": [{"text": "ships"}]},
+                             {"role": "user", "content": [{"text": "which came first?"}]}]}
+    native = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64, "system": "be brief",
+              "messages": [{"role": "user", "content": "what is in the ledger?"}]}
+    invoke = {"invokeModel": {"body": base64.b64encode(json.dumps(native).encode()).decode()}}
+    bodies = [({"input": {"converse": converse}}, FOUNDATION_CLAUDE), ({"input": invoke}, FOUNDATION_CLAUDE)]
+    for body, _model_id in bodies:
+        assert problems(count.input_shape, body) == []
+    answers: list[tuple[int, Any, bytes]] = []
+    async with FakeBedrockServer(tokenizer=lambda text: len(text) // 3) as server:
+        for body, model_id in bodies:
+            answers.append(await bedrock_call(http, server, "CountTokens", body, model_id=model_id))
+        assert [status for status, _, _ in answers] == [200, 200]
+        counted = [json.loads(raw)["inputTokens"] for _, _, raw in answers]
+        _, _, raw = await bedrock_call(http, server, "Converse", {**converse, "inferenceConfig": {"maxTokens": 8}},
+                                       model_id=FOUNDATION_CLAUDE)
+        billed = json.loads(raw)["usage"]
+        assert counted[0] == billed["inputTokens"] + billed.get("cacheReadInputTokens", 0) + \
+            billed.get("cacheWriteInputTokens", 0)
+        assert counted[1] == server.count_tokens("be brief" + "what is in the ledger?")
+        refused = [
+            await bedrock_call(http, server, "CountTokens", bodies[0][0], model_id=CLAUDE_PROFILE),
+            await bedrock_call(http, server, "CountTokens", bodies[0][0], model_id="amazon.nova-pro-v1:0"),
+            await bedrock_call(http, server, "CountTokens", {"input": {}}, model_id=FOUNDATION_CLAUDE),
+            await bedrock_call(http, server, "CountTokens", {"input": {"converse": converse, **invoke}},
+                               model_id=FOUNDATION_CLAUDE),
+            await bedrock_call(http, server, "CountTokens", bodies[0][0], model_id=FOUNDATION_CLAUDE, secret="wrong"),
+        ]
+        for kind in fake_bedrock.COUNT_ERRORS:
+            directed = {"messages": [{"role": "user", "content": [{"text": f"[[count-{kind}]] hi"}]}]}
+            refused.append(await bedrock_call(http, server, "CountTokens", {"input": {"converse": directed}},
+                                              model_id=FOUNDATION_CLAUDE))
+        for name, value in server.credentials_env().items():
+            monkeypatch.setenv(name, value)
+        client = BedrockModel(CLAUDE_PROFILE, region=server.region, endpoint_url=server.base_url)
+        try:
+            await client.count_request_tokens(ModelRequest.from_prompt("hi", system="be brief"))
+        finally:
+            await client.aclose()
+        sent_by_client = server.counts_seen[-1]
+    found = [p for status, headers, raw in answers + refused for p in bedrock_answer_problems(count, status, headers,
+                                                                                               raw)]
+    assert found == []
+    codes = [headers.get("x-amzn-ErrorType") for status, headers, _ in refused]
+    assert all(status != 200 for status, _, _ in refused)
+    assert codes[:5] == ["ValidationException"] * 4 + ["InvalidSignatureException"]
+    assert {json.loads(raw)["message"] for _, _, raw in refused[:2]} == {fake_bedrock.COUNT_ERRORS["unsupported"][2]}
+    assert codes[5:] == [code for _, code, _ in fake_bedrock.COUNT_ERRORS.values()]
+    assert sent_by_client["modelId"] == FOUNDATION_CLAUDE
+    assert problems(count.input_shape, {k: v for k, v in sent_by_client.items() if k != "modelId"}) == []
 
 
 # ======================================================================================= AgentCore
@@ -505,12 +580,13 @@ BEDROCK_KNOBS = {
     "wire": {"faults", "status_faults", "rpm", "tpm", "max_concurrency", "context_window", "tool_reply",
              "cache_read_tokens", "cache_write_tokens", "stream_faults", "access_key", "secret_key", "region",
              "check_signatures", "output_tokens", "stream_pieces", "cache_min_tokens", "max_cache_points",
-             "cache_ttl"},
+             "cache_ttl", "count_models"},
     "no shape": {"latency", "latency_jitter", "window", "seed", "port", "capacity", "reply", "usage",
-                 "rate_headers", "root_marker", "root_reply", "concurrency_retry_after", "hold_after"},
+                 "rate_headers", "root_marker", "root_reply", "concurrency_retry_after", "hold_after", "tokenizer",
+                 "count_latency"},
     "departure": {"never_stream"},
     "records": {"requests_seen", "bad_signatures", "peak_in_flight", "in_flight", "requests_in_flight", "admitted",
-                "counters", "base_url", "prompt_cache"},
+                "counters", "base_url", "prompt_cache", "counts_seen"},
 }
 AGENTCORE_KNOBS = {
     "wire": {"throttle", "fail", "stream_fail", "max_sessions", "max_session_timeout", "access_key", "secret_key",

@@ -3,8 +3,9 @@
 A direct call sends the whole context in one prompt. An input beyond the model's window is a
 failure, never truncated: it is detected before sending from the model's known window (its
 ``context_window`` attribute, or ``window=`` given by the caller) and otherwise from the
-provider's own error (:class:`ContextOverflowError`). ``long-context`` is the same call made on a
-long-window model.
+provider's own error (:class:`ContextOverflowError`). The prompt is measured with the provider's
+own count where it offers one (Bedrock, Anthropic: :class:`~rlmflow.models.counting.PromptCounter`),
+else with the model's ``count_tokens``. ``long-context`` is the same call made on a long-window model.
 
 Outcome semantics (the reference tables'): ``success`` is false when the item could not be
 processed (input over the window, a model, sandbox or budget error); a run that ends without an
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import anyio.to_thread
+import anyio
 
 from .._exceptions import ContextOverflowError, NoAnswerError, RLMError
 from .._run.calls import CallScope
@@ -27,6 +28,7 @@ from ..dispatch.records import CallRecord
 from ..durable.cache import CallCache
 from ..engine import RLM
 from ..models.base import LanguageModel, Message, ModelRequest
+from ..models.counting import PromptCount, PromptCounter
 from ..models.registry import parse_model_string
 from ..result import RLMResult
 from .items import EvalItem
@@ -122,19 +124,23 @@ class DirectApproach:
     """One direct call with the whole context (``base``; ``long-context`` on a long-window model).
 
     ``window`` overrides the model's declared window (tokens); with neither, only the provider's
-    error can tell an overflow. ``max_tokens`` leaves room for a short explanation before the letter.
+    error can tell an overflow. The prompt is measured by the provider where it counts tokens
+    (a count failure falls back to the estimate: logged, never failing the item) and by the
+    model's ``count_tokens`` elsewhere; ``count_timeout`` bounds each count (seconds).
+    ``max_tokens`` leaves room for a short explanation before the letter.
     ``cache``: an item asked before is answered from it (an evaluation rerun pays nothing for it).
     """
 
     def __init__(
         self, model: LanguageModel, *, name: str = "base", window: int | None = None, max_tokens: int = 256,
-        cache: CallCache | None = None,
+        cache: CallCache | None = None, count_timeout: float = 30.0,
     ) -> None:
         self._model = model
         self._cache = cache
         self._name = name
         self._window = window if window is not None else model_window(model)
         self._max_tokens = max_tokens
+        self.counter = PromptCounter(model, timeout=count_timeout)
 
     @property
     def name(self) -> str:
@@ -149,21 +155,20 @@ class DirectApproach:
         return ModelRequest(messages=(Message("system", DIRECT_SYSTEM), Message("user", user)),
                             max_tokens=self._max_tokens)
 
-    async def _prompt_tokens(self, request: ModelRequest) -> int:
+    async def _prompt_tokens(self, request: ModelRequest, window: int) -> PromptCount:
         chars = request.prompt_chars
-        if self._window is not None and (chars + 3) // 4 > 2 * self._window:
-            return chars // 4  # far over the window: no need to tokenize megabytes to know it
-        text = "\n".join(m.content for m in request.messages)
-        return await anyio.to_thread.run_sync(self._model.count_tokens, text)
+        if (chars + 3) // 4 > 2 * window:  # far over the window: no need to count megabytes to know it
+            return PromptCount(chars // 4, False)
+        return await self.counter.count(request)
 
     async def answer(self, item: EvalItem, context: str, *, dispatcher: Dispatcher, budget: Budget) -> Outcome:
         request = self.request(item, context)
         if self._window is not None:
-            tokens = await self._prompt_tokens(request)
-            if tokens + self._max_tokens > self._window:
+            counted = await self._prompt_tokens(request, self._window)
+            if counted.tokens + self._max_tokens > self._window:
                 return Outcome(
                     None, False, "ContextOverflowError",
-                    f"the prompt (~{tokens:,} tokens) plus max_tokens={self._max_tokens} exceeds the "
+                    f"the prompt ({counted.describe()}) plus max_tokens={self._max_tokens} exceeds the "
                     f"{self._window:,}-token window of {self._model.name}; not sent",
                 )
         calls: list[CallRecord] = []

@@ -8,9 +8,11 @@ from .base import (
     StreamingLanguageModel,
     StreamingView,
     TextCallback,
+    TokenCountingModel,
     Usage,
     estimate_tokens,
 )
+from .counting import PromptCount, PromptCounter
 from .registry import DEFAULT_MODEL, ModelRegistry, parse_model_string
 from .scripted import ScriptedModel
 
@@ -21,10 +23,13 @@ __all__ = [
     "ModelRegistry",
     "ModelRequest",
     "ModelResponse",
+    "PromptCount",
+    "PromptCounter",
     "ScriptedModel",
     "StreamingLanguageModel",
     "StreamingView",
     "TextCallback",
+    "TokenCountingModel",
     "Usage",
     "estimate_tokens",
     "parse_model_string",

@@ -242,11 +242,13 @@ class HTTPModel(ABC):
     def _translate(self, exc: HTTPStatus | HTTPFailure) -> ModelError:
         """The provider's error class for an HTTP status or a transport failure."""
 
-    async def _post(self, payload: dict[str, Any]) -> tuple[Any, Mapping[str, str]]:
-        """POST to this model's URL; a failure comes out as the provider's ModelError."""
-        guard.check_request_allowed(self._url)
+    async def _post(self, payload: dict[str, Any], *, url: str | None = None) -> tuple[Any, Mapping[str, str]]:
+        """POST to this model's URL (or ``url``, another endpoint of the same API, with the same
+        headers and credentials); a failure comes out as the provider's ModelError."""
+        url = url or self._url
+        guard.check_request_allowed(url)
         try:
-            return await self._http.post(self._url, payload, self._headers)
+            return await self._http.post(url, payload, self._headers)
         except (HTTPStatus, HTTPFailure) as exc:
             raise self._translate(exc) from exc
 

@@ -44,6 +44,8 @@ from .openai import missing_key_error, needs_api_key
 __all__ = ["AnthropicModel"]
 
 API_VERSION = "2023-06-01"
+#: The members of a Messages body that ``count_tokens`` takes (it refuses ``max_tokens`` and sampling settings).
+_COUNTED = ("model", "messages", "system")
 #: A breakpoint: the prompt up to the end of this block is cached (5 minutes from its last use).
 EPHEMERAL: dict[str, str] = {"type": "ephemeral"}
 
@@ -56,6 +58,9 @@ class AnthropicModel(HTTPModel):
     which ``RLM.check`` and ``RLM.run`` call before anything runs; another base URL, a gateway or
     a local server, may need none). ``stream=True`` makes :meth:`request` stream, calling
     ``on_text`` with each piece of text as it arrives.
+
+    :meth:`count_request_tokens` asks ``/v1/messages/count_tokens`` for a request's exact input
+    tokens (free; its own rate limits, apart from the Messages API's).
 
     ``prompt_cache`` says where ``cache_control`` goes: by default on the messages a request marks
     (``Message.cache_point``), within the model's minimum cacheable length and the API's 4
@@ -84,6 +89,7 @@ class AnthropicModel(HTTPModel):
             provider="anthropic", pool=max_pool_connections, timeout=timeout, stream=stream, on_text=on_text,
         )
         self._url = self._base_url + "/v1/messages"
+        self._count_url = self._base_url + "/v1/messages/count_tokens"
         self._api_key = api_key or os.environ.get("ANTHROPIC_API_KEY") or None
         self._headers = {
             "x-api-key": self._api_key or "",
@@ -152,6 +158,20 @@ class AnthropicModel(HTTPModel):
         if request.stop:
             body["stop_sequences"] = list(request.stop)
         return body
+
+    async def count_request_tokens(self, request: ModelRequest) -> int:
+        """The input tokens Anthropic counts for ``request``: ``POST /v1/messages/count_tokens``
+        with the request's model, system prompt and messages as :meth:`payload` sends them (the
+        endpoint takes no ``max_tokens`` or sampling settings). Errors are :meth:`request`'s (an
+        unknown model is a 404, a :class:`FatalModelError`); its rate-limit headers, which are
+        the counting endpoint's own, are not passed on to the lane."""
+        body = {key: value for key, value in self.payload(request).items() if key in _COUNTED}
+        reply, _headers = await self._post(body, url=self._count_url)
+        tokens = reply.get("input_tokens") if isinstance(reply, dict) else None
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise TransientModelError(f"a malformed token count: {str(reply)[:200]}", provider="anthropic",
+                                      model=self._model)
+        return tokens
 
     async def _request(self, request: ModelRequest) -> ModelResponse:
         reply, headers = await self._post(self.payload(request))

@@ -143,6 +143,26 @@ class StreamingLanguageModel(LanguageModel, Protocol):
         ...
 
 
+@runtime_checkable
+class TokenCountingModel(LanguageModel, Protocol):
+    """A model whose provider counts a request's input tokens exactly, without running the model
+    (Bedrock's ``CountTokens``, Anthropic's ``/v1/messages/count_tokens``).
+
+    A count is a request to the provider like any other (its credentials, its timeouts, the test
+    guard), free but not instant: use it where an exact count matters (a window check before
+    sending a long prompt), :meth:`LanguageModel.count_tokens` everywhere else.
+    :class:`rlmflow.models.counting.PromptCounter` asks for one and falls back to the estimate.
+    """
+
+    async def count_request_tokens(self, request: ModelRequest) -> int:
+        """The input tokens the provider counts for ``request`` (system prompt and messages).
+
+        Raises a :class:`rlmflow.ModelError` subclass as :meth:`request` does: a
+        :class:`FatalModelError` when the provider does not count for this model.
+        """
+        ...
+
+
 def split_system(request: ModelRequest) -> tuple[list[str], list[Message]]:
     """The system messages' texts, and the other messages (for APIs that take the system prompt apart)."""
     system = [m.content for m in request.messages if m.role == "system"]

@@ -48,7 +48,7 @@ from .base import (
 )
 from .caching import PromptCache, cache_points, resolve_prompt_cache
 
-__all__ = ["DEFAULT_POOL_CONNECTIONS", "BedrockModel", "translate_botocore"]
+__all__ = ["DEFAULT_POOL_CONNECTIONS", "BedrockModel", "counting_model_id", "translate_botocore"]
 
 #: Connections per shared client unless a lane asks for more (>= the Dispatcher's default ceiling).
 DEFAULT_POOL_CONNECTIONS = 256
@@ -71,6 +71,10 @@ _TRANSIENT_CODES = {
     "InternalServerException", "ServiceUnavailableException", "ModelStreamErrorException",
     "ModelTimeoutException", "ModelErrorException", "RequestTimeout", "RequestTimeoutException",
 }
+# A system-defined cross-region inference profile: its geography prefix (and its ARN's head), before
+# the foundation model's id (``us.anthropic.claude-...``, ``arn:aws:bedrock:...:inference-profile/eu.amazon...``).
+_PROFILE = re.compile(r"^(?:arn:aws[\w-]*:bedrock:[\w-]*:\d*:inference-profile/)?"
+                      r"(?:us|us-gov|eu|apac|jp|au|ca|global)\.(?=[a-z0-9-]+\.)")
 _FATAL_CODES = {
     "AccessDeniedException", "ResourceNotFoundException", "UnrecognizedClientException",
     "ExpiredTokenException", "InvalidSignatureException", "IncompleteSignature",
@@ -144,6 +148,9 @@ class BedrockModel:
     ``stream=True`` makes :meth:`request` use ConverseStream (as :meth:`request_stream` always
     does), calling ``on_text`` with each piece of text as it arrives: use it for a root model
     whose turns are shown live.
+
+    :meth:`count_request_tokens` asks Bedrock's ``CountTokens`` for a request's exact input
+    tokens (free, for the models Bedrock counts for).
 
     ``prompt_cache`` says where ``cachePoint`` blocks go: by default after the messages a request
     marks (``Message.cache_point``) for the models Bedrock caches for (Claude, Nova), within
@@ -284,6 +291,28 @@ class BedrockModel:
             finish_reason=stream.stop_reason,
         )
 
+    async def count_request_tokens(self, request: ModelRequest) -> int:
+        """The input tokens Bedrock counts for ``request``: ``CountTokens`` with the system prompt
+        and messages as Converse would send them (``input.converse``), through the same client,
+        credentials and timeouts as :meth:`request`.
+
+        Bedrock counts for some foundation models only (Claude ones), named by their bare id:
+        a cross-region inference profile (``us.anthropic.claude-...``) is counted as the model
+        it routes to (:func:`counting_model_id`). Any other model is refused with a
+        ``ValidationException`` ("doesn't support counting tokens"): a :class:`FatalModelError`.
+        """
+        client = await self._client()
+        try:
+            reply = await client.count_tokens(modelId=counting_model_id(self._model_id),
+                                              input={"converse": self._count_input(request)})
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        tokens = reply.get("inputTokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise TransientModelError(f"a malformed token count: {str(reply)[:200]}", provider=self.provider,
+                                      model=self._model_id)
+        return tokens
+
     async def aclose(self) -> None:
         shared, key = self._shared, self._shared_key
         self._shared = self._shared_key = None
@@ -367,8 +396,28 @@ class BedrockModel:
             arguments["system"] = system
         return arguments
 
+    @staticmethod
+    def _count_input(request: ModelRequest) -> dict[str, Any]:
+        """CountTokens' ``converse`` input: the request's system blocks and messages, without
+        cache points (they change no count)."""
+        system = [{"text": m.content} for m in request.messages if m.role == "system"]
+        counted: dict[str, Any] = {
+            "messages": _converse_messages([(m, False) for m in request.messages if m.role != "system"]),
+        }
+        if system:
+            counted["system"] = system
+        return counted
+
     def _translate(self, exc: Exception) -> ModelError:
         return translate_botocore(exc, provider=self.provider, model=self._model_id)
+
+
+def counting_model_id(model_id: str) -> str:
+    """The model id ``CountTokens`` is asked with: a system-defined cross-region inference profile
+    (``us.anthropic.claude-...``, also as an ``inference-profile/`` ARN) is counted as the
+    foundation model it routes to (``anthropic.claude-...``), since CountTokens takes foundation
+    model ids only; any other id is passed as it is."""
+    return _PROFILE.sub("", model_id)
 
 
 def translate_botocore(exc: BaseException, *, provider: str, model: str) -> ModelError:

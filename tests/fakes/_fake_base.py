@@ -18,6 +18,12 @@ points (``cachePoint`` blocks, ``cache_control``), prefix match up to a point, t
 length (``cache_min_tokens``), at most ``max_cache_points`` points, entries that live
 ``cache_ttl`` seconds from their last use, and the cache fields of the usage.
 
+Tokens are counted by ``tokenizer`` (default: the host's four-characters estimate), the same way
+for the usage of a reply, the context window and each fake's token-counting endpoint (Bedrock's
+``CountTokens``, Anthropic's ``count_tokens``), so a test can give the fake a model that counts
+otherwise than the host estimates. ``[[count-<kind>]]`` makes the counting endpoint answer that
+error (the completion endpoints pass over it); ``count_latency`` is how long a count takes.
+
 A prompt of more than ``context_window`` tokens gets the provider's "input too long" error; a
 reply longer than the request's ``max_tokens`` is cut to it and its stop reason says so. The
 OpenAI fake's ``max_concurrency``, ``capacity``, ``status_faults``, ``stream_faults`` and
@@ -70,9 +76,14 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
         cache_min_tokens: int = 1024,
         max_cache_points: int = 4,
         cache_ttl: float = 300.0,
+        tokenizer: Callable[[str], int] | None = None,
+        count_latency: float = 0.0,
         **knobs: Any,
     ) -> None:
         super().__init__(**knobs)
+        self.tokenizer = tokenizer
+        self.count_latency = count_latency
+        self.counts_seen: list[dict[str, Any]] = []  # the bodies of token-counting requests
         self.prompt_cache = PromptCache(min_tokens=cache_min_tokens, max_points=max_cache_points, ttl=cache_ttl)
         self.context_window = context_window
         self.reply = reply or answer_for
@@ -85,6 +96,23 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
     @property
     def requests_in_flight(self) -> int:
         return self.in_flight
+
+    def count_tokens(self, text: str) -> int:  # type: ignore[override]
+        """Tokens of ``text`` as this fake's model counts them (``tokenizer``, else the host's estimate)."""
+        return super().count_tokens(text) if self.tokenizer is None else self.tokenizer(text)
+
+    def count_directive(self, prompt: str) -> str | None:
+        """The error kind a ``[[count-<kind>]]`` directive in ``prompt`` asks the counting endpoint for."""
+        match = _DIRECTIVE.search(prompt)
+        if match is None or not match.group(1).startswith("count-"):
+            return None  # another endpoint's: its attempts are left to it
+        kind = self.directive(prompt)
+        return kind.removeprefix("count-") if kind is not None else None
+
+    @staticmethod
+    def scripted_elsewhere(kind: str | None) -> bool:
+        """Whether a directive is for another endpoint or phase (a stream's fault, a count's error)."""
+        return kind is not None and kind.startswith(("stream-", "count-"))
 
     @abstractmethod
     def routes(self, app: web.Application) -> None:

@@ -12,6 +12,12 @@ the cache fields), ``anthropic-ratelimit-*`` headers on every response, and erro
 after its first piece (no ``message_stop``), ``torn`` the same inside an event; the kinds of
 :data:`STREAM_ERRORS` send an ``error`` event there (``[[stream-throttle]]`` an
 ``overloaded_error``). ``never_stream=True`` answers a streamed request with a plain ``message``.
+
+``POST /v1/messages/count_tokens`` takes a Messages body without ``max_tokens`` or sampling
+settings (those are refused, "Extra inputs are not permitted") and answers ``{"input_tokens": N}``:
+the prompt tokens the same request's usage reports (``input_tokens`` plus the cache fields). Both
+endpoints answer a model not in ``models`` (by default any ``claude-*`` name) with 404
+``not_found_error``; ``[[count-<kind>]]`` makes the count answer that error.
 Limits, faults and latency are those of :class:`~tests.fakes.FakeOpenAIServer`; prompt
 directives are listed in ``_fake_base``.
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Collection
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -32,7 +39,7 @@ from aiohttp import web
 from ._fake_base import Admission, FakeProviderBase
 from ._prompt_cache import CacheUse, Prompt
 
-__all__ = ["STREAM_ERRORS", "FakeAnthropicServer"]
+__all__ = ["COUNT_FIELDS", "STREAM_ERRORS", "FakeAnthropicServer"]
 
 _ERRORS = {  # directive -> (HTTP status, error type, message)
     "throttle": (429, "rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit"),
@@ -43,7 +50,11 @@ _ERRORS = {  # directive -> (HTTP status, error type, message)
     "denied": (401, "authentication_error", "invalid x-api-key"),
     "too-long": (400, "invalid_request_error", "prompt is too long"),
     "cache-points": (400, "invalid_request_error", "A maximum of 4 blocks with cache_control may be provided."),
+    "not-found": (404, "not_found_error", "model: {model}"),
+    "extra-input": (400, "invalid_request_error", "{field}: Extra inputs are not permitted"),
 }
+#: The members of a count_tokens body (a Messages body without max_tokens, stream and sampling settings).
+COUNT_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers"})
 
 #: In-stream error events (kind -> error type, message), sent after the first piece of text.
 STREAM_ERRORS = {
@@ -58,12 +69,44 @@ STREAM_ERRORS = {
 class FakeAnthropicServer(FakeProviderBase):
     """Anthropic's Messages API on 127.0.0.1; ``base_url`` is the SDK's ``base_url``."""
 
-    def __init__(self, *, api_key: str = "sk-ant-fake", **knobs: Any) -> None:
+    def __init__(self, *, api_key: str = "sk-ant-fake", models: Collection[str] | None = None, **knobs: Any) -> None:
         super().__init__(**knobs)
         self.api_key = api_key
+        self.models = None if models is None else set(models)  # None: any claude-* model
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+
+    def _knows(self, model: object) -> bool:
+        if self.models is not None:
+            return model in self.models
+        return isinstance(model, str) and model.startswith("claude-")
+
+    def _authorized(self, request: web.Request) -> bool:
+        keys = {request.headers.get("x-api-key"), request.headers.get("Authorization", "").removeprefix("Bearer ")}
+        return self.api_key in keys and bool(request.headers.get("anthropic-version"))
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """``count_tokens``: the prompt tokens of a Messages body, as its usage would report them;
+        nothing is admitted to the RPM/TPM window (counting has its own limits at Anthropic)."""
+        if not self._authorized(request):
+            return self._refuse("denied")
+        body = await request.json()
+        self.counts_seen.append(body)
+        extra = sorted(set(body) - COUNT_FIELDS)
+        if extra:
+            return self._refuse("extra-input", field=extra[0])
+        if not self._knows(body.get("model")):
+            return self._refuse("not-found", model=body.get("model"))
+        prompt = _prompt(body)
+        kind = self.count_directive(prompt.text)
+        if kind is not None:
+            return self._refuse(kind)
+        if self.count_latency:
+            await asyncio.sleep(self.count_latency)
+        return web.json_response({"input_tokens": self.count_tokens(prompt.text)},
+                                 headers={"request-id": f"req_count_{len(self.counts_seen)}"})
 
     def _rate_headers(self) -> dict[str, str]:
         """``anthropic-ratelimit-*`` as the API sends them: limit, remaining, RFC 3339 reset."""
@@ -83,8 +126,9 @@ class FakeAnthropicServer(FakeProviderBase):
                         "anthropic-ratelimit-tokens-reset": reset}
         return headers
 
-    def _refuse(self, kind: str, prompt_tokens: int = 0, retry_after: float = 0.0) -> web.Response:
+    def _refuse(self, kind: str, prompt_tokens: int = 0, retry_after: float = 0.0, **fields: Any) -> web.Response:
         status, error_type, message = _ERRORS["server-error" if kind == "server_error" else kind]
+        message = message.format(**fields) if fields else message
         if kind == "too-long":
             message = f"prompt is too long: {prompt_tokens} tokens > {self.context_window} maximum"
         if kind == "cache-points":  # prompt_tokens: the number of blocks found
@@ -100,11 +144,12 @@ class FakeAnthropicServer(FakeProviderBase):
         if not self.enter():
             return self._refuse("throttle", retry_after=self.concurrency_retry_after or 0.0)
         try:
-            keys = {request.headers.get("x-api-key"), request.headers.get("Authorization", "").removeprefix("Bearer ")}
-            if self.api_key not in keys or not request.headers.get("anthropic-version"):
+            if not self._authorized(request):
                 return self._refuse("denied")
             body = await request.json()
             self.requests_seen.append(body)
+            if not self._knows(body.get("model")):
+                return self._refuse("not-found", model=body.get("model"))
             cached = _prompt(body)
             texts = [m["content"] if isinstance(m["content"], str) else "".join(b.get("text", "") for b in m["content"])
                      for m in body.get("messages", [])]
@@ -113,7 +158,7 @@ class FakeAnthropicServer(FakeProviderBase):
             if self.prompt_cache.too_many(cached):
                 return self._refuse("cache-points", len(cached.points))
             kind = self.directive(prompt)
-            if kind is not None and not kind.startswith("stream-"):
+            if kind is not None and not self.scripted_elsewhere(kind):
                 return self._refuse(kind)
             admission = self.admit(prompt, last, max_tokens)
             if admission.error in ("too-long", "throttle", "server-error", "overloaded"):

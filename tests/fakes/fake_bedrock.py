@@ -1,7 +1,14 @@
-"""A local server speaking Bedrock's Converse and ConverseStream, for tests and benchmarks.
+"""A local server speaking Bedrock's Converse, ConverseStream and CountTokens, for tests and benchmarks.
 
-It answers what aioboto3 sends to ``endpoint_url``: ``POST /model/{modelId}/converse`` (JSON)
-and ``POST /model/{modelId}/converse-stream`` (the AWS event-stream binary framing). Every
+It answers what aioboto3 sends to ``endpoint_url``: ``POST /model/{modelId}/converse`` (JSON),
+``POST /model/{modelId}/converse-stream`` (the AWS event-stream binary framing) and
+``POST /model/{modelId}/count-tokens`` (``{"input": {"converse": {...}}}`` or
+``{"input": {"invokeModel": {"body": <base64 JSON>}}}``, answered ``{"inputTokens": N}``: the
+prompt tokens the same Converse request's usage reports). CountTokens counts for the models of
+``count_models`` only (by default the bare Claude foundation-model ids, as Bedrock: an inference
+profile id such as ``us.anthropic...`` or another model is a ``ValidationException`` "doesn't
+support counting tokens"); its errors are :data:`COUNT_ERRORS`, those botocore's model declares
+for it (``[[count-<kind>]]`` sends one). Every
 request must carry a SigV4 signature, which the fake checks by signing the request again with
 botocore and the dummy credentials it was given. Errors have Bedrock's shapes
 (``x-amzn-ErrorType`` and ``{"message": ...}``), and each is one botocore's model declares for
@@ -34,12 +41,13 @@ with ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` set to the fake's ``acces
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from aiohttp import web
@@ -47,7 +55,7 @@ from aiohttp import web
 from ._fake_base import Admission, FakeProviderBase
 from ._prompt_cache import CacheUse, Prompt
 
-__all__ = ["ERRORS", "SIGNATURE_ERROR", "STREAM_ERRORS", "FakeBedrockServer", "encode_event"]
+__all__ = ["COUNT_ERRORS", "ERRORS", "SIGNATURE_ERROR", "STREAM_ERRORS", "FakeBedrockServer", "encode_event"]
 
 #: Every error the fake answers before a reply: directive -> (HTTP status, Bedrock error code, message).
 #: ``[[<directive>]]`` in a prompt sends it; the fault plans send ``throttle``, ``server-error`` and
@@ -76,6 +84,16 @@ ERRORS: dict[str, tuple[int, str, str]] = {
     "cache-points": (400, "ValidationException", "The number of cache points in the request exceeds the "
                      "maximum allowed."),
 }
+#: The errors CountTokens answers (it declares AccessDenied, ResourceNotFound, Throttling, InternalServer,
+#: ServiceUnavailable and Validation): ``[[count-<kind>]]`` sends one; ``unsupported`` answers a model
+#: CountTokens does not count for (an inference profile id among them).
+COUNT_ERRORS: dict[str, tuple[int, str, str]] = {
+    **{kind: ERRORS[kind] for kind in ("throttle", "server-error", "overloaded", "denied", "not-found",
+                                       "invalid-request")},
+    "unsupported": (400, "ValidationException", "The provided model doesn't support counting tokens."),
+}
+# The ids CountTokens takes by default: Claude foundation models, bare or as a foundation-model ARN.
+_COUNTED_MODEL = re.compile(r"(arn:aws[\w-]*:bedrock:[\w-]*::foundation-model/)?anthropic\.claude-[\w.:-]+")
 #: Extra members of an error's body, as botocore's model gives them (ModelErrorException's).
 _ERROR_FIELDS: dict[str, dict[str, Any]] = {"model-error": {"originalStatusCode": 500}}
 #: A request whose SigV4 signature does not match (one of AWS's common errors, not in the model).
@@ -140,9 +158,12 @@ class FakeBedrockServer(FakeProviderBase):
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
         tool_reply: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+        count_models: Collection[str] | None = None,
         **knobs: Any,
     ) -> None:
         super().__init__(**knobs)
+        # the model ids CountTokens counts for (None: Claude foundation-model ids, as Bedrock)
+        self.count_models = None if count_models is None else set(count_models)
         # Plays a tool-using root: given a request that offers tools (``toolConfig``), the tool
         # call to answer with ({"name": ..., "input": {...}}), or None for a text answer.
         self.tool_reply = tool_reply
@@ -165,9 +186,11 @@ class FakeBedrockServer(FakeProviderBase):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/model/{model_id}/converse", self._converse)
         app.router.add_post("/model/{model_id}/converse-stream", self._converse_stream)
+        app.router.add_post("/model/{model_id}/count-tokens", self._count_tokens)
 
     # -- requests -------------------------------------------------------------------------------------
-    async def _read(self, request: web.Request) -> tuple[dict[str, Any], str, str, int]:
+    async def _read_signed(self, request: web.Request) -> bytes:
+        """The body of a request whose SigV4 signature holds (else the 403 AWS answers is raised)."""
         raw = await request.read()
         if self.check_signatures and not self._signed(request, raw):
             self.bad_signatures += 1
@@ -176,7 +199,10 @@ class FakeBedrockServer(FakeProviderBase):
                 text=json.dumps({"message": message}), headers={"x-amzn-ErrorType": code},
                 content_type="application/json",
             )
-        body = json.loads(raw)
+        return raw
+
+    async def _read(self, request: web.Request) -> tuple[dict[str, Any], str, str, int]:
+        body = json.loads(await self._read_signed(request))
         body["modelId"] = request.match_info["model_id"]
         self.requests_seen.append(body)
         texts = [_block_text(b) for m in body.get("messages", []) for b in m.get("content", [])
@@ -203,7 +229,7 @@ class FakeBedrockServer(FakeProviderBase):
 
     def _refuse(self, kind: str, prompt_tokens: int = 0, *, message: str | None = None) -> web.Response:
         kind = "server-error" if kind == "server_error" else kind
-        status, code, default = ERRORS[kind]
+        status, code, default = ERRORS[kind] if kind in ERRORS else COUNT_ERRORS[kind]
         message = message or default
         if kind == "too-long":
             message = f"{message} ({prompt_tokens} tokens > {self.context_window} maximum)"
@@ -221,7 +247,7 @@ class FakeBedrockServer(FakeProviderBase):
         if self.prompt_cache.too_many(_prompt(body)):
             return self._refuse("cache-points"), body, last, max_tokens, None
         kind = self.directive(prompt)
-        if kind is not None and not kind.startswith("stream-"):
+        if kind is not None and not self.scripted_elsewhere(kind):
             return self._refuse(kind), body, last, max_tokens, kind
         admission = self.admit(prompt, last, max_tokens)
         if admission.error in _REFUSED_UNADMITTED:
@@ -298,6 +324,44 @@ class FakeBedrockServer(FakeProviderBase):
         finally:
             self.leave()
 
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """CountTokens: the prompt tokens of a Converse (or InvokeModel) input, as that request's
+        usage would report them; nothing is admitted to the RPM/TPM window (a count is free)."""
+        raw = await self._read_signed(request)
+        model_id = request.match_info["model_id"]
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return self._refuse("invalid-request")
+        self.counts_seen.append({**body, "modelId": model_id} if isinstance(body, dict) else {"modelId": model_id})
+        counted = body.get("input") if isinstance(body, dict) else None
+        if not isinstance(counted, dict) or len(counted) != 1 or not {"converse", "invokeModel"} >= set(counted):
+            return self._refuse("invalid-request", message="input must set exactly one of converse and invokeModel.")
+        if not self._counts_for(model_id):
+            return self._refuse("unsupported")
+        if "converse" in counted:
+            if not isinstance(counted["converse"], dict):
+                return self._refuse("invalid-request")
+            invalid = _invalid_conversation(counted["converse"])
+            if invalid is not None:
+                return self._refuse("invalid-request", message=invalid)
+            prompt: str | None = _prompt(counted["converse"]).text
+        else:
+            prompt = _invoke_model_prompt(counted["invokeModel"])
+            if prompt is None:
+                return self._refuse("invalid-request")
+        kind = self.count_directive(prompt)
+        if kind is not None:
+            return self._refuse(kind)
+        if self.count_latency:
+            await asyncio.sleep(self.count_latency)
+        return web.json_response({"inputTokens": self.count_tokens(prompt)})
+
+    def _counts_for(self, model_id: str) -> bool:
+        if self.count_models is not None:
+            return model_id in self.count_models
+        return _COUNTED_MODEL.fullmatch(model_id) is not None
+
     def _tool_id(self) -> str:
         self._tool_uses += 1
         return f"tooluse_{self._tool_uses}"
@@ -349,6 +413,20 @@ def _prompt(body: dict[str, Any]) -> Prompt:
             else:
                 prompt.add(str(message.get("role")), _block_text(block))
     return prompt
+
+
+def _invoke_model_prompt(counted: Any) -> str | None:
+    """The prompt of CountTokens' ``invokeModel`` input: its ``body`` (a blob: base64 on the wire)
+    read as the model's native request (Anthropic's Messages body for Claude); None if it is not one."""
+    from .fake_anthropic import _prompt as anthropic_prompt
+
+    try:
+        native = json.loads(base64.b64decode(counted["body"], validate=True))
+        if not isinstance(native, dict) or not native.get("messages"):
+            return None
+        return anthropic_prompt(native).text
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def _block_text(block: dict[str, Any]) -> str:
