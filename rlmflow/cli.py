@@ -38,6 +38,7 @@ from .context import load_context_files
 from .dispatch.budget import Budget
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.policy import load_policy
+from .durable.choice import chosen_cache, owned_cache
 from .engine import RLM, RLMResult, RunProgress
 from .eval.cli import add_eval_parser, eval_main
 from .events import RunEvent, RunStarted
@@ -95,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="answer every model call from this journal and send nothing (offline, deterministic)")
     run.add_argument("--cache", metavar="PATH",
                      help="answer requests asked before from this sub-call cache (an SQLite file, or a redis:// "
-                     "URL shared by replicas), and keep new answers there (docs/durability.md)")
+                     "URL shared by replicas), and keep new answers there; overrides the policy's [cache] "
+                     "(docs/durability.md)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     run.add_argument(
         "--capture-content", type=int, metavar="N", default=None,
@@ -237,13 +239,13 @@ async def _answer(
             print(f"run {event.run_id}, journal {rlm.journal.where} (continue it with --resume {event.run_id})",
                   file=sys.stderr)
 
-    async with RLM(
+    async with owned_cache(chosen_cache(args.cache, policy.cache if policy is not None else None)) as cache, RLM(
         root=args.root,
         sub=args.sub,
         dispatcher=dispatcher,
         journal=args.journal,
         replay=args.replay,
-        cache=args.cache,
+        cache=cache,
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,

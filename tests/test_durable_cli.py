@@ -114,3 +114,25 @@ async def test_an_identical_second_run_with_the_cache_sends_nothing(tmp_path: Pa
         assert second.returncode == 0, second.stderr.decode()
         assert server.counters.requests == 1 + PROMPTS  # the root's turn and every sub-call from the cache
     assert first.stdout == second.stdout and second.stdout.decode().strip() == EXPECTED
+
+
+async def test_the_policy_files_cache_serves_the_command_and_the_flag_wins(tmp_path: Path) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text("a document about nothing in particular\n" * 20)
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[cache]\npath = "from-policy.sqlite"\n')  # next to the policy, wherever it runs
+    env = {**os.environ, "OPENAI_API_KEY": "test"}
+    async with FakeOpenAIServer(root_marker="Question: how long?", root_reply=f"```repl\n{CELL}\n```",
+                                reply=lambda last: "ANSWER " + last) as server:
+        async def run(*extra: str) -> int:
+            done = await anyio.run_process(
+                [sys.executable, "-m", "rlmflow.cli", "run", "--context", str(document), "--query", "how long?",
+                 "--root", f"openai:root@{server.base_url}", "--sub", f"openai:sub@{server.base_url}",
+                 "--policy", str(policy), *extra], env=env, check=False, cwd=document.parent.parent)
+            assert done.returncode == 0, done.stderr.decode()
+            return server.counters.requests
+
+        assert await run() == 1 + PROMPTS
+        assert await run() == 1 + PROMPTS  # the policy's cache answered everything
+        assert await run("--cache", str(tmp_path / "from-flag.sqlite")) == 2 * (1 + PROMPTS)  # another cache
+    assert (tmp_path / "from-policy.sqlite").exists() and (tmp_path / "from-flag.sqlite").exists()

@@ -239,3 +239,37 @@ def test_the_documented_policy_file_loads(tmp_path: Path) -> None:
     assert policy.sandbox == "agentcore:aws.codeinterpreter.v1@us-east-1"
     assert policy.retry is not None and policy.shared is not None
     assert policy.limits["openai"].max_concurrency == 32
+
+
+# -- [cache] -----------------------------------------------------------------------------------------
+def test_a_cache_table_names_its_file_relative_to_the_policy(tmp_path: Path) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    policy = folder / "policy.toml"
+    policy.write_text('[cache]\npath = "answers.sqlite"\nttl = 3600\nmax_bytes = 1_000_000\nroots = false\n')
+    settings = load_policy(policy).cache
+    assert settings is not None
+    assert (settings.path, settings.ttl, settings.max_bytes, settings.roots) == (
+        str(folder / "answers.sqlite"), 3600, 1_000_000, False)
+    policy.write_text('[cache]\nurl = "redis://127.0.0.1:6379/0"\nmax_entries = 10\n')
+    settings = load_policy(policy).cache
+    assert settings is not None and (settings.url, settings.max_entries, settings.roots) == (
+        "redis://127.0.0.1:6379/0", 10, True)
+
+
+@pytest.mark.parametrize(("table", "says"), [
+    ("ttl = 60", "path"),
+    ('path = "a"\nurl = "redis://h/0"', "one of them"),
+    ('path = "a"\nttl = 0', "ttl"),
+    ('path = "a"\nroots = "yes"', "roots must be true or false"),
+    ('path = "a"\nmax_bytes = 1.5', "max_bytes must be an integer"),
+    ('path = "a"\nmax_entries = 5', "max_entries caps a Redis cache"),
+    ('url = "redis://h/0"\nmax_bytes = 5', "max_bytes caps an SQLite cache"),
+    ('path = "a"\nsize = 5', "unknown key 'size'"),
+])
+def test_a_bad_cache_table_is_an_error_naming_the_table_and_key(tmp_path: Path, table: str, says: str) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"[cache]\n{table}\n")
+    with pytest.raises(ConfigurationError, match=r"\[cache\]") as caught:
+        load_policy(policy)
+    assert says in str(caught.value)

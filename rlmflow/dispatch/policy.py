@@ -14,6 +14,8 @@ A TOML file with four tables, each optional (``docs/policies.md`` documents ever
     [sandbox]                                                     # read by the command line
     kind = "agentcore"
     region = "us-west-2"
+    [cache]                                                       # read by the command line
+    path = "cache.sqlite"
 
 Every value is checked on load against the type of the field it sets (an integer where an
 integer is meant: ``4.5`` and ``true`` are refused, as is ``"600"``; numbers must be finite) and
@@ -21,8 +23,9 @@ against its range; unknown tables and keys are refused. Every error is a
 :class:`~rlmflow.ConfigurationError` that names the file, the table (the lane) and the key.
 Lanes are keyed by a provider, a lane key (``aws.bedrock:<model-id>``) or a model string
 (``bedrock:<model-id>``, ``local:<name>``), which is turned into the lane key it stands for.
-``[sandbox]`` is plain data for whoever builds the sandbox (the CLI, through
-:mod:`rlmflow.sandbox.choice`): the Dispatcher does not read it.
+``[sandbox]`` and ``[cache]`` are plain data for whoever builds the sandbox and the sub-call
+cache (the CLI, through :mod:`rlmflow.sandbox.choice` and :mod:`rlmflow.durable.choice`): the
+Dispatcher reads neither.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import math
 import sys
 import types
 import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,26 +49,57 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Policy", "lane_key_of", "load_policy"]
+__all__ = ["CacheSettings", "Policy", "lane_key_of", "load_policy"]
 
 # model-string prefixes (what --root takes) -> gen_ai.provider.name (what lanes are keyed by)
 _PROVIDER_OF_PREFIX = {"bedrock": "aws.bedrock", "local": "llama.cpp"}
 
-_TABLES = ("lanes", "retry", "shared", "sandbox")
+_TABLES = ("lanes", "retry", "shared", "sandbox", "cache")
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The ``[cache]`` table: the sub-call cache's ``path`` (an SQLite file; relative to the
+    policy file's folder) or ``url`` (``redis://...``), exactly one; ``ttl`` in seconds (default
+    a week); ``max_bytes`` (an SQLite cache's size cap) or ``max_entries`` (a Redis cache's);
+    ``roots``: whether root calls are answered from it too (default true).
+    """
+
+    path: str | None = None
+    url: str | None = None
+    ttl: float | None = None
+    max_bytes: int | None = None
+    max_entries: int | None = None
+    roots: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("give the cache's path (an SQLite file) or its url (redis://...), one of them")
+        if self.ttl is not None and not self.ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds, not {self.ttl!r}")
+        for key, value in (("max_bytes", self.max_bytes), ("max_entries", self.max_entries)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{key} must be a positive integer, not {value!r}")
+        if self.url is not None and self.max_bytes is not None:
+            raise ValueError("max_bytes caps an SQLite cache (path = ...); a Redis cache takes max_entries")
+        if self.path is not None and self.max_entries is not None:
+            raise ValueError("max_entries caps a Redis cache (url = ...); an SQLite cache takes max_bytes")
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
-    """What a policy file sets: limits per lane key, the retry policy, the shared state, and
-    where the root's code runs (``sandbox``: a ``--sandbox`` string, ``None`` when the file has
-    no ``[sandbox]``; :func:`rlmflow.sandbox.choice.build_sandbox` builds it)."""
+    """What a policy file sets: limits per lane key, the retry policy, the shared state, where
+    the root's code runs (``sandbox``: a ``--sandbox`` string, ``None`` when the file has no
+    ``[sandbox]``; :func:`rlmflow.sandbox.choice.build_sandbox` builds it) and the sub-call
+    cache (``cache``; :func:`rlmflow.durable.choice.cache_from_settings` opens it)."""
 
     limits: dict[str, Limits]
     retry: RetryPolicy | None = None
     shared: SharedConfig | None = None
     sandbox: str | None = None
+    cache: CacheSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +148,7 @@ def load_policy(path: str | Path) -> Policy:
     unknown = sorted(set(document) - set(_TABLES))
     if unknown:
         raise ConfigurationError(f"invalid policy in {path}: unknown tables {unknown}; a policy has "
-                                 "[lanes.<key>], [retry], [shared] and [sandbox]")
+                                 "[lanes.<key>], [retry], [shared], [sandbox] and [cache]")
     lanes = document.get("lanes", {})
     if not isinstance(lanes, dict):
         raise ConfigurationError(f"invalid policy in {path}: 'lanes' must be tables, as [lanes.\"<model>\"]")
@@ -127,7 +161,10 @@ def load_policy(path: str | Path) -> Policy:
     retry = _build(RetryPolicy, document["retry"], f"{path}: [retry]") if "retry" in document else None
     shared = _build(SharedConfig, document["shared"], f"{path}: [shared]") if "shared" in document else None
     sandbox = _sandbox(document["sandbox"], path) if "sandbox" in document else None
-    return Policy(limits, retry, shared, sandbox)
+    cache = _build(CacheSettings, document["cache"], f"{path}: [cache]") if "cache" in document else None
+    if cache is not None and cache.path is not None:  # a path in the file is the file's, wherever it is run
+        cache = replace(cache, path=str(Path(path).parent / Path(cache.path).expanduser()))
+    return Policy(limits, retry, shared, sandbox, cache)
 
 
 def _sandbox(table: Any, path: str | Path) -> str:
@@ -179,6 +216,8 @@ def _has_type(value: Any, expected: Any) -> bool:
             return True
         if option is int and type(value) is int:  # a TOML boolean is not a number
             return True
+        if option is bool and type(value) is bool:
+            return True
         if option is float and type(value) in (int, float) and math.isfinite(value):
             return True
         if option is str and type(value) is str:
@@ -187,7 +226,7 @@ def _has_type(value: Any, expected: Any) -> bool:
 
 
 def _describe(expected: Any) -> str:
-    names = {int: "an integer", float: "a finite number", str: "a string"}
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
     options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
     return " or ".join(names.get(option, getattr(option, "__name__", str(option))) for option in options
                        if option is not type(None)) + (" (or left out)" if type(None) in options else "")

@@ -4,12 +4,15 @@ else a path of an SQLite file."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from .cache import CallCache, SQLiteCallCache
+from ..dispatch.policy import CacheSettings
+from .cache import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_TTL, CallCache, SQLiteCallCache
 from .journal import Journal, RunJournal
 
-__all__ = ["open_cache", "open_journal"]
+__all__ = ["cache_from_settings", "chosen_cache", "open_cache", "open_journal", "owned_cache"]
 
 _REDIS = ("redis://", "rediss://", "unix://")
 
@@ -33,3 +36,34 @@ def open_journal(spec: str | Path) -> RunJournal:
 
         return RedisJournal(spec)
     return Journal(spec)
+
+
+def cache_from_settings(settings: CacheSettings) -> CallCache:
+    """The cache a policy file's ``[cache]`` table describes."""
+    ttl = settings.ttl if settings.ttl is not None else DEFAULT_CACHE_TTL
+    if settings.url is not None:
+        from .redis_cache import DEFAULT_MAX_ENTRIES, RedisCallCache
+
+        return RedisCallCache(settings.url, ttl=ttl, max_entries=settings.max_entries or DEFAULT_MAX_ENTRIES,
+                              roots=settings.roots)
+    assert settings.path is not None  # CacheSettings holds one of them
+    return SQLiteCallCache(settings.path, ttl=ttl, max_bytes=settings.max_bytes or DEFAULT_CACHE_BYTES,
+                           roots=settings.roots)
+
+
+def chosen_cache(flag: str | None, settings: CacheSettings | None) -> CallCache | None:
+    """The cache a command runs with: ``--cache`` wins over the policy file's ``[cache]``; none
+    without either."""
+    if flag:
+        return open_cache(flag)
+    return cache_from_settings(settings) if settings is not None else None
+
+
+@asynccontextmanager
+async def owned_cache(cache: CallCache | None) -> AsyncIterator[CallCache | None]:
+    """``cache``, closed on the way out (a command's own: an RLM closes none it was given)."""
+    try:
+        yield cache
+    finally:
+        if cache is not None:
+            await cache.aclose()

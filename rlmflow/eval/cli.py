@@ -25,7 +25,8 @@ from .._util import single_exception
 from ..dispatch.budget import Budget
 from ..dispatch.dispatcher import Dispatcher
 from ..dispatch.policy import load_policy
-from ..durable.choice import open_cache
+from ..durable.cache import CallCache
+from ..durable.choice import chosen_cache
 from ..models.registry import DEFAULT_MODEL, ModelRegistry
 from ..sandbox.choice import add_sandbox_argument, build_sandbox, chosen_sandbox
 from .approaches import Approach, DirectApproach, RLMApproach
@@ -216,10 +217,11 @@ async def _evaluate(args: argparse.Namespace) -> int:
     export = args.export  # the application's OTLP wiring from the OTEL_* environment (rlmflow.cli)
     tracer_provider, meter_provider = export.tracer_provider, export.meter_provider
     registry = ModelRegistry()  # one instance per model string: base and rlm share local weights
-    cache = open_cache(args.cache) if args.cache else None
+    cache: CallCache | None = None
     try:
         policy = load_policy(args.policy) if args.policy else None
         sandbox = chosen_sandbox(args.sandbox, policy.sandbox if policy is not None else None)
+        cache = chosen_cache(args.cache, policy.cache if policy is not None else None)
         # a strands: root (a Strands Agent driving the run) is rlm's; base calls the model under it
         strands_root = args.root.startswith("strands:")
         plain_root = args.root.removeprefix("strands:")
