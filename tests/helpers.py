@@ -50,3 +50,24 @@ def load_example(name: str = "service") -> Any:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+async def killed_once(command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool]) -> str:
+    """Run ``command`` until ``ready()`` holds, then SIGKILL it (a deploy, an OOM kill); what it
+    printed. Fails if the process ends on its own first, or after 60 s."""
+    import signal
+
+    import anyio
+
+    with log.open("wb") as err:
+        process = await anyio.open_process(command, env=env, stdout=err, stderr=err)
+        try:
+            with anyio.fail_after(60):
+                while not ready():
+                    assert process.returncode is None, log.read_text()
+                    await anyio.sleep(0.02)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            await process.aclose()
+    return log.read_text()

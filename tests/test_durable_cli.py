@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import sys
 from contextlib import closing
@@ -13,6 +12,7 @@ import anyio
 import pytest
 
 from .fakes import FakeOpenAIServer
+from .helpers import killed_once
 
 pytestmark = pytest.mark.anyio
 
@@ -63,19 +63,8 @@ async def test_a_killed_run_resumed_pays_each_prompt_once_and_answers_exactly(tm
     env = {**os.environ, "OPENAI_API_KEY": "test"}
     async with FakeOpenAIServer(latency=0.15, root_marker="Question: how long?", root_reply=f"```repl\n{CELL}\n```",
                                 reply=reply) as server:
-        log = tmp_path / "first.log"
-        with log.open("wb") as err:
-            process = await anyio.open_process(command(server, document, journal), env=env, stdout=err, stderr=err)
-            try:
-                with anyio.fail_after(60):
-                    while journaled_sub_prompts(journal) < 20:
-                        assert process.returncode is None, log.read_text()
-                        await anyio.sleep(0.02)
-            finally:
-                process.send_signal(signal.SIGKILL)
-                await process.wait()
-                await process.aclose()
-        first_err = log.read_text()
+        first_err = await killed_once(command(server, document, journal), env, tmp_path / "first.log",
+                                      lambda: journaled_sub_prompts(journal) >= 20)
         assert "journal" in first_err and "--resume" in first_err  # the run's id and where it is
         if torn:  # the process died mid-write: the last transaction of the WAL is cut short
             wal = journal.with_name(journal.name + "-wal")

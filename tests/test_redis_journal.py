@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from rlmflow import RLM, ConfigurationError
 from rlmflow.durable.redis_journal import RedisJournal
 
 from .fakes import FakeOpenAIServer
-from .helpers import refused_port, turn_script
+from .helpers import killed_once, refused_port, turn_script
 from .redis_server import RedisServer
 from .test_durable import CELLS, PROMPTS, sub_model
 
@@ -113,19 +112,8 @@ async def test_a_cli_run_killed_on_one_host_is_resumed_by_a_second_process(
         def journaled() -> int:
             return sum(calls.llen(key) for key in calls.scan_iter("rlmflow:journal:calls:*")) - 1  # the root's
 
-        log = tmp_path / "first.log"
-        with log.open("wb") as err:
-            process = await anyio.open_process(command, env=env, stdout=err, stderr=err)
-            try:
-                with anyio.fail_after(60):
-                    while journaled() < 10:
-                        assert process.returncode is None, log.read_text()
-                        await anyio.sleep(0.02)
-            finally:
-                process.send_signal(signal.SIGKILL)
-                await process.wait()
-                await process.aclose()
-        assert f"journal {redis_server.url}" in log.read_text()
+        first_err = await killed_once(command, env, tmp_path / "first.log", lambda: journaled() >= 10)
+        assert f"journal {redis_server.url}" in first_err
         paid = {text for key in calls.scan_iter("rlmflow:journal:calls:*") for text in
                 (answer_of(row) for row in calls.lrange(key, 0, -1)) if text.startswith("ANSWER ")}
         asked.clear()
