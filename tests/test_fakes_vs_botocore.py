@@ -288,6 +288,9 @@ async def test_bedrock_replies_and_fault_plans_on_the_wire(http: aiohttp.ClientS
     async with FakeBedrockServer(rpm=1, status_faults={429: 0.0}) as server:
         for operation in (converse, stream):
             answers.append((operation, *await bedrock_call(http, server, operation.name, converse_body("hi"))))
+    async with FakeBedrockServer(quota_refusals=2) as server:  # a spent quota, as the Redis lane tests inject
+        for operation in (converse, stream):
+            answers.append((operation, *await bedrock_call(http, server, operation.name, converse_body("hi"))))
     for status_code in sorted(_STATUS_KINDS):
         async with FakeBedrockServer(status_faults={status_code: 1.0}) as server:
             answers.append((converse, *await bedrock_call(http, server, "Converse", converse_body("hi"))))
@@ -580,13 +583,13 @@ BEDROCK_KNOBS = {
     "wire": {"faults", "status_faults", "rpm", "tpm", "max_concurrency", "context_window", "tool_reply",
              "cache_read_tokens", "cache_write_tokens", "stream_faults", "access_key", "secret_key", "region",
              "check_signatures", "output_tokens", "stream_pieces", "cache_min_tokens", "max_cache_points",
-             "cache_ttl", "count_models"},
+             "cache_ttl", "count_models", "quota_refusals"},
     "no shape": {"latency", "latency_jitter", "window", "seed", "port", "capacity", "reply", "usage",
                  "rate_headers", "root_marker", "root_reply", "concurrency_retry_after", "hold_after", "tokenizer",
-                 "count_latency"},
+                 "count_latency", "latency_of", "quota_retry_after"},
     "departure": {"never_stream"},
     "records": {"requests_seen", "bad_signatures", "peak_in_flight", "in_flight", "requests_in_flight", "admitted",
-                "counters", "base_url", "prompt_cache", "counts_seen"},
+                "counters", "base_url", "prompt_cache", "counts_seen", "serving"},
 }
 AGENTCORE_KNOBS = {
     "wire": {"throttle", "fail", "stream_fail", "max_sessions", "max_session_timeout", "access_key", "secret_key",
