@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="answer requests asked before from this sub-call cache (an SQLite file, or a redis:// "
                      "URL shared by replicas), and keep new answers there; overrides the policy's [cache] "
                      "(docs/durability.md)")
+    run.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                     help="ask Bedrock and Anthropic for no prompt caching (on by default; docs/caching.md)")
     run.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     run.add_argument(
         "--capture-content", type=int, metavar="N", default=None,
@@ -246,6 +248,7 @@ async def _answer(
         journal=args.journal,
         replay=args.replay,
         cache=cache,
+        prompt_cache=args.prompt_cache,
         max_turns=args.max_turns,
         max_depth=args.max_depth,
         budget=budget,

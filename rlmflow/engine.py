@@ -109,6 +109,9 @@ class RLM:
       before (same model, settings and messages) is answered from it, sent and charged nothing,
       and marked ``cached`` in its record, span, metric and event; root calls included unless
       the cache says otherwise (``docs/durability.md``);
+    - ``prompt_cache``: ``False`` makes the models this RLM builds from model strings ask their
+      provider for no prompt caching (on by default where the provider offers it: Bedrock and
+      Anthropic Claude models; ``docs/caching.md``); models passed in keep their own setting;
     - ``capture_content``: put prompts, replies, code and outputs into span attributes, each cut
       to this many characters (0, the default, records lengths and hashes only);
     - ``tracer_provider`` / ``meter_provider``: where spans and metrics go (default: the global
@@ -143,6 +146,7 @@ class RLM:
         journal: RunJournal | str | Path | None = None,
         replay: RunJournal | str | Path | None = None,
         cache: CallCache | str | Path | None = None,
+        prompt_cache: bool = True,
         capture_content: int = 0,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
@@ -151,13 +155,13 @@ class RLM:
             raise ConfigurationError("max_turns must be at least 1")
         if max_depth < 0:
             raise ConfigurationError("max_depth must be >= 0")
-        self._registry = ModelRegistry()
+        self._registry = ModelRegistry(prompt_cache=prompt_cache)
         self.root_style: Literal["code", "strands"] = root_style or _root_style_of(root)
         """``"code"`` or ``"strands"``: how the root model drives a run."""
         if self.root_style == "strands":
             from .models.strands import strands_root_model
 
-            root_model: LanguageModel = strands_root_model(root)
+            root_model: LanguageModel = strands_root_model(root, prompt_cache=prompt_cache)
         elif isinstance(root, str | LanguageModel):
             root_model = self._registry.resolve(root)
         else:

@@ -83,6 +83,8 @@ def add_eval_parser(commands: Any) -> None:
     ev.add_argument("--cache", metavar="PATH", default=None,
                     help="sub-call cache (an SQLite file or a redis:// URL) shared by every approach: a rerun pays "
                     "only for what changed")
+    ev.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                    help="ask Bedrock and Anthropic for no prompt caching (on by default; docs/caching.md)")
     ev.add_argument("--report", action="store_true", help="print the Markdown report at the end")
     ev.add_argument("-v", "--verbose", action="store_true", help="log rlmflow's records to stderr")
     sub = ev.add_subparsers(dest="eval_command", required=False)
@@ -216,7 +218,8 @@ async def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"unknown approach(es) {unknown}; use {', '.join(APPROACHES)}")
     export = args.export  # the application's OTLP wiring from the OTEL_* environment (rlmflow.cli)
     tracer_provider, meter_provider = export.tracer_provider, export.meter_provider
-    registry = ModelRegistry()  # one instance per model string: base and rlm share local weights
+    # one instance per model string: base and rlm share local weights
+    registry = ModelRegistry(prompt_cache=args.prompt_cache)
     cache: CallCache | None = None
     try:
         policy = load_policy(args.policy) if args.policy else None
@@ -239,6 +242,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
                     max_turns=args.max_turns,
                     max_depth=args.max_depth, sandbox=build_sandbox(sandbox, cell_timeout=args.cell_timeout),
                     tracer_provider=tracer_provider, meter_provider=meter_provider, cache=cache,
+                    prompt_cache=args.prompt_cache,
                 ))
         dispatcher = (Dispatcher.from_policy(policy, tracer_provider=tracer_provider, meter_provider=meter_provider)
                       if policy is not None

@@ -70,8 +70,10 @@ def parse_model_string(spec: str) -> tuple[str, str, str | None]:
     raise UnknownModelError(f"unknown provider {provider!r} in {spec!r}; use one of: {_FORMS}")
 
 
-def build_model(provider: str, name: str, where: str | None) -> LanguageModel:
-    """The model object of a parsed model string; its provider's module is imported here, not before."""
+def build_model(provider: str, name: str, where: str | None, *, prompt_cache: bool = True) -> LanguageModel:
+    """The model object of a parsed model string; its provider's module is imported here, not
+    before. ``prompt_cache=False`` turns the provider's prompt caching off (Bedrock, Anthropic)."""
+    cache = None if prompt_cache else False  # None: the model's own default rules
     if provider == "local":
         from .local import LocalModel
 
@@ -79,11 +81,11 @@ def build_model(provider: str, name: str, where: str | None) -> LanguageModel:
     if provider == "anthropic":
         from .anthropic import AnthropicModel
 
-        return AnthropicModel(name, base_url=where)
+        return AnthropicModel(name, base_url=where, prompt_cache=cache)
     if provider == "bedrock":
         from .bedrock import BedrockModel
 
-        return BedrockModel(name, region=where)
+        return BedrockModel(name, region=where, prompt_cache=cache)
     from .openai import OpenAIModel
 
     return OpenAIModel(name, base_url=where)
@@ -94,10 +96,12 @@ class ModelRegistry:
 
     Sharing matters for local models: root and sub given the same ``local:`` string use one set
     of weights in memory. ``aclose`` closes what this registry created (never models passed in).
+    ``prompt_cache=False``: the models it creates ask their provider for no prompt caching.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, prompt_cache: bool = True) -> None:
         self._created: dict[str, LanguageModel] = {}
+        self.prompt_cache = prompt_cache
 
     def resolve(self, model: str | LanguageModel) -> LanguageModel:
         """The model a string names (built once per registry), or ``model`` itself.
@@ -114,7 +118,7 @@ class ModelRegistry:
         existing = self._created.get(model)
         if existing is not None:
             return existing
-        created = build_model(*parse_model_string(model))
+        created = build_model(*parse_model_string(model), prompt_cache=self.prompt_cache)
         self._created[model] = created
         return created
 
