@@ -69,10 +69,14 @@ async def test_faults_lose_nothing_and_random_refusals_keep_the_limit() -> None:
 
 @pytest.mark.parametrize(("rpm", "tpm"), [(30, None), (None, 1500)])
 async def test_the_server_never_sees_more_than_the_limits(rpm: int | None, tpm: int | None) -> None:
+    # the provider counts arrivals over 0.5 s, the Dispatcher admissions over 1 s (plus its margin):
+    # a loaded machine that delays some requests by up to 0.75 s on the way still stays under, and a
+    # Dispatcher that ignored the limits would not (the window itself is checked on a fake clock in
+    # test_controller_properties.py)
     window = 0.5
     async with FakeOpenAIServer(rpm=rpm, tpm=tpm, window=window) as server:
         model = OpenAIModel("fake", base_url=server.base_url)
-        dispatcher = Dispatcher(limits={"openai": Limits(rpm=rpm, tpm=tpm, window=window, max_concurrency=64)})
+        dispatcher = Dispatcher(limits={"openai": Limits(rpm=rpm, tpm=tpm, window=2 * window, max_concurrency=64)})
         try:
             outcomes = await dispatcher.call_many(model, prompts(75), ledger=BudgetLedger())
         finally:
