@@ -367,13 +367,11 @@ def test_a_hosted_roots_history_is_long_enough_to_stay_cached_and_a_small_window
     assert RLM(root=SmallWindow(["x"]), history_chars=5000).settings.history_chars == 5000
 
 
-def test_prompt_caching_can_be_turned_off_for_the_models_an_rlm_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_prompt_caching_can_be_turned_off_for_the_models_an_rlm_builds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
-    claude = "anthropic:claude-sonnet-4-5"
-    on = RLM(root=claude, sub="bedrock:us.anthropic.claude-sonnet-4-5-20250929-v1:0@us-east-1")
-    off = RLM(root=claude, sub="bedrock:us.anthropic.claude-sonnet-4-5-20250929-v1:0@us-east-1", prompt_cache=False)
-    assert [getattr(m, "caches_prompts", None) for m in (on.root, on.sub)] == [True, True]
-    assert [getattr(m, "caches_prompts", None) for m in (off.root, off.sub)] == [False, False]
-    strands_off = RLM(root="strands:bedrock:us.anthropic.claude-sonnet-4-5-20250929-v1:0@us-east-1",
-                      prompt_cache=False)
-    assert getattr(strands_off.root, "caches_prompts", None) is False
+    claude, bedrock = "anthropic:claude-sonnet-4-5", "bedrock:us.anthropic.claude-sonnet-4-5-20250929-v1:0@us-east-1"
+    async with RLM(root=claude, sub=bedrock) as on, RLM(root=claude, sub=bedrock, prompt_cache=False) as off, \
+            RLM(root="strands:" + bedrock, prompt_cache=False) as strands_off:
+        assert [getattr(m, "caches_prompts", None) for m in (on.root, on.sub)] == [True, True]
+        assert [getattr(m, "caches_prompts", None) for m in (off.root, off.sub)] == [False, False]
+        assert getattr(strands_off.root, "caches_prompts", None) is False
