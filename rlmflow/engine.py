@@ -59,6 +59,11 @@ def _root_style_of(root: object) -> Literal["code", "strands"]:
     return "strands" if is_strands else "code"
 
 
+def _plans_first(root: LanguageModel) -> bool:
+    """Whether a root plans through the form by default: the embedded (small) llama.cpp models do."""
+    return root.provider == "llama.cpp"
+
+
 class RLM:
     """A Recursive Language Model: ``await RLM(...).run(context, query)``.
 
@@ -100,6 +105,11 @@ class RLM:
       the cache says otherwise (``docs/durability.md``);
     - ``capture_content``: put prompts, replies, code and outputs into span attributes, each cut
       to this many characters (0, the default, records lengths and hashes only);
+    - ``plan_first``: the root's first turn fills a form (the kind of question, the word that
+      marks its records, what to ask of each) and a program of that kind runs it: collect every
+      record, ask the sub-model about each in one batch, combine in Python (see
+      :mod:`rlmflow._run.plan`); by default on for an embedded llama.cpp root (a small model),
+      off for others, which plan their own code;
     - ``tracer_provider`` / ``meter_provider``: where spans and metrics go (default: the global
       OpenTelemetry providers, which do nothing until the application configures them).
 
@@ -133,6 +143,7 @@ class RLM:
         replay: RunJournal | str | Path | None = None,
         cache: CallCache | str | Path | None = None,
         capture_content: int = 0,
+        plan_first: bool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
@@ -186,6 +197,7 @@ class RLM:
             sub_max_tokens=sub_max_tokens, max_feedback_chars=max_feedback_chars, history_chars=history_chars,
             max_repeated_errors=max_repeated_errors, dedup=dedup, trajectory=trajectory,
             capture_content=capture_content, cache=self.cache,
+            plan_first=_plans_first(root_model) if plan_first is None else plan_first,
         )
         """What every run of this RLM is given (frozen)."""
         # Calls of this RLM's runs report to its own providers even on a shared Dispatcher.
