@@ -10,19 +10,18 @@ judging, ``numbers``/``total``/``count_yes`` in Python, the parts printed, and `
 when some record was found. A lookup becomes a first ``grep`` and the free-form loop goes on.
 
 Nothing here reads the words of a particular question: the form's fields come from the root, and
-the rules below are about the form (is ``ask`` a yes/no question? did ``having`` match?).
+the rules below are about the form (does any record name ``about``? a count with a unit?).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..models.base import Message, ModelRequest
 
-__all__ = ["KINDS", "PLAN_SCHEMA", "Plan", "is_yes_no_question", "parse_plan", "plan_request", "render"]
+__all__ = ["KINDS", "PLAN_SCHEMA", "Plan", "parse_plan", "plan_request", "render"]
 
 KINDS = ("lookup", "count", "total", "largest", "smallest")
 
@@ -31,11 +30,10 @@ PLAN_SCHEMA: dict[str, Any] = {
     "properties": {
         "kind": {"type": "string", "enum": list(KINDS)},
         "records": {"type": "string"},
+        "about": {"type": "string"},
         "unit": {"type": "string"},
-        "having": {"type": "string"},
-        "ask": {"type": "string"},
     },
-    "required": ["kind", "records", "unit", "having", "ask"],
+    "required": ["kind", "records", "about", "unit"],
 }
 
 PLAN_SYSTEM = """\
@@ -44,29 +42,25 @@ You plan how to answer a question about a long document. The document may hold m
 one. Reply with one JSON object:
 - kind: "lookup" (one fact), "count" (how many records), "total" (add up amounts), "largest" or
   "smallest" (one amount among the records).
-- records: a word or two that appears in every record the question is about (its label or
-  kind), e.g. "invoice", "ship's log". For a lookup: the most distinctive word to search for.
+- records: the label of the records the question is about, one or two words, e.g. "invoice",
+  "inspector's report". For a lookup: the most distinctive word to search for.
+- about: the name, item, place or kind of thing each record must be about to count, taken from
+  the question (e.g. "copper", "Harlow Mills", "a broken lock"), or "" if every record counts.
 - unit: what the amounts are counted in (e.g. "crowns", "tons"), or "" if none.
-- having: a name, item or place from the question that every record to use must contain, or "".
-- ask: a yes/no question about ONE record, when deciding needs reading (e.g. "Does this entry
-  describe a repair?"), or "".
 
 Examples:
 Question: How many of the inspector's reports mention a broken lock?
-{"kind": "count", "records": "inspector", "unit": "", "having": "", "ask": "Does this report mention a broken lock?"}
-Question: What is the total weight of copper shipped, adding every cargo entry?
-{"kind": "total", "records": "cargo entry", "unit": "tons", "having": "copper", "ask": ""}
+{"kind": "count", "records": "inspector's report", "about": "a broken lock", "unit": ""}
+Question: How many tons of copper were shipped in all, adding every cargo entry?
+{"kind": "total", "records": "cargo entry", "about": "copper", "unit": "tons"}
+Question: What is the sum of all the fees the Guild of Weavers paid?
+{"kind": "total", "records": "fee", "about": "Guild of Weavers", "unit": ""}
 Question: What was the largest single donation from the Guild of Weavers?
-{"kind": "largest", "records": "donation", "unit": "", "having": "Guild of Weavers", "ask": ""}
+{"kind": "largest", "records": "donation", "about": "Guild of Weavers", "unit": ""}
 Question: How many invoices were issued to Harlow Mills?
-{"kind": "count", "records": "invoice", "unit": "", "having": "Harlow Mills", "ask": ""}
+{"kind": "count", "records": "invoice", "about": "Harlow Mills", "unit": ""}
 Question: According to the letters, what colour was the captain's coat?
-{"kind": "lookup", "records": "coat", "unit": "", "having": "", "ask": ""}"""
-
-_YES_NO_START = re.compile(
-    r"^(is|are|was|were|does|do|did|has|have|had|can|could|will|would|should|shall|may|might|must)\b", re.IGNORECASE
-)
-
+{"kind": "lookup", "records": "coat", "about": "", "unit": ""}"""
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -74,9 +68,8 @@ class Plan:
 
     kind: str
     records: str
+    about: str = ""
     unit: str = ""
-    having: str = ""
-    ask: str = ""
 
 
 def plan_request(query: str, *, max_tokens: int = 160, temperature: float = 0.0, note: str = "") -> ModelRequest:
@@ -99,36 +92,44 @@ def parse_plan(reply: str) -> Plan | None:
         return None
     if not isinstance(data, dict) or data.get("kind") not in KINDS:
         return None
-    fields = {name: _clean(data.get(name)) for name in ("records", "unit", "having", "ask")}
+    fields = {name: _clean(data.get(name)) for name in ("records", "about", "unit")}
     if not fields["records"]:
         return None
-    return Plan(kind=str(data["kind"]), **fields)
+    kind = str(data["kind"])
+    if kind == "count" and fields["unit"]:  # records are counted without a unit: amounts are added
+        kind = "total"
+    return Plan(kind=kind, **fields)
 
 
 def _clean(value: Any) -> str:
     return " ".join(str(value).split())[:200] if isinstance(value, (str, int, float)) else ""
 
 
-def is_yes_no_question(text: str) -> bool:
-    """Whether ``text`` asks yes or no about one record (a question copied from the task, "how many
-    ...?", is not one: asked of each record it has no yes/no answer)."""
-    return bool(_YES_NO_START.match(text.strip())) and text.strip().endswith("?")
-
-
 def render(plan: Plan) -> str:
-    """The program of the plan's kind, with its blanks filled (sandbox code, shown to the root)."""
+    """The program of the plan's kind, with its blanks filled (sandbox code, shown to the root).
+
+    ``about`` keeps the records that name it; when none does (a kind of thing, not a name: "a
+    storm", "a bird"), the sub-model judges each record in one batch. When the label asked for
+    matched only prose but ``about`` finds labelled records, those are the records.
+    """
     if plan.kind == "lookup":
         return f"print(grep({plan.records!r}))"
-    lines = [f"found = records({plan.records!r})", "print(found)", "kept = found"]
-    if plan.having:
-        judge = f"Is this record about {plan.having} (or a kind of {plan.having})?"
+    lines = [f"found = records({plan.records!r})", "kept = found"]
+    if plan.about:
+        judge = f"Is this record about {plan.about}?"
         lines += [
-            f"kept = records({plan.records!r}, having={plan.having!r})",
+            f"named = records({plan.about!r})",
+            "if named.labelled and not found.labelled:  # the records name it, not the label asked for",
+            "    found = named",
+            "print(found)",
+            f"kept = records({plan.records!r}, having={plan.about!r}) if found is not named else named",
             "if found and not kept:  # no record names it: judge each one",
-            f"    kept = keep_yes(found, ask_each(found, {judge!r}))",
+            f"    verdicts = ask_each(found, {judge!r})",
+            "    print(verdicts)",
+            "    kept = keep_yes(found, verdicts)",
         ]
-    if plan.ask and is_yes_no_question(plan.ask):
-        lines += [f"verdicts = ask_each(kept, {plan.ask!r})", "print(verdicts)", "kept = keep_yes(kept, verdicts)"]
+    else:
+        lines.append("print(found)")
     lines.append('print(len(kept), "record(s) kept; first:", kept[:2])')
     if plan.kind == "count":
         lines.append("answer = len(kept)")

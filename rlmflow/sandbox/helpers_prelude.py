@@ -226,11 +226,13 @@ _YES = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 class Records(list):  # type: ignore[type-arg]
     """Every record (a paragraph, or a line of a long one) of the context that matched; ``pattern``
-    is what matched (after any fallback), ``asked`` what the caller asked for."""
+    is what matched (after any fallback), ``asked`` what the caller asked for, ``labelled`` whether
+    they share a label (records of a kind) rather than being matches in running prose."""
 
-    def __init__(self, items: list[str], asked: str, pattern: str, having: str = "") -> None:
+    def __init__(self, items: list[str], asked: str, pattern: str, having: str = "", *, labelled: bool = False) -> None:
         super().__init__(items)
         self.asked, self.pattern, self.having = asked, pattern, having
+        self.labelled = labelled  # the records share labels ("Invoice 12: ..."): not matches in running prose
 
     def __repr__(self) -> str:
         how = f"{self.asked!r}" if self.pattern == self.asked else f"{self.asked!r} (matched as {self.pattern!r})"
@@ -300,6 +302,36 @@ def _collect(context: Any, compiled: re.Pattern[str]) -> list[str]:
     return found
 
 
+_LABEL = re.compile(r"[^\n:|,.;(\[\]=0-9#-]{2,60}")
+
+
+def _label(unit: str) -> str:
+    """A record's label: its opening words, up to the first punctuation or digit ("Harbour
+    master's note, 3 May: ..." -> "harbour master's note")."""
+    found = _LABEL.match(unit.lstrip())
+    return " ".join(found.group(0).lower().split()) if found else ""
+
+
+def _families(found: list[str], asked: str) -> tuple[list[str], bool]:
+    """The matches that are records rather than prose, and whether they share labels (records of
+    a kind do). Keep the matches whose label is shared by two or more of them and names the asked
+    words; failing that, those of the largest label shared by three or more; failing that, all."""
+    labels = [_label(unit) for unit in found]
+    sizes: dict[str, int] = {}
+    for label in labels:
+        if label:
+            sizes[label] = sizes.get(label, 0) + 1
+    words = [_stem(w) for w in re.findall(r"[A-Za-z]{3,}", asked)]
+    named = {label for label, n in sizes.items() if n >= 2 and any(w in label for w in words)}
+    if named:
+        return [unit for unit, label in zip(found, labels, strict=True) if label in named], True
+    shared = [label for label, n in sizes.items() if n >= 3]
+    if shared:
+        largest = max(shared, key=lambda label: sizes[label])
+        return [unit for unit, label in zip(found, labels, strict=True) if label == largest], True
+    return found, False
+
+
 def _contains_all(record: str, having: str) -> bool:
     words = [_stem(w) for w in re.findall(r"[A-Za-z0-9][A-Za-z0-9'-]*", having)]
     low = record.lower()
@@ -311,6 +343,7 @@ def _records_for(namespace: Mapping[str, Any]) -> Callable[..., Records]:
         """Every record of ``context`` that matches ``pattern`` (words or a regex, any case): the
         paragraph around each match, or the line when the paragraph is very long. All of them, in
         document order, each once. ``having``: keep only records that also contain these words.
+        Matches in running prose are left out when the others share a label ("Invoice 12: ...").
 
         A phrase that matches nothing is retried with plurals, possessives and separators loosened
         ("travellers' notes" finds "Traveller's note:").
@@ -324,9 +357,18 @@ def _records_for(namespace: Mapping[str, Any]) -> Callable[..., Records]:
         if not found and loose is not None:
             used = loose
             found = _collect(context, re.compile(loose, re.IGNORECASE))
+        if not found:  # the phrase as a whole is not there: its words, one at a time
+            for word in sorted(set(re.findall(r"[A-Za-z]{4,}", pattern)), key=len, reverse=True):
+                if word.lower() not in _COMMON:
+                    found, labelled = _families(
+                        _collect(context, re.compile(re.escape(_stem(word)), re.IGNORECASE)), word)
+                    if found:
+                        used = _stem(word)
+                        break
+        found, labelled = _families(found, pattern)
         if having:
             found = [r for r in found if _contains_all(r, having)]
-        return Records(found, pattern, used, having)
+        return Records(found, pattern, used, having, labelled=labelled)
 
     return records
 
