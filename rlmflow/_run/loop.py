@@ -96,7 +96,7 @@ class RootLoop:
             planned = await self._plan_turn(session, messages, max_turns)
             if isinstance(planned, RLMResult):
                 return planned
-            first = 2
+            first = 2 if planned else 1
         for turn in range(first, max_turns + 1):
             with self._cells.turn(turn, max_turns):
                 if turn == max_turns:
@@ -148,23 +148,23 @@ class RootLoop:
             self._policy.last_output, max_turns, f"no answer after {max_turns} turns: the root model never called FINAL"
         )
 
-    async def _plan_turn(self, session: SandboxSession, messages: list[Message], max_turns: int) -> RLMResult | None:
-        """Turn 1 of a planning run: the root fills the form of :mod:`rlmflow._run.plan`, and its
-        kind's program runs. Returns the result when that program answered; otherwise adds the
-        turn to ``messages`` (a lookup's first search, or what the program printed) and the
-        free-form loop goes on from turn 2. A reply with no usable form adds nothing."""
+    async def _plan_turn(self, session: SandboxSession, messages: list[Message], max_turns: int) -> RLMResult | bool:
+        """Turn 1 of a planning run: the root fills the form of :mod:`rlmflow._run.plan`, and an
+        aggregation's program runs. Returns the result when that program answered; ``True`` when
+        it did not (the turn is in ``messages`` and the free-form loop goes on from turn 2);
+        ``False`` for a lookup or a reply with no usable form: the free-form loop starts at turn 1
+        as without a plan (lookups are what it already does well)."""
         state = self._state
+        started, wall = time.monotonic(), time.time()
+        state.progress.phase = "root model planning"
+        request = plan_request(state.query, max_tokens=min(self._settings.root_max_tokens, 200))
+        reply = (await self._calls.ask_root(self._root_model(1), request)).text
+        plan = parse_plan(reply)
+        _logger.info("plan", kind=plan.kind if plan else None, chars=len(reply))
+        if plan is None or plan.kind == "lookup":
+            return False
+        code = render(plan)
         with self._cells.turn(1, max_turns):
-            started, wall = time.monotonic(), time.time()
-            state.progress.phase = "root model planning"
-            request = plan_request(state.query, max_tokens=min(self._settings.root_max_tokens, 200))
-            reply = (await self._calls.ask_root(self._root_model(1), request)).text
-            plan = parse_plan(reply)
-            if plan is None:
-                self._cells.finish_turn(Turn(1, reply, [], "no usable plan", time.monotonic() - started,
-                                             started_at=wall))
-                return None
-            code = render(plan)
             work = await self._run_blocks(session, [code], 1)
             self._cells.finish_turn(Turn(
                 1, reply, [code], work.text, time.monotonic() - started, [ran.result for ran in work.cells],
@@ -177,7 +177,7 @@ class RootLoop:
         if isinstance(follow_up, RLMResult):
             return follow_up
         messages.append(follow_up.message)
-        return None
+        return True
 
     async def _ask_root(self, turn: int, messages: list[Message]) -> str:
         """The root model's reply to the (trimmed) conversation."""
