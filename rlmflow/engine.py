@@ -67,6 +67,11 @@ def default_history_chars(root: LanguageModel) -> int:
     return min(_HISTORY_CHARS, 3 * window) if isinstance(window, int) and window > 0 else _HISTORY_CHARS
 
 
+def _plans_first(root: LanguageModel) -> bool:
+    """Whether a root plans through the form by default: the embedded (small) llama.cpp models do."""
+    return root.provider == "llama.cpp"
+
+
 class RLM:
     """A Recursive Language Model: ``await RLM(...).run(context, query)``.
 
@@ -114,6 +119,11 @@ class RLM:
       Anthropic Claude models; ``docs/caching.md``); models passed in keep their own setting;
     - ``capture_content``: put prompts, replies, code and outputs into span attributes, each cut
       to this many characters (0, the default, records lengths and hashes only);
+    - ``plan_first``: the root's first turn fills a form (the kind of question, the word that
+      marks its records, what to ask of each) and a program of that kind runs it: collect every
+      record, ask the sub-model about each in one batch, combine in Python (see
+      :mod:`rlmflow._run.plan`); by default on for an embedded llama.cpp root (a small model),
+      off for others, which plan their own code;
     - ``tracer_provider`` / ``meter_provider``: where spans and metrics go (default: the global
       OpenTelemetry providers, which do nothing until the application configures them).
 
@@ -148,6 +158,7 @@ class RLM:
         cache: CallCache | str | Path | None = None,
         prompt_cache: bool = True,
         capture_content: int = 0,
+        plan_first: bool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
@@ -202,6 +213,7 @@ class RLM:
             history_chars=history_chars if history_chars is not None else default_history_chars(root_model),
             max_repeated_errors=max_repeated_errors, dedup=dedup, trajectory=trajectory,
             capture_content=capture_content, cache=self.cache,
+            plan_first=_plans_first(root_model) if plan_first is None else plan_first,
         )
         """What every run of this RLM is given (frozen)."""
         # Calls of this RLM's runs report to its own providers even on a shared Dispatcher.

@@ -22,6 +22,8 @@ from ..sandbox.base import SandboxSession
 from ..telemetry.logs import get_logger
 from .calls import CallScope
 from .cells import CellRunner, RanCell
+from .guards import answer_problem, unwrap_final
+from .plan import parse_plan, plan_request, render
 from .recorder import RunRecorder
 from .settings import RunSettings
 from .stall import StallPolicy
@@ -49,6 +51,15 @@ class _Work:
     printed: str  # the cells' feedback as the root reads it
     text: str  # ``printed`` and the note on variables the cells set
     asked_helper: bool  # sub-calls answered and no cell failed
+
+
+def _refused_message(problem: str, query: str, turns_left: int) -> str:
+    """The user message after a FINAL whose value is not an answer (see :mod:`rlmflow._run.guards`)."""
+    return (
+        f"Your FINAL was not accepted: {problem}. Call FINAL with the answer itself (a name, a number, a "
+        f"short sentence), computed from what your code found.\nThe question is: {query}\n"
+        f"You have {turns_left} turn(s) left."
+    )
 
 
 class RootLoop:
@@ -81,7 +92,13 @@ class RootLoop:
         if state.depth == 0:
             state.progress.max_turns = max_turns
         messages = self._opening()
-        for turn in range(1, max_turns + 1):
+        first = 1
+        if self._settings.plan_first and max_turns > 1:
+            planned = await self._plan_turn(session, messages, max_turns)
+            if isinstance(planned, RLMResult):
+                return planned
+            first = 2 if planned else 1
+        for turn in range(first, max_turns + 1):
             with self._cells.turn(turn, max_turns):
                 if turn == max_turns:
                     messages.append(Message("user", prompts.LAST_TURN))
@@ -93,7 +110,8 @@ class RootLoop:
                     # told to answer now after working on the context, a small model often answers
                     # in words: take them (a root that never ran code gets no such pass)
                     due = self._policy.answer_due(turn, max_turns) or self._told_budget
-                    words = prompts.plain_answer(reply) if due else ""
+                    words = unwrap_final(prompts.plain_answer(reply)) if due else ""
+                    words = "" if answer_problem(words, state.query) else words
                     note = "" if words else prompts.NO_CODE_NUDGE
                     self._cells.finish_turn(Turn(turn, reply, [], note, time.monotonic() - started, started_at=wall))
                     if words:
@@ -106,8 +124,15 @@ class RootLoop:
                     turn, reply, blocks, work.text, time.monotonic() - started, [ran.result for ran in work.cells],
                     started_at=wall, cell_spans=[(ran.started_at, ran.seconds) for ran in work.cells],
                 ))
-                if work.final is not None:
-                    return await self._done(work.final)
+                refused = None if work.final is None else answer_problem(unwrap_final(work.final), state.query)
+                if work.final is not None and refused is None:
+                    return await self._done(unwrap_final(work.final))
+                if refused is not None:
+                    if turn == max_turns:
+                        return await self._forced_answer(
+                            work.printed, turn, f"the last FINAL was refused: {refused}")
+                    messages.append(Message("user", _refused_message(refused, state.query, max_turns - turn)))
+                    continue
                 stop = state.budget_stop
                 if stop is not None:  # told once to answer from what it has, then the run ends
                     self._end_if_budget_spent()
@@ -123,6 +148,37 @@ class RootLoop:
         return await self._forced_answer(
             self._policy.last_output, max_turns, f"no answer after {max_turns} turns: the root model never called FINAL"
         )
+
+    async def _plan_turn(self, session: SandboxSession, messages: list[Message], max_turns: int) -> RLMResult | bool:
+        """Turn 1 of a planning run: the root fills the form of :mod:`rlmflow._run.plan`, and an
+        aggregation's program runs. Returns the result when that program answered; ``True`` when
+        it did not (the turn is in ``messages`` and the free-form loop goes on from turn 2);
+        ``False`` for a lookup or a reply with no usable form: the free-form loop starts at turn 1
+        as without a plan (lookups are what it already does well)."""
+        state = self._state
+        started, wall = time.monotonic(), time.time()
+        state.progress.phase = "root model planning"
+        request = plan_request(state.query, max_tokens=min(self._settings.root_max_tokens, 200))
+        reply = (await self._calls.ask_root(self._root_model(1), request)).text
+        plan = parse_plan(reply)
+        _logger.info("plan", kind=plan.kind if plan else None, chars=len(reply))
+        if plan is None or plan.kind == "lookup":
+            return False
+        code = render(plan)
+        with self._cells.turn(1, max_turns):
+            work = await self._run_blocks(session, [code], 1)
+            self._cells.finish_turn(Turn(
+                1, reply, [code], work.text, time.monotonic() - started, [ran.result for ran in work.cells],
+                started_at=wall, cell_spans=[(ran.started_at, ran.seconds) for ran in work.cells],
+            ))
+        if work.final is not None and answer_problem(unwrap_final(work.final), state.query) is None:
+            return await self._done(unwrap_final(work.final))
+        messages.append(Message("assistant", f"```repl\n{code}\n```"))
+        follow_up = await self._follow_up([code], work, turn=1, turns_left=max_turns - 1)
+        if isinstance(follow_up, RLMResult):
+            return follow_up
+        messages.append(follow_up.message)
+        return True
 
     async def _ask_root(self, turn: int, messages: list[Message]) -> str:
         """The root model's reply to the (trimmed) conversation."""
@@ -221,7 +277,8 @@ class RootLoop:
         )
         response = await self._calls.ask_root(settings.root, request)
         # a reply that is code again is not an answer (the words around it would be mistaken for one)
-        answer = "" if prompts.extract_code_blocks(response.text) else prompts.plain_answer(response.text)
+        answer = "" if prompts.extract_code_blocks(response.text) else unwrap_final(prompts.plain_answer(response.text))
+        answer = "" if answer_problem(answer, state.query) else answer
         # not a turn (max_turns caps those): the call is in the run's calls, the reply in the log
         _logger.info("forced answer", reason=reason, answered=bool(answer), chars=len(response.text),
                      duration_s=round(time.monotonic() - started, 3), turn=turn, started_at=wall)

@@ -68,7 +68,8 @@ class RunSettings:
 
     ``tracer`` is the RLM's; ``capture_content`` is how many characters of prompts, code and
     outputs go into span attributes (0: none); ``cache`` answers requests asked before, by any
-    run that shares it.
+    run that shares it; ``plan_first``: the code-block root's first turn is the plan form of
+    :mod:`rlmflow._run.plan`.
     """
 
     root: LanguageModel
@@ -89,6 +90,7 @@ class RunSettings:
     trajectory: Trajectory | None
     capture_content: int
     cache: CallCache | None = None
+    plan_first: bool = False
 
 
 @dataclass(frozen=True, slots=True)

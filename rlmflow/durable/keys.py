@@ -12,13 +12,15 @@ __all__ = ["request_key", "text_digest"]
 
 def request_key(model: LanguageModel, request: ModelRequest) -> str:
     """A digest of the model (provider, name, endpoint) and of the request (messages, generation
-    limit and sampling settings): two calls with the same key would be asked the same thing."""
+    limit, sampling settings and any reply schema): two calls with the same key would be asked the same thing."""
     endpoint = getattr(model, "endpoint", None)
-    shape = [
+    shape: list[object] = [
         model.provider, model.name, endpoint if isinstance(endpoint, str) else None,
         request.max_tokens, request.temperature, request.top_p, list(request.stop), request.reasoning_effort,
         [[message.role, message.content] for message in request.messages],
     ]
+    if request.json_schema is not None:  # added only when set: keys of earlier journals stay valid
+        shape.append(dict(request.json_schema))
     return text_digest(json.dumps(shape, ensure_ascii=False, separators=(",", ":")))
 
 

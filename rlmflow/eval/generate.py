@@ -7,6 +7,8 @@ Records are planted between the paragraphs of a public-domain corpus (the demo's
 - ``ledger``: a sum over every ledger line of one commodity, with other commodities interleaved;
 - ``notes``: how many travellers' notes describe a bird; every note shares one template, and only
   the creature's name tells the kind, so no keyword finds the birds: a reader must classify;
+- ``total``, ``count``, ``classify``, ``largest``: aggregations over records of several formats
+  and question wordings (:mod:`rlmflow.eval.generate_records`);
 - ``code``: the default value of a parameter of a named function in the Python standard
   library's source on this machine (files concatenated, so the answer depends on the Python
   version; still deterministic on one machine).
@@ -29,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigurationError
+from . import generate_records
 
 __all__ = ["KINDS", "GeneratedTask", "GenerationError", "generate_task", "parse_size", "verify_task", "write_tasks"]
 
-KINDS = ("needle", "ledger", "notes", "code")
+KINDS = ("needle", "ledger", "notes", "code", *generate_records.RECORD_KINDS)
 MIN_SIZE, MAX_SIZE = 100_000, 50_000_000
 
 
@@ -269,6 +272,11 @@ def verify_task(task: GeneratedTask) -> None:
         derived = pairs.get(task.key["parameter"], "(parameter not found)")
         if len(re.findall(rf"^\s*(?:async\s+)?def {re.escape(task.key['function'])}\b", text, re.MULTILINE)) != 1:
             raise GenerationError(f"{task.id}: function {task.key['function']} is not unique in the text")
+    elif task.kind in generate_records.RECORD_KINDS:
+        try:
+            derived = generate_records.derive(task.kind, text, task.key)
+        except ValueError as exc:
+            raise GenerationError(f"{task.id}: {exc}") from exc
     else:
         raise GenerationError(f"unknown kind {task.kind!r}")
     if derived != task.answer:
@@ -292,8 +300,12 @@ def generate_task(kind: str, *, size: int | str, seed: int = 0, corpus: str | No
         if not corpus:
             raise GenerationError(f"{kind} tasks need a corpus of filler text "
                                   "(e.g. examples/data/shakespeare_plays.txt)")
-        build = {"needle": _needle, "ledger": _ledger, "notes": _notes}[kind]
-        question, answer, text, key = build(corpus, chars, rng)
+        if kind in generate_records.RECORD_KINDS:
+            question, answer, records, key = generate_records.build(kind, rng)
+            text = _document(corpus, chars, records, rng)
+        else:
+            build = {"needle": _needle, "ledger": _ledger, "notes": _notes}[kind]
+            question, answer, text, key = build(corpus, chars, rng)
     else:
         raise GenerationError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
     task = GeneratedTask(f"{kind}-{_label(chars)}-s{seed}", kind, question, answer, text, seed, chars, key)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from .._exceptions import ModelError
@@ -71,7 +71,10 @@ class ModelRequest:
 
     ``temperature`` and ``top_p`` set to ``None`` are left to the provider's default (reasoning
     models reject ``temperature``: their adapters drop it). ``reasoning_effort`` is passed to
-    providers that take one (OpenAI reasoning models) and ignored by the others.
+    providers that take one (OpenAI reasoning models) and ignored by the others. ``json_schema``:
+    the reply must be one JSON object of this schema; models with constrained decoding (the
+    embedded llama.cpp model: a grammar built from the schema) enforce it, the others are asked in
+    words only, so a caller still parses the reply leniently.
     """
 
     messages: Sequence[Message]
@@ -80,6 +83,7 @@ class ModelRequest:
     stop: Sequence[str] = ()
     top_p: float | None = None
     reasoning_effort: ReasoningEffort | None = None
+    json_schema: Mapping[str, Any] | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str, *, max_tokens: int = 1024, system: str | None = None) -> ModelRequest:

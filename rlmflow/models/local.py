@@ -138,6 +138,9 @@ class LocalModel:
                     **({} if request.top_p is None else {"top_p": request.top_p}),
                     stop=list(request.stop) or None,
                     seed=self._seed,
+                    # llama-cpp-python turns the schema into a GBNF grammar: the reply is always one valid object
+                    **({} if request.json_schema is None else {
+                        "response_format": {"type": "json_object", "schema": dict(request.json_schema)}}),
                     logits_processor=[stop_if_aborted],
                 )
             except ValueError as exc:  # llama.cpp reports window overflow as ValueError

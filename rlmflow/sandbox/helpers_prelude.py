@@ -1,10 +1,16 @@
-"""Vetted helpers for model code in the sandbox: ``grep`` and ``chunks``.
+"""Vetted helpers for model code in the sandbox: ``grep``, ``chunks`` and the record helpers.
 
 Small root models (0.5B-1.5B) often write the search-and-slice code of an RLM turn wrongly (an
 off-by-one slice, a regex that fails on a special character, a print that dumps megabytes);
 they call a documented helper correctly far more often. Both helpers read ``context`` from the
 namespace at call time, and both return plain lists (of str) whose ``repr`` is a short summary,
 so a bare ``grep("key")`` as the last line of a cell shows something useful and never floods.
+
+The record helpers are the steps of an aggregation, each with an obvious name: ``records``
+collects every record of a kind over the whole context (never only the first match),
+``ask_each`` asks the sub-model one short question about each record in one batch,
+``keep_yes``/``count_yes`` and ``numbers``/``total`` combine the answers in Python. Each result
+prints as a count and a few samples, so a root sees the parts before it answers.
 
 Standard library only: the worker (stdlib + msgpack) imports this file by path, like its other
 siblings, and :func:`install` adds the helpers to the namespace. It never imports ``rlmflow``.
@@ -16,7 +22,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["Chunks", "Hits", "install"]
+__all__ = ["Answers", "Chunks", "Hits", "Records", "install"]
 
 _PREVIEW = 160
 # words too common to stand for a phrase when grep falls back to one word of it
@@ -92,9 +98,13 @@ def install(namespace: dict[str, Any]) -> Callable[..., str]:
     ``Final``/``final`` as aliases of ``FINAL``; return the function that tells what a cell
     established. It is the worker's, not the namespace's: cell code cannot redefine what the
     worker reports after each cell."""
-    reserved = set(namespace) | {"grep", "chunks"}  # taken before any cell ran: never reported as established
-    namespace["grep"] = _grep_for(namespace)
-    namespace["chunks"] = _chunks_for(namespace)
+    helpers: dict[str, Any] = {
+        "grep": _grep_for(namespace), "chunks": _chunks_for(namespace), "records": _records_for(namespace),
+        "ask_each": _ask_each_for(namespace), "keep_yes": keep_yes, "count_yes": count_yes,
+        "numbers": _numbers_for(namespace), "total": total,
+    }
+    reserved = set(namespace) | set(helpers)  # taken before any cell ran: never reported as established
+    namespace.update(helpers)
     if "FINAL" in namespace:  # small models write Final(...) or final(...) as often as FINAL(...)
         namespace.setdefault("Final", namespace["FINAL"])
         namespace.setdefault("final", namespace["FINAL"])
@@ -206,6 +216,273 @@ def _cuts_by_count(text: str, n: int) -> list[int]:
             cuts.append(cut)
     cuts.append(len(text))
     return cuts
+
+
+# -- records: collect, ask about each, combine -------------------------------------------------------
+_RECORD_MAX = 1500  # a paragraph longer than this is not one record: the matching line is
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?![\w])")
+_YES = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+class Records(list):  # type: ignore[type-arg]
+    """Every record (a paragraph, or a line of a long one) of the context that matched; ``pattern``
+    is what matched (after any fallback), ``asked`` what the caller asked for, ``labelled`` whether
+    they share a label (records of a kind) rather than being matches in running prose."""
+
+    def __init__(self, items: list[str], asked: str, pattern: str, having: str = "", *, labelled: bool = False) -> None:
+        super().__init__(items)
+        self.asked, self.pattern, self.having = asked, pattern, having
+        self.labelled = labelled  # the records share labels ("Invoice 12: ..."): not matches in running prose
+
+    def __repr__(self) -> str:
+        how = f"{self.asked!r}" if self.pattern == self.asked else f"{self.asked!r} (matched as {self.pattern!r})"
+        having = f" having {self.having!r}" if self.having else ""
+        lines = [f"records({how}){having}: {len(self)} record(s) in the whole context"]
+        lines += [f"[{i}] {_one_line(item)}" for i, item in enumerate(self[:3])]
+        if len(self) > 3:
+            lines.append(f"... and {len(self) - 3} more")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+class Answers(list):  # type: ignore[type-arg]
+    """The sub-model's short answer about each record, in the records' order."""
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for answer in self:
+            counts[str(answer)] = counts.get(str(answer), 0) + 1
+        tally = ", ".join(f"{a!r} x{n}" for a, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+        return f"{len(self)} answer(s): {tally}"
+
+    __str__ = __repr__
+
+
+def _one_line(text: str, limit: int = _PREVIEW) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _stem(word: str) -> str:
+    """A word without its possessive or plural ending: "travellers'" and "notes" match "Traveller's note"."""
+    word = re.sub(r"(?:'s|s'|')$", "", word.lower())
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _loose(phrase: str) -> str | None:
+    """A regex for ``phrase`` that tolerates plurals, possessives and any separators between its words."""
+    words = [_stem(w) for w in re.findall(r"[A-Za-z0-9][A-Za-z0-9'-]*", phrase)]
+    words = [w for w in words if w]
+    if not words:
+        return None
+    return r"\W+".join(rf"{re.escape(w)}\w*'?s?" for w in words)
+
+
+def _units(text: str) -> Iterator[str]:
+    """The records a text can hold: its paragraphs, or the lines of a paragraph too long to be one."""
+    for paragraph in re.split(r"\n\s*\n", text):
+        if len(paragraph) <= _RECORD_MAX:
+            if paragraph.strip():
+                yield paragraph.strip()
+        else:
+            yield from (line.strip() for line in paragraph.splitlines() if line.strip())
+
+
+def _collect(context: Any, compiled: re.Pattern[str]) -> list[str]:
+    found: list[str] = []
+    for _, text in _documents(context):
+        for unit in _units(text):
+            match = compiled.search(unit)
+            if match is None:
+                continue
+            if len(unit) > _RECORD_MAX:  # one huge line: the match with some text around it
+                unit = unit[max(0, match.start() - 300): match.end() + 300]
+            found.append(unit)
+    return found
+
+
+_LABEL = re.compile(r"[^\n:|,.;(\[\]=0-9#-]{2,60}")
+
+
+def _label(unit: str) -> str:
+    """A record's label: its opening words, up to the first punctuation or digit ("Harbour
+    master's note, 3 May: ..." -> "harbour master's note")."""
+    found = _LABEL.match(unit.lstrip())
+    return " ".join(found.group(0).lower().split()) if found else ""
+
+
+def _families(found: list[str], asked: str) -> tuple[list[str], bool]:
+    """The matches that are records rather than prose, and whether they share labels (records of
+    a kind do). Keep the matches whose label is shared by two or more of them and names the asked
+    words; failing that, those of the largest label shared by three or more; failing that, all."""
+    labels = [_label(unit) for unit in found]
+    sizes: dict[str, int] = {}
+    for label in labels:
+        if label:
+            sizes[label] = sizes.get(label, 0) + 1
+    words = [_stem(w) for w in re.findall(r"[A-Za-z]{3,}", asked)]
+    named = {label for label, n in sizes.items() if n >= 2 and any(w in label for w in words)}
+    if named:
+        return [unit for unit, label in zip(found, labels, strict=True) if label in named], True
+    shared = [label for label, n in sizes.items() if n >= 3]
+    if shared:
+        largest = max(shared, key=lambda label: sizes[label])
+        return [unit for unit, label in zip(found, labels, strict=True) if label == largest], True
+    return found, False
+
+
+def _contains_all(record: str, having: str) -> bool:
+    words = [_stem(w) for w in re.findall(r"[A-Za-z0-9][A-Za-z0-9'-]*", having)]
+    low = record.lower()
+    return all(w in low for w in words if w)
+
+
+def _records_for(namespace: Mapping[str, Any]) -> Callable[..., Records]:
+    def records(pattern: str, having: str = "") -> Records:
+        """Every record of ``context`` that matches ``pattern`` (words or a regex, any case): the
+        paragraph around each match, or the line when the paragraph is very long. All of them, in
+        document order, each once. ``having``: keep only records that also contain these words.
+        Matches in running prose are left out when the others share a label ("Invoice 12: ...").
+
+        A phrase that matches nothing is retried with plurals, possessives and separators loosened
+        ("travellers' notes" finds "Traveller's note:").
+        """
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise TypeError("records(pattern): give the words or regex every record contains, as a non-empty str")
+        context = namespace.get("context", "")
+        used = pattern
+        found = _collect(context, _compile(pattern, True))
+        loose = _loose(pattern)
+        if not found and loose is not None:
+            used = loose
+            found = _collect(context, re.compile(loose, re.IGNORECASE))
+        if not found:  # the phrase as a whole is not there: its words, one at a time
+            for word in sorted(set(re.findall(r"[A-Za-z]{4,}", pattern)), key=len, reverse=True):
+                if word.lower() not in _COMMON:
+                    found, labelled = _families(
+                        _collect(context, re.compile(re.escape(_stem(word)), re.IGNORECASE)), word)
+                    if found:
+                        used = _stem(word)
+                        break
+        found, labelled = _families(found, pattern)
+        if having:
+            found = [r for r in found if _contains_all(r, having)]
+        return Records(found, pattern, used, having, labelled=labelled)
+
+    return records
+
+
+_ASK_TEMPLATE = """\
+Read one record from a long document and answer a question about that record only. Say in one short
+sentence what the record says, then end with "Answer: " and the answer.
+
+Record: The old cat slept all afternoon on the warm roof.
+Question: Does this record mention an animal?
+The record is about a cat sleeping. A cat is an animal. Answer: yes
+
+Record: The price of bread rose by two pence at the market.
+Question: Does this record mention an animal?
+The record is about the price of bread. Bread is not an animal. Answer: no
+
+Record: Invoice 12, 3 May: paid 40 crowns for nails.
+Question: How many crowns were paid?
+The record says 40 crowns were paid for nails. Answer: 40
+
+Record: {record}
+Question: {question}
+"""
+
+
+def _short_answer(reply: str) -> str:
+    """The part after the last "Answer:", or the whole reply, stripped of quotes and a final period."""
+    tail = reply.rpartition("Answer:")[2] if "Answer:" in reply else reply
+    tail = tail.strip().splitlines()[0] if tail.strip() else ""
+    return tail.strip(" \t\"'`*.").strip()
+
+
+def _ask_each_for(namespace: Mapping[str, Any]) -> Callable[..., Answers]:
+    def ask_each(items: list[str], question: str) -> Answers:
+        """Ask the sub-model ``question`` about each item (a record), all in one batch; the short
+        answers ("yes", "no", "42", ...) come back in the items' order."""
+        if isinstance(items, str):
+            raise TypeError("ask_each(items, question): items is a list of records, e.g. records('invoice')")
+        if not isinstance(question, str) or not question.strip():
+            raise TypeError("ask_each(items, question): give the question to ask about each record")
+        items = list(items)
+        if not items:
+            return Answers([])
+        prompts = [_ASK_TEMPLATE.format(record=_one_line(item, 1200), question=question.strip()) for item in items]
+        replies = namespace["llm_query_many"](prompts)
+        return Answers(_short_answer(str(reply)) for reply in replies)
+
+    return ask_each
+
+
+def _is_yes(answer: Any) -> bool:
+    found = _YES.search(str(answer))
+    return found is not None and found.group(1).lower() == "yes"
+
+
+def keep_yes(items: list[Any], answers: list[Any]) -> list[Any]:
+    """The items whose answer (same position) says yes."""
+    if len(items) != len(answers):
+        raise ValueError(f"keep_yes: {len(items)} items but {len(answers)} answers")
+    return [item for item, answer in zip(items, answers, strict=True) if _is_yes(answer)]
+
+
+def count_yes(answers: list[Any]) -> int:
+    """How many answers say yes."""
+    return sum(1 for answer in answers if _is_yes(answer))
+
+
+def _to_number(text: str) -> float | int:
+    value = float(text.replace(",", ""))
+    return int(value) if value.is_integer() else value
+
+
+def _amount(record: str, unit: str) -> float | int | None:
+    """The number of ``record`` that goes with ``unit`` (just before or after the unit word), else
+    its only number; ``None`` when that is ambiguous."""
+    if unit:
+        stem = re.escape(_stem(unit.split()[0]))
+        near = re.search(rf"({_NUMBER.pattern})\s*(?:[A-Za-z]+\s+){{0,2}}?{stem}", record, re.IGNORECASE) or re.search(
+            rf"{stem}\w*\W{{0,3}}\s*[:=]?\s*({_NUMBER.pattern})", record, re.IGNORECASE)
+        if near:
+            return _to_number(near.group(1))
+    found = _NUMBER.findall(record)
+    return _to_number(found[0]) if len(found) == 1 else None
+
+
+def _numbers_for(namespace: Mapping[str, Any]) -> Callable[..., list[float | int]]:
+    def numbers(items: list[str], unit: str = "") -> list[float | int]:
+        """The amount in each item: the number next to ``unit`` (e.g. "florins"), else the item's
+        only number; items where that is unclear are asked of the sub-model in one batch. An item
+        with no amount counts 0."""
+        values: list[float | int | None] = [_amount(str(item), unit) for item in items]
+        unclear = [i for i, value in enumerate(values) if value is None]
+        if unclear:
+            question = f"How many {unit} does it state? Answer with the number only." if unit else \
+                "What is the amount in this record? Answer with the number only."
+            answers = _ask_each_for(namespace)([items[i] for i in unclear], question)
+            for i, answer in zip(unclear, answers, strict=True):
+                found = _NUMBER.findall(str(answer))
+                values[i] = _to_number(found[0]) if found else 0
+        return [0 if value is None else value for value in values]
+
+    return numbers
+
+
+def total(values: list[Any]) -> float | int:
+    """The sum of numbers (numbers inside strings are read: "90 florins" counts 90)."""
+    result: float | int = 0
+    for value in values:
+        if isinstance(value, (int, float)):
+            result += value
+        else:
+            found = _NUMBER.findall(str(value))
+            result += _to_number(found[0]) if found else 0
+    return result
 
 
 # -- what a cell established --------------------------------------------------------------------------

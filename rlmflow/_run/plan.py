@@ -1,0 +1,141 @@
+"""The plan turn: a small root names the kind of question and fills a form; a template per kind does the rest.
+
+A 0.5B-1.5B root names the kind of a question reliably (lookup, count, total, largest,
+smallest), and the word that marks the records it is about, but it rarely writes the whole
+aggregation itself (collect every record, ask about each, combine). So its first turn is a form
+(:data:`PLAN_SCHEMA`, decoded under a grammar where the model supports one), and
+:func:`render` turns the form into the program of its kind, built from the sandbox's record
+helpers: ``records`` over the whole context, ``ask_each`` in one batch when a record needs
+judging, ``numbers``/``total``/``count_yes`` in Python, the parts printed, and ``FINAL`` only
+when some record was found. A lookup becomes a first ``grep`` and the free-form loop goes on.
+
+Nothing here reads the words of a particular question: the form's fields come from the root, and
+the rules below are about the form (does any record name ``about``? a count with a unit?).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..models.base import Message, ModelRequest
+
+__all__ = ["KINDS", "PLAN_SCHEMA", "Plan", "parse_plan", "plan_request", "render"]
+
+KINDS = ("lookup", "count", "total", "largest", "smallest")
+
+PLAN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "kind": {"type": "string", "enum": list(KINDS)},
+        "records": {"type": "string"},
+        "about": {"type": "string"},
+        "unit": {"type": "string"},
+    },
+    "required": ["kind", "records", "about", "unit"],
+}
+
+PLAN_SYSTEM = """\
+You plan how to answer a question about a long document. The document may hold many records
+(notes, lines, entries, letters) scattered through it. Code will find the records and read each
+one. Reply with one JSON object:
+- kind: "lookup" (one fact), "count" (how many records), "total" (add up amounts), "largest" or
+  "smallest" (one amount among the records).
+- records: the label of the records the question is about, one or two words, e.g. "invoice",
+  "inspector's report". For a lookup: the most distinctive word to search for.
+- about: the name, item, place or kind of thing each record must be about to count, taken from
+  the question (e.g. "copper", "Harlow Mills", "a broken lock"), or "" if every record counts.
+- unit: what the amounts are counted in (e.g. "crowns", "tons"), or "" if none.
+
+Examples:
+Question: How many of the inspector's reports mention a broken lock?
+{"kind": "count", "records": "inspector's report", "about": "a broken lock", "unit": ""}
+Question: How many tons of copper were shipped in all, adding every cargo entry?
+{"kind": "total", "records": "cargo entry", "about": "copper", "unit": "tons"}
+Question: What is the sum of all the fees the Guild of Weavers paid?
+{"kind": "total", "records": "fee", "about": "Guild of Weavers", "unit": ""}
+Question: What was the largest single donation from the Guild of Weavers?
+{"kind": "largest", "records": "donation", "about": "Guild of Weavers", "unit": ""}
+Question: How many invoices were issued to Harlow Mills?
+{"kind": "count", "records": "invoice", "about": "Harlow Mills", "unit": ""}
+Question: According to the letters, what colour was the captain's coat?
+{"kind": "lookup", "records": "coat", "about": "", "unit": ""}"""
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The root's form: the kind of question and the blanks of that kind's program."""
+
+    kind: str
+    records: str
+    about: str = ""
+    unit: str = ""
+
+
+def plan_request(query: str, *, max_tokens: int = 160, temperature: float = 0.0, note: str = "") -> ModelRequest:
+    """The root call that fills the form (``note``: what went wrong with a previous form)."""
+    user = f"Question: {query}" + (f"\n\n{note}" if note else "")
+    return ModelRequest(
+        messages=(Message("system", PLAN_SYSTEM), Message("user", user)),
+        max_tokens=max_tokens, temperature=temperature, json_schema=PLAN_SCHEMA,
+    )
+
+
+def parse_plan(reply: str) -> Plan | None:
+    """The form in ``reply`` (the first JSON object in it), or ``None`` when there is none usable."""
+    start = reply.find("{")
+    if start == -1:
+        return None
+    try:
+        data, _ = json.JSONDecoder().raw_decode(reply[start:])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("kind") not in KINDS:
+        return None
+    fields = {name: _clean(data.get(name)) for name in ("records", "about", "unit")}
+    if not fields["records"]:
+        return None
+    kind = str(data["kind"])
+    if kind == "count" and fields["unit"]:  # records are counted without a unit: amounts are added
+        kind = "total"
+    return Plan(kind=kind, **fields)
+
+
+def _clean(value: Any) -> str:
+    return " ".join(str(value).split())[:200] if isinstance(value, (str, int, float)) else ""
+
+
+def render(plan: Plan) -> str:
+    """The program of the plan's kind, with its blanks filled (sandbox code, shown to the root).
+
+    ``about`` keeps the records that name it; when none does (a kind of thing, not a name: "a
+    storm", "a bird"), the sub-model judges each record in one batch. When the label asked for
+    matched only prose but ``about`` finds labelled records, those are the records.
+    """
+    if plan.kind == "lookup":
+        return f"print(grep({plan.records!r}))"
+    lines = [f"found = records({plan.records!r})", "kept = found"]
+    if plan.about:
+        judge = f"Is this record about {plan.about}?"
+        lines += [
+            f"named = records({plan.about!r})",
+            "if named.labelled and not found.labelled:  # the records name it, not the label asked for",
+            "    found = named",
+            "print(found)",
+            f"kept = records({plan.records!r}, having={plan.about!r}) if found is not named else named",
+            "if found and not kept:  # no record names it: judge each one",
+            f"    verdicts = ask_each(found, {judge!r})",
+            "    print(verdicts)",
+            "    kept = keep_yes(found, verdicts)",
+        ]
+    else:
+        lines.append("print(found)")
+    lines.append('print(len(kept), "record(s) kept; first:", kept[:2])')
+    if plan.kind == "count":
+        lines.append("answer = len(kept)")
+    else:
+        lines += [f"values = numbers(kept, unit={plan.unit!r})", 'print("amounts:", values)']
+        combine = {"total": "total(values)", "largest": "max(values, default=0)", "smallest": "min(values, default=0)"}
+        lines.append(f"answer = {combine[plan.kind]}")
+    lines += ['print("answer:", answer)', "if found:", "    FINAL(str(answer))"]
+    return "\n".join(lines)

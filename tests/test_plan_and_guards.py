@@ -1,0 +1,143 @@
+"""The plan turn and the answer guards: the form, its programs, and what is never an answer (no model)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from rlmflow import RLM, ModelRequest, ScriptedModel
+from rlmflow._run.guards import answer_problem, unwrap_final
+from rlmflow._run.plan import Plan, parse_plan, render
+
+from .helpers import turn_script
+
+pytestmark = pytest.mark.anyio
+
+QUERY = "How many of the harbour master's notes report a storm?"
+
+
+def test_parse_plan_reads_the_form_and_refuses_what_is_not_one() -> None:
+    form = {"kind": "total", "records": "receipt", "about": "the river mill", "unit": "florins"}
+    assert parse_plan("Here: " + json.dumps(form)) == Plan("total", "receipt", "the river mill", "florins")
+    assert parse_plan('{"kind": "guess", "records": "x"}') is None
+    assert parse_plan('{"kind": "count", "records": ""}') is None
+    assert parse_plan("no form at all") is None
+    assert parse_plan('{"kind": "count", "records": "payment", "about": "", "unit": "crowns"}') == Plan(
+        "total", "payment", "", "crowns")  # a count has no unit: amounts are added
+
+
+def test_a_lookup_plan_is_a_first_search() -> None:
+    assert render(Plan("lookup", "strongbox")) == "print(grep('strongbox'))"
+
+
+RECEIPTS = "\n\n".join([
+    "A paragraph of a play that mentions the river mill and a payment of 5 marks.",
+    "Receipt 4471. Received from the river mill, on 3 May, the sum of 90 florins, for rope.",
+    "Filler text.",
+    "Receipt 812. Received from the east farm, on 9 June, the sum of 45 florins, for tar.",
+    "Receipt 5120. Received from the river mill, on 28 October, the sum of 310 florins, for salt.",
+    "More filler.",
+    "Receipt 77. Received from the glassworks, on 1 April, the sum of 12 florins, for nails.",
+    "Receipt 78. Received from the river mill, on 2 April, the sum of 100 florins, for wool.",
+])
+NOTES = "\n\n".join([
+    "Harbour master's note, 3 May: a gale tore the sails.",
+    "Prose.",
+    "Harbour master's note, 4 May: calm water all day.",
+    "Harbour master's note, 5 May: thunder and high seas.",
+])
+
+
+def plan_root(form: dict[str, str], then: str = "FINAL('fallback')") -> ScriptedModel:
+    """A root that fills the form on its plan call and writes ``then`` on later turns."""
+
+    def reply(request: ModelRequest) -> str:
+        if request.json_schema is not None:
+            return json.dumps(form)
+        return f"```repl\n{then}\n```"
+
+    return ScriptedModel(reply, name="root")
+
+
+def judge(request: ModelRequest) -> str:
+    record = request.messages[-1].content.split("Record: ")[-1].splitlines()[0]
+    if "the amount" in request.messages[-1].content.splitlines()[-1]:
+        amount = re.search(r"(\d+) florins", record)
+        return f"Answer: {amount.group(1) if amount else 'none'}"
+    return "Answer: yes" if "gale" in record or "thunder" in record else "Answer: no"
+
+
+@pytest.mark.parametrize(("form", "context", "answer"), [
+    ({"kind": "total", "records": "receipt", "about": "river mill", "unit": "florins"}, RECEIPTS, "500"),
+    ({"kind": "largest", "records": "receipt", "about": "", "unit": "florins"}, RECEIPTS, "310"),
+    ({"kind": "smallest", "records": "receipt", "about": "", "unit": ""}, RECEIPTS, "12"),
+    ({"kind": "count", "records": "receipt", "about": "river mill", "unit": ""}, RECEIPTS, "3"),
+    # the label asked for matches prose only; the payer's name finds the labelled records
+    ({"kind": "total", "records": "payment", "about": "river mill", "unit": "florins"}, RECEIPTS, "500"),
+    # no note names "a storm": the sub-model judges each note, in one batch
+    ({"kind": "count", "records": "harbour master's notes", "about": "a storm", "unit": ""}, NOTES, "2"),
+])
+async def test_each_kind_of_plan_answers_in_its_first_turn(form: dict[str, str], context: str, answer: str) -> None:
+    async with RLM(root=plan_root(form), sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(context, "a question")
+    assert result.answer == answer
+    assert result.turns == 1
+
+
+async def test_a_plan_that_finds_no_record_goes_on_in_the_free_form_loop() -> None:
+    form = {"kind": "count", "records": "invoice", "about": "", "unit": ""}
+    async with RLM(root=plan_root(form, "FINAL('from the loop')"), plan_first=True) as rlm:
+        result = await rlm.run(RECEIPTS, "a question")
+    assert result.answer == "from the loop"
+    assert result.turns == 2
+
+
+async def test_plan_first_is_off_for_other_roots_by_default() -> None:
+    async with RLM(root=turn_script(["FINAL('direct')"])) as rlm:
+        assert not rlm.settings.plan_first
+        assert (await rlm.run("text", "q")).answer == "direct"
+
+
+@pytest.mark.parametrize("answer", [
+    "1 match(es) for 'text",
+    "grep('storm'): 3 match(es) (first 2 shown)",
+    "records('note'): 4 record(s) in the whole context",
+    "Juliet's nurse speaking to in the first scene she appears in?",
+    'FINAL("Verona")',
+    "  ",
+])
+def test_what_is_never_an_answer(answer: str) -> None:
+    assert answer_problem(answer, "Who is Juliet's nurse speaking to in the first scene she appears in?")
+
+
+@pytest.mark.parametrize("answer", ["2", "Romeo", "the nurse speaks to Lady Capulet", "blue", "a storm at sea"])
+def test_real_answers_pass(answer: str) -> None:
+    assert answer_problem(answer, "Who is Juliet's nurse speaking to? Is it red or blue? Was it a storm?") is None
+
+
+def test_a_literal_final_call_gives_its_value() -> None:
+    assert unwrap_final('FINAL("Verona")') == "Verona"
+    assert unwrap_final("final(42)") == "42"
+    assert unwrap_final("FINAL(the third trapdoor)") == "the third trapdoor"
+    assert unwrap_final("Verona") == "Verona"
+
+
+async def test_a_final_that_echoes_the_question_or_a_tool_line_is_refused_and_the_root_goes_on() -> None:
+    cells = [f"FINAL({QUERY!r})", "FINAL(repr(grep('gale')))", "FINAL('2')"]
+    async with RLM(root=turn_script(cells), plan_first=False) as rlm:
+        result = await rlm.run(NOTES, QUERY)
+    assert result.answer == "2"
+    assert result.turns == 3
+
+
+async def test_a_literal_final_in_words_gives_its_value_and_an_echo_in_words_is_not_taken() -> None:
+    replies = iter(["```repl\nprint(grep('gale'))\n```", f'FINAL("{QUERY}")', 'FINAL("2")'])
+
+    def reply(request: ModelRequest) -> str:
+        return next(replies)
+
+    async with RLM(root=ScriptedModel(reply), plan_first=False, max_turns=3) as rlm:
+        result = await rlm.run(NOTES, QUERY)
+    assert result.answer == "2"

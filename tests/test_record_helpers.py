@@ -1,0 +1,99 @@
+"""The sandbox's record helpers on their own: collect every record, ask about each, combine (no model)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "rlmflow" / "sandbox" / "helpers_prelude.py"
+_spec = importlib.util.spec_from_file_location("helpers_prelude_under_test", _PATH)
+assert _spec is not None and _spec.loader is not None
+prelude: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prelude)
+
+PROSE = "FALSTAFF.\nI will pay thee the money, the payment of a knight, 40 marks.\nAnd more besides."
+RECORDS = [
+    "Receipt 4471. Received from the river mill, on 3 May, the sum of 90 florins, for rope.",
+    "Receipt 812. Received from the east farm, on 9 June, the sum of 45 florins, for tar.",
+    "Receipt 5120. Received from the river mill, on 28 October, the sum of 310 florins, for salt.",
+    "Receipt 77. Received from the glassworks, on 1 April, the sum of 12 florins, for nails.",
+]
+
+
+def namespace(context: str, replies: Any = None) -> dict[str, Any]:
+    sent: list[list[str]] = []
+
+    def many(prompts: list[str]) -> list[str]:
+        sent.append(list(prompts))
+        return [replies(p) if replies else "It is. Answer: yes" for p in prompts]
+
+    ns: dict[str, Any] = {"context": context, "llm_query_many": many, "sent": sent}
+    prelude.install(ns)
+    return ns
+
+
+def document() -> str:
+    filler = [f"Paragraph {i} of a play, with words and words." for i in range(200)]
+    parts = [*filler[:10], RECORDS[0], *filler[10:90], PROSE, RECORDS[1], *filler[90:150]]
+    parts += [RECORDS[2], *filler[150:199], RECORDS[3]]  # the last record at the very end
+    return "\n\n".join(parts)
+
+
+def test_records_collects_every_record_of_the_whole_context_in_order() -> None:
+    found = namespace(document())["records"]("receipt")
+    assert list(found) == RECORDS
+    assert found.labelled
+    assert "4 record(s) in the whole context" in repr(found)
+
+
+def test_prose_that_mentions_the_word_is_not_a_record_when_records_share_a_label() -> None:
+    ns = namespace(document())
+    assert ns["records"]("river mill") == [RECORDS[0], RECORDS[2]]  # two share the label 'receipt'
+    assert PROSE not in ns["records"]("received")
+
+
+def test_a_phrase_of_the_question_is_matched_loosely() -> None:
+    ns = namespace("Intro.\n\nTraveller's note: a heron.\n\nMore.\n\nTraveller's note: an otter.")
+    assert len(ns["records"]("travellers' notes")) == 2
+    assert len(ns["records"]("Receipts of notes")) == 2  # no phrase match: its words, one at a time
+
+
+def test_having_keeps_the_records_that_name_it() -> None:
+    assert namespace(document())["records"]("receipt", having="River Mill") == [RECORDS[0], RECORDS[2]]
+
+
+def test_numbers_take_the_amount_next_to_the_unit_not_dates_or_record_numbers() -> None:
+    ns = namespace(document())
+    values = ns["numbers"](ns["records"]("receipt"), unit="florins")
+    assert values == [90, 45, 310, 12]
+    assert ns["total"](values) == 457
+    assert ns["sent"] == []  # every amount was clear: no sub-call
+
+
+def test_numbers_ask_the_sub_model_only_about_unclear_records() -> None:
+    ns = namespace("x", replies=lambda p: "It says thirty. Answer: 30")
+    values = ns["numbers"](["Entry 4 on 9 May: paid 30.", "Paid 12 crowns."], unit="")
+    assert values == [30, 12]
+    assert len(ns["sent"]) == 1 and len(ns["sent"][0]) == 1
+
+
+def test_ask_each_asks_about_every_record_in_one_batch_and_reads_the_answer_line() -> None:
+    def reply(prompt: str) -> str:
+        record = prompt.split("Record: ")[-1].splitlines()[0]
+        return "About a mill. Answer: yes." if "river mill" in record else "Not that. Answer: no"
+
+    ns = namespace(document(), replies=reply)
+    found = ns["records"]("receipt")
+    verdicts = ns["ask_each"](found, "Is this record about the river mill?")
+    assert len(ns["sent"]) == 1 and len(ns["sent"][0]) == 4
+    assert list(verdicts) == ["yes", "no", "yes", "no"]
+    assert ns["count_yes"](verdicts) == 2
+    assert ns["keep_yes"](found, verdicts) == [RECORDS[0], RECORDS[2]]
+
+
+def test_keep_yes_refuses_lists_of_different_lengths() -> None:
+    with pytest.raises(ValueError):
+        prelude.keep_yes(["a", "b"], ["yes"])
