@@ -3,10 +3,13 @@ repeated Strands run pays for no root call it had paid for."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from strands.types.streaming import StreamEvent
 
 from rlmflow import RLM, ModelRequest, ScriptedModel
 
@@ -61,3 +64,29 @@ async def test_an_identical_strands_run_on_the_cache_sends_nothing(tmp_path: Pat
         again = await rlm.run(document, "What is the total revenue of all reports?")
     assert again.answer == f"total={total}" and root.calls == 0 and sub.requests == []
     assert again.usage["scripted-strands"].cached_calls == 3
+
+
+class RedactedReasoning(ScriptedToolModel):
+    """Claude on Bedrock: a redacted reasoning block (bytes) before each tool call."""
+
+    async def stream(self, messages: Any, *args: Any, **kwargs: Any) -> AsyncGenerator[StreamEvent, None]:
+        first = True
+        async for event in super().stream(messages, *args, **kwargs):
+            if first and "messageStart" in event:
+                yield event
+                yield {"contentBlockDelta": {"delta": {"reasoningContent": {"redactedContent": b"\x01\x02opaque"}}}}
+                yield {"contentBlockStop": {}}
+                first = False
+                continue
+            yield event
+
+
+async def test_bytes_in_a_strands_stream_survive_live_and_from_the_cache(tmp_path: Path) -> None:
+    document, total = make_reports()
+    cache = tmp_path / "cache.sqlite"
+    for _ in range(2):  # live, then every root reply from the cache
+        root = RedactedReasoning()
+        async with RLM(root=root, sub=revenue_sub(), cache=cache) as rlm:
+            result = await rlm.run(document, "What is the total revenue of all reports?")
+        assert result.answer == f"total={total}"
+    assert root.calls == 0

@@ -13,6 +13,7 @@ strands-agents is imported only when this module is.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -254,7 +255,7 @@ class _OneCall:
         # the whole stream as the reply, tool calls included: what a journal or a cache keeps is
         # then enough to give the Agent the same events again
         return replace(self.collected.response(self.name, request),
-                       text=json.dumps(self.collected.events, default=str))
+                       text=json.dumps(self.collected.events, default=_encoded_bytes))
 
     async def aclose(self) -> None:
         return None
@@ -343,8 +344,10 @@ class DispatchedModel(StrandsBaseModel):
         def run() -> AsyncIterable[StreamEvent]:
             return inner.stream(messages, tool_specs, system_prompt, tool_choice=tool_choice, **kwargs)
 
-        response = await self._call(_OneCall(self, run), request)
-        for event in _stream_of(response.text):
+        call = _OneCall(self, run)
+        response = await self._call(call, request)
+        # a live call gives its events as they came; an answer from a journal or a cache, as kept
+        for event in call.collected.events if call.collected.events else _stream_of(response.text):
             yield event
 
     async def structured_output(
@@ -356,10 +359,26 @@ class DispatchedModel(StrandsBaseModel):
             yield event
 
 
+_BYTES = "__rlmflow_base64__"
+
+
+def _encoded_bytes(value: object) -> dict[str, str]:  # json.dumps's default=
+    """Bytes in a stream event (Bedrock's redacted reasoning) as JSON, given back by :func:`_stream_of`."""
+    if isinstance(value, bytes | bytearray):
+        return {_BYTES: base64.b64encode(value).decode("ascii")}
+    return {"repr": repr(value)[:1000]}  # nothing strands sends today; kept readable, never a failed call
+
+
+def _decoded_bytes(value: dict[str, Any]) -> object:
+    if len(value) == 1 and isinstance(value.get(_BYTES), str):
+        return base64.b64decode(value[_BYTES])
+    return value
+
+
 def _stream_of(text: str) -> list[StreamEvent]:
     """The events of a strands stream, from the reply :class:`_OneCall` gave (or a journal kept)."""
     try:
-        events = json.loads(text)
+        events = json.loads(text, object_hook=_decoded_bytes)
     except ValueError:
         events = None
     if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
