@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from rlmflow import RLM, ConfigurationError, ModelRequest, ScriptedModel
 from rlmflow.durable.cache import CachedAnswer, SQLiteCallCache
+from rlmflow.durable.journal import Journal
 from rlmflow.events import RunEvent, SubCallDone
 
 from .helpers import turn_script
@@ -246,3 +247,24 @@ async def test_a_failed_flight_is_sent_again_by_those_who_waited(tmp_path: Path)
     await cache.aclose()
     assert str(PROMPTS) in answers  # the second run sent each prompt itself and got every answer
     assert len(asked) == 2 * PROMPTS
+
+
+async def test_an_answer_with_a_lone_surrogate_is_journaled_and_cached_as_it_was(tmp_path: Path) -> None:
+    """Model text may hold a lone surrogate: SQLite cannot store it as TEXT, and the writers kept on."""
+    odd = "ANSWER \ud83d half an emoji"
+    cells = ["answers = llm_query_many(['a', 'b'])\nprint(len(answers))", "FINAL(answers[0])"]
+    cache, journal = tmp_path / "cache.sqlite", tmp_path / "journal.sqlite"
+    async with RLM(root=turn_script(cells), sub=ScriptedModel(lambda r: odd, name="sub"), cache=cache,
+                   journal=journal) as rlm:
+        first = await rlm.run("the document", "what?")
+        second = await rlm.run("the document", "what?")  # answered from the cache: the same text
+    assert first.answer == second.answer == "ANSWER ? half an emoji"  # the sandbox's wire carries UTF-8 only
+    assert rlm.journal is not None and rlm.journal.failure is None and rlm.cache is not None
+    reader = Journal(journal)
+    record = reader.read_run(first.run_id)
+    reader.close()
+    assert record is not None and {call.text for call in record.calls if call.role == "sub"} == {odd}
+    fresh = SQLiteCallCache(cache)
+    assert sum(hit is not None for hit in await fresh.lookup(
+        [key for key in [call.key for call in record.calls if call.role == "sub"]])) == 2
+    await fresh.aclose()

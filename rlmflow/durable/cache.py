@@ -31,7 +31,7 @@ import anyio
 import anyio.to_thread
 
 from .._exceptions import ConfigurationError
-from .sqlite_file import SQLiteFile, check_format
+from .sqlite_file import SQLiteFile, check_format, read_back
 
 __all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_CACHE_TTL", "CachedAnswer", "CallCache", "Flight", "SQLiteCallCache"]
 
@@ -161,10 +161,10 @@ class SQLiteCallCache(CallCache):
             for start in range(0, len(keys), _LOOKUP_CHUNK):
                 chunk = keys[start:start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                for key, *answer in connection.execute(
+                for key, *answer in map(read_back, connection.execute(
                     "SELECT key, text, model, finish_reason, input_tokens, output_tokens FROM answers "
                     f"WHERE key IN ({marks}) AND stored >= ?", (*chunk, oldest),
-                ):
+                )):
                     found[key] = CachedAnswer(*answer)
         return found
 

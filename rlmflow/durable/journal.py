@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from .sqlite_file import SQLiteFile, check_format
+from .sqlite_file import SQLiteFile, check_format, read_back
 
 __all__ = ["Journal", "JournalRun", "RecordedCall", "RecordedTurn", "RunJournal"]
 
@@ -208,12 +208,13 @@ class Journal(RunJournal):
                 "FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
-            calls = tuple(RecordedCall(*r) for r in connection.execute(
+            calls = tuple(RecordedCall(*read_back(r)) for r in connection.execute(
                 "SELECT key, role, depth, model, text, finish_reason, input_tokens, output_tokens, cost_usd "
                 "FROM calls WHERE run_id = ? ORDER BY seq", (run_id,)))
             turns = tuple(RecordedTurn(*r) for r in connection.execute(
                 "SELECT child_path, turn, code_sha256, output_sha256 FROM turns WHERE run_id = ? ORDER BY rowid",
                 (run_id,)))
+        row = read_back(row)
         return JournalRun(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], calls, turns)
 
     def latest_unfinished(self) -> str | None:
@@ -226,6 +227,6 @@ class Journal(RunJournal):
     def all_calls(self) -> list[RecordedCall]:
         """Every call of every run, in order (what a replay may answer from)."""
         with closing(self._file.connect()) as connection:
-            return [RecordedCall(*r) for r in connection.execute(
+            return [RecordedCall(*read_back(r)) for r in connection.execute(
                 "SELECT key, role, depth, model, text, finish_reason, input_tokens, output_tokens, cost_usd "
                 "FROM calls ORDER BY seq")]

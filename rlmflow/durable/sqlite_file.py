@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from .._exceptions import ConfigurationError
 
-__all__ = ["BatchedWriter", "SQLiteFile", "Statement", "check_format"]
+__all__ = ["BatchedWriter", "SQLiteFile", "Statement", "check_format", "read_back"]
 
 Statement = tuple[str, tuple[Any, ...]]
 """An SQL statement and its values, as queued for the writer."""
@@ -31,6 +31,23 @@ T = TypeVar("T")
 
 _GATHER = 4096  # records written in one transaction at most
 _PAUSE = 0.05  # seconds the writer lets records gather before a transaction
+
+
+def _storable(value: Any) -> Any:
+    """A text SQLite cannot store as TEXT (a lone surrogate: model and sandbox text may hold one)
+    as its UTF-8 bytes with surrogates passed through, stored as a BLOB; :func:`read_back`
+    restores it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def read_back(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row as it was written: texts stored as bytes by the writer are texts again."""
+    return tuple(value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value for value in row)
 
 
 def check_format(connection: sqlite3.Connection, *, table: str, version: str, path: Path, what: str) -> None:
@@ -162,6 +179,13 @@ class SQLiteFile:
         if self._connection is not None:
             self._connection.close()
 
+    @staticmethod
+    def _execute(connection: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        try:
+            connection.executemany(sql, rows)
+        except UnicodeEncodeError:  # rare: only then is every text checked
+            connection.executemany(sql, [tuple(_storable(value) for value in row) for row in rows])
+
     def _write(self, gathered: list[Statement]) -> None:
         connection = self._connection
         assert connection is not None  # opened by the writer before its first batch
@@ -170,12 +194,12 @@ class SQLiteFile:
         rows: list[tuple[Any, ...]] = []
         for sql, values in gathered:  # runs of the same statement in one executemany, in order
             if sql != statement and rows:
-                connection.executemany(statement or sql, rows)
+                self._execute(connection, statement or sql, rows)
                 rows = []
             statement = sql
             rows.append(values)
         if rows and statement is not None:
-            connection.executemany(statement, rows)
+            self._execute(connection, statement, rows)
         if self._after_write is not None:
             self._after_write(connection)
         connection.execute("COMMIT")

@@ -38,7 +38,10 @@ class FrameError(Exception):
 
 
 def pack(value: Any) -> bytes:
-    body: bytes = msgpack.packb(value, use_bin_type=True)
+    try:
+        body: bytes = msgpack.packb(value, use_bin_type=True)
+    except UnicodeEncodeError:  # a lone surrogate (a model's answer may hold one) goes as "?"
+        body = msgpack.packb(value, use_bin_type=True, unicode_errors="replace")
     return body
 
 
