@@ -126,3 +126,18 @@ async def test_a_cli_run_on_a_redis_cache_twice_sends_nothing_the_second_time(
             assert done.returncode == 0, done.stderr.decode()
             assert done.stdout.decode().strip() == str(PROMPTS)
         assert server.counters.requests == 1 + PROMPTS
+
+
+def test_one_cache_serves_runs_on_two_event_loops_and_keeps_odd_text(redis_server: RedisServer) -> None:
+    """As run_sync does: each call its own loop. A client bound to a dead loop would fail the run."""
+    cache = RedisCallCache(redis_server.url)
+    odd = CachedAnswer("half an emoji \ud83d", "sub", "stop", 1, 1)
+
+    async def one(store: bool) -> list[CachedAnswer | None]:
+        if store:
+            await cache.store("odd", odd)
+        return await cache.lookup(["odd"])
+
+    assert anyio.run(one, True) == [odd]
+    assert anyio.run(one, False) == [odd]  # a new loop: a new client, the same entry
+    anyio.run(cache.aclose)

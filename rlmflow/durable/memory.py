@@ -13,11 +13,15 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 
+import structlog
+
 from .._exceptions import NotInJournalError
 from ..models.base import LanguageModel, ModelRequest, ModelResponse, ModelView, Usage
 from .cache import CachedAnswer, CallCache, Flight
 from .journal import RecordedCall, RecordedTurn, RunJournal
 from .keys import request_key
+
+_logger = structlog.get_logger("rlmflow.cache")
 
 __all__ = ["CachingModel", "CallMemory", "RecordingModel", "first_turns"]
 
@@ -148,5 +152,8 @@ class CachingModel(ModelView):
         flight = self._flights.get(key)
         if flight is not None:
             flight.land(answer)
-        await self._cache.store(key, answer)
+        try:
+            await self._cache.store(key, answer)
+        except Exception:  # a paid answer is never lost to its cache
+            _logger.warning("sub-call cache failed to keep an answer", exc_info=True)
         return response

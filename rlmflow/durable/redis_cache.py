@@ -12,6 +12,7 @@ without a cache.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -82,9 +83,15 @@ class RedisCallCache(CallCache):
         self._client: Redis | None = None
         self._store: AsyncScript | None = None
         self._lock = anyio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _connected(self) -> tuple[Redis, AsyncScript]:
+        """This event loop's client (a client is bound to the loop it was made on: an RLM used
+        from ``run_sync`` twice, or from a test's loops, gets one per loop)."""
+        loop = asyncio.get_running_loop()
         async with self._lock:
+            if self._client is not None and self._loop is not loop:
+                self._client = None  # its connections died with their loop; nothing to close here
             if self._client is None:
                 try:
                     import redis.asyncio as aioredis
@@ -96,14 +103,13 @@ class RedisCallCache(CallCache):
                     socket_connect_timeout=self.config.timeout, decode_responses=True,
                 )
                 self._store = self._client.register_script(_STORE)
+                self._loop = loop
             assert self._store is not None
             return self._client, self._store
 
     async def lookup(self, keys: Sequence[str]) -> list[CachedAnswer | None]:
         if not keys:
             return []
-        import redis.exceptions
-
         try:
             client, _ = await self._connected()
             with anyio.fail_after(self.config.timeout * 2):
@@ -113,15 +119,16 @@ class RedisCallCache(CallCache):
                 if used:  # the least recently used are evicted first
                     await client.zadd(self._lru, used, xx=True)
             return found
-        except (OSError, TimeoutError, redis.exceptions.RedisError) as exc:
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # a cache never fails a run: Redis down, slow, or anything else
             _logger.warning("sub-call cache unavailable: asked as misses", error=type(exc).__name__)
             return [None] * len(keys)
 
     async def store(self, key: str, answer: CachedAnswer) -> None:
-        import redis.exceptions
-
+        # ASCII JSON: a lone surrogate in a model's answer is escaped, not an encoding error
         value = json.dumps([answer.text, answer.model, answer.finish_reason, answer.input_tokens,
-                            answer.output_tokens], ensure_ascii=False)
+                            answer.output_tokens])
         try:
             _, script = await self._connected()
             with anyio.fail_after(self.config.timeout * 2):
@@ -129,13 +136,13 @@ class RedisCallCache(CallCache):
                     self._prefix, key, value, int(self.ttl * 1000) if self.ttl is not None else 0, time.time(),
                     self.max_entries,
                 ])
-        except (OSError, TimeoutError, redis.exceptions.RedisError) as exc:
+        except Exception as exc:  # the answer is not kept; the call it answered stands
             _logger.warning("sub-call cache unavailable: answer not kept", error=type(exc).__name__)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.aclose()  # a client of a loop that has ended went with its connections
 
 
 def _answer(value: bytes | str | None) -> CachedAnswer | None:
