@@ -134,10 +134,12 @@ def test_one_cache_serves_runs_on_two_event_loops_and_keeps_odd_text(redis_serve
     odd = CachedAnswer("half an emoji \ud83d", "sub", "stop", 1, 1)
 
     async def one(store: bool) -> list[CachedAnswer | None]:
-        if store:
-            await cache.store("odd", odd)
-        return await cache.lookup(["odd"])
+        try:
+            if store:
+                await cache.store("odd", odd)
+            return await cache.lookup(["odd"])
+        finally:
+            await cache.aclose()  # as an RLM closed at the end of each run_sync
 
     assert anyio.run(one, True) == [odd]
     assert anyio.run(one, False) == [odd]  # a new loop: a new client, the same entry
-    anyio.run(cache.aclose)
