@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from rlmflow import RLM, ConfigurationError, ModelRequest, ScriptedModel
+from rlmflow import RLM, Budget, ConfigurationError, ModelRequest, ScriptedModel
 from rlmflow.durable.cache import CachedAnswer, SQLiteCallCache
 from rlmflow.durable.journal import Journal
 from rlmflow.events import RunEvent, SubCallDone
@@ -268,3 +268,12 @@ async def test_an_answer_with_a_lone_surrogate_is_journaled_and_cached_as_it_was
     assert sum(hit is not None for hit in await fresh.lookup(
         [key for key in [call.key for call in record.calls if call.role == "sub"]])) == 2
     await fresh.aclose()
+
+
+async def test_a_budget_refusal_reaches_the_sandbox_as_itself_with_a_cache(tmp_path: Path) -> None:
+    cell = ("try:\n    llm_query_many(['p%d' % i for i in range(5)])\n"
+            "except Exception as exc:\n    FINAL(type(exc).__name__ + ': ' + str(exc)[:60])")
+    async with RLM(root=turn_script([cell]), sub=sub_model(), cache=tmp_path / "cache.sqlite",
+                   budget=Budget(max_calls=3)) as rlm:
+        result = await rlm.run("the document", "how long?")
+    assert result.answer.startswith("BudgetExceededError: "), result.answer

@@ -20,6 +20,7 @@ import anyio
 from opentelemetry.context import Context as OtelContext
 
 from .._exceptions import RLMError
+from .._util import single_exception
 from ..dispatch.budget import BudgetLedger, Spend
 from ..dispatch.dispatcher import Dispatcher
 from ..dispatch.lane import RunShare
@@ -87,11 +88,15 @@ class CallScope:
                     led[key] = cache.in_flight[key] = Flight()
                 sent.append(index)
             try:
-                async with anyio.create_task_group() as group:
-                    if sent:
-                        group.start_soon(self._send_into, outcomes, sent, model, requests, parent, led)
-                    for _, flight in joined:
-                        await flight.done.wait()
+                if not joined:  # nothing to wait on: the batch is sent as it would be without a cache
+                    await self._send_into(outcomes, sent, model, requests, parent, led)
+                else:
+                    with single_exception():  # a budget refusal reaches the sandbox as itself
+                        async with anyio.create_task_group() as group:
+                            if sent:
+                                group.start_soon(self._send_into, outcomes, sent, model, requests, parent, led)
+                            for _, flight in joined:
+                                await flight.done.wait()
             finally:
                 for key, flight in led.items():
                     flight.land(None)  # failed or cancelled: those waiting send it themselves
@@ -136,7 +141,9 @@ class CallScope:
                 else:
                     outcomes[index] = self._from_journal(model, request, recorded, parent)
         if cache is not None:
-            asked = [index for index, outcome in enumerate(outcomes) if isinstance(outcome, str)]
+            # a request another run is sending now is not looked up: it is joined (ask_many)
+            asked = [index for index, outcome in enumerate(outcomes)
+                     if isinstance(outcome, str) and outcome not in cache.in_flight]
             found = await cache.lookup([keys[index] for index in asked])
             for index, hit in zip(asked, found, strict=True):
                 if hit is not None:
