@@ -277,3 +277,20 @@ async def test_a_budget_refusal_reaches_the_sandbox_as_itself_with_a_cache(tmp_p
                    budget=Budget(max_calls=3)) as rlm:
         result = await rlm.run("the document", "how long?")
     assert result.answer.startswith("BudgetExceededError: "), result.answer
+
+
+def test_a_long_prefix_repeated_across_a_batch_is_hashed_once_and_still_tells_requests_apart() -> None:
+    """Sandbox code sets a batch's size and its prefix: keying must not cost prefix x items."""
+    from rlmflow import Message
+    from rlmflow.durable import keys
+
+    model = ScriptedModel(["x"], name="sub")
+    prefix = "a long shared chunk " * 100_000
+    before = keys._long_digest.cache_info().misses
+    made = {keys.request_key(model, ModelRequest(messages=(Message("user", prefix), Message("user", f"q{i % 50}")),
+                                                 max_tokens=64)) for i in range(1000)}
+    assert keys._long_digest.cache_info().misses - before == 1
+    assert len(made) == 50
+    other = keys.request_key(model, ModelRequest(messages=(Message("user", prefix + "!"), Message("user", "q0")),
+                                                 max_tokens=64))
+    assert other not in made

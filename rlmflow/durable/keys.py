@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -17,11 +18,26 @@ def request_key(model: LanguageModel, request: ModelRequest) -> str:
     shape: list[object] = [
         model.provider, model.name, endpoint if isinstance(endpoint, str) else None,
         request.max_tokens, request.temperature, request.top_p, list(request.stop), request.reasoning_effort,
-        [[message.role, message.content] for message in request.messages],
+        [[message.role, _content(message.content)] for message in request.messages],
     ]
     if request.json_schema is not None:  # added only when set: keys of earlier journals stay valid
         shape.append(dict(request.json_schema))
     return text_digest(json.dumps(shape, ensure_ascii=False, separators=(",", ":")))
+
+
+_LONG = 8192  # characters from which a message is keyed by its digest, computed once per text
+
+
+def _content(text: str) -> str:
+    """A message as its key holds it: a long one by its digest, remembered for the few texts seen
+    last, so that a batch whose every request repeats one long prefix hashes that prefix once,
+    not once per request (sandbox code sets the batch's size)."""
+    return text if len(text) < _LONG else "sha256:" + _long_digest(text)
+
+
+@functools.lru_cache(maxsize=8)  # str caches its hash: a repeated prefix costs one lookup
+def _long_digest(text: str) -> str:
+    return text_digest(text)
 
 
 def text_digest(text: str) -> str:
