@@ -32,7 +32,7 @@ from .dispatch.process import default_dispatcher
 from .durable.cache import CallCache
 from .durable.choice import open_cache, open_journal
 from .durable.journal import JournalRun, RunJournal
-from .durable.memory import CallMemory, first_turns
+from .durable.memory import CallMemory, first_turns, inherited_turns
 from .events import EventSink
 from .models.base import LanguageModel
 from .models.registry import DEFAULT_MODEL, ModelRegistry
@@ -330,8 +330,11 @@ class RLM:
                 forked_from=(resumed.run_id, fork_turn),
             )
         elif resumed is not None:
-            state.tree.memory = CallMemory(journal=self.journal, run_id=resumed.run_id, recorded=resumed.calls,
-                                           turns=resumed.turns)
+            # a fork's first turns were another root's: answered in order, as when it was forked
+            inherited = resumed.settings.get("forked_at_turn")
+            roots, calls = inherited_turns(resumed.calls, inherited if isinstance(inherited, int) else 0)
+            state.tree.memory = CallMemory(journal=self.journal, run_id=resumed.run_id, recorded=calls,
+                                           root_turns=roots, turns=resumed.turns)
         elif self._replay is not None:
             recorded = await anyio.to_thread.run_sync(self._replay.all_calls)
             state.tree.memory = CallMemory(journal=None, run_id=state.run_id, recorded=recorded, strict=True)

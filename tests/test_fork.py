@@ -7,6 +7,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import anyio
 import pytest
 
 from rlmflow import RLM, ConfigurationError, ModelRequest, ScriptedModel
@@ -96,3 +97,37 @@ async def test_a_fork_needs_the_same_document_and_a_journal(tmp_path: Path) -> N
     async with RLM(root=turn_script(CELLS), sub=sub_model()) as rlm:
         with pytest.raises(ConfigurationError, match="needs RLM"):
             await rlm.fork("the document", parent, turn=1)
+
+
+async def test_a_fork_cut_short_is_resumed_without_asking_its_inherited_turns_again(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.sqlite"
+    parent = await parent_run(journal)
+    asked = anyio.Event()
+
+    async def hangs(request: ModelRequest) -> str:
+        asked.set()
+        await anyio.sleep_forever()
+        return ""
+
+    async with RLM(root=ScriptedModel(hangs, name="other-root"), sub=sub_model(), journal=journal,
+                   system_prompt="Another system prompt.") as rlm, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: rlm.fork("the document", parent, turn=2))
+        await asked.wait()  # its own first turn is in flight
+        tg.cancel_scope.cancel()
+    reader = Journal(journal)
+    fork_id = reader.latest_unfinished()
+    reader.close()
+    assert fork_id is not None and fork_id != parent
+
+    seen: list[ModelRequest] = []
+
+    def answers(request: ModelRequest) -> str:
+        seen.append(request)
+        return repl("FINAL('fork: ' + longest)")
+
+    sub = sub_model()
+    async with RLM(root=ScriptedModel(answers, name="other-root"), sub=sub, journal=journal,
+                   system_prompt="Another system prompt.") as rlm:
+        resumed = await rlm.resume("the document", run_id=fork_id)
+    assert resumed.answer.startswith("fork: ANSWER item")
+    assert len(seen) == 1 and sub.requests == []  # the two inherited turns came from the fork's record

@@ -23,7 +23,7 @@ from .keys import request_key
 
 _logger = structlog.get_logger("rlmflow.cache")
 
-__all__ = ["CachingModel", "CallMemory", "RecordingModel", "first_turns"]
+__all__ = ["CachingModel", "CallMemory", "RecordingModel", "first_turns", "inherited_turns"]
 
 
 class CallMemory:
@@ -103,6 +103,19 @@ def first_turns(calls: Iterable[RecordedCall], turns: int) -> tuple[list[Recorde
         else:
             before.append(call)
     return before, roots
+
+
+def inherited_turns(calls: Iterable[RecordedCall], turns: int) -> tuple[list[RecordedCall], list[RecordedCall]]:
+    """A fork's record split for its resume: the first ``turns`` root replies (its depth-0 root
+    calls, inherited from its parent and answered in order) and every other call (by key)."""
+    roots: list[RecordedCall] = []
+    others: list[RecordedCall] = []
+    for call in calls:
+        if call.role == "root" and call.depth == 0 and len(roots) < turns:
+            roots.append(call)
+        else:
+            others.append(call)
+    return roots, others
 
 
 class RecordingModel(ModelView):
