@@ -294,3 +294,16 @@ def test_a_long_prefix_repeated_across_a_batch_is_hashed_once_and_still_tells_re
     other = keys.request_key(model, ModelRequest(messages=(Message("user", prefix + "!"), Message("user", "q0")),
                                                  max_tokens=64))
     assert other not in made
+
+
+async def test_answers_the_cache_gave_a_journaled_run_stay_free_when_it_is_replayed(tmp_path: Path) -> None:
+    cache, journal = tmp_path / "cache.sqlite", tmp_path / "journal.sqlite"
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache) as rlm:
+        await rlm.run("the document", "how long are the answers?")
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), cache=cache, journal=journal) as rlm:
+        cached = await rlm.run("the document", "how long are the answers?")
+    assert cached.spent.calls == 0
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), replay=journal, budget=Budget(max_calls=3)) as rlm:
+        replayed = await rlm.run("the document", "how long are the answers?")  # 14 calls, none of them paid
+    assert replayed.answer == cached.answer and replayed.spent.calls == 0
+    assert replayed.usage["sub"].cached_calls == PROMPTS and replayed.usage["sub"].calls == 0

@@ -173,26 +173,31 @@ class CallScope:
         self, model: LanguageModel, request: ModelRequest, recorded: RecordedCall, parent: OtelContext | None
     ) -> ModelResponse:
         """A call the journal answers: charged to the ledger as it was paid, reported as such."""
+        memory = self.memory
+        if memory is not None and memory.forked_from is not None:  # a fork's record is whole without its parent's
+            memory.write(recorded)
+        if recorded.input_tokens == recorded.output_tokens == 0 and recorded.cost_usd == 0.0:
+            # the cache answered it then (no provider reports a call without input): free again
+            hit = CachedAnswer(recorded.text, recorded.model, recorded.finish_reason, 0, 0)
+            return self._from_cache(model, request, hit, recorded.role, parent, journaled=True)
         usage = Usage(recorded.input_tokens, recorded.output_tokens, 1)
         cost = recorded.cost_usd
         spend = Spend(1, recorded.input_tokens, recorded.output_tokens, cost or 0.0)
         self.ledger.reserve(spend).settle(usage, cost or 0.0)  # a run's caps hold across its crash
         response = ModelResponse(recorded.text, usage, recorded.model, recorded.finish_reason)
-        memory = self.memory
-        if memory is not None and memory.forked_from is not None:  # a fork's record is whole without its parent's
-            memory.write(recorded)
         self.dispatcher.answered(model, request, response, source="journal", cost=cost, role=recorded.role,
                                  depth=self.depth, record=self.record, parent=parent, capture=self.capture)
         return response
 
     def _from_cache(
-        self, model: LanguageModel, request: ModelRequest, hit: CachedAnswer, role: str, parent: OtelContext | None
+        self, model: LanguageModel, request: ModelRequest, hit: CachedAnswer, role: str, parent: OtelContext | None,
+        *, journaled: bool = False,
     ) -> ModelResponse:
-        """A call the cache answers: nothing sent, nothing charged; journaled (cost 0) so that a
-        resume or replay of this run gives the same answer."""
+        """A call the cache answers: nothing sent, nothing charged; journaled (no tokens, cost 0)
+        so that a resume or replay of this run gives the same answer, free again."""
         response = ModelResponse(hit.text, Usage(cached_calls=1), hit.model, hit.finish_reason)
         memory = self.memory
-        if memory is not None:
+        if memory is not None and not journaled:
             memory.write(RecordedCall(
                 key=request_key(model, request), role=role, depth=self.depth, model=hit.model, text=hit.text,
                 finish_reason=hit.finish_reason, input_tokens=0, output_tokens=0, cost_usd=0.0,
