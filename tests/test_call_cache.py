@@ -17,6 +17,7 @@ from rlmflow import RLM, Budget, ConfigurationError, ModelRequest, ScriptedModel
 from rlmflow.durable.cache import CachedAnswer, SQLiteCallCache
 from rlmflow.durable.journal import Journal
 from rlmflow.events import RunEvent, SubCallDone
+from rlmflow.models.base import ModelResponse, ModelView
 
 from .helpers import turn_script
 
@@ -307,3 +308,22 @@ async def test_answers_the_cache_gave_a_journaled_run_stay_free_when_it_is_repla
         replayed = await rlm.run("the document", "how long are the answers?")  # 14 calls, none of them paid
     assert replayed.answer == cached.answer and replayed.spent.calls == 0
     assert replayed.usage["sub"].cached_calls == PROMPTS and replayed.usage["sub"].calls == 0
+
+
+async def test_an_answer_cut_at_max_tokens_is_not_kept(tmp_path: Path) -> None:
+    cut = ScriptedModel(lambda r: "ANSWER " + r.messages[-1].content, name="sub")
+    cache = tmp_path / "cache.sqlite"
+    for _ in range(2):
+        subs_only = SQLiteCallCache(cache, roots=False)
+        async with RLM(root=turn_script(CELLS), sub=CutModel(cut), cache=subs_only) as rlm:
+            await rlm.run("the document", "how long are the answers?")
+        await subs_only.aclose()
+    assert len(cut.requests) == 2 * PROMPTS  # asked again: a cut answer is not an answer to keep
+
+
+class CutModel(ModelView):
+    """Every answer of ``model`` reported as cut at the output limit."""
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        response = await self.model.request(request)
+        return ModelResponse(response.text, response.usage, response.model, "length")

@@ -23,6 +23,9 @@ from .keys import request_key
 
 _logger = structlog.get_logger("rlmflow.cache")
 
+# the finish reasons of a whole answer, as the providers name them (None: a model that names none)
+_WHOLE = frozenset({"stop", "end_turn", "stop_sequence", "tool_use", "tool_calls", None})
+
 __all__ = ["CachingModel", "CallMemory", "RecordingModel", "first_turns", "inherited_turns"]
 
 
@@ -163,8 +166,10 @@ class CachingModel(ModelView):
         answer = CachedAnswer(response.text, response.model, response.finish_reason, usage.input_tokens,
                               usage.output_tokens)
         flight = self._flights.get(key)
-        if flight is not None:
+        if flight is not None:  # those asking the same now get what this request got
             flight.land(answer)
+        if response.finish_reason not in _WHOLE:  # cut at max_tokens, filtered, refused: not kept
+            return response
         try:
             await self._cache.store(key, answer)
         except Exception:  # a paid answer is never lost to its cache
