@@ -241,7 +241,7 @@ async def _answer(
             print(f"run {event.run_id}, journal {rlm.journal.where} (continue it with --resume {event.run_id})",
                   file=sys.stderr)
 
-    async with owned_cache(chosen_cache(args.cache, policy.cache if policy is not None else None)) as cache, RLM(
+    async with owned_cache(chosen_cache(args.cache, policy)) as cache, RLM(
         root=args.root,
         sub=args.sub,
         dispatcher=dispatcher,

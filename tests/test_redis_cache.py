@@ -143,3 +143,18 @@ def test_one_cache_serves_runs_on_two_event_loops_and_keeps_odd_text(redis_serve
 
     assert anyio.run(one, True) == [odd]
     assert anyio.run(one, False) == [odd]  # a new loop: a new client, the same entry
+
+
+def test_a_url_is_told_from_a_path_whatever_its_case_and_a_mistyped_one_is_refused_without_its_password() -> None:
+    from rlmflow.dispatch.policy import CacheSettings
+    from rlmflow.dispatch.shared import SharedConfig
+    from rlmflow.durable.choice import cache_from_settings, open_cache
+
+    assert isinstance(open_cache("REDIS://127.0.0.1:6379/0"), RedisCallCache)
+    with pytest.raises(ConfigurationError) as refused:
+        open_cache("redis:/:s3cret@cache.internal:6379/0")
+    assert "s3cret" not in str(refused.value)
+    tenant = cache_from_settings(CacheSettings(url="redis://127.0.0.1:6379/0"),
+                                 SharedConfig("redis://127.0.0.1:6379/0", namespace="tenant-a", timeout=0.2))
+    assert isinstance(tenant, RedisCallCache)
+    assert (tenant.config.namespace, tenant.config.timeout) == ("tenant-a", 0.2)  # the [shared] table's

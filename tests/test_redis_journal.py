@@ -131,3 +131,22 @@ async def test_a_cli_run_killed_on_one_host_is_resumed_by_a_second_process(
 def answer_of(row: str) -> str:
     """The answer text of a journaled call (its fifth field)."""
     return str(json.loads(row)[4])
+
+
+async def test_a_malformed_record_in_redis_is_a_clear_error(redis_server: RedisServer) -> None:
+    journal = RedisJournal(redis_server.url)
+    async with RLM(root=turn_script(CELLS), sub=sub_model(), journal=journal) as rlm:
+        done = await rlm.run("the document", "how long are the answers?")
+    await anyio.to_thread.run_sync(journal.close)
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        bad = json.dumps(["k", "sub", "0", "m", {}, None, 1, 1, 0])  # a depth of text, an answer of a table
+        await client.rpush(f"rlmflow:journal:calls:{done.run_id}", bad)
+    finally:
+        await client.aclose()
+    reader = RedisJournal(redis_server.url)
+    try:
+        with pytest.raises(ConfigurationError, match="malformed"):
+            reader.read_run(done.run_id)
+    finally:
+        reader.close()

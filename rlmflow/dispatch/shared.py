@@ -105,8 +105,10 @@ class SharedConfig:
     margin: float | None = None
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(f"shared state URL must be redis://, rediss:// or unix://, not {self.url!r}")
+        if not self.url.lower().startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                f"shared state URL must be redis://, rediss:// or unix://, not {redacted_url(self.url)!r}"
+            )
         if self.lease <= 0 or self.timeout <= 0 or (self.margin is not None and self.margin < 0):
             raise ConfigurationError("lease and timeout must be > 0, margin >= 0")
 
@@ -444,8 +446,10 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def redacted_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its credentials, for messages and logs (a malformed one too)."""
     if "@" not in url:
         return url
-    scheme, _, rest = url.partition("://")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = url.partition(":")[0], url.partition(":")[2]
     return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -42,6 +42,7 @@ DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 
 _ENTRY_OVERHEAD = 160  # bytes counted per entry besides its text: key, model, numbers, index rows
 _RECENT_BYTES = 16 * 1024 * 1024  # this process's newest answers, kept in memory too
+_TRIM_EVERY = 5.0  # seconds between two trims of the file (each sums the sizes of every entry)
 _LOOKUP_CHUNK = 500  # keys per query (SQLite's limit on bound values is 32,766 since 3.32)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -134,6 +135,7 @@ class SQLiteCallCache(CallCache):
         # the writer has committed them (it lets writes gather for 50 ms)
         self._recent: OrderedDict[str, tuple[float, CachedAnswer, int]] = OrderedDict()
         self._recent_bytes = 0
+        self._trimmed = -_TRIM_EVERY  # the writer's last trim (time.monotonic): the first write trims
         self._file = SQLiteFile(self.path, prepare=self._prepare, name="a sub-call cache", after_write=self._trim)
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
@@ -186,7 +188,12 @@ class SQLiteCallCache(CallCache):
             self._recent_bytes -= dropped
 
     def _trim(self, connection: sqlite3.Connection) -> None:
-        """After each write: drop what has expired, then evict the least recently used past the cap."""
+        """After a write, at most every few seconds (the sum scans the table): drop what has
+        expired, then evict the least recently used past the cap."""
+        now = time.monotonic()
+        if now - self._trimmed < _TRIM_EVERY:
+            return
+        self._trimmed = now
         if self.ttl is not None:
             connection.execute("DELETE FROM answers WHERE stored < ?", (self._clock() - self.ttl,))
         total = connection.execute("SELECT total(size) FROM answers").fetchone()[0]

@@ -4,13 +4,13 @@ Layout, under the namespace of the shared config (``rlmflow`` by default):
 
 - ``<ns>:journal:runs``: a hash, run id -> the run's record (JSON: its inputs, written once);
 - ``<ns>:journal:ends``: a hash, run id -> how it ended (JSON: status, answer, error);
-- ``<ns>:journal:started``: a sorted set of run ids by start time (the latest unfinished run);
+- ``<ns>:journal:started``: a sorted set of run ids by their last write (the latest unfinished run);
 - ``<ns>:journal:calls:<run id>`` and ``<ns>:journal:turns:<run id>``: lists, in order.
 
 Writes are queued and sent by one writer thread in pipelines of what gathered in 50 ms, as the
 SQLite journal commits them: a run never waits on Redis. Every key of a run expires ``ttl``
-after its last write (30 days by default), and runs started longer ago than that leave the
-index when the next run starts. A Redis that stops answering stops the recording (reported by
+after its last write (30 days by default), and runs not written to for longer than that leave
+the index when the next run starts. A Redis that stops answering stops the recording (reported by
 :attr:`RedisJournal.failure`), never the runs.
 """
 
@@ -107,10 +107,11 @@ class RedisJournal(RunJournal):
         for run_id in touched:
             pipe.pexpire(self._calls + run_id, ttl_ms)
             pipe.pexpire(self._turns + run_id, ttl_ms)
+            pipe.zadd(self._started, {run_id: now}, xx=True)  # the index orders runs by their last write
         pipe.execute()
 
     def _forget_before(self, pipe: Any, oldest: float) -> None:
-        """Drop from the index runs started before ``oldest`` (their lists expire on their own)."""
+        """Drop from the index runs last written before ``oldest`` (their lists expire on their own)."""
         stale = self._client.zrangebyscore(self._started, "-inf", oldest, start=0, num=1000)
         if stale:
             pipe.zrem(self._started, *stale)
@@ -135,13 +136,16 @@ class RedisJournal(RunJournal):
         record, end, calls, turns = pipe.execute()
         if record is None:
             return None
-        run = json.loads(record)
-        ended: dict[str, Any] = json.loads(end) if end is not None else {"status": "running", "answer": None}
-        return JournalRun(
-            run_id, run["version"], run["query"], run["context_sha256"], run["context_chars"], run["settings"],
-            ended["status"], ended["answer"], tuple(RecordedCall(*json.loads(call)) for call in calls),
-            tuple(RecordedTurn(*json.loads(turn)) for turn in turns),
-        )
+        try:
+            run = json.loads(record)
+            ended: dict[str, Any] = json.loads(end) if end is not None else {"status": "running", "answer": None}
+            return JournalRun(
+                run_id, run["version"], run["query"], run["context_sha256"], run["context_chars"], run["settings"],
+                ended["status"], ended["answer"], tuple(_call(call) for call in calls),
+                tuple(RecordedTurn(*json.loads(turn)) for turn in turns),
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigurationError(f"{self.where} holds a malformed record of run {run_id!r}: {exc}") from None
 
     def latest_unfinished(self) -> str | None:
         newest = [str(run_id) for run_id in self._client.zrevrange(self._started, 0, 999)]
@@ -156,6 +160,20 @@ class RedisJournal(RunJournal):
     def all_calls(self) -> list[RecordedCall]:
         calls: list[RecordedCall] = []
         for run_id in self._client.zrange(self._started, 0, -1):
-            calls.extend(RecordedCall(*json.loads(call))
-                         for call in self._client.lrange(self._calls + str(run_id), 0, -1))
+            try:
+                calls.extend(_call(call) for call in self._client.lrange(self._calls + str(run_id), 0, -1))
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(f"{self.where} holds a malformed call of run {run_id!r}: {exc}") from None
         return calls
+
+
+def _call(raw: str | bytes) -> RecordedCall:
+    """A journaled call, its fields' types checked (the store is Redis: anyone with its password
+    could have written there)."""
+    key, role, depth, model, text, finish_reason, input_tokens, output_tokens, cost = json.loads(raw)
+    if not (isinstance(key, str) and isinstance(role, str) and type(depth) is int and isinstance(model, str)
+            and isinstance(text, str) and (finish_reason is None or isinstance(finish_reason, str))
+            and type(input_tokens) is int and type(output_tokens) is int
+            and (cost is None or type(cost) in (int, float))):
+        raise TypeError("a field of another type")
+    return RecordedCall(key, role, depth, model, text, finish_reason, input_tokens, output_tokens, cost)

@@ -224,7 +224,7 @@ async def _evaluate(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy) if args.policy else None
         sandbox = chosen_sandbox(args.sandbox, policy.sandbox if policy is not None else None)
-        cache = chosen_cache(args.cache, policy.cache if policy is not None else None)
+        cache = chosen_cache(args.cache, policy)
         # a strands: root (a Strands Agent driving the run) is rlm's; base calls the model under it
         strands_root = args.root.startswith("strands:")
         plain_root = args.root.removeprefix("strands:")
