@@ -49,7 +49,8 @@ def test_parse_combine_names_a_kind_or_none() -> None:
     ("largest", None, "largest"),
 ])
 def test_settle_keeps_the_kind_each_answer_is_trusted_for(kind: str, combined: str | None, settled: str) -> None:
-    assert settle(Plan(kind, "payment", "the mill", "crowns"), combined) == Plan(settled, "payment", "the mill", "crowns")
+    form = Plan(kind, "payment", "the mill", "crowns")
+    assert settle(form, combined) == Plan(settled, "payment", "the mill", "crowns")
 
 
 def test_a_lookup_plan_is_a_first_search() -> None:
