@@ -9,7 +9,7 @@ import pytest
 
 from rlmflow import RLM, ModelRequest, ScriptedModel
 from rlmflow._run.guards import answer_problem, unwrap_final
-from rlmflow._run.plan import Plan, parse_plan, render
+from rlmflow._run.plan import COMBINE_SCHEMA, Plan, parse_combine, parse_plan, render, settle
 
 from .helpers import turn_script
 
@@ -26,6 +26,31 @@ def test_parse_plan_reads_the_form_and_refuses_what_is_not_one() -> None:
     assert parse_plan("no form at all") is None
     assert parse_plan('{"kind": "count", "records": "payment", "about": "", "unit": "crowns"}') == Plan(
         "total", "payment", "", "crowns")  # a count has no unit: amounts are added
+
+
+def test_parse_combine_names_a_kind_or_none() -> None:
+    assert parse_combine('{"combine": "max"}') == "largest"
+    assert parse_combine(' {"combine": "add"} ') == "total"
+    assert parse_combine('{"combine": "min"}') == "smallest"
+    assert parse_combine('{"combine": "count"}') == "count"
+    assert parse_combine('{"combine": "median"}') is None
+    assert parse_combine('{"kind": "total", "records": "x"}') is None
+    assert parse_combine("max") is None
+
+
+@pytest.mark.parametrize(("kind", "combined", "settled"), [
+    ("total", "largest", "largest"),  # one biggest amount wins over the form's total
+    ("total", "smallest", "smallest"),
+    ("count", "largest", "largest"),
+    ("largest", "total", "total"),  # adding wins over the form's largest
+    ("total", "count", "total"),  # a narrow "count" is not trusted over amounts
+    ("count", "total", "count"),  # nor "add" over a count
+    ("lookup", "largest", "lookup"),  # a lookup is never changed
+    ("largest", None, "largest"),
+])
+def test_settle_keeps_the_kind_each_answer_is_trusted_for(kind: str, combined: str | None, settled: str) -> None:
+    form = Plan(kind, "payment", "the mill", "crowns")
+    assert settle(form, combined) == Plan(settled, "payment", "the mill", "crowns")
 
 
 def test_a_lookup_plan_is_a_first_search() -> None:
@@ -50,10 +75,13 @@ NOTES = "\n\n".join([
 ])
 
 
-def plan_root(form: dict[str, str], then: str = "FINAL('fallback')") -> ScriptedModel:
-    """A root that fills the form on its plan call and writes ``then`` on later turns."""
+def plan_root(form: dict[str, str], then: str = "FINAL('fallback')", combine: str = "") -> ScriptedModel:
+    """A root that fills the form on its plan call, answers ``combine`` (none when empty) when asked
+    how amounts combine, and writes ``then`` on later turns."""
 
     def reply(request: ModelRequest) -> str:
+        if request.json_schema == COMBINE_SCHEMA:
+            return json.dumps({"combine": combine}) if combine else "{}"
         if request.json_schema is not None:
             return json.dumps(form)
         return f"```repl\n{then}\n```"
@@ -84,6 +112,24 @@ async def test_each_kind_of_plan_answers_in_its_first_turn(form: dict[str, str],
         result = await rlm.run(context, "a question")
     assert result.answer == answer
     assert result.turns == 1
+
+
+async def test_the_narrow_combine_answer_settles_a_form_that_named_total() -> None:
+    form = {"kind": "total", "records": "receipt", "about": "", "unit": "florins"}
+    root = plan_root(form, combine="max")
+    async with RLM(root=root, sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(RECEIPTS, "a question")
+    assert (result.answer, result.turns) == ("310", 1)
+    assert [request.json_schema == COMBINE_SCHEMA for request in root.requests] == [False, True]
+
+
+async def test_a_lookup_form_asks_nothing_more_before_the_loop() -> None:
+    form = {"kind": "lookup", "records": "strongbox", "about": "", "unit": ""}
+    root = plan_root(form, "FINAL('under the stage')", combine="max")
+    async with RLM(root=root, plan_first=True) as rlm:
+        result = await rlm.run(RECEIPTS, "Where was the strongbox?")
+    assert result.answer == "under the stage"
+    assert not any(request.json_schema == COMBINE_SCHEMA for request in root.requests)
 
 
 async def test_a_plan_that_finds_no_record_goes_on_in_the_free_form_loop() -> None:

@@ -23,7 +23,7 @@ from ..telemetry.logs import get_logger
 from .calls import CallScope
 from .cells import CellRunner, RanCell
 from .guards import answer_problem, unwrap_final
-from .plan import parse_plan, plan_request, render
+from .plan import combine_request, parse_combine, parse_plan, plan_request, render, settle
 from .recorder import RunRecorder
 from .settings import RunSettings
 from .stall import StallPolicy
@@ -161,6 +161,9 @@ class RootLoop:
         request = plan_request(state.query, max_tokens=min(self._settings.root_max_tokens, 200))
         reply = (await self._calls.ask_root(self._root_model(1), request)).text
         plan = parse_plan(reply)
+        if plan is not None and plan.kind != "lookup":  # how the amounts combine, asked on its own
+            combined = (await self._calls.ask_root(self._root_model(1), combine_request(state.query))).text
+            plan = settle(plan, parse_combine(combined))
         _logger.info("plan", kind=plan.kind if plan else None, chars=len(reply))
         if plan is None or plan.kind == "lookup":
             return False

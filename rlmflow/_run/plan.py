@@ -9,6 +9,11 @@ helpers: ``records`` over the whole context, ``ask_each`` in one batch when a re
 judging, ``numbers``/``total``/``count_yes`` in Python, the parts printed, and ``FINAL`` only
 when some record was found. A lookup becomes a first ``grep`` and the free-form loop goes on.
 
+The kind of an aggregation gets a second, narrower question (:func:`combine_request`: are the
+amounts added, or is the answer the biggest or the smallest one?), because the 0.5B root, asked for
+the whole form, names "total" for most questions about amounts, whichever way they combine; asked
+only that, it tells them apart. The two answers are settled by :func:`settle`.
+
 Nothing here reads the words of a particular question: the form's fields come from the root, and
 the rules below are about the form (does any record name ``about``? a count with a unit?).
 """
@@ -16,12 +21,15 @@ the rules below are about the form (does any record name ``about``? a count with
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..models.base import Message, ModelRequest
 
-__all__ = ["KINDS", "PLAN_SCHEMA", "Plan", "parse_plan", "plan_request", "render"]
+__all__ = [
+    "COMBINE_SCHEMA", "KINDS", "PLAN_SCHEMA", "Plan", "combine_request", "parse_combine", "parse_plan", "plan_request",
+    "render", "settle",
+]
 
 KINDS = ("lookup", "count", "total", "largest", "smallest")
 
@@ -62,6 +70,37 @@ Question: How many invoices were issued to Harlow Mills?
 Question: According to the letters, what colour was the captain's coat?
 {"kind": "lookup", "records": "coat", "about": "", "unit": ""}"""
 
+COMBINES = {"count": "count", "add": "total", "max": "largest", "min": "smallest"}
+
+COMBINE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"combine": {"type": "string", "enum": list(COMBINES)}},
+    "required": ["combine"],
+}
+
+COMBINE_SYSTEM = """\
+A question asks about amounts in many records of a document. Say how the amounts are combined
+into the answer. Reply with one JSON object {"combine": ...}:
+- "count": no amounts: the answer is how many records there are (how many, count, number of).
+- "add": all the amounts added together (a total, a sum, how much in all, altogether).
+- "max": one amount, the biggest of them (largest, most, highest, maximum, top, greatest, heaviest).
+- "min": one amount, the smallest of them (smallest, least, lowest, minimum, cheapest, lightest).
+
+Examples:
+Question: How much did the Guild of Weavers pay in fees altogether?
+{"combine": "add"}
+Question: What was the largest single donation from the Guild of Weavers?
+{"combine": "max"}
+Question: What is the greatest load any one cart carried?
+{"combine": "max"}
+Question: What is the sum of the tons of copper in every cargo entry?
+{"combine": "add"}
+Question: How many of the inspector's reports mention a broken lock?
+{"combine": "count"}
+Question: Which was the cheapest room the inn let in one night?
+{"combine": "min"}"""
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The root's form: the kind of question and the blanks of that kind's program."""
@@ -99,6 +138,41 @@ def parse_plan(reply: str) -> Plan | None:
     if kind == "count" and fields["unit"]:  # records are counted without a unit: amounts are added
         kind = "total"
     return Plan(kind=kind, **fields)
+
+
+def combine_request(query: str, *, max_tokens: int = 20) -> ModelRequest:
+    """The second root call of an aggregation: how the records' amounts are combined, and nothing else."""
+    return ModelRequest(
+        messages=(Message("system", COMBINE_SYSTEM), Message("user", f"Question: {query}")),
+        max_tokens=max_tokens, temperature=0.0, json_schema=COMBINE_SCHEMA,
+    )
+
+
+def parse_combine(reply: str) -> str | None:
+    """The kind that ``reply``'s ``combine`` names (``count``, ``total``, ``largest``,
+    ``smallest``), or ``None`` when it names none."""
+    start = reply.find("{")
+    try:
+        data, _ = json.JSONDecoder().raw_decode(reply[start:]) if start != -1 else (None, 0)
+    except json.JSONDecodeError:
+        return None
+    named = data.get("combine") if isinstance(data, dict) else None
+    return COMBINES.get(named) if isinstance(named, str) else None
+
+
+def settle(plan: Plan, combined: str | None) -> Plan:
+    """The plan with its kind settled between the form and the narrower answer ``combined``.
+
+    A biggest or smallest one amount is distinctive: the narrow answer wins whatever the form said.
+    Adding wins over a form's largest or smallest. A narrow "count" is not trusted over a form's
+    amounts, nor "add" over a form's count without a unit (records are counted unless amounts are
+    named). A lookup is never changed (it is not asked).
+    """
+    if combined is None or plan.kind == "lookup" or combined == plan.kind:
+        return plan
+    if combined in ("largest", "smallest") or (combined == "total" and plan.kind in ("largest", "smallest")):
+        return replace(plan, kind=combined)
+    return plan
 
 
 def _clean(value: Any) -> str:
