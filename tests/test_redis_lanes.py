@@ -342,8 +342,10 @@ async def test_redis_stopped_mid_run_falls_back_to_a_share(redis_server: RedisSe
         assert result["errors"] == [] and all(result["answers"])  # nothing lost, nothing hung
         assert result["fallbacks"] == 1 and result["mode"] == "fallback" and result["replicas"] == 2
     assert provider.counters.admitted == 40
-    assert provider.summary()["rate_limited"] == 0
-    assert provider.max_in_window() <= 8
+    # the window of the loss may exceed the lane by the difference of the replicas' shares before
+    # it (docs/scaling.md): a refusal or two there, retried; every later window within the lane
+    assert provider.summary()["rate_limited"] <= 2
+    assert provider.max_in_window() <= 8 + 2
 
 
 async def test_unreachable_redis_is_a_clear_error_at_start() -> None:

@@ -352,6 +352,11 @@ class LocalSandboxSession:
                 # else may still hold the worker's end.
                 with anyio.move_on_after(1):
                     await incarnation.read_done.wait()
+            # the same race on the writing side: a send blocked on a worker that stopped reading
+            # is cancelled, and given a turn of the loop to drop its readiness callback, first
+            incarnation.close_outbox()
+            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
             incarnation.release()
             await incarnation.stream.aclose()
             incarnation.dead.set()
