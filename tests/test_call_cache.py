@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -248,6 +249,57 @@ async def test_a_failed_flight_is_sent_again_by_those_who_waited(tmp_path: Path)
     await cache.aclose()
     assert str(PROMPTS) in answers  # the second run sent each prompt itself and got every answer
     assert len(asked) == 2 * PROMPTS
+
+
+async def test_a_resent_flight_is_joined_by_a_run_asking_after_the_failure(tmp_path: Path) -> None:
+    """The leader's calls fail; the run that waited sends them again; a third run asking now
+    waits on that resend instead of paying for its own copy."""
+    fail, answer = anyio.Event(), anyio.Event()
+    asked: list[str] = []
+
+    async def first_fail(request: ModelRequest) -> str:
+        asked.append(request.messages[-1].content)
+        if len(asked) <= PROMPTS:  # the leader's calls: held, then refused
+            await fail.wait()
+            raise RuntimeError("the provider failed")
+        await answer.wait()  # the waiter's resends: held until the third run has joined them
+        return "ANSWER " + request.messages[-1].content
+
+    cache = SQLiteCallCache(tmp_path / "cache.sqlite", roots=False)
+    sub = ScriptedModel(first_fail, name="sub")
+    once = [f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\n"
+            "FINAL(str(sum(a.startswith('ANSWER') for a in answers)))"]
+    answers: list[str] = []
+
+    async def one_run() -> None:
+        async with RLM(root=turn_script(once), sub=sub, cache=cache, max_turns=1) as rlm:
+            try:
+                answers.append((await rlm.run("the document", "count")).answer)
+            except Exception as exc:  # the leader's run: its batch failed
+                answers.append(type(exc).__name__)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        with anyio.fail_after(10):
+            while not condition():  # noqa: ASYNC110 (the state of three runs: no event)
+                await anyio.sleep(0.01)
+
+    def waited() -> bool:
+        return len(cache.in_flight) == PROMPTS and any(
+            flight.done.statistics().tasks_waiting for flight in cache.in_flight.values())
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(one_run)
+        await until(lambda: len(cache.in_flight) == PROMPTS)
+        group.start_soon(one_run)
+        await until(waited)
+        fail.set()
+        await until(lambda: len(asked) == 2 * PROMPTS)  # the waiter's resends, in flight
+        group.start_soon(one_run)
+        await until(waited)  # the third run waits on the resends
+        answer.set()
+    await cache.aclose()
+    assert answers.count(str(PROMPTS)) == 2  # the waiter and the third run got every answer
+    assert len(asked) == 2 * PROMPTS  # the third run sent nothing
 
 
 async def test_an_answer_with_a_lone_surrogate_is_journaled_and_cached_as_it_was(tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ from ..models.base import LanguageModel, ModelRequest, ModelResponse, Usage
 
 __all__ = ["CallScope"]
 
+_JOINS = 3  # failed flights a request waits on before its run sends it unjoinably
+
 
 @dataclass(frozen=True, slots=True)
 class CallScope:
@@ -65,7 +67,8 @@ class CallScope:
         """Sub-calls sent concurrently; outcomes in input order, a failure in its own place.
 
         With a cache, a request another run of this process is sending now is not sent again:
-        this run waits for that answer (and sends it itself if that call fails).
+        this run waits for that answer. If that call fails it asks again, as a flight others can
+        join in turn (a run asking after the failure waits on the resend instead of sending its own).
         """
         answered = await self._answer_known(model, requests, "sub", parent, self.cache)
         outcomes: list[ModelResponse | RLMError | str | None] = list(answered)
@@ -74,41 +77,54 @@ class CallScope:
         if missing and cache is None:
             await self._send_into(outcomes, missing, model, requests, parent, None)
         elif missing and cache is not None:
-            joined: list[tuple[int, Flight]] = []
-            led: dict[str, Flight] = {}
-            sent: list[int] = []
-            for index in missing:
-                key = answered[index]
-                assert isinstance(key, str)  # a cache was asked: every miss has its key
-                flight = cache.in_flight.get(key)
-                if flight is not None and key not in led:
-                    joined.append((index, flight))
-                    continue
-                if key not in led:
-                    led[key] = cache.in_flight[key] = Flight()
-                sent.append(index)
-            try:
-                if not joined:  # nothing to wait on: the batch is sent as it would be without a cache
-                    await self._send_into(outcomes, sent, model, requests, parent, led)
-                else:
-                    with single_exception():  # a budget refusal reaches the sandbox as itself
-                        async with anyio.create_task_group() as group:
-                            if sent:
-                                group.start_soon(self._send_into, outcomes, sent, model, requests, parent, led)
-                            for _, flight in joined:
-                                await flight.done.wait()
-            finally:
-                for key, flight in led.items():
-                    flight.land(None)  # failed or cancelled: those waiting send it themselves
-                    if cache.in_flight.get(key) is flight:
-                        del cache.in_flight[key]
-            again = [index for index, flight in joined if flight.answer is None]
-            for index, flight in joined:
-                if flight.answer is not None:
-                    outcomes[index] = self._from_cache(model, requests[index], flight.answer, "sub", parent)
-            if again:
-                await self._send_into(outcomes, again, model, requests, parent, None)
+            for _ in range(_JOINS):  # a waiter whose flight failed asks again: it may lead, or join a newer one
+                missing = await self._send_or_join(outcomes, missing, answered, model, requests, parent, cache)
+                if not missing:
+                    break
+            else:  # three flights failed under it: it sends its own, joinable by nobody
+                await self._send_into(outcomes, missing, model, requests, parent, None)
         return [outcome for outcome in outcomes if isinstance(outcome, ModelResponse | RLMError)]
+
+    async def _send_or_join(
+        self, outcomes: list[ModelResponse | RLMError | str | None], indexes: list[int],
+        keys: Sequence[ModelResponse | str | None], model: LanguageModel, requests: Sequence[ModelRequest],
+        parent: OtelContext | None, cache: CallCache,
+    ) -> list[int]:
+        """Send each of ``indexes`` no run of this process is sending now (as a flight others can
+        join) and wait for the answers of those another run is sending; the indexes whose flight
+        failed are returned, to be asked again."""
+        joined: list[tuple[int, Flight]] = []
+        led: dict[str, Flight] = {}
+        sent: list[int] = []
+        for index in indexes:
+            key = keys[index]
+            assert isinstance(key, str)  # a cache was asked: every miss has its key
+            flight = cache.in_flight.get(key)
+            if flight is not None and key not in led:
+                joined.append((index, flight))
+                continue
+            if key not in led:
+                led[key] = cache.in_flight[key] = Flight()
+            sent.append(index)
+        try:
+            if not joined:  # nothing to wait on: the batch is sent as it would be without a cache
+                await self._send_into(outcomes, sent, model, requests, parent, led)
+            else:
+                with single_exception():  # a budget refusal reaches the sandbox as itself
+                    async with anyio.create_task_group() as group:
+                        if sent:
+                            group.start_soon(self._send_into, outcomes, sent, model, requests, parent, led)
+                        for _, flight in joined:
+                            await flight.done.wait()
+        finally:
+            for key, flight in led.items():
+                flight.land(None)  # failed or cancelled: those waiting ask again
+                if cache.in_flight.get(key) is flight:
+                    del cache.in_flight[key]
+        for index, flight in joined:
+            if flight.answer is not None:
+                outcomes[index] = self._from_cache(model, requests[index], flight.answer, "sub", parent)
+        return [index for index, flight in joined if flight.answer is None]
 
     async def _send_into(
         self, outcomes: list[ModelResponse | RLMError | str | None], indexes: list[int], model: LanguageModel,
