@@ -67,6 +67,17 @@ RECEIPTS = "\n\n".join([
     "Receipt 77. Received from the glassworks, on 1 April, the sum of 12 florins, for nails.",
     "Receipt 78. Received from the river mill, on 2 April, the sum of 100 florins, for wool.",
 ])
+# a CSV file's lines scattered through prose, in another unit too; the form's label ("coat") matches prose only
+LEDGER_LINES = "\n\n".join([
+    "CLOWN.\nIf this be a horseman's coat, it hath seen hot service; the Saltmarsh Tannery knows it.",
+    "1611-03-13,5105,Saltmarsh Tannery,payment,169,florins",
+    "Filler text.",
+    "1611-02-11,3557,Saltmarsh Tannery,payment,39,florins",
+    "1611-03-23,1455,Saltmarsh Tannery,payment,17,guilders",
+    "1611-04-02,2201,Ravensholt Mill,payment,98,florins",
+    "LEONTES.\nIn my green velvet coat, my dagger muzzled.",
+    "1611-08-15,1164,Saltmarsh Tannery,payment,351,florins",
+])
 NOTES = "\n\n".join([
     "Harbour master's note, 3 May: a gale tore the sails.",
     "Prose.",
@@ -104,6 +115,10 @@ def judge(request: ModelRequest) -> str:
     ({"kind": "count", "records": "receipt", "about": "river mill", "unit": ""}, RECEIPTS, "3"),
     # the label asked for matches prose only; the payer's name finds the labelled records
     ({"kind": "total", "records": "payment", "about": "river mill", "unit": "florins"}, RECEIPTS, "500"),
+    # rows of one layout name the payer; the label matches prose; guilders are another unit
+    ({"kind": "total", "records": "coat", "about": "Saltmarsh Tannery", "unit": "florins"}, LEDGER_LINES, "559"),
+    ({"kind": "smallest", "records": "coat", "about": "Saltmarsh Tannery", "unit": "florins"}, LEDGER_LINES, "39"),
+    ({"kind": "count", "records": "coat", "about": "Saltmarsh Tannery", "unit": ""}, LEDGER_LINES, "4"),
     # no note names "a storm": the sub-model judges each note, in one batch
     ({"kind": "count", "records": "harbour master's notes", "about": "a storm", "unit": ""}, NOTES, "2"),
 ])
