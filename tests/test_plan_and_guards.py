@@ -129,6 +129,13 @@ async def test_each_kind_of_plan_answers_in_its_first_turn(form: dict[str, str],
     assert result.turns == 1
 
 
+async def test_a_unit_the_question_does_not_name_gives_way_to_the_one_it_does() -> None:
+    form = {"kind": "total", "records": "payment", "about": "Saltmarsh Tannery", "unit": "dollars"}
+    async with RLM(root=plan_root(form), sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(LEDGER_LINES, "What did Saltmarsh Tannery pay altogether, in florins?")
+    assert (result.answer, result.turns) == ("559", 1)
+
+
 async def test_the_narrow_combine_answer_settles_a_form_that_named_total() -> None:
     form = {"kind": "total", "records": "receipt", "about": "", "unit": "florins"}
     root = plan_root(form, combine="max")

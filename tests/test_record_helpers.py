@@ -108,6 +108,17 @@ def test_in_unit_leaves_out_amounts_in_other_units_but_keeps_all_when_none_names
     assert ns["in_unit"](rows, "") == rows
 
 
+def test_unit_of_replaces_a_unit_no_record_names_by_the_questions_word_after_the_amounts() -> None:
+    ns = namespace("x")
+    blocks = [f"entry: {4000 + i}\ndate: {i} May 1611\npayer: Widow Agnes Pell\namount: {10 * i}\ncurrency: {unit}"
+              for i, unit in enumerate(["guilders", "guilders", "marks", "guilders"], start=1)]
+    question = "Sum up all of Widow Agnes Pell's payments in guilders."
+    assert ns["unit_of"](blocks, "dollars", question, "Widow Agnes Pell") == "guilders"
+    assert ns["unit_of"](blocks, "marks", question, "Widow Agnes Pell") == "marks"  # a record names it: kept
+    assert ns["unit_of"](blocks, "", "How much did the widow pay?", "Widow Agnes Pell") == ""  # no such word
+    assert ns["unit_of"](blocks, "", question, "") != "widow"  # a name before a number is never a unit
+
+
 def test_numbers_ask_the_sub_model_only_about_unclear_records() -> None:
     ns = namespace("x", replies=lambda p: "It says thirty. Answer: 30")
     values = ns["numbers"](["Entry 4 on 9 May: paid 30.", "Paid 12 crowns."], unit="")

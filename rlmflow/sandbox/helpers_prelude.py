@@ -471,9 +471,9 @@ def _amount_patterns(unit: str) -> list[str]:
     """Where a record states an amount in ``unit``, most exact first: just before the unit ("90
     florins", "90 gold florins"), just after it ("florins: 90"), then across a field separator
     ("90,florins", "| 90 | florins |", "amount: 90\ncurrency: florins"; no other number between)."""
-    stem, number = re.escape(_stem(unit.split()[0])), _NUMBER.pattern
-    return [rf"({number})\s*(?:[A-Za-z]+\s+){{0,2}}?{stem}", rf"{stem}\w*\s*[:=]?\s*({number})",
-            rf"({number})[^\d.!?]{{1,16}}?\b{stem}", rf"{stem}\w*\W{{0,3}}\s*[:=]?\s*({number})"]
+    word, number = rf"{re.escape(_stem(unit.split()[0]))}(?:e?s)?\b", _NUMBER.pattern  # "florin(s)", not "payer"
+    return [rf"({number})\s*(?:[A-Za-z]+\s+){{0,2}}?{word}", rf"\b{word}\s*[:=]?\s*({number})",
+            rf"({number})[^\d.!?]{{1,16}}?\b{word}", rf"\b{word}\W{{0,3}}\s*[:=]?\s*({number})"]
 
 
 def _amount(record: str, unit: str) -> float | int | None:
