@@ -100,6 +100,14 @@ def test_rows_of_one_layout_are_records_and_prose_that_names_the_same_is_not() -
     assert found.labelled
 
 
+def test_letters_are_records_whatever_their_greeting_and_a_speech_is_not() -> None:
+    letters = [f"{greeting}, I acknowledge receipt of {10 * i} florins from Fallowby Farm on the {i}th of May."
+               for i, greeting in enumerate(["Dear Master Fenwick"] * 3 + ["Sir", "Good friend Tobias"], start=1)]
+    speech = "FALSTAFF.\nFallowby Farm, say you? I owe them nothing."
+    found = namespace("\n\n".join(["Filler.", letters[0], speech, *letters[1:]]))["records"]("Fallowby Farm")
+    assert list(found) == letters
+
+
 def test_in_unit_leaves_out_amounts_in_other_units_but_keeps_all_when_none_names_it() -> None:
     ns = namespace("x")
     rows = ["169,florins", "17,guilders", "39 florin"]

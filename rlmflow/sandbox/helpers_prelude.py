@@ -331,7 +331,8 @@ def _structured(shape: str) -> bool:
 def _families(found: list[str], asked: str) -> tuple[list[str], bool]:
     """The matches that are records rather than prose, and whether they share labels (records of
     a kind do). Keep the matches whose label is shared by two or more of them and names the asked
-    words; failing that, those of the largest label shared by three or more; failing that, when
+    words; failing that, those of the largest label shared by three or more, and those laid out in
+    fields (see below); failing that, when
     three or more share a layout of fields (rows of a table, lines of a CSV file, blocks of a
     form), those laid out in fields (a line of prose is not; a letter that states a date and an
     amount may be); failing that, all."""
@@ -344,11 +345,12 @@ def _families(found: list[str], asked: str) -> tuple[list[str], bool]:
     named = {label for label, n in sizes.items() if n >= 2 and any(w in label for w in words)}
     if named:
         return [unit for unit, label in zip(found, labels, strict=True) if label in named], True
-    shared = [label for label, n in sizes.items() if n >= 3]
-    if shared:
-        largest = max(shared, key=lambda label: sizes[label])
-        return [unit for unit, label in zip(found, labels, strict=True) if label == largest], True
     shapes = [_shape(unit) for unit in found]
+    shared = [label for label, n in sizes.items() if n >= 3]
+    if shared:  # and those laid out in fields: letters with other greetings are records too, a speech is not
+        largest = max(shared, key=lambda label: sizes[label])
+        return [unit for unit, label, shape in zip(found, labels, shapes, strict=True)
+                if label == largest or _structured(shape)], True
     counts: dict[str, int] = {}
     for shape in shapes:
         if _structured(shape):
