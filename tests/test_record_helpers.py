@@ -101,7 +101,8 @@ def test_rows_of_one_layout_are_records_and_prose_that_names_the_same_is_not() -
 
 
 def test_letters_are_records_whatever_their_greeting_and_a_speech_is_not() -> None:
-    letters = [f"{greeting}, I acknowledge receipt of {10 * i} florins from Fallowby Farm on the {i}th of May."
+    letters = [f"{greeting}, I acknowledge receipt of {10 * i} florins from Fallowby Farm on the {i}th of May. "
+               "Kindly enter it at folio 12. Yours, R. Quill."
                for i, greeting in enumerate(["Dear Master Fenwick"] * 3 + ["Sir", "Good friend Tobias"], start=1)]
     speech = "FALSTAFF.\nFallowby Farm, say you? I owe them nothing."
     found = namespace("\n\n".join(["Filler.", letters[0], speech, *letters[1:]]))["records"]("Fallowby Farm")
