@@ -202,6 +202,22 @@ async def test_a_plan_that_finds_no_record_goes_on_in_the_free_form_loop() -> No
     assert result.turns == 2
 
 
+@pytest.mark.parametrize(("form", "context"), [
+    # the sub-model says no to every note: no record kept, so no count of 0
+    ({"kind": "count", "records": "harbour master's notes", "about": "a storm", "unit": ""}, NOTES),
+    # records found but no amount read in any: no total of 0
+    ({"kind": "total", "records": "harbour master's notes", "about": "", "unit": "florins"},
+     "\n\n".join(["Harbour master's note: calm.", "Prose.", "Harbour master's note: a gale.",
+                  "Harbour master's note: fog."])),
+])
+async def test_a_plan_that_kept_nothing_or_read_no_amount_goes_on_in_the_free_form_loop(
+        form: dict[str, str], context: str) -> None:
+    no = ScriptedModel(lambda request: "It says nothing of it. Answer: no")
+    async with RLM(root=plan_root(form, "FINAL('from the loop')"), sub=no, plan_first=True) as rlm:
+        result = await rlm.run(context, "a question")
+    assert (result.answer, result.turns) == ("from the loop", 2)
+
+
 async def test_plan_first_is_off_for_other_roots_by_default() -> None:
     async with RLM(root=turn_script(["FINAL('direct')"])) as rlm:
         assert not rlm.settings.plan_first
@@ -218,6 +234,13 @@ async def test_plan_first_is_off_for_other_roots_by_default() -> None:
 ])
 def test_what_is_never_an_answer(answer: str) -> None:
     assert answer_problem(answer, "Who is Juliet's nurse speaking to in the first scene she appears in?")
+
+
+def test_the_end_of_the_question_with_a_number_is_not_an_answer() -> None:
+    question = "What is the most Saltmarsh Tannery ever paid at once, in guilders?"
+    assert answer_problem('Saltmarsh Tannery ever paid at once, in guilders?": 198', question)
+    assert answer_problem("Saltmarsh Tannery paid 300 guilders at once.", question) is None
+    assert answer_problem("300", question) is None
 
 
 @pytest.mark.parametrize("answer", ["2", "Romeo", "the nurse speaks to Lady Capulet", "blue", "a storm at sea"])

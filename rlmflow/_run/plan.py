@@ -7,7 +7,8 @@ aggregation itself (collect every record, ask about each, combine). So its first
 :func:`render` turns the form into the program of its kind, built from the sandbox's record
 helpers: ``records`` over the whole context, ``ask_each`` in one batch when a record needs
 judging, ``numbers``/``total``/``count_yes`` in Python, the parts printed, and ``FINAL`` only
-when some record was found. A lookup becomes a first ``grep`` and the free-form loop goes on.
+when some record was kept (and, for amounts, some amount read). A lookup becomes a first
+``grep`` and the free-form loop goes on.
 
 The kind of an aggregation gets a second, narrower question (:func:`combine_request`: are the
 amounts added, or is the answer the biggest or the smallest one?), because the 0.5B root, asked for
@@ -285,5 +286,7 @@ def render(plan: Plan, question: str = "") -> str:
         lines += ["values = numbers(kept, unit=unit)", 'print("amounts in", repr(unit), values)']
         combine = {"total": "total(values)", "largest": "max(values, default=0)", "smallest": "min(values, default=0)"}
         lines.append(f"answer = {combine[plan.kind]}")
-    lines += ['print("answer:", answer)', "if found:", "    FINAL(str(answer))"]
+    # an answer only from records kept (and, for amounts, some amount read): else the loop goes on
+    answered = "kept" if not amounts else "kept and any(values)"
+    lines += ['print("answer:", answer)', f"if {answered}:", "    FINAL(str(answer))"]
     return "\n".join(lines)
