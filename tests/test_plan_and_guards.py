@@ -9,17 +9,7 @@ import pytest
 
 from rlmflow import RLM, ModelRequest, ScriptedModel
 from rlmflow._run.guards import answer_problem, unwrap_final
-from rlmflow._run.plan import (
-    COMBINE_SCHEMA,
-    SHAPE_SCHEMA,
-    Plan,
-    parse_combine,
-    parse_plan,
-    parse_shape,
-    reconsider,
-    render,
-    settle,
-)
+from rlmflow._run.plan import COMBINE_SCHEMA, Plan, parse_combine, parse_plan, render, settle
 
 from .helpers import turn_script
 
@@ -96,17 +86,13 @@ NOTES = "\n\n".join([
 ])
 
 
-def plan_root(form: dict[str, str], then: str = "FINAL('fallback')", combine: str = "", shape: str = "fact",
-              ) -> ScriptedModel:
+def plan_root(form: dict[str, str], then: str = "FINAL('fallback')", combine: str = "") -> ScriptedModel:
     """A root that fills the form on its plan call, answers ``combine`` (none when empty) when asked
-    how amounts combine, ``shape`` when asked whether a lookup is one fact, and writes ``then`` on
-    later turns."""
+    how amounts combine, and writes ``then`` on later turns."""
 
     def reply(request: ModelRequest) -> str:
         if request.json_schema == COMBINE_SCHEMA:
             return json.dumps({"combine": combine}) if combine else "{}"
-        if request.json_schema == SHAPE_SCHEMA:
-            return json.dumps({"answer": shape})
         if request.json_schema is not None:
             return json.dumps(form)
         return f"```repl\n{then}\n```"
@@ -166,32 +152,6 @@ async def test_a_lookup_form_asks_nothing_more_before_the_loop() -> None:
         result = await rlm.run(RECEIPTS, "Where was the strongbox?")
     assert result.answer == "under the stage"
     assert not any(request.json_schema == COMBINE_SCHEMA for request in root.requests)
-
-
-@pytest.mark.parametrize(("shape", "answer"), [("count", "4"), ("add", "559"), ("min", "39"), ("max", "351")])
-async def test_a_lookup_form_that_the_narrow_question_calls_an_aggregation_is_one(shape: str, answer: str) -> None:
-    form = {"kind": "lookup", "records": "Saltmarsh Tannery", "about": "Saltmarsh Tannery", "unit": ""}
-    root = plan_root(form, "FINAL('from the loop')", shape=shape)
-    async with RLM(root=root, sub=ScriptedModel(judge), plan_first=True) as rlm:
-        result = await rlm.run(LEDGER_LINES, "What did Saltmarsh Tannery pay, in florins?")
-    assert (result.answer, result.turns) == (answer, 1)
-    assert [request.json_schema == SHAPE_SCHEMA for request in root.requests] == [False, True]
-
-
-async def test_a_lookup_the_narrow_question_calls_a_fact_goes_to_the_free_form_loop() -> None:
-    form = {"kind": "lookup", "records": "Saltmarsh Tannery", "about": "", "unit": ""}
-    async with RLM(root=plan_root(form, "FINAL('from the loop')", shape="fact"), plan_first=True) as rlm:
-        result = await rlm.run(LEDGER_LINES, "Who wrote the first line?")
-    assert (result.answer, result.turns) == ("from the loop", 1)
-
-
-def test_parse_shape_names_a_kind_or_none() -> None:
-    assert [parse_shape(json.dumps({"answer": a})) for a in ("fact", "count", "add", "max", "min")] == [
-        "lookup", "count", "total", "largest", "smallest"]
-    assert parse_shape('{"answer": "many"}') is None
-    assert parse_shape("no object") is None
-    assert reconsider(Plan("lookup", "entry", unit="tons"), "count").kind == "total"  # a count with a unit adds
-    assert reconsider(Plan("count", "entry"), "largest").kind == "count"  # only a lookup is reconsidered
 
 
 async def test_a_plan_that_finds_no_record_goes_on_in_the_free_form_loop() -> None:

@@ -23,17 +23,7 @@ from ..telemetry.logs import get_logger
 from .calls import CallScope
 from .cells import CellRunner, RanCell
 from .guards import answer_problem, unwrap_final
-from .plan import (
-    combine_request,
-    parse_combine,
-    parse_plan,
-    parse_shape,
-    plan_request,
-    reconsider,
-    render,
-    settle,
-    shape_request,
-)
+from .plan import combine_request, parse_combine, parse_plan, plan_request, render, settle
 from .recorder import RunRecorder
 from .settings import RunSettings
 from .stall import StallPolicy
@@ -164,19 +154,14 @@ class RootLoop:
         aggregation's program runs. Returns the result when that program answered; ``True`` when
         it did not (the turn is in ``messages`` and the free-form loop goes on from turn 2);
         ``False`` for a lookup or a reply with no usable form: the free-form loop starts at turn 1
-        as without a plan (lookups are what it already does well). A second, narrow root call
-        checks the form's kind: for an aggregation, how its amounts combine; for a lookup, whether
-        the answer is one fact at all (the 0.5B root names many counts and totals "lookup")."""
+        as without a plan (lookups are what it already does well)."""
         state = self._state
         started, wall = time.monotonic(), time.time()
         state.progress.phase = "root model planning"
         request = plan_request(state.query, max_tokens=min(self._settings.root_max_tokens, 200))
         reply = (await self._calls.ask_root(self._root_model(1), request)).text
         plan = parse_plan(reply)
-        if plan is not None and plan.kind == "lookup":  # one fact, or records combined? asked on its own
-            shaped = (await self._calls.ask_root(self._root_model(1), shape_request(state.query))).text
-            plan = reconsider(plan, parse_shape(shaped))
-        elif plan is not None:  # how the amounts combine, asked on its own
+        if plan is not None and plan.kind != "lookup":  # how the amounts combine, asked on its own
             combined = (await self._calls.ask_root(self._root_model(1), combine_request(state.query))).text
             plan = settle(plan, parse_combine(combined))
         _logger.info("plan", kind=plan.kind if plan else None, chars=len(reply))

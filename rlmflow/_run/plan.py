@@ -13,11 +13,7 @@ when some record was kept (and, for amounts, some amount read). A lookup becomes
 The kind of an aggregation gets a second, narrower question (:func:`combine_request`: are the
 amounts added, or is the answer the biggest or the smallest one?), because the 0.5B root, asked for
 the whole form, names "total" for most questions about amounts, whichever way they combine; asked
-only that, it tells them apart. The two answers are settled by :func:`settle`. A lookup form gets
-its own narrow question (:func:`shape_request`: one fact, or records counted, added, or the
-biggest or smallest of them?): the root names many aggregations "lookup" when their wording is
-unusual ("How often was flax delivered?", "Tally the deliveries"), and :func:`reconsider` turns
-those into the aggregation the narrow answer names.
+only that, it tells them apart. The two answers are settled by :func:`settle`.
 
 Nothing here reads the words of a particular question: the form's fields come from the root, and
 the rules below are about the form (does any record name ``about``? a count with a unit?).
@@ -32,8 +28,8 @@ from typing import Any
 from ..models.base import Message, ModelRequest
 
 __all__ = [
-    "COMBINE_SCHEMA", "KINDS", "PLAN_SCHEMA", "SHAPE_SCHEMA", "Plan", "combine_request", "parse_combine", "parse_plan",
-    "parse_shape", "plan_request", "reconsider", "render", "settle", "shape_request",
+    "COMBINE_SCHEMA", "KINDS", "PLAN_SCHEMA", "Plan", "combine_request", "parse_combine", "parse_plan", "plan_request",
+    "render", "settle",
 ]
 
 KINDS = ("lookup", "count", "total", "largest", "smallest")
@@ -106,38 +102,6 @@ Question: Which was the cheapest room the inn let in one night?
 {"combine": "min"}"""
 
 
-SHAPES = {"fact": "lookup", "count": "count", "add": "total", "max": "largest", "min": "smallest"}
-
-SHAPE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"answer": {"type": "string", "enum": list(SHAPES)}},
-    "required": ["answer"],
-}
-
-SHAPE_SYSTEM = """\
-A question is asked about a long document. Say what kind of answer it needs. Reply with one JSON
-object {"answer": ...}:
-- "fact": one fact read in one place: a name, a place, a date, a colour, a code, who did what.
-- "count": how many records there are (how many, how often, on how many occasions, a tally).
-- "add": amounts of many records added together (a total, a sum, altogether, in all).
-- "max": the biggest amount in any one record (largest, most, highest, biggest, in one go).
-- "min": the smallest amount in any one record (smallest, least, lowest, fewest).
-
-Examples:
-Question: Who carried the lantern on the night of the fire?
-{"answer": "fact"}
-Question: How often did the ferry cross before noon?
-{"answer": "count"}
-Question: What did the chapel receive in donations over the year, all told?
-{"answer": "add"}
-Question: What was the heaviest single cart of stone, in tons?
-{"answer": "max"}
-Question: Where was the silver hidden, according to the steward?
-{"answer": "fact"}
-Question: What was the cheapest room the inn let in one night?
-{"answer": "min"}"""
-
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The root's form: the kind of question and the blanks of that kind's program."""
@@ -188,41 +152,13 @@ def combine_request(query: str, *, max_tokens: int = 20) -> ModelRequest:
 def parse_combine(reply: str) -> str | None:
     """The kind that ``reply``'s ``combine`` names (``count``, ``total``, ``largest``,
     ``smallest``), or ``None`` when it names none."""
-    named = _first_object(reply).get("combine")
-    return COMBINES.get(named) if isinstance(named, str) else None
-
-
-def _first_object(reply: str) -> dict[str, Any]:
-    """The first JSON object in ``reply`` (empty when there is none)."""
     start = reply.find("{")
     try:
         data, _ = json.JSONDecoder().raw_decode(reply[start:]) if start != -1 else (None, 0)
     except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def shape_request(query: str, *, max_tokens: int = 20) -> ModelRequest:
-    """The second root call of a lookup: is the answer one fact, or records combined? (The 0.5B
-    root names many aggregations "lookup" in the whole form; asked only this, it tells them apart.)"""
-    return ModelRequest(
-        messages=(Message("system", SHAPE_SYSTEM), Message("user", f"Question: {query}")),
-        max_tokens=max_tokens, temperature=0.0, json_schema=SHAPE_SCHEMA,
-    )
-
-
-def parse_shape(reply: str) -> str | None:
-    """The kind that ``reply``'s ``answer`` names (``lookup`` for a fact), or ``None``."""
-    named = _first_object(reply).get("answer")
-    return SHAPES.get(named) if isinstance(named, str) else None
-
-
-def reconsider(plan: Plan, shaped: str | None) -> Plan:
-    """A lookup form, with the narrow answer ``shaped``: the aggregation it names, if any (a count
-    with a unit adds, as in :func:`parse_plan`); otherwise the lookup it was."""
-    if plan.kind != "lookup" or shaped in (None, "lookup"):
-        return plan
-    return replace(plan, kind="total" if shaped == "count" and plan.unit else str(shaped))
+        return None
+    named = data.get("combine") if isinstance(data, dict) else None
+    return COMBINES.get(named) if isinstance(named, str) else None
 
 
 def settle(plan: Plan, combined: str | None) -> Plan:
