@@ -126,6 +126,9 @@ def test_unit_of_replaces_a_unit_no_record_names_by_the_questions_word_after_the
     assert ns["unit_of"](blocks, "marks", question, "Widow Agnes Pell") == "marks"  # a record names it: kept
     assert ns["unit_of"](blocks, "", "How much did the widow pay?", "Widow Agnes Pell") == ""  # no such word
     assert ns["unit_of"](blocks, "", question, "") != "widow"  # a name before a number is never a unit
+    ledger = [f"Ledger, {i} March: the east farm paid {10 * i} florins for tar." for i in range(1, 5)]
+    asked = "Of all the payments by the east farm, which amount was the biggest? Answer with the number."
+    assert ns["unit_of"](ledger, "dollars", asked, "east farm") == "dollars"  # "3 March: the" makes no unit of "the"
 
 
 def test_numbers_ask_the_sub_model_only_about_unclear_records() -> None:

@@ -499,7 +499,7 @@ def unit_of(items: list[Any], unit: str, question: str = "", about: str = "") ->
     if any(re.search(rf"\b{re.escape(stem)}", text, re.IGNORECASE) for stem in stems for text in texts):
         return unit
     skip = {_stem(word) for word in re.findall(r"[A-Za-z]+", about)}
-    words = {word.lower() for word in re.findall(r"[A-Za-z]{3,}", str(question)[:500])}
+    words = {word.lower() for word in re.findall(r"[A-Za-z]{4,}", str(question)[:500])}  # not "the", "for"
     best, most = unit, max(1, (len(texts) + 2) // 3) - 1
     for word in sorted(words - _COMMON):
         if _stem(word) in skip:
