@@ -114,6 +114,7 @@ def test_in_unit_leaves_out_amounts_in_other_units_but_keeps_all_when_none_names
     rows = ["169,florins", "17,guilders", "39 florin"]
     assert ns["in_unit"](rows, "florins") == ["169,florins", "39 florin"]
     assert ns["in_unit"](rows, "marks") == rows  # the unit may be in a table's header
+    assert ns["in_unit"](["40 crowns at the market", "12 marks"], "marks") == ["12 marks"]  # a whole word
     assert ns["in_unit"](rows, "") == rows
 
 

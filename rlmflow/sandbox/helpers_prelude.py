@@ -332,10 +332,9 @@ def _families(found: list[str], asked: str) -> tuple[list[str], bool]:
     """The matches that are records rather than prose, and whether they share labels (records of
     a kind do). Keep the matches whose label is shared by two or more of them and names the asked
     words; failing that, those of the largest label shared by three or more, and those laid out in
-    fields (see below); failing that, when
-    three or more share a layout of fields (rows of a table, lines of a CSV file, blocks of a
-    form), those laid out in fields (a line of prose is not; a letter that states a date and an
-    amount may be); failing that, all."""
+    fields; failing that, when three or more share a layout of fields (rows of a table, lines of a
+    CSV file, blocks of a form), those laid out in fields (a line of prose is not; a letter that
+    states a date and an amount may be); failing that, all."""
     labels = [_label(unit) for unit in found]
     sizes: dict[str, int] = {}
     for label in labels:
@@ -469,11 +468,17 @@ def _to_number(text: str) -> float | int:
     return int(value) if value.is_integer() else value
 
 
+def _unit_word(unit: str) -> str:
+    """A regex for the unit as a whole word, singular or plural: "florins" finds "florin" and
+    "florins", "marks" never "market", "pay" never "payer"."""
+    return rf"{re.escape(_stem(unit.split()[0]))}(?:e?s)?\b"
+
+
 def _amount_patterns(unit: str) -> list[str]:
     """Where a record states an amount in ``unit``, most exact first: just before the unit ("90
     florins", "90 gold florins"), just after it ("florins: 90"), then across a field separator
     ("90,florins", "| 90 | florins |", "amount: 90\ncurrency: florins"; no other number between)."""
-    word, number = rf"{re.escape(_stem(unit.split()[0]))}(?:e?s)?\b", _NUMBER.pattern  # "florin(s)", not "payer"
+    word, number = _unit_word(unit), _NUMBER.pattern
     return [rf"({number})\s*(?:[A-Za-z]+\s+){{0,2}}?{word}", rf"\b{word}\s*[:=]?\s*({number})",
             rf"({number})[^\d.!?]{{1,16}}?\b{word}", rf"\b{word}\W{{0,3}}\s*[:=]?\s*({number})"]
 
@@ -481,7 +486,7 @@ def _amount_patterns(unit: str) -> list[str]:
 def _amount(record: str, unit: str) -> float | int | None:
     """The number of ``record`` that goes with ``unit``, else its only number; ``None`` when that
     is ambiguous."""
-    if unit.strip():
+    if isinstance(unit, str) and unit.strip():
         for pattern in _amount_patterns(unit):
             near = re.search(pattern, record, re.IGNORECASE)
             if near:
@@ -495,9 +500,10 @@ def unit_of(items: list[Any], unit: str, question: str = "", about: str = "") ->
     of ``question`` (not one of ``about``'s) written after an amount in the most items, a third of
     them at least (a form may name a unit the question does not, or none); else ``unit``."""
     texts = [str(item) for item in items]
-    stems = (_stem(word) for word in unit.split()[:1]) if isinstance(unit, str) else iter(())
-    if any(re.search(rf"\b{re.escape(stem)}", text, re.IGNORECASE) for stem in stems for text in texts):
-        return unit
+    if isinstance(unit, str) and unit.strip():
+        named = re.compile(rf"\b{_unit_word(unit)}", re.IGNORECASE)
+        if any(named.search(text) for text in texts):
+            return unit
     skip = {_stem(word) for word in re.findall(r"[A-Za-z]+", about)}
     words = {word.lower() for word in re.findall(r"[A-Za-z]{4,}", str(question)[:500])}  # not "the", "for"
     best, most = unit, max(1, (len(texts) + 2) // 3) - 1
@@ -516,8 +522,8 @@ def in_unit(items: list[Any], unit: str) -> list[Any]:
     not "17 guilders"); all of them when none does (the unit may be in a table's header)."""
     if not isinstance(unit, str) or not unit.strip():
         return list(items)
-    stem = re.compile(rf"\b{re.escape(_stem(unit.split()[0]))}", re.IGNORECASE)
-    named = [item for item in items if stem.search(str(item))]
+    word = re.compile(rf"\b{_unit_word(unit)}", re.IGNORECASE)
+    named = [item for item in items if word.search(str(item))]
     return named if named else list(items)
 
 
