@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from rlmflow.eval import KINDS, GenerationError, generate_task, load_dataset, score, verify_task, write_tasks
-from rlmflow.eval.generate import parse_size
+from rlmflow.eval import generate_records as records_mod
+from rlmflow.eval.generate import _document, _paragraphs, parse_size
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare_plays.txt"
 
@@ -105,3 +108,65 @@ def test_large_task_and_written_dataset(tmp_path: Path, corpus: str) -> None:
     assert [i.id for i in items] == [small.id, big.id]
     assert items[1].load_context() == big.context and items[1].answer == big.answer
     assert items[0].domain == "generated/needle" and items[1].length == "5MB"
+
+
+# -- record tasks: every layout, every kind, decoys in other units -------------------------------------
+SEEDS = range(64)
+PAYMENT_KINDS = ("total", "largest", "smallest")
+
+
+@pytest.fixture(scope="module")
+def filler(corpus: str) -> str:
+    return "\n\n".join(_paragraphs(corpus)[:80])  # a small corpus: planting stays fast
+
+
+def _planted(kind: str, seed: int, filler: str) -> tuple[str, str, str, list[str], dict[str, object]]:
+    rng = random.Random(f"{kind}:{seed}")
+    question, answer, records, key = records_mod.build(kind, rng)
+    return question, answer, _document(filler, 12_000, records, rng), records, key
+
+
+@pytest.mark.parametrize("kind", [*PAYMENT_KINDS, "count"])
+def test_record_tasks_read_back_in_every_layout_and_wording(kind: str, filler: str) -> None:
+    formats = records_mod.CARGO_FORMATS if kind == "count" else records_mod.PAYMENT_FORMATS
+    seen_formats, seen_wordings = set(), set()
+    for seed in SEEDS:
+        question, answer, text, records, key = _planted(kind, seed, filler)
+        assert records_mod.derive(kind, text, key) == answer, (seed, key)
+        seen_formats.add(key["format"])
+        paragraphs = {p.strip() for p in re.split(r"\n\s*\n", text)}
+        for record in records:
+            assert record in paragraphs  # one paragraph each (a key-value block too)
+            if key["format"] == "json":
+                assert json.loads(record)["entry"] > 0
+        seen_wordings |= {w for w in records_mod.QUESTIONS[kind]
+                          if re.fullmatch(re.escape(w).replace(r"\{payer\}", ".+").replace(r"\{unit\}", r"\w+")
+                                          .replace(r"\{cargo\}", r"\w+"), question)}
+    assert seen_formats == set(formats) and len(formats) >= 7
+    assert len(records_mod.QUESTIONS[kind]) >= 6 and len(seen_wordings) >= 6
+
+
+@pytest.mark.parametrize("kind", PAYMENT_KINDS)
+def test_records_in_other_units_never_count(kind: str, filler: str) -> None:
+    with_decoys = set()
+    for seed in SEEDS:
+        question, answer, text, records, key = _planted(kind, seed, filler)
+        if not key["decoys"]:
+            continue
+        with_decoys.add(key["format"])
+        assert re.search(rf"\b{key['unit']}\b", question)  # the question names the unit it asks for
+        others = "|".join(u for u in ("florins", "crowns", "ducats", "marks") if u != key["unit"])
+        own_elsewhere = [r for r in records if key["payer"] in r and re.search(rf"\b({others})\b", r)]
+        assert len(own_elsewhere) >= key["decoys"]
+        # the same records in the asked unit would change the answer: the derivation reads the unit
+        blind = re.sub(rf"\b({others})\b", str(key["unit"]), text)
+        changed = int(records_mod.derive(kind, blind, key))
+        assert {"total": changed > int(answer), "largest": changed > int(answer),
+                "smallest": changed < int(answer)}[kind], (seed, key)
+    assert with_decoys == set(records_mod.PAYMENT_FORMATS)
+
+
+def test_payers_include_proper_names(filler: str) -> None:
+    payers = {_planted("total", seed, filler)[4]["payer"] for seed in SEEDS}
+    assert any(not str(p).startswith("the ") and " " in str(p) for p in payers)
+    assert any(str(p).startswith("the ") for p in payers)

@@ -67,6 +67,17 @@ RECEIPTS = "\n\n".join([
     "Receipt 77. Received from the glassworks, on 1 April, the sum of 12 florins, for nails.",
     "Receipt 78. Received from the river mill, on 2 April, the sum of 100 florins, for wool.",
 ])
+# a CSV file's lines scattered through prose, in another unit too; the form's label ("coat") matches prose only
+LEDGER_LINES = "\n\n".join([
+    "CLOWN.\nIf this be a horseman's coat, it hath seen hot service; the Saltmarsh Tannery knows it.",
+    "1611-03-13,5105,Saltmarsh Tannery,payment,169,florins",
+    "Filler text.",
+    "1611-02-11,3557,Saltmarsh Tannery,payment,39,florins",
+    "1611-03-23,1455,Saltmarsh Tannery,payment,17,guilders",
+    "1611-04-02,2201,Ravensholt Mill,payment,98,florins",
+    "LEONTES.\nIn my green velvet coat, my dagger muzzled.",
+    "1611-08-15,1164,Saltmarsh Tannery,payment,351,florins",
+])
 NOTES = "\n\n".join([
     "Harbour master's note, 3 May: a gale tore the sails.",
     "Prose.",
@@ -104,6 +115,10 @@ def judge(request: ModelRequest) -> str:
     ({"kind": "count", "records": "receipt", "about": "river mill", "unit": ""}, RECEIPTS, "3"),
     # the label asked for matches prose only; the payer's name finds the labelled records
     ({"kind": "total", "records": "payment", "about": "river mill", "unit": "florins"}, RECEIPTS, "500"),
+    # rows of one layout name the payer; the label matches prose; guilders are another unit
+    ({"kind": "total", "records": "coat", "about": "Saltmarsh Tannery", "unit": "florins"}, LEDGER_LINES, "559"),
+    ({"kind": "smallest", "records": "coat", "about": "Saltmarsh Tannery", "unit": "florins"}, LEDGER_LINES, "39"),
+    ({"kind": "count", "records": "coat", "about": "Saltmarsh Tannery", "unit": ""}, LEDGER_LINES, "4"),
     # no note names "a storm": the sub-model judges each note, in one batch
     ({"kind": "count", "records": "harbour master's notes", "about": "a storm", "unit": ""}, NOTES, "2"),
 ])
@@ -112,6 +127,13 @@ async def test_each_kind_of_plan_answers_in_its_first_turn(form: dict[str, str],
         result = await rlm.run(context, "a question")
     assert result.answer == answer
     assert result.turns == 1
+
+
+async def test_a_unit_the_question_does_not_name_gives_way_to_the_one_it_does() -> None:
+    form = {"kind": "total", "records": "payment", "about": "Saltmarsh Tannery", "unit": "dollars"}
+    async with RLM(root=plan_root(form), sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(LEDGER_LINES, "What did Saltmarsh Tannery pay altogether, in florins?")
+    assert (result.answer, result.turns) == ("559", 1)
 
 
 async def test_the_narrow_combine_answer_settles_a_form_that_named_total() -> None:
@@ -140,6 +162,22 @@ async def test_a_plan_that_finds_no_record_goes_on_in_the_free_form_loop() -> No
     assert result.turns == 2
 
 
+@pytest.mark.parametrize(("form", "context"), [
+    # the sub-model says no to every note: no record kept, so no count of 0
+    ({"kind": "count", "records": "harbour master's notes", "about": "a storm", "unit": ""}, NOTES),
+    # records found but no amount read in any: no total of 0
+    ({"kind": "total", "records": "harbour master's notes", "about": "", "unit": "florins"},
+     "\n\n".join(["Harbour master's note: calm.", "Prose.", "Harbour master's note: a gale.",
+                  "Harbour master's note: fog."])),
+])
+async def test_a_plan_that_kept_nothing_or_read_no_amount_goes_on_in_the_free_form_loop(
+        form: dict[str, str], context: str) -> None:
+    no = ScriptedModel(lambda request: "It says nothing of it. Answer: no")
+    async with RLM(root=plan_root(form, "FINAL('from the loop')"), sub=no, plan_first=True) as rlm:
+        result = await rlm.run(context, "a question")
+    assert (result.answer, result.turns) == ("from the loop", 2)
+
+
 async def test_plan_first_is_off_for_other_roots_by_default() -> None:
     async with RLM(root=turn_script(["FINAL('direct')"])) as rlm:
         assert not rlm.settings.plan_first
@@ -156,6 +194,13 @@ async def test_plan_first_is_off_for_other_roots_by_default() -> None:
 ])
 def test_what_is_never_an_answer(answer: str) -> None:
     assert answer_problem(answer, "Who is Juliet's nurse speaking to in the first scene she appears in?")
+
+
+def test_the_end_of_the_question_with_a_number_is_not_an_answer() -> None:
+    question = "What is the most Saltmarsh Tannery ever paid at once, in guilders?"
+    assert answer_problem('Saltmarsh Tannery ever paid at once, in guilders?": 198', question)
+    assert answer_problem("Saltmarsh Tannery paid 300 guilders at once.", question) is None
+    assert answer_problem("300", question) is None
 
 
 @pytest.mark.parametrize("answer", ["2", "Romeo", "the nurse speaks to Lady Capulet", "blue", "a storm at sea"])

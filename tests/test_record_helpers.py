@@ -73,6 +73,65 @@ def test_numbers_take_the_amount_next_to_the_unit_not_dates_or_record_numbers() 
     assert ns["sent"] == []  # every amount was clear: no sub-call
 
 
+@pytest.mark.parametrize("record", [
+    "1611-03-13,5105,Saltmarsh Tannery,payment,169,florins",  # a CSV line
+    "| 5105 | 13 Mar 1611 | Saltmarsh Tannery | 169 | florins | 106 |",  # a table row
+    "entry: 5105\ndate: 13 March 1611\npayer: Saltmarsh Tannery\namount: 169\ncurrency: florins\nfolio: 12",
+    '{"id": 5105, "date": "1611-03-13", "payer": "Saltmarsh Tannery", "amount": 169, "unit": "florins"}',
+    "Folio 12. Received of the Saltmarsh Tannery on 13 March 1611 the sum of 169 florins.",
+    "Entry 5105 (1611-03-13): florins 169, from the Saltmarsh Tannery.",
+])
+def test_numbers_read_the_amount_of_each_record_layout_not_its_dates_or_ids(record: str) -> None:
+    ns = namespace("x")
+    assert ns["numbers"]([record], unit="florins") == [169]
+    assert ns["sent"] == []  # read, not asked
+
+
+def test_a_date_is_not_a_number() -> None:
+    assert prelude._NUMBER.findall("on 1611-03-13 or 12/05, paid 40") == ["40"]
+
+
+def test_rows_of_one_layout_are_records_and_prose_that_names_the_same_is_not() -> None:
+    rows = [f"1611-0{i}-1{i},{5100 + i},Saltmarsh Tannery,payment,{10 * i},florins" for i in range(1, 5)]
+    prose = "CLOWN.\nThe Saltmarsh Tannery, 3 miles hence, hath hides."
+    found = namespace("\n\n".join(["Filler.", rows[0], prose, *rows[1:], "More filler."]))["records"](
+        "Saltmarsh Tannery")
+    assert list(found) == rows
+    assert found.labelled
+
+
+def test_letters_are_records_whatever_their_greeting_and_a_speech_is_not() -> None:
+    letters = [f"{greeting}, I acknowledge receipt of {10 * i} florins from Fallowby Farm on the {i}th of May. "
+               "Kindly enter it at folio 12. Yours, R. Quill."
+               for i, greeting in enumerate(["Dear Master Fenwick"] * 3 + ["Sir", "Good friend Tobias"], start=1)]
+    speech = "FALSTAFF.\nFallowby Farm, say you? I owe them nothing."
+    found = namespace("\n\n".join(["Filler.", letters[0], speech, *letters[1:]]))["records"]("Fallowby Farm")
+    assert list(found) == letters
+
+
+def test_in_unit_leaves_out_amounts_in_other_units_but_keeps_all_when_none_names_it() -> None:
+    ns = namespace("x")
+    rows = ["169,florins", "17,guilders", "39 florin"]
+    assert ns["in_unit"](rows, "florins") == ["169,florins", "39 florin"]
+    assert ns["in_unit"](rows, "marks") == rows  # the unit may be in a table's header
+    assert ns["in_unit"](["40 crowns at the market", "12 marks"], "marks") == ["12 marks"]  # a whole word
+    assert ns["in_unit"](rows, "") == rows
+
+
+def test_unit_of_replaces_a_unit_no_record_names_by_the_questions_word_after_the_amounts() -> None:
+    ns = namespace("x")
+    blocks = [f"entry: {4000 + i}\ndate: {i} May 1611\npayer: Widow Agnes Pell\namount: {10 * i}\ncurrency: {unit}"
+              for i, unit in enumerate(["guilders", "guilders", "marks", "guilders"], start=1)]
+    question = "Sum up all of Widow Agnes Pell's payments in guilders."
+    assert ns["unit_of"](blocks, "dollars", question, "Widow Agnes Pell") == "guilders"
+    assert ns["unit_of"](blocks, "marks", question, "Widow Agnes Pell") == "marks"  # a record names it: kept
+    assert ns["unit_of"](blocks, "", "How much did the widow pay?", "Widow Agnes Pell") == ""  # no such word
+    assert ns["unit_of"](blocks, "", question, "") != "widow"  # a name before a number is never a unit
+    ledger = [f"Ledger, {i} March: the east farm paid {10 * i} florins for tar." for i in range(1, 5)]
+    asked = "Of all the payments by the east farm, which amount was the biggest? Answer with the number."
+    assert ns["unit_of"](ledger, "dollars", asked, "east farm") == "dollars"  # "3 March: the" makes no unit of "the"
+
+
 def test_numbers_ask_the_sub_model_only_about_unclear_records() -> None:
     ns = namespace("x", replies=lambda p: "It says thirty. Answer: 30")
     values = ns["numbers"](["Entry 4 on 9 May: paid 30.", "Paid 12 crowns."], unit="")

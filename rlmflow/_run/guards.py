@@ -45,7 +45,9 @@ def answer_problem(answer: str, query: str) -> str | None:
     - a summary line of a sandbox helper ("3 match(es) for ...", "records(...): ...");
     - the question echoed back: four words or more, every one of them from the question, and at
       least half of the question's words (a short answer made of the question's words, such as
-      "blue" to "red or blue?", is fine).
+      "blue" to "red or blue?", is fine);
+    - the end of the question copied up to its question mark (a fragment of it with a number
+      appended: "ever paid at once, in guilders?\": 198").
     """
     text = answer.strip()
     if not _WORD.search(text.lower()):
@@ -58,4 +60,18 @@ def answer_problem(answer: str, query: str) -> str | None:
     asked = _WORD.findall(query.lower())
     if len(words) >= 4 and set(words) <= set(asked) and len(words) * 2 >= len(asked):
         return "it repeats the question instead of answering it"
+    ending = _question_ending(query)
+    if ending is not None and ending in " ".join(text.lower().split()):
+        return "it copies the end of the question (up to its question mark) instead of answering it"
     return None
+
+
+def _question_ending(query: str) -> str | None:
+    """The question's last four words and its question mark, as they are written ("paid at once,
+    in guilders?"): an answer never copies them (a copied fragment with a number appended does)."""
+    flat = " ".join(query.lower().split())
+    mark = flat.rfind("?")
+    if mark == -1:
+        return None
+    words = flat[:mark].split(" ")
+    return " ".join(words[-4:]) + "?" if len(words) >= 4 else None

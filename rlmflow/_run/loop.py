@@ -167,7 +167,7 @@ class RootLoop:
         _logger.info("plan", kind=plan.kind if plan else None, chars=len(reply))
         if plan is None or plan.kind == "lookup":
             return False
-        code = render(plan)
+        code = render(plan, state.query)
         with self._cells.turn(1, max_turns):
             work = await self._run_blocks(session, [code], 1)
             self._cells.finish_turn(Turn(

@@ -7,7 +7,8 @@ aggregation itself (collect every record, ask about each, combine). So its first
 :func:`render` turns the form into the program of its kind, built from the sandbox's record
 helpers: ``records`` over the whole context, ``ask_each`` in one batch when a record needs
 judging, ``numbers``/``total``/``count_yes`` in Python, the parts printed, and ``FINAL`` only
-when some record was found. A lookup becomes a first ``grep`` and the free-form loop goes on.
+when some record was kept (and, for amounts, some amount read). A lookup becomes a first
+``grep`` and the free-form loop goes on.
 
 The kind of an aggregation gets a second, narrower question (:func:`combine_request`: are the
 amounts added, or is the answer the biggest or the smallest one?), because the 0.5B root, asked for
@@ -179,12 +180,16 @@ def _clean(value: Any) -> str:
     return " ".join(str(value).split())[:200] if isinstance(value, (str, int, float)) else ""
 
 
-def render(plan: Plan) -> str:
+def render(plan: Plan, question: str = "") -> str:
     """The program of the plan's kind, with its blanks filled (sandbox code, shown to the root).
 
     ``about`` keeps the records that name it; when none does (a kind of thing, not a name: "a
     storm", "a bird"), the sub-model judges each record in one batch. When the label asked for
-    matched only prose but ``about`` finds labelled records, those are the records.
+    matched only prose (or none of its records names ``about``) but ``about`` finds records of a
+    kind (labelled, or rows of one layout), those are the records; when the label matched prose
+    only, the lines that name ``about`` are. With a ``unit``, records in other units are left out;
+    a unit no record names is replaced by the ``question``'s word the records write after their
+    amounts (a small root may fill in a unit of its own).
     """
     if plan.kind == "lookup":
         return f"print(grep({plan.records!r}))"
@@ -193,10 +198,12 @@ def render(plan: Plan) -> str:
         judge = f"Is this record about {plan.about}?"
         lines += [
             f"named = records({plan.about!r})",
-            "if named.labelled and not found.labelled:  # the records name it, not the label asked for",
-            "    found = named",
+            f"kept = records({plan.records!r}, having={plan.about!r})",
+            "if named.labelled and (not found.labelled or not kept):  # the records name it, not the label asked for",
+            "    found = kept = named",
+            "elif named and not kept and not found.labelled:  # the label matched prose only: the subject's lines",
+            "    found = kept = named",
             "print(found)",
-            f"kept = records({plan.records!r}, having={plan.about!r}) if found is not named else named",
             "if found and not kept:  # no record names it: judge each one",
             f"    verdicts = ask_each(found, {judge!r})",
             "    print(verdicts)",
@@ -204,12 +211,18 @@ def render(plan: Plan) -> str:
         ]
     else:
         lines.append("print(found)")
+    amounts = plan.kind != "count"
+    if amounts:
+        lines += [f"unit = unit_of(kept, {plan.unit!r}, question={question[:500]!r}, about={plan.about!r})",
+                  "kept = in_unit(kept, unit)"]
     lines.append('print(len(kept), "record(s) kept; first:", kept[:2])')
-    if plan.kind == "count":
+    if not amounts:
         lines.append("answer = len(kept)")
     else:
-        lines += [f"values = numbers(kept, unit={plan.unit!r})", 'print("amounts:", values)']
+        lines += ["values = numbers(kept, unit=unit)", 'print("amounts in", repr(unit), values)']
         combine = {"total": "total(values)", "largest": "max(values, default=0)", "smallest": "min(values, default=0)"}
         lines.append(f"answer = {combine[plan.kind]}")
-    lines += ['print("answer:", answer)', "if found:", "    FINAL(str(answer))"]
+    # an answer only from records kept (and, for amounts, some amount read): else the loop goes on
+    answered = "kept" if not amounts else "kept and any(values)"
+    lines += ['print("answer:", answer)', f"if {answered}:", "    FINAL(str(answer))"]
     return "\n".join(lines)

@@ -7,8 +7,10 @@ Records are planted between the paragraphs of a public-domain corpus (the demo's
 - ``ledger``: a sum over every ledger line of one commodity, with other commodities interleaved;
 - ``notes``: how many travellers' notes describe a bird; every note shares one template, and only
   the creature's name tells the kind, so no keyword finds the birds: a reader must classify;
-- ``total``, ``count``, ``classify``, ``largest``: aggregations over records of several formats
-  and question wordings (:mod:`rlmflow.eval.generate_records`);
+- ``total``, ``count``, ``classify``, ``largest``, ``smallest``: aggregations over records of
+  several layouts (sentences, receipts, CSV lines, table rows, key-value blocks, JSON lines,
+  letters), with decoys in other units, and 9 question wordings per kind
+  (:mod:`rlmflow.eval.generate_records`);
 - ``code``: the default value of a parameter of a named function in the Python standard
   library's source on this machine (files concatenated, so the answer depends on the Python
   version; still deterministic on one machine).

@@ -9,7 +9,7 @@ so a bare ``grep("key")`` as the last line of a cell shows something useful and 
 The record helpers are the steps of an aggregation, each with an obvious name: ``records``
 collects every record of a kind over the whole context (never only the first match),
 ``ask_each`` asks the sub-model one short question about each record in one batch,
-``keep_yes``/``count_yes`` and ``numbers``/``total`` combine the answers in Python. Each result
+``keep_yes``/``count_yes`` and ``unit_of``/``in_unit``/``numbers``/``total`` combine the answers in Python. Each result
 prints as a count and a few samples, so a root sees the parts before it answers.
 
 Standard library only: the worker (stdlib + msgpack) imports this file by path, like its other
@@ -101,7 +101,8 @@ def install(namespace: dict[str, Any]) -> Callable[..., str]:
     helpers: dict[str, Any] = {
         "grep": _grep_for(namespace), "chunks": _chunks_for(namespace), "records": _records_for(namespace),
         "ask_each": _ask_each_for(namespace), "keep_yes": keep_yes, "count_yes": count_yes,
-        "numbers": _numbers_for(namespace), "total": total,
+        "numbers": _numbers_for(namespace), "total": total, "in_unit": in_unit,
+        "unit_of": unit_of,
     }
     reserved = set(namespace) | set(helpers)  # taken before any cell ran: never reported as established
     namespace.update(helpers)
@@ -220,7 +221,8 @@ def _cuts_by_count(text: str, n: int) -> list[int]:
 
 # -- records: collect, ask about each, combine -------------------------------------------------------
 _RECORD_MAX = 1500  # a paragraph longer than this is not one record: the matching line is
-_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?![\w])")
+# a number, not a part of a date or a code ("1611-03-13", "12/05"): those are never amounts
+_NUMBER = re.compile(r"(?<![\w.])(?<!\d[-/])-?\d[\d,]*(?:\.\d+)?(?![\w])(?![-/]\d)")
 _YES = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
@@ -312,10 +314,27 @@ def _label(unit: str) -> str:
     return " ".join(found.group(0).lower().split()) if found else ""
 
 
+def _shape(unit: str) -> str:
+    """A record's layout: its first line with each word run written ``a`` and each number ``9``
+    ("1611-03-13,5105,Saltmarsh Tannery,payment,169,florins" -> "9-9-9,9,a,a,9,a"); records of
+    one table, CSV file or form share it whatever their values."""
+    line = unit.lstrip().split("\n", 1)[0][:200]
+    line = re.sub(r"\d+", "9", re.sub(r"[A-Za-z'][A-Za-z' ]*", "a", line))
+    return re.sub(r"\s+", "", line)
+
+
+def _structured(shape: str) -> bool:
+    """Whether a layout is a row of fields (a number and three separators or more), not a line of prose."""
+    return "9" in shape and sum(1 for char in shape if char not in "a9") >= 3
+
+
 def _families(found: list[str], asked: str) -> tuple[list[str], bool]:
     """The matches that are records rather than prose, and whether they share labels (records of
     a kind do). Keep the matches whose label is shared by two or more of them and names the asked
-    words; failing that, those of the largest label shared by three or more; failing that, all."""
+    words; failing that, those of the largest label shared by three or more, and those laid out in
+    fields; failing that, when three or more share a layout of fields (rows of a table, lines of a
+    CSV file, blocks of a form), those laid out in fields (a line of prose is not; a letter that
+    states a date and an amount may be); failing that, all."""
     labels = [_label(unit) for unit in found]
     sizes: dict[str, int] = {}
     for label in labels:
@@ -325,10 +344,18 @@ def _families(found: list[str], asked: str) -> tuple[list[str], bool]:
     named = {label for label, n in sizes.items() if n >= 2 and any(w in label for w in words)}
     if named:
         return [unit for unit, label in zip(found, labels, strict=True) if label in named], True
+    shapes = [_shape(unit) for unit in found]
     shared = [label for label, n in sizes.items() if n >= 3]
-    if shared:
+    if shared:  # and those laid out in fields: letters with other greetings are records too, a speech is not
         largest = max(shared, key=lambda label: sizes[label])
-        return [unit for unit, label in zip(found, labels, strict=True) if label == largest], True
+        return [unit for unit, label, shape in zip(found, labels, shapes, strict=True)
+                if label == largest or _structured(shape)], True
+    counts: dict[str, int] = {}
+    for shape in shapes:
+        if _structured(shape):
+            counts[shape] = counts.get(shape, 0) + 1
+    if any(n >= 3 for n in counts.values()):  # rows of fields: the lines of prose are left out
+        return [unit for unit, shape in zip(found, shapes, strict=True) if _structured(shape)], True
     return found, False
 
 
@@ -441,17 +468,63 @@ def _to_number(text: str) -> float | int:
     return int(value) if value.is_integer() else value
 
 
+def _unit_word(unit: str) -> str:
+    """A regex for the unit as a whole word, singular or plural: "florins" finds "florin" and
+    "florins", "marks" never "market", "pay" never "payer"."""
+    return rf"{re.escape(_stem(unit.split()[0]))}(?:e?s)?\b"
+
+
+def _amount_patterns(unit: str) -> list[str]:
+    """Where a record states an amount in ``unit``, most exact first: just before the unit ("90
+    florins", "90 gold florins"), just after it ("florins: 90"), then across a field separator
+    ("90,florins", "| 90 | florins |", "amount: 90\ncurrency: florins"; no other number between)."""
+    word, number = _unit_word(unit), _NUMBER.pattern
+    return [rf"({number})\s*(?:[A-Za-z]+\s+){{0,2}}?{word}", rf"\b{word}\s*[:=]?\s*({number})",
+            rf"({number})[^\d.!?]{{1,16}}?\b{word}", rf"\b{word}\W{{0,3}}\s*[:=]?\s*({number})"]
+
+
 def _amount(record: str, unit: str) -> float | int | None:
-    """The number of ``record`` that goes with ``unit`` (just before or after the unit word), else
-    its only number; ``None`` when that is ambiguous."""
-    if unit:
-        stem = re.escape(_stem(unit.split()[0]))
-        near = re.search(rf"({_NUMBER.pattern})\s*(?:[A-Za-z]+\s+){{0,2}}?{stem}", record, re.IGNORECASE) or re.search(
-            rf"{stem}\w*\W{{0,3}}\s*[:=]?\s*({_NUMBER.pattern})", record, re.IGNORECASE)
-        if near:
-            return _to_number(near.group(1))
+    """The number of ``record`` that goes with ``unit``, else its only number; ``None`` when that
+    is ambiguous."""
+    if isinstance(unit, str) and unit.strip():
+        for pattern in _amount_patterns(unit):
+            near = re.search(pattern, record, re.IGNORECASE)
+            if near:
+                return _to_number(near.group(1))
     found = _NUMBER.findall(record)
     return _to_number(found[0]) if len(found) == 1 else None
+
+
+def unit_of(items: list[Any], unit: str, question: str = "", about: str = "") -> str:
+    """The unit the items state their amounts in: ``unit`` when some item names it; else the word
+    of ``question`` (not one of ``about``'s) written after an amount in the most items, a third of
+    them at least (a form may name a unit the question does not, or none); else ``unit``."""
+    texts = [str(item) for item in items]
+    if isinstance(unit, str) and unit.strip():
+        named = re.compile(rf"\b{_unit_word(unit)}", re.IGNORECASE)
+        if any(named.search(text) for text in texts):
+            return unit
+    skip = {_stem(word) for word in re.findall(r"[A-Za-z]+", about)}
+    words = {word.lower() for word in re.findall(r"[A-Za-z]{4,}", str(question)[:500])}  # not "the", "for"
+    best, most = unit, max(1, (len(texts) + 2) // 3) - 1
+    for word in sorted(words - _COMMON):
+        if _stem(word) in skip:
+            continue
+        before = _amount_patterns(word)[::2]  # an amount, then the unit: never a label before a number
+        stated = sum(1 for text in texts if any(re.search(p, text, re.IGNORECASE) for p in before))
+        if stated > most:
+            best, most = word, stated
+    return best
+
+
+def in_unit(items: list[Any], unit: str) -> list[Any]:
+    """The items that name ``unit`` (amounts in other units left out: "florins" keeps "90 florins",
+    not "17 guilders"); all of them when none does (the unit may be in a table's header)."""
+    if not isinstance(unit, str) or not unit.strip():
+        return list(items)
+    word = re.compile(rf"\b{_unit_word(unit)}", re.IGNORECASE)
+    named = [item for item in items if word.search(str(item))]
+    return named if named else list(items)
 
 
 def _numbers_for(namespace: Mapping[str, Any]) -> Callable[..., list[float | int]]:
