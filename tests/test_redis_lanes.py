@@ -343,8 +343,9 @@ async def test_redis_stopped_mid_run_falls_back_to_a_share(redis_server: RedisSe
         assert result["fallbacks"] == 1 and result["mode"] == "fallback" and result["replicas"] == 2
     assert provider.counters.admitted == 40
     # the window of the loss may exceed the lane by the difference of the replicas' shares before
-    # it (docs/scaling.md): a refusal or two there, retried; every later window within the lane
-    assert provider.summary()["rate_limited"] <= 2
+    # it (docs/scaling.md), at most by one share (4: the other had filled the window), retried;
+    # every later window within the lane
+    assert provider.summary()["rate_limited"] <= 8 // 2
     assert provider.max_in_window() <= 8 + 2
 
 
