@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -215,35 +217,51 @@ async def test_concurrent_runs_on_one_cache_send_a_request_once(tmp_path: Path) 
     assert cache.in_flight == {}
 
 
+COUNT_ANSWERS = [f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\n"
+                 "FINAL(str(sum(a.startswith('ANSWER') for a in answers)))"]
+
+
+def leader_fails(asked: list[str], fail: anyio.Event, answer: anyio.Event | None = None) -> ScriptedModel:
+    """A sub-model whose first PROMPTS calls (the leader's) are held until ``fail``, then refused;
+    the later ones answer (once ``answer`` is set, if given)."""
+
+    async def reply(request: ModelRequest) -> str:
+        asked.append(request.messages[-1].content)
+        if len(asked) <= PROMPTS:
+            await fail.wait()
+            raise RuntimeError("the provider failed")
+        if answer is not None:
+            await answer.wait()
+        return "ANSWER " + request.messages[-1].content
+
+    return ScriptedModel(reply, name="sub")
+
+
+async def counting_run(cache: SQLiteCallCache, sub: ScriptedModel, answers: list[str], **options: Any) -> None:
+    """A run counting the answers of its batch; its answer (or, for the leader, whose batch failed,
+    the exception's name) goes to ``answers``."""
+    async with RLM(root=turn_script(COUNT_ANSWERS), sub=sub, cache=cache, **options) as rlm:
+        try:
+            answers.append((await rlm.run("the document", "count")).answer)
+        except Exception as exc:
+            answers.append(type(exc).__name__)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 (the state of several runs: no event)
+            await anyio.sleep(0.01)
+
+
 async def test_a_failed_flight_is_sent_again_by_those_who_waited(tmp_path: Path) -> None:
     release = anyio.Event()
     asked: list[str] = []
-
-    async def first_fails(request: ModelRequest) -> str:
-        asked.append(request.messages[-1].content)
-        if len(asked) <= PROMPTS:  # the leader's calls: held, then refused
-            await release.wait()
-            raise RuntimeError("the provider failed")
-        return "ANSWER " + request.messages[-1].content
-
     cache = SQLiteCallCache(tmp_path / "cache.sqlite", roots=False)
-    sub = ScriptedModel(first_fails, name="sub")
-    tolerant = [
-        f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\n"
-        "FINAL(str(sum(a.startswith('ANSWER') for a in answers)))"
-    ]
+    sub = leader_fails(asked, release)
     answers: list[str] = []
-
-    async def one_run() -> None:
-        async with RLM(root=turn_script(tolerant), sub=sub, cache=cache) as rlm:
-            try:
-                answers.append((await rlm.run("the document", "count")).answer)
-            except Exception as exc:  # the leader's run: its batch failed
-                answers.append(type(exc).__name__)
-
     async with anyio.create_task_group() as group:
-        group.start_soon(one_run)
-        group.start_soon(one_run)
+        group.start_soon(counting_run, cache, sub, answers)
+        group.start_soon(counting_run, cache, sub, answers)
         await joined(cache)
         release.set()
     await cache.aclose()
@@ -256,46 +274,18 @@ async def test_a_resent_flight_is_joined_by_a_run_asking_after_the_failure(tmp_p
     waits on that resend instead of paying for its own copy."""
     fail, answer = anyio.Event(), anyio.Event()
     asked: list[str] = []
-
-    async def first_fail(request: ModelRequest) -> str:
-        asked.append(request.messages[-1].content)
-        if len(asked) <= PROMPTS:  # the leader's calls: held, then refused
-            await fail.wait()
-            raise RuntimeError("the provider failed")
-        await answer.wait()  # the waiter's resends: held until the third run has joined them
-        return "ANSWER " + request.messages[-1].content
-
     cache = SQLiteCallCache(tmp_path / "cache.sqlite", roots=False)
-    sub = ScriptedModel(first_fail, name="sub")
-    once = [f"answers = llm_query_many(['item %d' % i for i in range({PROMPTS})])\n"
-            "FINAL(str(sum(a.startswith('ANSWER') for a in answers)))"]
+    sub = leader_fails(asked, fail, answer)  # the waiter's resends held until the third run has joined them
     answers: list[str] = []
-
-    async def one_run() -> None:
-        async with RLM(root=turn_script(once), sub=sub, cache=cache, max_turns=1) as rlm:
-            try:
-                answers.append((await rlm.run("the document", "count")).answer)
-            except Exception as exc:  # the leader's run: its batch failed
-                answers.append(type(exc).__name__)
-
-    async def until(condition: Callable[[], bool]) -> None:
-        with anyio.fail_after(10):
-            while not condition():  # noqa: ASYNC110 (the state of three runs: no event)
-                await anyio.sleep(0.01)
-
-    def waited() -> bool:
-        return len(cache.in_flight) == PROMPTS and any(
-            flight.done.statistics().tasks_waiting for flight in cache.in_flight.values())
-
     async with anyio.create_task_group() as group:
-        group.start_soon(one_run)
+        group.start_soon(partial(counting_run, cache, sub, answers, max_turns=1))
         await until(lambda: len(cache.in_flight) == PROMPTS)
-        group.start_soon(one_run)
-        await until(waited)
+        group.start_soon(partial(counting_run, cache, sub, answers, max_turns=1))
+        await joined(cache)
         fail.set()
         await until(lambda: len(asked) == 2 * PROMPTS)  # the waiter's resends, in flight
-        group.start_soon(one_run)
-        await until(waited)  # the third run waits on the resends
+        group.start_soon(partial(counting_run, cache, sub, answers, max_turns=1))
+        await joined(cache)  # the third run waits on the resends
         answer.set()
     await cache.aclose()
     assert answers.count(str(PROMPTS)) == 2  # the waiter and the third run got every answer
