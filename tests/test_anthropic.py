@@ -145,7 +145,7 @@ async def test_an_exhausted_quota_header_pauses_the_lane(server: FakeAnthropicSe
 
 
 async def test_pool_reaches_the_lane_ceiling(server: FakeAnthropicServer) -> None:
-    server.latency = 0.3
+    server.meet = 40  # each request waits for the 40th: a pool of 4 would stop at 4
     dispatcher = Dispatcher(limits={"anthropic": Limits(max_concurrency=40, initial_concurrency=40)})
     model = claude(server, max_pool_connections=4)
     try:

@@ -228,7 +228,7 @@ async def test_one_client_per_region_shared_and_closed_by_the_last(server: FakeB
 
 async def test_pool_reaches_the_lane_ceiling(server: FakeBedrockServer) -> None:
     """botocore's pool would cap fan-out (at 8 here); the lane sizes it to its ceiling of 48."""
-    server.latency = 0.3
+    server.meet = 48  # each request waits for the 48th: a pool of 8 would stop at 8
     dispatcher = Dispatcher(limits={"aws.bedrock": Limits(max_concurrency=48, initial_concurrency=48)})
     model = bedrock(server, max_pool_connections=8)
     try:

@@ -271,7 +271,7 @@ async def test_a_run_with_openai_sub_calls_priced_and_pooled_to_the_lane() -> No
         "answers = llm_query_many([f'chunk {i}' for i in range(40)])\nprint(len(answers))",
         "FINAL(answers[7])",
     ])
-    async with FakeOpenAIServer(latency=0.3) as server:  # it counts calls in flight
+    async with FakeOpenAIServer(meet=40) as server:  # each request waits for the 40th (a pool of 4 stops at 4)
         sub = OpenAIModel("my-vllm", base_url=server.base_url, max_pool_connections=4)
         dispatcher = Dispatcher(limits={"openai": Limits(max_concurrency=40, initial_concurrency=40)},
                                 pricing=Pricing(overrides={"openai:my-vllm": Price(1.0, 2.0)}))

@@ -194,6 +194,7 @@ class FakeProviderBase(FakeOpenAIServer, ABC):
             raise asyncio.CancelledError
         if admission.error == "timeout":
             await asyncio.sleep(self.faults.timeout_delay)
+        await self.rendezvous()
         delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
         if delay > 0:
             if self.capacity is not None:  # the server computes this many replies at a time

@@ -28,7 +28,9 @@ statuses (503, 408...) at given rates; ``quota_refusals`` answers the next that 
 ``latency_of`` gives each request its own latency (a function of its last message);
 ``hold_after=n`` answers the first ``n`` requests it admits and holds every later one, admitted and
 never answered, until its client goes (a provider busy with work a disconnecting client will still
-be billed for; the Anthropic and Bedrock fakes built on this one hold too).
+be billed for; the Anthropic and Bedrock fakes built on this one hold too); ``meet=n`` holds each
+request until ``n`` are in flight at once (or ``MEET_TIMEOUT`` passes), so a test of how far a
+client fans out does not hang on a race between one reply's latency and the next request's start.
 
 What the server did with each request it served: ``serving`` are in flight now, ``counters.answered``
 were answered (whatever the status), ``counters.cancelled`` ended without an answer because the
@@ -52,6 +54,7 @@ opens a thousand connections at once is not met with dropped SYNs (and 1 s retra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -70,6 +73,7 @@ __all__ = ["BACKLOG", "STREAM_ERRORS", "Admitted", "FakeOpenAIServer", "FaultPla
 #: Pending connections the listening socket holds (the kernel caps it at net.core.somaxconn).
 #: aiohttp's default, 128, drops the SYNs of a client that connects a thousand times at once.
 BACKLOG = 4096
+MEET_TIMEOUT = 10.0  # seconds a request waits for ``meet`` others before it is answered anyway
 _PATH = "/v1/chat/completions"
 # json.dumps of an answer, with the same separators, for the parts that vary
 _ANSWER = ('{"id": "chatcmpl-%d", "object": "chat.completion", "created": 0, "model": %s, "choices": [{"index": 0, '
@@ -170,6 +174,7 @@ class FakeOpenAIServer:
         quota_retry_after: float = 1.0,
         latency_of: Callable[[str], float] | None = None,
         hold_after: int | None = None,
+        meet: int | None = None,
     ) -> None:
         self.latency = latency
         self.latency_jitter = latency_jitter
@@ -198,6 +203,10 @@ class FakeOpenAIServer:
         # the reply to a request whose last message is the argument (default: answer_for)
         self.reply: Callable[[str], str] | None = reply
         self.hold_after = hold_after
+        # requests wait (up to MEET_TIMEOUT) until this many are in flight at once: a test's proof that
+        # the client reaches that concurrency, whatever the machine's load (a latency alone is a race)
+        self.meet = meet
+        self._met = asyncio.Event()
         self._serving = 0  # requests in flight (a subclass may count its own)
         self.peak_in_flight = 0
         self._random = random.Random(seed)
@@ -213,6 +222,16 @@ class FakeOpenAIServer:
     def requests_in_flight(self) -> int:
         """Requests being served now (held ones included)."""
         return self._serving
+
+    async def rendezvous(self) -> None:
+        """Wait until ``meet`` requests are in flight at once (or MEET_TIMEOUT passes: the test then
+        sees a lower ``peak_in_flight`` and fails on it)."""
+        if self.meet is None:
+            return
+        if self.requests_in_flight >= self.meet:
+            self._met.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._met.wait(), MEET_TIMEOUT)
 
     @staticmethod
     def count_tokens(text: str) -> int:
@@ -336,6 +355,7 @@ class FakeOpenAIServer:
             raise asyncio.CancelledError  # nothing more is written
         if fault == "timeout":
             await asyncio.sleep(self.faults.timeout_delay)
+        await self.rendezvous()
         delay = self.latency + (self._random.uniform(-1, 1) * self.latency_jitter if self.latency_jitter else 0)
         if self.latency_of is not None:
             delay = self.latency_of(last)
