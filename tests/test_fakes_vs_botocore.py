@@ -586,7 +586,7 @@ BEDROCK_KNOBS = {
              "cache_ttl", "count_models", "quota_refusals"},
     "no shape": {"latency", "latency_jitter", "window", "seed", "port", "capacity", "reply", "usage",
                  "rate_headers", "root_marker", "root_reply", "concurrency_retry_after", "hold_after", "tokenizer",
-                 "count_latency", "latency_of", "quota_retry_after"},
+                 "count_latency", "latency_of", "quota_retry_after", "meet"},
     "departure": {"never_stream"},
     "records": {"requests_seen", "bad_signatures", "peak_in_flight", "in_flight", "requests_in_flight", "admitted",
                 "counters", "base_url", "prompt_cache", "counts_seen", "serving"},
