@@ -291,7 +291,8 @@ async def test_a_forged_huge_answer_is_cut_before_it_is_sanitised(
 async def test_a_control_call_that_never_answers_ends_the_cell(server: FakeAgentCoreServer) -> None:
     """A runtime replaced by one that sleeps: the host waited for botocore's 60 s read timeout,
     then the SandboxError ended the whole run; now the cell ends by its own deadline."""
-    sandbox = make_sandbox(server, cell_timeout=0.5, interrupt_grace=0.2, poll_wait=0.2, control_grace=0.5)
+    # 2 s: the cells that must succeed count their control calls' wall time, which load stretches
+    sandbox = make_sandbox(server, cell_timeout=2.0, interrupt_grace=0.2, poll_wait=0.2, control_grace=0.5)
     hang = "import sys, time\nsys.modules['_rlmflow_runtime'].control = lambda method, payload: time.sleep(3600)"
     with anyio.fail_after(SAFETY):
         async with sandbox.session("ctx", Recorder()) as session:
@@ -343,13 +344,17 @@ async def test_waiting_for_a_slow_host_call_is_still_free(server: FakeAgentCoreS
 
 async def test_threads_computing_between_cells_get_the_session_replaced(server: FakeAgentCoreServer) -> None:
     """A cell's thread went on computing after the cell ended, unseen and unbounded: past one
-    cell's worth of CPU the next cell starts in a new session (and says so)."""
-    sandbox = make_sandbox(server, cell_timeout=0.5, poll_wait=0.2)
-    with anyio.fail_after(SAFETY):
+    cell's worth of CPU the next cell starts in a new session (and says so). The cells have 2 s
+    (the first one's wall time is stretched by load and by the spinning thread's hold on the
+    interpreter); the thread spins 3 CPU seconds, more than one cell's worth whatever it spun
+    before the cell ended."""
+    sandbox = make_sandbox(server, cell_timeout=2.0, poll_wait=0.2)
+    safety = 2 * SAFETY  # 3 CPU seconds took 17 s of wall time with 8 busy loops on 2 cores
+    with anyio.fail_after(safety):
         async with sandbox.session("ctx", Recorder()) as session:
             first = str(session.session_id)
-            assert (await session.execute(SPIN.replace("SECONDS", "1.5") + "kept = 1")).error is None
-            for _ in range(SAFETY * 20):  # the thread has used its CPU when it writes this file
+            assert (await session.execute(SPIN.replace("SECONDS", "3.0") + "kept = 1")).error is None
+            for _ in range(safety * 20):  # the thread has used its CPU when it writes this file
                 if (server.sessions[first].directory / "spun").exists():
                     break
                 await anyio.sleep(0.05)

@@ -14,6 +14,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -297,16 +298,18 @@ async def test_a_run_whose_cell_breaks_its_output_counter_ends_normally() -> Non
 
 
 async def _max_stall(action: Any) -> tuple[Any, float]:
-    """Run ``action()`` while a ticker measures the longest the event loop went without running it."""
+    """Run ``action()`` while a ticker measures the longest the event loop went without running it,
+    in CPU seconds of the loop's thread: the work the host did on the loop between two turns,
+    whatever else the machine runs (the wall time between turns grows with the load)."""
     stall = 0.0
     outcome: list[Any] = []
 
     async def tick() -> None:
         nonlocal stall
-        last = anyio.current_time()
+        last = time.thread_time()  # this task runs in the loop's thread
         while True:
             await anyio.sleep(0.005)
-            now = anyio.current_time()
+            now = time.thread_time()
             stall = max(stall, now - last)
             last = now
 
@@ -327,7 +330,8 @@ async def test_a_huge_error_or_answer_is_cut_in_the_worker(session: LocalSandbox
     text = getattr(result, field) or ""
     assert "characters omitted ...]" in text and " of 8,000," in text, text[:200]
     assert len(text) < 1_000_000  # 200,000 characters kept, each NUL shown as four
-    assert stall < 1.0, f"the event loop stalled {stall:.2f} s"  # about 3.5 s before (a safety margin here)
+    # about 3.5 s before (a safety margin here)
+    assert stall < 1.0, f"the event loop computed {stall:.2f} s without a turn"
     assert not result.restarted
 
 
@@ -342,7 +346,7 @@ async def test_the_host_cuts_a_forged_long_error_and_answer_before_sanitising_th
     assert result.error is not None and "of 300,000 characters omitted" in result.error
     assert result.final is not None and "of 250,000 characters omitted" in result.final
     assert len(result.error) < 1_000_000 and len(result.final) < 1_000_000
-    assert stall < 1.0, f"the event loop stalled {stall:.2f} s"
+    assert stall < 1.0, f"the event loop computed {stall:.2f} s without a turn"
 
 
 async def test_a_forged_huge_string_is_refused_before_it_is_decoded() -> None:
@@ -353,7 +357,7 @@ async def test_a_forged_huge_string_is_refused_before_it_is_decoded() -> None:
             lambda: session.execute(CURRENT_CELL_ID + raw_frames(forged, then="time.sleep(0.5)"))
         )
     assert result.restarted and "bad frame" in (result.error or ""), (result.error or "")[:300]
-    assert stall < 1.0, f"the event loop stalled {stall:.2f} s"
+    assert stall < 1.0, f"the event loop computed {stall:.2f} s without a turn"
 
 
 # --------------------------------------------------------------------------------- F7: time counts

@@ -184,7 +184,9 @@ async def test_session_stopped_when_cancelled_during_an_api_call(server: FakeAge
 
 
 async def test_timeout_interrupts_and_keeps_variables_or_replaces_the_session(server: FakeAgentCoreServer) -> None:
-    sandbox = make_sandbox(server, cell_timeout=1.0, interrupt_grace=0.5, poll_wait=0.2)
+    # 2 s for the cells that must finish (their control calls' wall time counts, and load stretches
+    # it); 2 s for the interrupted loop to stop (0.5 s could replace the session under load)
+    sandbox = make_sandbox(server, cell_timeout=2.0, interrupt_grace=2.0, poll_wait=0.2)
     async with sandbox.session("ctx", no_calls) as session:
         await session.execute("kept = 'yes'")
         loop = await session.execute("while True:\n    pass")

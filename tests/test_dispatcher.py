@@ -158,15 +158,28 @@ async def test_per_run_cap_limits_in_flight() -> None:
 
 
 async def test_cancellation_mid_batch_leaves_no_task_and_no_reservation() -> None:
+    """The batch's deadline falls once the server holds 4 requests (2 s each), waited for with a
+    guard: a fixed 0.3 s raced the first HTTP requests of the process (imports, connections)."""
     async with FakeOpenAIServer(latency=2.0) as server:
         model = OpenAIModel("fake", base_url=server.base_url)
         dispatcher = Dispatcher(limits={"openai": Limits(max_concurrency=4)})
         ledger = BudgetLedger(Budget(max_calls=100))
-        started = time.perf_counter()
-        with anyio.move_on_after(0.3):
-            await dispatcher.call_many(model, prompts(40), ledger=ledger)
-        elapsed = time.perf_counter() - started
+
+        async def deadline_when_four_are_held(scope: anyio.CancelScope) -> None:
+            with anyio.fail_after(10):
+                while server.counters.admitted < 4:  # noqa: ASYNC110 - the server runs in this loop
+                    await anyio.sleep(0.01)
+            scope.deadline = anyio.current_time()
+            cut.append(time.perf_counter())
+
+        cut: list[float] = []
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(deadline_when_four_are_held, scope)
+                await dispatcher.call_many(model, prompts(40), ledger=ledger)
+        elapsed = time.perf_counter() - cut[0]
         await model.aclose()
+    assert scope.cancelled_caught
     assert elapsed < 1.0  # the in-flight HTTP requests were cancelled, not awaited
     (lane,) = dispatcher.statistics()
     assert lane.in_flight == 0 and lane.waiting == 0

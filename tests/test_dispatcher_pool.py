@@ -216,7 +216,9 @@ async def test_senders_stay_within_the_ceiling_plus_one_per_item_being_retried()
 
 async def test_a_batch_finishes_when_every_sender_sleeps_at_once() -> None:
     """Ceiling 1: every item fails once. Each sleeper starts a stand-in, so the batch never
-    waits for a sleeper before sending the next item; every item is answered exactly once."""
+    waits for a sleeper before sending the next item; every item is answered exactly once.
+    Each retry waits 0.5 s, ample for six first attempts through stand-ins (a sender that waited
+    out its sleep would send a retry second whatever the wait)."""
     attempts: dict[int, int] = {}
     order: list[tuple[int, int]] = []
 
@@ -225,12 +227,12 @@ async def test_a_batch_finishes_when_every_sender_sleeps_at_once() -> None:
         attempts[index] = attempts.get(index, 0) + 1
         order.append((index, attempts[index]))
         if attempts[index] == 1:
-            raise again(0.05)
+            raise again(0.5)
         return f"answer {index}"
 
     dispatcher = Dispatcher(
         limits={"scripted": Limits(max_concurrency=1, initial_concurrency=1)},
-        retry=RetryPolicy(base_delay=0.001, max_delay=0.05, seed=1),
+        retry=RetryPolicy(base_delay=0.001, max_delay=0.5, seed=1),
     )
     outcomes = await dispatcher.call_many(ScriptedModel(reply), prompts(6), ledger=BudgetLedger())
     assert [o.text for o in outcomes] == [f"answer {i}" for i in range(6)]  # type: ignore[union-attr]
@@ -464,13 +466,16 @@ async def test_a_shared_lane_returns_to_idle_after_failures_retries_and_cancella
 
 async def test_a_deadline_cancels_the_requests_in_flight_and_sends_nothing_more() -> None:
     """A deadline over a batch reaches every request the senders have out, and no item is sent
-    after it."""
+    after it. The deadline falls once the ceiling's three requests are out (it raced their start)."""
     started: list[int] = []
     cancelled: list[int] = []
+    all_out = anyio.Event()
 
     async def reply(request: ModelRequest) -> str:
         index = index_of(request)
         started.append(index)
+        if len(started) == 3:
+            all_out.set()
         try:
             await anyio.sleep(10)
         except anyio.get_cancelled_exc_class():
@@ -480,8 +485,16 @@ async def test_a_deadline_cancels_the_requests_in_flight_and_sends_nothing_more(
 
     dispatcher = Dispatcher(limits={"scripted": Limits(max_concurrency=3, initial_concurrency=3)})
     ledger = BudgetLedger()
-    with anyio.move_on_after(0.05) as scope:
-        await dispatcher.call_many(ScriptedModel(reply), prompts(20), ledger=ledger)
+
+    async def deadline_when_all_are_out(scope: anyio.CancelScope) -> None:
+        with anyio.fail_after(10):
+            await all_out.wait()
+        scope.deadline = anyio.current_time()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(deadline_when_all_are_out, scope)
+            await dispatcher.call_many(ScriptedModel(reply), prompts(20), ledger=ledger)
     assert scope.cancelled_caught
     assert sorted(started) == [0, 1, 2] and sorted(cancelled) == [0, 1, 2]
     (lane,) = dispatcher.statistics()
@@ -491,18 +504,19 @@ async def test_a_deadline_cancels_the_requests_in_flight_and_sends_nothing_more(
 
 async def test_the_fast_path_keeps_the_request_window() -> None:
     """Calls admitted without a waiter still count against the RPM window: a batch never has
-    more than ``rpm`` requests start within one window."""
+    more than ``rpm`` requests admitted within one window. Admission times are the lane's own (a
+    call's queue wait from the batch's shared start), not when a reply happened to run."""
     at: list[float] = []
 
-    async def reply(request: ModelRequest) -> str:
-        at.append(time.monotonic())
-        return "ok"
+    def record(call: CallRecord) -> None:
+        at.append(call.queue_wait)
 
     window = 0.2
     dispatcher = Dispatcher(
         limits={"scripted": Limits(max_concurrency=8, initial_concurrency=8, rpm=4, window=window)}
     )
-    await dispatcher.call_many(ScriptedModel(reply), prompts(9), ledger=BudgetLedger())
+    await dispatcher.call_many(ScriptedModel(lambda request: "ok"), prompts(9), ledger=BudgetLedger(), record=record)
+    at.sort()
     assert len(at) == 9
     for i, start in enumerate(at):
         assert sum(1 for t in at[i:] if t - start < window) <= 4
@@ -513,13 +527,19 @@ async def test_two_dispatchers_pools_on_one_shared_lane_hold_its_ceiling_and_fre
 ) -> None:
     """Two Dispatchers (two replicas' worth of state) each run a pool as wide as the shared
     lane's ceiling of 3: together they never have more than 3 requests out, and after one batch
-    is cancelled mid-way and the other finishes, Redis holds no slot."""
-    out = peak = 0
+    is cancelled mid-way (once 5 of its 40 were sent, with calls out) and the other finishes, Redis holds no
+    slot."""
+    out = peak = sent = 0
+    halfway = anyio.Event()
 
     async def reply(request: ModelRequest) -> str:
-        nonlocal out, peak
+        nonlocal out, peak, sent
         out += 1
         peak = max(peak, out)
+        if tag_of(request) == "two":
+            sent += 1
+            if sent == 5:
+                halfway.set()
         try:
             await anyio.sleep(0.003)
         finally:
@@ -527,8 +547,9 @@ async def test_two_dispatchers_pools_on_one_shared_lane_hold_its_ceiling_and_fre
         return "ok"
 
     limits = {"scripted": Limits(max_concurrency=3, initial_concurrency=3, window=1.0)}
-    async with SharedState(SharedConfig(redis_server.url, lease=5.0)) as a, \
-            SharedState(SharedConfig(redis_server.url, lease=5.0)) as b:
+    # leases longer than the guards below: a slot left taken is not swept by its lease's end meanwhile
+    async with SharedState(SharedConfig(redis_server.url, lease=30.0, timeout=5.0)) as a, \
+            SharedState(SharedConfig(redis_server.url, lease=30.0, timeout=5.0)) as b:
         d1, d2 = Dispatcher(shared=a, limits=limits), Dispatcher(shared=b, limits=limits)
         model = ScriptedModel(reply)
         finished: list[int] = []
@@ -538,15 +559,31 @@ async def test_two_dispatchers_pools_on_one_shared_lane_hold_its_ceiling_and_fre
             finished.append(sum(not isinstance(o, Exception) for o in outcomes))
 
         async def cut() -> None:
-            with anyio.move_on_after(0.05):
-                await d2.call_many(model, prompts(40, "two"), ledger=BudgetLedger())
+            with anyio.CancelScope() as scope:  # its deadline falls once 5 of its calls were sent
+                async with anyio.create_task_group() as tg:
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(full)
-            tg.start_soon(cut)
-        await anyio.sleep(0.2)  # the background tasks send the last releases
-        slots = await a._client.zcard(a.lane_keys("scripted:scripted")[3])  # type: ignore[union-attr]
+                    async def deadline_halfway() -> None:
+                        with anyio.fail_after(10):
+                            await halfway.wait()
+                        scope.deadline = anyio.current_time()
+
+                    tg.start_soon(deadline_halfway)
+                    await d2.call_many(model, prompts(40, "two"), ledger=BudgetLedger())
+            cancelled.append(scope.cancelled_caught)
+
+        cancelled: list[bool] = []
+        with anyio.fail_after(10):  # a slot the cut batch left taken would hold the full one back
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(full)
+                tg.start_soon(cut)
+        # the background tasks send the last releases a moment later: read until none is held
+        key = a.lane_keys("scripted:scripted")[3]
+        with anyio.move_on_after(10):
+            while await a._client.zcard(key):  # type: ignore[union-attr]  # noqa: ASYNC110 - no event in Redis
+                await anyio.sleep(0.01)
+        slots = await a._client.zcard(key)  # type: ignore[union-attr]
         lanes = [d1.lane(model), d2.lane(model)]
     assert finished == [40] and peak <= 3
+    assert cancelled == [True] and sent < 40  # cut mid-way
     assert slots == 0
     assert all((lane.statistics().in_flight, lane.statistics().waiting, lane.backlog) == (0, 0, 0) for lane in lanes)

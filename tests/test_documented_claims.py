@@ -35,9 +35,10 @@ from .redis_server import RedisServer
 pytestmark = pytest.mark.anyio
 
 
-async def sent_within(limits: Limits, seconds: float) -> int:
-    """How many of two small calls (``max_tokens`` 10) a lane with ``limits`` sends within ``seconds``
-    (each is held by the provider, so its reservation is not corrected to its real usage meanwhile)."""
+async def sent(limits: Limits, *, once: int, then: float = 0.0) -> int:
+    """How many of two small calls (``max_tokens`` 10) a lane with ``limits`` has sent once ``once``
+    were sent (waited for, 10 s at most) and ``then`` seconds more passed (each call is held by
+    the provider, so its reservation is not corrected to its real usage meanwhile)."""
 
     async def held(request: ModelRequest) -> str:
         await anyio.sleep_forever()
@@ -46,15 +47,21 @@ async def sent_within(limits: Limits, seconds: float) -> int:
     model = ScriptedModel(held, name="m", provider="fake")
     dispatcher = Dispatcher(limits={"fake": limits})
     requests = [ModelRequest.from_prompt("hi", max_tokens=10) for _ in range(2)]
-    with anyio.move_on_after(seconds):
-        await dispatcher.call_many(model, requests, ledger=BudgetLedger())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: dispatcher.call_many(model, requests, ledger=BudgetLedger()))
+        with anyio.move_on_after(10):
+            while len(model.requests) < once:  # noqa: ASYNC110 - the scripted model has no event
+                await anyio.sleep(0.01)
+        await anyio.sleep(then)
+        tg.cancel_scope.cancel()
     return len(model.requests)
 
 
 async def test_output_weight_counts_max_tokens_that_many_times_against_tpm() -> None:
     # each call holds its input estimate (5 tokens) + max_tokens x output_weight against a 60 s window
-    assert await sent_within(Limits(tpm=40, output_weight=1.0), 0.5) == 2  # 15 + 15 fit in 40
-    assert await sent_within(Limits(tpm=40, output_weight=3.0), 0.5) == 1  # 35 + 35 do not
+    assert await sent(Limits(tpm=40, output_weight=1.0), once=2) == 2  # 15 + 15 fit in 40
+    # 35 + 35 do not: the second is still held back 0.5 s after the first was sent
+    assert await sent(Limits(tpm=40, output_weight=3.0), once=1, then=0.5) == 1
 
 
 async def test_a_root_model_error_ends_the_run_with_what_was_paid() -> None:

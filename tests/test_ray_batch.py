@@ -48,9 +48,11 @@ CELL = 'parts = llm_query_many([f"{context}-{i}" for i in range(3)])\nFINAL("|".
 LIMITS = {"rpm": 30, "max_concurrency": 4, "window": 1.0}
 
 
-def make_rlm(base_url: str, redis_url: str) -> RLM:
-    """Runs in the actor: a scripted root, the fake provider as sub-model, lanes in Redis."""
-    dispatcher = Dispatcher(shared=SharedConfig(redis_url, lease=2.0, timeout=1.0),
+def make_rlm(base_url: str, redis_url: str, lease: float = 10.0) -> RLM:
+    """Runs in the actor: a scripted root, the fake provider as sub-model, lanes in Redis. Redis
+    may take 5 s to answer before an actor falls back to its share (1 s could pass under load, and the
+    fallback's window can draw refusals); a lease of 10 s outlasts any stall of a loaded actor."""
+    dispatcher = Dispatcher(shared=SharedConfig(redis_url, lease=lease, timeout=5.0),
                             limits={"openai": Limits(**LIMITS)})  # type: ignore[arg-type]
     return RLM(root=turn_script([CELL]), sub=OpenAIModel("fake", base_url=base_url), dispatcher=dispatcher,
                max_turns=2)
@@ -102,7 +104,8 @@ async def test_a_killed_worker_run_is_retried_and_answered(
 ) -> None:
     async with FakeOpenAIServer(latency=0.6) as provider:
         items = [BatchItem(f"k{k}", "join the parts", context=f"doc{k}") for k in range(6)]
-        factory = functools.partial(make_rlm, provider.base_url, redis_server.url)
+        # the killed actor's slots are free again when its leases end: 2 s, not 10 s, for the retries
+        factory = functools.partial(make_rlm, provider.base_url, redis_server.url, lease=2.0)
         events = []
         async with RayBatch(factory, policy=BatchPolicy(actors=2, runs_per_actor=2, max_attempts=3)) as batch:
             victim = (await batch.pids())[0]

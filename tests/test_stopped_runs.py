@@ -127,7 +127,9 @@ async def assert_nothing_outlives(server: FakeOpenAIServer, held: InFlight) -> N
 
 
 async def test_a_deadline_ends_a_run_with_sub_calls_and_a_child_in_flight() -> None:
-    deadline = 4.0
+    # the deadline counts from the run's start: it must leave room to start both sandbox workers
+    # and get all the sub-calls out first (0.3 s idle, about 2 s under heavy load: 4 s left little margin)
+    deadline = 8.0
 
     async def run_to_its_deadline(rlm: RLM, held: InFlight) -> None:
         started = time.monotonic()

@@ -157,7 +157,8 @@ async def test_metrics_count_tokens_and_observe_lanes() -> None:
 async def test_logs_are_silent_without_config_and_carry_ids_with_json(capsys: pytest.CaptureFixture[str]) -> None:
     hang = ScriptedModel(["```repl\nimport signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass\n```",
                           "```repl\nFINAL('x')\n```"], name="root")
-    async with RLM(root=hang, sandbox=LocalSandbox(cell_timeout=0.2, interrupt_grace=0.2)) as rlm:
+    # 1 s: the FINAL cell after the restart must finish in time under load too (0.2 s was a race)
+    async with RLM(root=hang, sandbox=LocalSandbox(cell_timeout=1.0, interrupt_grace=0.2)) as rlm:
         await rlm.run("doc", "q")  # a restart logs a warning
     assert capsys.readouterr().err == ""
 
