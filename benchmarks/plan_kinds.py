@@ -51,7 +51,7 @@ async def main(args: argparse.Namespace) -> None:
     started = time.monotonic()
     # all forms first, then the narrow questions: consecutive calls share their system prompt,
     # which llama.cpp then does not evaluate again
-    forms = [parse_plan((await model.request(plan_request(q, max_tokens=200))).text) for _, _, q in asked]
+    forms = [parse_plan((await model.request(plan_request(q, max_tokens=200))).text, q) for _, _, q in asked]
     right, seen, misses = Counter[str](), Counter[str](), []
     for (wanted, source, question), plan in zip(asked, forms, strict=True):
         combined = None

@@ -26,6 +26,12 @@ def test_parse_plan_reads_the_form_and_refuses_what_is_not_one() -> None:
     assert parse_plan("no form at all") is None
     assert parse_plan('{"kind": "count", "records": "payment", "about": "", "unit": "crowns"}') == Plan(
         "total", "payment", "", "crowns")  # a count has no unit: amounts are added
+    counted = '{"kind": "count", "records": "shipment", "about": "Antwerp", "unit": "tons"}'
+    assert parse_plan(counted, "How many tons went to Antwerp?") == Plan("total", "shipment", "Antwerp", "tons")
+    # a unit the question does not name is the root's own: the count stands
+    assert parse_plan(counted, "What is the number of shipments that went to Antwerp?") == Plan(
+        "count", "shipment", "Antwerp", "tons")
+    assert parse_plan(counted.replace("tons", "crowns"), "How many crowns did Antwerp pay?").kind == "total"
 
 
 def test_parse_combine_names_a_kind_or_none() -> None:
@@ -44,13 +50,17 @@ def test_parse_combine_names_a_kind_or_none() -> None:
     ("count", "largest", "largest"),
     ("largest", "total", "total"),  # adding wins over the form's largest
     ("total", "count", "total"),  # a narrow "count" is not trusted over amounts
-    ("count", "total", "count"),  # nor "add" over a count
+    ("count", "total", "total"),  # "add" over a count that names a unit the question does not
     ("lookup", "largest", "lookup"),  # a lookup is never changed
     ("largest", None, "largest"),
 ])
 def test_settle_keeps_the_kind_each_answer_is_trusted_for(kind: str, combined: str | None, settled: str) -> None:
     form = Plan(kind, "payment", "the mill", "crowns")
     assert settle(form, combined) == Plan(settled, "payment", "the mill", "crowns")
+
+
+def test_a_narrow_add_does_not_turn_a_count_without_a_unit_into_a_total() -> None:
+    assert settle(Plan("count", "delivery", "slate"), "total") == Plan("count", "delivery", "slate")
 
 
 def test_a_lookup_plan_is_a_first_search() -> None:
@@ -152,6 +162,14 @@ async def test_a_lookup_form_asks_nothing_more_before_the_loop() -> None:
         result = await rlm.run(RECEIPTS, "Where was the strongbox?")
     assert result.answer == "under the stage"
     assert not any(request.json_schema == COMBINE_SCHEMA for request in root.requests)
+
+
+async def test_a_count_with_a_unit_the_question_does_not_name_is_counted() -> None:
+    # the 0.5B root's form for "How frequently ...?": a count "in times"; the amounts are not added
+    form = {"kind": "count", "records": "receipt", "about": "river mill", "unit": "times"}
+    async with RLM(root=plan_root(form, combine="count"), sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(RECEIPTS, "How frequently does a receipt name the river mill?")
+    assert (result.answer, result.turns) == ("3", 1)
 
 
 async def test_a_plan_that_finds_no_record_goes_on_in_the_free_form_loop() -> None:

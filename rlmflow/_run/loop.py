@@ -160,7 +160,7 @@ class RootLoop:
         state.progress.phase = "root model planning"
         request = plan_request(state.query, max_tokens=min(self._settings.root_max_tokens, 200))
         reply = (await self._calls.ask_root(self._root_model(1), request)).text
-        plan = parse_plan(reply)
+        plan = parse_plan(reply, state.query)
         if plan is not None and plan.kind != "lookup":  # how the amounts combine, asked on its own
             combined = (await self._calls.ask_root(self._root_model(1), combine_request(state.query))).text
             plan = settle(plan, parse_combine(combined))

@@ -22,6 +22,7 @@ the rules below are about the form (does any record name ``about``? a count with
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -121,8 +122,13 @@ def plan_request(query: str, *, max_tokens: int = 160, temperature: float = 0.0,
     )
 
 
-def parse_plan(reply: str) -> Plan | None:
-    """The form in ``reply`` (the first JSON object in it), or ``None`` when there is none usable."""
+def parse_plan(reply: str, question: str = "") -> Plan | None:
+    """The form in ``reply`` (the first JSON object in it), or ``None`` when there is none usable.
+
+    A count with a unit is a total when the ``question`` names that unit (records are counted
+    without one); a unit the question does not name is the small root's own ("How frequently does
+    the ledger show a payment?" filled in as a count "in times"), so the count stands, and the
+    narrow question may still make it a total (:func:`settle`)."""
     start = reply.find("{")
     if start == -1:
         return None
@@ -136,7 +142,7 @@ def parse_plan(reply: str) -> Plan | None:
     if not fields["records"]:
         return None
     kind = str(data["kind"])
-    if kind == "count" and fields["unit"]:  # records are counted without a unit: amounts are added
+    if kind == "count" and fields["unit"] and _names(question, fields["unit"]):
         kind = "total"
     return Plan(kind=kind, **fields)
 
@@ -167,13 +173,24 @@ def settle(plan: Plan, combined: str | None) -> Plan:
     A biggest or smallest one amount is distinctive: the narrow answer wins whatever the form said.
     Adding wins over a form's largest or smallest. A narrow "count" is not trusted over a form's
     amounts, nor "add" over a form's count without a unit (records are counted unless amounts are
-    named). A lookup is never changed (it is not asked).
+    named): a count that names a unit the question does not (:func:`parse_plan`) is a total when the
+    narrow answer adds. A lookup is never changed (it is not asked).
     """
     if combined is None or plan.kind == "lookup" or combined == plan.kind:
         return plan
-    if combined in ("largest", "smallest") or (combined == "total" and plan.kind in ("largest", "smallest")):
+    if combined in ("largest", "smallest") or (combined == "total" and (
+            plan.kind in ("largest", "smallest") or (plan.kind == "count" and plan.unit))):
         return replace(plan, kind=combined)
     return plan
+
+
+def _names(question: str, unit: str) -> bool:
+    """Whether ``question`` names ``unit`` (any form of its first word: "crown" for "crowns"); an
+    unknown question (``""``) names every unit."""
+    if not question:
+        return True
+    stem = unit.split()[0].lower().rstrip("s")[:6]
+    return bool(stem) and re.search(rf"\b{re.escape(stem)}", question, re.IGNORECASE) is not None
 
 
 def _clean(value: Any) -> str:
