@@ -22,11 +22,11 @@ the rules below are about the form (does any record name ``about``? a count with
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..models.base import Message, ModelRequest
+from ..sandbox.helpers_prelude import names_unit
 
 __all__ = [
     "COMBINE_SCHEMA", "KINDS", "PLAN_SCHEMA", "Plan", "combine_request", "parse_combine", "parse_plan", "plan_request",
@@ -142,7 +142,7 @@ def parse_plan(reply: str, question: str = "") -> Plan | None:
     if not fields["records"]:
         return None
     kind = str(data["kind"])
-    if kind == "count" and fields["unit"] and _names(question, fields["unit"]):
+    if kind == "count" and fields["unit"] and (not question or names_unit(question, fields["unit"])):
         kind = "total"
     return Plan(kind=kind, **fields)
 
@@ -182,15 +182,6 @@ def settle(plan: Plan, combined: str | None) -> Plan:
             plan.kind in ("largest", "smallest") or (plan.kind == "count" and plan.unit))):
         return replace(plan, kind=combined)
     return plan
-
-
-def _names(question: str, unit: str) -> bool:
-    """Whether ``question`` names ``unit`` (any form of its first word: "crown" for "crowns"); an
-    unknown question (``""``) names every unit."""
-    if not question:
-        return True
-    stem = unit.split()[0].lower().rstrip("s")[:6]
-    return bool(stem) and re.search(rf"\b{re.escape(stem)}", question, re.IGNORECASE) is not None
 
 
 def _clean(value: Any) -> str:

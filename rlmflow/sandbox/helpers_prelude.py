@@ -474,6 +474,12 @@ def _unit_word(unit: str) -> str:
     return rf"{re.escape(_stem(unit.split()[0]))}(?:e?s)?\b"
 
 
+def names_unit(text: str, unit: str) -> bool:
+    """Whether ``text`` names ``unit`` as a word, singular or plural (the host's plan turn asks
+    this of a question, as :func:`in_unit` asks it of records)."""
+    return bool(unit.strip()) and re.search(rf"\b{_unit_word(unit)}", text, re.IGNORECASE) is not None
+
+
 def _amount_patterns(unit: str) -> list[str]:
     """Where a record states an amount in ``unit``, most exact first: just before the unit ("90
     florins", "90 gold florins"), just after it ("florins: 90"), then across a field separator
@@ -500,10 +506,8 @@ def unit_of(items: list[Any], unit: str, question: str = "", about: str = "") ->
     of ``question`` (not one of ``about``'s) written after an amount in the most items, a third of
     them at least (a form may name a unit the question does not, or none); else ``unit``."""
     texts = [str(item) for item in items]
-    if isinstance(unit, str) and unit.strip():
-        named = re.compile(rf"\b{_unit_word(unit)}", re.IGNORECASE)
-        if any(named.search(text) for text in texts):
-            return unit
+    if isinstance(unit, str) and any(names_unit(text, unit) for text in texts):
+        return unit
     skip = {_stem(word) for word in re.findall(r"[A-Za-z]+", about)}
     words = {word.lower() for word in re.findall(r"[A-Za-z]{4,}", str(question)[:500])}  # not "the", "for"
     best, most = unit, max(1, (len(texts) + 2) // 3) - 1
@@ -522,8 +526,7 @@ def in_unit(items: list[Any], unit: str) -> list[Any]:
     not "17 guilders"); all of them when none does (the unit may be in a table's header)."""
     if not isinstance(unit, str) or not unit.strip():
         return list(items)
-    word = re.compile(rf"\b{_unit_word(unit)}", re.IGNORECASE)
-    named = [item for item in items if word.search(str(item))]
+    named = [item for item in items if names_unit(str(item), unit)]
     return named if named else list(items)
 
 
