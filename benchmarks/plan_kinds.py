@@ -26,8 +26,9 @@ from pathlib import Path
 import anyio
 from _common import ROOT, write_result
 
-from rlmflow._run.plan import combine_request, parse_combine, parse_plan, plan_request, settle
+from rlmflow._run.plan import make_plan
 from rlmflow.eval import load_dataset
+from rlmflow.models.base import scores_choices
 from rlmflow.models.registry import build_model, parse_model_string
 
 QUESTIONS = Path(__file__).with_name("data") / "plan_kinds.jsonl"
@@ -49,26 +50,28 @@ async def main(args: argparse.Namespace) -> None:
     model = build_model(*parse_model_string(args.root))
     asked = questions(args.longbench)
     started = time.monotonic()
-    # all forms first, then the narrow questions: consecutive calls share their system prompt,
-    # which llama.cpp then does not evaluate again
-    forms = [parse_plan((await model.request(plan_request(q, max_tokens=200))).text, q) for _, _, q in asked]
     right, seen, misses = Counter[str](), Counter[str](), []
-    for (wanted, source, question), plan in zip(asked, forms, strict=True):
-        combined = None
-        if plan is not None and plan.kind != "lookup":
-            combined = parse_combine((await model.request(combine_request(question))).text)
-        named = settle(plan, combined).kind if plan is not None else None
+    unsure: list[dict[str, object]] = []
+    for wanted, source, question in asked:
+        planned = await make_plan(model.request, question, scores_choices=scores_choices(model))
+        named = planned.plan.kind if planned.plan is not None else None
+        form = planned.form.kind if planned.form is not None else None
         seen[wanted] += 1
         right[wanted] += named == wanted
+        row = {"wanted": wanted, "source": source, "form": form, "lookup_probability": planned.lookup_probability,
+               "one_probability": planned.one_probability,
+               "combine": planned.combined, "settled": named, "question": question[:200]}
         if named != wanted:
-            misses.append({"wanted": wanted, "source": source, "form": plan.kind if plan else None,
-                           "combine": combined, "settled": named, "question": question[:200]})
+            misses.append(row)
+        if form == "lookup" and named != "lookup":
+            unsure.append(row)
     seconds = time.monotonic() - started
     result = {
         "root": args.root, "questions": len(asked), "seconds": round(seconds, 1),
         "right": sum(right.values()),
         "per_kind": {kind: {"right": right[kind], "of": seen[kind]} for kind in seen},
         "misses": misses,
+        "lookup_forms_made_aggregations": unsure,
     }
     for kind in seen:
         print(f"{kind:9} {right[kind]:3}/{seen[kind]}")

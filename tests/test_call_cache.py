@@ -369,3 +369,18 @@ class CutModel(ModelView):
     async def request(self, request: ModelRequest) -> ModelResponse:
         response = await self.model.request(request)
         return ModelResponse(response.text, response.usage, response.model, "length")
+
+
+def test_a_requests_choices_and_schema_are_part_of_the_key_and_keys_without_them_are_unchanged() -> None:
+    from rlmflow.durable.keys import request_key
+    from rlmflow.models.base import Message, ModelRequest
+
+    model = ScriptedModel(["x"])
+    plain = ModelRequest(messages=(Message("user", "Which kind?"),), max_tokens=16)
+    scored = ModelRequest(messages=plain.messages, max_tokens=16, choices=("lookup", "count"))
+    keys = {request_key(model, plain), request_key(model, scored),
+            request_key(model, ModelRequest(messages=plain.messages, max_tokens=16, choices=("count", "lookup"))),
+            request_key(model, ModelRequest(messages=plain.messages, max_tokens=16, json_schema={"type": "object"}))}
+    assert len(keys) == 4
+    # a request with neither is keyed as before ``choices`` existed (journals and caches written then stay valid)
+    assert request_key(model, plain) == "9406b390bc9e43a25d1f1d17f38c6e2cca4561364bad16e1968de68c908ad2b3"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from rlmflow import RLM, LocalModel, ModelRequest
+from rlmflow import RLM, LocalModel, Message, ModelRequest
 
 from .helpers import turn_script
 
@@ -79,3 +80,40 @@ async def test_cancelling_a_call_stops_generation_and_frees_the_model(local_mode
     # fills its 2000 tokens; stopped at its next token, it wrote what 0.5 s allows
     cancelled, answered = written
     assert cancelled < 500 and answered <= 4
+
+
+async def test_choices_are_scored_by_the_model_not_written(local_model: LocalModel) -> None:
+    """A request with ``choices`` comes back as each choice's probability as the reply's
+    continuation (after the opening the last assistant message writes); nothing is generated."""
+    opening = (Message("system", "You answer geography questions in one word."),
+               Message("user", "What is the capital of France?"), Message("assistant", "The capital of France is"))
+    choices = (" Paris", " Berlin", " a small village in Peru")
+    reply = await local_model.request(ModelRequest(messages=opening, choices=choices, max_tokens=16))
+    scores = json.loads(reply.text)
+    assert set(scores) == set(choices) and sum(scores.values()) == pytest.approx(1, abs=1e-3)
+    assert scores[" Paris"] > 0.9 and scores[" Berlin"] > scores[" a small village in Peru"]
+    # the choices' own tokens after the prompt's (the longest choice is several tokens long)
+    assert reply.usage.input_tokens > 20 and reply.usage.output_tokens >= 6 and reply.finish_reason == "stop"
+    # choices of several tokens, in either order: each is scored on its own, after the prompt alone
+    longer = (" Paris, on the Seine.", " Paris, in Texas.", " Lyon, on the Rhone.")
+    forward = json.loads((await local_model.request(ModelRequest(messages=opening, choices=longer))).text)
+    backward = json.loads((await local_model.request(ModelRequest(messages=opening, choices=longer[::-1]))).text)
+    assert forward == pytest.approx(backward, abs=1e-3)
+    assert forward[" Paris, on the Seine."] > forward[" Paris, in Texas."]
+
+
+async def test_scoring_choices_leaves_the_next_reply_as_it_was(local_model: LocalModel) -> None:
+    """Scoring reuses and moves llama.cpp's cache of the prompt; the next generation must not read
+    what the scoring left there."""
+    ask = ModelRequest.from_prompt("Write the word hello three times, separated by commas.", max_tokens=12)
+    before = (await local_model.request(ask)).text
+    scored = ModelRequest(messages=(*ask.messages, Message("assistant", "hello,")), choices=(" hello", " world"))
+    assert json.loads((await local_model.request(scored)).text)[" hello"] > 0.5
+    assert (await local_model.request(ask)).text == before
+
+
+async def test_choices_beyond_the_window_are_a_context_overflow(local_model: LocalModel) -> None:
+    from rlmflow import ContextOverflowError
+
+    with pytest.raises(ContextOverflowError):
+        await local_model.request(ModelRequest(messages=(Message("user", "word " * 5000),), choices=("a", "b")))

@@ -9,7 +9,24 @@ import pytest
 
 from rlmflow import RLM, ModelRequest, ScriptedModel
 from rlmflow._run.guards import answer_problem, unwrap_final
-from rlmflow._run.plan import COMBINE_SCHEMA, Plan, parse_combine, parse_plan, render, settle
+from rlmflow._run.plan import (
+    COMBINE_SCHEMA,
+    KINDS,
+    LOOKUP_AND_ONE_SURE,
+    LOOKUP_SURE,
+    SOURCES,
+    Plan,
+    kind_request,
+    make_plan,
+    offers_options,
+    parse_combine,
+    parse_plan,
+    parse_scores,
+    plan_request,
+    render,
+    settle,
+    source_request,
+)
 
 from .helpers import turn_script
 
@@ -59,8 +76,23 @@ def test_settle_keeps_the_kind_each_answer_is_trusted_for(kind: str, combined: s
     assert settle(form, combined) == Plan(settled, "payment", "the mill", "crowns")
 
 
-def test_a_narrow_add_does_not_turn_a_count_without_a_unit_into_a_total() -> None:
-    assert settle(Plan("count", "delivery", "slate"), "total") == Plan("count", "delivery", "slate")
+def test_a_narrow_add_leaves_a_count_without_a_unit_to_the_document() -> None:
+    assert settle(Plan("count", "delivery", "slate"), "total") == Plan("count", "delivery", "slate", or_total=True)
+    assert settle(Plan("count", "delivery", "slate"), "count") == Plan("count", "delivery", "slate")
+
+
+@pytest.mark.parametrize(("question", "answer"), [
+    # the form put the unit in the records' label; the records write amounts before "florins"
+    ("How many florins did the river mill hand over altogether?", "500"),
+    # no word of the question follows the records' amounts: they are counted
+    ("How many receipts name the river mill?", "3"),
+])
+async def test_a_count_the_narrow_question_adds_is_a_total_only_if_the_records_state_the_questions_unit(
+        question: str, answer: str) -> None:
+    form = {"kind": "count", "records": "receipt", "about": "river mill", "unit": ""}
+    async with RLM(root=plan_root(form, combine="add"), sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(RECEIPTS, question)
+    assert (result.answer, result.turns) == (answer, 1)
 
 
 def test_a_lookup_plan_is_a_first_search() -> None:
@@ -96,18 +128,27 @@ NOTES = "\n\n".join([
 ])
 
 
-def plan_root(form: dict[str, str], then: str = "FINAL('fallback')", combine: str = "") -> ScriptedModel:
+def plan_root(form: dict[str, str], then: str = "FINAL('fallback')", combine: str = "",
+              lookup: float | None = None, one: float = 1.0) -> ScriptedModel:
     """A root that fills the form on its plan call, answers ``combine`` (none when empty) when asked
-    how amounts combine, and writes ``then`` on later turns."""
+    how amounts combine, and writes ``then`` on later turns. With ``lookup``, it scores choices: it
+    gives "lookup" that probability in the form (the rest to a count, then a total), and ``one`` to
+    "one" fact as the answer's source (the rest to a maximum)."""
 
     def reply(request: ModelRequest) -> str:
+        if request.choices:
+            assert lookup is not None, "a root that does not score choices was asked to"
+            if tuple(request.choices) == SOURCES:
+                return json.dumps({"one": one, "count": 0, "add": 0, "max": 1 - one, "min": 0})
+            rest = 1 - lookup
+            return json.dumps({"lookup": lookup, "count": rest * 0.6, "total": rest * 0.4, "largest": 0, "smallest": 0})
         if request.json_schema == COMBINE_SCHEMA:
             return json.dumps({"combine": combine}) if combine else "{}"
         if request.json_schema is not None:
             return json.dumps(form)
         return f"```repl\n{then}\n```"
 
-    return ScriptedModel(reply, name="root")
+    return ScriptedModel(reply, name="root", scores_choices=lookup is not None)
 
 
 def judge(request: ModelRequest) -> str:
@@ -161,6 +202,88 @@ async def test_a_lookup_form_asks_nothing_more_before_the_loop() -> None:
     async with RLM(root=root, plan_first=True) as rlm:
         result = await rlm.run(RECEIPTS, "Where was the strongbox?")
     assert result.answer == "under the stage"
+    assert not any(request.json_schema == COMBINE_SCHEMA for request in root.requests)
+
+
+def test_parse_scores_reads_one_probability_per_choice_or_nothing() -> None:
+    scores = {"lookup": 0.55, "count": 0.3, "total": 0.1, "largest": 0.05, "smallest": 0}
+    assert parse_scores(json.dumps(scores), KINDS) == {kind: float(p) for kind, p in scores.items()}
+    assert parse_scores(json.dumps({**scores, "median": 0.1}), KINDS) is None
+    assert parse_scores(json.dumps({**scores, "count": 1.5}), KINDS) is None
+    assert parse_scores(json.dumps({**scores, "count": True}), KINDS) is None
+    assert parse_scores(json.dumps({kind: 0.2 for kind in KINDS if kind != "smallest"}), KINDS) is None
+    assert parse_scores(json.dumps(scores), SOURCES) is None
+    # a model that does not score choices writes a form instead
+    assert parse_scores('{"kind": "lookup", "records": "key", "about": "", "unit": ""}', KINDS) is None
+
+
+def test_a_question_with_lettered_options_offers_options() -> None:
+    assert offers_options("Which is true? (A) It rose. (B) It fell. (C) Both.")
+    assert offers_options("Which is true?\nA. It rose.\nB. It fell.")
+    assert not offers_options("What did (A) Smith pay?")
+    assert not offers_options("What was the top price paid for a horse at the fair, in crowns?")
+
+
+QUESTION = "Find the lowest fine the court handed to Martin Croy."
+
+
+@pytest.mark.parametrize(("lookup", "one", "combine", "kind", "asked"), [
+    (0.9, 0.9, "min", "lookup", ["form", "kinds", "source"]),  # sure both ways: the lookup stands
+    (LOOKUP_SURE - 0.01, 1.0, "min", "smallest", ["form", "kinds", "source", "combine"]),  # unsure of the kind
+    (0.8, LOOKUP_AND_ONE_SURE / 0.8 - 0.01, "min", "smallest", ["form", "kinds", "source", "combine"]),  # of one fact
+    (0.8, LOOKUP_AND_ONE_SURE / 0.8 + 0.01, "min", "lookup", ["form", "kinds", "source"]),
+    (0.3, 1.0, "", "count", ["form", "kinds", "source", "combine"]),  # no narrow answer: the likeliest other kind
+    (None, 1.0, "min", "lookup", ["form"]),  # a root that does not score choices is not asked
+])
+async def test_a_doubted_lookup_is_an_aggregation_of_the_kind_the_narrow_question_names(
+        lookup: float | None, one: float, combine: str, kind: str, asked: list[str]) -> None:
+    root = plan_root({"kind": "lookup", "records": "fine", "about": "Martin Croy", "unit": "crowns"},
+                     combine=combine, lookup=lookup, one=one)
+    planned = await make_plan(root.request, QUESTION, scores_choices=root.scores_choices)
+    assert planned.plan == Plan(kind, "fine", "Martin Croy", "crowns")
+    assert planned.lookup_probability == lookup and planned.form is not None and planned.form.kind == "lookup"
+    names = {"form": lambda r: r.json_schema is not None and r.json_schema != COMBINE_SCHEMA,
+             "kinds": lambda r: tuple(r.choices) == KINDS, "source": lambda r: tuple(r.choices) == SOURCES,
+             "combine": lambda r: r.json_schema == COMBINE_SCHEMA}
+    assert [next(name for name, test in names.items() if test(r)) for r in root.requests] == asked
+
+
+async def test_a_question_that_offers_options_stays_a_lookup_however_unsure() -> None:
+    root = plan_root({"kind": "lookup", "records": "risk", "about": "", "unit": ""}, combine="max", lookup=0.1, one=0)
+    asked = "Which risk does the report rank largest? (A) Currency (B) Supply (C) Rates (D) Labour"
+    planned = await make_plan(root.request, asked, scores_choices=True)
+    assert planned.plan is not None and planned.plan.kind == "lookup" and len(root.requests) == 1
+
+
+def test_the_source_request_scores_where_the_answer_comes_from() -> None:
+    request = source_request(QUESTION)
+    assert request.choices == SOURCES and request.messages[-1].content == '{"answer": "'
+    assert request.messages[1].content == f"Question: {QUESTION}"
+
+
+def test_the_kind_request_continues_the_form_prompt_up_to_the_kind() -> None:
+    request = kind_request("Who holds the key?")
+    assert request.choices == KINDS
+    assert [m.role for m in request.messages] == ["system", "user", "assistant"]
+    assert request.messages[-1].content == '{"kind": "'
+    # the form's own prompt is its beginning, so llama.cpp evaluates only the opening again
+    assert tuple(request.messages[:2]) == tuple(plan_request("Who holds the key?").messages)
+
+
+async def test_an_unsure_lookup_form_runs_the_program_its_narrow_answer_names() -> None:
+    form = {"kind": "lookup", "records": "receipt", "about": "", "unit": "florins"}
+    root = plan_root(form, "FINAL('from the loop')", combine="max", lookup=0.45)
+    async with RLM(root=root, sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(RECEIPTS, "What was the top price on any receipt, in florins?")
+    assert (result.answer, result.turns) == ("310", 1)
+
+
+async def test_a_sure_lookup_form_goes_to_the_free_form_loop() -> None:
+    form = {"kind": "lookup", "records": "receipt", "about": "", "unit": "florins"}
+    root = plan_root(form, "FINAL('from the loop')", combine="max", lookup=0.9)
+    async with RLM(root=root, sub=ScriptedModel(judge), plan_first=True) as rlm:
+        result = await rlm.run(RECEIPTS, "What did receipt 4471 say, in florins?")
+    assert result.answer == "from the loop"
     assert not any(request.json_schema == COMBINE_SCHEMA for request in root.requests)
 
 

@@ -100,6 +100,17 @@ def test_rows_of_one_layout_are_records_and_prose_that_names_the_same_is_not() -
     assert found.labelled
 
 
+def test_a_phrase_not_in_the_text_is_the_word_whose_matches_are_records_not_the_longest_in_prose() -> None:
+    # "slate delivery" is not written; "delivery" is (longer, in prose only), "slate" is in the rows
+    rows = [f"1611-0{i}-1{i},{7400 + i},old Jessop,slate,{20 + i} loads" for i in range(1, 5)]
+    prose = ["CLARENCE.\nHe swore he would labour my delivery.", "I make a broken delivery of the business."]
+    found = namespace("\n\n".join(["Filler.", prose[0], *rows[:2], prose[1], *rows[2:]]))["records"]("slate delivery")
+    assert list(found) == rows and found.labelled
+    # with no word of the phrase in records of a kind, the longest word that matches at all
+    found = namespace("\n\n".join(["Filler.", *prose, "A slate roof."]))["records"]("slate delivery")
+    assert list(found) == prose
+
+
 def test_letters_are_records_whatever_their_greeting_and_a_speech_is_not() -> None:
     letters = [f"{greeting}, I acknowledge receipt of {10 * i} florins from Fallowby Farm on the {i}th of May. "
                "Kindly enter it at folio 12. Yours, R. Quill."
@@ -107,6 +118,14 @@ def test_letters_are_records_whatever_their_greeting_and_a_speech_is_not() -> No
     speech = "FALSTAFF.\nFallowby Farm, say you? I owe them nothing."
     found = namespace("\n\n".join(["Filler.", letters[0], speech, *letters[1:]]))["records"]("Fallowby Farm")
     assert list(found) == letters
+
+
+def test_unit_of_never_takes_the_records_label_that_follows_a_rows_number() -> None:
+    # the label follows the row's number across fields, in every row; the unit follows the amount in some
+    rows = [f"1611-0{i}-2{i},{5200 + i},Brother Osric,payment,{30 * i},{unit}"
+            for i, unit in enumerate(["florins", "guilders", "guilders", "florins", "guilders"], start=1)]
+    asked = "Of all the payments Brother Osric made in guilders, which was the largest?"
+    assert namespace("x")["unit_of"](rows, "dollars", asked, "Brother Osric", label="payment") == "guilders"
 
 
 def test_in_unit_leaves_out_amounts_in_other_units_but_keeps_all_when_none_names_it() -> None:

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 from .. import prompts
 from .._exceptions import BudgetExceededError, NoAnswerError
 from .._text import cap_text, traceback_summary
 from ..events import RootText
-from ..models.base import LanguageModel, Message, ModelRequest, StreamingLanguageModel, StreamingView
+from ..models.base import LanguageModel, Message, ModelRequest, StreamingLanguageModel, StreamingView, scores_choices
 from ..result import RLMResult, Turn
 from ..sandbox.base import SandboxSession
 from ..telemetry.logs import get_logger
 from .calls import CallScope
 from .cells import CellRunner, RanCell
 from .guards import answer_problem, unwrap_final
-from .plan import combine_request, parse_combine, parse_plan, plan_request, render, settle
+from .plan import make_plan, render
 from .recorder import RunRecorder
 from .settings import RunSettings
 from .stall import StallPolicy
@@ -158,13 +159,14 @@ class RootLoop:
         state = self._state
         started, wall = time.monotonic(), time.time()
         state.progress.phase = "root model planning"
-        request = plan_request(state.query, max_tokens=min(self._settings.root_max_tokens, 200))
-        reply = (await self._calls.ask_root(self._root_model(1), request)).text
-        plan = parse_plan(reply, state.query)
-        if plan is not None and plan.kind != "lookup":  # how the amounts combine, asked on its own
-            combined = (await self._calls.ask_root(self._root_model(1), combine_request(state.query))).text
-            plan = settle(plan, parse_combine(combined))
-        _logger.info("plan", kind=plan.kind if plan else None, chars=len(reply))
+        root = self._root_model(1)
+        planned = await make_plan(partial(self._calls.ask_root, root), state.query,
+                                  scores_choices=scores_choices(root),
+                                  max_tokens=min(self._settings.root_max_tokens, 200))
+        plan, reply = planned.plan, planned.reply
+        _logger.info("plan", kind=plan.kind if plan else None, form=planned.form.kind if planned.form else None,
+                     lookup_probability=planned.lookup_probability, one_probability=planned.one_probability,
+                     combined=planned.combined, chars=len(reply))
         if plan is None or plan.kind == "lookup":
             return False
         code = render(plan, state.query)

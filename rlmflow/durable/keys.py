@@ -13,7 +13,8 @@ __all__ = ["request_key", "text_digest"]
 
 def request_key(model: LanguageModel, request: ModelRequest) -> str:
     """A digest of the model (provider, name, endpoint) and of the request (messages, generation
-    limit, sampling settings and any reply schema): two calls with the same key would be asked the same thing."""
+    limit, sampling settings, any reply schema or choices): two calls with the same key would be
+    asked the same thing."""
     endpoint = getattr(model, "endpoint", None)
     shape: list[object] = [
         model.provider, model.name, endpoint if isinstance(endpoint, str) else None,
@@ -22,6 +23,8 @@ def request_key(model: LanguageModel, request: ModelRequest) -> str:
     ]
     if request.json_schema is not None:  # added only when set: keys of earlier journals stay valid
         shape.append(dict(request.json_schema))
+    if request.choices:  # likewise
+        shape.append(["choices", list(request.choices)])
     return text_digest(json.dumps(shape, ensure_ascii=False, separators=(",", ":")))
 
 

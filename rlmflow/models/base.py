@@ -75,6 +75,13 @@ class ModelRequest:
     the reply must be one JSON object of this schema; models with constrained decoding (the
     embedded llama.cpp model: a grammar built from the schema) enforce it, the others are asked in
     words only, so a caller still parses the reply leniently.
+
+    ``choices``: the reply is to be one of these strings, continuing the messages (a last
+    ``assistant`` message is the reply's beginning, written for the model). A model that scores text
+    (``scores_choices`` true: the embedded llama.cpp model) generates nothing: its reply is a JSON
+    object of each choice's probability, normalized over the choices, so a caller can weigh how sure
+    the model is, not only which choice it prefers (its usage counts the choices' tokens as output,
+    so ``max_tokens`` should cover them all). The others ignore ``choices`` and reply as usual.
     """
 
     messages: Sequence[Message]
@@ -84,6 +91,7 @@ class ModelRequest:
     top_p: float | None = None
     reasoning_effort: ReasoningEffort | None = None
     json_schema: Mapping[str, Any] | None = None
+    choices: Sequence[str] = ()
 
     @classmethod
     def from_prompt(cls, prompt: str, *, max_tokens: int = 1024, system: str | None = None) -> ModelRequest:
@@ -165,6 +173,11 @@ class TokenCountingModel(LanguageModel, Protocol):
         :class:`FatalModelError` when the provider does not count for this model.
         """
         ...
+
+
+def scores_choices(model: LanguageModel) -> bool:
+    """Whether ``model`` answers a request's ``choices`` with their probabilities (:class:`ModelRequest`)."""
+    return getattr(model, "scores_choices", False) is True
 
 
 def split_system(request: ModelRequest) -> tuple[list[str], list[Message]]:

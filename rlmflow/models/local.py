@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -13,6 +14,7 @@ import anyio.to_thread
 
 from .._exceptions import ConfigurationError, ContextOverflowError, FatalModelError
 from .base import ModelRequest, ModelResponse, Usage
+from .llama_choices import Aborted, score_choices
 from .weights import KNOWN_WEIGHTS, ensure_weights
 
 __all__ = ["LocalModel"]
@@ -65,6 +67,11 @@ class LocalModel:
     @property
     def context_window(self) -> int:
         return self._context_window
+
+    @property
+    def scores_choices(self) -> bool:
+        """A request with ``choices`` is answered with each choice's probability (:class:`ModelRequest`)."""
+        return True
 
     def _load_blocking(self) -> Any:
         try:
@@ -130,6 +137,8 @@ class LocalModel:
                     provider=self.provider,
                     model=self._alias,
                 )
+            if request.choices:
+                return self._score_blocking(llama, request, abort)
             try:
                 out = llama.create_chat_completion(
                     messages=messages,
@@ -155,6 +164,19 @@ class LocalModel:
             model=self._alias,
             finish_reason=choice.get("finish_reason"),
         )
+
+    def _score_blocking(self, llama: Any, request: ModelRequest, abort: threading.Event) -> ModelResponse:
+        try:
+            scored = score_choices(llama, request.messages, request.choices, abort, window=self._context_window)
+        except Aborted as exc:
+            raise _Aborted from exc
+        except ValueError as exc:
+            raise ContextOverflowError(
+                str(exc), provider=self.provider, model=self._alias, context_window=self._context_window
+            ) from exc
+        text = json.dumps({choice: round(p, 4) for choice, p in scored.probabilities.items()}, ensure_ascii=False)
+        return ModelResponse(text=text, usage=Usage(scored.prompt_tokens, scored.choice_tokens, 1),
+                             model=self._alias, finish_reason="stop")
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         await self.load()

@@ -24,6 +24,8 @@ class ScriptedModel:
 
     Use it as the root model to drive a run from a fixed script, or as the sub-model with a
     function that answers from the prompt. It costs nothing (``price``, read by the Dispatcher).
+    ``scores_choices``: it stands for a model that scores a request's ``choices`` (the script
+    then writes the probabilities, as :class:`~rlmflow.models.base.ModelRequest` describes).
     """
 
     price = Price(0.0, 0.0)
@@ -35,12 +37,14 @@ class ScriptedModel:
         name: str = "scripted",
         provider: str = "scripted",
         latency: float = 0.0,
+        scores_choices: bool = False,
     ) -> None:
         self._function: ScriptFunction | None = replies if callable(replies) else None
         self._replies = [] if callable(replies) else list(replies)
         self._name = name
         self._provider = provider
         self._latency = latency
+        self._scores_choices = scores_choices
         self.requests: list[ModelRequest] = []
 
     @property
@@ -50,6 +54,10 @@ class ScriptedModel:
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def scores_choices(self) -> bool:
+        return self._scores_choices
 
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)

@@ -384,13 +384,16 @@ def _records_for(namespace: Mapping[str, Any]) -> Callable[..., Records]:
         if not found and loose is not None:
             used = loose
             found = _collect(context, re.compile(loose, re.IGNORECASE))
-        if not found:  # the phrase as a whole is not there: its words, one at a time
+        if not found:  # the phrase as a whole is not there: its words, one at a time, the longest
+            # whose matches are records of a kind (a word of the phrase may be only in prose:
+            # "slate delivery" where the rows say "slate"), else the longest that matches at all
             for word in sorted(set(re.findall(r"[A-Za-z]{4,}", pattern)), key=len, reverse=True):
                 if word.lower() not in _COMMON:
-                    found, labelled = _families(
+                    matches, labelled = _families(
                         _collect(context, re.compile(re.escape(_stem(word)), re.IGNORECASE)), word)
-                    if found:
-                        used = _stem(word)
+                    if matches and (labelled or not found):
+                        found, used = matches, _stem(word)
+                    if labelled and matches:
                         break
         found, labelled = _families(found, pattern)
         if having:
@@ -501,14 +504,16 @@ def _amount(record: str, unit: str) -> float | int | None:
     return _to_number(found[0]) if len(found) == 1 else None
 
 
-def unit_of(items: list[Any], unit: str, question: str = "", about: str = "") -> str:
+def unit_of(items: list[Any], unit: str, question: str = "", about: str = "", label: str = "") -> str:
     """The unit the items state their amounts in: ``unit`` when some item names it; else the word
-    of ``question`` (not one of ``about``'s) written after an amount in the most items, a third of
-    them at least (a form may name a unit the question does not, or none); else ``unit``."""
+    of ``question`` (not one of ``about``'s, nor of the records' ``label``: "payment" follows a
+    record's number in a row like "5212,Brother Osric,payment,30,florins") written after an amount
+    in the most items, a third of them at least (a form may name a unit the question does not, or
+    none); else ``unit``."""
     texts = [str(item) for item in items]
     if isinstance(unit, str) and any(names_unit(text, unit) for text in texts):
         return unit
-    skip = {_stem(word) for word in re.findall(r"[A-Za-z]+", about)}
+    skip = {_stem(word) for word in re.findall(r"[A-Za-z]+", f"{about} {label}")}
     words = {word.lower() for word in re.findall(r"[A-Za-z]{4,}", str(question)[:500])}  # not "the", "for"
     best, most = unit, max(1, (len(texts) + 2) // 3) - 1
     for word in sorted(words - _COMMON):
