@@ -15,6 +15,7 @@ import re
 __all__ = ["answer_problem", "unwrap_final"]
 
 _FINAL_CALL = re.compile(r"^\s*(?:FINAL|Final|final)\s*\((.*)\)\s*;?\s*$", re.DOTALL)
+_FINAL_OPENING = re.compile(r"^\s*(?:FINAL|Final|final)\s*\(")  # a call cut short has no closing parenthesis
 # the summary lines the sandbox helpers print (rlmflow/sandbox/helpers_prelude.py): no answer has them
 _TOOL_LINES = re.compile(
     r"\bmatch\(es\)|^grep\(|no match \(try one|^records\(|\brecord\(s\) in the whole context|"
@@ -41,7 +42,7 @@ def answer_problem(answer: str, query: str) -> str | None:
     """Why ``answer`` cannot be the answer to ``query``, or ``None``.
 
     - empty (or only punctuation);
-    - a literal ``FINAL(...)`` call;
+    - a literal ``FINAL(...)`` call, whole or cut short;
     - a summary line of a sandbox helper ("3 match(es) for ...", "records(...): ...");
     - the question echoed back: four words or more, every one of them from the question, and at
       least half of the question's words (a short answer made of the question's words, such as
@@ -52,7 +53,7 @@ def answer_problem(answer: str, query: str) -> str | None:
     text = answer.strip()
     if not _WORD.search(text.lower()):
         return "it is empty"
-    if _FINAL_CALL.match(text):
+    if _FINAL_OPENING.match(text):
         return "it is the text of a FINAL(...) call, not its value"
     if _TOOL_LINES.search(text):
         return "it is a tool's summary line (what grep or another helper printed), not an answer"
