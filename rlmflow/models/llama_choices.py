@@ -4,7 +4,8 @@ A greedy reply says which choice a small model prefers, not by how much; a calle
 model over-picks one choice (the 0.5B root names many aggregations a "lookup") needs the margin.
 Each choice is scored as the continuation of the chat prompt: the prompt's shared tokens are
 evaluated once (reusing what llama.cpp already holds of them), then each choice's own tokens one
-at a time, summing their log-probabilities.
+at a time, summing their log-probabilities. Only llama-cpp-python's public API is used (its
+version is pinned by the ``local`` extra).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def chat_prompt(llama: Any, messages: Sequence[Message]) -> str:
     eos, bos = llama.token_eos(), llama.token_bos()
     formatter = Jinja2ChatFormatter(
         template=template,
-        eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-        bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+        eos_token=llama.detokenize([eos], special=True).decode("utf-8", "replace") if eos != -1 else "",
+        bos_token=llama.detokenize([bos], special=True).decode("utf-8", "replace") if bos != -1 else "",
     )
     return str(formatter(messages=rows).prompt) + opening
 
@@ -75,13 +76,13 @@ def score_choices(llama: Any, messages: Sequence[Message], choices: Sequence[str
     prefix = sequences[0][:shared]
 
     def log_probabilities() -> Any:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(llama.n_vocab(),))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, -1), shape=(llama.n_vocab(),))
         shifted = logits.astype(np.float64) - float(logits.max())
         return shifted - math.log(float(np.exp(shifted).sum()))
 
     # keep what llama.cpp holds of the prefix, but evaluate at least its last token: the logits
     # read next must be the prefix's own
-    held = _shared_length([list(llama._input_ids[: llama.n_tokens]), prefix])
+    held = _shared_length([list(llama.input_ids[: llama.n_tokens]), prefix])
     llama.n_tokens = min(held, shared - 1)
     llama.eval(prefix[llama.n_tokens:])
     first = log_probabilities()
@@ -97,8 +98,7 @@ def score_choices(llama: Any, messages: Sequence[Message], choices: Sequence[str
             score += float(log_probabilities()[tokens[position]])
             choice_tokens += 1
         scores.append(score)
-    llama.n_tokens = shared
-    llama._requires_eval = True  # the logits llama.cpp holds are no longer the prefix's
+    llama.reset()  # what llama.cpp holds past the prompt is a choice's: the next call starts afresh
     best = max(scores)
     weights = [math.exp(score - best) for score in scores]
     probabilities = {choice: weight / sum(weights) for choice, weight in zip(choices, weights, strict=True)}
