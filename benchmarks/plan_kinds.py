@@ -9,7 +9,8 @@ generator's needle and code questions) and of the first LongBench v2 items in ``
 is an aggregation over records), settles it as a run does, and writes the share named right per
 kind and every miss to benchmarks/results/plan_kinds.json.
 
-About 4 s per question on 2 quiet cores (two root calls for an aggregation, one for a lookup).
+About 7 s per question on 2 quiet cores (two root calls for an aggregation; for a lookup, one,
+and two scored calls with the embedded root).
 
     python benchmarks/plan_kinds.py
     python benchmarks/plan_kinds.py --root local:qwen2.5-coder-1.5b --longbench 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .base import Message
@@ -20,13 +21,13 @@ from .base import Message
 __all__ = ["ChoiceScores", "chat_prompt", "score_choices"]
 
 
+@dataclass(frozen=True, slots=True)
 class ChoiceScores:
     """Each choice's probability (normalized over the choices), the prompt's tokens and the choices' own."""
 
-    def __init__(self, probabilities: dict[str, float], prompt_tokens: int, choice_tokens: int) -> None:
-        self.probabilities = probabilities
-        self.prompt_tokens = prompt_tokens
-        self.choice_tokens = choice_tokens
+    probabilities: dict[str, float]
+    prompt_tokens: int
+    choice_tokens: int
 
 
 class Aborted(Exception):
@@ -34,8 +35,9 @@ class Aborted(Exception):
 
 
 def chat_prompt(llama: Any, messages: Sequence[Message]) -> str:
-    """The prompt text llama.cpp's chat completion would build for ``messages``, ready for the
-    reply; a last ``assistant`` message is left open, as the reply's beginning."""
+    """The prompt text for ``messages`` in the GGUF's own chat template, ready for the reply, as
+    llama.cpp's chat completion builds it; a last ``assistant`` message is left open, as the
+    reply's beginning."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     written = list(messages)
@@ -83,22 +85,24 @@ def score_choices(llama: Any, messages: Sequence[Message], choices: Sequence[str
     # keep what llama.cpp holds of the prefix, but evaluate at least its last token: the logits
     # read next must be the prefix's own
     held = _shared_length([list(llama.input_ids[: llama.n_tokens]), prefix])
-    llama.n_tokens = min(held, shared - 1)
-    llama.eval(prefix[llama.n_tokens:])
-    first = log_probabilities()
     scores: list[float] = []
     choice_tokens = 0
-    for tokens in sequences:
-        llama.n_tokens = shared
-        score = float(first[tokens[shared]])
-        for position in range(shared + 1, len(tokens)):
-            if abort.is_set():
-                raise Aborted
-            llama.eval([tokens[position - 1]])
-            score += float(log_probabilities()[tokens[position]])
-            choice_tokens += 1
-        scores.append(score)
-    llama.reset()  # what llama.cpp holds past the prompt is a choice's: the next call starts afresh
+    try:
+        llama.n_tokens = min(held, shared - 1)
+        llama.eval(prefix[llama.n_tokens:])
+        first = log_probabilities()
+        for tokens in sequences:
+            llama.n_tokens = shared
+            score = float(first[tokens[shared]])
+            for position in range(shared + 1, len(tokens)):
+                if abort.is_set():
+                    raise Aborted
+                llama.eval([tokens[position - 1]])
+                score += float(log_probabilities()[tokens[position]])
+                choice_tokens += 1
+            scores.append(score)
+    finally:
+        llama.reset()  # what llama.cpp holds past the prompt is a choice's: the next call starts afresh
     best = max(scores)
     weights = [math.exp(score - best) for score in scores]
     probabilities = {choice: weight / sum(weights) for choice, weight in zip(choices, weights, strict=True)}
