@@ -196,12 +196,8 @@ def parse_scores(reply: str, choices: tuple[str, ...]) -> dict[str, float] | Non
     """Each choice's probability from a reply to a request with these ``choices``, or ``None`` when
     the reply is not one object of a probability per choice (a model that does not score choices
     writes something else)."""
-    start = reply.find("{")
-    try:
-        data, _ = json.JSONDecoder().raw_decode(reply[start:]) if start != -1 else (None, 0)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or set(data) != set(choices):
+    data = _first_object(reply)
+    if data is None or set(data) != set(choices):
         return None
     scores = {choice: data[choice] for choice in choices}
     if not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in scores.values()):
@@ -270,14 +266,8 @@ def parse_plan(reply: str, question: str = "") -> Plan | None:
     without one); a unit the question does not name is the small root's own ("How frequently does
     the ledger show a payment?" filled in as a count "in times"), so the count stands, and the
     narrow question may still make it a total (:func:`settle`)."""
-    start = reply.find("{")
-    if start == -1:
-        return None
-    try:
-        data, _ = json.JSONDecoder().raw_decode(reply[start:])
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or data.get("kind") not in KINDS:
+    data = _first_object(reply)
+    if data is None or data.get("kind") not in KINDS:
         return None
     fields = {name: _clean(data.get(name)) for name in ("records", "about", "unit")}
     if not fields["records"]:
@@ -299,12 +289,8 @@ def combine_request(query: str, *, max_tokens: int = 20) -> ModelRequest:
 def parse_combine(reply: str) -> str | None:
     """The kind that ``reply``'s ``combine`` names (``count``, ``total``, ``largest``,
     ``smallest``), or ``None`` when it names none."""
-    start = reply.find("{")
-    try:
-        data, _ = json.JSONDecoder().raw_decode(reply[start:]) if start != -1 else (None, 0)
-    except json.JSONDecodeError:
-        return None
-    named = data.get("combine") if isinstance(data, dict) else None
+    data = _first_object(reply)
+    named = data.get("combine") if data is not None else None
     return COMBINES.get(named) if isinstance(named, str) else None
 
 
@@ -326,6 +312,18 @@ def settle(plan: Plan, combined: str | None) -> Plan:
     if combined == "total" and plan.kind == "count":
         return replace(plan, or_total=True)
     return plan
+
+
+def _first_object(reply: str) -> dict[str, Any] | None:
+    """The first JSON object in ``reply`` (a small model may write words around it), if any."""
+    start = reply.find("{")
+    if start == -1:
+        return None
+    try:
+        data, _ = json.JSONDecoder().raw_decode(reply[start:])
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _clean(value: Any) -> str:
